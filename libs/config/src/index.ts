@@ -1,0 +1,1 @@
+export { loadConfig, describeConfig, ConfigInvalid, type ConfigSource } from './load-config.js';

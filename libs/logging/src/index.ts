@@ -1,0 +1,1 @@
+export { createLogger, sandboxLogger, type Logger, type LoggerSettings } from './logger.js';

@@ -1,0 +1,1 @@
+export { createRegistry, startMetricsServer, type MetricsServer } from './metrics-server.js';
