@@ -1,0 +1,1 @@
+export type { ReadableBlocks, WritableBlocks } from './block-source.js';
