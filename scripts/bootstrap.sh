@@ -6,8 +6,11 @@ cd "$(dirname "$0")/.."
 bash scripts/install-system-packages.sh
 lock_hash=$(sha256sum package-lock.json | cut -d' ' -f1)
 if [[ ! -f node_modules/.sbx-lock-hash || "$(cat node_modules/.sbx-lock-hash)" != "$lock_hash" ]]; then
-  echo "bootstrap: installing npm dependencies (npm ci)"
-  npm ci --no-fund --no-audit --loglevel=error
+  echo "bootstrap: installing npm dependencies (pinned by package-lock.json)"
+  # Not `npm ci`: the registry this project installs from serves only this platform's
+  # optional binaries (nx, rollup, esbuild), so the lock lacks the others and npm ci
+  # refuses it as out of sync. `npm install` honours the lock's exact versions.
+  npm install --no-fund --no-audit --loglevel=error
   echo "$lock_hash" > node_modules/.sbx-lock-hash
 fi
 bash scripts/build.sh
