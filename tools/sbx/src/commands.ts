@@ -11,11 +11,31 @@ export interface CommandEntry {
 }
 
 export const commands: CommandEntry[] = [
-  { name: 'orchestrator', summary: 'SandboxService gRPC API and sandbox lifecycle', module: 'apps/orchestrator/src/main' },
-  { name: 'uffd-server', summary: 'guest memory through userfaultfd (serve, serve-file)', module: 'apps/uffd-server/src/main' },
-  { name: 'block-server', summary: 'copy-on-write NBD devices (serve, standalone serve)', module: 'apps/block-server/src/main' },
-  { name: 'net-agent', summary: 'network slots: namespaces, NAT, egress rules, pool', module: 'apps/net-agent/src/main' },
+  {
+    name: 'orchestrator',
+    summary: 'SandboxService gRPC API and sandbox lifecycle',
+    module: 'apps/orchestrator/src/main',
+  },
+  {
+    name: 'uffd-server',
+    summary: 'guest memory through userfaultfd (serve, serve-file)',
+    module: 'apps/uffd-server/src/main',
+  },
+  {
+    name: 'block-server',
+    summary: 'copy-on-write NBD devices (serve, standalone serve)',
+    module: 'apps/block-server/src/main',
+  },
+  {
+    name: 'net-agent',
+    summary: 'network slots: namespaces, NAT, egress rules, pool',
+    module: 'apps/net-agent/src/main',
+  },
   { name: 'dns', summary: 'authoritative DNS for sandbox names (serve)', module: 'apps/dns/src/main' },
   { name: 'vmm-sim', summary: 'the Firecracker test double (--api-sock <path>)', module: 'tools/vmm-sim/src/main' },
-  { name: 'inspect-header', summary: 'print a build header: metadata, mappings, per-build summary', module: 'libs/storage/src/inspect-header-command' },
+  {
+    name: 'inspect-header',
+    summary: 'print a build header: metadata, mappings, per-build summary',
+    module: 'libs/storage/src/inspect-header-command',
+  },
 ];
