@@ -10,6 +10,7 @@ export default defineConfig({
       'tools/*/vitest.config.ts',
     ],
     // Two cores: tests that start servers and namespaces run better two at a time than in a crowd.
+    passWithNoTests: true,
     maxWorkers: 2,
     minWorkers: 1,
     reporters: ['default'],

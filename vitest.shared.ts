@@ -15,7 +15,6 @@ export function projectConfig(name: string, overrides: UserWorkspaceConfig['test
       pool: 'forks',
       testTimeout: 60_000,
       hookTimeout: 60_000,
-      passWithNoTests: true,
       ...overrides,
     },
   });
