@@ -1,0 +1,101 @@
+import type { ReadableBlocks } from './block-source.js';
+import { NIL_UUID } from './build-id.js';
+import type { Header } from './header-codec.js';
+import { type BuildMapping, mappingIndexAt, validateMappings } from './mappings.js';
+import { StorageClosed } from './storage-errors.js';
+
+/**
+ * Returns the data file of one build (usually through the build cache, which refreshes the
+ * entry's TTL on every call, so it is asked per read rather than remembered here).
+ */
+export type BuildResolver = (buildId: string) => ReadableBlocks | Promise<ReadableBlocks>;
+
+/** One piece of a virtual range: `length` bytes at virtual `offset` come from `buildId` at `storageOffset`. */
+export interface ReadSpan {
+  offset: number;
+  length: number;
+  buildId: string;
+  storageOffset: number;
+  /** True for the nil UUID: the bytes are zeros and nothing is stored. */
+  zero: boolean;
+}
+
+export interface LayeredFileOptions {
+  header: Header;
+  resolve: BuildResolver;
+}
+
+/**
+ * A build's virtual file (memfile or rootfs) read through its header's mappings: each piece
+ * of a read goes to the build that holds it, the nil UUID reads as zeros.
+ */
+export class LayeredFile implements ReadableBlocks {
+  readonly header: Header;
+  readonly size: number;
+  readonly blockSize: number;
+  private readonly mappings: readonly BuildMapping[];
+  private readonly resolve: BuildResolver;
+  private closed = false;
+
+  constructor(options: LayeredFileOptions) {
+    const { metadata, mappings } = options.header;
+    validateMappings(mappings, metadata.size, metadata.blockSize);
+    this.header = options.header;
+    this.size = metadata.size;
+    this.blockSize = metadata.blockSize;
+    this.mappings = mappings;
+    this.resolve = options.resolve;
+  }
+
+  /** Which (build, storage offset, length) pieces `[offset, offset + length)` maps to, in order. */
+  readSpans(offset: number, length: number): ReadSpan[] {
+    checkRange(offset, length, this.size);
+    const spans: ReadSpan[] = [];
+    if (length === 0) return spans;
+    let i = mappingIndexAt(this.mappings, offset);
+    let pos = offset;
+    const end = offset + length;
+    while (pos < end) {
+      const m = this.mappings[i++]!;
+      const take = Math.min(end, m.offset + m.length) - pos;
+      const zero = m.buildId === NIL_UUID;
+      spans.push({
+        offset: pos,
+        length: take,
+        buildId: m.buildId,
+        storageOffset: zero ? 0 : m.buildStorageOffset + (pos - m.offset),
+        zero,
+      });
+      pos += take;
+    }
+    return spans;
+  }
+
+  async readAt(target: Uint8Array, offset: number): Promise<void> {
+    if (this.closed) throw new StorageClosed('layered file');
+    const spans = this.readSpans(offset, target.length);
+    await Promise.all(
+      spans.map(async (span) => {
+        const piece = target.subarray(span.offset - offset, span.offset - offset + span.length);
+        if (span.zero) {
+          piece.fill(0);
+          return;
+        }
+        const source = await this.resolve(span.buildId);
+        await source.readAt(piece, span.storageOffset);
+      }),
+    );
+  }
+
+  /** The build sources belong to whoever resolves them (the build cache); nothing to release here. */
+  async close(): Promise<void> {
+    this.closed = true;
+  }
+}
+
+function checkRange(offset: number, length: number, size: number): void {
+  if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0) {
+    throw new RangeError(`invalid range: offset ${offset}, length ${length}`);
+  }
+  if (offset + length > size) throw new RangeError(`range [${offset}, ${offset + length}) passes the size ${size}`);
+}
