@@ -1,0 +1,110 @@
+import { existsSync } from 'node:fs';
+import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { afterEach, describe, expect, it } from 'vitest';
+import { createLogger } from '#logging';
+import { Supervisor } from '../src/node/supervisor.js';
+import type { ServiceSpec } from '../src/node/service-plan.js';
+
+const fixture = resolve(__dirname, 'fixtures/health-service.mjs');
+const logger = createLogger({ service: 'test', level: 'silent' });
+const cleanups: (() => Promise<void>)[] = [];
+afterEach(async () => {
+  for (const c of cleanups.splice(0).reverse()) await c();
+});
+
+async function setup(specs: (dir: string) => ServiceSpec[]) {
+  const dir = await mkdtemp(join(tmpdir(), 'supervisor-'));
+  const supervisor = new Supervisor({
+    specs: specs(dir),
+    // The fixture takes the service name as its first argument, like ./sbx does.
+    launcher: [process.execPath, fixture],
+    logDir: join(dir, 'logs'),
+    logger,
+    healthTimeoutMs: 10_000,
+    maxBackoffMs: 400,
+    stopGraceMs: 3000,
+  });
+  cleanups.push(async () => {
+    await supervisor.stop();
+    await rm(dir, { recursive: true, force: true });
+  });
+  return { dir, supervisor };
+}
+
+const isAlive = (pid: number) => {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+};
+
+async function until(check: () => boolean, ms = 10_000): Promise<void> {
+  const deadline = Date.now() + ms;
+  while (!check()) {
+    if (Date.now() > deadline) throw new Error('condition not reached');
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+describe('Supervisor', () => {
+  it('starts services in dependency order, waits on health, stops them all', async () => {
+    const { supervisor, dir } = await setup((d) => [
+      { name: 'b', args: [join(d, 'b.sock')], healthTarget: join(d, 'b.sock'), dependsOn: ['a'] },
+      { name: 'a', args: [join(d, 'a.sock')], healthTarget: join(d, 'a.sock'), dependsOn: [] },
+    ]);
+    await supervisor.start();
+    const status = supervisor.status();
+    expect(status.map((s) => [s.name, s.state])).toEqual([
+      ['a', 'serving'],
+      ['b', 'serving'],
+    ]);
+    const pids = status.map((s) => s.pid!);
+    expect(pids.every(isAlive)).toBe(true);
+    await supervisor.stop();
+    expect(pids.some(isAlive)).toBe(false);
+    expect(existsSync(join(dir, 'a.sock'))).toBe(false);
+    expect(await readFile(join(dir, 'logs', 'a.log'), 'utf8')).toMatch(/grpc serving/);
+  });
+
+  it('restarts a crashed service with backoff', async () => {
+    const { supervisor } = await setup((d) => [
+      {
+        name: 'flaky',
+        args: [join(d, 'f.sock'), '--exit-after', '300'],
+        healthTarget: join(d, 'f.sock'),
+        dependsOn: [],
+      },
+    ]);
+    await supervisor.start();
+    const firstPid = supervisor.status()[0]!.pid;
+    await until(() => (supervisor.status()[0]!.restarts ?? 0) >= 2);
+    const s = supervisor.status()[0]!;
+    expect(s.lastExit).toBe('exit 3');
+    expect(s.pid).not.toBe(firstPid);
+  });
+
+  it('fails start, and stops what it started, when a service never serves', async () => {
+    const { supervisor, dir } = await setup((d) => [
+      { name: 'ok', args: [join(d, 'ok.sock')], healthTarget: join(d, 'ok.sock'), dependsOn: [] },
+      {
+        name: 'dies',
+        args: [join(d, 'x.sock'), '--exit-after', '0'],
+        healthTarget: join(d, 'never.sock'),
+        dependsOn: ['ok'],
+      },
+    ]);
+    await expect(supervisor.start()).rejects.toThrow(/dies exited before serving/);
+    expect(supervisor.status().find((s) => s.name === 'ok')!.state).toBe('stopped');
+    expect(existsSync(join(dir, 'ok.sock'))).toBe(false);
+  });
+
+  it('rejects a dependency on an unknown service', async () => {
+    await expect(
+      setup(() => [{ name: 'a', args: [], healthTarget: '/nonexistent', dependsOn: ['ghost'] }]),
+    ).rejects.toThrow(/unknown service ghost/);
+  });
+});
