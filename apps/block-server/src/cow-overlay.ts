@@ -1,0 +1,396 @@
+import { constants, close as closeFd, fdatasync, fstat, ftruncate, open as openFd, write } from 'node:fs';
+import { mkdir, open, readFile, rename, rm } from 'node:fs/promises';
+import { join } from 'node:path';
+import { crc32 } from 'node:zlib';
+import { DirtyBitmap, type ReadableBlocks, type WritableBlocks } from '#storage';
+import { OverlayStateInvalid } from './block-errors.js';
+import { readFully } from './file-blocks.js';
+
+export interface CowOverlayOptions {
+  /** What untouched blocks read from. Never written to. */
+  base: ReadableBlocks;
+  /** Directory holding `overlay.img` (sparse) and `overlay.state` (block maps). */
+  dir: string;
+  blockSize?: number;
+  /**
+   * What the overlay sits on (e.g. the build id). Stored in the state file; reopening over a
+   * different base is refused instead of serving one base's blocks over another.
+   */
+  identity?: string;
+}
+
+const STATE_MAGIC = Buffer.from('SBXCOW01', 'ascii');
+const STATE_FILE = 'overlay.state';
+const DATA_FILE = 'overlay.img';
+
+/**
+ * Copy-on-write overlay: written blocks live in a sparse local file the size of the device,
+ * untouched blocks read from the base, and TRIM / WRITE_ZEROES only flip a block to "zero"
+ * (nothing stored). Which blocks are written or zero is kept in two bitmaps, written to
+ * `overlay.state` atomically on flush after the data file is synced, so after a crash the
+ * overlay reopens exactly as of the last completed flush (plus possibly later writes).
+ *
+ * Writes that cover only part of a block the overlay does not hold yet are read-modify-write
+ * of the whole block; those are serialised per block so two sector writes into one fresh
+ * block cannot undo each other.
+ */
+export class CowOverlay implements WritableBlocks {
+  readonly size: number;
+  readonly blockSize: number;
+  readonly dir: string;
+  /** Blocks whose bytes are in the overlay file. */
+  readonly written: DirtyBitmap;
+  /** Blocks that read as zeros (trimmed or zero-written) without stored data. */
+  readonly zeroed: DirtyBitmap;
+  private readonly base: ReadableBlocks;
+  private readonly identity: string;
+  private readonly fd: number;
+  private readonly blockLocks = new Map<number, Promise<void>>();
+  private stateVersion = 0;
+  private persistedVersion = 0;
+  private queuedFlush: Promise<void> | undefined;
+  private runningFlush: Promise<void> | undefined;
+  private closed = false;
+
+  private constructor(options: Required<CowOverlayOptions>, fd: number, written: DirtyBitmap, zeroed: DirtyBitmap) {
+    this.base = options.base;
+    this.dir = options.dir;
+    this.blockSize = options.blockSize;
+    this.identity = options.identity;
+    this.size = options.base.size;
+    this.fd = fd;
+    this.written = written;
+    this.zeroed = zeroed;
+  }
+
+  /** Creates the overlay, or reopens the one a previous run left in `dir`. */
+  static async open(options: CowOverlayOptions): Promise<CowOverlay> {
+    const full: Required<CowOverlayOptions> = { blockSize: 4096, identity: '', ...options };
+    if (!Number.isSafeInteger(full.blockSize) || full.blockSize <= 0 || full.blockSize % 512 !== 0) {
+      throw new RangeError(`block size ${full.blockSize} must be a positive multiple of 512`);
+    }
+    await mkdir(full.dir, { recursive: true, mode: 0o700 });
+    const blocks = Math.ceil(full.base.size / full.blockSize);
+    const statePath = join(full.dir, STATE_FILE);
+    const saved = await readFile(statePath).catch((err: NodeJS.ErrnoException) => {
+      if (err.code === 'ENOENT') return undefined;
+      throw err;
+    });
+    const state = saved
+      ? decodeState(saved, statePath, full)
+      : { written: new DirtyBitmap(blocks), zeroed: new DirtyBitmap(blocks) };
+
+    const fd = await new Promise<number>((resolve, reject) =>
+      openFd(join(full.dir, DATA_FILE), constants.O_RDWR | constants.O_CREAT, 0o600, (err, fd) =>
+        err ? reject(err) : resolve(fd),
+      ),
+    );
+    try {
+      const current = await new Promise<number>((resolve, reject) =>
+        fstat(fd, (err, s) => (err ? reject(err) : resolve(s.size))),
+      );
+      if (saved && current !== full.base.size) {
+        throw new OverlayStateInvalid(statePath, `data file is ${current} bytes, state says ${full.base.size}`);
+      }
+      // Truncating to the device size makes the file sparse: only written blocks take disk.
+      if (current !== full.base.size) {
+        await new Promise<void>((resolve, reject) =>
+          ftruncate(fd, full.base.size, (err) => (err ? reject(err) : resolve())),
+        );
+      }
+    } catch (err) {
+      closeFd(fd, () => undefined);
+      throw err;
+    }
+    return new CowOverlay(full, fd, state.written, state.zeroed);
+  }
+
+  async readAt(target: Uint8Array, offset: number): Promise<void> {
+    this.check(offset, target.length);
+    if (target.length === 0) return;
+    const bs = this.blockSize;
+    const end = offset + target.length;
+    const reads: Promise<void>[] = [];
+    // Consecutive blocks with the same source become one read.
+    let runStart = offset;
+    let runKind = this.kindOf(Math.floor(offset / bs));
+    for (let block = Math.floor(offset / bs) + 1; block * bs < end; block++) {
+      const kind = this.kindOf(block);
+      if (kind === runKind) continue;
+      reads.push(this.readRun(runKind, target.subarray(runStart - offset, block * bs - offset), runStart));
+      runStart = block * bs;
+      runKind = kind;
+    }
+    reads.push(this.readRun(runKind, target.subarray(runStart - offset), runStart));
+    if (reads.length === 1) return reads[0];
+    await Promise.all(reads);
+  }
+
+  async writeAt(source: Uint8Array, offset: number): Promise<void> {
+    this.check(offset, source.length);
+    if (source.length === 0) return;
+    const bs = this.blockSize;
+    const first = Math.floor(offset / bs);
+    const last = Math.floor((offset + source.length - 1) / bs);
+    const edges = [first, last].filter((b, i, all) => all.indexOf(b) === i && this.needsFill(b, offset, source.length));
+    if (edges.length === 0) {
+      await this.pwrite(source, offset);
+      this.markWritten(first, last);
+      return;
+    }
+    await this.withBlockLocks(edges, async () => {
+      const alignedStart = first * bs;
+      const alignedEnd = Math.min((last + 1) * bs, this.size);
+      const merged = Buffer.allocUnsafe(alignedEnd - alignedStart);
+      // Under the lock: another writer may have filled the block while we waited.
+      await Promise.all(
+        edges
+          .filter((b) => !this.written.has(b))
+          .map((b) => {
+            const blockStart = b * bs;
+            const piece = merged.subarray(
+              blockStart - alignedStart,
+              Math.min(blockStart + bs, this.size) - alignedStart,
+            );
+            return this.zeroed.has(b) ? piece.fill(0) : this.base.readAt(piece, blockStart);
+          }),
+      );
+      merged.set(source, offset - alignedStart);
+      // Edge blocks the overlay already holds keep their bytes outside the written range.
+      const writeFrom = this.written.has(first) ? offset : alignedStart;
+      const writeTo = this.written.has(last) ? offset + source.length : alignedEnd;
+      await this.pwrite(merged.subarray(writeFrom - alignedStart, writeTo - alignedStart), writeFrom);
+      this.markWritten(first, last);
+    });
+  }
+
+  async zeroAt(offset: number, length: number): Promise<void> {
+    this.check(offset, length);
+    if (length === 0) return;
+    const bs = this.blockSize;
+    const end = offset + length;
+    const firstFull = Math.ceil(offset / bs);
+    // A last block cut short by the device end counts as whole when the range reaches the end.
+    const endFull = end === this.size ? Math.ceil(end / bs) : Math.floor(end / bs);
+    const partial: Array<[number, number]> = [];
+    if (firstFull >= endFull) {
+      partial.push([offset, end]);
+    } else {
+      if (offset < firstFull * bs) partial.push([offset, firstFull * bs]);
+      if (endFull * bs < end) partial.push([endFull * bs, end]);
+      for (let b = firstFull; b < endFull; b++) {
+        this.zeroed.set(b);
+        this.written.clear(b);
+      }
+      this.stateVersion++;
+    }
+    await Promise.all(partial.map(([from, to]) => this.writeAt(Buffer.alloc(to - from), from)));
+  }
+
+  /**
+   * Makes every write completed before this call durable: fdatasync of the data file, then
+   * the block maps to `overlay.state` (write, fsync, rename, fsync dir). Calls arriving while
+   * one runs share the next run.
+   */
+  flush(): Promise<void> {
+    if (this.closed) return Promise.reject(new Error(`overlay ${this.dir} closed`));
+    if (this.queuedFlush) return this.queuedFlush;
+    const previous = this.runningFlush ?? Promise.resolve();
+    const run: Promise<void> = previous
+      .catch(() => undefined)
+      .then(() => {
+        this.queuedFlush = undefined;
+        this.runningFlush = run;
+        return this.syncOnce();
+      })
+      .finally(() => {
+        if (this.runningFlush === run) this.runningFlush = undefined;
+      });
+    this.queuedFlush = run;
+    return run;
+  }
+
+  /** True when the maps changed since they were last made durable. */
+  get unflushedState(): boolean {
+    return this.stateVersion !== this.persistedVersion;
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    await (this.runningFlush ?? Promise.resolve()).catch(() => undefined);
+    await (this.queuedFlush ?? Promise.resolve()).catch(() => undefined);
+    this.closed = true;
+    await new Promise<void>((resolve) => closeFd(this.fd, () => resolve()));
+  }
+
+  /** Closes and deletes the overlay's files (after export, or when the device is dropped). */
+  async remove(): Promise<void> {
+    await this.close();
+    await rm(this.dir, { recursive: true, force: true });
+  }
+
+  private async syncOnce(): Promise<void> {
+    const version = this.stateVersion;
+    const state = version !== this.persistedVersion ? this.encodeState() : undefined;
+    await new Promise<void>((resolve, reject) => fdatasync(this.fd, (err) => (err ? reject(err) : resolve())));
+    if (!state) return;
+    await writeDurably(join(this.dir, STATE_FILE), state);
+    this.persistedVersion = version;
+  }
+
+  private encodeState(): Buffer {
+    const identity = Buffer.from(this.identity, 'utf8');
+    const written = this.written.toBytes();
+    const zeroed = this.zeroed.toBytes();
+    const head = Buffer.alloc(8 + 4 + 4 + 8 + 4);
+    STATE_MAGIC.copy(head, 0);
+    head.writeUInt32LE(1, 8);
+    head.writeUInt32LE(this.blockSize, 12);
+    head.writeBigUInt64LE(BigInt(this.size), 16);
+    head.writeUInt32LE(identity.length, 24);
+    const lengths = Buffer.alloc(16);
+    lengths.writeBigUInt64LE(BigInt(written.length), 0);
+    lengths.writeBigUInt64LE(BigInt(zeroed.length), 8);
+    const body = Buffer.concat([head, identity, lengths, written, zeroed]);
+    const sum = Buffer.alloc(4);
+    sum.writeUInt32LE(crc32(body), 0);
+    return Buffer.concat([body, sum]);
+  }
+
+  private kindOf(block: number): 0 | 1 | 2 {
+    if (this.written.has(block)) return 1;
+    if (this.zeroed.has(block)) return 2;
+    return 0;
+  }
+
+  private readRun(kind: 0 | 1 | 2, target: Uint8Array, offset: number): Promise<void> {
+    if (kind === 1) return readFully(this.fd, target, offset);
+    if (kind === 2) {
+      target.fill(0);
+      return Promise.resolve();
+    }
+    return this.base.readAt(target, offset);
+  }
+
+  /** A block the write covers only in part, whose other bytes are not in the overlay yet. */
+  private needsFill(block: number, offset: number, length: number): boolean {
+    if (this.written.has(block)) return false;
+    const blockStart = block * this.blockSize;
+    const blockEnd = Math.min(blockStart + this.blockSize, this.size);
+    return offset > blockStart || offset + length < blockEnd;
+  }
+
+  private markWritten(first: number, last: number): void {
+    for (let b = first; b <= last; b++) {
+      if (!this.written.has(b)) {
+        this.written.set(b);
+        this.stateVersion++;
+      }
+      if (this.zeroed.has(b)) {
+        this.zeroed.clear(b);
+        this.stateVersion++;
+      }
+    }
+  }
+
+  private async withBlockLocks(blocks: number[], body: () => Promise<void>): Promise<void> {
+    const sorted = [...blocks].sort((a, b) => a - b);
+    const releases: Array<() => void> = [];
+    try {
+      for (const block of sorted) {
+        while (this.blockLocks.has(block)) await this.blockLocks.get(block);
+        let release!: () => void;
+        this.blockLocks.set(block, new Promise<void>((resolve) => (release = resolve)));
+        releases.push(() => {
+          this.blockLocks.delete(block);
+          release();
+        });
+      }
+      await body();
+    } finally {
+      for (const release of releases) release();
+    }
+  }
+
+  private pwrite(source: Uint8Array, offset: number): Promise<void> {
+    return new Promise((resolve, reject) => {
+      let done = 0;
+      const step = (): void => {
+        write(this.fd, source, done, source.length - done, offset + done, (err, n) => {
+          if (err) return reject(err);
+          done += n;
+          if (done >= source.length) resolve();
+          else step();
+        });
+      };
+      step();
+    });
+  }
+
+  private check(offset: number, length: number): void {
+    if (this.closed) throw new Error(`overlay ${this.dir} closed`);
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0) {
+      throw new RangeError(`invalid range: offset ${offset}, length ${length}`);
+    }
+    if (offset + length > this.size) {
+      throw new RangeError(`range [${offset}, ${offset + length}) passes the device size ${this.size}`);
+    }
+  }
+}
+
+function decodeState(
+  bytes: Buffer,
+  path: string,
+  expected: Required<CowOverlayOptions>,
+): { written: DirtyBitmap; zeroed: DirtyBitmap } {
+  const fail = (problem: string): never => {
+    throw new OverlayStateInvalid(path, problem);
+  };
+  if (bytes.length < 48 || !bytes.subarray(0, 8).equals(STATE_MAGIC)) fail('bad magic');
+  const body = bytes.subarray(0, bytes.length - 4);
+  if (crc32(body) !== bytes.readUInt32LE(bytes.length - 4)) fail('checksum mismatch (torn or corrupted)');
+  if (bytes.readUInt32LE(8) !== 1) fail(`unknown version ${bytes.readUInt32LE(8)}`);
+  const blockSize = bytes.readUInt32LE(12);
+  const size = Number(bytes.readBigUInt64LE(16));
+  if (blockSize !== expected.blockSize) fail(`block size ${blockSize}, expected ${expected.blockSize}`);
+  if (size !== expected.base.size) fail(`size ${size}, base is ${expected.base.size}`);
+  const idLength = bytes.readUInt32LE(24);
+  if (28 + idLength + 16 > body.length) fail('identity runs past the file');
+  const identity = bytes.toString('utf8', 28, 28 + idLength);
+  if (identity !== expected.identity)
+    fail(`made over ${JSON.stringify(identity)}, not ${JSON.stringify(expected.identity)}`);
+  let at = 28 + idLength;
+  const writtenLength = Number(bytes.readBigUInt64LE(at));
+  const zeroedLength = Number(bytes.readBigUInt64LE(at + 8));
+  at += 16;
+  if (at + writtenLength + zeroedLength !== body.length) fail('bitmap lengths do not match the file');
+  try {
+    const written = DirtyBitmap.fromBytes(body.subarray(at, at + writtenLength));
+    const zeroed = DirtyBitmap.fromBytes(body.subarray(at + writtenLength));
+    const blocks = Math.ceil(size / blockSize);
+    if (written.blockCount !== blocks || zeroed.blockCount !== blocks) fail(`bitmaps are not ${blocks} blocks`);
+    return { written, zeroed };
+  } catch (err) {
+    if (err instanceof OverlayStateInvalid) throw err;
+    return fail((err as Error).message);
+  }
+}
+
+/** Replaces `path` so that a crash leaves either the old or the new contents, never a mix. */
+export async function writeDurably(path: string, contents: Uint8Array): Promise<void> {
+  const tmp = `${path}.tmp`;
+  const handle = await open(tmp, 'w', 0o600);
+  try {
+    await handle.writeFile(contents);
+    await handle.sync();
+  } finally {
+    await handle.close();
+  }
+  await rename(tmp, path);
+  const dir = await open(join(path, '..'), 'r');
+  try {
+    await dir.sync();
+  } finally {
+    await dir.close();
+  }
+}

@@ -1,0 +1,67 @@
+import { close as closeFd, fstat, open as openFd, read } from 'node:fs';
+import type { ReadableBlocks } from '#storage';
+
+/**
+ * A local image file as a read-only block source: the base of a standalone export, or one
+ * build's data file in a local bucket. Opened O_RDONLY, so the base cannot be modified
+ * through it whatever the layers above do.
+ */
+export class FileBlocks implements ReadableBlocks {
+  private closed = false;
+
+  private constructor(
+    readonly path: string,
+    private readonly fd: number,
+    readonly size: number,
+  ) {}
+
+  static async open(path: string): Promise<FileBlocks> {
+    const fd = await new Promise<number>((resolve, reject) =>
+      openFd(path, 'r', (err, fd) => (err ? reject(err) : resolve(fd))),
+    );
+    try {
+      const stats = await new Promise<{ size: number; isFile(): boolean; isBlockDevice(): boolean }>(
+        (resolve, reject) => fstat(fd, (err, s) => (err ? reject(err) : resolve(s))),
+      );
+      if (!stats.isFile()) throw new Error(`${path} is not a regular file`);
+      return new FileBlocks(path, fd, stats.size);
+    } catch (err) {
+      closeFd(fd, () => undefined);
+      throw err;
+    }
+  }
+
+  readAt(target: Uint8Array, offset: number): Promise<void> {
+    if (this.closed) return Promise.reject(new Error(`file blocks ${this.path} closed`));
+    if (!Number.isSafeInteger(offset) || offset < 0 || offset + target.length > this.size) {
+      return Promise.reject(
+        new RangeError(`range [${offset}, ${offset + target.length}) passes ${this.path} of ${this.size} bytes`),
+      );
+    }
+    return readFully(this.fd, target, offset);
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    await new Promise<void>((resolve) => closeFd(this.fd, () => resolve()));
+  }
+}
+
+/** pread until `target` is full; a file that shrank underneath reads as an error, never short. */
+export function readFully(fd: number, target: Uint8Array, offset: number): Promise<void> {
+  return new Promise((resolve, reject) => {
+    let done = 0;
+    const step = (): void => {
+      read(fd, target, done, target.length - done, offset + done, (err, n) => {
+        if (err) return reject(err);
+        if (n === 0) return reject(new RangeError(`unexpected end of file at ${offset + done}`));
+        done += n;
+        if (done === target.length) resolve();
+        else step();
+      });
+    };
+    if (target.length === 0) resolve();
+    else step();
+  });
+}
