@@ -1,0 +1,647 @@
+/*
+ * The fault-serving engine of uffd-server: native threads that poll a userfaultfd and answer
+ * page faults with UFFDIO_COPY straight from a mapped "source view" (the memory file laid out
+ * at file offsets: mmapped layer files, a chunk-cache file, or an anonymous buffer JS fills).
+ * It runs at C speed off the Node event loop; JS only hears about what needs it (a source range
+ * that is not fetched yet, a failure, the peer going away) through an eventfd and an event queue.
+ *
+ * Bookkeeping is per 4 KiB unit of the memory file ("unit"), whatever the page size:
+ *   present[u]: 0 = not installed by us, 1 = installed for a fault, 2 = installed by prefetch,
+ *               3 = zero page installed after sourcing stopped (not present before the pause)
+ *   dirty[u]:   1 = the guest wrote it (synchronous write-protect faults)
+ *   ready[u]:   1 = source bytes are in the view (NULL when the whole view is ready)
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+#include <linux/userfaultfd.h>
+
+#include "sbx_native.h"
+
+#define UNIT 4096ULL
+#define MAX_REGIONS 64
+#define MAX_THREADS 16
+#define HIST_BUCKETS 14
+#define UFFD_MSG_BATCH 64
+
+enum { EV_NONE = 0, EV_FETCH = 1, EV_FAILED = 2, EV_PEER_GONE = 3 };
+enum {
+  ERR_OUTSIDE = 1,
+  ERR_COPY = 2,
+  ERR_READ = 3,
+  ERR_EVENT = 4,
+  ERR_POLL = 5,
+  ERR_FETCH = 6,
+  ERR_WRITEPROTECT = 7,
+};
+enum { PEER_NONE = 0, PEER_PIDFD = 1, PEER_SOCKET = 2 };
+
+/* Stats slots, read by JS with sbx_serve_stats(). */
+enum {
+  ST_FAULTS,
+  ST_WP_FAULTS,
+  ST_BYTES,
+  ST_PREFETCH_UNITS,
+  ST_EEXIST,
+  ST_ZERO_UNITS,
+  ST_FETCH_REQUESTS,
+  ST_FETCH_WAITS,
+  ST_PRESENT_UNITS,
+  ST_COUNT
+};
+static const uint64_t hist_bounds_us[HIST_BUCKETS] = {5,    10,    25,    50,     100,    250,    500,
+                                                      1000, 2500, 10000, 50000, 250000, 1000000, UINT64_MAX};
+
+struct region {
+  uint64_t base, size, offset, page_size;
+};
+
+struct pending {
+  uint64_t addr, flags, since_ns;
+};
+
+struct event {
+  int64_t type, a, b, c;
+};
+
+struct serve {
+  int uffd, stop_fd, wake_fd, notify_fd, peer_fd, peer_kind;
+  struct region regions[MAX_REGIONS];
+  int nregions;
+  uint8_t *src;
+  uint64_t src_size, units;
+  uint8_t *present, *dirty, *ready;
+  uint64_t prefetch_bytes;
+  uint64_t copy_mode; /* UFFDIO_COPY_MODE_WP when write tracking wants pages installed protected */
+  int sync_wp;        /* answer write-protect faults (synchronous dirty tracking) */
+  uint8_t *zero;      /* a read-only zero buffer as large as the biggest page */
+  uint64_t zero_len;
+  atomic_int sourcing, running, failed;
+  _Atomic uint64_t stats[ST_COUNT];
+  _Atomic uint64_t hist[HIST_BUCKETS];
+  pthread_mutex_t lock; /* pending and events */
+  struct pending *pend;
+  size_t npend, cappend;
+  struct event *events;
+  size_t nevents, capevents, headevent;
+  pthread_t threads[MAX_THREADS];
+  int nthreads;
+};
+
+static uint64_t now_ns(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+static void record_latency(struct serve *s, uint64_t since_ns) {
+  uint64_t us = (now_ns() - since_ns) / 1000;
+  for (int i = 0; i < HIST_BUCKETS; i++) {
+    if (us <= hist_bounds_us[i]) {
+      atomic_fetch_add_explicit(&s->hist[i], 1, memory_order_relaxed);
+      return;
+    }
+  }
+}
+
+static void stat_add(struct serve *s, int slot, uint64_t v) {
+  atomic_fetch_add_explicit(&s->stats[slot], v, memory_order_relaxed);
+}
+
+static void notify(struct serve *s) {
+  uint64_t one = 1;
+  ssize_t r = write(s->notify_fd, &one, sizeof(one));
+  (void)r;
+}
+
+/* Caller holds s->lock. */
+static void push_event_locked(struct serve *s, int64_t type, int64_t a, int64_t b, int64_t c) {
+  if (s->nevents == s->capevents) {
+    size_t cap = s->capevents ? s->capevents * 2 : 64;
+    struct event *n = malloc(cap * sizeof(*n));
+    if (!n) return;
+    for (size_t i = 0; i < s->nevents; i++) n[i] = s->events[(s->headevent + i) % s->capevents];
+    free(s->events);
+    s->events = n;
+    s->capevents = cap;
+    s->headevent = 0;
+  }
+  s->events[(s->headevent + s->nevents) % s->capevents] = (struct event){type, a, b, c};
+  s->nevents++;
+}
+
+static void push_event(struct serve *s, int64_t type, int64_t a, int64_t b, int64_t c) {
+  pthread_mutex_lock(&s->lock);
+  push_event_locked(s, type, a, b, c);
+  pthread_mutex_unlock(&s->lock);
+  notify(s);
+}
+
+static void fail(struct serve *s, int code, uint64_t addr, int err) {
+  int expected = 0;
+  if (atomic_compare_exchange_strong(&s->failed, &expected, code)) push_event(s, EV_FAILED, code, (int64_t)addr, err);
+  atomic_store(&s->running, 0);
+}
+
+static void peer_gone(struct serve *s) {
+  int expected = 1;
+  if (atomic_compare_exchange_strong(&s->running, &expected, 0)) push_event(s, EV_PEER_GONE, 0, 0, 0);
+}
+
+static struct region *find_region(struct serve *s, uint64_t addr) {
+  for (int i = 0; i < s->nregions; i++) {
+    struct region *r = &s->regions[i];
+    if (addr >= r->base && addr - r->base < r->size) return r;
+  }
+  return NULL;
+}
+
+static int is_ready(struct serve *s, uint64_t off, uint64_t len) {
+  if (!s->ready) return 1;
+  for (uint64_t u = off / UNIT; u < (off + len) / UNIT; u++)
+    if (!s->ready[u]) return 0;
+  return 1;
+}
+
+static void mark(uint8_t *map, uint64_t off, uint64_t len, uint8_t v) {
+  memset(map + off / UNIT, v, len / UNIT);
+}
+
+/*
+ * Copies [addr, addr+len) from the view, which must all be absent and ready. Returns 0, or
+ * -errno for a failure that ends serving. EEXIST pages (filled by a racing fault) are skipped.
+ */
+static int copy_run(struct serve *s, struct region *r, uint64_t addr, uint64_t len, uint8_t how) {
+  while (len > 0) {
+    uint64_t off = r->offset + (addr - r->base);
+    int64_t n;
+    struct uffdio_copy c = {.dst = addr, .src = (uint64_t)(uintptr_t)(s->src + off), .len = len, .mode = s->copy_mode};
+    if (ioctl(s->uffd, UFFDIO_COPY, &c) == 0) {
+      n = c.copy;
+    } else if (c.copy > 0) {
+      n = c.copy;
+    } else {
+      int e = errno;
+      if (e == EEXIST || -c.copy == EEXIST) {
+        stat_add(s, ST_EEXIST, 1);
+        mark(s->present, off, r->page_size, s->present[off / UNIT] ? s->present[off / UNIT] : how);
+        addr += r->page_size;
+        len -= r->page_size;
+        continue;
+      }
+      if (e == EAGAIN || e == EINTR) continue; /* the peer's mm is changing (mremap, fork); retry */
+      return -e;
+    }
+    mark(s->present, off, (uint64_t)n, how);
+    stat_add(s, ST_BYTES, (uint64_t)n);
+    if (how == 2) stat_add(s, ST_PREFETCH_UNITS, (uint64_t)n / UNIT);
+    stat_add(s, ST_PRESENT_UNITS, (uint64_t)n / UNIT);
+    addr += (uint64_t)n;
+    len -= (uint64_t)n;
+  }
+  return 0;
+}
+
+/* Zero page for a fault after sourcing stopped: the page was not present before the pause. */
+static int serve_zero(struct serve *s, struct region *r, uint64_t page) {
+  uint64_t off = r->offset + (page - r->base);
+  for (;;) {
+    int rc;
+    if (s->copy_mode) {
+      struct uffdio_copy c = {.dst = page, .src = (uint64_t)(uintptr_t)s->zero, .len = r->page_size, .mode = s->copy_mode};
+      rc = ioctl(s->uffd, UFFDIO_COPY, &c);
+    } else {
+      struct uffdio_zeropage z = {.range = {.start = page, .len = r->page_size}, .mode = 0};
+      rc = ioctl(s->uffd, UFFDIO_ZEROPAGE, &z);
+      /* hugetlbfs has no ZEROPAGE: fall back to copying zeros. */
+      if (rc < 0 && errno == EINVAL) {
+        struct uffdio_copy c = {.dst = page, .src = (uint64_t)(uintptr_t)s->zero, .len = r->page_size, .mode = 0};
+        rc = ioctl(s->uffd, UFFDIO_COPY, &c);
+      }
+    }
+    if (rc == 0 || errno == EEXIST) break;
+    if (errno == EAGAIN || errno == EINTR) continue;
+    return -errno;
+  }
+  if (!s->present[off / UNIT]) mark(s->present, off, r->page_size, 3);
+  stat_add(s, ST_ZERO_UNITS, r->page_size / UNIT);
+  return 0;
+}
+
+/*
+ * Serves the faulted page and prefetches the rest of its aligned window: the faulted page and
+ * the absent, ready pages after it go in one UFFDIO_COPY (one wake-up for the guest), then the
+ * absent pages of the window before it.
+ */
+static int serve_page(struct serve *s, struct region *r, uint64_t page) {
+  uint64_t win = s->prefetch_bytes > r->page_size ? s->prefetch_bytes : r->page_size;
+  uint64_t rel = page - r->base;
+  uint64_t wstart = r->base + (rel / win) * win;
+  uint64_t wend = wstart + win;
+  if (wend > r->base + r->size) wend = r->base + r->size;
+
+  uint64_t end = page + r->page_size;
+  while (end < wend) {
+    uint64_t off = r->offset + (end - r->base);
+    if (s->present[off / UNIT] || !is_ready(s, off, r->page_size)) break;
+    end += r->page_size;
+  }
+  /* The faulted page itself is copied even when our map says present (the peer may have dropped it). */
+  int rc = copy_run(s, r, page, r->page_size, 1);
+  if (rc < 0) return rc;
+  if (end > page + r->page_size) {
+    rc = copy_run(s, r, page + r->page_size, end - page - r->page_size, 2);
+    if (rc < 0) return rc;
+  }
+  uint64_t p = wstart;
+  while (p < page) {
+    uint64_t off = r->offset + (p - r->base);
+    if (s->present[off / UNIT] || !is_ready(s, off, r->page_size)) {
+      p += r->page_size;
+      continue;
+    }
+    uint64_t q = p + r->page_size;
+    while (q < page) {
+      uint64_t qoff = r->offset + (q - r->base);
+      if (s->present[qoff / UNIT] || !is_ready(s, qoff, r->page_size)) break;
+      q += r->page_size;
+    }
+    rc = copy_run(s, r, p, q - p, 2);
+    if (rc < 0) return rc;
+    p = q;
+  }
+  return 0;
+}
+
+static int errno_means_peer_gone(int e) { return e == ESRCH || e == ENOENT; }
+
+/* Returns 0 when handled (or parked until fetched), <0 to stop serving. */
+static int handle_fault(struct serve *s, uint64_t addr, uint64_t flags, uint64_t since, int from_pending) {
+  struct region *r = find_region(s, addr);
+  if (!r) {
+    fail(s, ERR_OUTSIDE, addr, 0);
+    return -1;
+  }
+  uint64_t page = r->base + ((addr - r->base) / r->page_size) * r->page_size;
+  uint64_t off = r->offset + (page - r->base);
+  if (!from_pending) stat_add(s, ST_FAULTS, 1);
+
+  if (flags & UFFD_PAGEFAULT_FLAG_WP) {
+    /* Synchronous write tracking: record the page, lift its protection, wake the writer. */
+    mark(s->dirty, off, r->page_size, 1);
+    stat_add(s, ST_WP_FAULTS, 1);
+    for (;;) {
+      struct uffdio_writeprotect wp = {.range = {.start = page, .len = r->page_size}, .mode = 0};
+      if (ioctl(s->uffd, UFFDIO_WRITEPROTECT, &wp) == 0) break;
+      if (errno == EAGAIN || errno == EINTR) continue;
+      if (errno_means_peer_gone(errno)) {
+        peer_gone(s);
+        return -1;
+      }
+      fail(s, ERR_WRITEPROTECT, addr, errno);
+      return -1;
+    }
+    record_latency(s, since);
+    return 0;
+  }
+
+  int rc;
+  if (!atomic_load(&s->sourcing)) {
+    rc = serve_zero(s, r, page);
+  } else if (!is_ready(s, off, r->page_size)) {
+    pthread_mutex_lock(&s->lock);
+    if (s->npend == s->cappend) {
+      size_t cap = s->cappend ? s->cappend * 2 : 64;
+      struct pending *n = realloc(s->pend, cap * sizeof(*n));
+      if (!n) {
+        pthread_mutex_unlock(&s->lock);
+        fail(s, ERR_FETCH, addr, ENOMEM);
+        return -1;
+      }
+      s->pend = n;
+      s->cappend = cap;
+    }
+    s->pend[s->npend++] = (struct pending){addr, flags, since};
+    uint64_t win = s->prefetch_bytes > r->page_size ? s->prefetch_bytes : r->page_size;
+    uint64_t rel = page - r->base;
+    uint64_t wstart = r->base + (rel / win) * win;
+    uint64_t wend = wstart + win > r->base + r->size ? r->base + r->size : wstart + win;
+    /* Ask for the whole window so prefetch has bytes to work with; JS fetches the faulted page first. */
+    push_event_locked(s, EV_FETCH, (int64_t)(r->offset + (wstart - r->base)), (int64_t)(wend - wstart), (int64_t)off);
+    pthread_mutex_unlock(&s->lock);
+    stat_add(s, ST_FETCH_REQUESTS, 1);
+    notify(s);
+    return 0;
+  } else {
+    rc = serve_page(s, r, page);
+    if (from_pending) stat_add(s, ST_FETCH_WAITS, 1);
+  }
+  if (rc < 0) {
+    if (errno_means_peer_gone(-rc)) {
+      peer_gone(s);
+      return -1;
+    }
+    fail(s, ERR_COPY, addr, -rc);
+    return -1;
+  }
+  record_latency(s, since);
+  return 0;
+}
+
+static int retry_pending(struct serve *s) {
+  for (;;) {
+    struct pending p;
+    int found = 0;
+    pthread_mutex_lock(&s->lock);
+    for (size_t i = 0; i < s->npend; i++) {
+      struct region *r = find_region(s, s->pend[i].addr);
+      if (!r) continue;
+      uint64_t page = r->base + ((s->pend[i].addr - r->base) / r->page_size) * r->page_size;
+      uint64_t off = r->offset + (page - r->base);
+      if (!atomic_load(&s->sourcing) || is_ready(s, off, r->page_size)) {
+        p = s->pend[i];
+        s->pend[i] = s->pend[--s->npend];
+        found = 1;
+        break;
+      }
+    }
+    pthread_mutex_unlock(&s->lock);
+    if (!found) return 0;
+    if (handle_fault(s, p.addr, p.flags, p.since_ns, 1) < 0) return -1;
+  }
+}
+
+static void *serve_thread(void *arg) {
+  struct serve *s = arg;
+  struct uffd_msg msgs[UFFD_MSG_BATCH];
+  struct pollfd pfd[4];
+  int n = 0;
+  pfd[n++] = (struct pollfd){.fd = s->uffd, .events = POLLIN};
+  pfd[n++] = (struct pollfd){.fd = s->stop_fd, .events = POLLIN};
+  pfd[n++] = (struct pollfd){.fd = s->wake_fd, .events = POLLIN};
+  int peer_idx = -1;
+  if (s->peer_kind != PEER_NONE && s->peer_fd >= 0) {
+    peer_idx = n;
+    pfd[n++] = (struct pollfd){.fd = s->peer_fd, .events = POLLIN | POLLRDHUP};
+  }
+  while (atomic_load(&s->running)) {
+    int pr = poll(pfd, n, -1);
+    if (pr < 0) {
+      if (errno == EINTR) continue;
+      fail(s, ERR_POLL, 0, errno);
+      break;
+    }
+    if (pfd[1].revents) break;
+    if (peer_idx >= 0 && pfd[peer_idx].revents) {
+      if (s->peer_kind == PEER_PIDFD) {
+        peer_gone(s);
+        break;
+      }
+      char scratch[256];
+      ssize_t got = recv(s->peer_fd, scratch, sizeof(scratch), MSG_DONTWAIT);
+      if (got == 0 || (got < 0 && errno != EAGAIN && errno != EINTR) || (pfd[peer_idx].revents & (POLLHUP | POLLERR))) {
+        peer_gone(s);
+        break;
+      }
+    }
+    if (pfd[2].revents & POLLIN) {
+      uint64_t v;
+      ssize_t r = read(s->wake_fd, &v, sizeof(v));
+      (void)r;
+      if (retry_pending(s) < 0) break;
+    }
+    if (pfd[0].revents & (POLLERR | POLLHUP)) {
+      peer_gone(s);
+      break;
+    }
+    if (!(pfd[0].revents & POLLIN)) continue;
+    ssize_t got = read(s->uffd, msgs, sizeof(msgs));
+    if (got < 0) {
+      if (errno == EAGAIN || errno == EINTR) continue;
+      fail(s, ERR_READ, 0, errno);
+      break;
+    }
+    uint64_t since = now_ns();
+    size_t count = (size_t)got / sizeof(struct uffd_msg);
+    int stop = 0;
+    for (size_t i = 0; i < count && !stop; i++) {
+      if (msgs[i].event != UFFD_EVENT_PAGEFAULT) {
+        /* Firecracker negotiates no non-fault events; anything else means a peer we do not understand. */
+        fail(s, ERR_EVENT, msgs[i].event, 0);
+        stop = 1;
+        break;
+      }
+      if (handle_fault(s, msgs[i].arg.pagefault.address, msgs[i].arg.pagefault.flags, since, 0) < 0) stop = 1;
+    }
+    if (stop) break;
+  }
+  /* Wake every sibling so they see running == 0. */
+  uint64_t one = 1;
+  ssize_t r = write(s->stop_fd, &one, sizeof(one));
+  (void)r;
+  return NULL;
+}
+
+static void free_serve(struct serve *s) {
+  if (s->stop_fd >= 0) close(s->stop_fd);
+  if (s->wake_fd >= 0) close(s->wake_fd);
+  if (s->notify_fd >= 0) close(s->notify_fd);
+  if (s->present) munmap(s->present, s->units);
+  if (s->dirty) munmap(s->dirty, s->units);
+  if (s->ready) munmap(s->ready, s->units);
+  if (s->zero) munmap(s->zero, s->zero_len);
+  free(s->pend);
+  free(s->events);
+  pthread_mutex_destroy(&s->lock);
+  free(s);
+}
+
+static uint8_t *map_bytes(uint64_t len) {
+  void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  return p == MAP_FAILED ? NULL : p;
+}
+
+/*
+ * params (int64): [0] uffd, [1] peer fd (-1 none), [2] peer kind, [3] source view address,
+ * [4] source size, [5] all ready, [6] prefetch bytes, [7] copy mode (UFFDIO_COPY_MODE_WP or 0),
+ * [8] sync wp, [9] region count. regions: 4 u64 each (base, size, offset, page size), already
+ * validated by JS (libs/uffd) against the source size. Returns a handle or -errno.
+ */
+int64_t sbx_serve_create(const int64_t *params, const uint64_t *regions) {
+  int nreg = (int)params[9];
+  if (nreg <= 0 || nreg > MAX_REGIONS) return -EINVAL;
+  struct serve *s = calloc(1, sizeof(*s));
+  if (!s) return -ENOMEM;
+  pthread_mutex_init(&s->lock, NULL);
+  s->stop_fd = s->wake_fd = s->notify_fd = -1;
+  s->uffd = (int)params[0];
+  s->peer_fd = (int)params[1];
+  s->peer_kind = (int)params[2];
+  s->src = (uint8_t *)(uintptr_t)params[3];
+  s->src_size = (uint64_t)params[4];
+  s->units = (s->src_size + UNIT - 1) / UNIT;
+  s->prefetch_bytes = (uint64_t)params[6];
+  s->copy_mode = (uint64_t)params[7];
+  s->sync_wp = (int)params[8];
+  s->nregions = nreg;
+  uint64_t maxpage = UNIT;
+  for (int i = 0; i < nreg; i++) {
+    s->regions[i] = (struct region){regions[4 * i], regions[4 * i + 1], regions[4 * i + 2], regions[4 * i + 3]};
+    if (s->regions[i].page_size > maxpage) maxpage = s->regions[i].page_size;
+  }
+  s->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  s->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  s->notify_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  s->present = map_bytes(s->units);
+  s->dirty = map_bytes(s->units);
+  if (!params[5]) s->ready = map_bytes(s->units);
+  s->zero_len = maxpage;
+  s->zero = mmap(NULL, maxpage, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (s->zero == MAP_FAILED) s->zero = NULL;
+  if (s->stop_fd < 0 || s->wake_fd < 0 || s->notify_fd < 0 || !s->present || !s->dirty || (!params[5] && !s->ready) ||
+      !s->zero) {
+    free_serve(s);
+    return -ENOMEM;
+  }
+  atomic_store(&s->sourcing, 1);
+  /* The uffd is shared with the peer; we only ever want non-blocking reads on it. */
+  int fl = fcntl(s->uffd, F_GETFL);
+  if (fl >= 0) fcntl(s->uffd, F_SETFL, fl | O_NONBLOCK);
+  return (int64_t)(uintptr_t)s;
+}
+
+int64_t sbx_serve_start(int64_t h, int nthreads) {
+  struct serve *s = (struct serve *)(uintptr_t)h;
+  if (nthreads < 1 || nthreads > MAX_THREADS) return -EINVAL;
+  atomic_store(&s->running, 1);
+  for (int i = 0; i < nthreads; i++) {
+    int r = pthread_create(&s->threads[i], NULL, serve_thread, s);
+    if (r != 0) {
+      atomic_store(&s->running, 0);
+      uint64_t one = 1;
+      ssize_t w = write(s->stop_fd, &one, sizeof(one));
+      (void)w;
+      for (int j = 0; j < s->nthreads; j++) pthread_join(s->threads[j], NULL);
+      s->nthreads = 0;
+      return -r;
+    }
+    s->nthreads++;
+  }
+  return 0;
+}
+
+/* The eventfd JS watches (koffi.node.poll) for events. */
+int64_t sbx_serve_notify_fd(int64_t h) { return ((struct serve *)(uintptr_t)h)->notify_fd; }
+
+/* Pops one event into out[0..3] (type, a, b, c); returns the type, EV_NONE when empty. */
+int64_t sbx_serve_next_event(int64_t h, int64_t *out) {
+  struct serve *s = (struct serve *)(uintptr_t)h;
+  pthread_mutex_lock(&s->lock);
+  if (s->nevents == 0) {
+    uint64_t v;
+    ssize_t r = read(s->notify_fd, &v, sizeof(v));
+    (void)r;
+    pthread_mutex_unlock(&s->lock);
+    return EV_NONE;
+  }
+  struct event e = s->events[s->headevent];
+  s->headevent = (s->headevent + 1) % s->capevents;
+  s->nevents--;
+  pthread_mutex_unlock(&s->lock);
+  out[0] = e.type;
+  out[1] = e.a;
+  out[2] = e.b;
+  out[3] = e.c;
+  return e.type;
+}
+
+/* JS fetched [off, off+len) into the view: mark it and let the threads retry parked faults. */
+int64_t sbx_serve_mark_ready(int64_t h, uint64_t off, uint64_t len) {
+  struct serve *s = (struct serve *)(uintptr_t)h;
+  if (!s->ready) return 0;
+  if (off % UNIT || len % UNIT || off + len > s->units * UNIT) return -EINVAL;
+  pthread_mutex_lock(&s->lock);
+  mark(s->ready, off, len, 1);
+  pthread_mutex_unlock(&s->lock);
+  uint64_t one = 1;
+  ssize_t r = write(s->wake_fd, &one, sizeof(one));
+  (void)r;
+  return 0;
+}
+
+/* A fetch failed for good: the sandbox fails (its parked faults can never be answered). */
+int64_t sbx_serve_fail(int64_t h, int code, uint64_t off, int err) {
+  struct serve *s = (struct serve *)(uintptr_t)h;
+  fail(s, code, off, err);
+  uint64_t one = 1;
+  ssize_t r = write(s->stop_fd, &one, sizeof(one));
+  (void)r;
+  return 0;
+}
+
+/* From now on faults get zero pages; parked faults are answered with zeros too. */
+int64_t sbx_serve_stop_sourcing(int64_t h) {
+  struct serve *s = (struct serve *)(uintptr_t)h;
+  atomic_store(&s->sourcing, 0);
+  uint64_t one = 1;
+  ssize_t r = write(s->wake_fd, &one, sizeof(one));
+  (void)r;
+  return 0;
+}
+
+/* out: ST_COUNT stats, then HIST_BUCKETS bounds, then HIST_BUCKETS counts, then failed code. */
+int64_t sbx_serve_stats(int64_t h, uint64_t *out) {
+  struct serve *s = (struct serve *)(uintptr_t)h;
+  int k = 0;
+  for (int i = 0; i < ST_COUNT; i++) out[k++] = atomic_load_explicit(&s->stats[i], memory_order_relaxed);
+  for (int i = 0; i < HIST_BUCKETS; i++) out[k++] = hist_bounds_us[i];
+  for (int i = 0; i < HIST_BUCKETS; i++) out[k++] = atomic_load_explicit(&s->hist[i], memory_order_relaxed);
+  out[k++] = (uint64_t)atomic_load(&s->failed);
+  out[k++] = (uint64_t)s->npend;
+  return k;
+}
+
+/* Copies a bookkeeping map (0 present, 1 dirty, 2 ready) for units [first, first+count). */
+int64_t sbx_serve_copy_map(int64_t h, int which, uint64_t first, uint64_t count, uint8_t *out) {
+  struct serve *s = (struct serve *)(uintptr_t)h;
+  uint8_t *m = which == 0 ? s->present : which == 1 ? s->dirty : s->ready;
+  if (first + count > s->units) return -EINVAL;
+  if (!m) {
+    memset(out, 1, count);
+    return 0;
+  }
+  memcpy(out, m + first, count);
+  return 0;
+}
+
+int64_t sbx_serve_units(int64_t h) { return (int64_t)((struct serve *)(uintptr_t)h)->units; }
+
+/* Stops and joins the threads. Idempotent. The uffd and peer fd stay open (JS owns them). */
+int64_t sbx_serve_stop(int64_t h) {
+  struct serve *s = (struct serve *)(uintptr_t)h;
+  atomic_store(&s->running, 0);
+  uint64_t one = 1;
+  ssize_t r = write(s->stop_fd, &one, sizeof(one));
+  (void)r;
+  for (int i = 0; i < s->nthreads; i++) pthread_join(s->threads[i], NULL);
+  s->nthreads = 0;
+  return 0;
+}
+
+int64_t sbx_serve_destroy(int64_t h) {
+  struct serve *s = (struct serve *)(uintptr_t)h;
+  sbx_serve_stop(h);
+  free_serve(s);
+  return 0;
+}
