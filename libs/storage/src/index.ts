@@ -33,3 +33,19 @@ export type { Header, HeaderMetadata, EncodeOptions } from './header-codec.js';
 export { LayeredFile } from './layered-file.js';
 export type { BuildResolver, ReadSpan, LayeredFileOptions } from './layered-file.js';
 export { MemoryBlocks } from './memory-blocks.js';
+export type { StorageBackend, UploadOptions } from './storage-backend.js';
+export { LocalBackend } from './local-backend.js';
+export { GcsBackend } from './gcs-backend.js';
+export type { GcsBackendOptions } from './gcs-backend.js';
+export { openBackend } from './open-backend.js';
+export {
+  buildObjectPath,
+  headerFileName,
+  checkObjectPath,
+  BUILD_DATA_FILES,
+  BUILD_FILE_NAMES,
+  HEADER_SUFFIX,
+} from './object-paths.js';
+export type { BuildDataFile, BuildFileName } from './object-paths.js';
+export { withRetries, isRetryableStorageError, DEFAULT_RETRY_POLICY } from './retry-policy.js';
+export type { RetryPolicy } from './retry-policy.js';
