@@ -1,0 +1,60 @@
+import type { BlockDevice, BlockExportResponse } from '#proto/sbx/block';
+import type { NetSlot } from '#proto/sbx/net';
+import type { UffdExportDiffResponse, UffdPrepareResponse } from '#proto/sbx/uffd';
+
+/**
+ * The four node services the orchestrator drives, each behind the small interface the
+ * sandbox flows need. The real implementations are gRPC clients on the services' control
+ * sockets (grpc-node-services.ts); tests substitute one failing step while the rest stay real.
+ */
+
+/** net-agent: network slots. */
+export interface SlotProvider {
+  acquire(sandboxId: string): Promise<NetSlot>;
+  release(slot: NetSlot, reuse: boolean): Promise<void>;
+  list(): Promise<NetSlot[]>;
+}
+
+/** block-server: copy-on-write rootfs devices served over NBD. */
+export interface DeviceProvider {
+  open(sandboxId: string, buildId: string): Promise<BlockDevice>;
+  export(sandboxId: string, newBuildId: string, diffPath: string): Promise<BlockExportResponse>;
+  close(sandboxId: string): Promise<void>;
+  list(): Promise<BlockDevice[]>;
+}
+
+/** One sandbox as the uffd-server reports it. */
+export interface MemoryServing {
+  sandboxId: string;
+  state: string;
+  error: string;
+}
+
+/** uffd-server: guest memory served from the memfile layers. */
+export interface MemoryProvider {
+  prepare(sandboxId: string, socketPath: string, buildId: string): Promise<UffdPrepareResponse>;
+  stopSourcing(sandboxId: string): Promise<void>;
+  exportDiff(
+    sandboxId: string,
+    newBuildId: string,
+    diffPath: string,
+    memfilePath: string,
+  ): Promise<UffdExportDiffResponse>;
+  stop(sandboxId: string): Promise<void>;
+  list(): Promise<MemoryServing[]>;
+}
+
+/** dns: sandbox name → host IP. */
+export interface NameRegistry {
+  set(sandboxId: string, ip: string): Promise<void>;
+  /** Removes the record only if it still points at `ip`. */
+  remove(sandboxId: string, ip: string): Promise<void>;
+  list(): Promise<{ name: string; ip: string }[]>;
+}
+
+export interface NodeServices {
+  slots: SlotProvider;
+  devices: DeviceProvider;
+  memory: MemoryProvider;
+  names: NameRegistry;
+}

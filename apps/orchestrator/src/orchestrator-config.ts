@@ -1,0 +1,84 @@
+import { hostname } from 'node:os';
+import { z } from 'zod';
+import { loadConfig } from '#config';
+
+const int = (min: number, max: number) => z.coerce.number().int().min(min).max(max);
+
+/** Every setting of the orchestrator; flags `--foo-bar` or env `SBX_ORCHESTRATOR_FOO_BAR`. */
+export const orchestratorConfigSchema = z
+  .object({
+    grpcHost: z.string().min(1).default('0.0.0.0'),
+    grpcPort: int(0, 65535).default(5008),
+    /** Control socket for local tools (same SandboxService); empty = off. */
+    socket: z.string().default('/run/sbx/orchestrator.sock'),
+    dataDir: z.string().min(1).default('/var/lib/sbx/orchestrator'),
+    /** A local directory or gs://bucket (shared SBX_BUCKET). */
+    bucket: z.string().min(1).default('/var/lib/sbx/bucket'),
+    /** Local build cache (shared SBX_CACHE_DIR). */
+    cacheDir: z.string().min(1).default('/var/lib/sbx/cache'),
+    uffdSocket: z.string().min(1).default('/run/sbx/uffd-server.sock'),
+    blockSocket: z.string().min(1).default('/run/sbx/block-server.sock'),
+    netSocket: z.string().min(1).default('/run/sbx/net-agent.sock'),
+    dnsSocket: z.string().min(1).default('/run/sbx/dns.sock'),
+    /** Real Firecracker; used only together with a kernel. */
+    firecrackerBin: z.string().optional(),
+    kernelPath: z.string().optional(),
+    /** The sbx launcher whose `vmm-sim` stands in for Firecracker when none is configured. */
+    sbxBin: z.string().optional(),
+    /** Where the rootfs path recorded in snapfiles lives: `{vmRootfsDir}/{baseBuildId}/rootfs.ext4`. */
+    vmRootfsDir: z.string().min(1).default('/run/sbx/fc-rootfs'),
+    /** On SIGTERM: kill the running sandboxes, or keep them for the next run to adopt. */
+    shutdownSandboxes: z.enum(['kill', 'keep']).default('kill'),
+    metricsPort: int(0, 65535).default(9460),
+    nodeId: z.string().min(1).default(hostname()),
+    redisUrl: z.string().optional(),
+    redisStream: z.string().min(1).default('sbx:events'),
+    redisPrefix: z.string().min(1).default('sbx:sandbox:'),
+    minVcpu: int(1, 256).default(1),
+    maxVcpu: int(1, 256).default(8),
+    minRamMb: int(16, 1 << 20).default(128),
+    maxRamMb: int(16, 1 << 20).default(8192),
+    maxSandboxes: int(1, 100_000).default(512),
+    envdTimeoutMs: int(100, 600_000).default(10_000),
+    envdPort: int(1, 65535).default(49983),
+    healthIntervalMs: int(0, 3_600_000).default(20_000),
+    metricsIntervalMs: int(0, 3_600_000).default(10_000),
+    endTimeCheckMs: int(50, 60_000).default(1000),
+    pauseParallelism: int(1, 256).default(8),
+    generationCap: int(1, 1000).default(10),
+    buildCacheTtlMs: int(1000, 7 * 24 * 3_600_000).default(3_600_000),
+    uploadRetries: int(0, 100).default(5),
+    uploadBackoffMs: int(1, 600_000).default(1000),
+    stepTimeoutMs: int(100, 600_000).default(30_000),
+    /** Size of the scratch rootfs image of the sample template `base`. */
+    sampleRootfsMb: int(4, 4096).default(16),
+    sampleMemoryMb: int(4, 8192).default(64),
+    logLevel: z.enum(['trace', 'debug', 'info', 'warn', 'error', 'fatal']).default('info'),
+  })
+  .refine((c) => c.minVcpu <= c.maxVcpu, { message: 'minVcpu must be ≤ maxVcpu', path: ['minVcpu'] })
+  .refine((c) => c.minRamMb <= c.maxRamMb, { message: 'minRamMb must be ≤ maxRamMb', path: ['minRamMb'] });
+
+export type OrchestratorConfig = z.infer<typeof orchestratorConfigSchema>;
+
+export const ORCHESTRATOR_ENV_PREFIX = 'SBX_ORCHESTRATOR_';
+
+/**
+ * Loads the configuration. The node-wide names (SBX_BUCKET, SBX_CACHE_DIR, REDIS_URL,
+ * FIRECRACKER_BIN, FIRECRACKER_KERNEL) are read as fallbacks for the prefixed ones.
+ */
+export function loadOrchestratorConfig(argv: string[], env: NodeJS.ProcessEnv = process.env): OrchestratorConfig {
+  const shared: Record<string, string | undefined> = {
+    BUCKET: env['SBX_BUCKET'],
+    CACHE_DIR: env['SBX_CACHE_DIR'],
+    REDIS_URL: env['REDIS_URL'],
+    FIRECRACKER_BIN: env['FIRECRACKER_BIN'],
+    KERNEL_PATH: env['FIRECRACKER_KERNEL'],
+  };
+  const merged: NodeJS.ProcessEnv = { ...env };
+  for (const [key, value] of Object.entries(shared)) {
+    const name = ORCHESTRATOR_ENV_PREFIX + key;
+    if (value !== undefined && value !== '' && (merged[name] === undefined || merged[name] === ''))
+      merged[name] = value;
+  }
+  return loadConfig('orchestrator', orchestratorConfigSchema, ORCHESTRATOR_ENV_PREFIX, { argv, env: merged });
+}

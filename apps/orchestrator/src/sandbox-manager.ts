@@ -1,0 +1,523 @@
+import { createHash } from 'node:crypto';
+import { mkdir, rm } from 'node:fs/promises';
+import { join } from 'node:path';
+import { mergeMappings, NIL_UUID, type BuildMapping, type Header } from '#storage';
+import { sandboxLogger, type Logger } from '#logging';
+import type { SandboxConfig } from '#proto/orchestrator';
+import type { BuildMapping as WireMapping } from '#proto/sbx/mapping';
+import { BUILD_FILES, writeBuildHeader, type BuildFiles, type LocalBuild } from './build-files.js';
+import { BoundedQueue } from './bounded-queue.js';
+import type { BuildUploader } from './build-uploader.js';
+import type { EnvdClient } from './envd-client.js';
+import { compactLayers, layerCount } from './layer-compaction.js';
+import type { LifecycleEvents } from './lifecycle-events.js';
+import type { NodeServices } from './node-services.js';
+import {
+  BuildExists,
+  CapacityExhausted,
+  OrchestratorStopping,
+  SandboxBusy,
+  SandboxExists,
+  SandboxNotFound,
+  SandboxStepFailed,
+} from './orchestrator-errors.js';
+import { Sandbox } from './sandbox.js';
+import type { SandboxStateStore } from './sandbox-state-store.js';
+import type { TemplateCache } from './template-cache.js';
+import type { TemplateCatalogue } from './template-catalogue.js';
+import { describeFailures } from './teardown-stack.js';
+import type { VmmLauncher } from './vmm-launcher.js';
+
+export interface ManagerSettings {
+  nodeId: string;
+  maxSandboxes: number;
+  envdTimeoutMs: number;
+  healthIntervalMs: number;
+  metricsIntervalMs: number;
+  endTimeCheckMs: number;
+  pauseParallelism: number;
+  generationCap: number;
+  vmRootfsDir: string;
+  /** Where API and uffd sockets go (kept short: a Unix socket path has 108 bytes). */
+  socketDir: string;
+}
+
+export interface SandboxManagerOptions {
+  settings: ManagerSettings;
+  services: NodeServices;
+  vmm: VmmLauncher;
+  envd: EnvdClient;
+  builds: BuildFiles;
+  cache: TemplateCache;
+  templates: TemplateCatalogue;
+  events: LifecycleEvents;
+  states: SandboxStateStore;
+  uploader: BuildUploader;
+  logger: Logger;
+}
+
+export interface CreateRequest {
+  config: SandboxConfig;
+  startTime: Date;
+  endTime: Date;
+}
+
+export interface RunningSandboxView {
+  config: SandboxConfig;
+  startTime: Date;
+  endTime: Date;
+}
+
+/** Timings of the last create, per step (bench and logs). */
+export type StepTimings = Record<string, number>;
+
+/**
+ * The sandbox lifecycle of DESIGN.md §3. Every resource a sandbox takes goes on its teardown
+ * stack the moment it is taken; a failed step unwinds the stack in reverse and the error
+ * names the step.
+ */
+export class SandboxManager {
+  readonly sandboxes = new Map<string, Sandbox>();
+  private readonly pauseQueue: BoundedQueue;
+  private endTimer: NodeJS.Timeout | undefined;
+  private stopping = false;
+  lastCreateTimings: StepTimings = {};
+  lastPauseTimings: StepTimings = {};
+
+  constructor(private readonly o: SandboxManagerOptions) {
+    this.pauseQueue = new BoundedQueue(o.settings.pauseParallelism);
+  }
+
+  get settings(): ManagerSettings {
+    return this.o.settings;
+  }
+
+  startEndTimeEnforcement(): void {
+    this.endTimer = setInterval(() => void this.enforceEndTimes(), this.o.settings.endTimeCheckMs);
+    this.endTimer.unref();
+  }
+
+  socketPaths(sandboxId: string): { api: string; uffd: string } {
+    const tag = createHash('sha256').update(sandboxId).digest('hex').slice(0, 16);
+    return {
+      api: join(this.o.settings.socketDir, `${tag}.api.sock`),
+      uffd: join(this.o.settings.socketDir, `${tag}.uffd.sock`),
+    };
+  }
+
+  list(): RunningSandboxView[] {
+    return [...this.sandboxes.values()]
+      .filter((s) => s.phase === 'running')
+      .map((s) => ({ config: s.config, startTime: s.startTime, endTime: s.endTime }));
+  }
+
+  get(sandboxId: string): Sandbox {
+    const sbx = this.sandboxes.get(sandboxId);
+    if (!sbx) throw new SandboxNotFound(sandboxId);
+    return sbx;
+  }
+
+  async update(sandboxId: string, endTime: Date): Promise<void> {
+    const sbx = this.get(sandboxId);
+    if (sbx.phase !== 'running') throw new SandboxBusy(sandboxId, sbx.phase, 'update');
+    sbx.endTime = endTime;
+    await this.o.states.save(sbx.toState());
+    await this.o.events.publish(this.catalogueEntry(sbx));
+    sbx.log.info({ endTime: endTime.toISOString() }, 'sandbox end time updated');
+  }
+
+  async create(request: CreateRequest): Promise<Sandbox> {
+    if (this.stopping) throw new OrchestratorStopping();
+    const { config } = request;
+    const id = config.sandboxId;
+    if (this.sandboxes.has(id)) throw new SandboxExists(id);
+    if (this.sandboxes.size >= this.o.settings.maxSandboxes) {
+      throw new CapacityExhausted('sandboxes on this node', this.o.settings.maxSandboxes);
+    }
+    const log = sandboxLogger(this.o.logger, id);
+    // Reserve the id before the first await so a concurrent duplicate is refused.
+    const placeholder = { phase: 'creating' } as Sandbox;
+    this.sandboxes.set(id, placeholder);
+    const timings: StepTimings = {};
+    let step = 'resolve build';
+    let sbx: Sandbox | undefined;
+    const t0 = performance.now();
+    let last = t0;
+    const mark = (name: string) => {
+      const now = performance.now();
+      timings[name] = now - last;
+      last = now;
+    };
+    try {
+      const buildId = config.buildId || this.o.templates.buildOf(config.templateId);
+      const build = await this.o.cache.resolve(buildId);
+      mark(step);
+      const dir = await this.o.states.create(id);
+      sbx = new Sandbox(id, { ...config, buildId }, build, request.startTime, request.endTime, dir, log);
+      sbx.teardown.push('files', () => this.o.states.remove(id));
+      this.sandboxes.set(id, sbx);
+      await this.o.states.save(sbx.toState());
+      await this.startSandbox(sbx, (s) => (step = s), mark);
+      step = 'set dns';
+      await this.o.services.names.set(id, sbx.hostIp);
+      sbx.dnsIp = sbx.hostIp;
+      const dnsIp = sbx.hostIp;
+      sbx.teardown.push('dns', () => this.o.services.names.remove(id, dnsIp));
+      mark(step);
+      sbx.phase = 'running';
+      await this.o.states.save(sbx.toState());
+      timings['total'] = performance.now() - t0;
+      this.lastCreateTimings = timings;
+    } catch (error) {
+      const failures = sbx ? await sbx.teardown.unwind() : [];
+      if (this.sandboxes.get(id) === sbx || this.sandboxes.get(id) === placeholder) this.sandboxes.delete(id);
+      if (!sbx) {
+        // Failed before the sandbox had anything (unknown template or build): a plain error.
+        throw error;
+      }
+      const failed = new SandboxStepFailed(id, 'create', step, error, describeFailures(failures));
+      log.error({ step, err: failed.message }, 'sandbox create failed; rolled back');
+      await this.o.events.event('failed', id, { step, error: failed.message });
+      throw failed;
+    }
+    await this.o.events.publish(this.catalogueEntry(sbx));
+    await this.o.events.event(config.snapshot ? 'resumed' : 'created', id, { buildId: sbx.build.buildId });
+    sbx.startPolling(this.o.envd, this.o.settings.healthIntervalMs, this.o.settings.metricsIntervalMs);
+    this.watchExit(sbx);
+    log.info(
+      { buildId: sbx.build.buildId, hostIp: sbx.hostIp, ms: Math.round(timings['total'] ?? 0) },
+      'sandbox created',
+    );
+    return sbx;
+  }
+
+  /** Steps 2–6 of Create: slot, device, memory, VMM (snapshot load, resume, MMDS), envd init. */
+  private async startSandbox(sbx: Sandbox, at: (step: string) => void, mark: (step: string) => void): Promise<void> {
+    const { slots, devices, memory } = this.o.services;
+    const id = sbx.id;
+    const save = () => this.o.states.save(sbx.toState());
+
+    at('acquire network slot');
+    const slot = await slots.acquire(id);
+    sbx.slot = slot;
+    sbx.teardown.push('slot', () => slots.release(slot, true));
+    await save();
+    mark('acquire network slot');
+
+    at('open rootfs device');
+    sbx.teardown.push('device', () => devices.close(id));
+    sbx.device = await devices.open(id, sbx.build.buildId);
+    await save();
+    mark('open rootfs device');
+
+    at('prepare uffd');
+    const sockets = this.socketPaths(id);
+    await mkdir(this.o.settings.socketDir, { recursive: true });
+    sbx.teardown.push('uffd', async () => {
+      await memory.stop(id);
+      await rm(sockets.uffd, { force: true });
+    });
+    await memory.prepare(id, sockets.uffd, sbx.build.buildId);
+    sbx.memorySocket = sockets.uffd;
+    await save();
+    mark('prepare uffd');
+
+    at('start vmm');
+    const rootfsTarget = sbx.device.devicePath || sbx.device.socketPath;
+    const vmm = await this.o.vmm.launch(
+      {
+        sandboxId: id,
+        apiSocket: sockets.api,
+        rootfsLinkPath: this.rootfsLinkPath(sbx.build.rootfsHeader),
+        rootfsTarget,
+        namespace: slot.namespace,
+        stdoutPath: join(sbx.dir, 'vmm.stdout.log'),
+        stderrPath: join(sbx.dir, 'vmm.stderr.log'),
+      },
+      sbx.log,
+    );
+    sbx.vmm = vmm;
+    sbx.teardown.push('vmm', async () => {
+      await vmm.kill();
+      await rm(sockets.api, { force: true });
+    });
+    await save();
+    mark('start vmm');
+
+    at('load snapshot');
+    await vmm.api.loadSnapshot({
+      snapshotPath: sbx.build.snapfilePath,
+      backend: { type: 'Uffd', path: sockets.uffd },
+      enableDiffSnapshots: true,
+      resumeVm: false,
+    });
+    mark('load snapshot');
+    at('resume vm');
+    await vmm.api.setState('Resumed');
+    mark('resume vm');
+    at('set mmds');
+    await vmm.api.setMmds({
+      instanceID: id,
+      envID: sbx.config.templateId,
+      address: slot.hostIp,
+      traceID: '',
+      teamID: sbx.config.teamId,
+    });
+    mark('set mmds');
+    at('init envd');
+    await this.o.envd.init(slot.hostIp, sbx.config.envVars ?? {}, this.o.settings.envdTimeoutMs);
+    mark('init envd');
+  }
+
+  rootfsLinkPath(rootfsHeader: Header): string {
+    return join(this.o.settings.vmRootfsDir, rootfsHeader.metadata.baseBuildId, BUILD_FILES.rootfs);
+  }
+
+  async delete(sandboxId: string, reason: 'killed' | 'expired' = 'killed'): Promise<void> {
+    const sbx = this.get(sandboxId);
+    if (sbx.phase !== 'running') throw new SandboxBusy(sandboxId, sbx.phase, 'delete');
+    await this.stop(sbx, reason);
+  }
+
+  /** Removes DNS and the catalogue entry first (no new connections), then the rest in reverse. */
+  private async stop(sbx: Sandbox, reason: string): Promise<void> {
+    sbx.phase = 'stopping';
+    sbx.stopPolling();
+    await this.o.states.save(sbx.toState()).catch(() => undefined);
+    await this.o.events.unpublish(sbx.id);
+    const failures = await sbx.teardown.unwind();
+    this.sandboxes.delete(sbx.id);
+    if (failures.length) sbx.log.error({ problems: describeFailures(failures) }, 'sandbox teardown had problems');
+    await this.o.events.event('killed', sbx.id, { reason });
+    sbx.log.info({ reason }, 'sandbox stopped');
+  }
+
+  async pause(sandboxId: string, newBuildId: string, templateId?: string): Promise<LocalBuild> {
+    if (this.stopping) throw new OrchestratorStopping();
+    const sbx = this.get(sandboxId);
+    if (sbx.phase !== 'running') throw new SandboxBusy(sandboxId, sbx.phase, 'pause');
+    if (this.o.cache.has(newBuildId) || (await this.o.builds.exists(newBuildId))) throw new BuildExists(newBuildId);
+    sbx.phase = 'pausing';
+    return this.pauseQueue.run(() => this.pauseNow(sbx, newBuildId, templateId ?? sbx.config.templateId));
+  }
+
+  private async pauseNow(sbx: Sandbox, newBuildId: string, templateId: string): Promise<LocalBuild> {
+    const { memory, devices, names } = this.o.services;
+    const id = sbx.id;
+    const vmm = sbx.vmm!;
+    const timings: StepTimings = {};
+    const t0 = performance.now();
+    let last = t0;
+    const mark = (name: string) => {
+      const now = performance.now();
+      timings[name] = now - last;
+      last = now;
+    };
+    let step = 'remove dns';
+    let sourcingStopped = false;
+    let staging: string | undefined;
+    try {
+      sbx.stopPolling();
+      await this.o.states.save(sbx.toState());
+      if (sbx.dnsIp) await names.remove(id, sbx.dnsIp);
+      sbx.teardown.forget('dns');
+      await this.o.events.unpublish(id);
+      mark(step);
+      step = 'pause vm';
+      await vmm.api.setState('Paused');
+      mark(step);
+      step = 'stop uffd sourcing';
+      sourcingStopped = true;
+      await memory.stopSourcing(id);
+      mark(step);
+      step = 'create snapshot';
+      staging = await this.o.builds.staging(newBuildId);
+      const fullMemfile = join(sbx.dir, 'memfile.full');
+      await vmm.api.createSnapshot({
+        type: 'Full',
+        snapshotPath: join(staging, BUILD_FILES.snapfile),
+        memFilePath: fullMemfile,
+      });
+      mark(step);
+      step = 'export memory diff';
+      const mem = await memory.exportDiff(id, newBuildId, join(staging, BUILD_FILES.memfile), fullMemfile);
+      await rm(fullMemfile, { force: true });
+      mark(step);
+      step = 'stop vmm';
+      await sbx.teardown.release('vmm');
+      mark(step);
+      step = 'export rootfs diff';
+      const disk = await devices.export(id, newBuildId, join(staging, BUILD_FILES.rootfs));
+      mark(step);
+      step = 'write headers';
+      const parent = sbx.build;
+      let memHeader = nextHeader(parent.memfileHeader, newBuildId, mem.mappings);
+      let rootHeader = nextHeader(parent.rootfsHeader, newBuildId, disk.mappings);
+      mark(step);
+      if (
+        layerCount(memHeader) > this.o.settings.generationCap ||
+        layerCount(rootHeader) > this.o.settings.generationCap
+      ) {
+        step = 'compact layers';
+        memHeader = await compactLayers(memHeader, staging, BUILD_FILES.memfile, (b) =>
+          this.dataPath(b, 'memfile', staging!, newBuildId),
+        );
+        rootHeader = await compactLayers(rootHeader, staging, BUILD_FILES.rootfs, (b) =>
+          this.dataPath(b, 'rootfs', staging!, newBuildId),
+        );
+        mark(step);
+      }
+      step = 'register build';
+      await writeBuildHeader(staging, 'memfile', memHeader);
+      await writeBuildHeader(staging, 'rootfs', rootHeader);
+      await this.o.builds.commit(newBuildId);
+      staging = undefined;
+      const build: LocalBuild = {
+        buildId: newBuildId,
+        dir: this.o.builds.localDir(newBuildId),
+        snapfilePath: join(this.o.builds.localDir(newBuildId), BUILD_FILES.snapfile),
+        memfileHeader: memHeader,
+        rootfsHeader: rootHeader,
+      };
+      this.o.cache.add(build);
+      mark(step);
+      step = 'release resources';
+      const failures = await sbx.teardown.unwind();
+      this.sandboxes.delete(id);
+      if (failures.length) sbx.log.warn({ problems: describeFailures(failures) }, 'pause teardown had problems');
+      mark(step);
+      timings['total'] = performance.now() - t0;
+      this.lastPauseTimings = timings;
+      void this.o.uploader.enqueue(newBuildId);
+      await this.o.events.event('paused', id, {
+        buildId: newBuildId,
+        templateId,
+        generation: String(memHeader.metadata.generation),
+      });
+      sbx.log.info(
+        { buildId: newBuildId, generation: memHeader.metadata.generation, ms: Math.round(timings['total'] ?? 0) },
+        'sandbox paused',
+      );
+      return build;
+    } catch (error) {
+      if (staging) await this.o.builds.discard(newBuildId).catch(() => undefined);
+      if (!sourcingStopped && vmm.isAlive()) {
+        // Nothing irreversible happened yet: the guest keeps running as before.
+        await vmm.api.setState('Resumed').catch(() => undefined);
+        if (sbx.dnsIp) {
+          const ip = sbx.dnsIp;
+          await names.set(id, ip).catch(() => undefined);
+          if (!sbx.teardown.has('dns')) sbx.teardown.push('dns', () => names.remove(id, ip));
+        }
+        sbx.phase = 'running';
+        await this.o.states.save(sbx.toState()).catch(() => undefined);
+        await this.o.events.publish(this.catalogueEntry(sbx));
+        sbx.startPolling(this.o.envd, this.o.settings.healthIntervalMs, this.o.settings.metricsIntervalMs);
+        throw new SandboxStepFailed(id, 'pause', step, error);
+      }
+      // Past StopSourcing a fault gets a zero page: the sandbox cannot safely run on.
+      const failures = await sbx.teardown.unwind();
+      this.sandboxes.delete(id);
+      const failed = new SandboxStepFailed(id, 'pause', step, error, describeFailures(failures));
+      sbx.log.error({ step, err: failed.message }, 'sandbox pause failed; sandbox removed');
+      await this.o.events.event('failed', id, { step, error: failed.message });
+      throw failed;
+    }
+  }
+
+  /** A layer's data file: the one being written, else the local build, else the bucket. */
+  private async dataPath(
+    buildId: string,
+    kind: 'memfile' | 'rootfs',
+    staging: string,
+    newBuildId: string,
+  ): Promise<string> {
+    const name = kind === 'memfile' ? BUILD_FILES.memfile : BUILD_FILES.rootfs;
+    if (buildId === newBuildId) return join(staging, name);
+    return this.o.builds.dataPath(buildId, name);
+  }
+
+  private catalogueEntry(sbx: Sandbox) {
+    return {
+      sandboxId: sbx.id,
+      nodeId: this.o.settings.nodeId,
+      templateId: sbx.config.templateId,
+      buildId: sbx.build.buildId,
+      hostIp: sbx.hostIp,
+      guestIp: sbx.slot?.guestIp ?? '',
+      startTime: sbx.startTime,
+      endTime: sbx.endTime,
+    };
+  }
+
+  /** A VMM that dies on its own takes its sandbox with it: full cleanup and a `failed` event. */
+  watchExit(sbx: Sandbox): void {
+    const vmm = sbx.vmm;
+    if (!vmm) return;
+    void vmm.exited.then(async (how) => {
+      if (this.sandboxes.get(sbx.id) !== sbx || sbx.phase !== 'running') return;
+      sbx.log.error({ how }, 'vmm exited unexpectedly; cleaning up the sandbox');
+      sbx.phase = 'stopping';
+      sbx.stopPolling();
+      await this.o.events.unpublish(sbx.id);
+      const failures = await sbx.teardown.unwind();
+      this.sandboxes.delete(sbx.id);
+      if (failures.length) sbx.log.error({ problems: describeFailures(failures) }, 'sandbox teardown had problems');
+      await this.o.events.event('failed', sbx.id, { step: 'vmm', error: `vmm ${how}` });
+    });
+  }
+
+  /** Kills (or pauses, with auto_pause) every running sandbox past its end time. */
+  async enforceEndTimes(now = Date.now()): Promise<void> {
+    for (const sbx of [...this.sandboxes.values()]) {
+      if (sbx.phase !== 'running' || sbx.endTime.getTime() > now) continue;
+      try {
+        if (sbx.config.autoPause) {
+          sbx.log.info('end time reached; auto-pausing');
+          await this.pause(sbx.id, crypto.randomUUID());
+        } else {
+          sbx.log.info('end time reached; killing');
+          await this.delete(sbx.id, 'expired');
+        }
+      } catch (err) {
+        sbx.log.error({ err: (err as Error).message }, 'end-time enforcement failed');
+      }
+    }
+  }
+
+  /** Adds a sandbox found running by the restart reconciler. */
+  adopt(sbx: Sandbox): void {
+    this.sandboxes.set(sbx.id, sbx);
+    sbx.startPolling(this.o.envd, this.o.settings.healthIntervalMs, this.o.settings.metricsIntervalMs);
+    this.watchExit(sbx);
+  }
+
+  async shutdown(mode: 'kill' | 'keep'): Promise<void> {
+    this.stopping = true;
+    if (this.endTimer) clearInterval(this.endTimer);
+    const all = [...this.sandboxes.values()];
+    for (const sbx of all) sbx.stopPolling();
+    if (mode === 'kill') {
+      await Promise.allSettled(all.filter((s) => s.phase === 'running').map((s) => this.stop(s, 'node shutdown')));
+    }
+  }
+}
+
+/** The header of a new generation: the diff's mappings merged over the parent's (new wins). */
+export function nextHeader(parent: Header, newBuildId: string, diff: WireMapping[]): Header {
+  const mapped: BuildMapping[] = diff.map((m) => ({
+    offset: m.offset,
+    length: m.length,
+    buildId: m.buildId || NIL_UUID,
+    buildStorageOffset: m.buildStorageOffset,
+  }));
+  return {
+    metadata: {
+      ...parent.metadata,
+      version: Math.max(parent.metadata.version, 1),
+      generation: parent.metadata.generation + 1,
+      buildId: newBuildId,
+    },
+    mappings: mergeMappings(parent.mappings, mapped),
+  };
+}

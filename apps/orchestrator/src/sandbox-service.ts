@@ -1,0 +1,90 @@
+import type { handleUnaryCall, sendUnaryData, ServerUnaryCall } from '@grpc/grpc-js';
+import type { Logger } from '#logging';
+import type {
+  RunningSandbox,
+  SandboxConfig,
+  SandboxCreateRequest,
+  SandboxCreateResponse,
+  SandboxListCachedBuildsResponse,
+  SandboxListResponse,
+  SandboxServiceServer,
+} from '#proto/orchestrator';
+import type { Empty } from '#proto/google/protobuf/empty';
+import { toServiceError } from './grpc-status.js';
+import { RequestInvalid } from './orchestrator-errors.js';
+import {
+  checkBuildId,
+  checkSafeName,
+  checkSandboxConfig,
+  checkTimes,
+  type ResourceBounds,
+} from './request-validation.js';
+import type { SandboxManager } from './sandbox-manager.js';
+import type { TemplateCache } from './template-cache.js';
+
+/**
+ * The upstream API (`SandboxService`, wire-compatible with E2B's orchestrator.proto): validates
+ * every field, calls the manager, and maps typed errors to status codes.
+ */
+export function sandboxService(options: {
+  manager: SandboxManager;
+  cache: TemplateCache;
+  bounds: ResourceBounds;
+  clientId: string;
+  logger: Logger;
+}): SandboxServiceServer {
+  const { manager, cache, bounds, clientId, logger } = options;
+
+  function handle<Req, Res>(name: string, fn: (req: Req) => Promise<Res>): handleUnaryCall<Req, Res> {
+    return (call: ServerUnaryCall<Req, Res>, callback: sendUnaryData<Res>) => {
+      fn(call.request).then(
+        (res) => callback(null, res),
+        (err: unknown) => {
+          const e = toServiceError(err);
+          logger.warn({ rpc: name, code: e.code, err: e.details }, 'rpc failed');
+          callback(e, null);
+        },
+      );
+    };
+  }
+
+  return {
+    create: handle('Create', async (req: SandboxCreateRequest): Promise<SandboxCreateResponse> => {
+      const config = checkSandboxConfig(req.sandbox, bounds);
+      const times = checkTimes(req.startTime, req.endTime, new Date());
+      await manager.create({ config, startTime: times.start, endTime: times.end });
+      return { clientId };
+    }),
+    update: handle('Update', async (req): Promise<Empty> => {
+      checkSafeName('sandbox_id', req.sandboxId);
+      if (!req.endTime || Number.isNaN(req.endTime.getTime())) throw new RequestInvalid('end_time', 'missing');
+      await manager.update(req.sandboxId, req.endTime);
+      return {};
+    }),
+    list: handle('List', async (): Promise<SandboxListResponse> => ({
+      sandboxes: manager
+        .list()
+        .map((s): RunningSandbox => ({
+          config: s.config as SandboxConfig,
+          clientId,
+          startTime: s.startTime,
+          endTime: s.endTime,
+        })),
+    })),
+    delete: handle('Delete', async (req): Promise<Empty> => {
+      checkSafeName('sandbox_id', req.sandboxId);
+      await manager.delete(req.sandboxId);
+      return {};
+    }),
+    pause: handle('Pause', async (req): Promise<Empty> => {
+      checkSafeName('sandbox_id', req.sandboxId);
+      if (req.templateId) checkSafeName('template_id', req.templateId);
+      const buildId = checkBuildId('build_id', req.buildId);
+      await manager.pause(req.sandboxId, buildId, req.templateId || undefined);
+      return {};
+    }),
+    listCachedBuilds: handle('ListCachedBuilds', async (): Promise<SandboxListCachedBuildsResponse> => ({
+      builds: cache.list().map((b) => ({ buildId: b.buildId, expirationTime: b.expiresAt })),
+    })),
+  };
+}

@@ -1,0 +1,95 @@
+import type { Logger } from '#logging';
+import type { SandboxConfig } from '#proto/orchestrator';
+import type { BlockDevice } from '#proto/sbx/block';
+import type { NetSlot } from '#proto/sbx/net';
+import type { LocalBuild } from './build-files.js';
+import type { EnvdClient, EnvdMetrics } from './envd-client.js';
+import type { SandboxPhase, SandboxStateFile } from './sandbox-state-store.js';
+import { TeardownStack } from './teardown-stack.js';
+import type { VmmHandle } from './vmm-launcher.js';
+
+/** One sandbox on this node: its resources (each on the teardown stack) and its times. */
+export class Sandbox {
+  readonly teardown = new TeardownStack();
+  phase: SandboxPhase = 'creating';
+  slot: NetSlot | undefined;
+  device: BlockDevice | undefined;
+  memorySocket: string | undefined;
+  vmm: VmmHandle | undefined;
+  dnsIp: string | undefined;
+  healthy = true;
+  lastMetrics: EnvdMetrics | undefined;
+  private pollers: NodeJS.Timeout[] = [];
+
+  constructor(
+    readonly id: string,
+    readonly config: SandboxConfig,
+    readonly build: LocalBuild,
+    readonly startTime: Date,
+    public endTime: Date,
+    readonly dir: string,
+    readonly log: Logger,
+  ) {}
+
+  get hostIp(): string {
+    return this.slot?.hostIp ?? '';
+  }
+
+  toState(): SandboxStateFile {
+    return {
+      sandboxId: this.id,
+      phase: this.phase,
+      config: this.config,
+      buildId: this.build.buildId,
+      startTime: this.startTime.toISOString(),
+      endTime: this.endTime.toISOString(),
+      ...(this.slot ? { slot: this.slot } : {}),
+      ...(this.device ? { deviceOpened: true } : {}),
+      ...(this.memorySocket ? { memorySocket: this.memorySocket } : {}),
+      ...(this.vmm
+        ? {
+            vmm: {
+              pid: this.vmm.pid,
+              startTicks: this.vmm.startTicks,
+              apiSocket: this.vmm.apiSocket,
+              stdoutPath: `${this.dir}/vmm.stdout.log`,
+              stderrPath: `${this.dir}/vmm.stderr.log`,
+            },
+          }
+        : {}),
+      ...(this.dnsIp ? { dnsIp: this.dnsIp } : {}),
+    };
+  }
+
+  /** envd health (GET /health → 204) and metrics (GET /metrics) polling, like the seed's checks.go. */
+  startPolling(envd: EnvdClient, healthMs: number, metricsMs: number): void {
+    this.stopPolling();
+    const hostIp = this.hostIp;
+    if (healthMs > 0) {
+      const t = setInterval(() => {
+        void envd.health(hostIp).then((ok) => {
+          if (ok !== this.healthy) this.log[ok ? 'info' : 'warn']({ healthy: ok }, 'sandbox health changed');
+          this.healthy = ok;
+        });
+      }, healthMs);
+      t.unref();
+      this.pollers.push(t);
+    }
+    if (metricsMs > 0) {
+      const t = setInterval(() => {
+        void envd.metrics(hostIp).then((m) => {
+          if (!m) return;
+          this.lastMetrics = m;
+          this.log.debug({ metrics: m }, 'sandbox metrics');
+        });
+      }, metricsMs);
+      t.unref();
+      this.pollers.push(t);
+    }
+  }
+
+  stopPolling(): void {
+    for (const t of this.pollers) clearInterval(t);
+    this.pollers = [];
+  }
+}

@@ -1,0 +1,256 @@
+import { spawn } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { open } from 'node:fs/promises';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import type { Logger } from '#logging';
+import { FirecrackerApi } from './firecracker-api.js';
+import { VmmExited } from './orchestrator-errors.js';
+import { isSameProcess, processStartTicks, type ProcessIdentity } from './process-identity.js';
+import { VmmLogTail } from './vmm-log-tail.js';
+
+/**
+ * Starts the VMM like the seed's fc/process.go start script: in a private mount namespace
+ * where the rootfs path recorded in the snapfile at template-build time is a symlink to this
+ * sandbox's device (or NBD socket), inside the slot's network namespace. The chain
+ * unshare → sh → ip netns exec → vmm only execs, so the spawned pid is the VMM's pid.
+ */
+const START_SCRIPT = [
+  'set -e',
+  'link=$1; target=$2; ns=$3; shift 3',
+  'mount --make-rprivate /',
+  'dir=$(dirname "$link")',
+  'mkdir -p "$dir"',
+  'mount -t tmpfs -o size=64k,mode=0755 tmpfs "$dir"',
+  'ln -s "$target" "$link"',
+  'if [ -n "$ns" ]; then exec ip netns exec "$ns" "$@"; else exec "$@"; fi',
+].join('\n');
+
+export interface VmmLaunchSpec {
+  sandboxId: string;
+  apiSocket: string;
+  /** The rootfs path recorded in the snapfile (the base build's path at template-build time). */
+  rootfsLinkPath: string;
+  /** This sandbox's device: /dev/nbdX or the NBD socket. */
+  rootfsTarget: string;
+  /** Network namespace of the slot; empty runs in the host's (template builds without network). */
+  namespace: string;
+  stdoutPath: string;
+  stderrPath: string;
+}
+
+export interface VmmHandle {
+  readonly pid: number;
+  readonly startTicks: number;
+  readonly apiSocket: string;
+  readonly api: FirecrackerApi;
+  /** Resolves when the process is gone, with how it ended. */
+  readonly exited: Promise<string>;
+  isAlive(): boolean;
+  /** SIGKILL and wait until the process is gone (it holds the device and the uffd). */
+  kill(): Promise<void>;
+}
+
+export interface VmmLauncher {
+  /** What runs: 'firecracker <path>' or 'vmm-sim (test double)'. */
+  readonly description: string;
+  readonly isDouble: boolean;
+  launch(spec: VmmLaunchSpec, logger: Logger): Promise<VmmHandle>;
+  /** Re-attaches to a VMM started by a previous orchestrator run, if it is still the same process. */
+  adopt(
+    record: ProcessIdentity & { apiSocket: string; stdoutPath: string; stderrPath: string },
+    logger: Logger,
+  ): Promise<VmmHandle | undefined>;
+}
+
+export interface VmmCommand {
+  /** argv before `--api-sock <path>`. */
+  argv: string[];
+  description: string;
+  isDouble: boolean;
+}
+
+/** Real Firecracker when its binary and a kernel are configured, else the `./sbx vmm-sim` double. */
+export function chooseVmmCommand(options: {
+  firecrackerBin?: string | undefined;
+  kernelPath?: string | undefined;
+  sbxBin?: string | undefined;
+}): VmmCommand {
+  if (options.firecrackerBin && options.kernelPath) {
+    return { argv: [options.firecrackerBin], description: `firecracker ${options.firecrackerBin}`, isDouble: false };
+  }
+  const sbx = options.sbxBin ?? findSbxLauncher();
+  return { argv: [sbx, 'vmm-sim'], description: `vmm-sim test double (${sbx} vmm-sim)`, isDouble: true };
+}
+
+/** The repository's ./sbx, found upwards from this module (source or dist tree). */
+export function findSbxLauncher(): string {
+  let dir = dirname(fileURLToPath(import.meta.url));
+  for (let i = 0; i < 8; i++) {
+    const candidate = join(dir, 'sbx');
+    if (existsSync(candidate) && existsSync(join(dir, 'package.json'))) return candidate;
+    dir = resolve(dir, '..');
+  }
+  return 'sbx';
+}
+
+export class ProcessVmmLauncher implements VmmLauncher {
+  readonly description: string;
+  readonly isDouble: boolean;
+
+  constructor(
+    private readonly command: VmmCommand,
+    private readonly startTimeoutMs = 10_000,
+  ) {
+    this.description = command.description;
+    this.isDouble = command.isDouble;
+  }
+
+  async launch(spec: VmmLaunchSpec, logger: Logger): Promise<VmmHandle> {
+    const stdout = await open(spec.stdoutPath, 'a');
+    const stderr = await open(spec.stderrPath, 'a');
+    let child;
+    try {
+      child = spawn(
+        'unshare',
+        [
+          '-m',
+          '--propagation',
+          'private',
+          '--',
+          'sh',
+          '-c',
+          START_SCRIPT,
+          'vmm-start',
+          spec.rootfsLinkPath,
+          spec.rootfsTarget,
+          spec.namespace,
+          ...this.command.argv,
+          '--api-sock',
+          spec.apiSocket,
+        ],
+        // Own session: the VMM outlives an orchestrator crash and is adopted on restart.
+        { detached: true, stdio: ['ignore', stdout.fd, stderr.fd] },
+      );
+    } finally {
+      await stdout.close();
+      await stderr.close();
+    }
+    const pid = child.pid;
+    if (pid === undefined) {
+      const error = await new Promise<Error>((res) => child.once('error', res));
+      throw new VmmExited(spec.sandboxId, `could not be started: ${error.message}`);
+    }
+    child.unref();
+    let exitedHow: string | undefined;
+    const exited = new Promise<string>((res) => {
+      child.once('exit', (code, signal) => {
+        exitedHow = signal ? `killed by ${signal}` : `exited with code ${code}`;
+        res(exitedHow);
+      });
+    });
+    const startTicks = (await processStartTicks(pid)) ?? 0;
+    const handle = this.handle(
+      spec.sandboxId,
+      { pid, startTicks },
+      spec.apiSocket,
+      exited,
+      () => exitedHow === undefined,
+      logger,
+      spec,
+    );
+    const api = handle.api;
+    const deadline = Date.now() + this.startTimeoutMs;
+    let lastError = 'api socket never appeared';
+    while (Date.now() < deadline) {
+      if (exitedHow !== undefined) break;
+      if (existsSync(spec.apiSocket)) {
+        try {
+          await api.describe();
+          return handle;
+        } catch (err) {
+          lastError = (err as Error).message;
+        }
+      }
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    const why = exitedHow ?? `did not answer on ${spec.apiSocket} within ${this.startTimeoutMs} ms (${lastError})`;
+    await handle.kill();
+    throw new VmmExited(spec.sandboxId, why === exitedHow ? `exited while starting: ${why}` : why);
+  }
+
+  async adopt(
+    record: ProcessIdentity & { apiSocket: string; stdoutPath: string; stderrPath: string },
+    logger: Logger,
+  ): Promise<VmmHandle | undefined> {
+    if (!(await isSameProcess(record))) return undefined;
+    let gone = false;
+    const exited = new Promise<string>((res) => {
+      const timer = setInterval(() => {
+        void isSameProcess(record).then((alive) => {
+          if (alive) return;
+          gone = true;
+          clearInterval(timer);
+          res('exited (adopted process)');
+        });
+      }, 500);
+      timer.unref();
+    });
+    return this.handle(
+      logger.bindings()['sandboxId'] as string,
+      record,
+      record.apiSocket,
+      exited,
+      () => !gone,
+      logger,
+      {
+        stdoutPath: record.stdoutPath,
+        stderrPath: record.stderrPath,
+        adopted: true,
+      },
+    );
+  }
+
+  private handle(
+    sandboxId: string,
+    identity: ProcessIdentity,
+    apiSocket: string,
+    exited: Promise<string>,
+    alive: () => boolean,
+    logger: Logger,
+    logs: { stdoutPath: string; stderrPath: string; adopted?: boolean },
+  ): VmmHandle {
+    const out = new VmmLogTail(logs.stdoutPath, logger, 'stdout');
+    const err = new VmmLogTail(logs.stderrPath, logger, 'stderr');
+    out.start(logs.adopted);
+    err.start(logs.adopted);
+    void exited.then(async (how) => {
+      await Promise.all([out.stop(), err.stop()]);
+      logger.info({ pid: identity.pid, how, sandboxId }, 'vmm process ended');
+    });
+    return {
+      pid: identity.pid,
+      startTicks: identity.startTicks,
+      apiSocket,
+      api: new FirecrackerApi(apiSocket),
+      exited,
+      isAlive: alive,
+      kill: async () => {
+        if (!alive()) return;
+        for (const target of [-identity.pid, identity.pid]) {
+          try {
+            process.kill(target, 'SIGKILL');
+          } catch {
+            // Already gone, or no process group of that id.
+          }
+        }
+        const deadline = Date.now() + 10_000;
+        while (alive() && Date.now() < deadline) {
+          if (!(await isSameProcess(identity))) break;
+          await new Promise((r) => setTimeout(r, 10));
+        }
+        await Promise.race([exited, new Promise((r) => setTimeout(r, 2000))]);
+      },
+    };
+  }
+}
