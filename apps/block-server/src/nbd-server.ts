@@ -1,0 +1,141 @@
+import { chmod, lstat, mkdir, unlink } from 'node:fs/promises';
+import { connect, createServer, type Server, type Socket } from 'node:net';
+import { dirname } from 'node:path';
+import type { Logger } from '#logging';
+import { NbdConnection, type NbdExportTable, type NbdRequestObserver } from './nbd-connection.js';
+
+export interface NbdServerOptions {
+  socketPath: string;
+  exports: NbdExportTable;
+  logger: Logger;
+  observer?: NbdRequestObserver;
+  socketMode?: number;
+  maxPayload?: number;
+}
+
+/** Raised when the NBD socket path is held by a live server or is not a socket. */
+export class NbdSocketInUse extends Error {
+  readonly code = 'NBD_SOCKET_IN_USE';
+  constructor(
+    readonly path: string,
+    reason: string,
+  ) {
+    super(`cannot serve NBD on ${path}: ${reason}`);
+    this.name = 'NbdSocketInUse';
+  }
+}
+
+/**
+ * Listens on one Unix socket and runs an NbdConnection per client. Owns the listening socket
+ * and every client socket: `close()` drops them all and removes the socket file.
+ */
+export class NbdServer {
+  readonly socketPath: string;
+  private readonly connections = new Set<NbdConnection>();
+  private readonly idleWaiters = new Set<() => void>();
+  private listening = true;
+
+  private constructor(
+    private readonly server: Server,
+    private readonly options: NbdServerOptions,
+  ) {
+    this.socketPath = options.socketPath;
+  }
+
+  static async listen(options: NbdServerOptions): Promise<NbdServer> {
+    await prepareSocketPath(options.socketPath);
+    const server = createServer();
+    const nbd = new NbdServer(server, options);
+    server.on('connection', (socket) => nbd.accept(socket));
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen(options.socketPath, () => {
+        server.off('error', reject);
+        resolve();
+      });
+    });
+    server.on('error', (err) => options.logger.error({ err, socketPath: options.socketPath }, 'nbd listener error'));
+    await chmod(options.socketPath, options.socketMode ?? 0o600);
+    return nbd;
+  }
+
+  get connectionCount(): number {
+    return this.connections.size;
+  }
+
+  get requestsInFlight(): number {
+    let n = 0;
+    for (const c of this.connections) n += c.requestsInFlight;
+    return n;
+  }
+
+  /** Refuses new clients (the socket file goes away); existing ones keep being served. */
+  async stopAccepting(): Promise<void> {
+    if (!this.listening) return;
+    this.listening = false;
+    await new Promise<void>((resolve) => this.server.close(() => resolve()));
+    await unlink(this.socketPath).catch(() => undefined);
+  }
+
+  /** Resolves true once no client is connected, false if `timeoutMs` passes first. */
+  waitForIdle(timeoutMs: number): Promise<boolean> {
+    if (this.connections.size === 0) return Promise.resolve(true);
+    return new Promise((resolve) => {
+      const waiter = (): void => {
+        clearTimeout(timer);
+        this.idleWaiters.delete(waiter);
+        resolve(true);
+      };
+      const timer = setTimeout(() => {
+        this.idleWaiters.delete(waiter);
+        resolve(false);
+      }, timeoutMs);
+      this.idleWaiters.add(waiter);
+    });
+  }
+
+  /** Stops listening, drops every client and waits for their running requests to finish. */
+  async close(): Promise<void> {
+    const stopped = this.stopAccepting();
+    const all = [...this.connections];
+    for (const c of all) c.close();
+    await Promise.all([stopped, ...all.map((c) => c.done)]);
+  }
+
+  private accept(socket: Socket): void {
+    if (!this.listening) {
+      socket.destroy();
+      return;
+    }
+    const connection = new NbdConnection({
+      socket,
+      exports: this.options.exports,
+      logger: this.options.logger,
+      ...(this.options.observer ? { observer: this.options.observer } : {}),
+      ...(this.options.maxPayload ? { maxPayload: this.options.maxPayload } : {}),
+    });
+    this.connections.add(connection);
+    void connection.done.then(() => {
+      this.connections.delete(connection);
+      if (this.connections.size === 0) for (const waiter of [...this.idleWaiters]) waiter();
+    });
+  }
+}
+
+async function prepareSocketPath(path: string): Promise<void> {
+  await mkdir(dirname(path), { recursive: true, mode: 0o750 });
+  const existing = await lstat(path).catch(() => undefined);
+  if (!existing) return;
+  if (!existing.isSocket()) throw new NbdSocketInUse(path, 'path exists and is not a socket');
+  // A socket file left by a killed run is replaced; a live server's is not.
+  const live = await new Promise<boolean>((resolve) => {
+    const probe = connect(path);
+    probe.once('connect', () => {
+      probe.destroy();
+      resolve(true);
+    });
+    probe.once('error', () => resolve(false));
+  });
+  if (live) throw new NbdSocketInUse(path, 'another process is serving on it');
+  await unlink(path);
+}
