@@ -1,0 +1,249 @@
+import type { Logger } from '#logging';
+import type { DnsResponder } from './dns-responder.js';
+import {
+  allocNative,
+  boundPort,
+  IOVEC_SIZE,
+  loadLibc,
+  MSG_DONTWAIT,
+  MSG_TRUNC,
+  MSG_WAITFORONE,
+  MSGHDR_SIZE,
+  openUdpSocket,
+  shutdownSocket,
+  SOCKADDR_SIZE,
+  type Libc,
+  type NativeBlock,
+} from './libc-udp-socket.js';
+import { QueryResult, Transport, type QueryCounters } from './query-counters.js';
+
+export interface BatchUdpListenerOptions {
+  host: string;
+  /** 0 picks a free port (shared by all sockets). */
+  port: number;
+  responder: DnsResponder;
+  counters: QueryCounters;
+  logger: Logger;
+  /** Sockets on the port (SO_REUSEPORT); each keeps one receive in flight. */
+  sockets: number;
+  /** Datagrams per recvmmsg/sendmmsg call. */
+  batch?: number;
+}
+
+/** Largest query accepted over UDP; longer ones arrive cut (MSG_TRUNC) and are dropped. */
+const IN_SLOT = 4096;
+/** Our answers are under 300 bytes (header, one question, one A record, one OPT). */
+const OUT_SLOT = 512;
+const RECEIVE_TIMEOUT_MS = 250;
+
+/** Thrown by `start` where the libc bindings cannot load; the caller falls back to dgram. */
+export class BatchUdpUnavailable extends Error {
+  readonly code = 'DNS_BATCH_UDP_UNAVAILABLE';
+  constructor() {
+    super('recvmmsg/sendmmsg through libc are not available on this platform');
+    this.name = 'BatchUdpUnavailable';
+  }
+}
+
+/**
+ * UDP through recvmmsg/sendmmsg: a receive of up to `batch` datagrams runs on the libuv thread
+ * pool (koffi async call, blocking with a timeout), the main thread answers the whole batch into
+ * native send buffers and sends it with one sendmmsg. Under load one call carries tens of
+ * datagrams; when idle a query costs one thread-pool round trip.
+ */
+export class BatchUdpListener {
+  private constructor(
+    private readonly sockets: BatchSocket[],
+    readonly port: number,
+  ) {}
+
+  static start(options: BatchUdpListenerOptions): BatchUdpListener {
+    const lib = loadLibc();
+    if (!lib) throw new BatchUdpUnavailable();
+    const sockets: BatchSocket[] = [];
+    let port = options.port;
+    try {
+      for (let i = 0; i < Math.max(1, options.sockets); i++) {
+        const fd = openUdpSocket(lib, options.host, port, {
+          reusePort: options.sockets > 1,
+          receiveTimeoutMs: RECEIVE_TIMEOUT_MS,
+          receiveBufferBytes: 4 << 20,
+        });
+        sockets.push(new BatchSocket(lib, fd, options));
+        if (port === 0) port = boundPort(lib, fd);
+      }
+    } catch (err) {
+      for (const socket of sockets) socket.dispose();
+      throw err;
+    }
+    for (const socket of sockets) socket.run();
+    return new BatchUdpListener(sockets, port);
+  }
+
+  async close(): Promise<void> {
+    await Promise.all(this.sockets.map((s) => s.stop()));
+  }
+}
+
+class BatchSocket {
+  private readonly vlen: number;
+  private readonly recvVec: NativeBlock;
+  private readonly sendVec: NativeBlock;
+  private readonly names: NativeBlock;
+  private readonly iovs: NativeBlock;
+  private readonly inBuf: NativeBlock;
+  private readonly outBuf: NativeBlock;
+  private readonly recvVec32: Uint32Array;
+  private readonly sendVec32: Uint32Array;
+  private readonly sendVec64: BigUint64Array;
+  private readonly iovs32: Uint32Array;
+  private readonly nameAddress: BigUint64Array;
+  private stopping = false;
+  private stopped: Promise<void> | undefined;
+  private finish: () => void = () => undefined;
+  private inFlight = false;
+  private lastError = 0;
+
+  constructor(
+    private readonly lib: Libc,
+    private readonly fd: number,
+    private readonly options: BatchUdpListenerOptions,
+  ) {
+    const vlen = (this.vlen = options.batch ?? 64);
+    this.recvVec = allocNative(vlen * MSGHDR_SIZE);
+    this.sendVec = allocNative(vlen * MSGHDR_SIZE);
+    this.names = allocNative(vlen * SOCKADDR_SIZE);
+    this.iovs = allocNative(2 * vlen * IOVEC_SIZE);
+    this.inBuf = allocNative(vlen * IN_SLOT);
+    this.outBuf = allocNative(vlen * OUT_SLOT);
+    const view32 = (b: NativeBlock) => new Uint32Array(b.bytes.buffer, b.bytes.byteOffset, b.bytes.length / 4);
+    this.recvVec32 = view32(this.recvVec);
+    this.sendVec32 = view32(this.sendVec);
+    this.iovs32 = view32(this.iovs);
+    this.sendVec64 = new BigUint64Array(this.sendVec.bytes.buffer, this.sendVec.bytes.byteOffset, vlen * 8);
+    this.nameAddress = new BigUint64Array(vlen);
+    const iov = this.iovs.bytes;
+    const recv = this.recvVec.bytes;
+    const send = this.sendVec.bytes;
+    for (let i = 0; i < vlen; i++) {
+      this.nameAddress[i] = this.names.address + BigInt(i * SOCKADDR_SIZE);
+      // iovec i: receive slot i; iovec vlen+i: send slot i (its length set per answer).
+      iov.writeBigUInt64LE(this.inBuf.address + BigInt(i * IN_SLOT), i * IOVEC_SIZE);
+      iov.writeBigUInt64LE(BigInt(IN_SLOT), i * IOVEC_SIZE + 8);
+      iov.writeBigUInt64LE(this.outBuf.address + BigInt(i * OUT_SLOT), (vlen + i) * IOVEC_SIZE);
+      const h = i * MSGHDR_SIZE;
+      // struct msghdr: name @0, namelen @8, iov @16, iovlen @24, control @32, controllen @40, flags @48; msg_len @56.
+      recv.writeBigUInt64LE(this.nameAddress[i]!, h);
+      recv.writeUInt32LE(SOCKADDR_SIZE, h + 8);
+      recv.writeBigUInt64LE(this.iovs.address + BigInt(i * IOVEC_SIZE), h + 16);
+      recv.writeBigUInt64LE(1n, h + 24);
+      send.writeBigUInt64LE(this.iovs.address + BigInt((vlen + i) * IOVEC_SIZE), h + 16);
+      send.writeBigUInt64LE(1n, h + 24);
+    }
+  }
+
+  run(): void {
+    this.stopped = new Promise((resolve) => (this.finish = resolve));
+    this.receive();
+  }
+
+  private receive(): void {
+    if (this.stopping) {
+      this.finish();
+      return;
+    }
+    const issued = Date.now();
+    this.inFlight = true;
+    this.lib.recvmmsg.async(this.fd, this.recvVec.pointer, this.vlen, MSG_WAITFORONE, null, (err, n) => {
+      this.inFlight = false;
+      if (this.stopping) {
+        this.finish();
+        return;
+      }
+      if (!err && n > 0) {
+        this.answer(n);
+        this.receive();
+        return;
+      }
+      // A receive timeout (EAGAIN after RECEIVE_TIMEOUT_MS) is the idle case; anything returning
+      // sooner is an error worth a log line and a pause rather than a spin.
+      const now = Date.now();
+      if (now - issued < RECEIVE_TIMEOUT_MS / 2) {
+        if (now - this.lastError > 5000) {
+          this.lastError = now;
+          this.options.logger.warn({ err, fd: this.fd }, 'udp receive failed; retrying');
+        }
+        setTimeout(() => this.receive(), 50);
+      } else {
+        this.receive();
+      }
+    });
+  }
+
+  private answer(n: number): void {
+    const { responder, counters } = this.options;
+    const recv32 = this.recvVec32;
+    const send32 = this.sendVec32;
+    const inBytes = this.inBuf.bytes;
+    const outBytes = this.outBuf.bytes;
+    const vlen = this.vlen;
+    let count = 0;
+    for (let i = 0; i < n; i++) {
+      const h = (i * MSGHDR_SIZE) >> 2;
+      const length = recv32[h + 14]!;
+      const flags = recv32[h + 12]!;
+      const nameLength = recv32[h + 2]!;
+      recv32[h + 2] = SOCKADDR_SIZE;
+      if (flags & MSG_TRUNC) {
+        counters.count(Transport.UDP, -1, QueryResult.DROPPED);
+        continue;
+      }
+      const msg = inBytes.subarray(i * IN_SLOT, i * IN_SLOT + length);
+      let written: number;
+      try {
+        written = responder.respondInto(msg, Transport.UDP, outBytes, count * OUT_SLOT, OUT_SLOT);
+      } catch (err) {
+        counters.count(Transport.UDP, -1, QueryResult.SERVFAIL);
+        this.logFailure(err, length);
+        continue;
+      }
+      if (written <= 0) continue;
+      const s = (count * MSGHDR_SIZE) >> 2;
+      this.sendVec64[s >> 1] = this.nameAddress[i]!;
+      send32[s + 2] = nameLength;
+      this.iovs32[((vlen + count) * IOVEC_SIZE + 8) >> 2] = written;
+      count++;
+    }
+    if (count > 0) {
+      // Non-blocking: when the socket's send queue is full the rest is dropped, as UDP may.
+      this.lib.sendmmsg(this.fd, this.sendVec.pointer, count, MSG_DONTWAIT);
+    }
+  }
+
+  private logFailure(err: unknown, bytes: number): void {
+    const now = Date.now();
+    if (now - this.lastError > 1000) {
+      this.lastError = now;
+      this.options.logger.error({ err, bytes }, 'udp query failed');
+    }
+  }
+
+  async stop(): Promise<void> {
+    if (!this.stopping) {
+      this.stopping = true;
+      shutdownSocket(this.lib, this.fd);
+    }
+    if (this.inFlight) await this.stopped;
+    this.dispose();
+  }
+
+  private disposed = false;
+
+  /** Closes the fd and frees native memory; only once no receive is in flight. */
+  dispose(): void {
+    if (this.disposed) return;
+    this.disposed = true;
+    this.lib.close(this.fd);
+    for (const block of [this.recvVec, this.sendVec, this.names, this.iovs, this.inBuf, this.outBuf]) block.free();
+  }
+}

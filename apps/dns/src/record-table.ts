@@ -1,0 +1,128 @@
+import { isIPv4 } from 'node:net';
+import { HEADER_LENGTH, type ParsedQuery } from './dns-codec.js';
+
+/** A record name or address the table refuses; the gRPC edge maps it to INVALID_ARGUMENT. */
+export class RecordInvalid extends Error {
+  readonly code = 'DNS_RECORD_INVALID';
+  constructor(
+    readonly recordName: string,
+    readonly ip: string,
+    reason: string,
+  ) {
+    super(`invalid DNS record ${JSON.stringify(recordName)} -> ${JSON.stringify(ip)}: ${reason}`);
+    this.name = 'RecordInvalid';
+  }
+}
+
+export interface DnsRecordEntry {
+  /** The sandbox id, lower case: one DNS label. */
+  name: string;
+  ip: string;
+  /** The address as the 4 bytes an A record carries. */
+  bytes: Uint8Array;
+}
+
+// One DNS label; dashes allowed inside (ids may contain them, and `{id}-{anything}` is matched
+// longest id first, so an id with a dash still wins over a shorter id that is its prefix).
+const LABEL = /^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$/;
+
+/**
+ * Sandbox name → host IP, keyed by the lower-cased sandbox id alone (no trailing dot, no zone):
+ * a query name is reduced to its first label before lookup, so `{id}`, `{id}-{anything}` and
+ * either one under the configured zone all hit the same entry, in any letter case.
+ */
+export class RecordTable {
+  private readonly records = new Map<string, DnsRecordEntry>();
+  /** The zone as wire-format labels after the first one, lower case, with the final zero byte. */
+  private readonly zoneWire: Uint8Array | null;
+  private readonly zoneLabelCount: number;
+
+  constructor(readonly zone: string | null = null) {
+    const labels = (zone ?? '')
+      .toLowerCase()
+      .split('.')
+      .filter((l) => l.length > 0);
+    if (labels.length === 0) {
+      this.zoneWire = null;
+      this.zoneLabelCount = 0;
+      return;
+    }
+    for (const label of labels) {
+      if (label.length > 63 || !/^[a-z0-9_-]+$/.test(label)) throw new RangeError(`invalid zone ${zone}`);
+    }
+    const wire = Buffer.alloc(labels.reduce((n, l) => n + l.length + 1, 1));
+    let pos = 0;
+    for (const label of labels) {
+      wire[pos++] = label.length;
+      pos += wire.write(label, pos, 'latin1');
+    }
+    this.zoneWire = wire;
+    this.zoneLabelCount = labels.length;
+  }
+
+  get size(): number {
+    return this.records.size;
+  }
+
+  /** Adds or replaces the record for `name`. */
+  set(name: string, ip: string): DnsRecordEntry {
+    const key = name.toLowerCase();
+    if (!LABEL.test(key)) {
+      throw new RecordInvalid(name, ip, 'the name must be one DNS label of letters, digits, _ and - (1 to 63 chars)');
+    }
+    if (!isIPv4(ip)) throw new RecordInvalid(name, ip, 'the address must be an IPv4 address');
+    const entry = { name: key, ip, bytes: Uint8Array.from(ip.split('.').map(Number)) };
+    this.records.set(key, entry);
+    return entry;
+  }
+
+  /** Removes the record only if it still points at `ip` (a newer sandbox may own the name now). */
+  remove(name: string, ip: string): boolean {
+    const key = name.toLowerCase();
+    const entry = this.records.get(key);
+    if (!entry || entry.ip !== ip) return false;
+    this.records.delete(key);
+    return true;
+  }
+
+  get(name: string): DnsRecordEntry | undefined {
+    return this.records.get(name.toLowerCase());
+  }
+
+  list(): DnsRecordEntry[] {
+    return [...this.records.values()].sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
+  }
+
+  /**
+   * The record a parsed query's name resolves to, or undefined. The name must be one label, or
+   * one label followed by the zone; the label is the id itself or `{id}-{anything}`.
+   */
+  resolve(msg: Buffer, query: ParsedQuery): DnsRecordEntry | undefined {
+    if (query.labelCount !== 1 && !this.inZone(msg, query)) return undefined;
+    const start = query.firstLabelStart;
+    const end = query.firstLabelEnd;
+    if (end <= start) return undefined;
+    let key = msg.toString('latin1', start, end);
+    if (query.firstLabelHasUpper) key = key.toLowerCase();
+    const exact = this.records.get(key);
+    if (exact !== undefined) return exact;
+    for (let dash = key.lastIndexOf('-'); dash > 0; dash = key.lastIndexOf('-', dash - 1)) {
+      const entry = this.records.get(key.slice(0, dash));
+      if (entry !== undefined) return entry;
+    }
+    return undefined;
+  }
+
+  private inZone(msg: Buffer, query: ParsedQuery): boolean {
+    const zone = this.zoneWire;
+    if (zone === null || query.labelCount !== 1 + this.zoneLabelCount) return false;
+    const from = query.firstLabelEnd;
+    if (query.nameEnd - from !== zone.length || from < HEADER_LENGTH) return false;
+    for (let i = 0; i < zone.length; i++) {
+      let c = msg[from + i]!;
+      if (c >= 0x41 && c <= 0x5a) c |= 0x20;
+      if (c !== zone[i]) return false;
+    }
+    return true;
+  }
+}
