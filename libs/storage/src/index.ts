@@ -49,3 +49,7 @@ export {
 export type { BuildDataFile, BuildFileName } from './object-paths.js';
 export { withRetries, isRetryableStorageError, DEFAULT_RETRY_POLICY } from './retry-policy.js';
 export type { RetryPolicy } from './retry-policy.js';
+export type { CachedFile } from './cached-file.js';
+export { FileBlocks } from './file-blocks.js';
+export { ChunkCache, CHUNK_SIZE, backendSource } from './chunk-cache.js';
+export type { ChunkCacheOptions, ChunkSource } from './chunk-cache.js';

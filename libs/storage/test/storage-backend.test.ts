@@ -2,6 +2,7 @@ import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { backendSource, ChunkCache } from '../src/chunk-cache.js';
 import { GcsBackend } from '../src/gcs-backend.js';
 import { LocalBackend } from '../src/local-backend.js';
 import { openBackend } from '../src/open-backend.js';
@@ -143,6 +144,36 @@ describe('gcs backend against the GCS test double', () => {
     double.failNext({ status: 'hang', match: (r) => r.query.alt === 'media' });
     await expect(backend.readRange('slow/obj', 0, 100)).rejects.toBeInstanceOf(StorageUnavailable);
     expect((await backend.readRange('slow/obj', 0, 100)).equals(pattern(1000).subarray(0, 100))).toBe(true);
+  });
+
+  it('a chunk cache over GCS rides out a bucket timeout: the reader only waits', async () => {
+    const backend = gcsOnDouble({ readTimeoutMs: 300 });
+    const data = pattern(6 * 1024 * 1024, 9);
+    double.put('builds', `${BUILD}/snapdata`, data);
+    const cache = await ChunkCache.open({
+      source: backendSource(backend, `${BUILD}/snapdata`),
+      size: data.length,
+      cachePath: path.join(work, 'gcs-chunks'),
+      retry: { attempts: 3, initialDelayMs: 10, maxDelayMs: 50, multiplier: 2 },
+    });
+    try {
+      const before = double.count((r) => r.query.alt === 'media');
+      double.failNext({
+        status: 'hang',
+        match: (r) => r.query.alt === 'media' && (r.range ?? '').startsWith('bytes=4194304-'),
+      });
+      const out = Buffer.alloc(8192);
+      const [a] = await Promise.all([
+        cache.readAt(out, 4 * 1024 * 1024 + 100).then(() => Buffer.from(out)),
+        cache.readAt(Buffer.alloc(10), 4 * 1024 * 1024),
+      ]);
+      expect(a.equals(data.subarray(4 * 1024 * 1024 + 100, 4 * 1024 * 1024 + 100 + 8192))).toBe(true);
+      // one request hung and timed out, one retry fetched the chunk; the second reader shared it
+      expect(double.count((r) => r.query.alt === 'media') - before).toBe(2);
+      expect(cache.fetchCount).toBe(2);
+    } finally {
+      await cache.close();
+    }
   });
 
   it('follows list pagination', async () => {

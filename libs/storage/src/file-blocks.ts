@@ -1,0 +1,67 @@
+import { type FileHandle, open, stat } from 'node:fs/promises';
+import type { CachedFile } from './cached-file.js';
+import { StorageClosed } from './storage-errors.js';
+
+/** A complete local file (a build written on this node, a downloaded object) read in place. */
+export class FileBlocks implements CachedFile {
+  readonly path: string;
+  readonly size: number;
+  private fh: FileHandle | undefined;
+
+  private constructor(path: string, size: number, fh: FileHandle) {
+    this.path = path;
+    this.size = size;
+    this.fh = fh;
+  }
+
+  static async open(path: string): Promise<FileBlocks> {
+    const fh = await open(path, 'r');
+    try {
+      const st = await fh.stat();
+      return new FileBlocks(path, st.size, fh);
+    } catch (err) {
+      await fh.close();
+      throw err;
+    }
+  }
+
+  async ensure(offset: number, length: number): Promise<void> {
+    if (this.fh === undefined) throw new StorageClosed(`file ${this.path}`);
+    checkRange(offset, length, this.size);
+  }
+
+  async readAt(target: Uint8Array, offset: number): Promise<void> {
+    const fh = this.fh;
+    if (fh === undefined) throw new StorageClosed(`file ${this.path}`);
+    checkRange(offset, target.length, this.size);
+    await readFully(fh, target, offset, this.path);
+  }
+
+  async diskUsage(): Promise<number> {
+    return (await stat(this.path)).blocks * 512;
+  }
+
+  async close(): Promise<void> {
+    const fh = this.fh;
+    this.fh = undefined;
+    await fh?.close();
+  }
+}
+
+export function checkRange(offset: number, length: number, size: number): void {
+  if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0) {
+    throw new RangeError(`invalid range: offset ${offset}, length ${length}`);
+  }
+  if (offset + length > size) throw new RangeError(`range [${offset}, ${offset + length}) passes the size ${size}`);
+}
+
+/** pread until `target` is full; a file that ends early is an error, never a short read. */
+export async function readFully(fh: FileHandle, target: Uint8Array, offset: number, what: string): Promise<void> {
+  let done = 0;
+  while (done < target.length) {
+    const { bytesRead } = await fh.read(target, done, target.length - done, offset + done);
+    if (bytesRead === 0)
+      throw new RangeError(`${what} ends at ${offset + done}, read wanted ${offset + target.length}`);
+    done += bytesRead;
+  }
+}
