@@ -72,7 +72,15 @@ export interface NetStats {
   created: number;
   removed: number;
   createErrors: number;
+  /** `memory` or `consul`. */
   reservation: string;
+  removeErrors: number;
+  /** Reservations whose release is waiting for the store (Consul) to come back. */
+  pendingReleases: number;
+  /** Why the refill is failing right now; empty when it is healthy. */
+  lastError: string;
+  uplink: string;
+  nodeId: string;
 }
 
 function createBaseNetAcquireRequest(): NetAcquireRequest {
@@ -775,7 +783,20 @@ export const NetStatsRequest: MessageFns<NetStatsRequest> = {
 };
 
 function createBaseNetStats(): NetStats {
-  return { readyNew: 0, readyReused: 0, inUse: 0, created: 0, removed: 0, createErrors: 0, reservation: "" };
+  return {
+    readyNew: 0,
+    readyReused: 0,
+    inUse: 0,
+    created: 0,
+    removed: 0,
+    createErrors: 0,
+    reservation: "",
+    removeErrors: 0,
+    pendingReleases: 0,
+    lastError: "",
+    uplink: "",
+    nodeId: "",
+  };
 }
 
 export const NetStats: MessageFns<NetStats> = {
@@ -800,6 +821,21 @@ export const NetStats: MessageFns<NetStats> = {
     }
     if (message.reservation !== "") {
       writer.uint32(58).string(message.reservation);
+    }
+    if (message.removeErrors !== 0) {
+      writer.uint32(64).uint64(message.removeErrors);
+    }
+    if (message.pendingReleases !== 0) {
+      writer.uint32(72).uint32(message.pendingReleases);
+    }
+    if (message.lastError !== "") {
+      writer.uint32(82).string(message.lastError);
+    }
+    if (message.uplink !== "") {
+      writer.uint32(90).string(message.uplink);
+    }
+    if (message.nodeId !== "") {
+      writer.uint32(98).string(message.nodeId);
     }
     return writer;
   },
@@ -873,6 +909,46 @@ export const NetStats: MessageFns<NetStats> = {
             message.reservation = reader.string();
             continue;
           }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.removeErrors = longToNumber(reader.uint64());
+            continue;
+          }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.pendingReleases = reader.uint32();
+            continue;
+          }
+          case 10: {
+            if (tag !== 82) {
+              break;
+            }
+
+            message.lastError = reader.string();
+            continue;
+          }
+          case 11: {
+            if (tag !== 90) {
+              break;
+            }
+
+            message.uplink = reader.string();
+            continue;
+          }
+          case 12: {
+            if (tag !== 98) {
+              break;
+            }
+
+            message.nodeId = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -910,6 +986,27 @@ export const NetStats: MessageFns<NetStats> = {
         ? globalThis.Number(object.create_errors)
         : 0,
       reservation: isSet(object.reservation) ? globalThis.String(object.reservation) : "",
+      removeErrors: isSet(object.removeErrors)
+        ? globalThis.Number(object.removeErrors)
+        : isSet(object.remove_errors)
+        ? globalThis.Number(object.remove_errors)
+        : 0,
+      pendingReleases: isSet(object.pendingReleases)
+        ? globalThis.Number(object.pendingReleases)
+        : isSet(object.pending_releases)
+        ? globalThis.Number(object.pending_releases)
+        : 0,
+      lastError: isSet(object.lastError)
+        ? globalThis.String(object.lastError)
+        : isSet(object.last_error)
+        ? globalThis.String(object.last_error)
+        : "",
+      uplink: isSet(object.uplink) ? globalThis.String(object.uplink) : "",
+      nodeId: isSet(object.nodeId)
+        ? globalThis.String(object.nodeId)
+        : isSet(object.node_id)
+        ? globalThis.String(object.node_id)
+        : "",
     };
   },
 
@@ -936,6 +1033,21 @@ export const NetStats: MessageFns<NetStats> = {
     if (message.reservation !== "") {
       obj.reservation = message.reservation;
     }
+    if (message.removeErrors !== 0) {
+      obj.removeErrors = Math.round(message.removeErrors);
+    }
+    if (message.pendingReleases !== 0) {
+      obj.pendingReleases = Math.round(message.pendingReleases);
+    }
+    if (message.lastError !== "") {
+      obj.lastError = message.lastError;
+    }
+    if (message.uplink !== "") {
+      obj.uplink = message.uplink;
+    }
+    if (message.nodeId !== "") {
+      obj.nodeId = message.nodeId;
+    }
     return obj;
   },
 
@@ -951,6 +1063,11 @@ export const NetStats: MessageFns<NetStats> = {
     message.removed = object.removed ?? 0;
     message.createErrors = object.createErrors ?? 0;
     message.reservation = object.reservation ?? "";
+    message.removeErrors = object.removeErrors ?? 0;
+    message.pendingReleases = object.pendingReleases ?? 0;
+    message.lastError = object.lastError ?? "";
+    message.uplink = object.uplink ?? "";
+    message.nodeId = object.nodeId ?? "";
     return message;
   },
 };

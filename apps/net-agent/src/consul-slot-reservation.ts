@@ -1,0 +1,125 @@
+import { randomInt } from 'node:crypto';
+import Consul from 'consul';
+import {
+  ReservationUnavailable,
+  SlotAlreadyReleased,
+  SlotReallocated,
+  SlotsExhausted,
+  type ReservedSlot,
+  type SlotReservation,
+} from './slot-reservation.js';
+
+export interface ConsulSlotReservationOptions {
+  /** `http://host:port`, `https://host:port`, `host:port` or `unix:///path` (CONSUL_HTTP_ADDR forms). */
+  address: string;
+  token?: string;
+  /** Keys are `{prefix}{nodeId}/{idx}`. */
+  prefix: string;
+  nodeId: string;
+  first: number;
+  count: number;
+  timeoutMs: number;
+  /** Random create-only tries before falling back to a listing (the seed uses 10). */
+  randomTries?: number;
+}
+
+/**
+ * Slot reservation in Consul KV, after the seed's storage_kv.go: a slot is taken by creating its
+ * key with `?cas=0` (create-only: fails when the key exists), first at random indexes, then by
+ * walking the free indexes of a key listing; it is released by deleting the key with `?cas=`
+ * the ModifyIndex read just before, so a key someone else re-created is never deleted.
+ */
+export class ConsulSlotReservation implements SlotReservation {
+  readonly kind = 'consul';
+  private readonly consul: Consul;
+  private readonly store: string;
+  private readonly base: string;
+
+  constructor(private readonly options: ConsulSlotReservationOptions) {
+    this.consul = new Consul({
+      ...consulTarget(options.address),
+      timeout: options.timeoutMs,
+      ...(options.token ? { defaults: { token: options.token } } : {}),
+    } as ConstructorParameters<typeof Consul>[0]);
+    this.store = `consul ${options.address}`;
+    this.base = `${options.prefix}${options.nodeId}/`;
+  }
+
+  keyOf(idx: number): string {
+    return `${this.base}${idx}`;
+  }
+
+  async reserve(): Promise<ReservedSlot> {
+    const { first, count } = this.options;
+    const tries = Math.min(this.options.randomTries ?? 10, count);
+    for (let i = 0; i < tries; i++) {
+      const idx = first + randomInt(count);
+      if (await this.create(idx)) return { idx, key: this.keyOf(idx) };
+    }
+    // Nearly full: list what is taken and walk the rest. Without a lock another node may win an
+    // index between the listing and our CAS; the CAS then fails and we move on.
+    const taken = new Set((await this.listKeys()).map((k) => k.slice(this.base.length)));
+    const start = randomInt(count);
+    for (let i = 0; i < count; i++) {
+      const idx = first + ((start + i) % count);
+      if (taken.has(String(idx))) continue;
+      if (await this.create(idx)) return { idx, key: this.keyOf(idx) };
+    }
+    throw new SlotsExhausted(this.store, count);
+  }
+
+  async claim(idx: number): Promise<boolean> {
+    return this.create(idx);
+  }
+
+  async release(slot: ReservedSlot): Promise<void> {
+    const pair = await this.call('read', () => this.consul.kv.get(slot.key));
+    if (!pair) throw new SlotAlreadyReleased(slot.idx, slot.key);
+    const deleted = await this.call('delete-cas', () => this.consul.kv.del({ key: slot.key, cas: pair.ModifyIndex }));
+    if (!deleted) throw new SlotReallocated(slot.idx, slot.key);
+  }
+
+  async held(): Promise<ReservedSlot[]> {
+    const out: ReservedSlot[] = [];
+    for (const key of await this.listKeys()) {
+      const rest = key.slice(this.base.length);
+      if (!/^\d+$/.test(rest)) continue;
+      out.push({ idx: Number(rest), key });
+    }
+    return out.sort((a, b) => a.idx - b.idx);
+  }
+
+  close(): void {
+    this.consul.destroy();
+  }
+
+  private async create(idx: number): Promise<boolean> {
+    const value = JSON.stringify({ node: this.options.nodeId, pid: process.pid });
+    return this.call('create-cas', () => this.consul.kv.set({ key: this.keyOf(idx), value, cas: 0 }));
+  }
+
+  private async listKeys(): Promise<string[]> {
+    try {
+      return await this.consul.kv.keys(this.base);
+    } catch (err) {
+      // Consul answers a listing with no keys under the prefix with 404.
+      if ((err as { statusCode?: number }).statusCode === 404) return [];
+      throw new ReservationUnavailable(this.store, 'list', err);
+    }
+  }
+
+  private async call<T>(operation: string, fn: () => Promise<T>): Promise<T> {
+    try {
+      return await fn();
+    } catch (err) {
+      throw new ReservationUnavailable(this.store, operation, err);
+    }
+  }
+}
+
+function consulTarget(address: string): { baseUrl: string; socketPath?: string } {
+  if (address.startsWith('unix://'))
+    return { baseUrl: 'http://consul/v1', socketPath: address.slice('unix://'.length) };
+  const url = /^https?:\/\//.test(address) ? address : `http://${address}`;
+  return { baseUrl: `${url.replace(/\/+$/, '')}/v1` };
+}

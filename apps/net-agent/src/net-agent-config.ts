@@ -1,0 +1,133 @@
+import { hostname } from 'node:os';
+import { z } from 'zod';
+import { loadConfig, type ConfigSource } from '#config';
+import { blockSize, cidrsOverlap, parseCidr, parseIpv4 } from './ipv4.js';
+
+const ipv4 = z.string().refine((v) => isValid(() => parseIpv4(v)), 'expected an IPv4 address');
+const cidr = z.string().refine((v) => isValid(() => parseCidr(v)), 'expected an IPv4 CIDR block with zero host bits');
+/** Linux interface names: at most 15 bytes (IFNAMSIZ - 1), no slash, no whitespace. */
+const ifname = z
+  .string()
+  .regex(/^[A-Za-z0-9_.-]{1,15}$/, 'expected an interface name of 1-15 characters [A-Za-z0-9_.-]');
+const namePrefix = z.string().regex(/^[A-Za-z0-9_.-]{1,24}$/, 'expected 1-24 characters [A-Za-z0-9_.-]');
+const nftName = z.string().regex(/^[A-Za-z][A-Za-z0-9_]{0,30}$/, 'expected an nftables identifier');
+const count = (min: number, max: number) => z.coerce.number().int().min(min).max(max);
+const flag = z.stringbool();
+
+export const netAgentConfigSchema = z
+  .object({
+    socket: z.string().min(1).default('/run/sbx/net-agent.sock'),
+    metricsHost: z.string().default('127.0.0.1'),
+    /** 0 turns the metrics endpoint off. */
+    metricsPort: count(0, 65535).default(9463),
+    logLevel: z.enum(['trace', 'debug', 'info', 'warn', 'error']).default('info'),
+    nodeId: z
+      .string()
+      .regex(/^[A-Za-z0-9_.-]{1,128}$/, 'expected 1-128 characters [A-Za-z0-9_.-]')
+      .default(
+        hostname()
+          .replace(/[^A-Za-z0-9_.-]/g, '-')
+          .slice(0, 128) || 'node',
+      ),
+
+    /** Where slot reservations live: `memory` for a single node, `consul` for a cluster. */
+    reservation: z.enum(['memory', 'consul']).default('memory'),
+    /** Consul HTTP address (`http://host:port`); CONSUL_HTTP_ADDR is used when this is not set. */
+    consulAddr: z.string().optional(),
+    consulToken: z.string().optional(),
+    /** Prefix before `{nodeId}/{slotIdx}`; empty (the default) gives the seed's key layout. */
+    consulPrefix: z
+      .string()
+      .regex(/^([A-Za-z0-9_.-]+\/)*$/, 'expected empty or path segments ending with /')
+      .default(''),
+    consulTimeoutMs: count(50, 60_000).default(2000),
+
+    /** Slots are numbered firstSlot .. firstSlot + slotCount - 1. */
+    firstSlot: count(0, 1 << 20).default(1),
+    slotCount: count(1, 1 << 20).default(16_000),
+    namespacePrefix: namePrefix.default('ns-'),
+    hostVethPrefix: namePrefix.default('veth-'),
+    nsVethName: ifname.default('eth0'),
+    tapName: ifname.default('tap0'),
+    tapIp: ipv4.default('169.254.0.22'),
+    tapPrefix: count(1, 31).default(30),
+    guestIp: ipv4.default('169.254.0.21'),
+    /** Each slot takes a /31 of this block for its veth pair (host side even, namespace side odd). */
+    vethCidr: cidr.default('10.12.0.0/16'),
+    /** Each slot's host IP (how the node reaches the sandbox) is one address of this block. */
+    hostCidr: cidr.default('10.11.0.0/16'),
+    /** The interface traffic leaves the node by; empty = the interface of the default route. */
+    uplink: z.union([z.literal(''), ifname]).default(''),
+    blockedRanges: z.array(cidr).default(['10.0.0.0/8', '172.16.0.0/12', '192.168.0.0/16', '169.254.0.0/16']),
+    metadataAddress: ipv4.default('169.254.169.254'),
+    /** nftables table in the node's namespace (forwarding, masquerade) and in each slot's namespace (NAT, egress). */
+    hostTable: nftName.default('sbx_net'),
+    slotTable: nftName.default('sbx_slot'),
+    /** Interface group used to delete a batch of host veths in one kernel operation. */
+    removalGroup: count(1, 0x7fffffff).default(0x5b1),
+    /** Set net.ipv4.ip_forward=1 in the agent's namespace at start (the node must forward for slots). */
+    enableForwarding: flag.default(true),
+
+    poolNewSize: count(0, 10_000).default(32),
+    poolReusedSize: count(0, 10_000).default(100),
+    /** Slots created together in one batch (one host ip/nft transaction, namespaces configured in parallel). */
+    createBatch: count(1, 1024).default(16),
+    refillBackoffMinMs: count(1, 600_000).default(100),
+    refillBackoffMaxMs: count(1, 600_000).default(10_000),
+    /** How long Acquire waits for a slot when none is ready. */
+    acquireTimeoutMs: count(0, 600_000).default(5000),
+  })
+  .superRefine((cfg, ctx) => {
+    const maxIdx = cfg.firstSlot + cfg.slotCount - 1;
+    const veth = parseCidr(cfg.vethCidr);
+    const host = parseCidr(cfg.hostCidr);
+    if (2 * (maxIdx + 1) > blockSize(veth.prefix)) {
+      ctx.addIssue({
+        code: 'custom',
+        path: ['vethCidr'],
+        message: `too small for slot ${maxIdx} (needs a /31 per slot)`,
+      });
+    }
+    // Index 0 of the host block is its network address; keep the host IP of every slot a usable address.
+    if (maxIdx + 1 >= blockSize(host.prefix)) {
+      ctx.addIssue({ code: 'custom', path: ['hostCidr'], message: `too small for slot ${maxIdx}` });
+    }
+    if (cidrsOverlap(veth, host)) {
+      ctx.addIssue({ code: 'custom', path: ['hostCidr'], message: 'overlaps vethCidr' });
+    }
+    if (`${cfg.hostVethPrefix}${maxIdx}`.length > 15) {
+      ctx.addIssue({
+        code: 'custom',
+        path: ['hostVethPrefix'],
+        message: `"${cfg.hostVethPrefix}${maxIdx}" is longer than 15 characters`,
+      });
+    }
+    if (cfg.refillBackoffMaxMs < cfg.refillBackoffMinMs) {
+      ctx.addIssue({ code: 'custom', path: ['refillBackoffMaxMs'], message: 'below refillBackoffMinMs' });
+    }
+    if (cfg.reservation === 'consul' && !cfg.consulAddr) {
+      ctx.addIssue({ code: 'custom', path: ['consulAddr'], message: 'required with --reservation consul' });
+    }
+  });
+
+export type NetAgentConfig = z.infer<typeof netAgentConfigSchema>;
+
+export function loadNetAgentConfig(source: ConfigSource = {}): NetAgentConfig {
+  const env = source.env ?? process.env;
+  // Consul's own convention: operators already export CONSUL_HTTP_ADDR / CONSUL_HTTP_TOKEN on nodes.
+  const withConsulEnv: NodeJS.ProcessEnv = {
+    ...env,
+    SBX_NET_AGENT_CONSUL_ADDR: env['SBX_NET_AGENT_CONSUL_ADDR'] || env['CONSUL_HTTP_ADDR'],
+    SBX_NET_AGENT_CONSUL_TOKEN: env['SBX_NET_AGENT_CONSUL_TOKEN'] || env['CONSUL_HTTP_TOKEN'],
+  };
+  return loadConfig('net-agent', netAgentConfigSchema, 'SBX_NET_AGENT_', { argv: source.argv, env: withConsulEnv });
+}
+
+function isValid(parse: () => unknown): boolean {
+  try {
+    parse();
+    return true;
+  } catch {
+    return false;
+  }
+}

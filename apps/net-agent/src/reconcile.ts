@@ -1,0 +1,72 @@
+import type { Logger } from '#logging';
+import type { PoolSlot } from './slot-pool.js';
+import type { SlotLayout } from './slot-layout.js';
+import type { SlotNetwork } from './slot-network.js';
+import type { ReservedSlot, SlotReservation } from './slot-reservation.js';
+
+export interface ReconcileResult {
+  /** Slots whose namespace a process still runs in: kept, as in use. */
+  adopted: PoolSlot[];
+  /** Leftover slots (namespace and/or host veth) removed from the node. */
+  removed: number;
+  /** Reservations of this node that no slot backs any more, released. */
+  released: number;
+  ms: number;
+}
+
+/**
+ * Start-up clean-up after a crashed run. Everything on the node that follows our naming and
+ * that no process uses is removed in one batch (one `ip -batch`, one group delete: seconds for
+ * thousands, where removing them one by one took E2B 20-30 minutes, e2b-dev/infra#3615);
+ * reservations held for this node without a live slot are released; slots still in use are
+ * adopted with their reservation.
+ */
+export async function reconcile(options: {
+  network: SlotNetwork;
+  reservation: SlotReservation;
+  layout: SlotLayout;
+  logger: Logger;
+}): Promise<ReconcileResult> {
+  const { network, reservation, layout, logger } = options;
+  const started = performance.now();
+  const scan = await network.scan(true);
+  const held = new Map((await reservation.held()).map((r) => [r.idx, r]));
+
+  const adopted: PoolSlot[] = [];
+  for (const idx of scan.inUse) {
+    // A namespace with a process but no host veth cannot carry traffic: not worth adopting.
+    if (!scan.hostVeths.has(idx)) continue;
+    let reserved: ReservedSlot | undefined = held.get(idx);
+    if (!reserved && (await reservation.claim(idx))) reserved = { idx, key: reservation.keyOf(idx) };
+    if (!reserved) {
+      logger.error({ slot: idx }, 'slot in use on this node but reserved by someone else: left alone');
+      continue;
+    }
+    adopted.push({ spec: layout.slot(idx), reserved, sandboxId: '' });
+  }
+  const keep = new Set(adopted.map((s) => s.spec.idx));
+  // Slots in use but not adoptable (reserved elsewhere) are left alone too.
+  for (const idx of scan.inUse) keep.add(idx);
+
+  const leftovers = new Set<number>();
+  for (const idx of scan.namespaces.keys()) if (!keep.has(idx)) leftovers.add(idx);
+  for (const idx of scan.hostVeths.keys()) if (!keep.has(idx)) leftovers.add(idx);
+  const specs = [...leftovers].sort((a, b) => a - b).map((idx) => layout.slot(idx));
+  if (specs.length) await network.removeMany(specs, { hostRules: false });
+
+  const stale = [...held.values()].filter((r) => !keep.has(r.idx));
+  let released = 0;
+  for (let i = 0; i < stale.length; i += 64) {
+    const results = await Promise.allSettled(stale.slice(i, i + 64).map((r) => reservation.release(r)));
+    for (const r of results) {
+      if (r.status === 'fulfilled') released++;
+      else logger.warn({ err: r.reason }, 'releasing a stale reservation failed');
+    }
+  }
+  const result = { adopted, removed: specs.length, released, ms: Math.round(performance.now() - started) };
+  logger.info(
+    { adopted: adopted.map((s) => s.spec.idx), removed: result.removed, released, ms: result.ms },
+    'reconciled leftovers',
+  );
+  return result;
+}

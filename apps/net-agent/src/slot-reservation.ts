@@ -1,0 +1,77 @@
+/** A slot index held in the reservation store; `modifyIndex` is Consul's, for the delete-CAS. */
+export interface ReservedSlot {
+  idx: number;
+  key: string;
+}
+
+/**
+ * Who may use a slot index on this node: in memory for a single node, or Consul KV so that
+ * every process reserving for the same node id agrees (DESIGN §5).
+ */
+export interface SlotReservation {
+  readonly kind: 'memory' | 'consul';
+  /** Takes a free index; SlotsExhausted when none is free, ReservationUnavailable when the store is down. */
+  reserve(): Promise<ReservedSlot>;
+  /** Gives an index back; only the holder's reservation is removed (delete-CAS on the read index). */
+  release(slot: ReservedSlot): Promise<void>;
+  /** Takes a specific index (a slot adopted at reconcile); true when it is now ours. */
+  claim(idx: number): Promise<boolean>;
+  /** The store key of an index. */
+  keyOf(idx: number): string;
+  /** Every index currently held for this node. */
+  held(): Promise<ReservedSlot[]>;
+  close(): void;
+}
+
+export class SlotsExhausted extends Error {
+  readonly code = 'SLOTS_EXHAUSTED';
+  constructor(
+    readonly store: string,
+    readonly slotCount: number,
+  ) {
+    super(`no free slot index in ${store} (all ${slotCount} taken)`);
+    this.name = 'SlotsExhausted';
+  }
+}
+
+export class ReservationUnavailable extends Error {
+  readonly code = 'RESERVATION_UNAVAILABLE';
+  constructor(
+    readonly store: string,
+    readonly operation: string,
+    override readonly cause: unknown,
+  ) {
+    super(`slot reservation store ${store} unavailable during ${operation}: ${describe(cause)}`);
+    this.name = 'ReservationUnavailable';
+  }
+}
+
+export class SlotAlreadyReleased extends Error {
+  readonly code = 'SLOT_ALREADY_RELEASED';
+  constructor(
+    readonly idx: number,
+    readonly key: string,
+  ) {
+    super(`slot ${idx} (${key}) was already released`);
+    this.name = 'SlotAlreadyReleased';
+  }
+}
+
+export class SlotReallocated extends Error {
+  readonly code = 'SLOT_REALLOCATED';
+  constructor(
+    readonly idx: number,
+    readonly key: string,
+  ) {
+    super(`slot ${idx} (${key}) changed since it was read: someone else holds it now`);
+    this.name = 'SlotReallocated';
+  }
+}
+
+function describe(cause: unknown): string {
+  if (cause instanceof Error) {
+    const code = (cause as { code?: string }).code;
+    return code ? `${cause.message} (${code})` : cause.message;
+  }
+  return String(cause);
+}
