@@ -31,6 +31,13 @@ export interface BlockOpenRequest {
   buildId: string;
   /** Attach a kernel /dev/nbdX where the kernel has NBD. */
   attachKernel: boolean;
+  /**
+   * A local image to serve instead of a build's rootfs layers (local tools and tests);
+   * build_id may then be empty.
+   */
+  basePath: string;
+  /** NBD export name; default: the sandbox id. Clients asking for "" get it too. */
+  exportName: string;
 }
 
 export interface BlockDevice {
@@ -57,6 +64,8 @@ export interface BlockExportResponse {
   dirtyBlocks: number;
   blockSize: number;
   size: number;
+  /** Blocks exported as nil (zero) mappings: trimmed, zero-written or written with zeros. */
+  zeroBlocks: number;
 }
 
 export interface BlockDeviceRef {
@@ -81,10 +90,15 @@ export interface BlockDeviceStats {
   bytesWritten: number;
   dirtyBlocks: number;
   connections: number;
+  zeroedBlocks: number;
+  flushes: number;
+  /** Disk the sparse overlay file takes. */
+  overlayBytes: number;
+  requestsInFlight: number;
 }
 
 function createBaseBlockOpenRequest(): BlockOpenRequest {
-  return { sandboxId: "", buildId: "", attachKernel: false };
+  return { sandboxId: "", buildId: "", attachKernel: false, basePath: "", exportName: "" };
 }
 
 export const BlockOpenRequest: MessageFns<BlockOpenRequest> = {
@@ -97,6 +111,12 @@ export const BlockOpenRequest: MessageFns<BlockOpenRequest> = {
     }
     if (message.attachKernel !== false) {
       writer.uint32(24).bool(message.attachKernel);
+    }
+    if (message.basePath !== "") {
+      writer.uint32(34).string(message.basePath);
+    }
+    if (message.exportName !== "") {
+      writer.uint32(42).string(message.exportName);
     }
     return writer;
   },
@@ -138,6 +158,22 @@ export const BlockOpenRequest: MessageFns<BlockOpenRequest> = {
             message.attachKernel = reader.bool();
             continue;
           }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.basePath = reader.string();
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.exportName = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -167,6 +203,16 @@ export const BlockOpenRequest: MessageFns<BlockOpenRequest> = {
         : isSet(object.attach_kernel)
         ? globalThis.Boolean(object.attach_kernel)
         : false,
+      basePath: isSet(object.basePath)
+        ? globalThis.String(object.basePath)
+        : isSet(object.base_path)
+        ? globalThis.String(object.base_path)
+        : "",
+      exportName: isSet(object.exportName)
+        ? globalThis.String(object.exportName)
+        : isSet(object.export_name)
+        ? globalThis.String(object.export_name)
+        : "",
     };
   },
 
@@ -181,6 +227,12 @@ export const BlockOpenRequest: MessageFns<BlockOpenRequest> = {
     if (message.attachKernel !== false) {
       obj.attachKernel = message.attachKernel;
     }
+    if (message.basePath !== "") {
+      obj.basePath = message.basePath;
+    }
+    if (message.exportName !== "") {
+      obj.exportName = message.exportName;
+    }
     return obj;
   },
 
@@ -192,6 +244,8 @@ export const BlockOpenRequest: MessageFns<BlockOpenRequest> = {
     message.sandboxId = object.sandboxId ?? "";
     message.buildId = object.buildId ?? "";
     message.attachKernel = object.attachKernel ?? false;
+    message.basePath = object.basePath ?? "";
+    message.exportName = object.exportName ?? "";
     return message;
   },
 };
@@ -499,7 +553,7 @@ export const BlockExportRequest: MessageFns<BlockExportRequest> = {
 };
 
 function createBaseBlockExportResponse(): BlockExportResponse {
-  return { mappings: [], diffSize: 0, dirtyBlocks: 0, blockSize: 0, size: 0 };
+  return { mappings: [], diffSize: 0, dirtyBlocks: 0, blockSize: 0, size: 0, zeroBlocks: 0 };
 }
 
 export const BlockExportResponse: MessageFns<BlockExportResponse> = {
@@ -518,6 +572,9 @@ export const BlockExportResponse: MessageFns<BlockExportResponse> = {
     }
     if (message.size !== 0) {
       writer.uint32(40).uint64(message.size);
+    }
+    if (message.zeroBlocks !== 0) {
+      writer.uint32(48).uint64(message.zeroBlocks);
     }
     return writer;
   },
@@ -575,6 +632,14 @@ export const BlockExportResponse: MessageFns<BlockExportResponse> = {
             message.size = longToNumber(reader.uint64());
             continue;
           }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.zeroBlocks = longToNumber(reader.uint64());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -608,6 +673,11 @@ export const BlockExportResponse: MessageFns<BlockExportResponse> = {
         ? globalThis.Number(object.block_size)
         : 0,
       size: isSet(object.size) ? globalThis.Number(object.size) : 0,
+      zeroBlocks: isSet(object.zeroBlocks)
+        ? globalThis.Number(object.zeroBlocks)
+        : isSet(object.zero_blocks)
+        ? globalThis.Number(object.zero_blocks)
+        : 0,
     };
   },
 
@@ -628,6 +698,9 @@ export const BlockExportResponse: MessageFns<BlockExportResponse> = {
     if (message.size !== 0) {
       obj.size = Math.round(message.size);
     }
+    if (message.zeroBlocks !== 0) {
+      obj.zeroBlocks = Math.round(message.zeroBlocks);
+    }
     return obj;
   },
 
@@ -641,6 +714,7 @@ export const BlockExportResponse: MessageFns<BlockExportResponse> = {
     message.dirtyBlocks = object.dirtyBlocks ?? 0;
     message.blockSize = object.blockSize ?? 0;
     message.size = object.size ?? 0;
+    message.zeroBlocks = object.zeroBlocks ?? 0;
     return message;
   },
 };
@@ -892,7 +966,19 @@ export const BlockListResponse: MessageFns<BlockListResponse> = {
 };
 
 function createBaseBlockDeviceStats(): BlockDeviceStats {
-  return { sandboxId: "", reads: 0, writes: 0, bytesRead: 0, bytesWritten: 0, dirtyBlocks: 0, connections: 0 };
+  return {
+    sandboxId: "",
+    reads: 0,
+    writes: 0,
+    bytesRead: 0,
+    bytesWritten: 0,
+    dirtyBlocks: 0,
+    connections: 0,
+    zeroedBlocks: 0,
+    flushes: 0,
+    overlayBytes: 0,
+    requestsInFlight: 0,
+  };
 }
 
 export const BlockDeviceStats: MessageFns<BlockDeviceStats> = {
@@ -917,6 +1003,18 @@ export const BlockDeviceStats: MessageFns<BlockDeviceStats> = {
     }
     if (message.connections !== 0) {
       writer.uint32(56).uint32(message.connections);
+    }
+    if (message.zeroedBlocks !== 0) {
+      writer.uint32(64).uint64(message.zeroedBlocks);
+    }
+    if (message.flushes !== 0) {
+      writer.uint32(72).uint64(message.flushes);
+    }
+    if (message.overlayBytes !== 0) {
+      writer.uint32(80).uint64(message.overlayBytes);
+    }
+    if (message.requestsInFlight !== 0) {
+      writer.uint32(88).uint32(message.requestsInFlight);
     }
     return writer;
   },
@@ -990,6 +1088,38 @@ export const BlockDeviceStats: MessageFns<BlockDeviceStats> = {
             message.connections = reader.uint32();
             continue;
           }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.zeroedBlocks = longToNumber(reader.uint64());
+            continue;
+          }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.flushes = longToNumber(reader.uint64());
+            continue;
+          }
+          case 10: {
+            if (tag !== 80) {
+              break;
+            }
+
+            message.overlayBytes = longToNumber(reader.uint64());
+            continue;
+          }
+          case 11: {
+            if (tag !== 88) {
+              break;
+            }
+
+            message.requestsInFlight = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1027,6 +1157,22 @@ export const BlockDeviceStats: MessageFns<BlockDeviceStats> = {
         ? globalThis.Number(object.dirty_blocks)
         : 0,
       connections: isSet(object.connections) ? globalThis.Number(object.connections) : 0,
+      zeroedBlocks: isSet(object.zeroedBlocks)
+        ? globalThis.Number(object.zeroedBlocks)
+        : isSet(object.zeroed_blocks)
+        ? globalThis.Number(object.zeroed_blocks)
+        : 0,
+      flushes: isSet(object.flushes) ? globalThis.Number(object.flushes) : 0,
+      overlayBytes: isSet(object.overlayBytes)
+        ? globalThis.Number(object.overlayBytes)
+        : isSet(object.overlay_bytes)
+        ? globalThis.Number(object.overlay_bytes)
+        : 0,
+      requestsInFlight: isSet(object.requestsInFlight)
+        ? globalThis.Number(object.requestsInFlight)
+        : isSet(object.requests_in_flight)
+        ? globalThis.Number(object.requests_in_flight)
+        : 0,
     };
   },
 
@@ -1053,6 +1199,18 @@ export const BlockDeviceStats: MessageFns<BlockDeviceStats> = {
     if (message.connections !== 0) {
       obj.connections = Math.round(message.connections);
     }
+    if (message.zeroedBlocks !== 0) {
+      obj.zeroedBlocks = Math.round(message.zeroedBlocks);
+    }
+    if (message.flushes !== 0) {
+      obj.flushes = Math.round(message.flushes);
+    }
+    if (message.overlayBytes !== 0) {
+      obj.overlayBytes = Math.round(message.overlayBytes);
+    }
+    if (message.requestsInFlight !== 0) {
+      obj.requestsInFlight = Math.round(message.requestsInFlight);
+    }
     return obj;
   },
 
@@ -1068,6 +1226,10 @@ export const BlockDeviceStats: MessageFns<BlockDeviceStats> = {
     message.bytesWritten = object.bytesWritten ?? 0;
     message.dirtyBlocks = object.dirtyBlocks ?? 0;
     message.connections = object.connections ?? 0;
+    message.zeroedBlocks = object.zeroedBlocks ?? 0;
+    message.flushes = object.flushes ?? 0;
+    message.overlayBytes = object.overlayBytes ?? 0;
+    message.requestsInFlight = object.requestsInFlight ?? 0;
     return message;
   },
 };
