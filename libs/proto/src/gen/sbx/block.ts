@@ -31,13 +31,6 @@ export interface BlockOpenRequest {
   buildId: string;
   /** Attach a kernel /dev/nbdX where the kernel has NBD. */
   attachKernel: boolean;
-  /**
-   * A local image to serve instead of a build's rootfs layers (local tools and tests);
-   * build_id may then be empty.
-   */
-  basePath: string;
-  /** NBD export name; default: the sandbox id. Clients asking for "" get it too. */
-  exportName: string;
 }
 
 export interface BlockDevice {
@@ -64,8 +57,6 @@ export interface BlockExportResponse {
   dirtyBlocks: number;
   blockSize: number;
   size: number;
-  /** Blocks exported as nil (zero) mappings: trimmed, zero-written or written with zeros. */
-  zeroBlocks: number;
 }
 
 export interface BlockDeviceRef {
@@ -98,7 +89,7 @@ export interface BlockDeviceStats {
 }
 
 function createBaseBlockOpenRequest(): BlockOpenRequest {
-  return { sandboxId: "", buildId: "", attachKernel: false, basePath: "", exportName: "" };
+  return { sandboxId: "", buildId: "", attachKernel: false };
 }
 
 export const BlockOpenRequest: MessageFns<BlockOpenRequest> = {
@@ -111,12 +102,6 @@ export const BlockOpenRequest: MessageFns<BlockOpenRequest> = {
     }
     if (message.attachKernel !== false) {
       writer.uint32(24).bool(message.attachKernel);
-    }
-    if (message.basePath !== "") {
-      writer.uint32(34).string(message.basePath);
-    }
-    if (message.exportName !== "") {
-      writer.uint32(42).string(message.exportName);
     }
     return writer;
   },
@@ -158,22 +143,6 @@ export const BlockOpenRequest: MessageFns<BlockOpenRequest> = {
             message.attachKernel = reader.bool();
             continue;
           }
-          case 4: {
-            if (tag !== 34) {
-              break;
-            }
-
-            message.basePath = reader.string();
-            continue;
-          }
-          case 5: {
-            if (tag !== 42) {
-              break;
-            }
-
-            message.exportName = reader.string();
-            continue;
-          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -203,16 +172,6 @@ export const BlockOpenRequest: MessageFns<BlockOpenRequest> = {
         : isSet(object.attach_kernel)
         ? globalThis.Boolean(object.attach_kernel)
         : false,
-      basePath: isSet(object.basePath)
-        ? globalThis.String(object.basePath)
-        : isSet(object.base_path)
-        ? globalThis.String(object.base_path)
-        : "",
-      exportName: isSet(object.exportName)
-        ? globalThis.String(object.exportName)
-        : isSet(object.export_name)
-        ? globalThis.String(object.export_name)
-        : "",
     };
   },
 
@@ -227,12 +186,6 @@ export const BlockOpenRequest: MessageFns<BlockOpenRequest> = {
     if (message.attachKernel !== false) {
       obj.attachKernel = message.attachKernel;
     }
-    if (message.basePath !== "") {
-      obj.basePath = message.basePath;
-    }
-    if (message.exportName !== "") {
-      obj.exportName = message.exportName;
-    }
     return obj;
   },
 
@@ -244,8 +197,6 @@ export const BlockOpenRequest: MessageFns<BlockOpenRequest> = {
     message.sandboxId = object.sandboxId ?? "";
     message.buildId = object.buildId ?? "";
     message.attachKernel = object.attachKernel ?? false;
-    message.basePath = object.basePath ?? "";
-    message.exportName = object.exportName ?? "";
     return message;
   },
 };
@@ -553,7 +504,7 @@ export const BlockExportRequest: MessageFns<BlockExportRequest> = {
 };
 
 function createBaseBlockExportResponse(): BlockExportResponse {
-  return { mappings: [], diffSize: 0, dirtyBlocks: 0, blockSize: 0, size: 0, zeroBlocks: 0 };
+  return { mappings: [], diffSize: 0, dirtyBlocks: 0, blockSize: 0, size: 0 };
 }
 
 export const BlockExportResponse: MessageFns<BlockExportResponse> = {
@@ -572,9 +523,6 @@ export const BlockExportResponse: MessageFns<BlockExportResponse> = {
     }
     if (message.size !== 0) {
       writer.uint32(40).uint64(message.size);
-    }
-    if (message.zeroBlocks !== 0) {
-      writer.uint32(48).uint64(message.zeroBlocks);
     }
     return writer;
   },
@@ -632,14 +580,6 @@ export const BlockExportResponse: MessageFns<BlockExportResponse> = {
             message.size = longToNumber(reader.uint64());
             continue;
           }
-          case 6: {
-            if (tag !== 48) {
-              break;
-            }
-
-            message.zeroBlocks = longToNumber(reader.uint64());
-            continue;
-          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -673,11 +613,6 @@ export const BlockExportResponse: MessageFns<BlockExportResponse> = {
         ? globalThis.Number(object.block_size)
         : 0,
       size: isSet(object.size) ? globalThis.Number(object.size) : 0,
-      zeroBlocks: isSet(object.zeroBlocks)
-        ? globalThis.Number(object.zeroBlocks)
-        : isSet(object.zero_blocks)
-        ? globalThis.Number(object.zero_blocks)
-        : 0,
     };
   },
 
@@ -698,9 +633,6 @@ export const BlockExportResponse: MessageFns<BlockExportResponse> = {
     if (message.size !== 0) {
       obj.size = Math.round(message.size);
     }
-    if (message.zeroBlocks !== 0) {
-      obj.zeroBlocks = Math.round(message.zeroBlocks);
-    }
     return obj;
   },
 
@@ -714,7 +646,6 @@ export const BlockExportResponse: MessageFns<BlockExportResponse> = {
     message.dirtyBlocks = object.dirtyBlocks ?? 0;
     message.blockSize = object.blockSize ?? 0;
     message.size = object.size ?? 0;
-    message.zeroBlocks = object.zeroBlocks ?? 0;
     return message;
   },
 };
