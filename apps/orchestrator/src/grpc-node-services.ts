@@ -1,8 +1,13 @@
 import { dial, unary } from '#grpc';
-import { BlockServerClient, type BlockDevice, type BlockExportResponse } from '#proto/sbx/block';
+import { BlockOpenRequest, BlockServerClient, type BlockDevice, type BlockExportResponse } from '#proto/sbx/block';
 import { DnsClient } from '#proto/sbx/dns';
 import { NetAgentClient, type NetSlot } from '#proto/sbx/net';
-import { UffdServerClient, type UffdExportDiffResponse, type UffdPrepareResponse } from '#proto/sbx/uffd';
+import {
+  UffdPrepareRequest,
+  UffdServerClient,
+  type UffdExportDiffResponse,
+  type UffdPrepareResponse,
+} from '#proto/sbx/uffd';
 import type {
   DeviceProvider,
   MemoryProvider,
@@ -13,10 +18,49 @@ import type {
 } from './node-services.js';
 
 export interface ControlSockets {
-  uffd: string;
-  block: string;
+  /** One or more uffd-server instances. */
+  uffd: string[];
+  /** One or more block-server instances. */
+  block: string[];
   net: string;
   dns: string;
+}
+
+/**
+ * Several instances of one service: a sandbox is placed on the instance serving the fewest
+ * sandboxes and stays there; after a restart `learn` rebuilds the placement from their lists.
+ */
+class Placement<C> {
+  private readonly owner = new Map<string, number>();
+  constructor(readonly clients: C[]) {}
+
+  place(sandboxId: string): C {
+    const known = this.owner.get(sandboxId);
+    if (known !== undefined) return this.clients[known]!;
+    const load = this.clients.map(() => 0);
+    for (const i of this.owner.values()) load[i]!++;
+    const index = load.indexOf(Math.min(...load));
+    this.owner.set(sandboxId, index);
+    return this.clients[index]!;
+  }
+
+  of(sandboxId: string): C {
+    return this.clients[this.owner.get(sandboxId) ?? 0]!;
+  }
+
+  learn(sandboxId: string, index: number): void {
+    this.owner.set(sandboxId, index);
+  }
+
+  forget(sandboxId: string): void {
+    this.owner.delete(sandboxId);
+  }
+
+  counts(): number[] {
+    const load = this.clients.map(() => 0);
+    for (const i of this.owner.values()) load[i]!++;
+    return load;
+  }
 }
 
 /** The real node services: gRPC clients on their control sockets. */
@@ -25,14 +69,18 @@ export class GrpcNodeServices implements NodeServices {
   readonly devices: DeviceProvider;
   readonly memory: MemoryProvider;
   readonly names: NameRegistry;
+  readonly blockPlacement: Placement<BlockServerClient>;
+  readonly uffdPlacement: Placement<UffdServerClient>;
   private readonly clients: { close(): void }[];
 
   constructor(sockets: ControlSockets, timeoutMs: number) {
     const net = dial(NetAgentClient, sockets.net);
-    const block = dial(BlockServerClient, sockets.block);
-    const uffd = dial(UffdServerClient, sockets.uffd);
     const dns = dial(DnsClient, sockets.dns);
-    this.clients = [net, block, uffd, dns];
+    const blocks = new Placement(sockets.block.map((s) => dial(BlockServerClient, s)));
+    const uffds = new Placement(sockets.uffd.map((s) => dial(UffdServerClient, s)));
+    this.blockPlacement = blocks;
+    this.uffdPlacement = uffds;
+    this.clients = [net, dns, ...blocks.clients, ...uffds.clients];
     // Exports and prepares may move large files; give them more time than quick lookups.
     const long = timeoutMs * 4;
     this.slots = {
@@ -43,32 +91,58 @@ export class GrpcNodeServices implements NodeServices {
       list: async () => (await unary(net, net.list, {}, timeoutMs)).slots,
     };
     this.devices = {
-      open: (sandboxId, buildId): Promise<BlockDevice> =>
-        unary(block, block.open, { sandboxId, buildId, attachKernel: true }, long),
-      export: (sandboxId, newBuildId, diffPath): Promise<BlockExportResponse> =>
-        unary(block, block.export, { sandboxId, newBuildId, diffPath }, long),
-      close: async (sandboxId) => {
-        await unary(block, block.closeDevice, { sandboxId }, timeoutMs);
+      open: (sandboxId, buildId): Promise<BlockDevice> => {
+        const c = blocks.place(sandboxId);
+        return unary(c, c.open, BlockOpenRequest.fromPartial({ sandboxId, buildId, attachKernel: true }), long);
       },
-      list: async () => (await unary(block, block.list, {}, timeoutMs)).devices,
+      export: (sandboxId, newBuildId, diffPath): Promise<BlockExportResponse> => {
+        const c = blocks.of(sandboxId);
+        return unary(c, c.export, { sandboxId, newBuildId, diffPath }, long);
+      },
+      close: async (sandboxId) => {
+        const c = blocks.of(sandboxId);
+        await unary(c, c.closeDevice, { sandboxId }, timeoutMs);
+        blocks.forget(sandboxId);
+      },
+      list: async () => {
+        const all: BlockDevice[] = [];
+        for (const [i, c] of blocks.clients.entries()) {
+          for (const d of (await unary(c, c.list, {}, timeoutMs)).devices) {
+            blocks.learn(d.sandboxId, i);
+            all.push(d);
+          }
+        }
+        return all;
+      },
     };
     this.memory = {
-      prepare: (sandboxId, socketPath, buildId): Promise<UffdPrepareResponse> =>
-        unary(uffd, uffd.prepare, { sandboxId, socketPath, buildId, pageSize: 0, prefetchBytes: 0 }, long),
+      prepare: (sandboxId, socketPath, buildId): Promise<UffdPrepareResponse> => {
+        const c = uffds.place(sandboxId);
+        return unary(c, c.prepare, UffdPrepareRequest.fromPartial({ sandboxId, socketPath, buildId }), long);
+      },
       stopSourcing: async (sandboxId) => {
-        await unary(uffd, uffd.stopSourcing, { sandboxId }, timeoutMs);
+        const c = uffds.of(sandboxId);
+        await unary(c, c.stopSourcing, { sandboxId }, timeoutMs);
       },
-      exportDiff: (sandboxId, newBuildId, diffPath, memfilePath): Promise<UffdExportDiffResponse> =>
-        unary(uffd, uffd.exportDiff, { sandboxId, newBuildId, diffPath, memfilePath }, long),
+      exportDiff: (sandboxId, newBuildId, diffPath, memfilePath): Promise<UffdExportDiffResponse> => {
+        const c = uffds.of(sandboxId);
+        return unary(c, c.exportDiff, { sandboxId, newBuildId, diffPath, memfilePath }, long);
+      },
       stop: async (sandboxId) => {
-        await unary(uffd, uffd.stop, { sandboxId }, timeoutMs);
+        const c = uffds.of(sandboxId);
+        await unary(c, c.stop, { sandboxId }, timeoutMs);
+        uffds.forget(sandboxId);
       },
-      list: async (): Promise<MemoryServing[]> =>
-        (await unary(uffd, uffd.list, {}, timeoutMs)).sandboxes.map((s) => ({
-          sandboxId: s.sandboxId,
-          state: s.state,
-          error: s.error,
-        })),
+      list: async (): Promise<MemoryServing[]> => {
+        const all: MemoryServing[] = [];
+        for (const [i, c] of uffds.clients.entries()) {
+          for (const s of (await unary(c, c.list, {}, timeoutMs)).sandboxes) {
+            uffds.learn(s.sandboxId, i);
+            all.push({ sandboxId: s.sandboxId, state: s.state, error: s.error });
+          }
+        }
+        return all;
+      },
     };
     this.names = {
       set: async (name, ip) => {

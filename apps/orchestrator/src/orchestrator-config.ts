@@ -10,15 +10,16 @@ export const orchestratorConfigSchema = z
     grpcHost: z.string().min(1).default('0.0.0.0'),
     grpcPort: int(0, 65535).default(5008),
     /** Control socket for local tools (same SandboxService); empty = off. */
-    socket: z.string().default('/run/sbx/orchestrator.sock'),
+    controlSocket: z.string().default('/run/sbx/orchestrator.sock'),
     dataDir: z.string().min(1).default('/var/lib/sbx/orchestrator'),
     /** A local directory or gs://bucket (shared SBX_BUCKET). */
     bucket: z.string().min(1).default('/var/lib/sbx/bucket'),
     /** Local build cache (shared SBX_CACHE_DIR). */
     cacheDir: z.string().min(1).default('/var/lib/sbx/cache'),
-    uffdSocket: z.string().min(1).default('/run/sbx/uffd-server.sock'),
-    blockSocket: z.string().min(1).default('/run/sbx/block-server.sock'),
-    netSocket: z.string().min(1).default('/run/sbx/net-agent.sock'),
+    /** One or more uffd-server instances (repeat the flag, or comma-separated in env). */
+    uffdServerSockets: z.array(z.string().min(1)).min(1).default(['/run/sbx/uffd-server.sock']),
+    blockServerSockets: z.array(z.string().min(1)).min(1).default(['/run/sbx/block-server.sock']),
+    netAgentSocket: z.string().min(1).default('/run/sbx/net-agent.sock'),
     dnsSocket: z.string().min(1).default('/run/sbx/dns.sock'),
     /** Real Firecracker; used only together with a kernel. */
     firecrackerBin: z.string().optional(),
@@ -53,6 +54,11 @@ export const orchestratorConfigSchema = z
     /** Size of the scratch rootfs image of the sample template `base`. */
     sampleRootfsMb: int(4, 4096).default(16),
     sampleMemoryMb: int(4, 8192).default(64),
+    /** Build the sample template `base` at start when the catalogue has none. */
+    sampleTemplate: z
+      .enum(['true', 'false'])
+      .default('true')
+      .transform((v) => v === 'true'),
     logLevel: z.enum(['trace', 'debug', 'info', 'warn', 'error', 'fatal']).default('info'),
   })
   .refine((c) => c.minVcpu <= c.maxVcpu, { message: 'minVcpu must be ≤ maxVcpu', path: ['minVcpu'] })

@@ -5,9 +5,9 @@ import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { createLogger } from '#logging';
 import { baseMappings, encodeHeader, NIL_UUID, type Header } from '#storage';
 import type { SandboxConfig } from '#proto/orchestrator';
-import type { BlockDevice, BlockExportResponse } from '#proto/sbx/block';
-import type { NetSlot } from '#proto/sbx/net';
-import type { UffdExportDiffResponse } from '#proto/sbx/uffd';
+import { BlockDevice, BlockExportResponse } from '#proto/sbx/block';
+import { NetSlot } from '#proto/sbx/net';
+import { UffdExportDiffResponse } from '#proto/sbx/uffd';
 import { BUILD_FILES, DirectoryBuildFiles, readBuildHeader } from './build-files.js';
 import { BuildUploader } from './build-uploader.js';
 import type { EnvdClient } from './envd-client.js';
@@ -63,7 +63,7 @@ class RecordingNode implements NodeServices {
     acquire: async (sandboxId: string): Promise<NetSlot> => {
       this.check('acquire');
       const idx = this.nextIdx++;
-      const slot = {
+      const slot = NetSlot.fromPartial({
         idx,
         sandboxId,
         namespace: `ns-${idx}`,
@@ -76,7 +76,7 @@ class RecordingNode implements NodeServices {
         tapPrefix: 30,
         guestIp: '169.254.0.21',
         hostIp: `10.11.0.${idx}`,
-      };
+      });
       this.slotsInUse.set(sandboxId, slot);
       return slot;
     },
@@ -102,13 +102,13 @@ class RecordingNode implements NodeServices {
     },
     export: async (_id: string, newBuildId: string, diffPath: string): Promise<BlockExportResponse> => {
       await writeFile(diffPath, Buffer.alloc(PAGE, 0x60 + this.exportPage));
-      return {
+      return BlockExportResponse.fromPartial({
         mappings: [{ offset: (this.exportPage % 8) * PAGE, length: PAGE, buildId: newBuildId, buildStorageOffset: 0 }],
         diffSize: PAGE,
         dirtyBlocks: 1,
         blockSize: PAGE,
         size: 8 * PAGE,
-      };
+      });
     },
     close: async (sandboxId: string) => {
       this.devicesOpen.delete(sandboxId);
@@ -130,7 +130,7 @@ class RecordingNode implements NodeServices {
       const fill = 0x10 + this.exportPage;
       await writeFile(diffPath, Buffer.concat([Buffer.alloc(PAGE, fill), Buffer.alloc(PAGE, fill + 0x80)]));
       this.exportPage++;
-      return {
+      return UffdExportDiffResponse.fromPartial({
         mappings: [
           { offset: 0, length: PAGE, buildId: newBuildId, buildStorageOffset: 0 },
           { offset: page * PAGE, length: PAGE, buildId: newBuildId, buildStorageOffset: PAGE },
@@ -141,7 +141,7 @@ class RecordingNode implements NodeServices {
         pageSize: PAGE,
         memorySize: MEM_PAGES * PAGE,
         tracking: 'present',
-      };
+      });
     },
     stop: async (sandboxId: string) => {
       this.servings.delete(sandboxId);

@@ -62,14 +62,12 @@ export function sandboxService(options: {
       return {};
     }),
     list: handle('List', async (): Promise<SandboxListResponse> => ({
-      sandboxes: manager
-        .list()
-        .map((s): RunningSandbox => ({
-          config: s.config as SandboxConfig,
-          clientId,
-          startTime: s.startTime,
-          endTime: s.endTime,
-        })),
+      sandboxes: manager.list().map((s): RunningSandbox => ({
+        config: s.config as SandboxConfig,
+        clientId,
+        startTime: s.startTime,
+        endTime: s.endTime,
+      })),
     })),
     delete: handle('Delete', async (req): Promise<Empty> => {
       checkSafeName('sandbox_id', req.sandboxId);

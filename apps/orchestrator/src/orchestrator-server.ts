@@ -1,0 +1,189 @@
+import { mkdir } from 'node:fs/promises';
+import { join } from 'node:path';
+import { Gauge } from 'prom-client';
+import { describeConfig } from '#config';
+import { startGrpcServer, type GrpcServerHandle } from '#grpc';
+import type { Logger } from '#logging';
+import { createRegistry, startMetricsServer, type MetricsServer } from '#metrics';
+import { SandboxServiceService } from '#proto/orchestrator';
+import { DirectoryBuildFiles } from './build-files.js';
+import { BuildUploader } from './build-uploader.js';
+import { HttpEnvdClient } from './envd-client.js';
+import { GrpcNodeServices } from './grpc-node-services.js';
+import { NoLifecycleEvents, RedisLifecycleEvents, type LifecycleEvents } from './lifecycle-events.js';
+import type { OrchestratorConfig } from './orchestrator-config.js';
+import { ConfigInvalid } from '#config';
+import { reconcileOnStart, type ReconcileReport } from './restart-reconciler.js';
+import { SandboxManager } from './sandbox-manager.js';
+import { sandboxService } from './sandbox-service.js';
+import { SandboxStateStore } from './sandbox-state-store.js';
+import { buildTemplate } from './template-builder.js';
+import { TemplateCache } from './template-cache.js';
+import { TemplateCatalogue } from './template-catalogue.js';
+import { chooseVmmCommand, ProcessVmmLauncher } from './vmm-launcher.js';
+
+export interface RunningOrchestrator {
+  manager: SandboxManager;
+  grpcAddress: string;
+  reconcile: ReconcileReport;
+  stop(): Promise<void>;
+}
+
+/** Wires the orchestrator from its configuration: reconcile, sample template, gRPC, metrics. */
+export async function startOrchestrator(config: OrchestratorConfig, logger: Logger): Promise<RunningOrchestrator> {
+  logger.info({ config: describeConfig(config) }, 'orchestrator starting');
+  if (config.bucket.startsWith('gs://')) {
+    throw new ConfigInvalid('orchestrator', [
+      '--bucket / SBX_BUCKET: gs:// buckets are not supported by this build yet',
+    ]);
+  }
+  const vmmCommand = chooseVmmCommand(config);
+  if (vmmCommand.isDouble) {
+    logger.warn(
+      { vmm: vmmCommand.description },
+      'NO FIRECRACKER: FIRECRACKER_BIN and a kernel are not both configured; sandboxes run in the vmm-sim TEST DOUBLE',
+    );
+  } else logger.info({ vmm: vmmCommand.description, kernel: config.kernelPath }, 'VMM: real Firecracker');
+
+  const socketDir = join(config.dataDir, 's');
+  await mkdir(socketDir, { recursive: true, mode: 0o750 });
+  await mkdir(config.cacheDir, { recursive: true });
+  await mkdir(config.bucket, { recursive: true });
+
+  const events: LifecycleEvents = config.redisUrl
+    ? new RedisLifecycleEvents(config.redisUrl, config.nodeId, config.redisPrefix, config.redisStream, logger)
+    : new NoLifecycleEvents();
+  if (!config.redisUrl) logger.info('REDIS_URL not set: no catalogue or lifecycle events published');
+  const services = new GrpcNodeServices(
+    {
+      uffd: config.uffdServerSockets,
+      block: config.blockServerSockets,
+      net: config.netAgentSocket,
+      dns: config.dnsSocket,
+    },
+    config.stepTimeoutMs,
+  );
+  const vmm = new ProcessVmmLauncher(vmmCommand);
+  const envd = new HttpEnvdClient(config.envdPort);
+  const builds = new DirectoryBuildFiles(config.cacheDir, config.bucket);
+  const cache = new TemplateCache(builds, config.buildCacheTtlMs);
+  const templates = new TemplateCatalogue(join(config.dataDir, 'templates.json'));
+  await templates.load();
+  const states = new SandboxStateStore(join(config.dataDir, 'sandboxes'));
+  const uploader = new BuildUploader((id) => builds.upload(id), {
+    retries: config.uploadRetries,
+    backoffMs: config.uploadBackoffMs,
+    logger,
+  });
+  const manager = new SandboxManager({
+    settings: {
+      nodeId: config.nodeId,
+      maxSandboxes: config.maxSandboxes,
+      envdTimeoutMs: config.envdTimeoutMs,
+      healthIntervalMs: config.healthIntervalMs,
+      metricsIntervalMs: config.metricsIntervalMs,
+      endTimeCheckMs: config.endTimeCheckMs,
+      pauseParallelism: config.pauseParallelism,
+      generationCap: config.generationCap,
+      vmRootfsDir: config.vmRootfsDir,
+      socketDir,
+    },
+    services,
+    vmm,
+    envd,
+    builds,
+    cache,
+    templates,
+    events,
+    states,
+    uploader,
+    logger,
+  });
+
+  const reconcile = await reconcileOnStart({
+    manager,
+    services,
+    vmm,
+    envd,
+    cache,
+    states,
+    events,
+    buildsDir: join(config.cacheDir, 'builds'),
+    socketDir,
+    logger,
+    envdTimeoutMs: config.envdTimeoutMs,
+  });
+
+  if (config.sampleTemplate && !templates.get('base')) {
+    await buildTemplate(
+      {
+        builds,
+        templates,
+        vmm,
+        kernelPath: config.kernelPath,
+        vmRootfsDir: config.vmRootfsDir,
+        workDir: socketDir,
+        logger,
+      },
+      { templateId: 'base', rootfsMb: config.sampleRootfsMb, memoryMb: config.sampleMemoryMb, vcpu: 1 },
+    );
+  }
+  manager.startEndTimeEnforcement();
+
+  const registry = createRegistry('orchestrator');
+  new Gauge({
+    name: 'sbx_orchestrator_sandboxes',
+    help: 'Sandboxes on this node by phase',
+    labelNames: ['phase'],
+    registers: [registry],
+    collect() {
+      const counts: Record<string, number> = { creating: 0, running: 0, pausing: 0, stopping: 0 };
+      for (const s of manager.sandboxes.values()) counts[s.phase] = (counts[s.phase] ?? 0) + 1;
+      for (const [phase, n] of Object.entries(counts)) this.set({ phase }, n);
+    },
+  });
+  new Gauge({
+    name: 'sbx_orchestrator_uploads_failed',
+    help: 'Builds whose upload to the bucket failed after every retry',
+    registers: [registry],
+    collect() {
+      this.set(uploader.list().filter((u) => u.state === 'failed').length);
+    },
+  });
+  const metrics: MetricsServer | undefined =
+    config.metricsPort > 0 ? await startMetricsServer(registry, '127.0.0.1', config.metricsPort) : undefined;
+
+  const implementation = sandboxService({
+    manager,
+    cache,
+    bounds: config,
+    clientId: config.nodeId,
+    logger,
+  });
+  const served = [{ name: 'SandboxService', definition: SandboxServiceService, implementation }];
+  const grpc: GrpcServerHandle = await startGrpcServer({
+    address: `${config.grpcHost}:${config.grpcPort}`,
+    services: served,
+    logger,
+  });
+  const control: GrpcServerHandle | undefined = config.controlSocket
+    ? await startGrpcServer({ address: `unix://${config.controlSocket}`, services: served, logger })
+    : undefined;
+  logger.info({ address: grpc.address, vmm: vmmCommand.description, adopted: reconcile.adopted.length }, 'serving');
+
+  return {
+    manager,
+    grpcAddress: grpc.address,
+    reconcile,
+    async stop() {
+      await grpc.shutdown(5000);
+      await control?.shutdown(1000);
+      await manager.shutdown(config.shutdownSandboxes);
+      await uploader.drain();
+      uploader.stop();
+      await metrics?.close();
+      await events.close();
+      services.close();
+    },
+  };
+}

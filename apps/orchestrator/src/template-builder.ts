@@ -1,0 +1,152 @@
+import { execFile } from 'node:child_process';
+import { copyFile, mkdir, open, rm, stat, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { NIL_UUID, type BuildMapping, type Header } from '#storage';
+import type { Logger } from '#logging';
+import { BUILD_FILES, writeBuildHeader, type BuildFiles } from './build-files.js';
+import type { TemplateCatalogue, TemplateEntry } from './template-catalogue.js';
+import type { VmmLauncher } from './vmm-launcher.js';
+
+const run = promisify(execFile);
+const PAGE = 4096;
+
+export interface TemplateBuildRequest {
+  templateId: string;
+  /** An ext4 image to use as the rootfs; without one a blank ext4 of `rootfsMb` is made. */
+  rootfsPath?: string;
+  rootfsMb: number;
+  memoryMb: number;
+  vcpu: number;
+  buildId?: string;
+}
+
+export interface TemplateBuilderOptions {
+  builds: BuildFiles;
+  templates: TemplateCatalogue;
+  vmm: VmmLauncher;
+  /** Real kernel for Firecracker; the VMM double takes any path. */
+  kernelPath: string | undefined;
+  vmRootfsDir: string;
+  /** Scratch space: API socket and VMM logs of the build VM. */
+  workDir: string;
+  logger: Logger;
+}
+
+/**
+ * Makes a template build by cold-booting the VMM through Firecracker's API (boot source,
+ * machine config, rootfs drive, InstanceStart), pausing it and taking a Full snapshot. The
+ * drive is given at `{vmRootfsDir}/{buildId}/rootfs.ext4` (a symlink in the VMM's private
+ * mount namespace), the path every sandbox started from this build later gets its own device at.
+ */
+export async function buildTemplate(o: TemplateBuilderOptions, req: TemplateBuildRequest): Promise<TemplateEntry> {
+  const buildId = req.buildId ?? crypto.randomUUID();
+  const log = o.logger.child({ templateId: req.templateId, buildId });
+  const staging = await o.builds.staging(buildId);
+  const work = join(o.workDir, `template-${buildId.slice(0, 8)}`);
+  await mkdir(work, { recursive: true });
+  let vmm;
+  try {
+    const rootfs = join(staging, BUILD_FILES.rootfs);
+    if (req.rootfsPath) await copyFile(req.rootfsPath, rootfs);
+    else await makeExt4(rootfs, req.rootfsMb);
+    let kernel = o.kernelPath;
+    if (!kernel) {
+      kernel = join(work, 'no-kernel');
+      await writeFile(kernel, '');
+    }
+    vmm = await o.vmm.launch(
+      {
+        sandboxId: `template-${req.templateId}`,
+        apiSocket: join(work, 'api.sock'),
+        rootfsLinkPath: join(o.vmRootfsDir, buildId, BUILD_FILES.rootfs),
+        rootfsTarget: rootfs,
+        namespace: '',
+        stdoutPath: join(work, 'vmm.stdout.log'),
+        stderrPath: join(work, 'vmm.stderr.log'),
+      },
+      log,
+    );
+    await vmm.api.coldBoot({
+      kernelImagePath: kernel,
+      bootArgs: 'console=ttyS0 reboot=k panic=1 pci=off',
+      vcpuCount: req.vcpu,
+      memSizeMib: req.memoryMb,
+      rootfsPath: join(o.vmRootfsDir, buildId, BUILD_FILES.rootfs),
+    });
+    await vmm.api.setState('Paused');
+    await vmm.api.createSnapshot({
+      type: 'Full',
+      snapshotPath: join(staging, BUILD_FILES.snapfile),
+      memFilePath: join(staging, BUILD_FILES.memfile),
+    });
+    await vmm.kill();
+    vmm = undefined;
+    const memSize = (await stat(join(staging, BUILD_FILES.memfile))).size;
+    await writeBuildHeader(
+      staging,
+      'memfile',
+      await memfileHeader(join(staging, BUILD_FILES.memfile), memSize, buildId),
+    );
+    await o.builds.commit(buildId);
+    await o.builds.upload(buildId);
+    const entry: TemplateEntry = {
+      templateId: req.templateId,
+      buildId,
+      createdAt: new Date().toISOString(),
+      rootfsBytes: (await stat(join(o.builds.localDir(buildId), BUILD_FILES.rootfs))).size,
+      memoryBytes: memSize,
+    };
+    await o.templates.set(entry);
+    log.info({ rootfsBytes: entry.rootfsBytes, memoryBytes: memSize }, 'template built');
+    return entry;
+  } catch (err) {
+    await o.builds.discard(buildId).catch(() => undefined);
+    throw err;
+  } finally {
+    await vmm?.kill().catch(() => undefined);
+    await rm(work, { recursive: true, force: true });
+  }
+}
+
+async function makeExt4(path: string, sizeMb: number): Promise<void> {
+  const fh = await open(path, 'w');
+  await fh.truncate(sizeMb * 1024 * 1024);
+  await fh.close();
+  await run('mkfs.ext4', ['-q', '-F', '-b', '4096', '-L', 'sbx-rootfs', path]);
+}
+
+/** Base memfile header: zero pages map to the nil UUID, the rest to the file itself in place. */
+async function memfileHeader(path: string, size: number, buildId: string): Promise<Header> {
+  const fh = await open(path, 'r');
+  const mappings: BuildMapping[] = [];
+  try {
+    const chunk = Buffer.alloc(256 * PAGE);
+    for (let offset = 0; offset < size; offset += chunk.length) {
+      const n = Math.min(chunk.length, size - offset);
+      await fh.read(chunk, 0, n, offset);
+      for (let p = 0; p < n; p += PAGE) {
+        const at = offset + p;
+        const len = Math.min(PAGE, size - at);
+        const zero = isZero(chunk.subarray(p, p + len));
+        const id = zero ? NIL_UUID : buildId;
+        const prev = mappings[mappings.length - 1];
+        if (prev && prev.buildId === id && prev.offset + prev.length === at) prev.length += len;
+        else mappings.push({ offset: at, length: len, buildId: id, buildStorageOffset: zero ? 0 : at });
+      }
+    }
+  } finally {
+    await fh.close();
+  }
+  return {
+    metadata: { version: 3, blockSize: PAGE, size, generation: 0, buildId, baseBuildId: buildId },
+    mappings,
+  };
+}
+
+function isZero(buf: Buffer): boolean {
+  for (let i = 0; i < buf.length; i += 8) {
+    if (i + 8 <= buf.length ? buf.readBigUInt64LE(i) !== 0n : buf.subarray(i).some((b) => b !== 0)) return false;
+  }
+  return true;
+}
