@@ -8,6 +8,7 @@ export default defineConfig({
       'libs/*/vitest.config.ts',
       'native/vitest.config.ts',
       'tools/*/vitest.config.ts',
+      'deploy/*/vitest.config.ts',
     ],
     // Two cores: tests that start servers and namespaces run better two at a time than in a crowd.
     passWithNoTests: true,

@@ -1,0 +1,136 @@
+# dns: answers A queries for sandbox names with the sandbox's host IP, one per sandbox node.
+#
+#   nomad job run -var-file=deploy/nomad/node.vars.hcl deploy/nomad/dns.nomad.hcl
+
+# Shared by every sbx job, so one var-file serves them all: Nomad rejects a var-file that sets a
+# variable the job does not declare (hashicorp/nomad#16136).
+variable "sbx_root" {
+  type        = string
+  default     = "/opt/sbx"
+  description = "Absolute path of the built checkout on every node (holds ./sbx, dist/, node_modules/)."
+}
+
+variable "datacenters" {
+  type    = list(string)
+  default = ["*"]
+}
+
+variable "node_pool" {
+  type        = string
+  default     = "default"
+  description = "Node pool of the sandbox nodes (Nomad >= 1.6)."
+}
+
+variable "uffd_sockets" {
+  type        = list(string)
+  default     = ["/run/sbx/uffd-server-0.sock", "/run/sbx/uffd-server-1.sock"]
+  description = "Control socket of each uffd-server instance on a node; one task group per entry."
+}
+
+variable "block_sockets" {
+  type        = list(string)
+  default     = ["/run/sbx/block-server-0.sock", "/run/sbx/block-server-1.sock"]
+  description = "Control socket of each block-server instance on a node; one task group per entry."
+}
+
+variable "dns_listen" {
+  type        = string
+  default     = "127.0.0.4:53"
+  description = "UDP and TCP address the resolver answers on (<ip>:<port>)."
+}
+
+job "sbx-dns" {
+  type        = "system"
+  datacenters = var.datacenters
+  node_pool   = var.node_pool
+  priority    = 80
+
+  constraint {
+    attribute = "${attr.kernel.name}"
+    value     = "linux"
+  }
+
+  update {
+    max_parallel = 1
+    stagger      = "30s"
+  }
+
+  group "dns" {
+    network {
+      port "metrics" {
+        static = 9464
+      }
+    }
+
+    # A node agent has nowhere else to go: keep restarting it in place, never give up.
+    restart {
+      attempts = 5
+      interval = "5m"
+      delay    = "5s"
+      mode     = "delay"
+    }
+
+    task "dns" {
+      # raw_exec: binds port 53 on a host loopback address the sandboxes' namespaces route to; see
+      # README.md "Driver".
+      driver = "raw_exec"
+
+      config {
+        command = "${var.sbx_root}/sbx"
+        args = [
+          "dns", "serve",
+          "--listen", "${var.dns_listen}",
+          "--control-socket", "/run/sbx/dns.sock",
+          "--metrics-host", "${NOMAD_IP_metrics}",
+          "--metrics-port", "${NOMAD_PORT_metrics}",
+        ]
+      }
+
+      # Node-wide settings from the Nomad variable nomad/jobs, then this job's own from
+      # nomad/jobs/sbx-dns (zone -> SBX_DNS_ZONE). Both optional. noop: restart the task to apply.
+      template {
+        destination = "secrets/sbx.env"
+        env         = true
+        change_mode = "noop"
+        data        = <<-EOT
+          {{- if nomadVarExists "nomad/jobs" }}{{ range $k, $v := nomadVar "nomad/jobs" }}
+          SBX_{{ $k | toUpper }}={{ $v.Value | toJSON }}{{ end }}{{ end }}
+          {{- if nomadVarExists "nomad/jobs/sbx-dns" }}{{ range $k, $v := nomadVar "nomad/jobs/sbx-dns" }}
+          SBX_DNS_{{ $k | toUpper }}={{ $v.Value | toJSON }}{{ end }}{{ end }}
+        EOT
+      }
+
+      kill_signal  = "SIGTERM"
+      kill_timeout = "15s"
+
+      resources {
+        cpu    = 300
+        memory = 128
+      }
+
+      service {
+        name = "sbx-dns"
+        port = "metrics"
+        tags = ["sbx", "metrics"]
+        meta {
+          socket       = "/run/sbx/dns.sock"
+          metrics_path = "/metrics"
+        }
+
+        check {
+          name     = "grpc-health"
+          type     = "script"
+          command  = "${var.sbx_root}/sbx"
+          args     = ["health", "/run/sbx/dns.sock"]
+          interval = "10s"
+          timeout  = "5s"
+
+          check_restart {
+            limit = 3
+            grace = "30s"
+          }
+        }
+      }
+    }
+  }
+}
