@@ -53,3 +53,5 @@ export type { CachedFile } from './cached-file.js';
 export { FileBlocks } from './file-blocks.js';
 export { ChunkCache, CHUNK_SIZE, backendSource } from './chunk-cache.js';
 export type { ChunkCacheOptions, ChunkSource } from './chunk-cache.js';
+export { BuildCache, BuildCacheEntry } from './build-cache.js';
+export type { BuildCacheOptions, BuildCacheEvent, CachedBuildInfo, DiskUsage } from './build-cache.js';
