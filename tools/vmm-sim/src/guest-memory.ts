@@ -1,0 +1,371 @@
+import { closeSync, fstatSync, openSync } from 'node:fs';
+import { Socket } from 'node:net';
+import { Worker } from 'node:worker_threads';
+import {
+  MAP_ANONYMOUS,
+  MAP_HUGETLB,
+  MAP_NORESERVE,
+  MAP_PRIVATE,
+  MAP_SHARED,
+  MFD_CLOEXEC,
+  MFD_HUGETLB,
+  PROT_READ,
+  PROT_WRITE,
+  UFFDIO_REGISTER_MODE_MISSING,
+  UFFDIO_REGISTER_MODE_WP,
+  UffdFeature,
+  close as closeFd,
+  dialUnix,
+  ftruncate,
+  kernelUffdFeatures,
+  memfdCreate,
+  mmap,
+  munmap,
+  sendWithFds,
+  uffdApi,
+  uffdFeaturesOfFd,
+  uffdRegister,
+  userfaultfd,
+} from '#native';
+import type { Logger } from '#logging';
+import { encodeHandshake, parseHandshake, type GuestRegion } from '#uffd';
+import { VmmFailure, osErrorText } from './api-error.js';
+import type { VcpuReply, VcpuRequest, VcpuWorkerData } from './vcpu-protocol.js';
+
+/** How the VMM asks for write tracking on the uffd it hands over (the uffd-server's dirty tracking). */
+export type WriteProtectMode = 'async' | 'sync' | 'off';
+
+/**
+ * How the handshake spells the page size: Firecracker 1.x sends both `page_size` and the
+ * deprecated `page_size_kib` (bytes, despite the name); older releases only the latter.
+ */
+export type PageSizeSpelling = 'both' | 'page_size' | 'page_size_kib';
+
+export type MemoryBacking =
+  /** Snapshot load with the Uffd backend: empty memory, every first touch is a fault served by the peer. */
+  | {
+      kind: 'uffd';
+      socketPath: string;
+      shareMemfd: boolean;
+      writeProtect: WriteProtectMode;
+      pageSizeSpelling: PageSizeSpelling;
+    }
+  /** Snapshot load with the File backend: the memory file mapped privately. */
+  | { kind: 'file'; path: string }
+  /** Cold boot: fresh memory the boot image is written into. */
+  | { kind: 'boot'; shareMemfd: boolean };
+
+export interface GuestMemoryOptions {
+  sizeBytes: number;
+  pageSize: number;
+  backing: MemoryBacking;
+  trackDirtyPages: boolean;
+  logger: Logger;
+}
+
+/**
+ * Guest memory of one microVM: the mapping, the userfaultfd registered over it and handed to
+ * the uffd-server (Firecracker's `guest_memory_from_uffd`), the optional memfd behind it, and
+ * the vCPU thread that reads and writes it. Every resource is released by `close`, also after
+ * a failure half-way through `open`.
+ */
+export class GuestMemory {
+  /** Pages written since load or the last diff snapshot (Firecracker's dirty log), when tracking. */
+  readonly dirty: Uint8Array | undefined;
+  uffdFeatures = 0;
+  registerMode = 0;
+  private uffd = -1;
+  private memfd = -1;
+  private handshake: Socket | undefined;
+  private worker: Worker | undefined;
+  private nextId = 1;
+  private readonly waiting = new Map<number, { resolve: (v: unknown) => void; reject: (e: Error) => void }>();
+  private address = 0;
+  private closed = false;
+  private workerError: Error | undefined;
+
+  private constructor(
+    readonly size: number,
+    readonly pageSize: number,
+    private readonly logger: Logger,
+    trackDirty: boolean,
+  ) {
+    this.dirty = trackDirty ? new Uint8Array(Math.ceil(size / pageSize)) : undefined;
+  }
+
+  static async open(options: GuestMemoryOptions): Promise<GuestMemory> {
+    const { sizeBytes, pageSize, backing } = options;
+    if (sizeBytes <= 0 || sizeBytes % pageSize !== 0) {
+      throw new VmmFailure('MEMORY_SIZE', `memory size ${sizeBytes} is not a positive multiple of ${pageSize}`);
+    }
+    const memory = new GuestMemory(sizeBytes, pageSize, options.logger, options.trackDirtyPages);
+    try {
+      memory.map(backing);
+      if (backing.kind === 'uffd') memory.handOver(backing);
+      memory.startVcpu();
+    } catch (err) {
+      await memory.close();
+      throw err;
+    }
+    return memory;
+  }
+
+  private map(backing: MemoryBacking): void {
+    const huge = this.pageSize !== 4096;
+    const prot = PROT_READ | PROT_WRITE;
+    if (backing.kind === 'file') {
+      let fd: number;
+      try {
+        fd = openSync(backing.path, 'r');
+      } catch (err) {
+        throw new VmmFailure('MEMORY_FILE', `Failed to load guest memory: ${osErrorText(err)}`, { path: backing.path });
+      }
+      try {
+        const fileSize = fstatSync(fd).size;
+        // Touching a private file mapping past EOF is SIGBUS: refuse a short file up front.
+        if (fileSize < this.size) {
+          throw new VmmFailure(
+            'MEMORY_FILE',
+            `Failed to load guest memory: memory file ${backing.path} has ${fileSize} bytes, the snapshot needs ${this.size}`,
+            { path: backing.path, fileSize, needed: this.size },
+          );
+        }
+        this.address = mmap(0, this.size, prot, MAP_PRIVATE | MAP_NORESERVE, fd, 0);
+      } finally {
+        closeSync(fd);
+      }
+      return;
+    }
+    if (backing.shareMemfd) {
+      this.memfd = memfdCreate('guest_mem', MFD_CLOEXEC | (huge ? MFD_HUGETLB : 0));
+      ftruncate(this.memfd, this.size);
+      this.address = mmap(0, this.size, prot, MAP_SHARED | MAP_NORESERVE, this.memfd, 0);
+    } else {
+      this.address = mmap(0, this.size, prot, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | (huge ? MAP_HUGETLB : 0));
+    }
+  }
+
+  /**
+   * Creates the userfaultfd with the richest write tracking the kernel offers (WP_ASYNC, which
+   * the uffd-server reads back with PAGEMAP_SCAN; else synchronous WP faults; else missing
+   * faults only), registers the whole mapping, connects to the uffd-server and sends the
+   * regions as JSON with the uffd (and the memfd) as SCM_RIGHTS. The connection stays open
+   * for the VMM's lifetime: its end is how the uffd-server learns the VMM is gone.
+   */
+  private handOver(backing: Extract<MemoryBacking, { kind: 'uffd' }>): void {
+    const offered = kernelUffdFeatures();
+    const shmem = this.memfd >= 0;
+    let want = UffdFeature.EVENT_REMOVE;
+    if (shmem) want |= UffdFeature.MISSING_SHMEM;
+    if (this.pageSize !== 4096) want |= UffdFeature.MISSING_HUGETLBFS;
+    const wpPossible =
+      (offered & UffdFeature.PAGEFAULT_FLAG_WP) !== 0 &&
+      (!shmem && this.pageSize === 4096 ? true : (offered & UffdFeature.WP_HUGETLBFS_SHMEM) !== 0);
+    let wp = false;
+    if (backing.writeProtect !== 'off' && wpPossible) {
+      wp = true;
+      want |= UffdFeature.PAGEFAULT_FLAG_WP;
+      if (shmem || this.pageSize !== 4096) want |= UffdFeature.WP_HUGETLBFS_SHMEM;
+      if (backing.writeProtect === 'async' && (offered & UffdFeature.WP_ASYNC) !== 0) want |= UffdFeature.WP_ASYNC;
+    }
+    this.uffd = userfaultfd();
+    uffdApi(this.uffd, want & offered);
+    // UFFDIO_API answers with everything the kernel supports; fdinfo shows what this fd got
+    // (bit 31 is the kernel's internal "initialized" flag).
+    this.uffdFeatures = uffdFeaturesOfFd(this.uffd) & 0x7fffffff;
+    this.registerMode = UFFDIO_REGISTER_MODE_MISSING | (wp ? UFFDIO_REGISTER_MODE_WP : 0);
+    uffdRegister(this.uffd, this.address, this.size, this.registerMode);
+    const regions: GuestRegion[] = [{ base: this.address, size: this.size, offset: 0, pageSize: this.pageSize }];
+    const payload = handshakePayload(regions, backing.pageSizeSpelling);
+    const fds = shmem ? [this.uffd, this.memfd] : [this.uffd];
+    // What we send must be what the uffd-server's codec accepts (libs/uffd).
+    parseHandshake(payload, { fdCount: fds.length, memorySize: this.size });
+    let sock: number;
+    try {
+      sock = dialUnix(backing.socketPath);
+    } catch (err) {
+      throw new VmmFailure(
+        'UFFD_CONNECT',
+        `Failed to restore from snapshot: Failed to load guest memory: Error creating guest memory from uffd: Failed to connect to UDS Unix stream: ${(err as Error).message}`,
+        { socketPath: backing.socketPath },
+      );
+    }
+    try {
+      sendWithFds(sock, payload, fds);
+    } catch (err) {
+      closeFd(sock);
+      throw new VmmFailure(
+        'UFFD_SEND',
+        `Failed to restore from snapshot: Failed to load guest memory: Error creating guest memory from uffd: Failed to sends file descriptor: ${(err as Error).message}`,
+      );
+    }
+    const socket = new Socket({ fd: sock, readable: true, writable: false });
+    socket.on('data', () => undefined);
+    socket.on('error', () => undefined);
+    socket.on('end', () => {
+      if (!this.closed) this.logger.warn({ socketPath: backing.socketPath }, 'uffd-server closed the handshake socket');
+    });
+    this.handshake = socket;
+    this.logger.info(
+      {
+        socketPath: backing.socketPath,
+        regions,
+        memfd: shmem,
+        uffdFeatures: `0x${this.uffdFeatures.toString(16)}`,
+        writeProtect: wp ? ((this.uffdFeatures & UffdFeature.WP_ASYNC) !== 0 ? 'async' : 'sync') : 'off',
+      },
+      'uffd handed over',
+    );
+  }
+
+  private startVcpu(): void {
+    const data: VcpuWorkerData = { address: this.address, size: this.size, pageSize: this.pageSize };
+    const worker = new Worker(new URL('./vcpu-worker.js', import.meta.url), { workerData: data });
+    worker.on('message', (reply: VcpuReply) => {
+      const waiter = this.waiting.get(reply.id);
+      if (!waiter) return;
+      this.waiting.delete(reply.id);
+      if (reply.ok) waiter.resolve(reply.result);
+      else waiter.reject(new VmmFailure('GUEST_MEMORY', reply.error));
+    });
+    worker.on('error', (err) => {
+      this.workerError = err;
+      for (const w of this.waiting.values()) w.reject(err);
+      this.waiting.clear();
+    });
+    worker.unref();
+    this.worker = worker;
+  }
+
+  private call<T>(request: DistributiveOmit<VcpuRequest, 'id'>, transfer: ArrayBuffer[] = []): Promise<T> {
+    if (this.closed || !this.worker)
+      return Promise.reject(new VmmFailure('GUEST_MEMORY_CLOSED', 'guest memory is closed'));
+    if (this.workerError) return Promise.reject(this.workerError);
+    const id = this.nextId++;
+    return new Promise<T>((resolve, reject) => {
+      this.waiting.set(id, { resolve: resolve as (v: unknown) => void, reject });
+      this.worker?.postMessage({ ...request, id }, transfer);
+    });
+  }
+
+  private markDirty(offset: number, length: number): void {
+    if (!this.dirty || length === 0) return;
+    const first = Math.floor(offset / this.pageSize);
+    const last = Math.floor((offset + length - 1) / this.pageSize);
+    this.dirty.fill(1, first, Math.min(last + 1, this.dirty.length));
+  }
+
+  private checkRange(offset: number, length: number): void {
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0) {
+      throw new RangeError(`bad guest memory range offset ${offset} length ${length}`);
+    }
+    if (offset + length > this.size) {
+      throw new RangeError(`guest memory range [${offset}, ${offset + length}) past the end (${this.size} bytes)`);
+    }
+  }
+
+  async write(offset: number, data: Uint8Array): Promise<void> {
+    this.checkRange(offset, data.length);
+    const copy = new Uint8Array(data);
+    await this.call({ op: 'write', offset, data: copy }, [copy.buffer]);
+    this.markDirty(offset, data.length);
+  }
+
+  async fill(offset: number, length: number, pattern: Uint8Array): Promise<void> {
+    this.checkRange(offset, length);
+    await this.call({ op: 'fill', offset, length, pattern });
+    this.markDirty(offset, length);
+  }
+
+  async read(offset: number, length: number): Promise<Uint8Array> {
+    this.checkRange(offset, length);
+    return this.call<Uint8Array>({ op: 'read', offset, length });
+  }
+
+  async hash(offset: number, length: number): Promise<string> {
+    this.checkRange(offset, length);
+    return this.call<string>({ op: 'hash', offset, length });
+  }
+
+  /** Writes the cold-boot image and counts every page as written, as a boot would. */
+  async boot(seed: number): Promise<void> {
+    await this.call({ op: 'boot', seed });
+    this.markDirty(0, this.size);
+  }
+
+  /**
+   * The memory file of a snapshot. Full: all of guest memory, faulting in whatever is not
+   * present yet. Diff: only the pages written since load (or since the last diff), laid over
+   * the file if it exists, and the dirty log starts again.
+   */
+  async dump(path: string, type: 'Full' | 'Diff'): Promise<number> {
+    if (type === 'Full') return this.call<number>({ op: 'dump', path, ranges: [[0, this.size]], merge: false });
+    if (!this.dirty) throw new VmmFailure('NO_DIRTY_TRACKING', 'dirty page tracking is off');
+    const ranges: [number, number][] = [];
+    for (let page = 0; page < this.dirty.length; page++) {
+      if (!this.dirty[page]) continue;
+      const last = ranges[ranges.length - 1];
+      const start = page * this.pageSize;
+      if (last && last[0] + last[1] === start) last[1] += this.pageSize;
+      else ranges.push([start, this.pageSize]);
+    }
+    const written = await this.call<number>({ op: 'dump', path, ranges, merge: true });
+    this.dirty.fill(0);
+    return written;
+  }
+
+  /** Number of pages written since load (for metrics and logs). */
+  dirtyPages(): number {
+    if (!this.dirty) return 0;
+    let n = 0;
+    for (const d of this.dirty) n += d;
+    return n;
+  }
+
+  /**
+   * Releases everything in reverse: the vCPU thread first (nothing may touch the mapping once
+   * it is gone), then the handshake socket, the uffd, the mapping and the memfd. Idempotent.
+   */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    for (const w of this.waiting.values()) w.reject(new VmmFailure('GUEST_MEMORY_CLOSED', 'guest memory closed'));
+    this.waiting.clear();
+    // A vCPU frozen in a fault nobody serves cannot be stopped; the mapping then stays until
+    // the process exits, which is what a Firecracker vCPU stuck the same way costs too.
+    let workerStopped = true;
+    if (this.worker) {
+      workerStopped = await Promise.race([
+        this.worker.terminate().then(() => true),
+        new Promise<boolean>((resolve) => setTimeout(() => resolve(false), 2000).unref()),
+      ]);
+      this.worker = undefined;
+    }
+    this.handshake?.destroy();
+    this.handshake = undefined;
+    if (this.uffd >= 0) closeFd(this.uffd);
+    this.uffd = -1;
+    if (this.address !== 0 && workerStopped) munmap(this.address, this.size);
+    this.address = 0;
+    if (this.memfd >= 0) closeFd(this.memfd);
+    this.memfd = -1;
+  }
+}
+
+/** Firecracker's message (persist.rs GuestRegionUffdMapping), with both spellings by default. */
+function handshakePayload(regions: GuestRegion[], spelling: PageSizeSpelling): Uint8Array {
+  if (spelling !== 'both') return encodeHandshake(regions, spelling);
+  return Buffer.from(
+    JSON.stringify(
+      regions.map((r) => ({
+        base_host_virt_addr: r.base,
+        size: r.size,
+        offset: r.offset,
+        page_size: r.pageSize,
+        page_size_kib: r.pageSize,
+      })),
+    ),
+  );
+}
+
+type DistributiveOmit<T, K extends PropertyKey> = T extends unknown ? Omit<T, K> : never;

@@ -1,0 +1,166 @@
+import { z } from 'zod';
+import { ConfigInvalid, describeConfig, loadConfig } from '#config';
+import { createLogger } from '#logging';
+import { ApiServer } from './api-server.js';
+import type { MicrovmSettings } from './microvm.js';
+import { VMM_VERSION, VmmController } from './vmm-controller.js';
+
+/**
+ * `./sbx vmm-sim --api-sock <path>`: the Firecracker test double. Takes Firecracker's
+ * command line (flags it does not know, like --id's siblings --level or --no-seccomp, are
+ * ignored), serves the API subset the node uses on the socket, and runs a "guest" whose memory
+ * comes through userfaultfd and whose disk is the real device or NBD socket. A test and
+ * local-mode tool: no service depends on it at run time.
+ */
+const schema = z.object({
+  apiSock: z.string().min(1),
+  id: z.string().min(1).max(64).default('anonymous-instance'),
+  guestListen: z
+    .string()
+    .regex(/^[^:]+:\d+$/, 'host:port, e.g. 127.0.0.1:49983')
+    .optional(),
+  guestAddress: z.ipv4().default('169.254.0.21'),
+  guestPrefixLength: z.coerce.number().int().min(1).max(32).default(30),
+  tapCidr: z
+    .string()
+    .regex(/^\d+\.\d+\.\d+\.\d+\/\d+$/, 'an IPv4 CIDR like 169.254.0.22/30')
+    .default('169.254.0.22/30'),
+  shareMemfd: z.stringbool().default(false),
+  uffdWriteProtect: z.enum(['async', 'sync', 'off']).default('async'),
+  uffdPageSizeField: z.enum(['both', 'page_size', 'page_size_kib']).default('both'),
+  nbdExportName: z.string().default(''),
+  logLevel: z.enum(['trace', 'debug', 'info', 'warn', 'error']).default('info'),
+});
+
+const BOOLEAN_FLAGS = new Set(['share-memfd']);
+
+const USAGE = `usage: ./sbx vmm-sim --api-sock <path> [options] [other Firecracker flags, ignored]
+
+The Firecracker test double (DESIGN.md §8). Serves Firecracker's API subset on --api-sock.
+
+options (env SBX_VMM_SIM_<NAME>):
+  --api-sock <path>             API Unix socket (required)
+  --id <id>                     instance id reported by GET / (default anonymous-instance)
+  --guest-listen <host:port>    run the guest agent on this loopback address instead of in the
+                                slot network (no tap0 needed; for tests without net-agent)
+  --guest-address <ip>          guest address at cold boot (default 169.254.0.21)
+  --guest-prefix-length <n>     (default 30)
+  --tap-cidr <cidr>             slot side of the guest link (default 169.254.0.22/30)
+  --share-memfd                 back guest memory with a memfd and send it with the uffd
+  --uffd-write-protect <mode>   async (WP_ASYNC when the kernel has it) | sync | off (default async)
+  --uffd-page-size-field <f>    both | page_size | page_size_kib (older Firecracker) (default both)
+  --nbd-export-name <name>      export to ask for when a drive is an NBD socket (default "")
+  --log-level <level>           pino level (default info)
+  --version                     print the Firecracker version this double answers as
+`;
+
+export async function main(argv: string[]): Promise<number | void> {
+  if (argv.includes('--help') || argv.includes('-h')) {
+    console.log(USAGE);
+    return 0;
+  }
+  if (argv.includes('--version')) {
+    console.log(`Firecracker v${VMM_VERSION} (vmm-sim test double)`);
+    return 0;
+  }
+  let config: z.infer<typeof schema>;
+  try {
+    config = loadConfig('vmm-sim', schema, 'SBX_VMM_SIM_', { argv: ownFlags(argv) });
+  } catch (err) {
+    if (err instanceof ConfigInvalid) {
+      console.error(`${err.message}\n\n${USAGE}`);
+      return 2;
+    }
+    throw err;
+  }
+  const logger = createLogger({ service: 'vmm-sim', level: config.logLevel }).child({ instanceId: config.id });
+  logger.warn(
+    { config: describeConfig(config) },
+    'vmm-sim: the Firecracker TEST DOUBLE is running (no real guest kernel); memory via userfaultfd, disk via the real device or NBD',
+  );
+  let guestListen: MicrovmSettings['guestListen'];
+  if (config.guestListen) {
+    const at = config.guestListen.lastIndexOf(':');
+    guestListen = { host: config.guestListen.slice(0, at), port: Number(config.guestListen.slice(at + 1)) };
+  }
+  const settings: MicrovmSettings = {
+    logger,
+    guestListen,
+    guestAddress: config.guestAddress,
+    guestPrefixLength: config.guestPrefixLength,
+    tapCidr: config.tapCidr,
+    shareMemfd: config.shareMemfd,
+    uffdWriteProtect: config.uffdWriteProtect,
+    uffdPageSizeSpelling: config.uffdPageSizeField,
+    nbdExportName: config.nbdExportName,
+  };
+  const controller = new VmmController(settings, config.id);
+  let stopping: Promise<void> | undefined;
+  const running: { api?: ApiServer } = {};
+  const stop = (): Promise<void> => {
+    stopping ??= (async () => {
+      await running.api?.close().catch((err: unknown) => logger.error({ err }, 'closing the API socket failed'));
+      await controller.shutdown();
+    })();
+    return stopping;
+  };
+  running.api = await ApiServer.listen({
+    path: config.apiSock,
+    controller,
+    logger,
+    onFatal: (fault) => {
+      logger.error({ fault: fault.faultMessage }, 'fatal API error: exiting as Firecracker does');
+      void stop()
+        .catch((err: unknown) => logger.error({ err }, 'cleanup after fatal error failed'))
+        .finally(() => process.exit(1));
+    },
+  });
+  logger.info({ apiSock: config.apiSock }, 'API server started');
+  return new Promise<number>((resolve) => {
+    let signals = 0;
+    const onSignal = (signal: NodeJS.Signals) => {
+      signals++;
+      if (signals > 1) process.exit(130);
+      logger.info({ signal }, 'shutting down');
+      stop().then(
+        () => {
+          logger.info('stopped cleanly');
+          resolve(0);
+          // Worker threads or the handshake socket must not keep a stopped VMM alive.
+          setImmediate(() => process.exit(0));
+        },
+        (err: unknown) => {
+          logger.error({ err }, 'shutdown failed');
+          resolve(1);
+          setImmediate(() => process.exit(1));
+        },
+      );
+    };
+    process.on('SIGTERM', onSignal);
+    process.on('SIGINT', onSignal);
+  });
+}
+
+/**
+ * Keeps the flags this double defines and drops Firecracker's others (with their values), so
+ * the orchestrator can start it with exactly Firecracker's command line.
+ */
+function ownFlags(argv: string[]): string[] {
+  const known = new Set(Object.keys(schema.shape).map((k) => k.replace(/[A-Z]/g, (c) => '-' + c.toLowerCase())));
+  const kept: string[] = [];
+  for (let i = 0; i < argv.length; i++) {
+    const arg = argv[i] ?? '';
+    if (!arg.startsWith('--')) continue;
+    const [name, inline] = arg.slice(2).split('=', 2) as [string, string | undefined];
+    const takesValue = inline === undefined && i + 1 < argv.length && !(argv[i + 1] ?? '').startsWith('--');
+    if (known.has(name)) {
+      if (BOOLEAN_FLAGS.has(name) && inline === undefined) kept.push(`--${name}=true`);
+      else if (inline !== undefined) kept.push(arg);
+      else if (takesValue) kept.push(arg, argv[++i] ?? '');
+      else kept.push(arg);
+    } else if (takesValue) {
+      i++;
+    }
+  }
+  return kept;
+}

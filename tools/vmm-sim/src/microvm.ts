@@ -1,0 +1,331 @@
+import { readFile, writeFile } from 'node:fs/promises';
+import type { Logger } from '#logging';
+import { VmmFailure, osErrorText } from './api-error.js';
+import type { CreateSnapshotParams, DriveConfig, MachineConfig, NetworkInterfaceConfig } from './api-request.js';
+import { bootSeed } from './boot-image.js';
+import { EnvdServer, type GuestView } from './envd-server.js';
+import { openGuestDisk, type GuestDisk } from './guest-disk.js';
+import { GuestMemory, type MemoryBacking, type PageSizeSpelling, type WriteProtectMode } from './guest-memory.js';
+import { GuestNetwork } from './guest-network.js';
+import {
+  SNAPFILE_FORMAT,
+  SNAPFILE_VERSION,
+  decodeSnapfile,
+  encodeSnapfile,
+  memoryBytes,
+  type Snapfile,
+} from './snapfile.js';
+
+/** Settings from the command line that shape every microVM this process runs. */
+export interface MicrovmSettings {
+  logger: Logger;
+  /** Listen on this loopback address instead of inside a slot (tests without net-agent). */
+  guestListen: { host: string; port: number } | undefined;
+  /** The guest's address and prefix when the snapfile does not say (cold boot). */
+  guestAddress: string;
+  guestPrefixLength: number;
+  /** The slot side of the guest link (net-agent's tap address), e.g. 169.254.0.22/30. */
+  tapCidr: string;
+  shareMemfd: boolean;
+  uffdWriteProtect: WriteProtectMode;
+  uffdPageSizeSpelling: PageSizeSpelling;
+  nbdExportName: string;
+}
+
+export interface BootResources {
+  machine: MachineConfig;
+  bootSource: { kernelImagePath: string; bootArgs?: string; initrdPath?: string } | undefined;
+  drives: DriveConfig[];
+  networkInterfaces: NetworkInterfaceConfig[];
+}
+
+export interface LoadParams {
+  snapshotPath: string;
+  backendType: 'Uffd' | 'File';
+  backendPath: string;
+  enableDiffSnapshots: boolean;
+  networkOverrides: { ifaceId: string; hostDevName: string }[];
+}
+
+/**
+ * A running (or paused) microVM: its memory, drives, network and guest agent. Every resource
+ * is pushed on a teardown stack as it is taken, and `close` (also after a failure half-way
+ * through building) releases them in reverse.
+ */
+export class Microvm implements GuestView {
+  state: 'Running' | 'Paused' = 'Paused';
+  readonly envVars: Record<string, string>;
+  mmdsValue: unknown = null;
+  private readonly teardown: { what: string; release: () => Promise<void> | void }[] = [];
+  private resumeWaiters: (() => void)[] = [];
+  private inFlight = 0;
+  private drained: (() => void) | undefined;
+  private closed = false;
+  memory!: GuestMemory;
+  readonly drives = new Map<string, GuestDisk>();
+  rootDriveId: string | undefined;
+  envd: EnvdServer | undefined;
+
+  private constructor(
+    private readonly settings: MicrovmSettings,
+    readonly config: Omit<Snapfile, 'createdAt' | 'mmds' | 'envVars' | 'format' | 'version'>,
+    envVars: Record<string, string>,
+  ) {
+    this.envVars = { ...envVars };
+  }
+
+  get vcpuCount(): number {
+    return this.config.vcpuCount;
+  }
+
+  get memSizeMib(): number {
+    return this.config.memSizeMib;
+  }
+
+  get trackDirtyPages(): boolean {
+    return this.memory.dirty !== undefined;
+  }
+
+  mmds(): unknown {
+    return this.mmdsValue;
+  }
+
+  /** Firecracker's restore_from_snapshot: the VM comes up paused. */
+  static async load(params: LoadParams, settings: MicrovmSettings): Promise<Microvm> {
+    let bytes: Buffer;
+    try {
+      bytes = await readFile(params.snapshotPath);
+    } catch (err) {
+      throw new VmmFailure(
+        'SNAPFILE_OPEN',
+        `Failed to restore from snapshot: Failed to get snapshot state from file: Failed to open snapshot file: ${osErrorText(err)}`,
+        { path: params.snapshotPath },
+      );
+    }
+    let snapfile: Snapfile;
+    try {
+      snapfile = decodeSnapfile(bytes, params.snapshotPath);
+    } catch (err) {
+      throw new VmmFailure(
+        'SNAPFILE_INVALID',
+        `Failed to restore from snapshot: Failed to get snapshot state from file: Failed to load snapshot state from file: ${(err as Error).message}`,
+      );
+    }
+    const networkInterfaces = snapfile.networkInterfaces.map((n) => ({ ...n }));
+    for (const o of params.networkOverrides) {
+      const nic = networkInterfaces.find((n) => n.ifaceId === o.ifaceId);
+      if (!nic)
+        throw new VmmFailure(
+          'UNKNOWN_NIC',
+          'Failed to restore from snapshot: Failed to get snapshot state from file: Unknown Network Device.',
+        );
+      nic.hostDevName = o.hostDevName;
+    }
+    const { createdAt: _c, mmds: _m, envVars, format: _f, version: _v, ...config } = snapfile;
+    const vm = new Microvm(settings, { ...config, networkInterfaces }, envVars);
+    const backing: MemoryBacking =
+      params.backendType === 'Uffd'
+        ? {
+            kind: 'uffd',
+            socketPath: params.backendPath,
+            shareMemfd: settings.shareMemfd,
+            writeProtect: settings.uffdWriteProtect,
+            pageSizeSpelling: settings.uffdPageSizeSpelling,
+          }
+        : { kind: 'file', path: params.backendPath };
+    await vm.build(backing, params.enableDiffSnapshots, 'Failed to restore from snapshot');
+    return vm;
+  }
+
+  /** Cold boot for template builds: a deterministic memory image instead of a kernel. */
+  static async boot(resources: BootResources, settings: MicrovmSettings): Promise<Microvm> {
+    const { machine } = resources;
+    const config: Microvm['config'] = {
+      memSizeMib: machine.memSizeMib,
+      pageSize: machine.hugePages === '2M' ? 2 * 1024 * 1024 : 4096,
+      vcpuCount: machine.vcpuCount,
+      smt: machine.smt,
+      bootSeed: bootSeed(machine),
+      bootSource: resources.bootSource,
+      drives: resources.drives,
+      networkInterfaces: resources.networkInterfaces,
+      guestNetwork: {
+        address: settings.guestAddress,
+        prefixLength: settings.guestPrefixLength,
+        gateway: settings.tapCidr.split('/')[0] ?? '',
+      },
+    };
+    const vm = new Microvm(settings, config, {});
+    await vm.build({ kind: 'boot', shareMemfd: settings.shareMemfd }, machine.trackDirtyPages, 'Start microvm error');
+    await vm.memory.boot(config.bootSeed);
+    vm.state = 'Running';
+    return vm;
+  }
+
+  private async build(backing: MemoryBacking, trackDirtyPages: boolean, context: string): Promise<void> {
+    const logger = this.settings.logger;
+    try {
+      this.memory = await GuestMemory.open({
+        sizeBytes: memoryBytes(this.config),
+        pageSize: this.config.pageSize,
+        backing,
+        trackDirtyPages,
+        logger,
+      });
+      this.teardown.push({ what: 'memory', release: () => this.memory.close() });
+      for (const drive of this.config.drives) {
+        let disk: GuestDisk;
+        try {
+          disk = await openGuestDisk(drive.pathOnHost, {
+            readOnly: drive.isReadOnly,
+            nbdExportName: this.settings.nbdExportName,
+          });
+        } catch (err) {
+          throw new VmmFailure(
+            'DRIVE_OPEN',
+            `VirtioBlock: Error manipulating the backing file: ${(err as Error).message} ${drive.pathOnHost}`,
+            { driveId: drive.driveId, path: drive.pathOnHost },
+          );
+        }
+        this.drives.set(drive.driveId, disk);
+        if (drive.isRootDevice) this.rootDriveId = drive.driveId;
+        this.teardown.push({ what: `drive ${drive.driveId}`, release: () => disk.close() });
+        logger.info(
+          { driveId: drive.driveId, path: drive.pathOnHost, kind: disk.kind, size: disk.size },
+          'drive opened',
+        );
+      }
+      this.rootDriveId ??= this.config.drives[0]?.driveId;
+      let network: GuestNetwork | undefined;
+      const nic = this.config.networkInterfaces[0];
+      if (!this.settings.guestListen && nic) {
+        network = await GuestNetwork.attach({
+          tapName: nic.hostDevName,
+          tapCidr: this.settings.tapCidr,
+          guestAddress: this.config.guestNetwork.address,
+          guestPrefixLength: this.config.guestNetwork.prefixLength,
+          logger,
+        });
+        const attached = network;
+        this.teardown.push({ what: 'network', release: () => attached.close() });
+      }
+      if (network || this.settings.guestListen) {
+        const envd = await EnvdServer.start({
+          guest: this,
+          logger,
+          ...(network ? { netns: network.netns } : {}),
+          ...(this.settings.guestListen ? { listen: this.settings.guestListen } : {}),
+        });
+        this.envd = envd;
+        this.teardown.push({ what: 'envd', release: () => envd.close() });
+        logger.info({ address: envd.address() }, 'guest agent (envd) listening');
+      } else {
+        logger.warn('the VM has no network interface and no --guest-listen: the guest agent is unreachable');
+      }
+    } catch (err) {
+      await this.close().catch(() => undefined);
+      const message = (err as Error).message;
+      throw new VmmFailure(
+        (err as { code?: string }).code ?? 'BUILD',
+        message.startsWith(context) ? message : `${context}: ${message}`,
+      );
+    }
+  }
+
+  /** Runs a guest request once the VM runs; pause waits for the requests already running. */
+  async whileRunning<T>(fn: () => Promise<T>): Promise<T> {
+    while (this.state !== 'Running') {
+      if (this.closed) throw new VmmFailure('VM_CLOSED', 'the VM is gone');
+      await new Promise<void>((resolve) => this.resumeWaiters.push(resolve));
+    }
+    this.inFlight++;
+    try {
+      return await fn();
+    } finally {
+      this.inFlight--;
+      if (this.inFlight === 0) this.drained?.();
+    }
+  }
+
+  async pause(): Promise<void> {
+    if (this.state === 'Paused') return;
+    this.state = 'Paused';
+    if (this.inFlight > 0) await new Promise<void>((resolve) => (this.drained = resolve));
+    this.drained = undefined;
+    await this.flushDrives();
+  }
+
+  resume(): void {
+    if (this.state === 'Running') return;
+    this.state = 'Running';
+    const waiters = this.resumeWaiters;
+    this.resumeWaiters = [];
+    for (const w of waiters) w();
+  }
+
+  async flushDrives(): Promise<void> {
+    for (const disk of this.drives.values()) if (!disk.readOnly) await disk.flush();
+  }
+
+  async createSnapshot(params: CreateSnapshotParams): Promise<void> {
+    const snapfile: Snapfile = {
+      format: SNAPFILE_FORMAT,
+      version: SNAPFILE_VERSION,
+      ...this.config,
+      mmds: this.mmdsValue ?? undefined,
+      envVars: this.envVars,
+      createdAt: new Date().toISOString(),
+    };
+    try {
+      await writeFile(params.snapshotPath, encodeSnapfile(snapfile));
+    } catch (err) {
+      throw new VmmFailure(
+        'SNAPFILE_WRITE',
+        `Create snapshot error: Cannot perform open on the snapshot backing file: ${osErrorText(err)}`,
+        { path: params.snapshotPath },
+      );
+    }
+    try {
+      const written = await this.memory.dump(params.memFilePath, params.snapshotType);
+      this.settings.logger.info(
+        { type: params.snapshotType, memFile: params.memFilePath, bytesWritten: written },
+        'snapshot memory written',
+      );
+    } catch (err) {
+      throw new VmmFailure(
+        'MEMFILE_WRITE',
+        `Create snapshot error: Cannot write memory file: ${(err as Error).message}`,
+        {
+          path: params.memFilePath,
+        },
+      );
+    }
+    await this.flushDrives();
+  }
+
+  /** Releases everything this VM took, in reverse order. Idempotent. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    const waiters = this.resumeWaiters;
+    this.resumeWaiters = [];
+    for (const w of waiters) w();
+    const errors: unknown[] = [];
+    for (const step of this.teardown.reverse()) {
+      try {
+        if (step.what.startsWith('drive') && this.state === 'Running') {
+          await this.drives
+            .get(step.what.slice(6))
+            ?.flush()
+            .catch(() => undefined);
+        }
+        await step.release();
+      } catch (err) {
+        errors.push(err);
+        this.settings.logger.error({ err, step: step.what }, 'teardown step failed');
+      }
+    }
+    this.teardown.length = 0;
+    if (errors.length > 0) throw errors[0];
+  }
+}

@@ -1,0 +1,20 @@
+/** Messages between the VMM's main thread and its vCPU worker (vcpu-worker.ts). */
+
+export interface VcpuWorkerData {
+  /** Start of the guest memory mapping in this process. */
+  address: number;
+  size: number;
+  pageSize: number;
+}
+
+export type VcpuRequest = { id: number } & (
+  | { op: 'write'; offset: number; data: Uint8Array }
+  | { op: 'fill'; offset: number; length: number; pattern: Uint8Array }
+  | { op: 'read'; offset: number; length: number }
+  | { op: 'hash'; offset: number; length: number }
+  | { op: 'boot'; seed: number }
+  | { op: 'dump'; path: string; ranges: [number, number][]; merge: boolean }
+  | { op: 'touch' }
+);
+
+export type VcpuReply = { id: number; ok: true; result: unknown } | { id: number; ok: false; error: string };
