@@ -6,3 +6,5 @@ export * from './unix-socket.js';
 export * from './userfaultfd.js';
 export * from './pagemap-scan.js';
 export * from './uffd-serve-engine.js';
+export * from './netlink-nbd.js';
+export * from './uffd-peer-process.js';
