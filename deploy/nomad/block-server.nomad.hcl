@@ -81,8 +81,10 @@ job "sbx-block-server" {
           command = "${var.sbx_root}/sbx"
           args = [
             "block-server", "serve",
-            "--socket", "${group.value}",
-            "--metrics-host", "${NOMAD_IP_metrics}",
+            "--control-socket", "${group.value}",
+            # Device state and overlays outlive the process (restart survival): one directory per
+            # instance, never shared.
+            "--data-dir", "/var/lib/sbx/block-server-${group.key}",
             "--metrics-port", "${NOMAD_PORT_metrics}",
           ]
         }
@@ -114,6 +116,8 @@ job "sbx-block-server" {
         service {
           name = "sbx-block-server"
           port = "metrics"
+          # block-server binds its metrics on loopback only (it has no --metrics-host yet).
+          address = "127.0.0.1"
           tags = ["sbx", "metrics", "instance-${group.key}"]
           meta {
             socket       = "${group.value}"

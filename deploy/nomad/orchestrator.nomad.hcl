@@ -86,9 +86,9 @@ job "sbx-orchestrator" {
         args = [
           "orchestrator", "serve",
           "--grpc-port", "${NOMAD_PORT_grpc}",
-          "--socket", "/run/sbx/orchestrator.sock",
+          "--control-socket", "/run/sbx/orchestrator.sock",
           "--node-id", "${node.unique.id}",
-          "--net-socket", "/run/sbx/net-agent.sock",
+          "--net-agent-socket", "/run/sbx/net-agent.sock",
           "--dns-socket", "/run/sbx/dns.sock",
           "--metrics-port", "${NOMAD_PORT_metrics}",
         ]
@@ -96,8 +96,8 @@ job "sbx-orchestrator" {
 
       # Lists go through the environment: the service splits SBX_ORCHESTRATOR_* lists on commas.
       env {
-        SBX_ORCHESTRATOR_UFFD_SOCKETS  = join(",", var.uffd_sockets)
-        SBX_ORCHESTRATOR_BLOCK_SOCKETS = join(",", var.block_sockets)
+        SBX_ORCHESTRATOR_UFFD_SERVER_SOCKETS  = join(",", var.uffd_sockets)
+        SBX_ORCHESTRATOR_BLOCK_SERVER_SOCKETS = join(",", var.block_sockets)
       }
 
       # Node-wide settings from the Nomad variable nomad/jobs (bucket -> SBX_BUCKET, cache_dir ->
@@ -153,6 +153,8 @@ job "sbx-orchestrator" {
       service {
         name = "sbx-orchestrator-metrics"
         port = "metrics"
+        # The orchestrator binds its metrics on loopback only (it has no --metrics-host yet).
+        address = "127.0.0.1"
         tags = ["sbx", "metrics"]
         meta {
           metrics_path = "/metrics"

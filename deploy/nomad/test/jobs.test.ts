@@ -111,6 +111,14 @@ describe.each(nodeServices)('$service job', (svc: NodeService) => {
       expect(portLabels(group)).toContain(metrics!.port);
       expect(flagValue(task.args, '--metrics-port')).toBe(`\${NOMAD_PORT_${metrics!.port}}`);
       expect(metrics!.meta['metrics_path']).toBe('/metrics');
+      // Consul must advertise the address the endpoint is bound to: the port's host address when the
+      // job binds it there, else the services' default, loopback.
+      const host = flagValue(task.args, '--metrics-host');
+      if (host === undefined) expect(metrics!.address).toBe('127.0.0.1');
+      else {
+        expect(host).toBe(`\${NOMAD_IP_${metrics!.port}}`);
+        expect(metrics!.address).toBeUndefined();
+      }
     }
   });
 
@@ -183,12 +191,13 @@ describe('the five jobs together', () => {
         loadJob(nodeServices.find((s) => s.service === name)!.jobFile, overrides),
       ),
     );
-    expect(uffdJob!.groups.map((g) => flagValue(g.tasks[0]!.args, '--socket'))).toEqual(uffd);
-    expect(blockJob!.groups.map((g) => flagValue(g.tasks[0]!.args, '--socket'))).toEqual(block);
+    const flagOf = (name: string) => nodeServices.find((s) => s.service === name)!.socketFlag;
+    expect(uffdJob!.groups.map((g) => flagValue(g.tasks[0]!.args, flagOf('uffd-server')))).toEqual(uffd);
+    expect(blockJob!.groups.map((g) => flagValue(g.tasks[0]!.args, flagOf('block-server')))).toEqual(block);
     expect(uffdJob!.groups.map((g) => g.name)).toEqual(['uffd-server-0', 'uffd-server-1', 'uffd-server-2']);
     const env = orchestrator!.groups[0]!.tasks[0]!.env;
-    expect(env['SBX_ORCHESTRATOR_UFFD_SOCKETS']!.split(',')).toEqual(uffd);
-    expect(env['SBX_ORCHESTRATOR_BLOCK_SOCKETS']!.split(',')).toEqual(block);
+    expect(env['SBX_ORCHESTRATOR_UFFD_SERVER_SOCKETS']!.split(',')).toEqual(uffd);
+    expect(env['SBX_ORCHESTRATOR_BLOCK_SERVER_SOCKETS']!.split(',')).toEqual(block);
   });
 
   it('point the orchestrator at the sockets net-agent and dns listen on', async () => {
@@ -198,7 +207,7 @@ describe('the five jobs together', () => {
     const orchestratorArgs = byService.get('orchestrator')!.groups[0]!.tasks[0]!.args;
     const netAgent = nodeServices.find((s) => s.service === 'net-agent')!;
     const dns = nodeServices.find((s) => s.service === 'dns')!;
-    expect(flagValue(orchestratorArgs, '--net-socket')).toBe(
+    expect(flagValue(orchestratorArgs, '--net-agent-socket')).toBe(
       socketOf(netAgent, byService.get('net-agent')!.groups[0]!),
     );
     expect(flagValue(orchestratorArgs, '--dns-socket')).toBe(socketOf(dns, byService.get('dns')!.groups[0]!));

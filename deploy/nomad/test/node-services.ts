@@ -36,9 +36,9 @@ function nodeService(
 }
 
 export const nodeServices: NodeService[] = [
-  nodeService('orchestrator', '--socket'),
+  nodeService('orchestrator', '--control-socket'),
   nodeService('uffd-server', '--socket', 'uffd_sockets'),
-  nodeService('block-server', '--socket', 'block_sockets'),
+  nodeService('block-server', '--control-socket', 'block_sockets'),
   nodeService('net-agent', '--socket'),
   nodeService('dns', '--control-socket'),
 ];

@@ -33,6 +33,8 @@ export interface CheckSpec {
 export interface ServiceSpec {
   name: string;
   port: string;
+  /** Advertised address when it is not the address of the port's host network. */
+  address?: string;
   tags: string[];
   meta: Record<string, string>;
   checks: CheckSpec[];
@@ -284,6 +286,7 @@ function readService(body: Hcl): ServiceSpec {
   return {
     name: str(body, 'name') ?? '',
     port: str(body, 'port') ?? '',
+    address: str(body, 'address'),
     tags: asArray(body['tags']).map(String),
     meta: Object.fromEntries(Object.entries(meta).map(([k, v]) => [k, String(v)])),
     checks: (asArray(body['check']) as Hcl[]).map((c) => ({
