@@ -55,3 +55,11 @@ export { ChunkCache, CHUNK_SIZE, backendSource } from './chunk-cache.js';
 export type { ChunkCacheOptions, ChunkSource } from './chunk-cache.js';
 export { BuildCache, BuildCacheEntry } from './build-cache.js';
 export type { BuildCacheOptions, BuildCacheEvent, CachedBuildInfo, DiskUsage } from './build-cache.js';
+export { BuildStore } from './build-store.js';
+export type {
+  BuildStoreOptions,
+  OpenedBuildFile,
+  UploadBuildOptions,
+  UploadEvent,
+  UploadState,
+} from './build-store.js';

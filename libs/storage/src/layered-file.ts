@@ -82,7 +82,15 @@ export class LayeredFile implements ReadableBlocks {
           return;
         }
         const source = await this.resolve(span.buildId);
-        await source.readAt(piece, span.storageOffset);
+        try {
+          await source.readAt(piece, span.storageOffset);
+        } catch (err) {
+          // The build cache may have evicted and closed that source between resolve and read;
+          // resolving again opens it anew.
+          if (!(err instanceof StorageClosed) || this.closed) throw err;
+          const again = await this.resolve(span.buildId);
+          await again.readAt(piece, span.storageOffset);
+        }
       }),
     );
   }
