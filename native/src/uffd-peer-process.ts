@@ -1,12 +1,12 @@
 import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { dirname, join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { createInterface, type Interface } from 'node:readline';
+import { nativeLibraryPath } from './native-library.js';
 
-const buildDir = join(dirname(fileURLToPath(import.meta.url)), '..', 'build');
+const buildDir = dirname(nativeLibraryPath);
 
-/** Path of a C test peer built by native/Makefile. */
+/** Path of a C test peer built by native/Makefile (native/build/<name>): tests and benchmarks only. */
 export function peerBinary(name: string): string {
   const path = join(buildDir, name);
   if (!existsSync(path)) throw new Error(`${path} missing: run make -C native`);
@@ -14,10 +14,11 @@ export function peerBinary(name: string): string {
 }
 
 /**
- * A running uffd-peer (native/c/peers/uffd-peer.c): the Firecracker side of the handshake,
- * then a guest driven by line commands. `command` sends one line and resolves with its answer.
+ * A running uffd-peer (native/c/peers/uffd-peer.c), for tests and benchmarks: the Firecracker
+ * side of the UFFD handshake, then a guest driven by line commands (see the C file's header).
+ * `command` sends one line and resolves with its answer.
  */
-export class UffdPeer {
+export class UffdPeerProcess {
   readonly child: ChildProcessWithoutNullStreams;
   private readonly lines: Interface;
   private readonly waiting: Array<(line: string) => void> = [];

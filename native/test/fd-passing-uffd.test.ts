@@ -23,8 +23,8 @@ import {
   ServeEngine,
   peerCredentials,
   pidfdOpen,
+  UffdPeerProcess,
 } from '#native';
-import { UffdPeer } from './peer-process.js';
 
 /**
  * The must-show of native/: a SEPARATE process (the C uffd-peer) creates a userfaultfd over its
@@ -58,7 +58,7 @@ describe('userfaultfd passed over a Unix socket from another process', () => {
     const sock = join(dir, 'uffd.sock');
     const listener = listenUnix(sock);
     cleanups.push(() => close(listener));
-    const peer = new UffdPeer(['--socket', sock, '--size', String(SIZE), ...peerArgs]);
+    const peer = new UffdPeerProcess(['--socket', sock, '--size', String(SIZE), ...peerArgs]);
     cleanups.push(() => peer.kill());
     const pid = await peer.ready();
     const conn = accept(listener);

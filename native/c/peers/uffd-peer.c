@@ -7,6 +7,7 @@
  *   check <file> <off> <len>               compare guest memory with a file  -> ok | mismatch <off>
  *   checkrand <file> <seed> <count> <len>  same at random offsets
  *   write <off> <len> <seed>               write a pattern                   -> ok
+ *   fill <off> <len> <byte>                write one byte value              -> ok
  *   hash <off> <len>                       FNV-1a 64 of guest memory          -> <hex>
  *   dump <file>                            write all guest memory (a Full snapshot's memory file)
  *   touch <threads>                        read one byte per 4 KiB, memory split across threads -> ns <n>
@@ -258,6 +259,10 @@ int main(int argc, char **argv) {
         for (uint64_t i = 0; i < n; i++) a[i] = (uint8_t)xorshift(&seed);
         guest_io(off, a, n, 1);
       }
+      printf("ok\n");
+    } else if (!strcmp(cmd, "fill") && sscanf(line, "%*s %" SCNu64 " %" SCNu64 " %" SCNu64, &x, &y, &z) == 3) {
+      memset(a, (int)z, bufsz);
+      for (uint64_t off = x; off < x + y; off += bufsz) guest_io(off, a, x + y - off < bufsz ? x + y - off : bufsz, 1);
       printf("ok\n");
     } else if (!strcmp(cmd, "hash") && sscanf(line, "%*s %" SCNu64 " %" SCNu64, &x, &y) == 2) {
       uint64_t h = 1469598103934665603ULL;

@@ -36,11 +36,15 @@ export interface UffdPrepareRequest {
   pageSize: number;
   /** Pages to populate around a fault (0 = server default). */
   prefetchBytes: number;
+  /** Instead of build_id: serve this local memory file as it is (standalone use, tests). */
+  memfilePath: string;
 }
 
 export interface UffdPrepareResponse {
   socketPath: string;
   memorySize: number;
+  /** The page size the handshake must use (0: either 4096 or 2097152). */
+  pageSize: number;
 }
 
 export interface UffdSandboxRef {
@@ -82,11 +86,28 @@ export interface UffdSandboxStats {
   bytesServed: number;
   prefetchPages: number;
   prefetchHits: number;
-  /** Fault service latency histogram: counts per upper bound in microseconds. */
+  /**
+   * Fault service latency histogram: counts per upper bound in microseconds (the last bound is
+   * 2^64-1: everything slower). prefetch_pages counts 4 KiB units installed ahead of a fault;
+   * prefetch_hits counts prefetched pages the guest then wrote (reads of them are invisible).
+   */
   latencyBoundsUs: number[];
   latencyCounts: number[];
+  /** "wp-async", "wp-sync" or "present" once the handshake was taken. */
   tracking: string;
   error: string;
+  wpFaults: number;
+  /** 4 KiB units answered with zeros after StopSourcing. */
+  zeroPagesAfterPause: number;
+  fetchRequests: number;
+  fetchRetries: number;
+  pageSize: number;
+  hasMemfd: boolean;
+  peerPid: number;
+  /** 4 KiB units installed (faulted or prefetched). */
+  presentPages: number;
+  /** UFFDIO_COPY found the page already there (a racing fault filled it). */
+  eexist: number;
 }
 
 export interface UffdListRequest {
@@ -97,7 +118,7 @@ export interface UffdListResponse {
 }
 
 function createBaseUffdPrepareRequest(): UffdPrepareRequest {
-  return { sandboxId: "", socketPath: "", buildId: "", pageSize: 0, prefetchBytes: 0 };
+  return { sandboxId: "", socketPath: "", buildId: "", pageSize: 0, prefetchBytes: 0, memfilePath: "" };
 }
 
 export const UffdPrepareRequest: MessageFns<UffdPrepareRequest> = {
@@ -116,6 +137,9 @@ export const UffdPrepareRequest: MessageFns<UffdPrepareRequest> = {
     }
     if (message.prefetchBytes !== 0) {
       writer.uint32(40).uint64(message.prefetchBytes);
+    }
+    if (message.memfilePath !== "") {
+      writer.uint32(50).string(message.memfilePath);
     }
     return writer;
   },
@@ -173,6 +197,14 @@ export const UffdPrepareRequest: MessageFns<UffdPrepareRequest> = {
             message.prefetchBytes = longToNumber(reader.uint64());
             continue;
           }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.memfilePath = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -212,6 +244,11 @@ export const UffdPrepareRequest: MessageFns<UffdPrepareRequest> = {
         : isSet(object.prefetch_bytes)
         ? globalThis.Number(object.prefetch_bytes)
         : 0,
+      memfilePath: isSet(object.memfilePath)
+        ? globalThis.String(object.memfilePath)
+        : isSet(object.memfile_path)
+        ? globalThis.String(object.memfile_path)
+        : "",
     };
   },
 
@@ -232,6 +269,9 @@ export const UffdPrepareRequest: MessageFns<UffdPrepareRequest> = {
     if (message.prefetchBytes !== 0) {
       obj.prefetchBytes = Math.round(message.prefetchBytes);
     }
+    if (message.memfilePath !== "") {
+      obj.memfilePath = message.memfilePath;
+    }
     return obj;
   },
 
@@ -245,12 +285,13 @@ export const UffdPrepareRequest: MessageFns<UffdPrepareRequest> = {
     message.buildId = object.buildId ?? "";
     message.pageSize = object.pageSize ?? 0;
     message.prefetchBytes = object.prefetchBytes ?? 0;
+    message.memfilePath = object.memfilePath ?? "";
     return message;
   },
 };
 
 function createBaseUffdPrepareResponse(): UffdPrepareResponse {
-  return { socketPath: "", memorySize: 0 };
+  return { socketPath: "", memorySize: 0, pageSize: 0 };
 }
 
 export const UffdPrepareResponse: MessageFns<UffdPrepareResponse> = {
@@ -260,6 +301,9 @@ export const UffdPrepareResponse: MessageFns<UffdPrepareResponse> = {
     }
     if (message.memorySize !== 0) {
       writer.uint32(16).uint64(message.memorySize);
+    }
+    if (message.pageSize !== 0) {
+      writer.uint32(24).uint64(message.pageSize);
     }
     return writer;
   },
@@ -293,6 +337,14 @@ export const UffdPrepareResponse: MessageFns<UffdPrepareResponse> = {
             message.memorySize = longToNumber(reader.uint64());
             continue;
           }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.pageSize = longToNumber(reader.uint64());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -317,6 +369,11 @@ export const UffdPrepareResponse: MessageFns<UffdPrepareResponse> = {
         : isSet(object.memory_size)
         ? globalThis.Number(object.memory_size)
         : 0,
+      pageSize: isSet(object.pageSize)
+        ? globalThis.Number(object.pageSize)
+        : isSet(object.page_size)
+        ? globalThis.Number(object.page_size)
+        : 0,
     };
   },
 
@@ -328,6 +385,9 @@ export const UffdPrepareResponse: MessageFns<UffdPrepareResponse> = {
     if (message.memorySize !== 0) {
       obj.memorySize = Math.round(message.memorySize);
     }
+    if (message.pageSize !== 0) {
+      obj.pageSize = Math.round(message.pageSize);
+    }
     return obj;
   },
 
@@ -338,6 +398,7 @@ export const UffdPrepareResponse: MessageFns<UffdPrepareResponse> = {
     const message = createBaseUffdPrepareResponse();
     message.socketPath = object.socketPath ?? "";
     message.memorySize = object.memorySize ?? 0;
+    message.pageSize = object.pageSize ?? 0;
     return message;
   },
 };
@@ -872,6 +933,15 @@ function createBaseUffdSandboxStats(): UffdSandboxStats {
     latencyCounts: [],
     tracking: "",
     error: "",
+    wpFaults: 0,
+    zeroPagesAfterPause: 0,
+    fetchRequests: 0,
+    fetchRetries: 0,
+    pageSize: 0,
+    hasMemfd: false,
+    peerPid: 0,
+    presentPages: 0,
+    eexist: 0,
   };
 }
 
@@ -914,6 +984,33 @@ export const UffdSandboxStats: MessageFns<UffdSandboxStats> = {
     }
     if (message.error !== "") {
       writer.uint32(82).string(message.error);
+    }
+    if (message.wpFaults !== 0) {
+      writer.uint32(88).uint64(message.wpFaults);
+    }
+    if (message.zeroPagesAfterPause !== 0) {
+      writer.uint32(96).uint64(message.zeroPagesAfterPause);
+    }
+    if (message.fetchRequests !== 0) {
+      writer.uint32(104).uint64(message.fetchRequests);
+    }
+    if (message.fetchRetries !== 0) {
+      writer.uint32(112).uint64(message.fetchRetries);
+    }
+    if (message.pageSize !== 0) {
+      writer.uint32(120).uint64(message.pageSize);
+    }
+    if (message.hasMemfd !== false) {
+      writer.uint32(128).bool(message.hasMemfd);
+    }
+    if (message.peerPid !== 0) {
+      writer.uint32(136).uint32(message.peerPid);
+    }
+    if (message.presentPages !== 0) {
+      writer.uint32(144).uint64(message.presentPages);
+    }
+    if (message.eexist !== 0) {
+      writer.uint32(152).uint64(message.eexist);
     }
     return writer;
   },
@@ -1031,6 +1128,78 @@ export const UffdSandboxStats: MessageFns<UffdSandboxStats> = {
             message.error = reader.string();
             continue;
           }
+          case 11: {
+            if (tag !== 88) {
+              break;
+            }
+
+            message.wpFaults = longToNumber(reader.uint64());
+            continue;
+          }
+          case 12: {
+            if (tag !== 96) {
+              break;
+            }
+
+            message.zeroPagesAfterPause = longToNumber(reader.uint64());
+            continue;
+          }
+          case 13: {
+            if (tag !== 104) {
+              break;
+            }
+
+            message.fetchRequests = longToNumber(reader.uint64());
+            continue;
+          }
+          case 14: {
+            if (tag !== 112) {
+              break;
+            }
+
+            message.fetchRetries = longToNumber(reader.uint64());
+            continue;
+          }
+          case 15: {
+            if (tag !== 120) {
+              break;
+            }
+
+            message.pageSize = longToNumber(reader.uint64());
+            continue;
+          }
+          case 16: {
+            if (tag !== 128) {
+              break;
+            }
+
+            message.hasMemfd = reader.bool();
+            continue;
+          }
+          case 17: {
+            if (tag !== 136) {
+              break;
+            }
+
+            message.peerPid = reader.uint32();
+            continue;
+          }
+          case 18: {
+            if (tag !== 144) {
+              break;
+            }
+
+            message.presentPages = longToNumber(reader.uint64());
+            continue;
+          }
+          case 19: {
+            if (tag !== 152) {
+              break;
+            }
+
+            message.eexist = longToNumber(reader.uint64());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1079,6 +1248,47 @@ export const UffdSandboxStats: MessageFns<UffdSandboxStats> = {
         : [],
       tracking: isSet(object.tracking) ? globalThis.String(object.tracking) : "",
       error: isSet(object.error) ? globalThis.String(object.error) : "",
+      wpFaults: isSet(object.wpFaults)
+        ? globalThis.Number(object.wpFaults)
+        : isSet(object.wp_faults)
+        ? globalThis.Number(object.wp_faults)
+        : 0,
+      zeroPagesAfterPause: isSet(object.zeroPagesAfterPause)
+        ? globalThis.Number(object.zeroPagesAfterPause)
+        : isSet(object.zero_pages_after_pause)
+        ? globalThis.Number(object.zero_pages_after_pause)
+        : 0,
+      fetchRequests: isSet(object.fetchRequests)
+        ? globalThis.Number(object.fetchRequests)
+        : isSet(object.fetch_requests)
+        ? globalThis.Number(object.fetch_requests)
+        : 0,
+      fetchRetries: isSet(object.fetchRetries)
+        ? globalThis.Number(object.fetchRetries)
+        : isSet(object.fetch_retries)
+        ? globalThis.Number(object.fetch_retries)
+        : 0,
+      pageSize: isSet(object.pageSize)
+        ? globalThis.Number(object.pageSize)
+        : isSet(object.page_size)
+        ? globalThis.Number(object.page_size)
+        : 0,
+      hasMemfd: isSet(object.hasMemfd)
+        ? globalThis.Boolean(object.hasMemfd)
+        : isSet(object.has_memfd)
+        ? globalThis.Boolean(object.has_memfd)
+        : false,
+      peerPid: isSet(object.peerPid)
+        ? globalThis.Number(object.peerPid)
+        : isSet(object.peer_pid)
+        ? globalThis.Number(object.peer_pid)
+        : 0,
+      presentPages: isSet(object.presentPages)
+        ? globalThis.Number(object.presentPages)
+        : isSet(object.present_pages)
+        ? globalThis.Number(object.present_pages)
+        : 0,
+      eexist: isSet(object.eexist) ? globalThis.Number(object.eexist) : 0,
     };
   },
 
@@ -1114,6 +1324,33 @@ export const UffdSandboxStats: MessageFns<UffdSandboxStats> = {
     if (message.error !== "") {
       obj.error = message.error;
     }
+    if (message.wpFaults !== 0) {
+      obj.wpFaults = Math.round(message.wpFaults);
+    }
+    if (message.zeroPagesAfterPause !== 0) {
+      obj.zeroPagesAfterPause = Math.round(message.zeroPagesAfterPause);
+    }
+    if (message.fetchRequests !== 0) {
+      obj.fetchRequests = Math.round(message.fetchRequests);
+    }
+    if (message.fetchRetries !== 0) {
+      obj.fetchRetries = Math.round(message.fetchRetries);
+    }
+    if (message.pageSize !== 0) {
+      obj.pageSize = Math.round(message.pageSize);
+    }
+    if (message.hasMemfd !== false) {
+      obj.hasMemfd = message.hasMemfd;
+    }
+    if (message.peerPid !== 0) {
+      obj.peerPid = Math.round(message.peerPid);
+    }
+    if (message.presentPages !== 0) {
+      obj.presentPages = Math.round(message.presentPages);
+    }
+    if (message.eexist !== 0) {
+      obj.eexist = Math.round(message.eexist);
+    }
     return obj;
   },
 
@@ -1132,6 +1369,15 @@ export const UffdSandboxStats: MessageFns<UffdSandboxStats> = {
     message.latencyCounts = object.latencyCounts?.map((e) => e) || [];
     message.tracking = object.tracking ?? "";
     message.error = object.error ?? "";
+    message.wpFaults = object.wpFaults ?? 0;
+    message.zeroPagesAfterPause = object.zeroPagesAfterPause ?? 0;
+    message.fetchRequests = object.fetchRequests ?? 0;
+    message.fetchRetries = object.fetchRetries ?? 0;
+    message.pageSize = object.pageSize ?? 0;
+    message.hasMemfd = object.hasMemfd ?? false;
+    message.peerPid = object.peerPid ?? 0;
+    message.presentPages = object.presentPages ?? 0;
+    message.eexist = object.eexist ?? 0;
     return message;
   },
 };

@@ -1,0 +1,466 @@
+import { openSync, closeSync } from 'node:fs';
+import type { Logger } from '#logging';
+import {
+  close,
+  PageCategory,
+  pagemapScan,
+  pidfdOpen,
+  PM_SCAN_CHECK_WPASYNC,
+  SERVE_UNIT,
+  ServeEngine,
+  type ServeEngineStats,
+  watchReadable,
+} from '#native';
+import { type GuestRegion, HandshakeInvalid } from '#uffd';
+import { isRetryableStorageError, withRetries, type BuildMapping } from '#storage';
+import { exportDiff } from './diff-export.js';
+import { HandshakeListener, type ReceivedHandshake } from './handshake-listener.js';
+import type { SourceView } from './source-view.js';
+import { probeTracking, type TrackingMode } from './tracking-mode.js';
+import { InvalidState } from './uffd-server-errors.js';
+
+export type SandboxState = 'listening' | 'serving' | 'sourcing-stopped' | 'peer-gone' | 'failed' | 'stopped';
+
+export interface SandboxMemoryOptions {
+  sandboxId: string;
+  socketPath: string;
+  source: SourceView;
+  /** Page size the memory file uses (the handshake must match); undefined accepts 4 KiB or 2 MiB. */
+  pageSize: number | undefined;
+  prefetchBytes: number;
+  prefetchWithoutTracking: boolean;
+  threads: number;
+  handshakeTimeoutMs: number | undefined;
+  fetchAttempts: number;
+  fetchRetryDelayMs: number;
+  logger: Logger;
+  /** Told when serving ends on its own (peer gone, failure): metrics, serve-file's exit. */
+  onEnded?: (sandbox: SandboxMemory) => void;
+}
+
+export interface ExportResult {
+  mappings: BuildMapping[];
+  diffSize: number;
+  dirtyPages: number;
+  zeroPages: number;
+  pageSize: number;
+  memorySize: number;
+  tracking: TrackingMode;
+}
+
+export interface SandboxStats extends Partial<ServeEngineStats> {
+  sandboxId: string;
+  state: SandboxState;
+  tracking: TrackingMode | '';
+  error: string;
+  prefetchHits: number;
+  fetchRetries: number;
+  pageSize: number;
+  hasMemfd: boolean;
+  peerPid: number;
+}
+
+const MAP_PRESENT = 0;
+const MAP_DIRTY = 1;
+
+/**
+ * One sandbox's guest memory: waits for Firecracker's handshake on the sandbox's socket, then
+ * serves its faults on native threads (ServeEngine) from the source view, fetches source ranges
+ * the engine asks for (retrying transient failures while the fault waits), tracks written pages,
+ * stops sourcing at pause, exports the diff, and gives back every fd and mapping on stop.
+ */
+export class SandboxMemory {
+  readonly sandboxId: string;
+  readonly socketPath: string;
+  private readonly o: SandboxMemoryOptions;
+  private readonly log: Logger;
+  private listener: HandshakeListener | undefined;
+  private hs: ReceivedHandshake | undefined;
+  private engine: ServeEngine | undefined;
+  private engineWatch: { close(): void } | undefined;
+  private pidfd = -1;
+  private pagemapFd = -1;
+  private stateValue: SandboxState = 'listening';
+  private errorText = '';
+  private trackingMode: TrackingMode | '' = '';
+  private dirtyPages: number[] | undefined;
+  private prefetchHits = 0;
+  private fetchRetries = 0;
+  private lastStats: ServeEngineStats | undefined;
+  private readonly inflight = new Map<number, Promise<void>>();
+  private readonly served: Promise<void>;
+
+  constructor(options: SandboxMemoryOptions) {
+    this.o = options;
+    this.sandboxId = options.sandboxId;
+    this.socketPath = options.socketPath;
+    this.log = options.logger;
+    this.listener = new HandshakeListener(options.socketPath, {
+      memorySize: options.source.size,
+      ...(options.pageSize ? { pageSize: options.pageSize } : {}),
+      ...(options.handshakeTimeoutMs ? { timeoutMs: options.handshakeTimeoutMs } : {}),
+    });
+    this.served = this.listener.received.then(
+      (hs) => this.startServing(hs),
+      (err: unknown) => {
+        if (this.stateValue === 'stopped') return;
+        const reason = err instanceof HandshakeInvalid ? err.message : `handshake failed: ${(err as Error).message}`;
+        this.failWith(reason, { socketPath: this.socketPath });
+      },
+    );
+  }
+
+  get state(): SandboxState {
+    return this.stateValue;
+  }
+
+  get error(): string {
+    return this.errorText;
+  }
+
+  get tracking(): TrackingMode | '' {
+    return this.trackingMode;
+  }
+
+  /** Resolves once the handshake was taken (or refused). */
+  handshakeDone(): Promise<void> {
+    return this.served;
+  }
+
+  private startServing(hs: ReceivedHandshake): void {
+    this.listener = undefined;
+    this.hs = hs;
+    if (this.stateValue === 'stopped') {
+      this.closeHandshakeFds();
+      return;
+    }
+    try {
+      const probe = probeTracking(hs.uffd, hs.peerPid, hs.regions);
+      let mode = probe.mode;
+      if (mode === 'wp-async') {
+        try {
+          this.pagemapFd = openSync(`/proc/${hs.peerPid}/pagemap`, 'r');
+        } catch (err) {
+          mode = 'wp-sync';
+          probe.reason = `cannot open /proc/${hs.peerPid}/pagemap for PAGEMAP_SCAN: ${(err as Error).message}`;
+        }
+      }
+      this.trackingMode = mode;
+      try {
+        if (hs.peerPid) this.pidfd = pidfdOpen(hs.peerPid);
+      } catch {
+        this.pidfd = -1;
+      }
+      const pageSize = hs.regions[0]!.pageSize;
+      const prefetch = mode === 'present' && !this.o.prefetchWithoutTracking ? 0 : this.o.prefetchBytes;
+      const engine = new ServeEngine({
+        uffd: hs.uffd,
+        peerFd: this.pidfd >= 0 ? this.pidfd : hs.connection,
+        peerKind: this.pidfd >= 0 ? 'pidfd' : 'socket',
+        sourceAddress: this.o.source.address,
+        sourceSize: this.o.source.size,
+        allReady: this.o.source.allReady,
+        prefetchBytes: prefetch,
+        installWriteProtected: mode !== 'present',
+        syncWriteProtect: mode === 'wp-sync',
+        regions: hs.regions,
+      });
+      this.engine = engine;
+      if (!this.o.source.allReady) for (const r of this.o.source.readyRanges()) engine.markReady(r.offset, r.length);
+      this.engineWatch = watchReadable(engine.notifyFd, () => this.drainEvents());
+      engine.start(this.o.threads);
+      this.stateValue = 'serving';
+      this.log.info(
+        {
+          regions: hs.regions.length,
+          memorySize: this.o.source.size,
+          pageSize,
+          memfd: hs.memfd !== undefined,
+          peerPid: hs.peerPid,
+          tracking: mode,
+          ...(probe.reason ? { trackingNote: probe.reason } : {}),
+          prefetchBytes: prefetch,
+        },
+        'uffd handshake accepted, serving faults',
+      );
+    } catch (err) {
+      this.failWith(`cannot serve: ${(err as Error).message}`, {});
+    }
+  }
+
+  private drainEvents(): void {
+    const engine = this.engine;
+    if (!engine) return;
+    for (let e = engine.nextEvent(); e; e = engine.nextEvent()) {
+      if (e.type === 'fetch') this.fetch(e.offset, e.length);
+      else if (e.type === 'failed') {
+        const r =
+          e.code === 'FAULT_OUTSIDE_REGIONS'
+            ? `fault at 0x${e.address.toString(16)} outside every region`
+            : `${e.code} at 0x${e.address.toString(16)} (errno ${e.errno})`;
+        this.failWith(r, { address: e.address, errno: e.errno, code: e.code });
+        return;
+      } else if (e.type === 'peer-gone') {
+        this.peerGone();
+        return;
+      }
+    }
+  }
+
+  /** Single flight per window; transient failures retried while the fault waits. */
+  private fetch(offset: number, length: number): void {
+    if (this.inflight.has(offset)) return;
+    const work = withRetries(
+      () => this.o.source.ensure(offset, length),
+      { attempts: this.o.fetchAttempts, initialDelayMs: this.o.fetchRetryDelayMs, maxDelayMs: 5000, multiplier: 2 },
+      (err) =>
+        isRetryableStorageError(err) ||
+        ['EIO', 'EAGAIN', 'ETIMEDOUT', 'ECONNRESET'].includes((err as NodeJS.ErrnoException).code ?? ''),
+      (err, attempt) => {
+        this.fetchRetries++;
+        this.log.warn(
+          { offset, length, attempt, err: (err as Error).message },
+          'source fetch failed, retrying while the fault waits',
+        );
+      },
+    ).then(
+      () => {
+        if (this.engine && this.stateValue !== 'stopped') this.engine.markReady(offset, length);
+      },
+      (err: unknown) => {
+        this.engine?.fail(offset, 5);
+        this.failWith(
+          `source fetch of [${offset}, ${offset + length}) failed after ${this.o.fetchAttempts} attempts: ${(err as Error).message}`,
+          { offset, length },
+        );
+      },
+    );
+    const tracked = work.finally(() => this.inflight.delete(offset));
+    this.inflight.set(offset, tracked);
+  }
+
+  private failWith(reason: string, detail: Record<string, unknown>): void {
+    if (this.stateValue === 'failed' || this.stateValue === 'stopped') return;
+    this.stateValue = 'failed';
+    this.errorText = reason;
+    this.log.error({ ...detail, socketPath: this.socketPath }, `memory serving failed: ${reason}`);
+    this.releaseServing();
+    this.o.onEnded?.(this);
+  }
+
+  private peerGone(): void {
+    if (this.stateValue === 'stopped' || this.stateValue === 'failed') return;
+    const wasPaused = this.stateValue === 'sourcing-stopped';
+    this.stateValue = 'peer-gone';
+    this.log.info({ afterPause: wasPaused }, 'peer went away; serving ended');
+    this.releaseServing();
+    this.o.onEnded?.(this);
+  }
+
+  /** Joins the engine's threads and closes what only serving needs; keeps what export needs. */
+  private releaseServing(): void {
+    this.listener?.cancel(new Error('serving ended'));
+    this.listener = undefined;
+    if (this.engine) {
+      this.engine.stop();
+      this.lastStats = this.engine.stats();
+      if (!this.dirtyPages) this.snapshotPresentOnly();
+      this.engineWatch?.close();
+      this.engineWatch = undefined;
+      this.engine.destroy();
+      this.engine = undefined;
+    }
+    if (this.hs) {
+      if (this.hs.uffd >= 0) close(this.hs.uffd);
+      this.hs.uffd = -1;
+      if (this.hs.connection >= 0) close(this.hs.connection);
+      this.hs.connection = -1;
+    }
+    if (this.pidfd >= 0) close(this.pidfd);
+    this.pidfd = -1;
+    if (this.pagemapFd >= 0) closeSync(this.pagemapFd);
+    this.pagemapFd = -1;
+  }
+
+  /** Remembers what was present, for a sandbox whose serving ends before a stop-sourcing. */
+  private snapshotPresentOnly(): void {
+    const present = this.engine?.copyMap(MAP_PRESENT, 0, this.unitCount());
+    if (present) this.presentMap = present;
+  }
+
+  private presentMap: Uint8Array | undefined;
+
+  private unitCount(): number {
+    return Math.ceil(this.o.source.size / SERVE_UNIT);
+  }
+
+  private requireHandshake(what: string): ReceivedHandshake {
+    if (!this.hs)
+      throw new InvalidState(this.sandboxId, this.stateValue, `${what} needs Firecracker's handshake first`);
+    return this.hs;
+  }
+
+  /**
+   * Pause: from now on faults get zero pages (recorded as not present before the pause), and
+   * the set of dirty pages is fixed now, while the VM is paused. Returns pages present.
+   */
+  stopSourcing(): number {
+    const hs = this.requireHandshake('stop-sourcing');
+    if (this.stateValue === 'sourcing-stopped') return this.presentCount();
+    if (this.stateValue !== 'serving')
+      throw new InvalidState(
+        this.sandboxId,
+        this.stateValue,
+        `cannot stop sourcing${this.errorText ? `: ${this.errorText}` : ''}`,
+      );
+    const engine = this.engine!;
+    engine.stopSourcing();
+    const units = this.unitCount();
+    const present = engine.copyMap(MAP_PRESENT, 0, units);
+    this.presentMap = present;
+    const pageSize = hs.regions[0]!.pageSize;
+    const perPage = pageSize / SERVE_UNIT;
+    const dirtyUnits = new Uint8Array(units);
+    let mode = this.trackingMode as TrackingMode;
+    if (mode === 'wp-async') {
+      try {
+        this.markWritten(hs.regions, dirtyUnits);
+      } catch (err) {
+        this.log.warn({ err: (err as Error).message }, 'PAGEMAP_SCAN failed; counting every present page as dirty');
+        mode = 'present';
+      }
+    }
+    if (mode === 'wp-sync') dirtyUnits.set(engine.copyMap(MAP_DIRTY, 0, units));
+    if (mode === 'present')
+      for (let u = 0; u < units; u++) dirtyUnits[u] = present[u] === 1 || present[u] === 2 ? 1 : 0;
+    this.trackingMode = mode;
+    const pages: number[] = [];
+    let hits = 0;
+    for (let p = 0; p * perPage < units; p++) {
+      let dirty = false;
+      let prefetched = false;
+      for (let u = p * perPage; u < Math.min(units, (p + 1) * perPage); u++) {
+        if (dirtyUnits[u]) dirty = true;
+        if (present[u] === 2) prefetched = true;
+      }
+      if (dirty) {
+        pages.push(p);
+        if (prefetched && mode !== 'present') hits++;
+      }
+    }
+    this.dirtyPages = pages;
+    this.prefetchHits = hits;
+    this.stateValue = 'sourcing-stopped';
+    this.log.info({ dirtyPages: pages.length, tracking: mode }, 'sourcing stopped');
+    return this.presentCount();
+  }
+
+  /** Written pages of the guest, by PAGEMAP_SCAN over the peer's address space. */
+  private markWritten(regions: readonly GuestRegion[], dirtyUnits: Uint8Array): void {
+    for (const r of regions) {
+      const ranges = pagemapScan(this.pagemapFd, r.base, r.base + r.size, {
+        flags: PM_SCAN_CHECK_WPASYNC,
+        categoryMask: PageCategory.WRITTEN,
+        returnMask: PageCategory.WRITTEN,
+      });
+      for (const range of ranges) {
+        const from = r.offset + (range.start - r.base);
+        const to = r.offset + (range.end - r.base);
+        dirtyUnits.fill(1, from / SERVE_UNIT, Math.ceil(to / SERVE_UNIT));
+      }
+    }
+  }
+
+  private presentCount(): number {
+    const m = this.presentMap;
+    if (!m) return 0;
+    let n = 0;
+    for (let i = 0; i < m.length; i++) if (m[i] === 1 || m[i] === 2) n++;
+    return n;
+  }
+
+  /**
+   * Writes the dirty pages to `diffPath` (from the memfd when Firecracker shared one, else from
+   * the memory file it wrote) and returns their mappings.
+   */
+  async exportDiff(buildId: string, diffPath: string, memfilePath: string | undefined): Promise<ExportResult> {
+    const hs = this.requireHandshake('export');
+    if (!this.dirtyPages)
+      throw new InvalidState(this.sandboxId, this.stateValue, 'stop sourcing before exporting the diff');
+    const from =
+      hs.memfd !== undefined && hs.memfd >= 0
+        ? ({ kind: 'fd', fd: hs.memfd } as const)
+        : memfilePath
+          ? ({ kind: 'path', path: memfilePath } as const)
+          : undefined;
+    if (!from)
+      throw new InvalidState(this.sandboxId, this.stateValue, 'no memfd was shared and no memory file path given');
+    const pageSize = hs.regions[0]!.pageSize;
+    const result = await exportDiff({
+      pages: this.dirtyPages,
+      pageSize,
+      memorySize: this.o.source.size,
+      from,
+      diffPath,
+      buildId,
+    });
+    this.log.info(
+      {
+        buildId,
+        storedPages: result.storedPages,
+        zeroPages: result.zeroPages,
+        diffSize: result.diffSize,
+        from: from.kind,
+      },
+      'memory diff exported',
+    );
+    return {
+      mappings: result.mappings,
+      diffSize: result.diffSize,
+      dirtyPages: result.storedPages,
+      zeroPages: result.zeroPages,
+      pageSize,
+      memorySize: this.o.source.size,
+      tracking: this.trackingMode as TrackingMode,
+    };
+  }
+
+  stats(): SandboxStats {
+    const s = this.engine?.stats() ?? this.lastStats;
+    return {
+      ...(s ?? {}),
+      sandboxId: this.sandboxId,
+      state: this.stateValue,
+      tracking: this.trackingMode,
+      error: this.errorText,
+      prefetchHits: this.prefetchHits,
+      fetchRetries: this.fetchRetries,
+      pageSize: this.hs?.regions[0]?.pageSize ?? this.o.pageSize ?? 0,
+      hasMemfd: this.hs?.memfd !== undefined,
+      peerPid: this.hs?.peerPid ?? 0,
+    };
+  }
+
+  private closeHandshakeFds(): void {
+    const hs = this.hs;
+    if (!hs) return;
+    for (const fd of [hs.uffd, hs.memfd, hs.connection]) if (fd !== undefined && fd >= 0) close(fd);
+    hs.uffd = -1;
+    hs.memfd = undefined;
+    hs.connection = -1;
+  }
+
+  /** Releases everything: threads, fds (uffd, memfd, pidfd, socket), the socket file, the source view. */
+  async stop(): Promise<void> {
+    if (this.stateValue === 'stopped') return;
+    const previous = this.stateValue;
+    this.stateValue = 'stopped';
+    this.listener?.cancel(new Error('stopped before the handshake'));
+    this.listener = undefined;
+    this.releaseServing();
+    this.closeHandshakeFds();
+    await Promise.allSettled([...this.inflight.values()]);
+    this.o.source.close();
+    this.log.info({ previous }, 'memory serving stopped');
+  }
+}

@@ -1,0 +1,154 @@
+import { isAbsolute } from 'node:path';
+import { sandboxLogger, type Logger } from '#logging';
+import { PAGE_2M, PAGE_4K } from '#uffd';
+import { MemoryLayerResolver } from './memory-layers.js';
+import { SandboxMemory, type ExportResult, type SandboxStats } from './sandbox-memory.js';
+import { SourceView } from './source-view.js';
+import { RequestInvalid, SandboxExists, SandboxNotFound, SourceInvalid } from './uffd-server-errors.js';
+
+export interface PrepareRequest {
+  sandboxId: string;
+  socketPath: string;
+  /** Serve the layers of this build... */
+  buildId?: string;
+  /** ...or this local memory file as it is. */
+  memfilePath?: string;
+  /** 0 or undefined: from the header's block size. */
+  pageSize?: number;
+  /** 0 or undefined: the server default. */
+  prefetchBytes?: number;
+}
+
+export interface RegistrySettings {
+  prefetchBytes: number;
+  prefetchWithoutTracking: boolean;
+  threadsPerSandbox: number;
+  handshakeTimeoutMs: number;
+  fetchAttempts: number;
+  fetchRetryDelayMs: number;
+  maxSandboxes: number;
+}
+
+const SANDBOX_ID = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
+/** sun_path holds 108 bytes with the terminating NUL. */
+const MAX_SOCKET_PATH = 107;
+
+/** The sandboxes one uffd-server process serves; each fails or stops alone. */
+export class SandboxRegistry {
+  private readonly sandboxes = new Map<string, SandboxMemory>();
+  /** Ids being prepared (resolving layers), so a duplicate is refused before it maps anything. */
+  private readonly preparing = new Set<string>();
+
+  constructor(
+    private readonly settings: RegistrySettings,
+    private readonly resolver: MemoryLayerResolver,
+    private readonly logger: Logger,
+    private readonly onEnded?: (s: SandboxMemory) => void,
+  ) {}
+
+  async prepare(req: PrepareRequest): Promise<{ socketPath: string; memorySize: number; pageSize: number }> {
+    if (!SANDBOX_ID.test(req.sandboxId)) throw new RequestInvalid('sandbox_id', `"${req.sandboxId}" is not a safe id`);
+    if (!isAbsolute(req.socketPath) || Buffer.byteLength(req.socketPath) > MAX_SOCKET_PATH)
+      throw new RequestInvalid('socket_path', `must be absolute and at most ${MAX_SOCKET_PATH} bytes`);
+    if (req.pageSize && req.pageSize !== PAGE_4K && req.pageSize !== PAGE_2M)
+      throw new RequestInvalid('page_size', `${req.pageSize} (want 4096 or 2097152)`);
+    if (!req.buildId === !req.memfilePath)
+      throw new RequestInvalid('build_id', 'give exactly one of build_id and memfile_path');
+    if (req.memfilePath && !isAbsolute(req.memfilePath)) throw new RequestInvalid('memfile_path', 'must be absolute');
+    if (this.sandboxes.has(req.sandboxId) || this.preparing.has(req.sandboxId)) throw new SandboxExists(req.sandboxId);
+    if (this.sandboxes.size + this.preparing.size >= this.settings.maxSandboxes)
+      throw new RequestInvalid('sandbox_id', `this server already serves ${this.settings.maxSandboxes} sandboxes`);
+    for (const s of this.sandboxes.values())
+      if (s.socketPath === req.socketPath && s.state === 'listening')
+        throw new RequestInvalid('socket_path', `sandbox ${s.sandboxId} listens there`);
+    this.preparing.add(req.sandboxId);
+    let source: SourceView | undefined;
+    try {
+      let pageSize = req.pageSize || undefined;
+      if (req.buildId) {
+        const layers = await this.resolver.resolve(req.buildId);
+        const block = layers.header.metadata.blockSize;
+        if (pageSize === undefined && (block === PAGE_4K || block === PAGE_2M)) pageSize = block;
+        if (pageSize !== undefined && block !== pageSize && layers.header.mappings.length > 1)
+          throw new SourceInvalid(
+            `build ${req.buildId}`,
+            `header block size ${block} differs from page size ${pageSize}`,
+          );
+        source = SourceView.open(layers.header.metadata.size, layers.segments);
+      } else {
+        source = SourceView.ofFile(req.memfilePath!);
+      }
+      const log = sandboxLogger(this.logger, req.sandboxId);
+      const sandbox = new SandboxMemory({
+        sandboxId: req.sandboxId,
+        socketPath: req.socketPath,
+        source,
+        pageSize,
+        prefetchBytes: req.prefetchBytes || this.settings.prefetchBytes,
+        prefetchWithoutTracking: this.settings.prefetchWithoutTracking,
+        threads: this.settings.threadsPerSandbox,
+        handshakeTimeoutMs: this.settings.handshakeTimeoutMs,
+        fetchAttempts: this.settings.fetchAttempts,
+        fetchRetryDelayMs: this.settings.fetchRetryDelayMs,
+        logger: log,
+        ...(this.onEnded ? { onEnded: this.onEnded } : {}),
+      });
+      this.sandboxes.set(req.sandboxId, sandbox);
+      log.info(
+        { socketPath: req.socketPath, memorySize: source.size, pageSize, buildId: req.buildId },
+        'listening for the uffd handshake',
+      );
+      return { socketPath: req.socketPath, memorySize: source.size, pageSize: pageSize ?? 0 };
+    } catch (err) {
+      source?.close();
+      throw err;
+    } finally {
+      this.preparing.delete(req.sandboxId);
+    }
+  }
+
+  get(sandboxId: string): SandboxMemory {
+    const s = this.sandboxes.get(sandboxId);
+    if (!s) throw new SandboxNotFound(sandboxId);
+    return s;
+  }
+
+  stopSourcing(sandboxId: string): number {
+    return this.get(sandboxId).stopSourcing();
+  }
+
+  exportDiff(
+    sandboxId: string,
+    buildId: string,
+    diffPath: string,
+    memfilePath: string | undefined,
+  ): Promise<ExportResult> {
+    if (!isAbsolute(diffPath)) throw new RequestInvalid('diff_path', 'must be absolute');
+    if (memfilePath && !isAbsolute(memfilePath)) throw new RequestInvalid('memfile_path', 'must be absolute');
+    return this.get(sandboxId).exportDiff(buildId, diffPath, memfilePath);
+  }
+
+  async stop(sandboxId: string): Promise<void> {
+    const s = this.get(sandboxId);
+    this.sandboxes.delete(sandboxId);
+    await s.stop();
+  }
+
+  stats(sandboxId: string): SandboxStats {
+    return this.get(sandboxId).stats();
+  }
+
+  list(): SandboxStats[] {
+    return [...this.sandboxes.values()].map((s) => s.stats());
+  }
+
+  get size(): number {
+    return this.sandboxes.size;
+  }
+
+  /** Stops every sandbox (service shutdown). */
+  async shutdown(): Promise<void> {
+    const all = [...this.sandboxes.keys()];
+    await Promise.allSettled(all.map((id) => this.stop(id)));
+  }
+}
