@@ -63,6 +63,8 @@ export interface NbdConnectionOptions {
   maxInFlight?: number;
   /** ...or while this many payload bytes are in flight. */
   maxInFlightBytes?: number;
+  /** Start in the transmission phase with this export (a kernel socket: no handshake). */
+  negotiated?: NbdExport;
 }
 
 export const DEFAULT_MAX_PAYLOAD = 32 * 1024 * 1024;
@@ -114,7 +116,8 @@ export class NbdConnection {
     this.socket.on('drain', () => this.updateFlow());
     this.socket.on('error', (err) => this.logger.debug({ err }, 'nbd client socket error'));
     this.socket.on('close', () => this.onClose());
-    this.socket.write(encodeServerGreeting());
+    if (options.negotiated) this.enterTransmission(options.negotiated);
+    else this.socket.write(encodeServerGreeting());
   }
 
   get requestsInFlight(): number {

@@ -2,7 +2,7 @@ import { chmod, lstat, mkdir, unlink } from 'node:fs/promises';
 import { connect, createServer, type Server, type Socket } from 'node:net';
 import { dirname } from 'node:path';
 import type { Logger } from '#logging';
-import { NbdConnection, type NbdExportTable, type NbdRequestObserver } from './nbd-connection.js';
+import { NbdConnection, type NbdExport, type NbdExportTable, type NbdRequestObserver } from './nbd-connection.js';
 
 export interface NbdServerOptions {
   socketPath: string;
@@ -11,6 +11,8 @@ export interface NbdServerOptions {
   observer?: NbdRequestObserver;
   socketMode?: number;
   maxPayload?: number;
+  /** Called with the number of connected clients whenever it changes. */
+  onConnections?: (count: number) => void;
 }
 
 /** Raised when the NBD socket path is held by a live server or is not a socket. */
@@ -33,34 +35,24 @@ export class NbdServer {
   readonly socketPath: string;
   private readonly connections = new Set<NbdConnection>();
   private readonly idleWaiters = new Set<() => void>();
-  private listening = true;
+  private listener: Server | undefined;
 
-  private constructor(
-    private readonly server: Server,
-    private readonly options: NbdServerOptions,
-  ) {
+  private constructor(private readonly options: NbdServerOptions) {
     this.socketPath = options.socketPath;
   }
 
   static async listen(options: NbdServerOptions): Promise<NbdServer> {
-    await prepareSocketPath(options.socketPath);
-    const server = createServer();
-    const nbd = new NbdServer(server, options);
-    server.on('connection', (socket) => nbd.accept(socket));
-    await new Promise<void>((resolve, reject) => {
-      server.once('error', reject);
-      server.listen(options.socketPath, () => {
-        server.off('error', reject);
-        resolve();
-      });
-    });
-    server.on('error', (err) => options.logger.error({ err, socketPath: options.socketPath }, 'nbd listener error'));
-    await chmod(options.socketPath, options.socketMode ?? 0o600);
+    const nbd = new NbdServer(options);
+    await nbd.startAccepting();
     return nbd;
   }
 
   get connectionCount(): number {
     return this.connections.size;
+  }
+
+  get accepting(): boolean {
+    return this.listener !== undefined;
   }
 
   get requestsInFlight(): number {
@@ -69,12 +61,41 @@ export class NbdServer {
     return n;
   }
 
+  /** (Re)creates the socket file and accepts clients on it. */
+  async startAccepting(): Promise<void> {
+    if (this.listener) return;
+    const { socketPath, logger } = this.options;
+    await prepareSocketPath(socketPath);
+    const listener = createServer((socket) => this.accept(socket));
+    await new Promise<void>((resolve, reject) => {
+      listener.once('error', reject);
+      listener.listen(socketPath, () => {
+        listener.off('error', reject);
+        resolve();
+      });
+    });
+    listener.on('error', (err) => logger.error({ err, socketPath }, 'nbd listener error'));
+    this.listener = listener;
+    await chmod(socketPath, this.options.socketMode ?? 0o600);
+  }
+
   /** Refuses new clients (the socket file goes away); existing ones keep being served. */
   async stopAccepting(): Promise<void> {
-    if (!this.listening) return;
-    this.listening = false;
-    await new Promise<void>((resolve) => this.server.close(() => resolve()));
+    const listener = this.listener;
+    if (!listener) return;
+    this.listener = undefined;
+    await new Promise<void>((resolve) => listener.close(() => resolve()));
     await unlink(this.socketPath).catch(() => undefined);
+  }
+
+  /**
+   * Hands an already-connected socket to the export, skipping the handshake (the kernel's
+   * side of /dev/nbdX speaks only the transmission phase).
+   */
+  adopt(socket: Socket, exportName: string): void {
+    const found = this.options.exports.find(exportName);
+    if (!found) throw new Error(`no export named ${JSON.stringify(exportName)} to adopt a socket into`);
+    this.track(this.connect(socket, found));
   }
 
   /** Resolves true once no client is connected, false if `timeoutMs` passes first. */
@@ -103,20 +124,30 @@ export class NbdServer {
   }
 
   private accept(socket: Socket): void {
-    if (!this.listening) {
+    if (!this.listener) {
       socket.destroy();
       return;
     }
-    const connection = new NbdConnection({
+    this.track(this.connect(socket, undefined));
+  }
+
+  private connect(socket: Socket, negotiated: NbdExport | undefined): NbdConnection {
+    return new NbdConnection({
       socket,
       exports: this.options.exports,
       logger: this.options.logger,
+      ...(negotiated ? { negotiated } : {}),
       ...(this.options.observer ? { observer: this.options.observer } : {}),
       ...(this.options.maxPayload ? { maxPayload: this.options.maxPayload } : {}),
     });
+  }
+
+  private track(connection: NbdConnection): void {
     this.connections.add(connection);
+    this.options.onConnections?.(this.connections.size);
     void connection.done.then(() => {
       this.connections.delete(connection);
+      this.options.onConnections?.(this.connections.size);
       if (this.connections.size === 0) for (const waiter of [...this.idleWaiters]) waiter();
     });
   }

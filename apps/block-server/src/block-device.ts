@@ -1,0 +1,193 @@
+import { stat } from 'node:fs/promises';
+import { join } from 'node:path';
+import type { Logger } from '#logging';
+import type { ReadableBlocks } from '#storage';
+import { DeviceBusy, DeviceClosing } from './block-errors.js';
+import type { BlockMetrics } from './block-metrics.js';
+import { CowOverlay } from './cow-overlay.js';
+import { deviceDir, removeDeviceDir, type DeviceRecord } from './device-record.js';
+import { exportDiff, type ExportedDiff } from './dirty-export.js';
+import { DirtyTracker, type DirtyTrackerStats } from './dirty-tracker.js';
+import { NbdServer } from './nbd-server.js';
+
+/** A kernel /dev/nbdX bound to this device (kernel-attach.ts). */
+export interface KernelAttachment {
+  readonly index: number;
+  readonly path: string;
+  /** Disconnects the kernel device and waits until the pool sees it released. */
+  detach(): Promise<void>;
+  /** Drops our side without disconnecting (process shutdown: the kernel waits for a reconfigure). */
+  abandon(): void;
+}
+
+export interface BlockDeviceOptions {
+  record: DeviceRecord;
+  dataDir: string;
+  base: ReadableBlocks;
+  /** Gives back what opening `base` took (build files). */
+  releaseBase: () => Promise<void>;
+  logger: Logger;
+  metrics?: BlockMetrics;
+  socketMode?: number;
+}
+
+export interface DeviceStats extends DirtyTrackerStats {
+  connections: number;
+  requestsInFlight: number;
+  /** Disk the overlay file takes (sparse: written blocks only). */
+  overlayBytes: number;
+}
+
+/**
+ * One sandbox's rootfs device: base layers → copy-on-write overlay → dirty tracker → NBD
+ * server on the sandbox's socket (and a kernel device where attached). Owns all of them.
+ */
+export class BlockDevice {
+  readonly record: DeviceRecord;
+  readonly server: NbdServer;
+  readonly overlay: CowOverlay;
+  readonly tracker: DirtyTracker;
+  kernel: KernelAttachment | undefined;
+  private state: 'serving' | 'exporting' | 'closed' = 'serving';
+  private readonly options: BlockDeviceOptions;
+
+  private constructor(options: BlockDeviceOptions, overlay: CowOverlay, tracker: DirtyTracker, server: NbdServer) {
+    this.options = options;
+    this.record = options.record;
+    this.overlay = overlay;
+    this.tracker = tracker;
+    this.server = server;
+  }
+
+  /** Opens the stack, reopening an overlay a previous run left in the device's directory. */
+  static async open(options: BlockDeviceOptions): Promise<BlockDevice> {
+    const { record, base, logger } = options;
+    const overlay = await CowOverlay.open({
+      base,
+      dir: join(deviceDir(options.dataDir, record.sandboxId), 'overlay'),
+      blockSize: record.blockSize,
+      identity: record.basePath ? `file:${record.basePath}` : `build:${record.buildId}`,
+    });
+    try {
+      const tracker = new DirtyTracker({
+        inner: overlay,
+        blockSize: record.blockSize,
+        dirty: overlay.written,
+        zeroed: overlay.zeroed,
+      });
+      const server = await NbdServer.listen({
+        socketPath: record.socketPath,
+        logger,
+        ...(options.metrics ? { observer: options.metrics.observer } : {}),
+        ...(options.socketMode ? { socketMode: options.socketMode } : {}),
+        exports: {
+          find: (name) =>
+            name === record.exportName || name === ''
+              ? {
+                  name: record.exportName,
+                  blocks: tracker,
+                  blockSize: record.blockSize,
+                  description: `sandbox ${record.sandboxId}`,
+                }
+              : undefined,
+          names: () => [record.exportName],
+        },
+      });
+      return new BlockDevice(options, overlay, tracker, server);
+    } catch (err) {
+      await overlay.close();
+      throw err;
+    }
+  }
+
+  get sandboxId(): string {
+    return this.record.sandboxId;
+  }
+
+  get serving(): boolean {
+    return this.state === 'serving';
+  }
+
+  /**
+   * Pause step 4: flush, refuse new clients, wait until the device is released (kernel device
+   * disconnected, every client gone), write the dirty blocks to `diffPath` in ascending order.
+   * On success the device is finished: the caller closes it. When clients do not let go in
+   * time the device goes back to serving and DeviceBusy is thrown.
+   */
+  async export(buildId: string, diffPath: string, releaseTimeoutMs: number): Promise<ExportedDiff> {
+    if (this.state !== 'serving') throw new DeviceClosing(this.sandboxId);
+    this.state = 'exporting';
+    const started = Date.now();
+    try {
+      await this.tracker.flush();
+      await this.server.stopAccepting();
+      if (this.kernel) {
+        await this.kernel.detach();
+        this.kernel = undefined;
+      }
+      if (!(await this.server.waitForIdle(releaseTimeoutMs))) {
+        throw new DeviceBusy(this.sandboxId, this.server.connectionCount, Date.now() - started);
+      }
+      return await exportDiff({
+        source: this.tracker,
+        blockSize: this.record.blockSize,
+        dirty: this.tracker.dirty,
+        zeroed: this.tracker.zeroed,
+        buildId,
+        diffPath,
+      });
+    } catch (err) {
+      this.state = 'serving';
+      await this.server
+        .startAccepting()
+        .catch((e: unknown) =>
+          this.options.logger.error(
+            { err: e, sandboxId: this.sandboxId },
+            'could not serve again after a failed export',
+          ),
+        );
+      throw err;
+    }
+  }
+
+  /** Deletes the device: clients dropped, kernel device disconnected, overlay and state removed. */
+  async destroy(): Promise<void> {
+    if (this.state === 'closed') return;
+    this.state = 'closed';
+    await this.server.close();
+    if (this.kernel) {
+      await this.kernel.detach().catch((err: unknown) => this.options.logger.warn({ err }, 'kernel detach failed'));
+      this.kernel = undefined;
+    }
+    await this.overlay.remove();
+    await this.options.releaseBase();
+    await removeDeviceDir(this.options.dataDir, this.sandboxId);
+  }
+
+  /**
+   * Process shutdown: clients dropped, overlay flushed and closed, state kept on disk so the
+   * next run reopens the device. A kernel device stays connected-but-dead until reconfigured.
+   */
+  async suspend(): Promise<void> {
+    if (this.state === 'closed') return;
+    this.state = 'closed';
+    await this.server.close();
+    this.kernel?.abandon();
+    await this.tracker.flush().catch((err: unknown) => this.options.logger.warn({ err }, 'flush at shutdown failed'));
+    await this.overlay.close();
+    await this.options.releaseBase();
+  }
+
+  async stats(): Promise<DeviceStats> {
+    const used = await stat(join(this.overlay.dir, 'overlay.img')).then(
+      (s) => s.blocks * 512,
+      () => 0,
+    );
+    return {
+      ...this.tracker.stats(),
+      connections: this.server.connectionCount,
+      requestsInFlight: this.server.requestsInFlight,
+      overlayBytes: used,
+    };
+  }
+}

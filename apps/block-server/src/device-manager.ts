@@ -1,0 +1,271 @@
+import { mkdir } from 'node:fs/promises';
+import { dirname, isAbsolute, join } from 'node:path';
+import { sandboxLogger, type Logger } from '#logging';
+import { normalizeBuildId, type ReadableBlocks } from '#storage';
+import { BlockRequestInvalid, DeviceClosing, DeviceExists, DeviceNotFound } from './block-errors.js';
+import type { BlockMetrics } from './block-metrics.js';
+import { BlockDevice, type DeviceStats, type KernelAttachment } from './block-device.js';
+import {
+  SANDBOX_ID_PATTERN,
+  readDeviceRecords,
+  removeDeviceDir,
+  writeDeviceRecord,
+  type DeviceRecord,
+} from './device-record.js';
+import type { ExportedDiff } from './dirty-export.js';
+import { FileBlocks } from './file-blocks.js';
+import type { RootfsBuilds } from './rootfs-builds.js';
+
+/** Binds a device to a kernel /dev/nbdX (kernel-attach.ts), or reattaches after a restart. */
+export interface KernelAttacher {
+  readonly available: boolean;
+  attach(device: BlockDevice): Promise<KernelAttachment>;
+  reattach(device: BlockDevice, index: number): Promise<KernelAttachment>;
+}
+
+export interface DeviceManagerOptions {
+  dataDir: string;
+  nbdDir: string;
+  /** Builds' rootfs layers; absent when no bucket is configured (local images only). */
+  builds?: RootfsBuilds;
+  logger: Logger;
+  metrics?: BlockMetrics;
+  socketMode?: number;
+  releaseTimeoutMs: number;
+  kernel?: KernelAttacher;
+}
+
+export interface OpenDeviceRequest {
+  sandboxId: string;
+  buildId?: string;
+  basePath?: string;
+  exportName?: string;
+  attachKernel?: boolean;
+}
+
+/** Every device of this process, by sandbox id: open, export, close, list, stats, restore. */
+export class DeviceManager {
+  private readonly devices = new Map<string, BlockDevice>();
+  /** Sandboxes with an open or export under way: a second call for them is refused, not interleaved. */
+  private readonly busy = new Set<string>();
+  private readonly options: DeviceManagerOptions;
+
+  constructor(options: DeviceManagerOptions) {
+    this.options = options;
+  }
+
+  /** Reopens every device a previous run left in the data directory. */
+  async restore(): Promise<{ reopened: string[]; failed: Array<{ sandboxId: string; error: string }> }> {
+    const { logger } = this.options;
+    const { records, broken } = await readDeviceRecords(this.options.dataDir);
+    for (const b of broken) logger.warn(b, 'device directory without a usable record left alone');
+    const reopened: string[] = [];
+    const failed: Array<{ sandboxId: string; error: string }> = [];
+    for (const record of records) {
+      try {
+        const device = await this.start(record);
+        if (record.kernelIndex !== undefined && this.options.kernel?.available) {
+          device.kernel = await this.options.kernel.reattach(device, record.kernelIndex);
+        }
+        reopened.push(record.sandboxId);
+      } catch (err) {
+        logger.error({ err, sandboxId: record.sandboxId }, 'could not reopen device; its state is kept on disk');
+        failed.push({ sandboxId: record.sandboxId, error: (err as Error).message });
+      }
+    }
+    this.options.metrics?.devices.set(this.devices.size);
+    return { reopened, failed };
+  }
+
+  async open(request: OpenDeviceRequest): Promise<BlockDevice> {
+    const sandboxId = checkSandboxId(request.sandboxId);
+    if (this.devices.has(sandboxId) || this.busy.has(sandboxId)) throw new DeviceExists(sandboxId);
+    this.busy.add(sandboxId);
+    try {
+      let buildId = '';
+      if (request.basePath) {
+        if (!isAbsolute(request.basePath)) throw new BlockRequestInvalid('base_path', 'must be an absolute path');
+      } else {
+        if (!request.buildId) throw new BlockRequestInvalid('build_id', 'a build id or a base path is required');
+        try {
+          buildId = normalizeBuildId(request.buildId);
+        } catch (err) {
+          throw new BlockRequestInvalid('build_id', (err as Error).message);
+        }
+        if (!this.options.builds)
+          throw new BlockRequestInvalid('build_id', 'no bucket configured (--bucket / SBX_BUCKET)');
+      }
+      const base = await this.openBase({ buildId, basePath: request.basePath });
+      let record: DeviceRecord;
+      let device: BlockDevice;
+      try {
+        record = {
+          version: 1,
+          sandboxId,
+          buildId,
+          ...(request.basePath ? { basePath: request.basePath } : {}),
+          socketPath: join(this.options.nbdDir, `${sandboxId}.sock`),
+          exportName: request.exportName || sandboxId,
+          size: base.blocks.size,
+          blockSize: base.blockSize,
+          createdAt: new Date().toISOString(),
+        };
+        // The record goes down before anything serves, so a crash from here on is recoverable.
+        await writeDeviceRecord(this.options.dataDir, record);
+        device = await BlockDevice.open(this.deviceOptions(record, base));
+      } catch (err) {
+        await base.release();
+        await removeDeviceDir(this.options.dataDir, sandboxId);
+        throw err;
+      }
+      try {
+        if (request.attachKernel && this.options.kernel?.available) {
+          device.kernel = await this.options.kernel.attach(device);
+          await writeDeviceRecord(this.options.dataDir, { ...record, kernelIndex: device.kernel.index });
+        }
+      } catch (err) {
+        await device.destroy();
+        throw err;
+      }
+      this.devices.set(sandboxId, device);
+      this.options.metrics?.devices.set(this.devices.size);
+      sandboxLogger(this.options.logger, sandboxId).info(
+        { buildId, socketPath: record.socketPath, size: record.size, devicePath: device.kernel?.path },
+        'device opened',
+      );
+      return device;
+    } finally {
+      this.busy.delete(sandboxId);
+    }
+  }
+
+  /** Pause step 4, then the device is closed and its cache removed. */
+  async export(
+    sandboxId: string,
+    newBuildId: string,
+    diffPath: string,
+  ): Promise<ExportedDiff & { device: DeviceRecord }> {
+    const device = this.get(sandboxId);
+    let buildId: string;
+    try {
+      buildId = normalizeBuildId(newBuildId);
+    } catch (err) {
+      throw new BlockRequestInvalid('new_build_id', (err as Error).message);
+    }
+    if (!isAbsolute(diffPath)) throw new BlockRequestInvalid('diff_path', 'must be an absolute path');
+    if (this.busy.has(sandboxId)) throw new DeviceClosing(sandboxId);
+    this.busy.add(sandboxId);
+    const log = sandboxLogger(this.options.logger, sandboxId);
+    try {
+      await mkdir(dirname(diffPath), { recursive: true });
+      const started = performance.now();
+      const result = await device.export(buildId, diffPath, this.options.releaseTimeoutMs);
+      this.devices.delete(sandboxId);
+      this.options.metrics?.devices.set(this.devices.size);
+      await device.destroy();
+      this.options.metrics?.exports.inc({ result: 'ok' });
+      log.info(
+        {
+          buildId,
+          diffPath,
+          storedBlocks: result.storedBlocks,
+          zeroBlocks: result.zeroBlocks,
+          ms: Math.round(performance.now() - started),
+        },
+        'device exported and closed',
+      );
+      return { ...result, device: device.record };
+    } catch (err) {
+      this.options.metrics?.exports.inc({ result: 'error' });
+      throw err;
+    } finally {
+      this.busy.delete(sandboxId);
+    }
+  }
+
+  async close(sandboxId: string): Promise<void> {
+    const device = this.get(sandboxId);
+    if (this.busy.has(sandboxId)) throw new DeviceClosing(sandboxId);
+    this.devices.delete(sandboxId);
+    this.options.metrics?.devices.set(this.devices.size);
+    await device.destroy();
+    sandboxLogger(this.options.logger, sandboxId).info('device closed and removed');
+  }
+
+  list(): BlockDevice[] {
+    return [...this.devices.values()];
+  }
+
+  stats(sandboxId: string): Promise<DeviceStats> {
+    return this.get(sandboxId).stats();
+  }
+
+  /** Process shutdown: every device suspended (state kept for the next run). */
+  async shutdown(): Promise<void> {
+    const all = [...this.devices.values()];
+    this.devices.clear();
+    await Promise.all(
+      all.map((d) =>
+        d
+          .suspend()
+          .catch((err: unknown) => this.options.logger.warn({ err, sandboxId: d.sandboxId }, 'suspend failed')),
+      ),
+    );
+    await this.options.builds?.close();
+  }
+
+  private get(sandboxId: string): BlockDevice {
+    const device = this.devices.get(sandboxId);
+    if (!device) throw new DeviceNotFound(sandboxId);
+    return device;
+  }
+
+  private async start(record: DeviceRecord): Promise<BlockDevice> {
+    const base = await this.openBase({ buildId: record.buildId, basePath: record.basePath });
+    try {
+      if (base.blocks.size !== record.size) {
+        throw new Error(`base is ${base.blocks.size} bytes, the device was ${record.size}`);
+      }
+      const device = await BlockDevice.open(this.deviceOptions(record, base));
+      this.devices.set(record.sandboxId, device);
+      return device;
+    } catch (err) {
+      await base.release();
+      throw err;
+    }
+  }
+
+  private deviceOptions(
+    record: DeviceRecord,
+    base: { blocks: ReadableBlocks; release(): Promise<void> },
+  ): Parameters<typeof BlockDevice.open>[0] {
+    return {
+      record,
+      dataDir: this.options.dataDir,
+      base: base.blocks,
+      releaseBase: () => base.release(),
+      logger: sandboxLogger(this.options.logger, record.sandboxId),
+      ...(this.options.metrics ? { metrics: this.options.metrics } : {}),
+      ...(this.options.socketMode ? { socketMode: this.options.socketMode } : {}),
+    };
+  }
+
+  private async openBase(source: {
+    buildId: string;
+    basePath: string | undefined;
+  }): Promise<{ blocks: ReadableBlocks; blockSize: number; release(): Promise<void> }> {
+    if (source.basePath) {
+      const file = await FileBlocks.open(source.basePath);
+      return { blocks: file, blockSize: 4096, release: () => file.close() };
+    }
+    if (!this.options.builds) throw new BlockRequestInvalid('build_id', 'no bucket configured (--bucket / SBX_BUCKET)');
+    return this.options.builds.open(source.buildId);
+  }
+}
+
+function checkSandboxId(sandboxId: string): string {
+  if (!SANDBOX_ID_PATTERN.test(sandboxId) || sandboxId.includes('..')) {
+    throw new BlockRequestInvalid('sandbox_id', `${JSON.stringify(sandboxId.slice(0, 64))} is not a safe name`);
+  }
+  return sandboxId;
+}

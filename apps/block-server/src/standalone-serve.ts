@@ -1,0 +1,93 @@
+import { mkdtemp, realpath, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import type { Logger } from '#logging';
+import { BlockMetrics } from './block-metrics.js';
+import { CowOverlay } from './cow-overlay.js';
+import { FileBlocks } from './file-blocks.js';
+import { NbdServer } from './nbd-server.js';
+import type { StandaloneConfig } from './standalone-config.js';
+
+export interface StandaloneHandle {
+  server: NbdServer;
+  overlay: CowOverlay;
+  close(): Promise<void>;
+}
+
+/**
+ * One copy-on-write export of a local image over NBD: file → overlay → NBD server. With
+ * `--overlay`, the overlay directory outlives the process, so a restart reopens it with every
+ * write that was flushed; without, a temporary overlay is removed at shutdown.
+ */
+export async function serveImage(
+  config: StandaloneConfig,
+  logger: Logger,
+  metrics?: BlockMetrics,
+): Promise<StandaloneHandle> {
+  const taken: Array<() => Promise<void>> = [];
+  const release = async (): Promise<void> => {
+    for (const undo of taken.reverse()) await undo().catch((err: unknown) => logger.warn({ err }, 'release failed'));
+    taken.length = 0;
+  };
+  try {
+    const basePath = await realpath(config.base);
+    const base = await FileBlocks.open(basePath);
+    taken.push(() => base.close());
+    let overlayDir = config.overlay;
+    if (!overlayDir) {
+      const temporary = await mkdtemp(join(tmpdir(), 'sbx-block-overlay-'));
+      taken.push(() => rm(temporary, { recursive: true, force: true }));
+      overlayDir = temporary;
+    }
+    const overlay = await CowOverlay.open({
+      base,
+      dir: overlayDir,
+      blockSize: config.blockSize,
+      identity: `file:${basePath}:${base.size}`,
+    });
+    taken.push(() => overlay.close());
+    const reopened = overlay.written.count + overlay.zeroed.count;
+    const server = await NbdServer.listen({
+      socketPath: config.socket,
+      logger,
+      ...(metrics ? { observer: metrics.observer } : {}),
+      exports: {
+        find: (name) =>
+          name === config.exportName || name === ''
+            ? {
+                name: config.exportName,
+                blocks: overlay,
+                blockSize: config.blockSize,
+                description: `cow over ${basePath}`,
+              }
+            : undefined,
+        names: () => [config.exportName],
+      },
+    });
+    taken.push(() => server.close());
+    logger.info(
+      {
+        base: basePath,
+        size: base.size,
+        socket: config.socket,
+        overlay: overlayDir,
+        exportName: config.exportName,
+        reopenedBlocks: reopened,
+      },
+      'serving copy-on-write export',
+    );
+    return {
+      server,
+      overlay,
+      close: async () => {
+        // Everything acknowledged stays durable across a clean stop as across a crash.
+        await server.close();
+        await overlay.flush().catch((err: unknown) => logger.warn({ err }, 'final flush failed'));
+        await release();
+      },
+    };
+  } catch (err) {
+    await release();
+    throw err;
+  }
+}
