@@ -3,7 +3,7 @@ import { createWriteStream } from 'node:fs';
 import { mkdir, rename, rm, stat } from 'node:fs/promises';
 import path from 'node:path';
 import { pipeline } from 'node:stream/promises';
-import { type Bucket, IdempotencyStrategy, Storage } from '@google-cloud/storage';
+import type { Bucket, File } from '@google-cloud/storage';
 import { checkObjectPath } from './object-paths.js';
 import type { StorageBackend, UploadOptions } from './storage-backend.js';
 import { ObjectNotFound, StorageUnavailable } from './storage-errors.js';
@@ -41,30 +41,39 @@ const TRANSIENT_NET = new Set([
  */
 export class GcsBackend implements StorageBackend {
   readonly location: string;
-  private readonly storage: Storage;
-  private readonly bucket: Bucket;
+  private readonly options: GcsBackendOptions;
+  private bucketHandle: Promise<Bucket> | undefined;
   private readonly readTimeoutMs: number;
   private readonly uploadChunkSize: number | undefined;
 
   constructor(options: GcsBackendOptions) {
     this.location = `gs://${options.bucket}`;
-    this.storage = new Storage({
-      ...(options.apiEndpoint !== undefined ? { apiEndpoint: options.apiEndpoint } : {}),
-      ...(options.projectId !== undefined ? { projectId: options.projectId } : {}),
-      retryOptions: {
-        autoRetry: true,
-        maxRetries: options.maxRetries ?? 3,
-        retryDelayMultiplier: 2,
-        // async-retry (session creation) refuses a maximum below its 1 s minimum.
-        maxRetryDelay: Math.max(1000, options.maxRetryDelayMs ?? 8000) / 1000,
-        totalTimeout: 120,
-        // Our writes are whole objects under fresh build ids: repeating one is harmless.
-        idempotencyStrategy: IdempotencyStrategy.RetryAlways,
-      },
-    });
-    this.bucket = this.storage.bucket(options.bucket);
+    this.options = options;
     this.readTimeoutMs = options.readTimeoutMs ?? 60_000;
     this.uploadChunkSize = options.uploadChunkSize;
+  }
+
+  /** The client library is loaded on first use: services on a local bucket never pay for it. */
+  private bucket(): Promise<Bucket> {
+    this.bucketHandle ??= import('@google-cloud/storage').then(({ Storage, IdempotencyStrategy }) => {
+      const options = this.options;
+      const storage = new Storage({
+        ...(options.apiEndpoint !== undefined ? { apiEndpoint: options.apiEndpoint } : {}),
+        ...(options.projectId !== undefined ? { projectId: options.projectId } : {}),
+        retryOptions: {
+          autoRetry: true,
+          maxRetries: options.maxRetries ?? 3,
+          retryDelayMultiplier: 2,
+          // async-retry (session creation) refuses a maximum below its 1 s minimum.
+          maxRetryDelay: Math.max(1000, options.maxRetryDelayMs ?? 8000) / 1000,
+          totalTimeout: 120,
+          // Our writes are whole objects under fresh build ids: repeating one is harmless.
+          idempotencyStrategy: IdempotencyStrategy.RetryAlways,
+        },
+      });
+      return storage.bucket(options.bucket);
+    });
+    return this.bucketHandle;
   }
 
   async readRange(objectPath: string, offset: number, length: number): Promise<Buffer> {
@@ -87,7 +96,7 @@ export class GcsBackend implements StorageBackend {
 
   async size(objectPath: string): Promise<number> {
     try {
-      const [metadata] = await this.file(objectPath).getMetadata();
+      const [metadata] = await (await this.file(objectPath)).getMetadata();
       return Number(metadata.size);
     } catch (err) {
       throw this.translate('size', objectPath, err);
@@ -96,7 +105,7 @@ export class GcsBackend implements StorageBackend {
 
   async exists(objectPath: string): Promise<boolean> {
     try {
-      const [exists] = await this.file(objectPath).exists();
+      const [exists] = await (await this.file(objectPath)).exists();
       return exists;
     } catch (err) {
       throw this.translate('exists', objectPath, err);
@@ -105,7 +114,9 @@ export class GcsBackend implements StorageBackend {
 
   async write(objectPath: string, data: Uint8Array): Promise<void> {
     try {
-      await this.file(objectPath).save(Buffer.from(data.buffer, data.byteOffset, data.byteLength), {
+      await (
+        await this.file(objectPath)
+      ).save(Buffer.from(data.buffer, data.byteOffset, data.byteLength), {
         resumable: true,
         contentType: 'application/octet-stream',
       });
@@ -117,7 +128,9 @@ export class GcsBackend implements StorageBackend {
   async upload(objectPath: string, localFile: string, options: UploadOptions = {}): Promise<void> {
     await stat(localFile);
     try {
-      await this.bucket.upload(localFile, {
+      await (
+        await this.bucket()
+      ).upload(localFile, {
         destination: checkObjectPath(objectPath),
         resumable: true,
         contentType: 'application/octet-stream',
@@ -135,7 +148,7 @@ export class GcsBackend implements StorageBackend {
     await mkdir(path.dirname(localFile), { recursive: true });
     const tmp = `${localFile}.sbx-tmp-${randomBytes(4).toString('hex')}`;
     try {
-      await pipeline(this.file(objectPath).createReadStream(), createWriteStream(tmp, { flags: 'wx' }));
+      await pipeline((await this.file(objectPath)).createReadStream(), createWriteStream(tmp, { flags: 'wx' }));
       await rename(tmp, localFile);
     } catch (err) {
       await rm(tmp, { force: true });
@@ -145,7 +158,7 @@ export class GcsBackend implements StorageBackend {
 
   async list(prefix: string): Promise<string[]> {
     try {
-      const [files] = await this.bucket.getFiles({ prefix, autoPaginate: true });
+      const [files] = await (await this.bucket()).getFiles({ prefix, autoPaginate: true });
       return files.map((f) => f.name).sort();
     } catch (err) {
       throw this.translate('list', prefix, err);
@@ -154,7 +167,7 @@ export class GcsBackend implements StorageBackend {
 
   async delete(objectPath: string): Promise<void> {
     try {
-      await this.file(objectPath).delete({ ignoreNotFound: true });
+      await (await this.file(objectPath)).delete({ ignoreNotFound: true });
     } catch (err) {
       throw this.translate('delete', objectPath, err);
     }
@@ -162,13 +175,19 @@ export class GcsBackend implements StorageBackend {
 
   async close(): Promise<void> {}
 
-  private file(objectPath: string) {
-    return this.bucket.file(checkObjectPath(objectPath));
+  private async file(objectPath: string): Promise<File> {
+    checkObjectPath(objectPath);
+    return (await this.bucket()).file(objectPath);
   }
 
-  private readStream(objectPath: string, range: { start?: number; end?: number }, operation: string): Promise<Buffer> {
+  private async readStream(
+    objectPath: string,
+    range: { start?: number; end?: number },
+    operation: string,
+  ): Promise<Buffer> {
+    const file = await this.file(objectPath);
     return new Promise<Buffer>((resolve, reject) => {
-      const stream = this.file(objectPath).createReadStream({ ...range, validation: range.start === undefined });
+      const stream = file.createReadStream({ ...range, validation: range.start === undefined });
       const chunks: Buffer[] = [];
       const timer = setTimeout(() => {
         stream.destroy(

@@ -63,3 +63,5 @@ export type {
   UploadEvent,
   UploadState,
 } from './build-store.js';
+export { summarizeHeader, formatHeader, formatMapping } from './inspect-header-command.js';
+export type { BuildShare } from './inspect-header-command.js';
