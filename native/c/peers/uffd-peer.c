@@ -15,6 +15,7 @@
  *
  * usage: uffd-peer --socket <path> --size <bytes> [--page-size <bytes>] [--memfd] [--hugetlb]
  *        [--regions <n>] [--tracking wp-async|wp-sync|none] [--key page_size|page_size_kib]
+ *        [--declare <n>]   describe only the first n regions (a peer that faults outside them)
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -126,7 +127,7 @@ static uint64_t now_ns(void) {
 int main(int argc, char **argv) {
   const char *sock_path = NULL, *tracking = "none", *key = "page_size";
   uint64_t page_size = 4096;
-  int use_memfd = 0, hugetlb = 0;
+  int use_memfd = 0, hugetlb = 0, declare = -1;
   for (int i = 1; i < argc; i++) {
     const char *a = argv[i];
     const char *v = i + 1 < argc ? argv[i + 1] : "";
@@ -136,6 +137,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(a, "--regions")) nregions = atoi(v), i++;
     else if (!strcmp(a, "--tracking")) tracking = v, i++;
     else if (!strcmp(a, "--key")) key = v, i++;
+    else if (!strcmp(a, "--declare")) declare = atoi(v), i++;
     else if (!strcmp(a, "--memfd")) use_memfd = 1;
     else if (!strcmp(a, "--hugetlb")) hugetlb = 1;
     else {
@@ -193,7 +195,8 @@ int main(int argc, char **argv) {
   char json[64 * 160];
   size_t jl = 0;
   jl += (size_t)snprintf(json + jl, sizeof(json) - jl, "[");
-  for (int i = 0; i < nregions; i++)
+  int described = declare >= 0 && declare < nregions ? declare : nregions;
+  for (int i = 0; i < described; i++)
     jl += (size_t)snprintf(json + jl, sizeof(json) - jl,
                            "%s{\"base_host_virt_addr\":%" PRIu64 ",\"size\":%" PRIu64 ",\"offset\":%" PRIu64
                            ",\"%s\":%" PRIu64 "}",
