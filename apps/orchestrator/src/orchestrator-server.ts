@@ -120,6 +120,7 @@ export async function startOrchestrator(config: OrchestratorConfig, logger: Logg
         builds,
         templates,
         vmm,
+        slots: services.slots,
         kernelPath: config.kernelPath,
         vmRootfsDir: config.vmRootfsDir,
         workDir: socketDir,

@@ -1,322 +1,47 @@
-import { mkdtemp, readFile, readdir, rm, writeFile, mkdir } from 'node:fs/promises';
+import { mkdtemp, readFile, readdir, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { createLogger } from '#logging';
-import { baseMappings, encodeHeader, NIL_UUID, type Header } from '#storage';
-import type { SandboxConfig } from '#proto/orchestrator';
-import { BlockDevice, BlockExportResponse } from '#proto/sbx/block';
-import { NetSlot } from '#proto/sbx/net';
-import { UffdExportDiffResponse } from '#proto/sbx/uffd';
-import { BUILD_FILES, DirectoryBuildFiles, readBuildHeader } from './build-files.js';
-import { BuildUploader } from './build-uploader.js';
-import type { EnvdClient } from './envd-client.js';
-import { EnvdInitTimeout, SandboxExists, SandboxStepFailed, VmmApiError, VmmExited } from './orchestrator-errors.js';
-import type { FirecrackerApi } from './firecracker-api.js';
-import type { CatalogueEntry, LifecycleEvents, LifecycleEventType } from './lifecycle-events.js';
-import type { NodeServices } from './node-services.js';
-import { SandboxManager } from './sandbox-manager.js';
-import { SandboxStateStore } from './sandbox-state-store.js';
-import { TemplateCache } from './template-cache.js';
-import { TemplateCatalogue } from './template-catalogue.js';
-import type { VmmHandle, VmmLauncher } from './vmm-launcher.js';
+import { NIL_UUID, type Header } from '#storage';
+import {
+  BASE,
+  createReq,
+  makeHarness,
+  MEM_PAGES,
+  PAGE,
+  type Harness,
+  type RecordingEvents,
+  type RecordingNode,
+  type RecordingVmm,
+  type Step,
+} from '../test/recording-doubles.js';
+import { BUILD_FILES, readBuildHeader } from './build-files.js';
+import type { BuildUploader } from './build-uploader.js';
 import { layerCount } from './layer-compaction.js';
+import { SandboxExists, SandboxStepFailed } from './orchestrator-errors.js';
+import type { SandboxManager } from './sandbox-manager.js';
 
 /*
- * The manager's flows over recording doubles of the four services, the VMM and envd (each a
- * double that keeps the set of resources it handed out), so a failure can be injected at
- * every step and the test checks that every resource taken was given back. The same flows run
- * against the real services in test/orchestrator-e2e.test.ts.
+ * The manager's flows over recording doubles of the services, the VMM and envd
+ * (test/recording-doubles.ts), with a failure injected at every step.
  */
 
-const PAGE = 4096;
-const MEM_PAGES = 16;
-const BASE = '11111111-1111-4111-8111-111111111111';
-const logger = createLogger({ service: 'orchestrator-test', level: 'silent' });
-
-type Step =
-  | 'acquire'
-  | 'open'
-  | 'prepare'
-  | 'launch'
-  | 'loadSnapshot'
-  | 'setState'
-  | 'envd'
-  | 'dns'
-  | 'createSnapshot'
-  | 'exportDiff';
-
-class RecordingNode implements NodeServices {
-  failAt: Step | undefined;
-  nextIdx = 1;
-  readonly slotsInUse = new Map<string, NetSlot>();
-  readonly devicesOpen = new Set<string>();
-  readonly servings = new Set<string>();
-  readonly records = new Map<string, string>();
-  exportPage = 0;
-
-  private check(step: Step): void {
-    if (this.failAt === step) throw new Error(`injected failure at ${step}`);
-  }
-
-  slots = {
-    acquire: async (sandboxId: string): Promise<NetSlot> => {
-      this.check('acquire');
-      const idx = this.nextIdx++;
-      const slot = NetSlot.fromPartial({
-        idx,
-        sandboxId,
-        namespace: `ns-${idx}`,
-        hostVeth: '',
-        nsVeth: '',
-        hostVethIp: '',
-        nsVethIp: '',
-        tapName: 'tap0',
-        tapIp: '169.254.0.22',
-        tapPrefix: 30,
-        guestIp: '169.254.0.21',
-        hostIp: `10.11.0.${idx}`,
-      });
-      this.slotsInUse.set(sandboxId, slot);
-      return slot;
-    },
-    release: async (slot: NetSlot) => {
-      this.slotsInUse.delete(slot.sandboxId);
-    },
-    list: async () => [...this.slotsInUse.values()],
-  };
-
-  devices = {
-    open: async (sandboxId: string, buildId: string): Promise<BlockDevice> => {
-      this.check('open');
-      this.devicesOpen.add(sandboxId);
-      return {
-        sandboxId,
-        buildId,
-        socketPath: `/tmp/${sandboxId}.nbd`,
-        devicePath: '',
-        size: 8 * PAGE,
-        blockSize: PAGE,
-        exportName: '',
-      };
-    },
-    export: async (_id: string, newBuildId: string, diffPath: string): Promise<BlockExportResponse> => {
-      await writeFile(diffPath, Buffer.alloc(PAGE, 0x60 + this.exportPage));
-      return BlockExportResponse.fromPartial({
-        mappings: [{ offset: (this.exportPage % 8) * PAGE, length: PAGE, buildId: newBuildId, buildStorageOffset: 0 }],
-        diffSize: PAGE,
-        dirtyBlocks: 1,
-        blockSize: PAGE,
-        size: 8 * PAGE,
-      });
-    },
-    close: async (sandboxId: string) => {
-      this.devicesOpen.delete(sandboxId);
-    },
-    list: async () => [],
-  };
-
-  memory = {
-    prepare: async (sandboxId: string, socketPath: string) => {
-      this.check('prepare');
-      this.servings.add(sandboxId);
-      return { socketPath, memorySize: MEM_PAGES * PAGE };
-    },
-    stopSourcing: async () => {},
-    exportDiff: async (_id: string, newBuildId: string, diffPath: string): Promise<UffdExportDiffResponse> => {
-      this.check('exportDiff');
-      // Each pause dirties page `exportPage` (with its own byte) and page 0.
-      const page = (this.exportPage % (MEM_PAGES - 1)) + 1;
-      const fill = 0x10 + this.exportPage;
-      await writeFile(diffPath, Buffer.concat([Buffer.alloc(PAGE, fill), Buffer.alloc(PAGE, fill + 0x80)]));
-      this.exportPage++;
-      return UffdExportDiffResponse.fromPartial({
-        mappings: [
-          { offset: 0, length: PAGE, buildId: newBuildId, buildStorageOffset: 0 },
-          { offset: page * PAGE, length: PAGE, buildId: newBuildId, buildStorageOffset: PAGE },
-        ],
-        diffSize: 2 * PAGE,
-        dirtyPages: 2,
-        zeroPages: 0,
-        pageSize: PAGE,
-        memorySize: MEM_PAGES * PAGE,
-        tracking: 'present',
-      });
-    },
-    stop: async (sandboxId: string) => {
-      this.servings.delete(sandboxId);
-    },
-    list: async () => [],
-  };
-
-  names = {
-    set: async (name: string, ip: string) => {
-      this.check('dns');
-      this.records.set(name, ip);
-    },
-    remove: async (name: string, ip: string) => {
-      if (this.records.get(name) === ip) this.records.delete(name);
-    },
-    list: async () => [...this.records].map(([name, ip]) => ({ name, ip })),
-  };
-}
-
-class RecordingVmm implements VmmLauncher {
-  readonly description = 'recording VMM double';
-  readonly isDouble = true;
-  readonly running = new Set<string>();
-  constructor(private readonly node: RecordingNode) {}
-
-  async launch(spec: { sandboxId: string; apiSocket: string }): Promise<VmmHandle> {
-    if (this.node.failAt === 'launch') throw new VmmExited(spec.sandboxId, 'exited while starting: code 1');
-    const id = spec.sandboxId;
-    this.running.add(id);
-    let resolveExit!: (how: string) => void;
-    const exited = new Promise<string>((r) => (resolveExit = r));
-    const fail = (step: Step, path: string) => {
-      if (this.node.failAt === step) throw new VmmApiError('PUT', path, 400, `injected failure at ${step}`);
-    };
-    const api = {
-      loadSnapshot: async () => fail('loadSnapshot', '/snapshot/load'),
-      setState: async () => fail('setState', '/vm'),
-      setMmds: async () => {},
-      createSnapshot: async (c: { snapshotPath: string }) => {
-        fail('createSnapshot', '/snapshot/create');
-        await writeFile(c.snapshotPath, 'snapfile');
-      },
-      describe: async () => ({ state: 'Running' }),
-    } as unknown as FirecrackerApi;
-    return {
-      pid: 1,
-      startTicks: 1,
-      apiSocket: spec.apiSocket,
-      api,
-      exited,
-      isAlive: () => this.running.has(id),
-      kill: async () => {
-        this.running.delete(id);
-        resolveExit('killed');
-      },
-    };
-  }
-
-  async adopt(): Promise<VmmHandle | undefined> {
-    return undefined;
-  }
-}
-
-class RecordingEvents implements LifecycleEvents {
-  readonly catalogue = new Map<string, CatalogueEntry>();
-  readonly events: { type: LifecycleEventType; sandboxId: string; fields: Record<string, string> }[] = [];
-  async publish(e: CatalogueEntry) {
-    this.catalogue.set(e.sandboxId, e);
-  }
-  async unpublish(id: string) {
-    this.catalogue.delete(id);
-  }
-  async event(type: LifecycleEventType, sandboxId: string, fields: Record<string, string> = {}) {
-    this.events.push({ type, sandboxId, fields });
-  }
-  async close() {}
-}
-
 let root: string;
+let h: Harness;
 let node: RecordingNode;
 let vmm: RecordingVmm;
 let events: RecordingEvents;
 let manager: SandboxManager;
-let envdFails: boolean;
 let uploader: BuildUploader;
-
-async function makeBaseBuild(bucket: string): Promise<Buffer> {
-  const dir = join(bucket, BASE);
-  await mkdir(dir, { recursive: true });
-  const mem = Buffer.alloc(MEM_PAGES * PAGE);
-  for (let p = 0; p < MEM_PAGES; p++) mem.fill(p, p * PAGE, (p + 1) * PAGE);
-  await writeFile(join(dir, BUILD_FILES.memfile), mem);
-  const header: Header = {
-    metadata: { version: 3, blockSize: PAGE, size: mem.length, generation: 0, buildId: BASE, baseBuildId: BASE },
-    mappings: baseMappings(mem.length, BASE),
-  };
-  await writeFile(join(dir, BUILD_FILES.memfileHeader), encodeHeader(header));
-  await writeFile(join(dir, BUILD_FILES.rootfs), Buffer.alloc(8 * PAGE, 0xee));
-  await writeFile(join(dir, BUILD_FILES.snapfile), 'snapfile');
-  return mem;
-}
-
-function config(id: string, extra: Partial<SandboxConfig> = {}): SandboxConfig {
-  return {
-    templateId: 'base',
-    buildId: '',
-    kernelVersion: '',
-    firecrackerVersion: '',
-    hugePages: false,
-    sandboxId: id,
-    envVars: { A: '1' },
-    metadata: {},
-    envdVersion: '0.2.0',
-    vcpu: 1,
-    ramMb: 128,
-    teamId: 'team',
-    maxSandboxLength: 1,
-    totalDiskSizeMb: 0,
-    snapshot: false,
-    baseTemplateId: '',
-    ...extra,
-  };
-}
-
-function createReq(id: string, extra: Partial<SandboxConfig> = {}, endInMs = 3_600_000) {
-  return { config: config(id, extra), startTime: new Date(), endTime: new Date(Date.now() + endInMs) };
-}
 
 beforeEach(async () => {
   root = await mkdtemp(join(tmpdir(), 'orch-mgr-'));
-  const bucket = join(root, 'bucket');
-  await makeBaseBuild(bucket);
-  node = new RecordingNode();
-  vmm = new RecordingVmm(node);
-  events = new RecordingEvents();
-  envdFails = false;
-  const envd: EnvdClient = {
-    init: async (ip, _env, timeoutMs) => {
-      if (envdFails) throw new EnvdInitTimeout(`${ip}:49983`, timeoutMs, 'connection refused');
-    },
-    health: async () => true,
-    metrics: async () => undefined,
-  };
-  const builds = new DirectoryBuildFiles(join(root, 'cache'), bucket);
-  const templates = new TemplateCatalogue(join(root, 'data', 'templates.json'));
-  await templates.set({ templateId: 'base', buildId: BASE, createdAt: new Date().toISOString() });
-  manager = new SandboxManager({
-    settings: {
-      nodeId: 'node-1',
-      maxSandboxes: 100,
-      envdTimeoutMs: 200,
-      healthIntervalMs: 0,
-      metricsIntervalMs: 0,
-      endTimeCheckMs: 50,
-      pauseParallelism: 2,
-      generationCap: 3,
-      vmRootfsDir: join(root, 'fc'),
-      socketDir: join(root, 's'),
-    },
-    services: node,
-    vmm,
-    envd,
-    builds,
-    cache: new TemplateCache(builds, 60_000),
-    templates,
-    events,
-    states: new SandboxStateStore(join(root, 'data', 'sandboxes')),
-    uploader: (uploader = new BuildUploader((id) => builds.upload(id), { retries: 1, backoffMs: 1, logger })),
-    logger,
-  });
+  h = await makeHarness(root);
+  ({ node, vmm, events, manager, uploader } = h);
 });
 
 afterEach(async () => {
-  await manager.shutdown('kill');
-  await uploader.drain();
+  await h.close();
   await rm(root, { recursive: true, force: true });
 });
 
@@ -367,7 +92,7 @@ describe('create', () => {
   ];
   for (const [failAt, step] of failurePoints) {
     it(`a failure at '${step}' rolls back everything taken and names the step`, async () => {
-      if (failAt === 'envd') envdFails = true;
+      if (failAt === 'envd') h.envd.fails = true;
       else node.failAt = failAt;
       const err = await manager.create(createReq('half')).catch((e: unknown) => e);
       expect(err).toBeInstanceOf(SandboxStepFailed);
@@ -377,7 +102,7 @@ describe('create', () => {
       expect(events.events.map((e) => `${e.type}:${e.fields['step']}`)).toEqual([`failed:${step}`]);
       // The node is still usable after the failure.
       node.failAt = undefined;
-      envdFails = false;
+      h.envd.fails = false;
       await manager.create(createReq('after'));
       expect(manager.list()).toHaveLength(1);
     });

@@ -5,6 +5,7 @@ import { promisify } from 'node:util';
 import { NIL_UUID, type BuildMapping, type Header } from '#storage';
 import type { Logger } from '#logging';
 import { BUILD_FILES, writeBuildHeader, type BuildFiles } from './build-files.js';
+import type { SlotProvider } from './node-services.js';
 import type { TemplateCatalogue, TemplateEntry } from './template-catalogue.js';
 import type { VmmLauncher } from './vmm-launcher.js';
 
@@ -25,6 +26,11 @@ export interface TemplateBuilderOptions {
   builds: BuildFiles;
   templates: TemplateCatalogue;
   vmm: VmmLauncher;
+  /**
+   * net-agent: the build VM boots in a slot with its NIC on the slot's tap, so the snapfile
+   * records the NIC every sandbox restored from it gets (Firecracker restores NICs by tap name).
+   */
+  slots: SlotProvider;
   /** Real kernel for Firecracker; the VMM double takes any path. */
   kernelPath: string | undefined;
   vmRootfsDir: string;
@@ -46,6 +52,7 @@ export async function buildTemplate(o: TemplateBuilderOptions, req: TemplateBuil
   const work = join(o.workDir, `template-${buildId.slice(0, 8)}`);
   await mkdir(work, { recursive: true });
   let vmm;
+  const slot = await o.slots.acquire(`template-${buildId.slice(0, 8)}`);
   try {
     const rootfs = join(staging, BUILD_FILES.rootfs);
     if (req.rootfsPath) await copyFile(req.rootfsPath, rootfs);
@@ -61,7 +68,7 @@ export async function buildTemplate(o: TemplateBuilderOptions, req: TemplateBuil
         apiSocket: join(work, 'api.sock'),
         rootfsLinkPath: join(o.vmRootfsDir, buildId, BUILD_FILES.rootfs),
         rootfsTarget: rootfs,
-        namespace: '',
+        namespace: slot.namespace,
         stdoutPath: join(work, 'vmm.stdout.log'),
         stderrPath: join(work, 'vmm.stderr.log'),
       },
@@ -73,6 +80,7 @@ export async function buildTemplate(o: TemplateBuilderOptions, req: TemplateBuil
       vcpuCount: req.vcpu,
       memSizeMib: req.memoryMb,
       rootfsPath: join(o.vmRootfsDir, buildId, BUILD_FILES.rootfs),
+      tapName: slot.tapName,
     });
     await vmm.api.setState('Paused');
     await vmm.api.createSnapshot({
@@ -105,6 +113,7 @@ export async function buildTemplate(o: TemplateBuilderOptions, req: TemplateBuil
     throw err;
   } finally {
     await vmm?.kill().catch(() => undefined);
+    await o.slots.release(slot, true).catch(() => undefined);
     await rm(work, { recursive: true, force: true });
   }
 }

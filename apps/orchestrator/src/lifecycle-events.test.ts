@@ -1,0 +1,75 @@
+import type { ChildProcess } from 'node:child_process';
+import { Redis } from 'ioredis';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { createLogger } from '#logging';
+import { startRedis } from '../test/redis-server.js';
+import { RedisLifecycleEvents } from './lifecycle-events.js';
+
+/* Against a real redis-server (Debian's) started on a free loopback port for this file. */
+
+const logger = createLogger({ service: 'orchestrator-test', level: 'silent' });
+let redis: ChildProcess;
+let port: number;
+
+beforeAll(async () => {
+  ({ process: redis, port } = await startRedis());
+});
+
+afterAll(async () => {
+  redis?.kill('SIGTERM');
+  await new Promise((r) => redis?.once('exit', r));
+});
+
+describe('RedisLifecycleEvents', () => {
+  it('publishes and removes catalogue entries and appends events to the stream', async () => {
+    const events = new RedisLifecycleEvents(
+      `redis://127.0.0.1:${port}`,
+      'node-7',
+      'sbx:sandbox:',
+      'sbx:events',
+      logger,
+    );
+    const reader = new Redis({ port, host: '127.0.0.1' });
+    try {
+      const start = new Date('2026-01-01T00:00:00Z');
+      const end = new Date('2026-01-01T01:00:00Z');
+      await events.publish({
+        sandboxId: 's1',
+        nodeId: 'node-7',
+        templateId: 'base',
+        buildId: 'b',
+        hostIp: '10.11.0.2',
+        guestIp: '169.254.0.21',
+        startTime: start,
+        endTime: end,
+      });
+      expect(await reader.hgetall('sbx:sandbox:s1')).toMatchObject({
+        nodeId: 'node-7',
+        hostIp: '10.11.0.2',
+        startTime: start.toISOString(),
+        endTime: end.toISOString(),
+      });
+      await events.event('created', 's1', { buildId: 'b' });
+      await events.event('killed', 's1');
+      await events.unpublish('s1');
+      expect(await reader.exists('sbx:sandbox:s1')).toBe(0);
+      const stream = await reader.xrange('sbx:events', '-', '+');
+      const parsed = stream.map(([, fields]) =>
+        Object.fromEntries(fields.reduce<string[][]>((acc, v, i) => (i % 2 ? acc : [...acc, [v, fields[i + 1]!]]), [])),
+      );
+      expect(parsed.map((e) => `${e['type']}:${e['sandboxId']}:${e['nodeId']}`)).toEqual([
+        'created:s1:node-7',
+        'killed:s1:node-7',
+      ]);
+    } finally {
+      reader.disconnect();
+      await events.close();
+    }
+  });
+
+  it('does not fail a sandbox operation when Redis is down', async () => {
+    const events = new RedisLifecycleEvents('redis://127.0.0.1:1', 'node-7', 'p:', 's', logger);
+    await expect(events.event('created', 's2')).resolves.toBeUndefined();
+    await events.close();
+  });
+});

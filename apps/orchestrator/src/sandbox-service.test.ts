@@ -1,0 +1,191 @@
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { status, type ServiceError } from '@grpc/grpc-js';
+import fc from 'fast-check';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { dial, startGrpcServer, unary, waitForServing, type GrpcServerHandle } from '#grpc';
+import { SandboxServiceClient, SandboxServiceService, type SandboxConfig } from '#proto/orchestrator';
+import { BASE, config, logger, makeHarness, type Harness } from '../test/recording-doubles.js';
+import { sandboxService } from './sandbox-service.js';
+
+/*
+ * The gRPC edge over a real gRPC server and the client generated from orchestrator.proto:
+ * validation of every field, status codes, and that the server keeps serving after bad input.
+ * The node services behind it are the recording doubles.
+ */
+
+let root: string;
+let h: Harness;
+let server: GrpcServerHandle;
+let client: SandboxServiceClient;
+
+beforeAll(async () => {
+  root = await mkdtemp(join(tmpdir(), 'orch-edge-'));
+  h = await makeHarness(root);
+  const implementation = sandboxService({
+    manager: h.manager,
+    cache: h.cache,
+    bounds: { minVcpu: 1, maxVcpu: 4, minRamMb: 128, maxRamMb: 2048 },
+    clientId: 'node-1',
+    logger,
+  });
+  server = await startGrpcServer({
+    address: '127.0.0.1:0',
+    services: [{ name: 'SandboxService', definition: SandboxServiceService, implementation }],
+    logger,
+  });
+  client = dial(SandboxServiceClient, server.address);
+});
+
+afterAll(async () => {
+  client?.close();
+  await server?.shutdown(100);
+  await h?.close();
+  await rm(root, { recursive: true, force: true });
+});
+
+const hour = () => new Date(Date.now() + 3_600_000);
+
+function create(sandbox: Partial<SandboxConfig>, endTime: Date | null = hour()) {
+  return unary(
+    client,
+    client.create,
+    { sandbox: { ...config('x'), ...sandbox }, startTime: new Date(), endTime: endTime ?? undefined },
+    5000,
+  );
+}
+
+async function failure(p: Promise<unknown>): Promise<ServiceError> {
+  const err = await p.then(
+    () => undefined,
+    (e: unknown) => e as ServiceError,
+  );
+  if (!err) throw new Error('expected the call to fail');
+  return err;
+}
+
+describe('SandboxService edge', () => {
+  it('answers grpc health', async () => {
+    await waitForServing(server.address, 2000);
+  });
+
+  it('creates, lists, updates and deletes through gRPC', async () => {
+    const res = await create({ sandboxId: 'edge-1' });
+    expect(res.clientId).toBe('node-1');
+    const list = await unary(client, client.list, {}, 5000);
+    expect(list.sandboxes.map((s) => s.config?.sandboxId)).toEqual(['edge-1']);
+    expect(list.sandboxes[0]?.config?.buildId).toBe(BASE);
+    const cached = await unary(client, client.listCachedBuilds, {}, 5000);
+    expect(cached.builds.map((b) => b.buildId)).toEqual([BASE]);
+    expect(cached.builds[0]!.expirationTime!.getTime()).toBeGreaterThan(Date.now());
+    const end = new Date(Date.now() + 7_200_000);
+    await unary(client, client.update, { sandboxId: 'edge-1', endTime: end }, 5000);
+    const after = await unary(client, client.list, {}, 5000);
+    expect(after.sandboxes[0]?.endTime?.getTime()).toBe(end.getTime());
+    const dup = await failure(create({ sandboxId: 'edge-1' }));
+    expect(dup.code).toBe(status.ALREADY_EXISTS);
+    expect(dup.details).toContain('edge-1');
+    await unary(client, client.delete, { sandboxId: 'edge-1' }, 5000);
+    expect((await unary(client, client.list, {}, 5000)).sandboxes).toEqual([]);
+    const gone = await failure(unary(client, client.delete, { sandboxId: 'edge-1' }, 5000));
+    expect(gone.code).toBe(status.NOT_FOUND);
+  });
+
+  const invalid: [string, Partial<SandboxConfig>, string][] = [
+    ['path separator', { sandboxId: 'a/b' }, 'sandbox.sandbox_id'],
+    ['dot-dot', { sandboxId: 'a..b' }, 'sandbox.sandbox_id'],
+    ['too long', { sandboxId: 'a'.repeat(65) }, 'sandbox.sandbox_id'],
+    ['empty', { sandboxId: '' }, 'sandbox.sandbox_id'],
+    ['template traversal', { templateId: '../etc' }, 'sandbox.template_id'],
+    ['vcpu 0', { sandboxId: 'v0', vcpu: 0 }, 'sandbox.vcpu'],
+    ['vcpu too many', { sandboxId: 'v9', vcpu: 9 }, 'sandbox.vcpu'],
+    ['ram too small', { sandboxId: 'r1', ramMb: 1 }, 'sandbox.ram_mb'],
+    ['ram too big', { sandboxId: 'r2', ramMb: 1 << 20 }, 'sandbox.ram_mb'],
+    ['build id not a uuid', { sandboxId: 'b1', buildId: 'nope' }, 'sandbox.build_id'],
+    ['snapshot without build', { sandboxId: 'b2', snapshot: true }, 'sandbox.build_id'],
+    ['bad env name', { sandboxId: 'e1', envVars: { 'A=B': '1' } }, 'sandbox.env_vars'],
+  ];
+  for (const [name, sandbox, field] of invalid) {
+    it(`rejects ${name} with INVALID_ARGUMENT naming ${field}`, async () => {
+      const err = await failure(create(sandbox));
+      expect(err.code).toBe(status.INVALID_ARGUMENT);
+      expect(err.details).toContain(field);
+    });
+  }
+
+  it('rejects a missing or backwards end time', async () => {
+    expect((await failure(create({ sandboxId: 't1' }, null))).details).toContain('end_time');
+    expect((await failure(create({ sandboxId: 't2' }, new Date(Date.now() - 1000)))).details).toContain('end_time');
+  });
+
+  it('answers NOT_FOUND naming an unknown template or build', async () => {
+    const t = await failure(create({ sandboxId: 'nt', templateId: 'no-such-template' }));
+    expect(t.code).toBe(status.NOT_FOUND);
+    expect(t.details).toContain('no-such-template');
+    const missing = '22222222-2222-4222-8222-222222222222';
+    const b = await failure(create({ sandboxId: 'nb', buildId: missing, snapshot: true }));
+    expect(b.code).toBe(status.NOT_FOUND);
+    expect(b.details).toContain(missing);
+    expect(h.node.slotsInUse.size).toBe(0);
+  });
+
+  it('names the failed step, maps an exhausted slot pool to RESOURCE_EXHAUSTED', async () => {
+    h.node.failAt = 'loadSnapshot';
+    const err = await failure(create({ sandboxId: 'fail-1' }));
+    expect(err.code).toBe(status.INTERNAL);
+    expect(err.details).toContain("step 'load snapshot' failed");
+    h.node.failAt = 'acquire';
+    const orig = h.node.slots.acquire;
+    h.node.slots.acquire = async () => {
+      throw Object.assign(new Error('no free slot'), { code: status.RESOURCE_EXHAUSTED, metadata: {} });
+    };
+    const noSlot = await failure(create({ sandboxId: 'fail-2' }));
+    h.node.slots.acquire = orig;
+    h.node.failAt = undefined;
+    expect(noSlot.code).toBe(status.RESOURCE_EXHAUSTED);
+    expect(noSlot.details).toContain("step 'acquire network slot'");
+  });
+
+  it('validates Pause and Update', async () => {
+    const bad = await failure(
+      unary(client, client.pause, { sandboxId: 'x', templateId: 'base', buildId: 'zzz' }, 5000),
+    );
+    expect(bad.code).toBe(status.INVALID_ARGUMENT);
+    expect(bad.details).toContain('build_id');
+    const unknown = await failure(
+      unary(client, client.pause, { sandboxId: 'ghost', templateId: 'base', buildId: crypto.randomUUID() }, 5000),
+    );
+    expect(unknown.code).toBe(status.NOT_FOUND);
+    const noEnd = await failure(unary(client, client.update, { sandboxId: 'ghost', endTime: undefined }, 5000));
+    expect(noEnd.code).toBe(status.INVALID_ARGUMENT);
+  });
+
+  it('survives random requests and keeps serving', async () => {
+    await fc.assert(
+      fc.asyncProperty(
+        fc.record({
+          sandboxId: fc.string({ maxLength: 80 }),
+          templateId: fc.string({ maxLength: 20 }),
+          buildId: fc.oneof(fc.constant(''), fc.uuid(), fc.string()),
+          vcpu: fc.integer({ min: -5, max: 20 }),
+          ramMb: fc.integer({ min: -5, max: 5000 }),
+          snapshot: fc.boolean(),
+        }),
+        async (sandbox) => {
+          const code = await create(sandbox).then(
+            () => status.OK,
+            (e: ServiceError) => e.code,
+          );
+          expect([status.OK, status.INVALID_ARGUMENT, status.NOT_FOUND, status.ALREADY_EXISTS]).toContain(code);
+        },
+      ),
+      { numRuns: 60 },
+    );
+    for (const s of (await unary(client, client.list, {}, 5000)).sandboxes) {
+      await unary(client, client.delete, { sandboxId: s.config!.sandboxId }, 5000);
+    }
+    expect(h.node.slotsInUse.size).toBe(0);
+    await waitForServing(server.address, 2000);
+  });
+});
