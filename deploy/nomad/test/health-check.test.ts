@@ -6,13 +6,13 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { waitForServing } from '#grpc';
 import { commands } from '../../../tools/sbx/src/commands.js';
 import { loadJob, type TaskSpec } from './nomad-job.js';
-import { flagValue, nodeServices, repoRoot } from './node-services.js';
+import { flagValue, nodeServices, repoRoot, type NodeService } from './node-services.js';
 
 /**
  * The jobs run for real, as far as this machine allows: a service is started from the exact
- * command line its job gives the Nomad client (only the socket, listen address and ports are moved
- * to scratch values), and the job's health check command is run against it, as Consul would, while
- * it serves and after it stopped.
+ * command line its job gives the Nomad client (only sockets, directories, the listen address and
+ * ports are moved to scratch values), and the job's health check command is run against it, as
+ * Consul would, while it serves and after it stopped.
  */
 
 const launcherBuilt = existsSync(join(repoRoot, 'dist/tools/sbx/src/main.js'));
@@ -37,13 +37,13 @@ afterEach(() => {
   for (const dir of dirs.splice(0)) rmSync(dir, { recursive: true, force: true });
 });
 
-/** The task's argv with some option values replaced, every replaced option required to be there. */
-function withOptions(task: TaskSpec, replace: Record<string, string>): string[] {
+/** The task's argv with option values replaced; `required` options must be in the job. */
+function withOptions(task: TaskSpec, required: Record<string, string>, ifPresent: Record<string, string>): string[] {
   const args = [...task.args];
-  for (const [flag, value] of Object.entries(replace)) {
+  for (const [flag, value] of Object.entries({ ...required, ...ifPresent })) {
     const at = args.indexOf(flag);
-    if (at < 0) throw new Error(`the ${task.name} job passes no ${flag}`);
-    args[at + 1] = value;
+    if (at < 0 && flag in required) throw new Error(`the ${task.name} job passes no ${flag}`);
+    if (at >= 0) args[at + 1] = value;
   }
   return args;
 }
@@ -55,45 +55,67 @@ function exited(child: ChildProcess): Promise<number | null> {
   });
 }
 
-async function startDnsFromJob(): Promise<{ task: TaskSpec; socket: string; child: ChildProcess }> {
-  const dns = nodeServices.find((s) => s.service === 'dns')!;
-  const job = await loadJob(dns.jobFile, { sbx_root: repoRoot });
-  const task = job.groups[0]!.tasks[0]!;
-  const dir = mkdtempSync(join(tmpdir(), 'nomad-dns-'));
+/**
+ * Services that can start on a build machine without changing the host (net-agent would build its
+ * slot pool in the host's network, the orchestrator needs all the others), with what each needs
+ * moved out of the node's real paths and ports.
+ */
+const runnable: { service: NodeService; scratch: (dir: string) => Record<string, string> }[] = [
+  {
+    service: nodeServices.find((s) => s.service === 'dns')!,
+    scratch: (dir) => ({ '--control-socket': join(dir, 'control.sock'), '--listen': '127.0.0.1:0' }),
+  },
+  {
+    service: nodeServices.find((s) => s.service === 'uffd-server')!,
+    scratch: (dir) => ({ '--socket': join(dir, 'control.sock') }),
+  },
+  {
+    service: nodeServices.find((s) => s.service === 'block-server')!,
+    scratch: (dir) => ({ '--control-socket': join(dir, 'control.sock'), '--data-dir': join(dir, 'data') }),
+  },
+];
+
+async function startFromJob(svc: NodeService, scratch: (dir: string) => Record<string, string>) {
+  const job = await loadJob(svc.jobFile, { sbx_root: repoRoot });
+  const group = job.groups[0]!;
+  const task = group.tasks[0]!;
+  const dir = mkdtempSync(join(tmpdir(), `nomad-${svc.service}-`));
   dirs.push(dir);
-  const socket = join(dir, 'dns.sock');
-  const args = withOptions(task, {
-    [dns.socketFlag]: socket,
-    '--listen': '127.0.0.1:0',
-    '--metrics-host': '127.0.0.1',
-    '--metrics-port': '0',
+  const replaced = scratch(dir);
+  const socket = replaced[svc.socketFlag]!;
+  const args = withOptions(task, replaced, { '--metrics-host': '127.0.0.1', '--metrics-port': '0' });
+  const child = spawn(task.command, args, {
+    stdio: ['ignore', 'ignore', 'pipe'],
+    env: { PATH: process.env['PATH'], ...task.env },
   });
-  const child = spawn(task.command, args, { stdio: ['ignore', 'ignore', 'pipe'] });
   children.push(child);
   let stderr = '';
   child.stderr?.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
   try {
     await waitForServing(socket, 20_000);
   } catch (err) {
-    throw new Error(`dns started from the job did not serve: ${(err as Error).message}\n${stderr}`, { cause: err });
+    throw new Error(`${svc.service} started from its job did not serve: ${(err as Error).message}\n${stderr}`, {
+      cause: err,
+    });
   }
-  return { task, socket, child };
+  return { group, task, socket, child };
 }
 
-describe('jobs run on this machine', () => {
-  it.skipIf(!launcherBuilt)('the dns job’s command line starts dns serving grpc.health.v1 on its socket', async () => {
-    const { child } = await startDnsFromJob();
+describe.each(runnable)('the $service.service job on this machine', ({ service, scratch }) => {
+  it.skipIf(!launcherBuilt)('its command line starts the service serving grpc.health.v1 on its socket', async () => {
+    const { child } = await startFromJob(service, scratch);
     child.kill('SIGTERM');
     // A clean SIGTERM exit within the job's kill_timeout is what Nomad's stop relies on.
     expect(await exited(child)).toBe(0);
   });
 
   it.skipIf(!launcherBuilt || !healthBuilt)(
-    'the dns job’s script check passes while dns serves and is critical once it stopped',
+    'its script check passes while the service serves and is critical once it stopped',
     async () => {
-      const { task, socket, child } = await startDnsFromJob();
+      const { group, task, socket, child } = await startFromJob(service, scratch);
       const check = task.services.flatMap((s) => s.checks).find((c) => c.type === 'script')!;
-      const args = check.args.map((a) => (a === flagValue(task.args, '--control-socket') ? socket : a));
+      const jobSocket = flagValue(group.tasks[0]!.args, service.socketFlag);
+      const args = check.args.map((a) => (a === jobSocket ? socket : a));
       expect(args).toContain(socket);
       const passing = spawnSync(check.command!, args, { encoding: 'utf8', timeout: 20_000 });
       expect(passing.status, passing.stderr).toBe(0);
