@@ -36,11 +36,7 @@ export class ConsulSlotReservation implements SlotReservation {
   private readonly base: string;
 
   constructor(private readonly options: ConsulSlotReservationOptions) {
-    this.consul = new Consul({
-      ...consulTarget(options.address),
-      timeout: options.timeoutMs,
-      ...(options.token ? { defaults: { token: options.token } } : {}),
-    } as ConstructorParameters<typeof Consul>[0]);
+    this.consul = createConsulClient(options.address, options.token, options.timeoutMs);
     this.store = `consul ${options.address}`;
     this.base = `${options.prefix}${options.nodeId}/`;
   }
@@ -76,7 +72,7 @@ export class ConsulSlotReservation implements SlotReservation {
     const pair = await this.call('read', () => this.consul.kv.get(slot.key));
     if (!pair) throw new SlotAlreadyReleased(slot.idx, slot.key);
     const deleted = await this.call('delete-cas', () => this.consul.kv.del({ key: slot.key, cas: pair.ModifyIndex }));
-    if (!deleted) throw new SlotReallocated(slot.idx, slot.key);
+    if (deleted !== true) throw new SlotReallocated(slot.idx, slot.key);
   }
 
   async held(): Promise<ReservedSlot[]> {
@@ -95,7 +91,7 @@ export class ConsulSlotReservation implements SlotReservation {
 
   private async create(idx: number): Promise<boolean> {
     const value = JSON.stringify({ node: this.options.nodeId, pid: process.pid });
-    return this.call('create-cas', () => this.consul.kv.set({ key: this.keyOf(idx), value, cas: 0 }));
+    return (await this.call('create-cas', () => this.consul.kv.set({ key: this.keyOf(idx), value, cas: 0 }))) === true;
   }
 
   private async listKeys(): Promise<string[]> {
@@ -115,6 +111,15 @@ export class ConsulSlotReservation implements SlotReservation {
       throw new ReservationUnavailable(this.store, operation, err);
     }
   }
+}
+
+/** A `consul` client for a CONSUL_HTTP_ADDR-style address (http, https, host:port or unix://). */
+export function createConsulClient(address: string, token?: string, timeoutMs = 5000): Consul {
+  return new Consul({
+    ...consulTarget(address),
+    timeout: timeoutMs,
+    ...(token ? { defaults: { token } } : {}),
+  } as ConstructorParameters<typeof Consul>[0]);
 }
 
 function consulTarget(address: string): { baseUrl: string; socketPath?: string } {

@@ -271,7 +271,9 @@ export class SlotPool {
         await this.releaseReservations(reserved);
         throw err;
       }
-      this.options.onCreated?.(specs.length, performance.now() - started);
+      const ms = performance.now() - started;
+      this.options.onCreated?.(specs.length, ms);
+      this.options.logger.debug({ slots: specs.length, ms: Math.round(ms) }, 'slot batch created');
       this.counters.created += specs.length;
       for (let i = 0; i < specs.length; i++) {
         const slot: PoolSlot = { spec: specs[i]!, reserved: reserved[i]!, sandboxId: '' };

@@ -1,0 +1,244 @@
+/**
+ * net-agent end to end: the real process in a throwaway node namespace (see node-namespace.ts),
+ * driven only through its control socket. Traffic goes only to addresses this test creates.
+ */
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { status, type ServiceError } from '@grpc/grpc-js';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { AgentProcess } from './agent-process.js';
+import { ConsulKvDouble } from './consul-kv-double.js';
+import { INTERNET_IP, METADATA_IP, NodeNamespace, PRIVATE_IP, UPLINK_NODE_IP } from './node-namespace.js';
+
+const isRoot = process.getuid?.() === 0;
+if (!isRoot) console.warn('net-agent integration tests need root (network namespaces): skipped');
+
+let node: NodeNamespace;
+let dir: string;
+const agents: AgentProcess[] = [];
+const doubles: ConsulKvDouble[] = [];
+
+async function startAgent(args: string[], name = 'net'): Promise<AgentProcess> {
+  const agent = await AgentProcess.start(node, join(dir, `${name}.sock`), args);
+  agents.push(agent);
+  return agent;
+}
+
+async function startConsul(name: string): Promise<ConsulKvDouble> {
+  // A Unix socket: the agent runs in the node namespace, where the test's loopback is not reachable.
+  const double = new ConsulKvDouble(join(dir, `${name}.consul.sock`));
+  await double.start();
+  doubles.push(double);
+  return double;
+}
+
+function grpcCode(err: unknown): number | undefined {
+  return (err as ServiceError).code;
+}
+
+beforeAll(async () => {
+  if (!isRoot) return;
+  dir = await mkdtemp(join(tmpdir(), 'net-agent-test-'));
+  node = await NodeNamespace.create();
+});
+
+afterAll(async () => {
+  for (const agent of agents) agent.kill();
+  for (const double of doubles) await double.stop();
+  if (node) await node.cleanup();
+  if (dir) await rm(dir, { recursive: true, force: true });
+});
+
+describe.skipIf(!isRoot)('net-agent in a throwaway node namespace', () => {
+  it('a slot carries traffic: node → guest via host IP, guest → internet, no guest → private or metadata', async () => {
+    await node.startServer(node.internet, '0.0.0.0', 8080, 'internet');
+    const agent = await startAgent(['--pool-new-size', '2']);
+    const slot = await agent.acquire('sbx-traffic');
+    expect(slot.namespace.startsWith(node.slotPrefix)).toBe(true);
+    expect(slot.hostIp).toMatch(/^10\.11\./);
+    const guest = await node.attachGuest(slot);
+    await node.startServer(guest, slot.guestIp, 49983, 'guest');
+
+    // The node reaches the sandbox at its host IP (DNAT in the slot namespace); the reply is an
+    // established connection, so the egress block on private ranges does not stop it.
+    expect(await node.probe(node.node, slot.hostIp, 49983)).toBe(`guest saw ${slot.hostVethIp}`);
+    // The guest reaches the internet, SNAT-ed to its host IP and masqueraded out of the uplink.
+    expect(await node.probe(guest, INTERNET_IP, 8080)).toBe(`internet saw ${UPLINK_NODE_IP}`);
+    // The node itself reaches the private and metadata addresses: only the guest is blocked.
+    expect(await node.probe(node.node, PRIVATE_IP, 8080)).toBe(`internet saw ${UPLINK_NODE_IP}`);
+    expect(await node.probe(node.node, METADATA_IP, 8080)).toBe(`internet saw ${UPLINK_NODE_IP}`);
+    expect(await node.probe(guest, PRIVATE_IP, 8080, 0.7)).toBeUndefined();
+    expect(await node.probe(guest, METADATA_IP, 8080, 0.7)).toBeUndefined();
+    expect(await node.probe(guest, slot.hostVethIp, 8080, 0.7)).toBeUndefined();
+
+    await agent.release(slot.idx, 'sbx-traffic');
+    expect(await node.slotNamespaces()).not.toContain(slot.namespace);
+    expect(await node.probe(node.node, slot.hostIp, 49983, 0.5)).toBeUndefined();
+    expect(await agent.stop()).toBe(0);
+  });
+
+  it('bad requests get clear errors and the agent keeps serving', async () => {
+    const agent = await startAgent(['--pool-new-size', '1']);
+    await expect(agent.acquire('')).rejects.toSatisfy((e) => grpcCode(e) === status.INVALID_ARGUMENT);
+    await expect(agent.acquire('../etc')).rejects.toSatisfy((e) => grpcCode(e) === status.INVALID_ARGUMENT);
+    await expect(agent.release(99_999, 'x')).rejects.toSatisfy((e) => grpcCode(e) === status.NOT_FOUND);
+    const slot = await agent.acquire('owner');
+    const err = await agent.release(slot.idx, 'intruder').catch((e: unknown) => e);
+    expect(grpcCode(err)).toBe(status.FAILED_PRECONDITION);
+    expect((err as Error).message).toContain('owner');
+    expect((await agent.list()).map((s) => s.sandboxId)).toEqual(['owner']);
+    await agent.release(slot.idx, 'owner', true);
+    expect((await agent.stats()).readyReused).toBe(1);
+    expect(await agent.stop()).toBe(0);
+  });
+
+  it('creates and removes 200 slots with Consul KV reservation and leaves nothing behind', async () => {
+    const consul = await startConsul('two-hundred');
+    const before = await node.snapshot();
+    const agent = await startAgent([
+      '--reservation',
+      'consul',
+      '--consul-addr',
+      consul.address,
+      '--pool-new-size',
+      '200',
+      '--pool-reused-size',
+      '50',
+      '--create-batch',
+      '50',
+    ]);
+    await agent.waitFor((s) => s.readyNew === 200, 60_000);
+    expect(consul.keys(`${node.prefix}/`)).toHaveLength(200);
+    expect(await node.slotNamespaces()).toHaveLength(200);
+    const during = await node.snapshot();
+    expect(during.links.filter((l) => l.startsWith('veth-'))).toHaveLength(200);
+    expect(during.rules).toContain('table ip sbx_net');
+
+    const slots = await Promise.all(Array.from({ length: 200 }, (_, i) => agent.acquire(`sbx-${i}`)));
+    expect(new Set(slots.map((s) => s.idx)).size).toBe(200);
+    expect(new Set(slots.map((s) => s.hostIp)).size).toBe(200);
+    // Half removed at once, a quarter kept for reuse, the rest still in use at shutdown.
+    await Promise.all(slots.slice(0, 100).map((s, i) => agent.release(s.idx, `sbx-${i}`)));
+    await Promise.all(slots.slice(100, 150).map((s, i) => agent.release(s.idx, `sbx-${100 + i}`, true)));
+    const mid = await agent.stats();
+    expect(mid.readyReused).toBe(50);
+    expect(mid.inUse).toBe(50);
+    expect(mid.removed).toBe(100);
+
+    expect(await agent.stop()).toBe(0);
+    const after = await node.snapshot();
+    expect(after).toEqual(before);
+    expect(consul.keys(`${node.prefix}/`)).toEqual([]);
+  });
+
+  it('reconciles after a crash: leftovers removed fast, a slot still in use adopted', async () => {
+    const consul = await startConsul('reconcile');
+    const before = await node.snapshot();
+    const args = ['--reservation', 'consul', '--consul-addr', consul.address, '--pool-new-size', '4'];
+    const first = await startAgent(args, 'crash1');
+    const used = await first.acquire('survivor');
+    const dropped = await first.acquire('lost');
+    const vmm = node.spawnIn(used.namespace, 'sleep', ['120']);
+    // Let the refill finish so the crash leaves a known set: 2 in use + 4 ready.
+    await first.waitFor((s) => s.readyNew === 4);
+    await first.crash();
+
+    // Leftovers of a bigger crashed run: 1000 namespaces and veths in our naming, and their keys.
+    const leftoverIdx = Array.from({ length: 1000 }, (_, i) => 5000 + i);
+    await node.mustExec(
+      node.node,
+      'ip',
+      ['-batch', '-'],
+      leftoverIdx
+        .map(
+          (i) =>
+            `netns add ${node.slotPrefix}${i}\nlink add veth-${i} type veth peer name eth0 netns ${node.slotPrefix}${i}\n`,
+        )
+        .join(''),
+    );
+    const leftoverKeys = await AgentKeys.put(consul, `${node.prefix}/`, leftoverIdx.slice(0, 100));
+    expect(await node.slotNamespaces()).toHaveLength(1000 + 6);
+
+    const second = await startAgent(args, 'crash2');
+    const reconciled = second.logs
+      .map((l) => JSON.parse(l) as Record<string, unknown>)
+      .find((l) => l['msg'] === 'reconciled leftovers');
+    expect(reconciled?.['adopted']).toEqual([used.idx]);
+    expect(reconciled?.['removed']).toBe(1000 + 5);
+    expect(Number(reconciled?.['ms'])).toBeGreaterThan(0);
+    console.info(
+      `reconcile removed ${String(reconciled?.['removed'])} leftover slots in ${String(reconciled?.['ms'])} ms`,
+    );
+
+    const listed = await second.list();
+    expect(listed.map((s) => s.idx)).toEqual([used.idx]);
+    const namespaces = await node.slotNamespaces();
+    expect(namespaces).toContain(used.namespace);
+    expect(namespaces).not.toContain(dropped.namespace);
+    for (const key of leftoverKeys) expect(consul.keys(key)).toEqual([]);
+    expect(consul.keys(`${node.prefix}/${used.idx}`)).toEqual([`${node.prefix}/${used.idx}`]);
+    // The adopted slot still routes: its host route and rules were kept.
+    const guest = await node.attachGuest(used);
+    await node.startServer(guest, used.guestIp, 49983, 'adopted');
+    expect(await node.probe(node.node, used.hostIp, 49983)).toBe(`adopted saw ${used.hostVethIp}`);
+
+    vmm.kill('SIGKILL');
+    await second.release(used.idx, '');
+    expect(await second.stop()).toBe(0);
+    expect(await node.snapshot()).toEqual(before);
+    expect(consul.keys(`${node.prefix}/`)).toEqual([]);
+  });
+
+  it('during a Consul outage ready slots are still handed out, then a clear error, then recovery', async () => {
+    const consul = await startConsul('outage');
+    const agent = await startAgent([
+      '--reservation',
+      'consul',
+      '--consul-addr',
+      consul.address,
+      '--pool-new-size',
+      '2',
+      '--acquire-timeout-ms',
+      '300',
+      '--refill-backoff-min-ms',
+      '50',
+      '--refill-backoff-max-ms',
+      '200',
+    ]);
+    await agent.waitFor((s) => s.readyNew === 2);
+    await consul.stop();
+    const a = await agent.acquire('during-1');
+    const b = await agent.acquire('during-2');
+    const err = await agent.acquire('during-3').catch((e: unknown) => e);
+    expect(grpcCode(err)).toBe(status.RESOURCE_EXHAUSTED);
+    expect((err as Error).message).toMatch(/unavailable/);
+    expect((err as Error).message).toContain(consul.address);
+    // A release while Consul is down removes the network now and the key once Consul is back.
+    await agent.release(a.idx, 'during-1');
+    expect((await agent.stats()).pendingReleases).toBe(1);
+
+    await consul.start();
+    await agent.waitFor((s) => s.readyNew === 2 && s.pendingReleases === 0 && s.lastError === '', 15_000);
+    const c = await agent.acquire('after');
+    expect(consul.keys(`${node.prefix}/${a.idx}`)).toEqual(a.idx === c.idx ? [`${node.prefix}/${a.idx}`] : []);
+    await agent.release(b.idx, 'during-2');
+    await agent.release(c.idx, 'after');
+    expect(await agent.stop()).toBe(0);
+    expect(consul.keys(`${node.prefix}/`)).toEqual([]);
+  });
+});
+
+/** Writes reservation keys the way a crashed agent would have left them. */
+const AgentKeys = {
+  async put(consul: ConsulKvDouble, base: string, idx: number[]): Promise<string[]> {
+    const { createConsulClient } = await import('../src/consul-slot-reservation.js');
+    const client = createConsulClient(consul.address);
+    try {
+      for (const i of idx) await client.kv.set({ key: `${base}${i}`, value: '{}', cas: 0 });
+    } finally {
+      client.destroy();
+    }
+    return idx.map((i) => `${base}${i}`);
+  },
+};
