@@ -28,6 +28,8 @@ export interface BatchUdpListenerOptions {
   sockets: number;
   /** Datagrams per recvmmsg/sendmmsg call. */
   batch?: number;
+  /** Receives in flight per socket (each on a thread-pool thread), default 2. */
+  receivers?: number;
 }
 
 /** Largest query accepted over UDP; longer ones arrive cut (MSG_TRUNC) and are dropped. */
@@ -85,24 +87,67 @@ export class BatchUdpListener {
   }
 }
 
-class BatchSocket {
-  private readonly vlen: number;
-  private readonly recvVec: NativeBlock;
-  private readonly sendVec: NativeBlock;
+/**
+ * One batch of receive buffers: a recvmmsg vector, one sockaddr and one 4 KiB slot per datagram.
+ * A socket has several, each with its own receive in flight, so the kernel fills one while the
+ * main thread answers another.
+ */
+class ReceiveRing {
+  readonly vec: NativeBlock;
+  readonly vec32: Uint32Array;
+  readonly inBuf: NativeBlock;
+  /** sockaddr of datagram i, where sendmmsg's msg_name points for its answer. */
+  readonly nameAddress: BigUint64Array;
   private readonly names: NativeBlock;
   private readonly iovs: NativeBlock;
-  private readonly inBuf: NativeBlock;
+  inFlight = false;
+
+  constructor(readonly vlen: number) {
+    this.vec = allocNative(vlen * MSGHDR_SIZE);
+    this.names = allocNative(vlen * SOCKADDR_SIZE);
+    this.iovs = allocNative(vlen * IOVEC_SIZE);
+    this.inBuf = allocNative(vlen * IN_SLOT);
+    this.vec32 = view32(this.vec);
+    this.nameAddress = new BigUint64Array(vlen);
+    const vec = this.vec.bytes;
+    const iov = this.iovs.bytes;
+    for (let i = 0; i < vlen; i++) {
+      this.nameAddress[i] = this.names.address + BigInt(i * SOCKADDR_SIZE);
+      iov.writeBigUInt64LE(this.inBuf.address + BigInt(i * IN_SLOT), i * IOVEC_SIZE);
+      iov.writeBigUInt64LE(BigInt(IN_SLOT), i * IOVEC_SIZE + 8);
+      // struct mmsghdr: name @0, namelen @8, iov @16, iovlen @24, control @32, controllen @40,
+      // flags @48, then msg_len @56.
+      const h = i * MSGHDR_SIZE;
+      vec.writeBigUInt64LE(this.nameAddress[i]!, h);
+      vec.writeUInt32LE(SOCKADDR_SIZE, h + 8);
+      vec.writeBigUInt64LE(this.iovs.address + BigInt(i * IOVEC_SIZE), h + 16);
+      vec.writeBigUInt64LE(1n, h + 24);
+    }
+  }
+
+  free(): void {
+    for (const block of [this.vec, this.names, this.iovs, this.inBuf]) block.free();
+  }
+}
+
+function view32(block: NativeBlock): Uint32Array {
+  return new Uint32Array(block.bytes.buffer, block.bytes.byteOffset, block.bytes.length >> 2);
+}
+
+class BatchSocket {
+  private readonly vlen: number;
+  private readonly rings: ReceiveRing[];
+  private readonly sendVec: NativeBlock;
+  private readonly sendIovs: NativeBlock;
   private readonly outBuf: NativeBlock;
-  private readonly recvVec32: Uint32Array;
   private readonly sendVec32: Uint32Array;
   private readonly sendVec64: BigUint64Array;
-  private readonly iovs32: Uint32Array;
-  private readonly nameAddress: BigUint64Array;
+  private readonly sendIovs32: Uint32Array;
   private stopping = false;
   private stopped: Promise<void> | undefined;
   private finish: () => void = () => undefined;
-  private inFlight = false;
   private lastError = 0;
+  private disposed = false;
 
   constructor(
     private readonly lib: Libc,
@@ -110,59 +155,43 @@ class BatchSocket {
     private readonly options: BatchUdpListenerOptions,
   ) {
     const vlen = (this.vlen = options.batch ?? 64);
-    this.recvVec = allocNative(vlen * MSGHDR_SIZE);
+    this.rings = Array.from({ length: Math.max(1, options.receivers ?? 2) }, () => new ReceiveRing(vlen));
     this.sendVec = allocNative(vlen * MSGHDR_SIZE);
-    this.names = allocNative(vlen * SOCKADDR_SIZE);
-    this.iovs = allocNative(2 * vlen * IOVEC_SIZE);
-    this.inBuf = allocNative(vlen * IN_SLOT);
+    this.sendIovs = allocNative(vlen * IOVEC_SIZE);
     this.outBuf = allocNative(vlen * OUT_SLOT);
-    const view32 = (b: NativeBlock) => new Uint32Array(b.bytes.buffer, b.bytes.byteOffset, b.bytes.length / 4);
-    this.recvVec32 = view32(this.recvVec);
     this.sendVec32 = view32(this.sendVec);
-    this.iovs32 = view32(this.iovs);
+    this.sendIovs32 = view32(this.sendIovs);
     this.sendVec64 = new BigUint64Array(this.sendVec.bytes.buffer, this.sendVec.bytes.byteOffset, vlen * 8);
-    this.nameAddress = new BigUint64Array(vlen);
-    const iov = this.iovs.bytes;
-    const recv = this.recvVec.bytes;
     const send = this.sendVec.bytes;
+    const iov = this.sendIovs.bytes;
     for (let i = 0; i < vlen; i++) {
-      this.nameAddress[i] = this.names.address + BigInt(i * SOCKADDR_SIZE);
-      // iovec i: receive slot i; iovec vlen+i: send slot i (its length set per answer).
-      iov.writeBigUInt64LE(this.inBuf.address + BigInt(i * IN_SLOT), i * IOVEC_SIZE);
-      iov.writeBigUInt64LE(BigInt(IN_SLOT), i * IOVEC_SIZE + 8);
-      iov.writeBigUInt64LE(this.outBuf.address + BigInt(i * OUT_SLOT), (vlen + i) * IOVEC_SIZE);
-      const h = i * MSGHDR_SIZE;
-      // struct msghdr: name @0, namelen @8, iov @16, iovlen @24, control @32, controllen @40, flags @48; msg_len @56.
-      recv.writeBigUInt64LE(this.nameAddress[i]!, h);
-      recv.writeUInt32LE(SOCKADDR_SIZE, h + 8);
-      recv.writeBigUInt64LE(this.iovs.address + BigInt(i * IOVEC_SIZE), h + 16);
-      recv.writeBigUInt64LE(1n, h + 24);
-      send.writeBigUInt64LE(this.iovs.address + BigInt((vlen + i) * IOVEC_SIZE), h + 16);
-      send.writeBigUInt64LE(1n, h + 24);
+      iov.writeBigUInt64LE(this.outBuf.address + BigInt(i * OUT_SLOT), i * IOVEC_SIZE);
+      send.writeBigUInt64LE(this.sendIovs.address + BigInt(i * IOVEC_SIZE), i * MSGHDR_SIZE + 16);
+      send.writeBigUInt64LE(1n, i * MSGHDR_SIZE + 24);
     }
   }
 
   run(): void {
     this.stopped = new Promise((resolve) => (this.finish = resolve));
-    this.receive();
+    for (const ring of this.rings) this.receive(ring);
   }
 
-  private receive(): void {
+  private receive(ring: ReceiveRing): void {
     if (this.stopping) {
-      this.finish();
+      this.settle();
       return;
     }
     const issued = Date.now();
-    this.inFlight = true;
-    this.lib.recvmmsg.async(this.fd, this.recvVec.pointer, this.vlen, MSG_WAITFORONE, null, (err, n) => {
-      this.inFlight = false;
+    ring.inFlight = true;
+    this.lib.recvmmsg.async(this.fd, ring.vec.pointer, this.vlen, MSG_WAITFORONE, null, (err, n) => {
+      ring.inFlight = false;
       if (this.stopping) {
-        this.finish();
+        this.settle();
         return;
       }
       if (!err && n > 0) {
-        this.answer(n);
-        this.receive();
+        this.answer(ring, n);
+        this.receive(ring);
         return;
       }
       // A receive timeout (EAGAIN after RECEIVE_TIMEOUT_MS) is the idle case; anything returning
@@ -173,20 +202,23 @@ class BatchSocket {
           this.lastError = now;
           this.options.logger.warn({ err, fd: this.fd }, 'udp receive failed; retrying');
         }
-        setTimeout(() => this.receive(), 50);
+        setTimeout(() => this.receive(ring), 50);
       } else {
-        this.receive();
+        this.receive(ring);
       }
     });
   }
 
-  private answer(n: number): void {
+  private settle(): void {
+    if (this.rings.every((r) => !r.inFlight)) this.finish();
+  }
+
+  private answer(ring: ReceiveRing, n: number): void {
     const { responder, counters } = this.options;
-    const recv32 = this.recvVec32;
+    const recv32 = ring.vec32;
+    const inBytes = ring.inBuf.bytes;
     const send32 = this.sendVec32;
-    const inBytes = this.inBuf.bytes;
     const outBytes = this.outBuf.bytes;
-    const vlen = this.vlen;
     let count = 0;
     for (let i = 0; i < n; i++) {
       const h = (i * MSGHDR_SIZE) >> 2;
@@ -209,9 +241,9 @@ class BatchSocket {
       }
       if (written <= 0) continue;
       const s = (count * MSGHDR_SIZE) >> 2;
-      this.sendVec64[s >> 1] = this.nameAddress[i]!;
+      this.sendVec64[s >> 1] = ring.nameAddress[i]!;
       send32[s + 2] = nameLength;
-      this.iovs32[((vlen + count) * IOVEC_SIZE + 8) >> 2] = written;
+      this.sendIovs32[((count * IOVEC_SIZE) >> 2) + 2] = written;
       count++;
     }
     if (count > 0) {
@@ -233,17 +265,16 @@ class BatchSocket {
       this.stopping = true;
       shutdownSocket(this.lib, this.fd);
     }
-    if (this.inFlight) await this.stopped;
+    if (this.rings.some((r) => r.inFlight)) await this.stopped;
     this.dispose();
   }
-
-  private disposed = false;
 
   /** Closes the fd and frees native memory; only once no receive is in flight. */
   dispose(): void {
     if (this.disposed) return;
     this.disposed = true;
     this.lib.close(this.fd);
-    for (const block of [this.recvVec, this.sendVec, this.names, this.iovs, this.inBuf, this.outBuf]) block.free();
+    for (const ring of this.rings) ring.free();
+    for (const block of [this.sendVec, this.sendIovs, this.outBuf]) block.free();
   }
 }

@@ -47,6 +47,8 @@ export const dnsConfigSchema = z.object({
   udpEngine: z.enum(['batch', 'dgram']).default('batch'),
   /** UDP sockets sharing the port (SO_REUSEPORT), batch engine only. */
   udpSockets: int(1, 16).default(1),
+  /** Receives in flight per UDP socket (batch engine): one fills while the last batch is answered. */
+  udpReceivers: int(1, 8).default(2),
   tcpIdleTimeoutMs: int(100, 600_000).default(10_000),
   tcpMaxConnections: int(1, 100_000).default(1024),
   logLevel: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),

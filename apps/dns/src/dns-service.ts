@@ -22,7 +22,7 @@ interface UdpStartOptions {
 async function startUdp(config: DnsConfig, options: UdpStartOptions): Promise<UdpListener | BatchUdpListener> {
   if (config.udpEngine === 'batch') {
     try {
-      return BatchUdpListener.start({ ...options, sockets: config.udpSockets });
+      return BatchUdpListener.start({ ...options, sockets: config.udpSockets, receivers: config.udpReceivers });
     } catch (err) {
       if (!(err instanceof BatchUdpUnavailable)) throw err;
       options.logger.warn({ reason: err.message }, 'udp: batch engine unavailable, using dgram sockets');

@@ -20,6 +20,19 @@ export interface DnsRecordEntry {
   ip: string;
   /** The address as the 4 bytes an A record carries. */
   bytes: Uint8Array;
+  /** The name's bytes, compared against the query without building a string. */
+  key: Uint8Array;
+}
+
+/** FNV-1a over ASCII-lower-cased bytes, cut to 30 bits so V8 keeps it a small integer. */
+function nameHash(bytes: Uint8Array, start: number, end: number): number {
+  let h = 0x811c9dc5;
+  for (let i = start; i < end; i++) {
+    let c = bytes[i]!;
+    if (c >= 0x41 && c <= 0x5a) c |= 0x20;
+    h = Math.imul(h ^ c, 0x01000193);
+  }
+  return h & 0x3fffffff;
 }
 
 // One DNS label; dashes allowed inside (ids may contain them, and `{id}-{anything}` is matched
@@ -33,6 +46,10 @@ const LABEL = /^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$/;
  */
 export class RecordTable {
   private readonly records = new Map<string, DnsRecordEntry>();
+  /** The hot-path index: name hash → entries (a list only on a hash collision). */
+  private readonly byHash = new Map<number, DnsRecordEntry[]>();
+  /** Scratch for `resolve`: label lengths at which a dash ends an id prefix. */
+  private readonly dashes = new Int32Array(64);
   /** The zone as wire-format labels after the first one, lower case, with the final zero byte. */
   private readonly zoneWire: Uint8Array | null;
   private readonly zoneLabelCount: number;
@@ -71,8 +88,18 @@ export class RecordTable {
       throw new RecordInvalid(name, ip, 'the name must be one DNS label of letters, digits, _ and - (1 to 63 chars)');
     }
     if (!isIPv4(ip)) throw new RecordInvalid(name, ip, 'the address must be an IPv4 address');
-    const entry = { name: key, ip, bytes: Uint8Array.from(ip.split('.').map(Number)) };
+    const entry: DnsRecordEntry = {
+      name: key,
+      ip,
+      bytes: Uint8Array.from(ip.split('.').map(Number)),
+      key: Buffer.from(key, 'latin1'),
+    };
+    this.unindex(key);
     this.records.set(key, entry);
+    const hash = nameHash(entry.key, 0, entry.key.length);
+    const bucket = this.byHash.get(hash);
+    if (bucket) bucket.push(entry);
+    else this.byHash.set(hash, [entry]);
     return entry;
   }
 
@@ -81,8 +108,18 @@ export class RecordTable {
     const key = name.toLowerCase();
     const entry = this.records.get(key);
     if (!entry || entry.ip !== ip) return false;
+    this.unindex(key);
     this.records.delete(key);
     return true;
+  }
+
+  private unindex(key: string): void {
+    const entry = this.records.get(key);
+    if (!entry) return;
+    const hash = nameHash(entry.key, 0, entry.key.length);
+    const bucket = this.byHash.get(hash)?.filter((e) => e !== entry);
+    if (bucket?.length) this.byHash.set(hash, bucket);
+    else this.byHash.delete(hash);
   }
 
   get(name: string): DnsRecordEntry | undefined {
@@ -97,23 +134,54 @@ export class RecordTable {
    * The record a parsed query's name resolves to, or undefined. The name must be one label, or
    * one label followed by the zone; the label is the id itself or `{id}-{anything}`.
    */
-  resolve(msg: Buffer, query: ParsedQuery): DnsRecordEntry | undefined {
+  resolve(msg: Uint8Array, query: ParsedQuery): DnsRecordEntry | undefined {
     if (query.labelCount !== 1 && !this.inZone(msg, query)) return undefined;
     const start = query.firstLabelStart;
     const end = query.firstLabelEnd;
     if (end <= start) return undefined;
-    let key = msg.toString('latin1', start, end);
-    if (query.firstLabelHasUpper) key = key.toLowerCase();
-    const exact = this.records.get(key);
-    if (exact !== undefined) return exact;
-    for (let dash = key.lastIndexOf('-'); dash > 0; dash = key.lastIndexOf('-', dash - 1)) {
-      const entry = this.records.get(key.slice(0, dash));
+    // One pass: the whole label's hash, and the prefix lengths ending before each dash.
+    const dashes = this.dashes;
+    let dashCount = 0;
+    let h = 0x811c9dc5;
+    for (let i = start; i < end; i++) {
+      let c = msg[i]!;
+      if (c === 0x2d && i > start) dashes[dashCount++] = i - start;
+      if (c >= 0x41 && c <= 0x5a) c |= 0x20;
+      h = Math.imul(h ^ c, 0x01000193);
+    }
+    const exact = this.find(h & 0x3fffffff, msg, start, end - start);
+    if (exact !== undefined || dashCount === 0) return exact;
+    // `{id}-{anything}`: the longest id that is a record wins.
+    for (let d = dashCount - 1; d >= 0; d--) {
+      const length = dashes[d]!;
+      const entry = this.find(nameHash(msg, start, start + length), msg, start, length);
       if (entry !== undefined) return entry;
     }
     return undefined;
   }
 
-  private inZone(msg: Buffer, query: ParsedQuery): boolean {
+  private find(hash: number, msg: Uint8Array, start: number, length: number): DnsRecordEntry | undefined {
+    const bucket = this.byHash.get(hash);
+    if (bucket === undefined) return undefined;
+    for (let b = 0; b < bucket.length; b++) {
+      const entry = bucket[b]!;
+      const key = entry.key;
+      if (key.length !== length) continue;
+      let same = true;
+      for (let i = 0; i < length; i++) {
+        let c = msg[start + i]!;
+        if (c >= 0x41 && c <= 0x5a) c |= 0x20;
+        if (c !== key[i]) {
+          same = false;
+          break;
+        }
+      }
+      if (same) return entry;
+    }
+    return undefined;
+  }
+
+  private inZone(msg: Uint8Array, query: ParsedQuery): boolean {
     const zone = this.zoneWire;
     if (zone === null || query.labelCount !== 1 + this.zoneLabelCount) return false;
     const from = query.firstLabelEnd;

@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# DNS benchmark: dnsperf against our resolver and against dnsmasq serving the same records,
+# same run, same load; prints queries/s for both and the ratio. Everything listens on loopback
+# addresses and ports of its own; the host's resolver and /etc/resolv.conf are never touched.
+#
+# usage: bash bench/dns/run.sh [seconds per server, default 10]
+# env:   RECORDS (default 1000)  CLIENTS (dnsperf -c, default 8)  OUTSTANDING (dnsperf -q, default 500)
+#        UDP_SOCKETS (ours, default 1)  UDP_RECEIVERS (ours, default 2)  UDP_ENGINE (ours: batch|dgram, default batch)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+seconds=${1:-10}
+records=${RECORDS:-1000}
+clients=${CLIENTS:-8}
+outstanding=${OUTSTANDING:-500}
+ours_addr=127.0.0.61
+peer_addr=127.0.0.62
+ours_port=${OURS_PORT:-15353}
+peer_port=${PEER_PORT:-15354}
+
+for tool in dnsperf dig; do command -v $tool >/dev/null || { echo "bench/dns: $tool missing (bind9-dnsutils, dnsperf)" >&2; exit 1; }; done
+dnsmasq=$(command -v dnsmasq || echo /usr/sbin/dnsmasq)
+[[ -x $dnsmasq ]] || { echo "bench/dns: dnsmasq missing (dnsmasq-base)" >&2; exit 1; }
+[[ -f dist/apps/dns/src/main.js ]] || bash scripts/build.sh
+
+work=$(mktemp -d /tmp/sbx-bench-dns.XXXXXX)
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+# The same records for both: sandbox ids and their `{id}-{port}` names. dnsmasq needs each name
+# listed; ours answers both from one record per sandbox.
+record_args=()
+: >"$work/dnsmasq.conf"
+: >"$work/queries.txt"
+for i in $(seq 1 "$records"); do
+  id=$(printf 'i%07xsbx' "$i")
+  ip="10.11.$((i / 250)).$((i % 250 + 1))"
+  record_args+=(--record "$id=$ip")
+  printf 'address=/%s/%s\naddress=/%s-49983/%s\n' "$id" "$ip" "$id" "$ip" >>"$work/dnsmasq.conf"
+  printf '%s A\n%s-49983 A\n' "$id" "$id" >>"$work/queries.txt"
+done
+
+./sbx dns serve --listen "$ours_addr:$ours_port" --control-socket none --metrics-port 0 --log-level warn \
+  --udp-sockets "${UDP_SOCKETS:-1}" --udp-receivers "${UDP_RECEIVERS:-2}" --udp-engine "${UDP_ENGINE:-batch}" "${record_args[@]}" >"$work/ours.log" 2>&1 &
+ours_pid=$!
+pids+=($ours_pid)
+"$dnsmasq" --no-daemon --no-resolv --no-hosts --bind-interfaces --conf-file="$work/dnsmasq.conf" \
+  --listen-address="$peer_addr" --port="$peer_port" --pid-file= --log-facility="$work/dnsmasq.log" 2>>"$work/dnsmasq.log" &
+peer_pid=$!
+pids+=($peer_pid)
+
+wait_answer() {
+  for _ in $(seq 1 100); do
+    if [[ $(dig @"$1" -p "$2" +short +time=1 +tries=1 "$3" A 2>/dev/null) == "$4" ]]; then return 0; fi
+    sleep 0.1
+  done
+  echo "bench/dns: $1:$2 does not answer $3" >&2
+  cat "$work"/*.log >&2
+  exit 1
+}
+first=$(printf 'i%07xsbx' 1)
+wait_answer "$ours_addr" "$ours_port" "$first-49983" 10.11.0.2
+wait_answer "$peer_addr" "$peer_port" "$first-49983" 10.11.0.2
+
+cpu_ticks() { # pid → user+system clock ticks of the process (all its threads)
+  awk '{ print $14 + $15 }' "/proc/$1/stat"
+}
+run() { # addr port seconds [server pid] → dnsperf output, plus the server's CPU ticks used
+  local before=0
+  [[ -n ${4:-} ]] && before=$(cpu_ticks "$4")
+  dnsperf -s "$1" -p "$2" -d "$work/queries.txt" -l "$3" -c "$clients" -q "$outstanding" 2>&1
+  [[ -n ${4:-} ]] && echo "  Server CPU ticks: $(($(cpu_ticks "$4") - before))"
+  return 0
+}
+field() { sed -n "s/^ *$1: *\([0-9.]*\).*/\1/p" | head -1; }
+
+echo "== dns benchmark: $records records, $((records * 2)) names, dnsperf -c $clients -q $outstanding, ${seconds}s each"
+echo "   machine: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg) (shared; numbers vary with other work)"
+# Warm both (JIT, caches), then measure each in turn.
+run "$peer_addr" "$peer_port" 1 >/dev/null
+run "$ours_addr" "$ours_port" 1 >/dev/null
+peer_out=$(run "$peer_addr" "$peer_port" "$seconds" "$peer_pid")
+ours_out=$(run "$ours_addr" "$ours_port" "$seconds" "$ours_pid")
+
+hz=$(getconf CLK_TCK)
+report() { # name output
+  local qps lost lat codes done ticks
+  qps=$(field 'Queries per second' <<<"$2")
+  done=$(field 'Queries completed' <<<"$2")
+  ticks=$(field 'Server CPU ticks' <<<"$2")
+  lost=$(sed -n 's/^ *Queries lost: *\(.*\)$/\1/p' <<<"$2")
+  lat=$(field 'Average Latency (s)' <<<"$2")
+  codes=$(sed -n 's/^ *Response codes: *\(.*\)$/\1/p' <<<"$2")
+  printf '%-8s %10.0f q/s   avg latency %7.3f ms   server CPU %5.2f us/query   lost %s   [%s]\n' "$1" "$qps" \
+    "$(awk "BEGIN{print $lat*1000}")" "$(awk "BEGIN{print $ticks * 1e6 / $hz / ($done > 0 ? $done : 1)}")" "$lost" "$codes"
+}
+report dnsmasq "$peer_out"
+report ours "$ours_out"
+peer_qps=$(field 'Queries per second' <<<"$peer_out")
+ours_qps=$(field 'Queries per second' <<<"$ours_out")
+awk -v o="$ours_qps" -v p="$peer_qps" 'BEGIN { printf "ratio ours/dnsmasq (queries/s): %.2f (goal >= 1.00)\n", o / p }'
+echo "(server CPU per query does not depend on how loaded the machine is; queries/s does)"
