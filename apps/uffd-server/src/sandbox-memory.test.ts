@@ -1,0 +1,113 @@
+import { randomBytes } from 'node:crypto';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { createLogger } from '#logging';
+import { UffdPeerProcess } from '#native';
+import { StorageUnavailable, type ReadableBlocks } from '#storage';
+import { SandboxMemory } from './sandbox-memory.js';
+import { SourceView } from './source-view.js';
+
+/**
+ * A sandbox whose source is remote (copied into the view on demand): a transient fetch failure
+ * is retried while the fault waits, and only a fetch that keeps failing fails the sandbox. The
+ * guest is a separate process (uffd-peer); this process is the server.
+ */
+const SIZE = 8 * 1024 * 1024;
+
+class FlakySource implements ReadableBlocks {
+  readonly size: number;
+  calls = 0;
+  constructor(
+    private readonly bytes: Buffer,
+    private failures: number,
+  ) {
+    this.size = bytes.length;
+  }
+  async readAt(target: Uint8Array, offset: number): Promise<void> {
+    this.calls++;
+    await new Promise((r) => setTimeout(r, 5));
+    if (this.failures > 0) {
+      this.failures--;
+      throw new StorageUnavailable('read', 'memfile', new Error('timeout'));
+    }
+    target.set(this.bytes.subarray(offset, offset + target.length));
+  }
+  async close(): Promise<void> {}
+}
+
+describe('SandboxMemory with a remote source', () => {
+  let dir: string;
+  let memfile: string;
+  let bytes: Buffer;
+  const cleanups: Array<() => unknown> = [];
+  const logger = createLogger({ service: 'uffd-server-test', level: 'silent' });
+
+  beforeEach(() => {
+    dir = mkdtempSync(join(tmpdir(), 'uffd-sandbox-'));
+    memfile = join(dir, 'memfile');
+    bytes = randomBytes(SIZE);
+    writeFileSync(memfile, bytes);
+  });
+  afterEach(async () => {
+    for (const c of cleanups.reverse()) await c();
+    cleanups.length = 0;
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  function start(source: ReadableBlocks, attempts: number) {
+    const view = SourceView.open(SIZE, [
+      { kind: 'zero', offset: 0, length: 4096 * 16 },
+      { kind: 'blocks', offset: 4096 * 16, length: SIZE - 4096 * 16, source, sourceOffset: 4096 * 16 },
+    ]);
+    const socketPath = join(dir, 'u.sock');
+    let ended: SandboxMemory | undefined;
+    const sandbox = new SandboxMemory({
+      sandboxId: 'remote',
+      socketPath,
+      source: view,
+      pageSize: 4096,
+      prefetchBytes: 256 * 1024,
+      prefetchWithoutTracking: false,
+      threads: 2,
+      handshakeTimeoutMs: 10_000,
+      fetchAttempts: attempts,
+      fetchRetryDelayMs: 5,
+      logger,
+      onEnded: (s) => (ended = s),
+    });
+    cleanups.push(() => sandbox.stop());
+    const peer = new UffdPeerProcess(['--socket', socketPath, '--size', String(SIZE), '--tracking', 'wp-async']);
+    cleanups.push(() => peer.kill());
+    return { sandbox, peer, ended: () => ended };
+  }
+
+  it('retries transient fetch failures while the fault waits, and the guest reads the right bytes', async () => {
+    const source = new FlakySource(bytes, 2);
+    const { sandbox, peer } = start(source, 4);
+    await peer.ready();
+    expect(await peer.command(`check ${memfile} ${4096 * 16} 8192`)).toBe('ok');
+    const st = sandbox.stats();
+    expect(st.fetchRetries).toBe(2);
+    expect(st.state).toBe('serving');
+    // The nil range at the start reads as zeros, not as the file.
+    const zeros = join(dir, 'zeros');
+    writeFileSync(zeros, Buffer.alloc(4096 * 16));
+    expect(await peer.command(`check ${zeros} 0 ${4096 * 16}`)).toBe('ok');
+    await peer.exit();
+  });
+
+  it('fails the sandbox when a fetch still fails after every attempt', async () => {
+    const source = new FlakySource(bytes, 100);
+    const { sandbox, peer, ended } = start(source, 3);
+    await peer.ready();
+    peer.child.stdin.write(`check ${memfile} ${SIZE / 2} 4096\n`);
+    const deadline = Date.now() + 10_000;
+    while (sandbox.state !== 'failed' && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+    expect(sandbox.state).toBe('failed');
+    expect(sandbox.error).toMatch(/source fetch of \[\d+, \d+\) failed after 3 attempts/);
+    expect(ended()).toBe(sandbox);
+    expect(source.calls).toBe(3);
+  });
+});
