@@ -333,8 +333,9 @@ export class BuildStore {
 
   private baseHeader(id: string, file: BuildDataFile, size: number, blockSize?: number): Header {
     return {
+      // E2B's template headers today: version 3, generation 0 (header.NewTemplateMetadata).
       metadata: {
-        version: 1,
+        version: 3,
         blockSize: blockSize ?? this.baseBlockSize[file],
         size,
         generation: 0,
