@@ -257,12 +257,18 @@ static int serve_page(struct serve *s, struct region *r, uint64_t page) {
     if (s->present[off / UNIT] || !is_ready(s, off, r->page_size)) break;
     end += r->page_size;
   }
-  /* The faulted page itself is copied even when our map says present (the peer may have dropped it). */
-  int rc = copy_run(s, r, page, r->page_size, 1);
+  /*
+   * One ioctl for the faulted page and the window after it: the guest wakes once, when all of
+   * it is in (copying the faulted page alone first would wake it only to fault on the next page
+   * while the rest is still being copied). The faulted page is copied even when our map says
+   * present (the peer may have dropped it).
+   */
+  int rc = copy_run(s, r, page, end - page, 2);
   if (rc < 0) return rc;
-  if (end > page + r->page_size) {
-    rc = copy_run(s, r, page + r->page_size, end - page - r->page_size, 2);
-    if (rc < 0) return rc;
+  uint64_t off = r->offset + (page - r->base);
+  if (s->present[off / UNIT] == 2) {
+    mark(s->present, off, r->page_size, 1);
+    atomic_fetch_sub_explicit(&s->stats[ST_PREFETCH_UNITS], r->page_size / UNIT, memory_order_relaxed);
   }
   uint64_t p = wstart;
   while (p < page) {
