@@ -79,6 +79,8 @@ export const netAgentConfigSchema = z
   })
   .superRefine((cfg, ctx) => {
     const maxIdx = cfg.firstSlot + cfg.slotCount - 1;
+    // Field checks do not abort in zod 4: ranges already reported as malformed are skipped here.
+    if (!isValid(() => parseCidr(cfg.vethCidr)) || !isValid(() => parseCidr(cfg.hostCidr))) return;
     const veth = parseCidr(cfg.vethCidr);
     const host = parseCidr(cfg.hostCidr);
     if (2 * (maxIdx + 1) > blockSize(veth.prefix)) {

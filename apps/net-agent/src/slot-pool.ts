@@ -50,7 +50,7 @@ export interface PoolSlot {
 }
 
 export interface SlotPoolOptions {
-  network: SlotNetwork;
+  network: Pick<SlotNetwork, 'createMany' | 'removeMany'>;
   reservation: SlotReservation;
   layout: SlotLayout;
   newSize: number;
@@ -275,6 +275,7 @@ export class SlotPool {
       this.options.onCreated?.(specs.length, ms);
       this.options.logger.debug({ slots: specs.length, ms: Math.round(ms) }, 'slot batch created');
       this.counters.created += specs.length;
+      if (!failure) this.lastError = undefined;
       for (let i = 0; i < specs.length; i++) {
         const slot: PoolSlot = { spec: specs[i]!, reserved: reserved[i]!, sandboxId: '' };
         if (this.stopped) {
