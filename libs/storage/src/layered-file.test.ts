@@ -55,6 +55,18 @@ describe('LayeredFile', () => {
     await expect(file.readAt(Buffer.alloc(2), 0)).rejects.toThrow(StorageClosed);
   });
 
+  it('resolves a source again when the build cache closed it between resolve and read', async () => {
+    const files = sources();
+    const stale = new MemoryBlocks(Buffer.alloc(2048, 0xaa));
+    await stale.close();
+    let calls = 0;
+    const file = new LayeredFile({ header, resolve: (id) => (id === A && calls++ === 0 ? stale : files.get(id)!) });
+    const out = Buffer.alloc(512);
+    await file.readAt(out, 0);
+    expect(out.every((b) => b === 0xaa)).toBe(true);
+    expect(calls).toBe(2);
+  });
+
   it('refuses a header whose mappings break DESIGN §2', () => {
     const broken = structuredClone(header);
     broken.mappings.pop();
