@@ -37,6 +37,11 @@ export class BuildUploader {
     return job;
   }
 
+  /** Resolves once an upload of this build in flight has ended (at once when none is). */
+  async settled(buildId: string): Promise<void> {
+    await this.inflight.get(buildId)?.catch(() => undefined);
+  }
+
   get(buildId: string): UploadStatus | undefined {
     return this.status.get(buildId);
   }

@@ -151,6 +151,9 @@ export class SandboxManager {
     try {
       const buildId = config.buildId || this.o.templates.buildOf(config.templateId);
       const build = await this.o.cache.resolve(buildId);
+      // block-server reads rootfs layers from the bucket only; a build paused moments ago on
+      // this node may still be on its way there (uffd-server reads the local build at once).
+      await this.o.uploader.settled(buildId);
       mark(step);
       const dir = await this.o.states.create(id);
       sbx = new Sandbox(id, { ...config, buildId }, build, request.startTime, request.endTime, dir, log);

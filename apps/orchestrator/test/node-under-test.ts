@@ -1,0 +1,464 @@
+/**
+ * The whole node for end-to-end tests: dns, net-agent, block-server, uffd-server and the
+ * orchestrator as real processes (`./sbx <service> serve`), all inside a throwaway "node"
+ * network namespace this test creates (nsenter --net, so `ip netns add` still registers in
+ * the host's /run/netns), with a dummy uplink. Every name starts with a unique prefix; the
+ * test drives the orchestrator only through its gRPC API on its control socket, and reaches
+ * guests (the vmm-sim double's envd and test endpoints) at their host IPs inside the node.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { mkdir, readdir, readFile, readlink, rm } from 'node:fs/promises';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { dial, unary, waitForServing } from '#grpc';
+import { SandboxServiceClient } from '#proto/orchestrator';
+import { BlockServerClient } from '#proto/sbx/block';
+import { DnsClient } from '#proto/sbx/dns';
+import { NetAgentClient } from '#proto/sbx/net';
+import { UffdServerClient } from '#proto/sbx/uffd';
+
+export const REPO = fileURLToPath(new URL('../../../', import.meta.url));
+const SBX = join(REPO, 'sbx');
+
+export interface Output {
+  code: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+export function run(file: string, args: string[], input = ''): Promise<Output> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(file, args, { stdio: ['pipe', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (d: Buffer) => (stdout += d));
+    child.stderr.on('data', (d: Buffer) => (stderr += d));
+    child.once('error', reject);
+    child.once('close', (code) => resolve({ code, stdout, stderr }));
+    child.stdin.on('error', () => undefined);
+    child.stdin.end(input);
+  });
+}
+
+async function mustRun(file: string, args: string[], input = ''): Promise<string> {
+  const out = await run(file, args, input);
+  if (out.code !== 0) throw new Error(`${file} ${args.join(' ')} failed (${out.code}): ${out.stderr}`);
+  return out.stdout;
+}
+
+/** What is missing for the end-to-end suite, or undefined when everything is built. */
+export function missingPieces(): string | undefined {
+  const missing: string[] = [];
+  for (const m of [
+    'apps/orchestrator/src/main',
+    'apps/uffd-server/src/main',
+    'apps/block-server/src/main',
+    'apps/net-agent/src/main',
+    'apps/dns/src/main',
+    'tools/vmm-sim/src/main',
+  ]) {
+    if (!existsSync(join(REPO, 'dist', `${m}.js`))) missing.push(`dist/${m}.js (run npm run build)`);
+  }
+  if (process.getuid?.() !== 0) missing.push('root (network namespaces)');
+  return missing.length ? missing.join(', ') : undefined;
+}
+
+interface Service {
+  name: string;
+  child: ChildProcess;
+  logs: string[];
+  exited: Promise<number | null>;
+}
+
+export interface NodeOptions {
+  tag: string;
+  generationCap?: number;
+  redisUrl?: string;
+  envdTimeoutMs?: number;
+  pauseParallelism?: number;
+}
+
+export class NodeUnderTest {
+  readonly root: string;
+  readonly nodeNs: string;
+  readonly slotPrefix: string;
+  readonly sockets: { orchestrator: string; dns: string; net: string; block: string; uffd: string };
+  readonly services = new Map<string, Service>();
+  client!: SandboxServiceClient;
+
+  private constructor(
+    readonly prefix: string,
+    readonly options: NodeOptions,
+  ) {
+    this.root = `/tmp/${prefix}`;
+    this.nodeNs = `${prefix}node`;
+    this.slotPrefix = `${prefix}s-`;
+    const r = join(this.root, 'r');
+    this.sockets = {
+      orchestrator: join(r, 'o.sock'),
+      dns: join(r, 'dns.sock'),
+      net: join(r, 'net.sock'),
+      block: join(r, 'block.sock'),
+      uffd: join(r, 'uffd.sock'),
+    };
+  }
+
+  get dataDir(): string {
+    return join(this.root, 'orch');
+  }
+  get bucket(): string {
+    return join(this.root, 'bucket');
+  }
+  get cacheDir(): string {
+    return join(this.root, 'cache');
+  }
+  get vmRootfsDir(): string {
+    return `/run/${this.prefix}fc`;
+  }
+
+  static async start(options: NodeOptions): Promise<NodeUnderTest> {
+    const node = new NodeUnderTest(`oe${process.pid % 100000}${options.tag}`, options);
+    try {
+      await node.setUp();
+    } catch (err) {
+      const logs = [...node.services.values()].map((s) => `--- ${s.name}\n${s.logs.slice(-30).join('\n')}`).join('\n');
+      await node.stop();
+      throw new Error(`${(err as Error).message}\n${logs}`);
+    }
+    return node;
+  }
+
+  private async setUp(): Promise<void> {
+    await this.cleanupNamespaces();
+    await rm(this.root, { recursive: true, force: true });
+    await mkdir(join(this.root, 'r'), { recursive: true });
+    await mustRun('ip', ['netns', 'add', this.nodeNs]);
+    await mustRun('ip', ['netns', 'add', `${this.prefix}inet`]);
+    // The uplink: a veth whose peer sits in an "internet" namespace this test also owns.
+    await this.inNode(
+      'ip',
+      ['-batch', '-'],
+      [
+        'link set lo up',
+        `link add up0 type veth peer name wan0 netns ${this.prefix}inet`,
+        'addr add 198.51.100.2/24 dev up0',
+        'link set up0 up',
+        'route add default via 198.51.100.1',
+        '',
+      ].join('\n'),
+    );
+    const storage = { SBX_BUCKET: this.bucket, SBX_CACHE_DIR: this.cacheDir };
+    await Promise.all([
+      this.spawnService(
+        'dns',
+        ['serve', '--listen', '127.0.0.4:53', '--control-socket', this.sockets.dns, '--metrics-port', '0'],
+        this.sockets.dns,
+      ),
+      this.spawnService(
+        'net-agent',
+        [
+          'serve',
+          '--socket',
+          this.sockets.net,
+          '--metrics-port',
+          '0',
+          '--namespace-prefix',
+          this.slotPrefix,
+          '--node-id',
+          this.prefix,
+          '--uplink',
+          'up0',
+          '--reservation',
+          'memory',
+          '--pool-new-size',
+          '4',
+          '--pool-reused-size',
+          '8',
+        ],
+        this.sockets.net,
+      ),
+      this.spawnService(
+        'block-server',
+        [
+          'serve',
+          '--control-socket',
+          this.sockets.block,
+          '--data-dir',
+          join(this.root, 'block'),
+          '--bucket',
+          this.bucket,
+          '--metrics-port',
+          '0',
+          '--kernel-attach',
+          'off',
+        ],
+        this.sockets.block,
+        storage,
+      ),
+      this.spawnService(
+        'uffd-server',
+        [
+          'serve',
+          '--socket',
+          this.sockets.uffd,
+          '--bucket',
+          this.bucket,
+          '--cache-dir',
+          this.cacheDir,
+          '--metrics-port',
+          '0',
+        ],
+        this.sockets.uffd,
+        storage,
+      ),
+    ]);
+    await this.startOrchestrator();
+  }
+
+  orchestratorArgs(): string[] {
+    const o = this.options;
+    return [
+      'serve',
+      '--grpc-host',
+      '127.0.0.1',
+      '--grpc-port',
+      '0',
+      '--control-socket',
+      this.sockets.orchestrator,
+      '--data-dir',
+      this.dataDir,
+      '--bucket',
+      this.bucket,
+      '--cache-dir',
+      this.cacheDir,
+      '--uffd-server-sockets',
+      this.sockets.uffd,
+      '--block-server-sockets',
+      this.sockets.block,
+      '--net-agent-socket',
+      this.sockets.net,
+      '--dns-socket',
+      this.sockets.dns,
+      '--vm-rootfs-dir',
+      this.vmRootfsDir,
+      '--metrics-port',
+      '0',
+      '--health-interval-ms',
+      '2000',
+      '--generation-cap',
+      String(o.generationCap ?? 10),
+      '--envd-timeout-ms',
+      String(o.envdTimeoutMs ?? 10_000),
+      '--pause-parallelism',
+      String(o.pauseParallelism ?? 8),
+      '--shutdown-sandboxes',
+      'kill',
+      '--sample-rootfs-mb',
+      '8',
+      '--sample-memory-mb',
+      '16',
+      ...(o.redisUrl ? ['--redis-url', o.redisUrl] : []),
+    ];
+  }
+
+  async startOrchestrator(): Promise<void> {
+    this.client?.close();
+    await this.spawnService('orchestrator', this.orchestratorArgs(), this.sockets.orchestrator, {}, 90_000);
+    this.client = dial(SandboxServiceClient, this.sockets.orchestrator);
+  }
+
+  /** SIGKILL: the orchestrator dies with sandboxes running, as in a crash. */
+  async killOrchestrator(): Promise<void> {
+    const s = this.services.get('orchestrator');
+    if (!s) return;
+    s.child.kill('SIGKILL');
+    await s.exited;
+    this.services.delete('orchestrator');
+  }
+
+  private async spawnService(
+    name: string,
+    args: string[],
+    socket: string,
+    env: Record<string, string> = {},
+    timeoutMs = 30_000,
+  ): Promise<void> {
+    const child = spawn('nsenter', [`--net=/run/netns/${this.nodeNs}`, SBX, name, ...args], {
+      stdio: ['ignore', 'pipe', 'pipe'],
+      cwd: REPO,
+      env: { ...process.env, ...env, LOG_LEVEL: 'info' },
+      detached: true,
+    });
+    const logs: string[] = [];
+    const collect = (d: Buffer) => {
+      logs.push(...d.toString().split('\n').filter(Boolean));
+      if (logs.length > 4000) logs.splice(0, logs.length - 2000);
+    };
+    child.stdout!.on('data', collect);
+    child.stderr!.on('data', collect);
+    const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
+    this.services.set(name, { name, child, logs, exited });
+    await Promise.race([
+      waitForServing(socket, timeoutMs),
+      exited.then((code) => {
+        throw new Error(`${name} exited ${code} while starting:\n${logs.slice(-40).join('\n')}`);
+      }),
+    ]);
+  }
+
+  logs(name: string): string[] {
+    return this.services.get(name)?.logs ?? [];
+  }
+
+  inNode(file: string, args: string[], input = ''): Promise<string> {
+    return mustRun('nsenter', [`--net=/run/netns/${this.nodeNs}`, file, ...args], input);
+  }
+
+  /** An HTTP request to a guest's envd at its host IP, from inside the node (curl). */
+  async guest(
+    hostIp: string,
+    method: 'GET' | 'POST',
+    path: string,
+    body?: unknown,
+  ): Promise<{ status: number; body: Buffer }> {
+    const args = ['-s', '-m', '20', '-X', method, '-o', '-', '-w', '\n%{http_code}', `http://${hostIp}:49983${path}`];
+    if (body !== undefined) args.push('-H', 'content-type: application/json', '--data-binary', '@-');
+    const out = await run(
+      'nsenter',
+      [`--net=/run/netns/${this.nodeNs}`, 'curl', ...args],
+      body === undefined ? '' : JSON.stringify(body),
+    );
+    const text = out.stdout;
+    const cut = text.lastIndexOf('\n');
+    return { status: Number(text.slice(cut + 1)), body: Buffer.from(text.slice(0, cut), 'latin1') };
+  }
+
+  async writeMemory(hostIp: string, offset: number, data: Buffer): Promise<void> {
+    const r = await this.guest(hostIp, 'POST', '/_test/memory/write', { offset, dataBase64: data.toString('base64') });
+    if (r.status !== 204) throw new Error(`memory write → ${r.status} ${r.body.toString()}`);
+  }
+
+  async readMemory(hostIp: string, offset: number, length: number): Promise<Buffer> {
+    const r = await this.guest(hostIp, 'GET', `/_test/memory/read?offset=${offset}&length=${length}`);
+    if (r.status !== 200) throw new Error(`memory read → ${r.status} ${r.body.toString()}`);
+    return r.body;
+  }
+
+  async writeDisk(hostIp: string, offset: number, data: Buffer): Promise<void> {
+    const r = await this.guest(hostIp, 'POST', '/_test/disk/write', { offset, dataBase64: data.toString('base64') });
+    if (r.status !== 204) throw new Error(`disk write → ${r.status} ${r.body.toString()}`);
+    const f = await this.guest(hostIp, 'POST', '/_test/disk/flush');
+    if (f.status !== 204) throw new Error(`disk flush → ${f.status}`);
+  }
+
+  async readDisk(hostIp: string, offset: number, length: number): Promise<Buffer> {
+    const r = await this.guest(hostIp, 'GET', `/_test/disk/read?offset=${offset}&length=${length}`);
+    if (r.status !== 200) throw new Error(`disk read → ${r.status} ${r.body.toString()}`);
+    return r.body;
+  }
+
+  /** Everything a sandbox could leave behind, to compare before and after. */
+  async footprint(): Promise<Record<string, string[]>> {
+    const net = dial(NetAgentClient, this.sockets.net);
+    const block = dial(BlockServerClient, this.sockets.block);
+    const uffd = dial(UffdServerClient, this.sockets.uffd);
+    const dns = dial(DnsClient, this.sockets.dns);
+    try {
+      const slots = (await unary(net, net.list, {}, 5000)).slots.filter((s) => s.sandboxId);
+      const links = JSON.parse(await this.inNode('ip', ['-j', 'link', 'show'])) as { ifname: string }[];
+      const routes = (await this.inNode('ip', ['route', 'show', 'table', 'all'])).split('\n').filter(Boolean);
+      const rules = (await this.inNode('nft', ['list', 'ruleset'])).split('\n').filter(Boolean);
+      return {
+        slotsInUse: slots.map((s) => `${s.idx}:${s.sandboxId}`).sort(),
+        devices: (await unary(block, block.list, {}, 5000)).devices.map((d) => d.sandboxId).sort(),
+        uffd: (await unary(uffd, uffd.list, {}, 5000)).sandboxes.map((s) => s.sandboxId).sort(),
+        dns: (await unary(dns, dns.list, {}, 5000)).records.map((r) => `${r.name}=${r.ip}`).sort(),
+        vmmProcesses: await this.vmmProcesses(),
+        sandboxDirs: (await readdir(join(this.dataDir, 'sandboxes')).catch(() => [] as string[])).sort(),
+        sockets: (await readdir(join(this.dataDir, 's')).catch(() => [] as string[])).sort(),
+        namespaces: (await readdir('/run/netns')).filter((n) => n.startsWith(this.slotPrefix)).sort(),
+        links: links.map((l) => l.ifname).sort(),
+        routes: routes.sort(),
+        rules,
+        orchestratorFds: await this.orchestratorFds(),
+      };
+    } finally {
+      for (const c of [net, block, uffd, dns]) c.close();
+    }
+  }
+
+  async vmmProcesses(): Promise<string[]> {
+    return (await this.vmmPids()).map((p) => p.socket);
+  }
+
+  /** VMM processes whose API socket is under this node's directory. */
+  async vmmPids(): Promise<{ pid: number; socket: string }[]> {
+    const out: { pid: number; socket: string }[] = [];
+    for (const e of await readdir('/proc')) {
+      if (!/^\d+$/.test(e)) continue;
+      const argv = readFile(`/proc/${e}/cmdline`, 'utf8').catch(() => '');
+      const parts = (await argv).split('\0');
+      const i = parts.indexOf('--api-sock');
+      if (i >= 0 && parts[i + 1]?.startsWith(this.root)) out.push({ pid: Number(e), socket: parts[i + 1]! });
+    }
+    return out.sort((a, b) => a.socket.localeCompare(b.socket));
+  }
+
+  /** The orchestrator's open fds, by kind (socket/pipe/anon/file path), as a count per kind. */
+  async orchestratorFds(): Promise<string[]> {
+    const pid = await this.orchestratorPid();
+    if (!pid) return [];
+    const kinds = new Map<string, number>();
+    for (const fd of await readdir(`/proc/${pid}/fd`).catch(() => [] as string[])) {
+      const target = await readlink(`/proc/${pid}/fd/${fd}`).catch(() => 'gone');
+      const kind = target.replace(/\[\d+\]/, '').replace(/^\/tmp\/[^/]+\/.*\/(sandboxes|s)\/.*/, '$1/*');
+      kinds.set(kind, (kinds.get(kind) ?? 0) + 1);
+    }
+    return [...kinds].map(([k, n]) => `${k} x${n}`).sort();
+  }
+
+  /** The node process behind `nsenter … ./sbx orchestrator` (nsenter and the script exec into it). */
+  async orchestratorPid(): Promise<number | undefined> {
+    return this.services.get('orchestrator')?.child.pid;
+  }
+
+  async stop(): Promise<void> {
+    this.client?.close();
+    const order = ['orchestrator', 'uffd-server', 'block-server', 'net-agent', 'dns'];
+    for (const name of order) {
+      const s = this.services.get(name);
+      if (!s) continue;
+      s.child.kill('SIGTERM');
+      const done = await Promise.race([
+        s.exited.then(() => true),
+        new Promise((r) => setTimeout(() => r(false), 15_000)),
+      ]);
+      if (!done) {
+        try {
+          process.kill(-s.child.pid!, 'SIGKILL');
+        } catch {
+          // already gone
+        }
+      }
+      this.services.delete(name);
+    }
+    // VMMs a crashed orchestrator left (its own shutdown kills the rest), by pid.
+    for (const { pid } of await this.vmmPids()) {
+      try {
+        process.kill(pid, 'SIGKILL');
+      } catch {
+        // already gone
+      }
+    }
+    await this.cleanupNamespaces();
+    await rm(this.root, { recursive: true, force: true });
+    await run('umount', [this.vmRootfsDir]).catch(() => undefined);
+    await rm(this.vmRootfsDir, { recursive: true, force: true });
+  }
+
+  private async cleanupNamespaces(): Promise<void> {
+    const mine = (await readdir('/run/netns').catch(() => [] as string[])).filter((n) => n.startsWith(this.prefix));
+    if (mine.length) await run('ip', ['-force', '-batch', '-'], mine.map((n) => `netns del ${n}\n`).join(''));
+  }
+}
