@@ -35,9 +35,10 @@ function nameHash(bytes: Uint8Array, start: number, end: number): number {
   return h & 0x3fffffff;
 }
 
-// One DNS label; dashes allowed inside (ids may contain them, and `{id}-{anything}` is matched
-// longest id first, so an id with a dash still wins over a shorter id that is its prefix).
-const LABEL = /^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$/;
+// One DNS label (at most 63 bytes), in the orchestrator's sandbox id alphabet: letters, digits,
+// _ and -, not starting with -. Ids may hold dashes: `{id}-{anything}` is matched longest id
+// first, so an id with a dash wins over a shorter id that is its prefix.
+const LABEL = /^[a-z0-9_][a-z0-9_-]{0,62}$/;
 
 /**
  * Sandbox name → host IP, keyed by the lower-cased sandbox id alone (no trailing dot, no zone):
@@ -85,7 +86,11 @@ export class RecordTable {
   set(name: string, ip: string): DnsRecordEntry {
     const key = name.toLowerCase();
     if (!LABEL.test(key)) {
-      throw new RecordInvalid(name, ip, 'the name must be one DNS label of letters, digits, _ and - (1 to 63 chars)');
+      throw new RecordInvalid(
+        name,
+        ip,
+        'the name must be one DNS label of letters, digits, _ and - (1 to 63 chars, not starting with -)',
+      );
     }
     if (!isIPv4(ip)) throw new RecordInvalid(name, ip, 'the address must be an IPv4 address');
     const entry: DnsRecordEntry = {

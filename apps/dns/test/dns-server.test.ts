@@ -173,6 +173,43 @@ describe('TCP connections', () => {
     expect(closed).toBe(true);
   });
 
+  it('refuses connections past --tcp-max-connections (64 here) and serves again once they close', async () => {
+    const sockets = await Promise.all(Array.from({ length: 70 }, () => tcpConnect()));
+    try {
+      const outcomes = await Promise.all(
+        sockets.map(async (s, i) => {
+          const closed = new Promise<'closed'>((resolve) => s.once('close', () => resolve('closed')));
+          s.on('error', () => undefined);
+          s.write(frameTcp(encodeQuery({ id: i, name: 'isbx1', type: RrType.A })));
+          const answered = readTcpReplies(s, 1).then(
+            () => 'answered' as const,
+            () => 'closed' as const,
+          );
+          return Promise.race([answered, closed]);
+        }),
+      );
+      const answered = outcomes.filter((o) => o === 'answered').length;
+      expect(answered).toBeGreaterThan(0);
+      expect(answered).toBeLessThanOrEqual(64);
+      expect(outcomes.filter((o) => o === 'closed').length).toBeGreaterThanOrEqual(6);
+    } finally {
+      for (const s of sockets) s.destroy();
+    }
+    let answeredAfter = false;
+    for (let i = 0; i < 50 && !answeredAfter; i++) {
+      if (i > 0) await new Promise((r) => setTimeout(r, 100));
+      const s = await tcpConnect();
+      s.on('error', () => undefined);
+      s.write(frameTcp(encodeQuery({ id: 1, name: 'isbx1', type: RrType.A })));
+      answeredAfter = await readTcpReplies(s, 1).then(
+        () => true,
+        () => false,
+      );
+      s.destroy();
+    }
+    expect(answeredAfter).toBe(true);
+  });
+
   it('leaves no file descriptor behind after many connections', async () => {
     const fds = () => readdirSync(`/proc/${dns.pid}/fd`).length;
     const before = fds();
@@ -266,6 +303,10 @@ function readTcpReplies(socket: Socket, count: number): Promise<DecodedMessage[]
     let buffered = Buffer.alloc(0);
     const replies: DecodedMessage[] = [];
     const timer = setTimeout(() => reject(new Error(`only ${replies.length}/${count} TCP replies in 10 s`)), 10_000);
+    socket.once('close', () => {
+      clearTimeout(timer);
+      reject(new Error(`connection closed after ${replies.length}/${count} TCP replies`));
+    });
     const onData = (chunk: Buffer) => {
       buffered = Buffer.concat([buffered, chunk]);
       while (buffered.length >= 2 && buffered.length >= 2 + buffered.readUInt16BE(0)) {
