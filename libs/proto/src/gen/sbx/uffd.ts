@@ -88,7 +88,7 @@ export interface UffdSandboxStats {
   prefetchHits: number;
   /**
    * Fault service latency histogram: counts per upper bound in microseconds (the last bound is
-   * 2^64-1: everything slower). prefetch_pages counts 4 KiB units installed ahead of a fault;
+   * 2^53-1: everything slower). prefetch_pages counts 4 KiB units installed ahead of a fault;
    * prefetch_hits counts prefetched pages the guest then wrote (reads of them are invisible).
    */
   latencyBoundsUs: number[];

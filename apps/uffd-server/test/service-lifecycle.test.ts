@@ -1,0 +1,101 @@
+import { randomBytes } from 'node:crypto';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { createServer } from 'node:net';
+import { join } from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { dial, unary } from '#grpc';
+import { HealthClient } from '#proto/grpc/health/v1/health';
+import { UffdPeerProcess } from '#native';
+import { UffdServerProcess } from './uffd-server-process.js';
+
+async function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const s = createServer();
+    s.once('error', reject);
+    s.listen(0, '127.0.0.1', () => {
+      const a = s.address();
+      s.close(() => resolve(typeof a === 'object' && a ? a.port : 0));
+    });
+  });
+}
+
+const SIZE = 4 * 1024 * 1024;
+const hugePagesFree = Number(/HugePages_Free:\s+(\d+)/.exec(readFileSync('/proc/meminfo', 'utf8'))?.[1] ?? 0);
+const hasHugePages = hugePagesFree * 2 * 1024 * 1024 >= 2 * SIZE;
+if (!hasHugePages)
+  console.warn(
+    `hugetlb test skipped: ${hugePagesFree} free 2 MiB huge pages (vm.nr_hugepages), ${(2 * SIZE) / 2097152} needed`,
+  );
+
+describe('uffd-server as a service: health, metrics, hugetlb guests, clean SIGTERM', () => {
+  const server = new UffdServerProcess();
+  const peers: UffdPeerProcess[] = [];
+  afterAll(async () => {
+    for (const p of peers) p.kill();
+    await server.shutdown();
+  });
+
+  it('answers health, counts faults in its metrics, and on SIGTERM releases the sandboxes it serves', async () => {
+    const port = await freePort();
+    await server.start(['--metrics-port', String(port)]);
+    const health = dial(HealthClient, server.controlSocket);
+    expect((await unary(health, health.check, { service: 'sbx.v1.UffdServer' })).status).toBe(1);
+    health.close();
+
+    const memfile = join(server.dir, 'memfile');
+    writeFileSync(memfile, randomBytes(SIZE));
+    const servingSocket = join(server.dir, 'serving.sock');
+    const waitingSocket = join(server.dir, 'waiting.sock');
+    await server.prepare({ sandboxId: 'serving', socketPath: servingSocket, memfilePath: memfile });
+    await server.prepare({ sandboxId: 'waiting', socketPath: waitingSocket, memfilePath: memfile });
+    const peer = new UffdPeerProcess(['--socket', servingSocket, '--size', String(SIZE), '--tracking', 'wp-async']);
+    peers.push(peer);
+    await peer.ready();
+    expect(await peer.command(`check ${memfile} 0 ${SIZE}`)).toBe('ok');
+
+    const metrics = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
+    const faults = Number(/^uffd_faults_total(?:\{[^}]*\})? (\d+)/m.exec(metrics)?.[1] ?? -1);
+    expect(faults).toBeGreaterThan(0);
+    expect(metrics).toMatch(/uffd_bytes_served_total(\{[^}]*\})? 4194304/);
+    expect(metrics).toMatch(/uffd_sandboxes\{[^}]*state="listening"[^}]*\} 1/);
+
+    expect(existsSync(waitingSocket)).toBe(true);
+    expect(await server.shutdown()).toBe(0);
+    expect(existsSync(waitingSocket)).toBe(false);
+    expect(existsSync(server.controlSocket)).toBe(false);
+  });
+});
+
+describe('hugetlb-backed guest memory (2 MiB pages from the kernel)', () => {
+  const server = new UffdServerProcess();
+  const peers: UffdPeerProcess[] = [];
+  afterAll(async () => {
+    for (const p of peers) p.kill();
+    await server.shutdown();
+  });
+
+  it.skipIf(!hasHugePages).each([false, true])('serves a MAP_HUGETLB guest, memfd %s', async (memfd) => {
+    if (!server.client) await server.start();
+    const memfile = join(server.dir, `huge-${memfd}`);
+    writeFileSync(memfile, randomBytes(SIZE));
+    const socketPath = join(server.dir, `huge-${memfd}.sock`);
+    await server.prepare({ sandboxId: `huge-${memfd}`, socketPath, memfilePath: memfile, pageSize: 2097152 });
+    const peer = new UffdPeerProcess([
+      '--socket',
+      socketPath,
+      '--size',
+      String(SIZE),
+      '--page-size',
+      '2097152',
+      '--hugetlb',
+      '--tracking',
+      'wp-async',
+      ...(memfd ? ['--memfd'] : []),
+    ]);
+    peers.push(peer);
+    await peer.ready();
+    expect(await peer.command(`check ${memfile} 0 ${SIZE}`)).toBe('ok');
+    await peer.exit();
+    await server.stop(`huge-${memfd}`);
+  });
+});
