@@ -212,7 +212,14 @@ describe('TCP connections', () => {
 
   it('leaves no file descriptor behind after many connections', async () => {
     const fds = () => readdirSync(`/proc/${dns.pid}/fd`).length;
-    const before = fds();
+    // Connections of earlier tests may still be closing on the server side: wait for a steady count.
+    let before = fds();
+    for (let steady = 0, i = 0; steady < 5 && i < 100; i++) {
+      await new Promise((r) => setTimeout(r, 50));
+      const now = fds();
+      steady = now === before ? steady + 1 : 0;
+      before = now;
+    }
     for (let round = 0; round < 5; round++) {
       const sockets = await Promise.all(Array.from({ length: 20 }, () => tcpConnect()));
       await Promise.all(
@@ -224,11 +231,11 @@ describe('TCP connections', () => {
       );
     }
     let after = fds();
-    for (let i = 0; i < 100 && after !== before; i++) {
+    for (let i = 0; i < 100 && after > before; i++) {
       await new Promise((r) => setTimeout(r, 50));
       after = fds();
     }
-    expect(after).toBe(before);
+    expect(after).toBeLessThanOrEqual(before);
   });
 });
 
