@@ -168,7 +168,8 @@ export class BuildStore {
    */
   async dataFile(buildId: string, file: BuildDataFile): Promise<CachedFile> {
     this.open();
-    const id = normalizeBuildId(buildId);
+    // Ids from decoded headers are already normal: the per-read path skips the check.
+    const id = this.local.has(buildId) ? buildId : normalizeBuildId(buildId);
     const local = this.local.get(id);
     if (local !== undefined) {
       let opening = local.files.get(file);

@@ -73,26 +73,36 @@ export class LayeredFile implements ReadableBlocks {
 
   async readAt(target: Uint8Array, offset: number): Promise<void> {
     if (this.closed) throw new StorageClosed('layered file');
+    checkRange(offset, target.length, this.size);
+    if (target.length === 0) return;
+    // Most reads (a page fault, a 4 KiB NBD request) fall inside one mapping: no span list.
+    const m = this.mappings[mappingIndexAt(this.mappings, offset)]!;
+    if (offset + target.length <= m.offset + m.length) {
+      if (m.buildId === NIL_UUID) target.fill(0);
+      else await this.readFrom(m.buildId, target, m.buildStorageOffset + (offset - m.offset));
+      return;
+    }
     const spans = this.readSpans(offset, target.length);
     await Promise.all(
       spans.map(async (span) => {
         const piece = target.subarray(span.offset - offset, span.offset - offset + span.length);
-        if (span.zero) {
-          piece.fill(0);
-          return;
-        }
-        const source = await this.resolve(span.buildId);
-        try {
-          await source.readAt(piece, span.storageOffset);
-        } catch (err) {
-          // The build cache may have evicted and closed that source between resolve and read;
-          // resolving again opens it anew.
-          if (!(err instanceof StorageClosed) || this.closed) throw err;
-          const again = await this.resolve(span.buildId);
-          await again.readAt(piece, span.storageOffset);
-        }
+        if (span.zero) piece.fill(0);
+        else await this.readFrom(span.buildId, piece, span.storageOffset);
       }),
     );
+  }
+
+  private async readFrom(buildId: string, piece: Uint8Array, storageOffset: number): Promise<void> {
+    const source = await this.resolve(buildId);
+    try {
+      await source.readAt(piece, storageOffset);
+    } catch (err) {
+      // The build cache may have evicted and closed that source between resolve and read;
+      // resolving again opens it anew.
+      if (!(err instanceof StorageClosed) || this.closed) throw err;
+      const again = await this.resolve(buildId);
+      await again.readAt(piece, storageOffset);
+    }
   }
 
   /** The build sources belong to whoever resolves them (the build cache); nothing to release here. */
