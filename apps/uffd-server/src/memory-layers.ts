@@ -7,12 +7,14 @@ import {
   LocalBackend,
   normalizeBuildId,
   ObjectNotFound,
+  type BuildStore,
   type Header,
   type ReadableBlocks,
   type StorageBackend,
   NIL_UUID,
 } from '#storage';
 import type { SourceSegment } from './source-view.js';
+import { SourceInvalid } from './uffd-server-errors.js';
 
 const MEMFILE = 'memfile';
 const MEMFILE_HEADER = 'memfile.header';
@@ -27,6 +29,11 @@ export interface MemoryLayersOptions {
   cacheDir: string;
   /** The bucket, when one is configured. */
   backend?: StorageBackend;
+  /**
+   * Builds not on local disk are read through this store (its chunk cache files are mapped into
+   * the source view and filled on demand). Without it they are copied from the backend.
+   */
+  store?: BuildStore;
 }
 
 /**
@@ -46,6 +53,7 @@ export class MemoryLayerResolver {
     const buildId = normalizeBuildId(buildIdRaw);
     const local = await readFile(join(this.localDir(buildId), MEMFILE_HEADER)).catch(() => undefined);
     if (local) return decodeHeader(local);
+    if (this.options.store && !(await this.localPath(buildId))) return this.options.store.readHeader(buildId, MEMFILE);
     const backend = this.options.backend;
     if (backend) {
       try {
@@ -107,6 +115,10 @@ export class MemoryLayerResolver {
         segments.push({ kind: 'file', offset: m.offset, length: m.length, path, fileOffset: m.buildStorageOffset });
         continue;
       }
+      if (this.options.store) {
+        segments.push(await this.storeSegment(this.options.store, m.buildId, m.offset, m.length, m.buildStorageOffset));
+        continue;
+      }
       let source = remote.get(m.buildId);
       if (!source) {
         source = this.remoteSource(m.buildId);
@@ -115,6 +127,34 @@ export class MemoryLayerResolver {
       segments.push({ kind: 'blocks', offset: m.offset, length: m.length, source, sourceOffset: m.buildStorageOffset });
     }
     return { header, segments };
+  }
+
+  /**
+   * A remote build's data through the store's chunk cache: the sparse cache file is mapped,
+   * `ensure` fetches chunks into it. If the cache entry was evicted and reopened meanwhile, the
+   * mapping points at the old file, so that is an error (never stale bytes to the guest).
+   */
+  private async storeSegment(
+    store: BuildStore,
+    buildId: string,
+    offset: number,
+    length: number,
+    storageOffset: number,
+  ): Promise<SourceSegment> {
+    const file = await store.dataFile(buildId, MEMFILE);
+    return {
+      kind: 'cached',
+      offset,
+      length,
+      path: file.path,
+      fileOffset: storageOffset,
+      ensure: async (from, len) => {
+        const current = await store.dataFile(buildId, MEMFILE);
+        if (current !== file)
+          throw new SourceInvalid(`build ${buildId}`, 'its cache file was evicted and reopened while mapped');
+        await current.ensure(from, len);
+      },
+    };
   }
 
   /** A remote build's memfile read straight from the bucket (the fault path retries transient failures). */

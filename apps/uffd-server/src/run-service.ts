@@ -3,7 +3,8 @@ import { onShutdownSignals, startGrpcServer } from '#grpc';
 import { createLogger } from '#logging';
 import { createRegistry, startMetricsServer } from '#metrics';
 import { UffdServerService } from '#proto/sbx/uffd';
-import { openBackend } from '#storage';
+import { join } from 'node:path';
+import { BuildCache, BuildStore, LocalBackend, openBackend } from '#storage';
 import { MemoryLayerResolver } from './memory-layers.js';
 import { SandboxRegistry } from './sandbox-registry.js';
 import { uffdServerConfigSchema } from './uffd-server-config.js';
@@ -22,7 +23,16 @@ export async function runService(argv: string[]): Promise<number> {
   const logger = createLogger({ service: 'uffd-server', level: config.logLevel });
   logger.info({ config: describeConfig(config) }, 'uffd-server starting');
   const backend = config.bucket ? openBackend(config.bucket) : undefined;
-  const resolver = new MemoryLayerResolver({ cacheDir: config.cacheDir, ...(backend ? { backend } : {}) });
+  // A local-directory bucket is mapped in place; a remote one goes through a chunk cache.
+  const store =
+    backend && !(backend instanceof LocalBackend)
+      ? new BuildStore({ backend, cache: new BuildCache({ cacheDir: join(config.cacheDir, 'uffd-server') }) })
+      : undefined;
+  const resolver = new MemoryLayerResolver({
+    cacheDir: config.cacheDir,
+    ...(backend ? { backend } : {}),
+    ...(store ? { store } : {}),
+  });
   const promRegistry = createRegistry('uffd-server');
   const holder: { registry?: SandboxRegistry } = {};
   const metrics = new UffdMetrics(promRegistry, () => holder.registry);
@@ -51,6 +61,8 @@ export async function runService(argv: string[]): Promise<number> {
     await grpc.shutdown(2000);
     await registry.shutdown();
     await metricsServer?.close();
+    await store?.close();
+    await store?.cache.close();
     await backend?.close();
   });
   return new Promise<number>(() => undefined);

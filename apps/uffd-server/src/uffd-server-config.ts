@@ -21,7 +21,7 @@ export const uffdServerConfigSchema = z.object({
     .default('false')
     .transform((v) => v === 'true'),
   /** Native serving threads per sandbox. */
-  threadsPerSandbox: z.coerce.number().int().min(1).max(16).default(1),
+  threadsPerSandbox: z.coerce.number().int().min(1).max(16).default(2),
   handshakeTimeoutMs: z.coerce.number().int().positive().default(60_000),
   /** Attempts (first included) of a transient source fetch while the fault waits. */
   fetchAttempts: z.coerce.number().int().min(1).max(20).default(5),
@@ -46,7 +46,7 @@ export const serveFileConfigSchema = z.object({
     .enum(['true', 'false'])
     .default('false')
     .transform((v) => v === 'true'),
-  threads: z.coerce.number().int().min(1).max(16).default(1),
+  threads: z.coerce.number().int().min(1).max(16).default(2),
   logLevel: z.string().default('info'),
 });
 
