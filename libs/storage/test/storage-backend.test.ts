@@ -1,5 +1,6 @@
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { existsSync } from 'node:fs';
+import { homedir, tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { backendSource, ChunkCache } from '../src/chunk-cache.js';
@@ -68,6 +69,16 @@ function contract(name: string, make: () => Promise<StorageBackend>): void {
       await backend.delete(`${BUILD}/snapfile`);
       await backend.delete(`${BUILD}/snapfile`);
       expect(await backend.exists(`${BUILD}/snapfile`)).toBe(false);
+    });
+
+    it('uploads and reads back an empty file (a pause with nothing dirty)', async () => {
+      const local = path.join(work, `${name}-empty`);
+      await writeFile(local, Buffer.alloc(0));
+      await backend.upload(`${BUILD}/empty`, local);
+      expect(await backend.size(`${BUILD}/empty`)).toBe(0);
+      expect((await backend.read(`${BUILD}/empty`)).length).toBe(0);
+      expect((await backend.readRange(`${BUILD}/empty`, 0, 0)).length).toBe(0);
+      await backend.delete(`${BUILD}/empty`);
     });
 
     it('says which object is missing, and refuses reads past the end', async () => {
@@ -199,12 +210,14 @@ describe('openBackend', () => {
 
 const realBucket = process.env.GCS_TEST_BUCKET;
 const hasCredentials =
-  process.env.GOOGLE_APPLICATION_CREDENTIALS !== undefined || process.env.GOOGLE_CLOUD_PROJECT !== undefined;
+  process.env.GOOGLE_APPLICATION_CREDENTIALS !== undefined ||
+  process.env.GOOGLE_CLOUD_PROJECT !== undefined ||
+  existsSync(path.join(homedir(), '.config/gcloud/application_default_credentials.json'));
 const realReason =
   realBucket === undefined
     ? 'GCS_TEST_BUCKET is not set'
     : !hasCredentials
-      ? 'no GOOGLE_APPLICATION_CREDENTIALS / GOOGLE_CLOUD_PROJECT'
+      ? 'no credentials (GOOGLE_APPLICATION_CREDENTIALS, GOOGLE_CLOUD_PROJECT or gcloud application-default login)'
       : '';
 if (realReason !== '') console.warn(`skipping the real Google Cloud Storage test: ${realReason}`);
 
