@@ -8,7 +8,11 @@ export interface CommandEntry {
   summary: string;
   /** Module path relative to the repository's dist/ (built) tree, without extension. */
   module: string;
+  /** The exported function to run; `main` when absent. */
+  exportName?: string;
 }
+
+const cli = 'tools/sbx/src/cli/sandbox-commands';
 
 export const commands: CommandEntry[] = [
   {
@@ -38,4 +42,16 @@ export const commands: CommandEntry[] = [
     summary: 'print a build header: metadata, mappings, per-build summary',
     module: 'libs/storage/src/inspect-header-command',
   },
+  {
+    name: 'node',
+    summary: 'run the whole node locally: node up [--data-dir] [--grpc-port] [--demo]',
+    module: 'tools/sbx/src/node/node-command',
+  },
+  { name: 'create', summary: 'create a sandbox from a template (or a build)', module: cli, exportName: 'createMain' },
+  { name: 'list', summary: 'list running sandboxes', module: cli, exportName: 'listMain' },
+  { name: 'pause', summary: 'pause a sandbox into a new build', module: cli, exportName: 'pauseMain' },
+  { name: 'resume', summary: 'resume a paused sandbox from its build', module: cli, exportName: 'resumeMain' },
+  { name: 'kill', summary: 'kill a sandbox', module: cli, exportName: 'killMain' },
+  { name: 'set-timeout', summary: "change a sandbox's end time", module: cli, exportName: 'setTimeoutMain' },
+  { name: 'builds', summary: 'builds cached on the node, with expiry', module: cli, exportName: 'buildsMain' },
 ];

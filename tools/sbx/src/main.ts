@@ -28,8 +28,10 @@ async function run(argv: string[]): Promise<number> {
     console.error(`sbx: ${name} is not built (${file} missing); run npm run build`);
     return 1;
   }
-  const mod = (await import(pathToFileURL(file).href)) as { main(argv: string[]): Promise<number | void> };
-  return (await mod.main(rest)) ?? 0;
+  const mod = (await import(pathToFileURL(file).href)) as Record<string, (argv: string[]) => Promise<number | void>>;
+  const run = mod[entry.exportName ?? 'main'];
+  if (!run) throw new Error(`${file} does not export ${entry.exportName ?? 'main'}`);
+  return (await run(rest)) ?? 0;
 }
 
 run(process.argv.slice(2)).then(

@@ -1,0 +1,80 @@
+import { randomUUID } from 'node:crypto';
+import { dial, unary } from '#grpc';
+import type { Logger } from '#logging';
+import { SandboxServiceClient, type SandboxConfig } from '#proto/orchestrator';
+import type { LocalNodeLayout } from './service-plan.js';
+
+export interface DemoResult {
+  sandboxId: string;
+  pausedBuildId: string;
+  createMs: number;
+  pauseMs: number;
+  resumeMs: number;
+}
+
+/**
+ * The first sandbox of `npm start`: created from the sample template `base`, paused into a
+ * new build, resumed from it, through the same SandboxService an upstream control plane uses.
+ */
+export async function runDemo(options: { layout: LocalNodeLayout; logger: Logger }): Promise<DemoResult> {
+  const client = dial(SandboxServiceClient, `127.0.0.1:${options.layout.grpcPort}`);
+  const sandboxId = `demo-${randomUUID().slice(0, 8)}`;
+  const config = (snapshot: boolean, buildId: string): SandboxConfig => ({
+    templateId: 'base',
+    buildId,
+    kernelVersion: '',
+    firecrackerVersion: '',
+    hugePages: false,
+    sandboxId,
+    envVars: { GREETING: 'hello from npm start' },
+    metadata: { origin: 'npm start' },
+    envdVersion: '',
+    vcpu: 1,
+    ramMb: 128,
+    teamId: 'local',
+    maxSandboxLength: 1,
+    totalDiskSizeMb: 0,
+    snapshot,
+    baseTemplateId: 'base',
+    autoPause: false,
+  });
+  const timed = async (step: string, run: () => Promise<unknown>): Promise<number> => {
+    process.stdout.write(`demo: ${step}… `);
+    const started = performance.now();
+    await run();
+    const ms = performance.now() - started;
+    console.log(`${ms.toFixed(0)} ms`);
+    return ms;
+  };
+  const endTime = () => new Date(Date.now() + 3600_000);
+  try {
+    const createMs = await timed(`create ${sandboxId} from template base`, () =>
+      unary(client, client.create, { sandbox: config(false, ''), startTime: new Date(), endTime: endTime() }, 120_000),
+    );
+    const pausedBuildId = randomUUID();
+    const pauseMs = await timed(`pause into build ${pausedBuildId}`, () =>
+      unary(client, client.pause, { sandboxId, templateId: 'base', buildId: pausedBuildId }, 300_000),
+    );
+    const resumeMs = await timed('resume from that build', () =>
+      unary(
+        client,
+        client.create,
+        { sandbox: config(true, pausedBuildId), startTime: new Date(), endTime: endTime() },
+        120_000,
+      ),
+    );
+    options.logger.info({ sandboxId, pausedBuildId, createMs, pauseMs, resumeMs }, 'demo done');
+    console.log(`
+The node is running sandbox ${sandboxId}. Drive it with the CLI (another terminal):
+  ./sbx list                               running sandboxes
+  ./sbx pause ${sandboxId}                  pause it into a new build (prints the build id)
+  ./sbx resume ${sandboxId} --build <id>    resume it
+  ./sbx create --template base             another sandbox
+  ./sbx kill ${sandboxId}                   kill it
+  ./sbx builds                             cached builds
+  ./sbx inspect-header ${options.layout.bucketDir}/${pausedBuildId}/memfile.header`);
+    return { sandboxId, pausedBuildId, createMs, pauseMs, resumeMs };
+  } finally {
+    client.close();
+  }
+}
