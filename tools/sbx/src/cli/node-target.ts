@@ -32,7 +32,9 @@ export async function readNodeRecord(dataDir: string): Promise<NodeRecord> {
     return JSON.parse(await readFile(path, 'utf8')) as NodeRecord;
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code === 'ENOENT') {
-      throw new Error(`no local node at ${dataDir} (${path} missing): start one with ./sbx node up, or pass --addr`);
+      throw new Error(`no local node at ${dataDir} (${path} missing): start one with ./sbx node up, or pass --addr`, {
+        cause: err,
+      });
     }
     throw err;
   }
