@@ -32,14 +32,14 @@ pids+=($!)
 nbdkit --foreground --unix "$work/kit.sock" --filter=cow file "$work/base.img" &
 pids+=($!)
 for s in ours kit; do
-  for _ in $(seq 200); do [[ -S $work/$s.sock ]] && break; sleep 0.05; done
+  for _ in $(seq 600); do [[ -S $work/$s.sock ]] && break; sleep 0.05; done
   [[ -S $work/$s.sock ]] || { echo "bench/nbd: $s did not start" >&2; exit 1; }
 done
 
 fio_run() { # server rw bs iodepth → "iops bw_bytes_per_s"
   fio --name=bench --ioengine=nbd --uri="nbd+unix:///?socket=$work/$1.sock" --rw="$2" --bs="$3" --iodepth="$4" \
     --size="${size_mib}M" --runtime="$seconds" --time_based --output-format=json 2>/dev/null |
-    python3 -c 'import json,sys; r=json.load(sys.stdin)["jobs"][0]["read"]; print(r["iops"], r["bw_bytes"])'
+    sed -n '/^{/,$p' | python3 -c 'import json,sys; r=json.load(sys.stdin)["jobs"][0]["read"]; print(r["iops"], r["bw_bytes"])'
 }
 copy_run() { # server → MB/s
   local start end

@@ -217,7 +217,7 @@ export function resolveFamily(socket: GenericNetlinkSocket, name: string): numbe
   throw new Error(`generic netlink family ${name}: no id in the controller's reply`);
 }
 
-export { GenericNetlinkSocket, unixSocketPair } from './netlink-socket.js';
+export { GenericNetlinkSocket, setSendBufferSize, unixSocketPair } from './netlink-socket.js';
 export {
   decodeNetlinkMessages,
   encodeGenlRequest,

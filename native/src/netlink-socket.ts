@@ -96,3 +96,16 @@ export function unixSocketPair(): [number, number] {
   if (Number(socketpairFn(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds)) < 0) fail('socketpair');
   return [fds[0]!, fds[1]!];
 }
+
+const SO_SNDBUF = 7;
+
+/**
+ * Raises a socket's send buffer (capped by net.core.wmem_max). A server answering 1 MiB
+ * reads from one thread otherwise writes each reply in ~200 KiB pieces, one event-loop turn
+ * apiece.
+ */
+export function setSendBufferSize(fd: number, bytes: number): void {
+  const value = Buffer.alloc(4);
+  value.writeInt32LE(bytes, 0);
+  if (Number(setsockoptFn(fd, SOL_SOCKET, SO_SNDBUF, value, 4)) < 0) fail('setsockopt', 'SO_SNDBUF');
+}

@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import { crc32 } from 'node:zlib';
 import { DirtyBitmap, type ReadableBlocks, type WritableBlocks } from '#storage';
 import { OverlayStateInvalid } from './block-errors.js';
-import { readFully } from './file-blocks.js';
+import { readFully, readFullySync } from './file-blocks.js';
 
 export interface CowOverlayOptions {
   /** What untouched blocks read from. Never written to. */
@@ -17,6 +17,8 @@ export interface CowOverlayOptions {
    * different base is refused instead of serving one base's blocks over another.
    */
   identity?: string;
+  /** Read the overlay file synchronously (see FileBlocks.open). */
+  syncReads?: boolean;
 }
 
 const STATE_MAGIC = Buffer.from('SBXCOW01', 'ascii');
@@ -44,6 +46,7 @@ export class CowOverlay implements WritableBlocks {
   readonly zeroed: DirtyBitmap;
   private readonly base: ReadableBlocks;
   private readonly identity: string;
+  private readonly syncReads: boolean;
   private readonly fd: number;
   private readonly blockLocks = new Map<number, Promise<void>>();
   private stateVersion = 0;
@@ -57,6 +60,7 @@ export class CowOverlay implements WritableBlocks {
     this.dir = options.dir;
     this.blockSize = options.blockSize;
     this.identity = options.identity;
+    this.syncReads = options.syncReads;
     this.size = options.base.size;
     this.fd = fd;
     this.written = written;
@@ -65,7 +69,7 @@ export class CowOverlay implements WritableBlocks {
 
   /** Creates the overlay, or reopens the one a previous run left in `dir`. */
   static async open(options: CowOverlayOptions): Promise<CowOverlay> {
-    const full: Required<CowOverlayOptions> = { blockSize: 4096, identity: '', ...options };
+    const full: Required<CowOverlayOptions> = { blockSize: 4096, identity: '', syncReads: false, ...options };
     if (!Number.isSafeInteger(full.blockSize) || full.blockSize <= 0 || full.blockSize % 512 !== 0) {
       throw new RangeError(`block size ${full.blockSize} must be a positive multiple of 512`);
     }
@@ -105,9 +109,14 @@ export class CowOverlay implements WritableBlocks {
     return new CowOverlay(full, fd, state.written, state.zeroed);
   }
 
-  async readAt(target: Uint8Array, offset: number): Promise<void> {
-    this.check(offset, target.length);
-    if (target.length === 0) return;
+  readAt(target: Uint8Array, offset: number): Promise<void> {
+    // Not async: on the hot path a read served from one run returns that run's promise as is.
+    try {
+      this.check(offset, target.length);
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    if (target.length === 0) return Promise.resolve();
     const bs = this.blockSize;
     const end = offset + target.length;
     const reads: Promise<void>[] = [];
@@ -121,9 +130,10 @@ export class CowOverlay implements WritableBlocks {
       runStart = block * bs;
       runKind = kind;
     }
-    reads.push(this.readRun(runKind, target.subarray(runStart - offset), runStart));
-    if (reads.length === 1) return reads[0];
-    await Promise.all(reads);
+    const last = this.readRun(runKind, target.subarray(runStart - offset), runStart);
+    if (reads.length === 0) return last;
+    reads.push(last);
+    return Promise.all(reads).then(() => undefined);
   }
 
   async writeAt(source: Uint8Array, offset: number): Promise<void> {
@@ -264,7 +274,7 @@ export class CowOverlay implements WritableBlocks {
   }
 
   private readRun(kind: 0 | 1 | 2, target: Uint8Array, offset: number): Promise<void> {
-    if (kind === 1) return readFully(this.fd, target, offset);
+    if (kind === 1) return this.syncReads ? readFullySync(this.fd, target, offset) : readFully(this.fd, target, offset);
     if (kind === 2) {
       target.fill(0);
       return Promise.resolve();

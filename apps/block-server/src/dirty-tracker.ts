@@ -46,10 +46,11 @@ export class DirtyTracker implements WritableBlocks {
     return this.inner.size;
   }
 
-  async readAt(target: Uint8Array, offset: number): Promise<void> {
-    await this.inner.readAt(target, offset);
+  /** Counted when issued (reads change nothing, so there is nothing to record on completion). */
+  readAt(target: Uint8Array, offset: number): Promise<void> {
     this.counters.reads++;
     this.counters.bytesRead += target.length;
+    return this.inner.readAt(target, offset);
   }
 
   async writeAt(source: Uint8Array, offset: number): Promise<void> {

@@ -1,4 +1,4 @@
-import { close as closeFd, fstat, open as openFd, read } from 'node:fs';
+import { close as closeFd, fstat, open as openFd, read, readSync } from 'node:fs';
 import type { ReadableBlocks } from '#storage';
 
 /**
@@ -13,9 +13,15 @@ export class FileBlocks implements ReadableBlocks {
     readonly path: string,
     private readonly fd: number,
     readonly size: number,
+    private readonly syncReads: boolean,
   ) {}
 
-  static async open(path: string): Promise<FileBlocks> {
+  /**
+   * `syncReads`: pread on the event loop instead of the libuv pool. Much faster while the file
+   * is in the page cache (no thread hop per 4 KiB read), but a read that misses the cache
+   * stalls every connection of the process for the disk's latency.
+   */
+  static async open(path: string, options: { syncReads?: boolean } = {}): Promise<FileBlocks> {
     const fd = await new Promise<number>((resolve, reject) =>
       openFd(path, 'r', (err, fd) => (err ? reject(err) : resolve(fd))),
     );
@@ -24,7 +30,7 @@ export class FileBlocks implements ReadableBlocks {
         (resolve, reject) => fstat(fd, (err, s) => (err ? reject(err) : resolve(s))),
       );
       if (!stats.isFile()) throw new Error(`${path} is not a regular file`);
-      return new FileBlocks(path, fd, stats.size);
+      return new FileBlocks(path, fd, stats.size, options.syncReads ?? false);
     } catch (err) {
       closeFd(fd, () => undefined);
       throw err;
@@ -38,7 +44,7 @@ export class FileBlocks implements ReadableBlocks {
         new RangeError(`range [${offset}, ${offset + target.length}) passes ${this.path} of ${this.size} bytes`),
       );
     }
-    return readFully(this.fd, target, offset);
+    return this.syncReads ? readFullySync(this.fd, target, offset) : readFully(this.fd, target, offset);
   }
 
   async close(): Promise<void> {
@@ -64,4 +70,19 @@ export function readFully(fd: number, target: Uint8Array, offset: number): Promi
     if (target.length === 0) resolve();
     else step();
   });
+}
+
+/** readFully on the event loop; for files expected in the page cache. */
+export function readFullySync(fd: number, target: Uint8Array, offset: number): Promise<void> {
+  try {
+    let done = 0;
+    while (done < target.length) {
+      const n = readSync(fd, target, done, target.length - done, offset + done);
+      if (n === 0) throw new RangeError(`unexpected end of file at ${offset + done}`);
+      done += n;
+    }
+    return Promise.resolve();
+  } catch (err) {
+    return Promise.reject(err);
+  }
 }

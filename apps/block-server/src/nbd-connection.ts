@@ -30,6 +30,7 @@ import {
 } from '#nbd';
 import type { Logger } from '#logging';
 import type { WritableBlocks } from '#storage';
+import { replyBuffers } from './reply-buffer-pool.js';
 
 /** One export a server offers: bytes come from `blocks`, the server does not know from where. */
 export interface NbdExport {
@@ -63,6 +64,8 @@ export interface NbdConnectionOptions {
   maxInFlight?: number;
   /** ...or while this many payload bytes are in flight. */
   maxInFlightBytes?: number;
+  /** Called with the socket's fd (e.g. to raise its send buffer). */
+  tuneSocket?: (fd: number) => void;
   /** Start in the transmission phase with this export (a kernel socket: no handshake). */
   negotiated?: NbdExport;
 }
@@ -92,6 +95,7 @@ export class NbdConnection {
   private inFlight = 0;
   private inFlightBytes = 0;
   private readPaused = false;
+  private corked = false;
   private disconnecting = false;
   private resolveDone!: () => void;
   private readonly socket: Socket;
@@ -111,7 +115,8 @@ export class NbdConnection {
     this.maxInFlight = options.maxInFlight ?? 256;
     this.maxInFlightBytes = options.maxInFlightBytes ?? 256 * 1024 * 1024;
     this.done = new Promise((resolve) => (this.resolveDone = resolve));
-    this.socket.setNoDelay?.(true);
+    const fd = (this.socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
+    if (options.tuneSocket && typeof fd === 'number' && fd >= 0) options.tuneSocket(fd);
     this.socket.on('data', (chunk: Buffer) => this.onData(chunk));
     this.socket.on('drain', () => this.updateFlow());
     this.socket.on('error', (err) => this.logger.debug({ err }, 'nbd client socket error'));
@@ -335,7 +340,7 @@ export class NbdConnection {
   }
 
   private startRead(h: RequestHeader): void {
-    const reply = Buffer.allocUnsafe(SIMPLE_REPLY_HEADER_SIZE + h.length);
+    const reply = replyBuffers.take(SIMPLE_REPLY_HEADER_SIZE + h.length);
     this.track(h.length);
     const started = performance.now();
     this.export!.blocks.readAt(reply.subarray(SIMPLE_REPLY_HEADER_SIZE), h.offset).then(
@@ -343,7 +348,10 @@ export class NbdConnection {
         encodeSimpleReplyHeader(0, h.cookie, reply, 0);
         this.complete(h, h.length, started, 0, reply);
       },
-      (err: unknown) => this.complete(h, h.length, started, this.errnoFor(err, h), undefined),
+      (err: unknown) => {
+        replyBuffers.give(reply);
+        this.complete(h, h.length, started, this.errnoFor(err, h), undefined);
+      },
     );
   }
 
@@ -380,10 +388,28 @@ export class NbdConnection {
     if (this.phase === 'closed' && this.inFlight === 0) this.resolveDone();
   }
 
+  /**
+   * Replies finished in the same turn of the event loop go out in one writev: the socket is
+   * corked at the first and uncorked once the turn's promise callbacks have run.
+   */
   private writeReply(bytes: Buffer): void {
-    if (this.phase === 'closed' || this.socket.destroyed) return;
-    this.socket.write(bytes);
+    if (this.phase === 'closed' || this.socket.destroyed) {
+      replyBuffers.give(bytes);
+      return;
+    }
+    if (!this.corked) {
+      this.corked = true;
+      this.socket.cork();
+      process.nextTick(this.uncork);
+    }
+    if (bytes.length >= replyBuffers.minSize) this.socket.write(bytes, () => replyBuffers.give(bytes));
+    else this.socket.write(bytes);
   }
+
+  private readonly uncork = (): void => {
+    this.corked = false;
+    if (!this.socket.destroyed) this.socket.uncork();
+  };
 
   private errnoFor(err: unknown, h: RequestHeader): number {
     const code = (err as NodeJS.ErrnoException | undefined)?.code;

@@ -2,7 +2,11 @@ import { chmod, lstat, mkdir, unlink } from 'node:fs/promises';
 import { connect, createServer, type Server, type Socket } from 'node:net';
 import { dirname } from 'node:path';
 import type { Logger } from '#logging';
+import { setSendBufferSize } from '#native';
 import { NbdConnection, type NbdExport, type NbdExportTable, type NbdRequestObserver } from './nbd-connection.js';
+
+/** Big enough for a whole 1 MiB read reply (plus its header) in one write. */
+const SEND_BUFFER_BYTES = 4 * 1024 * 1024;
 
 export interface NbdServerOptions {
   socketPath: string;
@@ -139,6 +143,13 @@ export class NbdServer {
       ...(negotiated ? { negotiated } : {}),
       ...(this.options.observer ? { observer: this.options.observer } : {}),
       ...(this.options.maxPayload ? { maxPayload: this.options.maxPayload } : {}),
+      tuneSocket: (fd) => {
+        try {
+          setSendBufferSize(fd, SEND_BUFFER_BYTES);
+        } catch (err) {
+          this.options.logger.debug({ err }, 'could not raise the NBD socket send buffer');
+        }
+      },
     });
   }
 

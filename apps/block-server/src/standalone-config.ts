@@ -8,6 +8,8 @@ export const standaloneConfigSchema = z.object({
   overlay: z.string().min(1).optional(),
   exportName: z.string().max(4096).default(''),
   blockSize: z.coerce.number().int().positive().multipleOf(512).default(4096),
+  /** How local files are read: sync (fast from the page cache, blocks the loop on a miss) or async (libuv pool). */
+  readMode: z.enum(['sync', 'async']).default('sync'),
   metricsPort: z.coerce.number().int().min(0).max(65535).default(0),
   logLevel: z.enum(['trace', 'debug', 'info', 'warn', 'error']).default('info'),
 });

@@ -31,7 +31,8 @@ export async function serveImage(
   };
   try {
     const basePath = await realpath(config.base);
-    const base = await FileBlocks.open(basePath);
+    const syncReads = config.readMode === 'sync';
+    const base = await FileBlocks.open(basePath, { syncReads });
     taken.push(() => base.close());
     let overlayDir = config.overlay;
     if (!overlayDir) {
@@ -44,6 +45,7 @@ export async function serveImage(
       dir: overlayDir,
       blockSize: config.blockSize,
       identity: `file:${basePath}:${base.size}`,
+      syncReads,
     });
     taken.push(() => overlay.close());
     const reopened = overlay.written.count + overlay.zeroed.count;
