@@ -54,10 +54,12 @@ export class GuestNetns {
     return new GuestNetns(guestFd, homeFd);
   }
 
-  /** A path any child process can open to reach the namespace (`ip ... netns <path>`, nsenter). */
-  get path(): string {
-    return `/proc/${process.pid}/fd/${this.fd}`;
-  }
+  /**
+   * How a child process reaches the namespace: spawn it with `fd` as its fd 3 and name
+   * `CHILD_NETNS_PATH` (`ip ... netns <path>`, `nsenter --net=<path>`). /proc/self resolves in
+   * any PID namespace; /proc/<our pid> would not when the VMM runs in its own (unshare -p).
+   */
+  static readonly CHILD_NETNS_PATH = '/proc/self/fd/3';
 
   /** Runs `fn` synchronously with the calling thread inside the guest namespace. */
   run<T>(fn: () => T): T {

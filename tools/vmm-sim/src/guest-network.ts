@@ -1,4 +1,4 @@
-import { execFile } from 'node:child_process';
+import { execFile, spawn } from 'node:child_process';
 import { promisify } from 'node:util';
 import type { Logger } from '#logging';
 import { VmmFailure } from './api-error.js';
@@ -73,7 +73,9 @@ export class GuestNetwork {
   private async plumb(): Promise<void> {
     const { tapName, tapCidr, guestAddress, guestPrefixLength } = this.options;
     if (this.tap.existed) await ip(['link', 'del', tapName]);
-    await ip(['link', 'add', tapName, 'type', 'veth', 'peer', 'name', 'eth0', 'netns', this.netns.path]);
+    await ipBatch([`link add ${tapName} type veth peer name eth0 netns ${GuestNetns.CHILD_NETNS_PATH}`], {
+      passNetns: this.netns,
+    });
     const slotSide = [`addr add ${tapCidr} dev ${tapName}`];
     if (this.tap.mtu) slotSide.push(`link set ${tapName} mtu ${this.tap.mtu}`);
     slotSide.push(`link set ${tapName} up`);
@@ -87,7 +89,7 @@ export class GuestNetwork {
         'link set eth0 up',
         `route add default via ${gateway}`,
       ],
-      this.netns.path,
+      { passNetns: this.netns, enter: true },
     );
   }
 
@@ -181,17 +183,27 @@ async function ip(args: string[]): Promise<void> {
   }
 }
 
-/** Several `ip` commands in one process, optionally inside a namespace given by path. */
-async function ipBatch(commands: string[], netnsPath?: string): Promise<void> {
-  const argv = netnsPath ? ['--net=' + netnsPath, 'ip', '-batch', '-'] : ['-batch', '-'];
-  const file = netnsPath ? 'nsenter' : 'ip';
+/**
+ * Several `ip` commands in one process. With `passNetns` the guest namespace fd becomes the
+ * child's fd 3 (GuestNetns.CHILD_NETNS_PATH); with `enter` the commands run inside it.
+ */
+async function ipBatch(commands: string[], options: { passNetns?: GuestNetns; enter?: boolean } = {}): Promise<void> {
+  const file = options.enter ? 'nsenter' : 'ip';
+  const argv = options.enter ? [`--net=${GuestNetns.CHILD_NETNS_PATH}`, 'ip', '-batch', '-'] : ['-batch', '-'];
+  const stdio: ('pipe' | number)[] = ['pipe', 'pipe', 'pipe'];
+  if (options.passNetns) stdio.push(options.passNetns.fd);
   await new Promise<void>((resolve, reject) => {
-    const child = execFile(file, argv, (err, _stdout, stderr) => {
-      if (err)
+    const child = spawn(file, argv, { stdio });
+    let stderr = '';
+    child.stderr?.on('data', (c: Buffer) => (stderr += c.toString()));
+    child.stdout?.resume();
+    child.on('error', reject);
+    child.on('close', (code) => {
+      if (code === 0) resolve();
+      else
         reject(
-          new VmmFailure('IP_COMMAND', `ip batch [${commands.join('; ')}] failed: ${stderr.trim() || err.message}`),
+          new VmmFailure('IP_COMMAND', `ip batch [${commands.join('; ')}] failed: ${stderr.trim() || `exit ${code}`}`),
         );
-      else resolve();
     });
     child.stdin?.end(commands.join('\n') + '\n');
   });

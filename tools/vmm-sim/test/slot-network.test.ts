@@ -60,8 +60,12 @@ function guestStatus(path: string, maxSeconds = 3): string {
   }
 }
 
-async function bootInSlot(name: string): Promise<VmmSimProcess> {
-  const vmm = await VmmSimProcess.start(join(dir, `${name}.sock`), ['--level', 'Warn'], ['ip', 'netns', 'exec', ns]);
+async function bootInSlot(name: string, wrapper: string[] = []): Promise<VmmSimProcess> {
+  const vmm = await VmmSimProcess.start(
+    join(dir, `${name}.sock`),
+    ['--level', 'Warn'],
+    [...wrapper, 'ip', 'netns', 'exec', ns],
+  );
   procs.push(vmm);
   await vmm.ok('PUT', '/boot-source', { kernel_image_path: join(dir, 'vmlinux') });
   await vmm.ok('PUT', '/machine-config', { vcpu_count: 1, mem_size_mib: 8 });
@@ -124,6 +128,19 @@ describe('guest network in a slot', () => {
     expect(guestStatus('/health')).toBe('204');
     expect(await next.stop('SIGTERM')).toBe(0);
     // The killed VMM could not say what MTU the tap had, so the tap comes back with the default.
+    expectSlotAsNetAgentLeftIt(1500);
+  });
+
+  it("runs under the seed's start script wrapping (own PID and mount namespaces)", async () => {
+    // fc/process.go: unshare -pfm --kill-child -- bash -c '... ip netns exec <ns> firecracker --api-sock ...'
+    const vmm = await bootInSlot('d', ['unshare', '-pfm', '--kill-child', '--']);
+    expect(tap0()?.linkinfo?.info_kind).toBe('veth');
+    expect(guestStatus('/health')).toBe('204');
+    await vmm.stop('SIGKILL');
+    await eventually('the veth pair to go', () => (tap0() === undefined ? true : undefined));
+    // Put the slot back for whoever runs next.
+    const next = await bootInSlot('e');
+    expect(await next.stop('SIGTERM')).toBe(0);
     expectSlotAsNetAgentLeftIt(1500);
   });
 });
