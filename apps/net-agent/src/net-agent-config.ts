@@ -65,6 +65,8 @@ export const netAgentConfigSchema = z
     slotTable: nftName.default('sbx_slot'),
     /** Interface group used to delete a batch of host veths in one kernel operation. */
     removalGroup: count(1, 0x7fffffff).default(0x5b1),
+    /** How a slot namespace's links are set up: direct rtnetlink from the agent (fast) or `ip -batch`. */
+    namespaceSetup: z.enum(['netlink', 'ip']).default('netlink'),
     /** Set net.ipv4.ip_forward=1 in the agent's namespace at start (the node must forward for slots). */
     enableForwarding: flag.default(true),
 

@@ -2,6 +2,7 @@ import { readdir, readlink, stat } from 'node:fs/promises';
 import { writeFileSync } from 'node:fs';
 import type { Logger } from '#logging';
 import { checkResult, CommandFailed, runCommand, startCommand } from './command-runner.js';
+import { configureNamespaceLinks } from './namespace-netlink.js';
 import { NetnsSwitch } from './netns-switch.js';
 import type { SlotLayout, SlotSpec } from './slot-layout.js';
 import {
@@ -55,6 +56,8 @@ export interface SlotNetworkOptions {
   hostTable: string;
   uplink: string;
   removalGroup: number;
+  /** `netlink`: a slot namespace's links are set up with syscalls in this process; `ip`: with `ip -batch`. */
+  namespaceSetup?: 'netlink' | 'ip';
   logger: Logger;
 }
 
@@ -127,15 +130,27 @@ export class SlotNetwork {
 
   private async configureNamespace(s: SlotSpec): Promise<void> {
     const path = `${NETNS_DIR}/${s.namespace}`;
-    const [links, rules] = this.netns.run(path, () => {
+    const viaIp = this.options.namespaceSetup === 'ip';
+    const [rules, links] = this.netns.run(path, () => {
       // Per-namespace sysctl: /proc/sys/net resolves against the calling thread's namespace.
       writeFileSync('/proc/sys/net/ipv4/ip_forward', '1');
+      // nft first: its transaction waits out a kernel grace period while the links are set up.
+      const nft = startCommand('nft', ['-f', '-'], namespaceRuleset(s, this.options.rules));
+      if (!viaIp) {
+        try {
+          configureNamespaceLinks(s);
+        } catch (err) {
+          return [nft, Promise.reject(Object.assign(err as Error, { where: s.namespace }))] as const;
+        }
+        return [nft, undefined] as const;
+      }
       return [
-        startCommand('ip', ['-batch', '-'], namespaceBatch(s)),
-        startCommand('nft', ['-f', '-'], namespaceRuleset(s, this.options.rules)),
+        nft,
+        checkResult(startCommand('ip', ['-batch', '-'], namespaceBatch(s)), 'ip -batch', s.namespace),
       ] as const;
     });
-    await Promise.all([checkResult(links, 'ip -batch', s.namespace), checkResult(rules, 'nft -f', s.namespace)]);
+    const results = await Promise.allSettled([checkResult(rules, 'nft -f', s.namespace), links]);
+    for (const r of results) if (r.status === 'rejected') throw r.reason;
   }
 
   /**

@@ -7,6 +7,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { status, type ServiceError } from '@grpc/grpc-js';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { NetSlot } from '#proto/sbx/net';
 import { AgentProcess } from './agent-process.js';
 import { ConsulKvDouble } from './consul-kv-double.js';
 import { INTERNET_IP, METADATA_IP, NodeNamespace, PRIVATE_IP, UPLINK_NODE_IP } from './node-namespace.js';
@@ -57,6 +58,7 @@ describe.skipIf(!isRoot)('net-agent in a throwaway node namespace', () => {
     const slot = await agent.acquire('sbx-traffic');
     expect(slot.namespace.startsWith(node.slotPrefix)).toBe(true);
     expect(slot.hostIp).toMatch(/^10\.11\./);
+    expect(await node.namespaceState(slot.namespace)).toEqual(expectedNamespaceState(slot));
     const guest = await node.attachGuest(slot);
     await node.startServer(guest, slot.guestIp, 49983, 'guest');
 
@@ -78,12 +80,13 @@ describe.skipIf(!isRoot)('net-agent in a throwaway node namespace', () => {
     expect(await agent.stop()).toBe(0);
   });
 
-  it('bad requests get clear errors and the agent keeps serving', async () => {
-    const agent = await startAgent(['--pool-new-size', '1']);
+  it('bad requests get clear errors and the agent keeps serving (namespaces set up with ip -batch)', async () => {
+    const agent = await startAgent(['--pool-new-size', '1', '--namespace-setup', 'ip']);
     await expect(agent.acquire('')).rejects.toSatisfy((e) => grpcCode(e) === status.INVALID_ARGUMENT);
     await expect(agent.acquire('../etc')).rejects.toSatisfy((e) => grpcCode(e) === status.INVALID_ARGUMENT);
     await expect(agent.release(99_999, 'x')).rejects.toSatisfy((e) => grpcCode(e) === status.NOT_FOUND);
     const slot = await agent.acquire('owner');
+    expect(await node.namespaceState(slot.namespace)).toEqual(expectedNamespaceState(slot));
     const err = await agent.release(slot.idx, 'intruder').catch((e: unknown) => e);
     expect(grpcCode(err)).toBe(status.FAILED_PRECONDITION);
     expect((err as Error).message).toContain('owner');
@@ -228,6 +231,22 @@ describe.skipIf(!isRoot)('net-agent in a throwaway node namespace', () => {
     expect(consul.keys(`${node.prefix}/`)).toEqual([]);
   });
 });
+
+/** What both set-up paths (rtnetlink in the agent, or ip -batch) must leave in a slot's namespace. */
+function expectedNamespaceState(slot: NetSlot) {
+  const tapNet = slot.tapIp.replace(
+    /\.\d+$/,
+    `.${Number(slot.tapIp.split('.')[3]) & ~((1 << (32 - slot.tapPrefix)) - 1)}`,
+  );
+  return {
+    addresses: [`eth0 ${slot.nsVethIp}/31`, `lo 127.0.0.1/8`, `tap0 ${slot.tapIp}/${slot.tapPrefix}`].sort(),
+    routes: [
+      `default via ${slot.hostVethIp} dev eth0`,
+      `${slot.hostVethIp}/31 dev eth0 proto kernel scope link src ${slot.nsVethIp}`,
+      `${tapNet}/${slot.tapPrefix} dev tap0 proto kernel scope link src ${slot.tapIp} linkdown`,
+    ].sort(),
+  };
+}
 
 /** Writes reservation keys the way a crashed agent would have left them. */
 const AgentKeys = {

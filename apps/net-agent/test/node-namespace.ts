@@ -195,6 +195,19 @@ export class NodeNamespace {
     return child;
   }
 
+  /** A slot namespace's addresses and routes, as `ip` shows them. */
+  async namespaceState(ns: string): Promise<{ addresses: string[]; routes: string[] }> {
+    const addrs = JSON.parse(await this.mustExec(ns, 'ip', ['-j', '-4', 'addr', 'show'])) as Array<{
+      ifname: string;
+      addr_info: Array<{ local: string; prefixlen: number }>;
+    }>;
+    const routes = (await this.mustExec(ns, 'ip', ['-4', 'route', 'show'])).split('\n').filter(Boolean);
+    return {
+      addresses: addrs.flatMap((a) => a.addr_info.map((i) => `${a.ifname} ${i.local}/${i.prefixlen}`)).sort(),
+      routes: routes.map((r) => r.trim()).sort(),
+    };
+  }
+
   /** Our namespaces registered in /run/netns (node and internet excluded). */
   async slotNamespaces(): Promise<string[]> {
     return (await readdir(NETNS_DIR)).filter((n) => n.startsWith(this.slotPrefix)).sort();
