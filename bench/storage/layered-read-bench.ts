@@ -5,7 +5,7 @@
  * page cache warm for both. Reports sequential 1 MiB reads and scattered 4 KiB reads at queue
  * depth 1 and 32, with the ratio ours / qemu.
  *
- *   bash bench/storage/run.sh [--size-mib 128] [--generations 10] [--dirty-percent 2] [--reads 20000]
+ *   bash bench/storage/run.sh [--size-mib 128] [--generations 10] [--dirty-percent 2] [--reads 20000] [--rounds 3]
  */
 import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
@@ -49,6 +49,11 @@ async function qemuBench(image: string, args: string[]): Promise<number> {
   return Number(m[1]);
 }
 
+function median(values: number[]): number {
+  const sorted = [...values].sort((a, b) => a - b);
+  return sorted[Math.floor(sorted.length / 2)]!;
+}
+
 async function main(): Promise<void> {
   const { values } = parseArgs({
     options: {
@@ -56,12 +61,14 @@ async function main(): Promise<void> {
       generations: { type: 'string', default: '10' },
       'dirty-percent': { type: 'string', default: '2' },
       reads: { type: 'string', default: '20000' },
+      rounds: { type: 'string', default: '3' },
     },
   });
   const size = Number(values['size-mib']) * MiB;
   const generations = Number(values.generations);
   const dirtyPercent = Number(values['dirty-percent']);
   const reads = Number(values.reads);
+  const rounds = Number(values.rounds);
   const blocks = size / BLOCK;
   const work = await mkdtemp(path.join(tmpdir(), 'bench-storage-'));
   const cache = new BuildCache({ cacheDir: path.join(work, 'cache') });
@@ -151,22 +158,23 @@ async function main(): Promise<void> {
       if (qemuHex !== ours.subarray(0, 16).toString('hex')) throw new Error(`readers disagree at ${probe}`);
     }
 
+    // Each measurement alternates ours and qemu `rounds` times and keeps the medians: the machine
+    // is shared, and alternating spreads its load over both sides.
     const results: Result[] = [];
-    const passes = 4;
-    let t = performance.now();
-    for (let p = 0; p < passes; p++) for (let o = 0; o < size; o += MiB) await file.readAt(whole, o);
-    const oursSeq = (passes * size) / MiB / ((performance.now() - t) / 1000);
-    const qemuSeq =
+    const passes = 2;
+    const step = 7919 * BLOCK; // qemu-img bench steps by a large stride; ours reads the same offsets
+    const offsets = Array.from({ length: reads }, (_, i) => ((i * step) % size) - (((i * step) % size) % BLOCK));
+    const oursSeq = async (): Promise<number> => {
+      const t = performance.now();
+      for (let p = 0; p < passes; p++) for (let o = 0; o < size; o += MiB) await file.readAt(whole, o);
+      return (passes * size) / MiB / ((performance.now() - t) / 1000);
+    };
+    const qemuSeq = async (): Promise<number> =>
       (passes * size) /
       MiB /
       (await qemuBench(top, ['-c', String((passes * size) / MiB), '-s', String(MiB), '-d', '1']));
-    results.push({ name: 'sequential 1 MiB reads, depth 1', ours: oursSeq, qemu: qemuSeq, unit: 'MiB/s' });
-
-    // scattered 4 KiB reads: qemu-img bench steps by a large stride; ours reads the same offsets
-    const step = 7919 * BLOCK;
-    const offsets = Array.from({ length: reads }, (_, i) => ((i * step) % size) - (((i * step) % size) % BLOCK));
-    for (const depth of [1, 32]) {
-      t = performance.now();
+    const oursScattered = async (depth: number): Promise<number> => {
+      const t = performance.now();
       let next = 0;
       await Promise.all(
         Array.from({ length: depth }, async () => {
@@ -174,11 +182,28 @@ async function main(): Promise<void> {
           while (next < offsets.length) await file.readAt(buf, offsets[next++]!);
         }),
       );
-      const ours = reads / ((performance.now() - t) / 1000);
-      const qemu =
-        reads /
-        (await qemuBench(top, ['-c', String(reads), '-s', String(BLOCK), '-S', String(step), '-d', String(depth)]));
-      results.push({ name: `scattered 4 KiB reads, depth ${depth}`, ours, qemu, unit: 'IOPS' });
+      return reads / ((performance.now() - t) / 1000);
+    };
+    const qemuScattered = async (depth: number): Promise<number> =>
+      reads /
+      (await qemuBench(top, ['-c', String(reads), '-s', String(BLOCK), '-S', String(step), '-d', String(depth)]));
+    const measure = async (name: string, unit: string, ours: () => Promise<number>, qemu: () => Promise<number>) => {
+      const o: number[] = [];
+      const q: number[] = [];
+      for (let r = 0; r < rounds; r++) {
+        o.push(await ours());
+        q.push(await qemu());
+      }
+      results.push({ name, unit, ours: median(o), qemu: median(q) });
+    };
+    await measure('sequential 1 MiB reads, depth 1', 'MiB/s', oursSeq, qemuSeq);
+    for (const depth of [1, 32]) {
+      await measure(
+        `scattered 4 KiB reads, depth ${depth}`,
+        'IOPS',
+        () => oursScattered(depth),
+        () => qemuScattered(depth),
+      );
     }
     await file.close();
 
@@ -189,7 +214,7 @@ async function main(): Promise<void> {
         `${r.name.padEnd(36)} ${r.ours.toFixed(0).padStart(7)} ${r.unit.padEnd(5)}${r.qemu.toFixed(0).padStart(7)} ${r.unit.padEnd(5)} ${(r.ours / r.qemu).toFixed(2)}`,
       );
     }
-    console.log('(one run on a shared 2-core machine under load from other work: treat as indicative)');
+    console.log(`(medians of ${rounds} alternating rounds on a shared 2-core machine under load from other work)`);
   } finally {
     await store.close();
     await cache.close();
