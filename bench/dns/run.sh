@@ -3,9 +3,9 @@
 # same run, same load; prints queries/s for both and the ratio. Everything listens on loopback
 # addresses and ports of its own; the host's resolver and /etc/resolv.conf are never touched.
 #
-# usage: bash bench/dns/run.sh [seconds per server, default 10]
+# usage: bash bench/dns/run.sh [seconds per server, default 10, split in ROUNDS alternating rounds]
 # env:   RECORDS (default 1000)  CLIENTS (dnsperf -c, default 8)  OUTSTANDING (dnsperf -q, default 500)
-#        UDP_SOCKETS (ours, default 1)  UDP_RECEIVERS (ours, default 2)  UDP_ENGINE (ours: batch|dgram, default batch)
+#        ROUNDS (default 2)  UDP_SOCKETS (ours, default 1)  UDP_RECEIVERS (ours, default 2)  UDP_ENGINE (ours: batch|dgram, default batch)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 seconds=${1:-10}
@@ -78,29 +78,46 @@ run() { # addr port seconds [server pid] → dnsperf output, plus the server's C
 }
 field() { sed -n "s/^ *$1: *\([0-9.]*\).*/\1/p" | head -1; }
 
-echo "== dns benchmark: $records records, $((records * 2)) names, dnsperf -c $clients -q $outstanding, ${seconds}s each"
+rounds=${ROUNDS:-2}
+per_round=$(( seconds / rounds > 0 ? seconds / rounds : 1 ))
+echo "== dns benchmark: $records records, $((records * 2)) names, dnsperf -c $clients -q $outstanding," \
+  "$rounds alternating rounds of ${per_round}s per server"
 echo "   machine: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg) (shared; numbers vary with other work)"
-# Warm both (JIT, caches), then measure each in turn.
+# Warm both (JIT, caches), then alternate so a change in the machine's load hits both alike.
 run "$peer_addr" "$peer_port" 1 >/dev/null
 run "$ours_addr" "$ours_port" 1 >/dev/null
-peer_out=$(run "$peer_addr" "$peer_port" "$seconds" "$peer_pid")
-ours_out=$(run "$ours_addr" "$ours_port" "$seconds" "$ours_pid")
 
 hz=$(getconf CLK_TCK)
-report() { # name output
-  local qps lost lat codes done ticks
-  qps=$(field 'Queries per second' <<<"$2")
-  done=$(field 'Queries completed' <<<"$2")
-  ticks=$(field 'Server CPU ticks' <<<"$2")
-  lost=$(sed -n 's/^ *Queries lost: *\(.*\)$/\1/p' <<<"$2")
-  lat=$(field 'Average Latency (s)' <<<"$2")
-  codes=$(sed -n 's/^ *Response codes: *\(.*\)$/\1/p' <<<"$2")
-  printf '%-8s %10.0f q/s   avg latency %7.3f ms   server CPU %5.2f us/query   lost %s   [%s]\n' "$1" "$qps" \
+declare -A total_done total_time total_ticks total_latency
+for name in dnsmasq ours; do total_done[$name]=0; total_time[$name]=0; total_ticks[$name]=0; total_latency[$name]=0; done
+report() { # name round output
+  local qps done runtime ticks lat lost codes
+  qps=$(field 'Queries per second' <<<"$3")
+  done=$(field 'Queries completed' <<<"$3")
+  runtime=$(field 'Run time (s)' <<<"$3")
+  ticks=$(field 'Server CPU ticks' <<<"$3")
+  lat=$(field 'Average Latency (s)' <<<"$3")
+  lost=$(sed -n 's/^ *Queries lost: *\(.*\)$/\1/p' <<<"$3")
+  codes=$(sed -n 's/^ *Response codes: *\(.*\)$/\1/p' <<<"$3")
+  printf '  round %d %-8s %9.0f q/s   avg latency %7.3f ms   server CPU %5.2f us/query   lost %s   [%s]\n' "$2" "$1" "$qps" \
     "$(awk "BEGIN{print $lat*1000}")" "$(awk "BEGIN{print $ticks * 1e6 / $hz / ($done > 0 ? $done : 1)}")" "$lost" "$codes"
+  total_done[$1]=$((total_done[$1] + done))
+  total_time[$1]=$(awk "BEGIN{print ${total_time[$1]} + $runtime}")
+  total_ticks[$1]=$((total_ticks[$1] + ticks))
+  total_latency[$1]=$(awk "BEGIN{print ${total_latency[$1]} + $lat * $done}")
 }
-report dnsmasq "$peer_out"
-report ours "$ours_out"
-peer_qps=$(field 'Queries per second' <<<"$peer_out")
-ours_qps=$(field 'Queries per second' <<<"$ours_out")
-awk -v o="$ours_qps" -v p="$peer_qps" 'BEGIN { printf "ratio ours/dnsmasq (queries/s): %.2f (goal >= 1.00)\n", o / p }'
-echo "(server CPU per query does not depend on how loaded the machine is; queries/s does)"
+for round in $(seq 1 "$rounds"); do
+  report dnsmasq "$round" "$(run "$peer_addr" "$peer_port" "$per_round" "$peer_pid")"
+  report ours "$round" "$(run "$ours_addr" "$ours_port" "$per_round" "$ours_pid")"
+done
+summary() { # name → "qps latency_ms cpu_us"
+  awk -v d="${total_done[$1]}" -v t="${total_time[$1]}" -v k="${total_ticks[$1]}" -v l="${total_latency[$1]}" -v hz="$hz" \
+    'BEGIN { printf "%.0f %.3f %.2f", d / t, (d ? l / d : 0) * 1000, (d ? k * 1e6 / hz / d : 0) }'
+}
+read -r peer_qps peer_lat peer_cpu <<<"$(summary dnsmasq)"
+read -r ours_qps ours_lat ours_cpu <<<"$(summary ours)"
+echo "== totals"
+printf '%-8s %9s q/s   avg latency %s ms   server CPU %s us/query\n' dnsmasq "$peer_qps" "$peer_lat" "$peer_cpu"
+printf '%-8s %9s q/s   avg latency %s ms   server CPU %s us/query\n' ours "$ours_qps" "$ours_lat" "$ours_cpu"
+awk -v o="$ours_qps" -v p="$peer_qps" 'BEGIN { printf "ratio ours/dnsmasq, queries/s: %.2f (goal >= 1.00)\n", o / p }'
+awk -v o="$ours_cpu" -v p="$peer_cpu" 'BEGIN { printf "ratio dnsmasq/ours, server CPU per query: %.2f (> 1: ours uses less)\n", p / o }'
