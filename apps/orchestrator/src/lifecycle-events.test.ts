@@ -1,35 +1,25 @@
-import type { ChildProcess } from 'node:child_process';
-import { Redis } from 'ioredis';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createLogger } from '#logging';
-import { startRedis } from '../test/redis-server.js';
+import { startRedis, type RedisUnderTest } from '../test/redis-server.js';
 import { RedisLifecycleEvents } from './lifecycle-events.js';
 
 /* Against a real redis-server (Debian's) started on a free loopback port for this file. */
 
 const logger = createLogger({ service: 'orchestrator-test', level: 'silent' });
-let redis: ChildProcess;
-let port: number;
+let redis: RedisUnderTest;
 
 beforeAll(async () => {
-  ({ process: redis, port } = await startRedis());
+  redis = await startRedis();
 });
 
 afterAll(async () => {
-  redis?.kill('SIGTERM');
-  await new Promise((r) => redis?.once('exit', r));
+  await redis?.stop();
 });
 
 describe('RedisLifecycleEvents', () => {
   it('publishes and removes catalogue entries and appends events to the stream', async () => {
-    const events = new RedisLifecycleEvents(
-      `redis://127.0.0.1:${port}`,
-      'node-7',
-      'sbx:sandbox:',
-      'sbx:events',
-      logger,
-    );
-    const reader = new Redis({ port, host: '127.0.0.1' });
+    const events = new RedisLifecycleEvents(redis.url, 'node-7', 'sbx:sandbox:', 'sbx:events', logger);
+    const reader = redis.connect();
     try {
       const start = new Date('2026-01-01T00:00:00Z');
       const end = new Date('2026-01-01T01:00:00Z');

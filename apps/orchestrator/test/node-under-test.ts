@@ -28,14 +28,23 @@ export interface Output {
 }
 
 export function run(file: string, args: string[], input = ''): Promise<Output> {
+  return runRaw(file, args, input).then((o) => ({ ...o, stdout: o.stdout.toString('utf8') }));
+}
+
+/** Like run, with stdout kept as bytes (guest memory and disk reads are binary). */
+export function runRaw(
+  file: string,
+  args: string[],
+  input = '',
+): Promise<{ code: number | null; stdout: Buffer; stderr: string }> {
   return new Promise((resolve, reject) => {
     const child = spawn(file, args, { stdio: ['pipe', 'pipe', 'pipe'] });
-    let stdout = '';
+    const out: Buffer[] = [];
     let stderr = '';
-    child.stdout.on('data', (d: Buffer) => (stdout += d));
+    child.stdout.on('data', (d: Buffer) => out.push(d));
     child.stderr.on('data', (d: Buffer) => (stderr += d));
     child.once('error', reject);
-    child.once('close', (code) => resolve({ code, stdout, stderr }));
+    child.once('close', (code) => resolve({ code, stdout: Buffer.concat(out), stderr }));
     child.stdin.on('error', () => undefined);
     child.stdin.end(input);
   });
@@ -124,7 +133,7 @@ export class NodeUnderTest {
     } catch (err) {
       const logs = [...node.services.values()].map((s) => `--- ${s.name}\n${s.logs.slice(-30).join('\n')}`).join('\n');
       await node.stop();
-      throw new Error(`${(err as Error).message}\n${logs}`);
+      throw new Error(`${(err as Error).message}\n${logs}`, { cause: err });
     }
     return node;
   }
@@ -324,14 +333,13 @@ export class NodeUnderTest {
   ): Promise<{ status: number; body: Buffer }> {
     const args = ['-s', '-m', '20', '-X', method, '-o', '-', '-w', '\n%{http_code}', `http://${hostIp}:49983${path}`];
     if (body !== undefined) args.push('-H', 'content-type: application/json', '--data-binary', '@-');
-    const out = await run(
+    const out = await runRaw(
       'nsenter',
       [`--net=/run/netns/${this.nodeNs}`, 'curl', ...args],
       body === undefined ? '' : JSON.stringify(body),
     );
-    const text = out.stdout;
-    const cut = text.lastIndexOf('\n');
-    return { status: Number(text.slice(cut + 1)), body: Buffer.from(text.slice(0, cut), 'latin1') };
+    const cut = out.stdout.lastIndexOf(0x0a);
+    return { status: Number(out.stdout.subarray(cut + 1).toString()), body: out.stdout.subarray(0, cut) };
   }
 
   async writeMemory(hostIp: string, offset: number, data: Buffer): Promise<void> {
