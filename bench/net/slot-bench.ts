@@ -138,6 +138,8 @@ async function inner(opts: Options): Promise<void> {
     hostTable: config.hostTable,
     uplink: 'up0',
     removalGroup: config.removalGroup,
+    namespaceSetup: config.namespaceSetup,
+    nftMode: config.nftMode,
     logger,
   });
   await network.init([], true);

@@ -31,7 +31,7 @@ flags (each also read from SBX_NET_AGENT_<FLAG> in upper snake case):
   --tap-prefix 30 --guest-ip 169.254.0.21 --ns-veth-name eth0 --uplink <default route dev>
   --blocked-ranges <cidr> (repeat) --metadata-address 169.254.169.254
   --host-table sbx_net --slot-table sbx_slot --removal-group 1457 --enable-forwarding true
-  --namespace-setup netlink|ip
+  --namespace-setup netlink|ip --nft-mode library|process
   --pool-new-size 32 --pool-reused-size 100 --create-batch 16 --acquire-timeout-ms 5000
   --refill-backoff-min-ms 100 --refill-backoff-max-ms 10000 --log-level info
 `;
@@ -97,6 +97,7 @@ async function assemble(config: NetAgentConfig, logger: Logger): Promise<Parts> 
     uplink,
     removalGroup: config.removalGroup,
     namespaceSetup: config.namespaceSetup,
+    nftMode: config.nftMode,
     logger,
   });
   logger.info(

@@ -67,6 +67,8 @@ export const netAgentConfigSchema = z
     removalGroup: count(1, 0x7fffffff).default(0x5b1),
     /** How a slot namespace's links are set up: direct rtnetlink from the agent (fast) or `ip -batch`. */
     namespaceSetup: z.enum(['netlink', 'ip']).default('netlink'),
+    /** nftables transactions through libnftables in the agent (fast) or one `nft -f` process each. */
+    nftMode: z.enum(['library', 'process']).default('library'),
     /** Set net.ipv4.ip_forward=1 in the agent's namespace at start (the node must forward for slots). */
     enableForwarding: flag.default(true),
 

@@ -4,6 +4,7 @@ import type { Logger } from '#logging';
 import { checkResult, CommandFailed, runCommand, startCommand } from './command-runner.js';
 import { configureNamespaceLinks } from './namespace-netlink.js';
 import { NetnsSwitch } from './netns-switch.js';
+import { NftFailed, NftLibrary } from './nft-library.js';
 import type { SlotLayout, SlotSpec } from './slot-layout.js';
 import {
   hostCreateBatch,
@@ -58,6 +59,8 @@ export interface SlotNetworkOptions {
   removalGroup: number;
   /** `netlink`: a slot namespace's links are set up with syscalls in this process; `ip`: with `ip -batch`. */
   namespaceSetup?: 'netlink' | 'ip';
+  /** `library`: nftables transactions through libnftables in this process; `process`: `nft -f`. */
+  nftMode?: 'library' | 'process';
   logger: Logger;
 }
 
@@ -78,8 +81,20 @@ export class SlotNetwork {
   private readonly netns = new NetnsSwitch();
   /** Removals share the interface group, so they run one at a time. */
   private removing: Promise<unknown> = Promise.resolve();
+  private readonly nft: NftLibrary | undefined;
 
-  constructor(private readonly options: SlotNetworkOptions) {}
+  constructor(private readonly options: SlotNetworkOptions) {
+    this.nft = options.nftMode === 'process' ? undefined : NftLibrary.load();
+    if (!this.nft && options.nftMode !== 'process') {
+      options.logger.warn('libnftables.so.1 not loadable: running the nft command for each transaction');
+    }
+  }
+
+  /** One nft transaction in the agent's own namespace. */
+  private async hostNft(text: string, where: string): Promise<void> {
+    if (this.nft) await this.nft.context(where).run(text);
+    else await runCommand('nft', ['-f', '-'], text, where);
+  }
 
   get uplink(): string {
     return this.options.uplink;
@@ -97,16 +112,14 @@ export class SlotNetwork {
   /** Enables forwarding and installs the host table, with the host rules of adopted slots in it. */
   async init(adopted: SlotSpec[], enableForwarding: boolean): Promise<void> {
     if (enableForwarding) writeFileSync('/proc/sys/net/ipv4/ip_forward', '1');
-    await runCommand(
-      'nft',
-      ['-f', '-'],
+    await this.hostNft(
       hostTableRuleset({ hostTable: this.options.hostTable, uplink: this.options.uplink }, adopted),
       'host table',
     );
   }
 
   async removeHostTable(): Promise<void> {
-    await runCommand('nft', ['-f', '-'], hostTableDelete(this.options.hostTable), 'host table');
+    await this.hostNft(hostTableDelete(this.options.hostTable), 'host table');
   }
 
   /** Creates all slots of a batch, or none: on failure whatever was built is removed again. */
@@ -119,7 +132,7 @@ export class SlotNetwork {
       step = 'namespace setup';
       await Promise.all(slots.map((s) => this.configureNamespace(s)));
       step = 'host rules';
-      await runCommand('nft', ['-f', '-'], hostElements('add', this.options.hostTable, slots), 'host');
+      await this.hostNft(hostElements('add', this.options.hostTable, slots), 'host');
     } catch (err) {
       await this.removeMany(slots, { hostRules: false }).catch((cleanupErr: unknown) =>
         this.options.logger.error({ err: cleanupErr, slots: ids }, 'cleanup after a failed create left something'),
@@ -135,7 +148,10 @@ export class SlotNetwork {
       // Per-namespace sysctl: /proc/sys/net resolves against the calling thread's namespace.
       writeFileSync('/proc/sys/net/ipv4/ip_forward', '1');
       // nft first: its transaction waits out a kernel grace period while the links are set up.
-      const nft = startCommand('nft', ['-f', '-'], namespaceRuleset(s, this.options.rules));
+      const ruleset = namespaceRuleset(s, this.options.rules);
+      const nft = this.nft
+        ? this.nft.context(s.namespace).run(ruleset)
+        : checkResult(startCommand('nft', ['-f', '-'], ruleset), 'nft -f', s.namespace);
       if (!viaIp) {
         try {
           configureNamespaceLinks(s);
@@ -149,7 +165,7 @@ export class SlotNetwork {
         checkResult(startCommand('ip', ['-batch', '-'], namespaceBatch(s)), 'ip -batch', s.namespace),
       ] as const;
     });
-    const results = await Promise.allSettled([checkResult(rules, 'nft -f', s.namespace), links]);
+    const results = await Promise.allSettled([rules, links]);
     for (const r of results) if (r.status === 'rejected') throw r.reason;
   }
 
@@ -185,9 +201,9 @@ export class SlotNetwork {
   private async deleteHostElements(slots: SlotSpec[]): Promise<void> {
     const table = this.options.hostTable;
     try {
-      await runCommand('nft', ['-f', '-'], hostElements('delete', table, slots), 'host');
+      await this.hostNft(hostElements('delete', table, slots), 'host');
     } catch (err) {
-      if (!(err instanceof CommandFailed)) throw err;
+      if (!(err instanceof CommandFailed) && !(err instanceof NftFailed)) throw err;
       // A transaction fails whole when one element is missing: delete only those present.
       const present = await this.hostElementsPresent();
       const still = slots.filter((s) => present.veths.has(s.hostVeth) || present.ips.has(s.hostIp));
@@ -204,7 +220,7 @@ export class SlotNetwork {
           table,
           still.filter((s) => present.ips.has(s.hostIp)),
         ).split('\n')[1] ?? '');
-      await runCommand('nft', ['-f', '-'], text, 'host');
+      await this.hostNft(text, 'host');
     }
   }
 

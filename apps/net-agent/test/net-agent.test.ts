@@ -80,8 +80,8 @@ describe.skipIf(!isRoot)('net-agent in a throwaway node namespace', () => {
     expect(await agent.stop()).toBe(0);
   });
 
-  it('bad requests get clear errors and the agent keeps serving (namespaces set up with ip -batch)', async () => {
-    const agent = await startAgent(['--pool-new-size', '1', '--namespace-setup', 'ip']);
+  it('bad requests get clear errors and the agent keeps serving (slots set up by ip and nft processes)', async () => {
+    const agent = await startAgent(['--pool-new-size', '1', '--namespace-setup', 'ip', '--nft-mode', 'process']);
     await expect(agent.acquire('')).rejects.toSatisfy((e) => grpcCode(e) === status.INVALID_ARGUMENT);
     await expect(agent.acquire('../etc')).rejects.toSatisfy((e) => grpcCode(e) === status.INVALID_ARGUMENT);
     await expect(agent.release(99_999, 'x')).rejects.toSatisfy((e) => grpcCode(e) === status.NOT_FOUND);
