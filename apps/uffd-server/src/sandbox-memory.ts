@@ -324,15 +324,19 @@ export class SandboxMemory {
     let mode = this.trackingMode as TrackingMode;
     if (mode === 'wp-async') {
       try {
-        this.markWritten(hs.regions, dirtyUnits);
+        this.markWritten(hs.regions, dirtyUnits, present);
       } catch (err) {
         this.log.warn({ err: (err as Error).message }, 'PAGEMAP_SCAN failed; counting every present page as dirty');
         mode = 'present';
       }
     }
-    if (mode === 'wp-sync') dirtyUnits.set(engine.copyMap(MAP_DIRTY, 0, units));
-    if (mode === 'present')
-      for (let u = 0; u < units; u++) dirtyUnits[u] = present[u] === 1 || present[u] === 2 ? 1 : 0;
+    // Bit 0: written (sync write-protect faults); bit 1: dropped by the peer (reads as zeros now).
+    const engineDirty = engine.copyMap(MAP_DIRTY, 0, units);
+    for (let u = 0; u < units; u++) {
+      const d = engineDirty[u]!;
+      if (d & 2 || (mode === 'wp-sync' && d & 1) || (mode === 'present' && (present[u] === 1 || present[u] === 2)))
+        dirtyUnits[u] = 1;
+    }
     this.trackingMode = mode;
     const pages: number[] = [];
     let hits = 0;
@@ -355,8 +359,13 @@ export class SandboxMemory {
     return this.presentCount();
   }
 
-  /** Written pages of the guest, by PAGEMAP_SCAN over the peer's address space. */
-  private markWritten(regions: readonly GuestRegion[], dirtyUnits: Uint8Array): void {
+  /**
+   * Written pages of the guest, by PAGEMAP_SCAN over the peer's address space. The kernel also
+   * reports ranges without page tables as written (nothing there carries a write-protect bit),
+   * so only pages we installed before the pause count: under MISSING registration the guest
+   * cannot write a page without faulting it in through us first.
+   */
+  private markWritten(regions: readonly GuestRegion[], dirtyUnits: Uint8Array, present: Uint8Array): void {
     for (const r of regions) {
       const ranges = pagemapScan(this.pagemapFd, r.base, r.base + r.size, {
         flags: PM_SCAN_CHECK_WPASYNC,
@@ -366,7 +375,8 @@ export class SandboxMemory {
       for (const range of ranges) {
         const from = r.offset + (range.start - r.base);
         const to = r.offset + (range.end - r.base);
-        dirtyUnits.fill(1, from / SERVE_UNIT, Math.ceil(to / SERVE_UNIT));
+        for (let u = from / SERVE_UNIT; u < Math.ceil(to / SERVE_UNIT); u++)
+          if (present[u] === 1 || present[u] === 2) dirtyUnits[u] = 1;
       }
     }
   }

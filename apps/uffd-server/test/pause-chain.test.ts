@@ -74,7 +74,8 @@ describe('pause chain: serve, write, pause, export, merge, serve again', () => {
       // What the guest sees now is the previous generation's memory.
       const modelFile = join(server.dir, `model-${g}`);
       writeFileSync(modelFile, model);
-      expect(await peer.command(`checkrand ${modelFile} ${g + 1} 64 12000`)).toBe('ok');
+      // A few reads only: most of memory stays absent (no page tables), which PAGEMAP_SCAN must not count as written.
+      expect(await peer.command(`checkrand ${modelFile} ${g + 1} 3 12000`)).toBe('ok');
       const writes: Write[] = [
         { offset: (g * 37 + 5) * PAGE + 100, length: 300, seed: g + 10 }, // part of one page
         { offset: (g * 11 + 700) * PAGE, length: 3 * PAGE, seed: g + 20 }, // three whole pages
@@ -161,6 +162,56 @@ describe('pause chain: serve, write, pause, export, merge, serve again', () => {
     await peer.exit();
     await server.stop('final');
   });
+
+  it.each([false, true])(
+    'pages the guest gave back (balloon, UFFD_EVENT_REMOVE) read as zeros and are in the diff as nil, memfd %s',
+    async (memfd) => {
+      const sandboxId = `balloon-${memfd}`;
+      const socketPath = join(server.dir, `${sandboxId}.sock`);
+      const baseFile = join(server.bucket, base, 'memfile');
+      const baseBytes = readFileSync(baseFile);
+      await server.prepare({ sandboxId, socketPath, buildId: base });
+      const peer = new UffdPeerProcess([
+        '--socket',
+        socketPath,
+        '--size',
+        String(SIZE),
+        '--tracking',
+        'wp-async',
+        '--events-remove',
+        ...(memfd ? ['--memfd'] : []),
+      ]);
+      peers.push(peer);
+      await peer.ready();
+      const dropped = 1000 * PAGE;
+      expect(await peer.command(`check ${baseFile} ${dropped} ${4 * PAGE}`)).toBe('ok');
+      expect(await peer.command(`drop ${dropped} ${2 * PAGE}`)).toBe('ok');
+      const expected = Buffer.from(baseBytes);
+      expected.fill(0, dropped, dropped + 2 * PAGE);
+      const expectedFile = join(server.dir, `${sandboxId}-expected`);
+      writeFileSync(expectedFile, expected);
+      expect(await peer.command(`check ${expectedFile} ${dropped - PAGE} ${4 * PAGE}`)).toBe('ok');
+      await server.stopSourcing(sandboxId);
+      let memfilePath = '';
+      if (!memfd) {
+        memfilePath = join(server.dir, `${sandboxId}-full`);
+        expect(await peer.command(`dump ${memfilePath}`)).toBe('ok');
+      }
+      const exported = await server.exportDiff(
+        sandboxId,
+        randomUUID(),
+        join(server.dir, `${sandboxId}.diff`),
+        memfilePath,
+      );
+      expect(exported.dirtyPages).toBe(0);
+      expect(exported.zeroPages).toBe(2);
+      expect(exported.mappings).toEqual([
+        { offset: dropped, length: 2 * PAGE, buildId: NIL_UUID, buildStorageOffset: 0 },
+      ]);
+      await peer.exit();
+      await server.stop(sandboxId);
+    },
+  );
 
   it('without write-protect every present page is dirty (the fallback), and prefetch is off', async () => {
     const socketPath = join(server.dir, 'present.sock');

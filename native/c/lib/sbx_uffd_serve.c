@@ -8,7 +8,9 @@
  * Bookkeeping is per 4 KiB unit of the memory file ("unit"), whatever the page size:
  *   present[u]: 0 = not installed by us, 1 = installed for a fault, 2 = installed by prefetch,
  *               3 = zero page installed after sourcing stopped (not present before the pause)
- *   dirty[u]:   1 = the guest wrote it (synchronous write-protect faults)
+ *   dirty[u]:   bit 0 = the guest wrote it (synchronous write-protect faults), bit 1 = the peer
+ *               dropped it (UFFD_EVENT_REMOVE/UNMAP, e.g. a balloon): it reads as zeros from now on
+ *               and differs from the source, so it belongs in the diff whatever the tracking mode
  *   ready[u]:   1 = source bytes are in the view (NULL when the whole view is ready)
  */
 #include <errno.h>
@@ -305,7 +307,7 @@ static int handle_fault(struct serve *s, uint64_t addr, uint64_t flags, uint64_t
 
   if (flags & UFFD_PAGEFAULT_FLAG_WP) {
     /* Synchronous write tracking: record the page, lift its protection, wake the writer. */
-    mark(s->dirty, off, r->page_size, 1);
+    for (uint64_t u = off / UNIT; u < (off + r->page_size) / UNIT; u++) s->dirty[u] |= 1;
     stat_add(s, ST_WP_FAULTS, 1);
     for (;;) {
       struct uffdio_writeprotect wp = {.range = {.start = page, .len = r->page_size}, .mode = 0};
@@ -325,6 +327,10 @@ static int handle_fault(struct serve *s, uint64_t addr, uint64_t flags, uint64_t
   int rc;
   if (!atomic_load(&s->sourcing)) {
     rc = serve_zero(s, r, page);
+  } else if (s->dirty[off / UNIT] & 2) {
+    /* Dropped by the peer (balloon): it reads as zeros, like fresh anonymous memory. */
+    rc = serve_zero(s, r, page);
+    if (rc == 0) mark(s->present, off, r->page_size, 1);
   } else if (!is_ready(s, off, r->page_size)) {
     pthread_mutex_lock(&s->lock);
     if (s->npend == s->cappend) {
@@ -363,6 +369,22 @@ static int handle_fault(struct serve *s, uint64_t addr, uint64_t flags, uint64_t
   }
   record_latency(s, since);
   return 0;
+}
+
+/* The peer dropped [start, end) (MADV_DONTNEED/REMOVE, munmap): forget it was present. */
+static void drop_range(struct serve *s, uint64_t start, uint64_t end) {
+  for (int i = 0; i < s->nregions; i++) {
+    struct region *r = &s->regions[i];
+    uint64_t from = start > r->base ? start : r->base;
+    uint64_t to = end < r->base + r->size ? end : r->base + r->size;
+    if (from >= to) continue;
+    uint64_t off = r->offset + (from - r->base);
+    uint64_t len = to - from;
+    for (uint64_t u = off / UNIT; u < (off + len + UNIT - 1) / UNIT; u++) {
+      s->present[u] = 0;
+      s->dirty[u] |= 2;
+    }
+  }
 }
 
 static int retry_pending(struct serve *s) {
@@ -442,6 +464,10 @@ static void *serve_thread(void *arg) {
     size_t count = (size_t)got / sizeof(struct uffd_msg);
     int stop = 0;
     for (size_t i = 0; i < count && !stop; i++) {
+      if (msgs[i].event == UFFD_EVENT_REMOVE || msgs[i].event == UFFD_EVENT_UNMAP) {
+        drop_range(s, msgs[i].arg.remove.start, msgs[i].arg.remove.end);
+        continue;
+      }
       if (msgs[i].event != UFFD_EVENT_PAGEFAULT) {
         /* Firecracker negotiates no non-fault events; anything else means a peer we do not understand. */
         fail(s, ERR_EVENT, msgs[i].event, 0);

@@ -8,6 +8,7 @@
  *   checkrand <file> <seed> <count> <len>  same at random offsets
  *   write <off> <len> <seed>               write a pattern                   -> ok
  *   fill <off> <len> <byte>                write one byte value              -> ok
+ *   drop <off> <len>                       give pages back (MADV_DONTNEED, MADV_REMOVE on memfd)
  *   hash <off> <len>                       FNV-1a 64 of guest memory          -> <hex>
  *   dump <file>                            write all guest memory (a Full snapshot's memory file)
  *   touch <threads>                        read one byte per 4 KiB, memory split across threads -> ns <n>
@@ -16,6 +17,7 @@
  * usage: uffd-peer --socket <path> --size <bytes> [--page-size <bytes>] [--memfd] [--hugetlb]
  *        [--regions <n>] [--tracking wp-async|wp-sync|none] [--key page_size|page_size_kib]
  *        [--declare <n>]   describe only the first n regions (a peer that faults outside them)
+ *        [--events-remove] negotiate UFFD_FEATURE_EVENT_REMOVE (as Firecracker does with a balloon)
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -127,7 +129,7 @@ static uint64_t now_ns(void) {
 int main(int argc, char **argv) {
   const char *sock_path = NULL, *tracking = "none", *key = "page_size";
   uint64_t page_size = 4096;
-  int use_memfd = 0, hugetlb = 0, declare = -1;
+  int use_memfd = 0, hugetlb = 0, declare = -1, events_remove = 0;
   for (int i = 1; i < argc; i++) {
     const char *a = argv[i];
     const char *v = i + 1 < argc ? argv[i + 1] : "";
@@ -140,6 +142,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(a, "--declare")) declare = atoi(v), i++;
     else if (!strcmp(a, "--memfd")) use_memfd = 1;
     else if (!strcmp(a, "--hugetlb")) hugetlb = 1;
+    else if (!strcmp(a, "--events-remove")) events_remove = 1;
     else {
       fprintf(stderr, "uffd-peer: unknown argument %s\n", a);
       return 2;
@@ -179,6 +182,7 @@ int main(int argc, char **argv) {
   uint64_t features = 0, mode = UFFDIO_REGISTER_MODE_MISSING;
   if (use_memfd) features |= UFFD_FEATURE_MISSING_SHMEM;
   if (hugetlb) features |= UFFD_FEATURE_MISSING_HUGETLBFS;
+  if (events_remove) features |= UFFD_FEATURE_EVENT_REMOVE;
   if (!strcmp(tracking, "wp-async") || !strcmp(tracking, "wp-sync")) {
     features |= UFFD_FEATURE_PAGEFAULT_FLAG_WP;
     if (use_memfd || hugetlb) features |= UFFD_FEATURE_WP_HUGETLBFS_SHMEM;
@@ -266,6 +270,10 @@ int main(int argc, char **argv) {
     } else if (!strcmp(cmd, "fill") && sscanf(line, "%*s %" SCNu64 " %" SCNu64 " %" SCNu64, &x, &y, &z) == 3) {
       memset(a, (int)z, bufsz);
       for (uint64_t off = x; off < x + y; off += bufsz) guest_io(off, a, x + y - off < bufsz ? x + y - off : bufsz, 1);
+      printf("ok\n");
+    } else if (!strcmp(cmd, "drop") && sscanf(line, "%*s %" SCNu64 " %" SCNu64, &x, &y) == 2) {
+      uint8_t *g = addr_of(x);
+      if (!g || madvise(g, y, use_memfd ? MADV_REMOVE : MADV_DONTNEED) < 0) die("madvise");
       printf("ok\n");
     } else if (!strcmp(cmd, "hash") && sscanf(line, "%*s %" SCNu64 " %" SCNu64, &x, &y) == 2) {
       uint64_t h = 1469598103934665603ULL;
