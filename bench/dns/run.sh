@@ -5,7 +5,7 @@
 #
 # usage: bash bench/dns/run.sh [seconds per server, default 10, split in ROUNDS alternating rounds]
 # env:   RECORDS (default 1000)  CLIENTS (dnsperf -c, default 8)  OUTSTANDING (dnsperf -q, default 500)
-#        ROUNDS (default 2)  UDP_SOCKETS (ours, default 1)  UDP_RECEIVERS (ours, default 2)  UDP_ENGINE (ours: batch|dgram, default batch)
+#        ROUNDS (default 2)  UDP_SOCKETS (ours, default 1)  UDP_RECEIVERS (ours, default 1)  UDP_ENGINE (ours: batch|dgram, default batch)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 seconds=${1:-10}
@@ -45,7 +45,7 @@ for i in $(seq 1 "$records"); do
 done
 
 ./sbx dns serve --listen "$ours_addr:$ours_port" --control-socket none --metrics-port 0 --log-level warn \
-  --udp-sockets "${UDP_SOCKETS:-1}" --udp-receivers "${UDP_RECEIVERS:-2}" --udp-engine "${UDP_ENGINE:-batch}" "${record_args[@]}" >"$work/ours.log" 2>&1 &
+  --udp-sockets "${UDP_SOCKETS:-1}" --udp-receivers "${UDP_RECEIVERS:-1}" --udp-engine "${UDP_ENGINE:-batch}" "${record_args[@]}" >"$work/ours.log" 2>&1 &
 ours_pid=$!
 pids+=($ours_pid)
 "$dnsmasq" --no-daemon --no-resolv --no-hosts --bind-interfaces --conf-file="$work/dnsmasq.conf" \

@@ -28,7 +28,7 @@ export interface BatchUdpListenerOptions {
   sockets: number;
   /** Datagrams per recvmmsg/sendmmsg call. */
   batch?: number;
-  /** Receives in flight per socket (each on a thread-pool thread), default 2. */
+  /** Receives in flight per socket (each on a thread-pool thread), default 1. */
   receivers?: number;
 }
 
@@ -158,7 +158,7 @@ class BatchSocket {
     private readonly options: BatchUdpListenerOptions,
   ) {
     const vlen = (this.vlen = options.batch ?? 64);
-    this.rings = Array.from({ length: Math.max(1, options.receivers ?? 2) }, () => new ReceiveRing(vlen));
+    this.rings = Array.from({ length: Math.max(1, options.receivers ?? 1) }, () => new ReceiveRing(vlen));
     this.sendVec = allocNative(vlen * MSGHDR_SIZE);
     this.sendIovs = allocNative(vlen * IOVEC_SIZE);
     this.outBuf = allocNative(vlen * OUT_SLOT);

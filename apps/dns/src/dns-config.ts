@@ -48,8 +48,8 @@ export const dnsConfigSchema = z
     udpEngine: z.enum(['batch', 'dgram']).default('batch'),
     /** UDP sockets sharing the port (SO_REUSEPORT), batch engine only. */
     udpSockets: int(1, 16).default(1),
-    /** Receives in flight per UDP socket (batch engine): one fills while the last batch is answered. */
-    udpReceivers: int(1, 8).default(2),
+    /** Receives waiting on the thread pool per UDP socket (batch engine) while the socket is empty. */
+    udpReceivers: int(1, 3).default(1),
     tcpIdleTimeoutMs: int(100, 600_000).default(10_000),
     tcpMaxConnections: int(1, 100_000).default(1024),
     logLevel: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),

@@ -19,7 +19,7 @@ options (each also read from the environment as SBX_DNS_<NAME>):
   --edns-udp-size <bytes>     UDP payload size advertised with EDNS (default 1232)
   --udp-engine batch|dgram    UDP through recvmmsg/sendmmsg batches, or Node dgram (default batch)
   --udp-sockets <n>           UDP sockets sharing the port with SO_REUSEPORT (default 1)
-  --udp-receivers <n>         receives in flight per UDP socket (default 2)
+  --udp-receivers <n>         receives in flight per UDP socket (default 1)
   --tcp-idle-timeout-ms <ms>  close idle TCP connections (default 10000)
   --tcp-max-connections <n>   concurrent TCP connections (default 1024)
   --log-level <level>         pino level (default info)
