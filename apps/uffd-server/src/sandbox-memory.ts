@@ -276,6 +276,11 @@ export class SandboxMemory {
       if (this.hs.connection >= 0) close(this.hs.connection);
       this.hs.connection = -1;
     }
+    // Without a stop-sourcing no diff can be exported, so the guest's memfd is not needed either.
+    if (this.hs && !this.dirtyPages && this.hs.memfd !== undefined && this.hs.memfd >= 0) {
+      close(this.hs.memfd);
+      this.hs.memfd = -1;
+    }
     if (this.pidfd >= 0) close(this.pidfd);
     this.pidfd = -1;
     if (this.pagemapFd >= 0) closeSync(this.pagemapFd);

@@ -152,6 +152,8 @@ describe('bad peers fail only their own sandbox', () => {
     await peer.exited;
     const st = await server.waitFor('victim', (s) => s.state === 'peer-gone');
     expect(st.error).toBe('');
+    // Already before Stop: no uffd, no memfd of the dead guest is held any more.
+    expect(server.resources().fds.filter((t) => t.includes('guest-memory') || t.includes('userfaultfd'))).toEqual([]);
     await expect(server.stopSourcing('victim')).rejects.toThrow(/FAILED_PRECONDITION/);
     await server.stop('victim');
 
