@@ -2,7 +2,7 @@ import { existsSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
 import { BuildCache, type BuildCacheEvent, type BuildCacheOptions } from './build-cache.js';
 import type { CachedFile } from './cached-file.js';
 
@@ -88,23 +88,21 @@ describe('BuildCache', () => {
     expect(events).toContainEqual({ kind: 'evict-scheduled', buildId: A, reason: 'ttl' });
     expect(c.list()).toEqual([]);
     expect(file.closed).toBe(false);
-    await sleep(120);
+    await vi.waitFor(() => expect(c.size).toBe(0), { timeout: 10_000 });
+    await vi.waitFor(() => expect(existsSync(entry.dir)).toBe(false), { timeout: 10_000 });
     expect(file.closed).toBe(true);
-    expect(existsSync(entry.dir)).toBe(false);
-    expect(c.size).toBe(0);
   });
 
   it('a reader that comes back during the delete delay cancels the delete', async () => {
-    const c = open();
+    const c = open({ deleteDelayMs: 400 });
     const entry = await c.get(A);
     const file = (await entry.dataFile('memfile', async (d) => new FakeFile(path.join(d, 'm')))) as FakeFile;
     clock = 1001;
     await c.check();
-    await sleep(10);
     const again = await c.get(A);
     expect(again).toBe(entry);
     expect(events).toContainEqual({ kind: 'evict-cancelled', buildId: A });
-    await sleep(120);
+    await sleep(600);
     expect(file.closed).toBe(false);
     expect(existsSync(entry.dir)).toBe(true);
     expect(c.list().map((e) => e.buildId)).toEqual([A]);
@@ -131,9 +129,22 @@ describe('BuildCache', () => {
     const scheduled = events.filter((e) => e.kind === 'evict-scheduled').map((e) => e.buildId);
     // 100 % → A goes (pending 10 → 90 %), then B (80 %): C, the most recently used, stays
     expect(scheduled).toEqual([A, B]);
-    await sleep(120);
+    await vi.waitFor(() => expect(files.map((f) => f.closed)).toEqual([true, true, false]), { timeout: 10_000 });
     expect(c.list().map((e) => e.buildId)).toEqual([C]);
-    expect(files.map((f) => f.closed)).toEqual([true, true, false]);
+  });
+
+  it('reads the real cache disk usage with statfs', async () => {
+    // Any real disk is more than 0 % used: with a 0 % threshold every build is evicted, oldest first.
+    const c = open({ maxDiskUsedPercent: 0, diskUsage: undefined });
+    clock = 2;
+    await c.get(B);
+    clock = 1;
+    await c.get(A);
+    await c.check();
+    expect(events.filter((e) => e.kind === 'evict-scheduled')).toEqual([
+      { kind: 'evict-scheduled', buildId: A, reason: 'disk' },
+      { kind: 'evict-scheduled', buildId: B, reason: 'disk' },
+    ]);
   });
 
   it('keeps the number of entries and their memory bounded', async () => {
@@ -159,8 +170,7 @@ describe('BuildCache', () => {
     await c.get(B);
     expect(events).toContainEqual({ kind: 'evict-scheduled', buildId: C, reason: 'memory' });
     expect(c.memoryBytes()).toBeGreaterThan(50_000);
-    await sleep(120);
-    expect(c.memoryBytes()).toBeLessThan(50_000);
+    await vi.waitFor(() => expect(c.memoryBytes()).toBeLessThan(50_000), { timeout: 10_000 });
     expect(c.list().map((x) => x.buildId)).toEqual([B]);
   });
 

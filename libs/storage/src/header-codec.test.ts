@@ -125,6 +125,12 @@ describe('header codec', () => {
     );
   });
 
+  it('rejects more mappings than the file has blocks before decoding them', () => {
+    const bytes = Buffer.concat([Buffer.from(GOLDEN_HEX, 'hex'), Buffer.alloc(40 * 1000)]);
+    const err = catchHeaderInvalid(() => decodeHeader(bytes));
+    expect(err.message).toMatch(/1003 mappings for a file of 4 blocks/);
+  });
+
   it('rejects u64 values above 2^53 instead of rounding them', () => {
     const bytes = Buffer.from(GOLDEN_HEX, 'hex');
     bytes.writeBigUInt64LE(1n << 60n, 64 + 40 + 8);

@@ -78,7 +78,14 @@ export function decodeHeader(bytes: Uint8Array): Header {
     buildId: uuidFromBytes(buf, 32),
     baseBuildId: uuidFromBytes(buf, 48),
   };
+  validateMetadata(metadata);
   const count = (buf.length - HEADER_METADATA_BYTES) / HEADER_MAPPING_BYTES;
+  // Mappings have at least one block each: more of them than blocks cannot be valid, and a
+  // hostile header must not make us build millions of objects before saying so.
+  const blocks = Math.ceil(metadata.size / metadata.blockSize);
+  if (count > blocks) {
+    throw new HeaderInvalid(`${count} mappings for a file of ${blocks} blocks`, { mappingIndex: blocks });
+  }
   const mappings: BuildMapping[] = [];
   for (let i = 0; i < count; i++) {
     const at = HEADER_METADATA_BYTES + i * HEADER_MAPPING_BYTES;
@@ -96,7 +103,11 @@ export function decodeHeader(bytes: Uint8Array): Header {
 
 /** Throws HeaderInvalid unless the metadata is sane and the mappings satisfy DESIGN.md §2. */
 export function validateHeader(header: Header): void {
-  const m = header.metadata;
+  validateMetadata(header.metadata);
+  validateMappings(header.mappings, header.metadata.size, header.metadata.blockSize);
+}
+
+function validateMetadata(m: HeaderMetadata): void {
   if (!Number.isInteger(m.version) || m.version < HEADER_MIN_VERSION || m.version > HEADER_MAX_VERSION) {
     throw new HeaderInvalid(
       `version ${m.version} is not supported (uncompressed versions ${HEADER_MIN_VERSION} to ${HEADER_MAX_VERSION})`,
@@ -117,7 +128,6 @@ export function validateHeader(header: Header): void {
     throw new HeaderInvalid(`generation ${m.generation} is not a non-negative integer`);
   }
   if (m.buildId === NIL_UUID) throw new HeaderInvalid('the header build id is the nil UUID');
-  validateMappings(header.mappings, m.size, m.blockSize);
 }
 
 function readU64(buf: Buffer, at: number, field: string, mappingIndex?: number): number {
