@@ -12,6 +12,7 @@
  *   hash <off> <len>                       FNV-1a 64 of guest memory          -> <hex>
  *   dump <file>                            write all guest memory (a Full snapshot's memory file)
  *   touch <threads>                        read one byte per 4 KiB, memory split across threads -> ns <n>
+ *   touchw <threads>                       the same, writing one byte per 4 KiB                 -> ns <n>
  *   exit
  *
  * usage: uffd-peer --socket <path> --size <bytes> [--page-size <bytes>] [--memfd] [--hugetlb]
@@ -109,13 +110,20 @@ static int check_range(int fd, uint64_t off, uint64_t len, uint8_t *a, uint8_t *
 
 struct touch_arg {
   uint64_t from, to;
+  int write;
   volatile uint64_t sum;
 };
 
 static void *touch_thread(void *p) {
   struct touch_arg *t = p;
   uint64_t sum = 0;
-  for (uint64_t off = t->from; off < t->to; off += 4096) sum += *(volatile uint8_t *)addr_of(off);
+  for (uint64_t off = t->from; off < t->to; off += 4096) {
+    volatile uint8_t *p = addr_of(off);
+    if (t->write)
+      *p = (uint8_t)(*p + 1);
+    else
+      sum += *p;
+  }
   t->sum = sum;
   return NULL;
 }
@@ -293,7 +301,7 @@ int main(int argc, char **argv) {
       }
       close(fd);
       printf("ok\n");
-    } else if (!strcmp(cmd, "touch") && sscanf(line, "%*s %" SCNu64, &x) == 1) {
+    } else if ((!strcmp(cmd, "touch") || !strcmp(cmd, "touchw")) && sscanf(line, "%*s %" SCNu64, &x) == 1) {
       int t = (int)(x < 1 ? 1 : x > 16 ? 16 : x);
       pthread_t th[16];
       struct touch_arg ta[16];
@@ -302,6 +310,7 @@ int main(int argc, char **argv) {
       for (int i = 0; i < t; i++) {
         ta[i].from = slice * (uint64_t)i;
         ta[i].to = i == t - 1 ? total : slice * (uint64_t)(i + 1);
+        ta[i].write = !strcmp(cmd, "touchw");
         pthread_create(&th[i], NULL, touch_thread, &ta[i]);
       }
       for (int i = 0; i < t; i++) pthread_join(th[i], NULL);
