@@ -1,12 +1,25 @@
 import { randomBytes } from 'node:crypto';
-import { readFile } from 'node:fs/promises';
+import { cp, mkdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { status, type ServiceError } from '@grpc/grpc-js';
 import type { Redis } from 'ioredis';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { unary } from '#grpc';
 import type { SandboxConfig } from '#proto/orchestrator';
-import { decodeHeader, NIL_UUID } from '#storage';
+import { createLogger } from '#logging';
+import { decodeHeader, encodeHeader, NIL_UUID } from '#storage';
+import { DirectoryBuildFiles } from '../src/build-files.js';
+import { BuildUploader } from '../src/build-uploader.js';
+import type { EnvdClient } from '../src/envd-client.js';
+import { GrpcNodeServices } from '../src/grpc-node-services.js';
+import { NoLifecycleEvents } from '../src/lifecycle-events.js';
+import type { NodeServices } from '../src/node-services.js';
+import { EnvdInitTimeout, SandboxStepFailed } from '../src/orchestrator-errors.js';
+import { SandboxManager } from '../src/sandbox-manager.js';
+import { SandboxStateStore } from '../src/sandbox-state-store.js';
+import { TemplateCache } from '../src/template-cache.js';
+import { TemplateCatalogue } from '../src/template-catalogue.js';
+import { chooseVmmCommand, ProcessVmmLauncher, type VmmLauncher } from '../src/vmm-launcher.js';
 import { missingPieces, NodeUnderTest } from './node-under-test.js';
 import { startRedis, type RedisUnderTest } from './redis-server.js';
 
@@ -275,11 +288,13 @@ describe.skipIf(missing !== undefined)('orchestrator end to end (all five servic
       60_000,
     ).catch(() => undefined);
     const statePath = join(node.dataDir, 'sandboxes', 'half-1', 'state.json');
-    for (let i = 0; i < 2000; i++) {
+    let caught = false;
+    for (let i = 0; i < 2000 && !caught; i++) {
       const state = await readFile(statePath, 'utf8').catch(() => '');
-      if (state.includes('"slot"') && state.includes('"phase":"creating"')) break;
-      await new Promise((r) => setTimeout(r, 2));
+      caught = state.includes('"slot"') && state.includes('"phase":"creating"');
+      if (!caught) await new Promise((r) => setTimeout(r, 2));
     }
+    expect(caught, 'the create was caught half-way (slot taken, still creating)').toBe(true);
     await node.killOrchestrator();
     await half;
     await node.startOrchestrator();
@@ -300,5 +315,148 @@ describe.skipIf(missing !== undefined)('orchestrator end to end (all five servic
     expect((await node.guest(ipB, 'GET', '/health')).status).toBe(204);
     for (const id of ['live-a', 'live-b']) await unary(node.client, node.client.delete, { sandboxId: id }, 60_000);
     expect(await listIds()).toEqual([]);
+  });
+});
+
+/*
+ * Each failure point of Create with the rest real: an in-process SandboxManager over the real
+ * services' sockets and real VMM processes; one step fails (by a wrapper that throws, or for
+ * real: a VMM binary that exits at once, a corrupt snapfile), and nothing may stay behind.
+ * envd is a double here that never answers: this process runs in the host's network
+ * namespace, where the sandboxes' host IPs must not be reached.
+ */
+describe.skipIf(missing !== undefined)('create failure points, the rest real', () => {
+  const logger = createLogger({ service: 'orchestrator-test', level: 'silent' });
+  let services: GrpcNodeServices;
+
+  function managerWith(o: { services?: NodeServices; vmm?: VmmLauncher; envdFails?: boolean }): SandboxManager {
+    const root = join(node.root, 'fp');
+    const builds = new DirectoryBuildFiles(node.cacheDir, node.bucket);
+    const templates = new TemplateCatalogue(join(node.dataDir, 'templates.json'));
+    const envd: EnvdClient = {
+      init: async (ip, _env, timeoutMs) => {
+        if (o.envdFails) {
+          await new Promise((r) => setTimeout(r, timeoutMs));
+          throw new EnvdInitTimeout(`${ip}:49983`, timeoutMs, 'no answer (envd double)');
+        }
+      },
+      health: async () => true,
+      metrics: async () => undefined,
+    };
+    const manager = new SandboxManager({
+      settings: {
+        nodeId: 'fp',
+        maxSandboxes: 10,
+        envdTimeoutMs: 300,
+        healthIntervalMs: 0,
+        metricsIntervalMs: 0,
+        endTimeCheckMs: 1000,
+        pauseParallelism: 2,
+        generationCap: CAP,
+        vmRootfsDir: node.vmRootfsDir,
+        socketDir: join(root, 's'),
+      },
+      services: o.services ?? services,
+      vmm: o.vmm ?? new ProcessVmmLauncher(chooseVmmCommand({})),
+      envd,
+      builds,
+      cache: new TemplateCache(builds, 60_000),
+      templates,
+      events: new NoLifecycleEvents(),
+      states: new SandboxStateStore(join(root, 'sandboxes')),
+      uploader: new BuildUploader(async () => undefined, { retries: 0, backoffMs: 1, logger }),
+      logger,
+    });
+    return manager;
+  }
+
+  beforeAll(() => {
+    if (missing) return;
+    services = new GrpcNodeServices(
+      { uffd: [node.sockets.uffd], block: [node.sockets.block], net: node.sockets.net, dns: node.sockets.dns },
+      10_000,
+    );
+  });
+  afterAll(() => services?.close());
+
+  function failing<K extends keyof NodeServices>(which: K, method: string): NodeServices {
+    const broken = {
+      ...services[which],
+      [method]: async () => Promise.reject(new Error(`injected: ${which}.${method} failed`)),
+    };
+    return {
+      slots: services.slots,
+      devices: services.devices,
+      memory: services.memory,
+      names: services.names,
+      [which]: broken,
+    };
+  }
+
+  async function expectFailureLeavesNothing(
+    manager: SandboxManager,
+    id: string,
+    step: string,
+    buildId = '',
+  ): Promise<void> {
+    const before = await node.footprint();
+    const err = await manager
+      .create({
+        config: sandboxConfig(id, buildId ? { buildId } : {}),
+        startTime: new Date(),
+        endTime: new Date(Date.now() + 60_000),
+      })
+      .catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(SandboxStepFailed);
+    expect((err as SandboxStepFailed).step).toBe(step);
+    const after = await node.footprint();
+    for (const key of ['slotsInUse', 'devices', 'uffd', 'dns', 'vmmProcesses'])
+      expect(after[key], key).toEqual(before[key]);
+    expect(after['namespaces']!.length).toBeLessThanOrEqual(before['namespaces']!.length + 4);
+    await manager.shutdown('kill');
+  }
+
+  async function templateBuild(): Promise<string> {
+    const catalogue = new TemplateCatalogue(join(node.dataDir, 'templates.json'));
+    await catalogue.load();
+    return catalogue.buildOf('base');
+  }
+
+  it('no slot', async () => {
+    const m = managerWith({ services: failing('slots', 'acquire') });
+    await expectFailureLeavesNothing(m, 'fp-slot', 'acquire network slot', await templateBuild());
+  });
+  it('device open fails', async () => {
+    const m = managerWith({ services: failing('devices', 'open') });
+    await expectFailureLeavesNothing(m, 'fp-dev', 'open rootfs device', await templateBuild());
+  });
+  it('uffd prepare fails', async () => {
+    const m = managerWith({ services: failing('memory', 'prepare') });
+    await expectFailureLeavesNothing(m, 'fp-uffd', 'prepare uffd', await templateBuild());
+  });
+  it('VMM fails to start (a binary that exits at once)', async () => {
+    const vmm = new ProcessVmmLauncher({ argv: ['/bin/false'], description: 'false', isDouble: true }, 3000);
+    await expectFailureLeavesNothing(managerWith({ vmm }), 'fp-vmm', 'start vmm', await templateBuild());
+  });
+  it('snapshot load fails (a corrupt snapfile)', async () => {
+    const base = await templateBuild();
+    const broken = crypto.randomUUID();
+    const dir = join(node.bucket, broken);
+    await mkdir(dir, { recursive: true });
+    await cp(join(node.bucket, base, 'rootfs.ext4'), join(dir, 'rootfs.ext4'));
+    const header = decodeHeader(await readFile(join(node.bucket, base, 'memfile.header')));
+    await writeFile(
+      join(dir, 'memfile.header'),
+      encodeHeader({ ...header, metadata: { ...header.metadata, buildId: broken } }),
+    );
+    await writeFile(join(dir, 'snapfile'), 'not a snapfile');
+    try {
+      await expectFailureLeavesNothing(managerWith({}), 'fp-load', 'load snapshot', broken);
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+  it('envd init times out', async () => {
+    await expectFailureLeavesNothing(managerWith({ envdFails: true }), 'fp-envd', 'init envd', await templateBuild());
   });
 });
