@@ -71,7 +71,7 @@ export class BatchUdpListener {
         const fd = openUdpSocket(lib, options.host, port, {
           reusePort: options.sockets > 1,
           receiveTimeoutMs: RECEIVE_TIMEOUT_MS,
-          receiveBufferBytes: 4 << 20,
+          receiveBufferBytes: 1 << 20,
         });
         sockets.push(new BatchSocket(lib, fd, options));
         if (port === 0) port = boundPort(lib, fd);

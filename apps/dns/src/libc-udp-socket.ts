@@ -22,6 +22,7 @@ const SOCK_CLOEXEC = 0o2000000;
 const SOL_SOCKET = 1;
 const SO_REUSEPORT = 15;
 const SO_RCVBUF = 8;
+const SO_RCVBUFFORCE = 33;
 const SO_RCVTIMEO = 20;
 const IPPROTO_IPV6 = 41;
 const IPV6_V6ONLY = 26;
@@ -171,8 +172,10 @@ export function openUdpSocket(
   if (options.reusePort && lib.setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, int(1), 4) < 0)
     fail('setsockopt(SO_REUSEPORT)');
   if (v6 && lib.setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, int(1), 4) < 0) fail('setsockopt(IPV6_V6ONLY)');
-  // Best effort: a bigger queue absorbs bursts between batches (capped by net.core.rmem_max).
-  lib.setsockopt(fd, SOL_SOCKET, SO_RCVBUF, int(options.receiveBufferBytes), 4);
+  // Best effort: a bigger queue absorbs bursts between batches. SO_RCVBUFFORCE (root) passes
+  // net.core.rmem_max (208 KiB by default, about 256 queued queries); SO_RCVBUF is capped by it.
+  const size = int(options.receiveBufferBytes);
+  if (lib.setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, size, 4) < 0) lib.setsockopt(fd, SOL_SOCKET, SO_RCVBUF, size, 4);
   const timeval = Buffer.alloc(16);
   timeval.writeBigInt64LE(BigInt(Math.floor(options.receiveTimeoutMs / 1000)), 0);
   timeval.writeBigInt64LE(BigInt((options.receiveTimeoutMs % 1000) * 1000), 8);
