@@ -398,7 +398,7 @@ export class SandboxManager {
         generation: String(memHeader.metadata.generation),
       });
       sbx.log.info(
-        { buildId: newBuildId, generation: memHeader.metadata.generation, ms: Math.round(timings['total'] ?? 0) },
+        { buildId: newBuildId, generation: memHeader.metadata.generation, steps: rounded(timings) },
         'sandbox paused',
       );
       return build;
@@ -504,6 +504,11 @@ export class SandboxManager {
       await Promise.allSettled(all.filter((s) => s.phase === 'running').map((s) => this.stop(s, 'node shutdown')));
     }
   }
+}
+
+/** Step timings in ms with two decimals, for the log line each create and pause ends with. */
+function rounded(timings: StepTimings): StepTimings {
+  return Object.fromEntries(Object.entries(timings).map(([k, v]) => [k, Math.round(v * 100) / 100]));
 }
 
 /** The header of a new generation: the diff's mappings merged over the parent's (new wins). */
