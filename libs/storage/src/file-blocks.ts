@@ -1,6 +1,7 @@
 import { read } from 'node:fs';
 import { type FileHandle, open, stat } from 'node:fs/promises';
 import type { CachedFile } from './cached-file.js';
+import { readFromPageCache } from './page-cache-read.js';
 import { StorageClosed } from './storage-errors.js';
 
 /** A complete local file (a build written on this node, a downloaded object) read in place. */
@@ -57,12 +58,13 @@ export function checkRange(offset: number, length: number, size: number): void {
 }
 
 /**
- * pread until `target` is full; a file that ends early is an error, never a short read. Reads
- * go through the callback API on the handle's fd: FileHandle.read costs about three times as
- * much per call, which small random reads (4 KiB NBD requests) feel.
+ * pread until `target` is full; a file that ends early is an error, never a short read. What
+ * the page cache holds is copied at once; the rest goes through the callback API on the
+ * handle's fd (FileHandle.read costs about three times as much per call, which small random
+ * reads such as 4 KiB NBD requests feel).
  */
 export async function readFully(fh: FileHandle, target: Uint8Array, offset: number, what: string): Promise<void> {
-  let done = 0;
+  let done = readFromPageCache(fh.fd, target, 0, target.length, offset);
   while (done < target.length) {
     const bytesRead = await preadOnce(fh.fd, target, done, target.length - done, offset + done);
     if (bytesRead === 0)
