@@ -1,4 +1,6 @@
 import { randomInt } from 'node:crypto';
+import { readFileSync, statSync } from 'node:fs';
+import { hostname } from 'node:os';
 import Consul from 'consul';
 import {
   ReservationUnavailable,
@@ -76,11 +78,19 @@ export class ConsulSlotReservation implements SlotReservation {
   }
 
   async held(): Promise<ReservedSlot[]> {
+    let pairs: Array<{ Key: string; Value: string | null }>;
+    try {
+      const got = await this.consul.kv.get({ key: this.base, recurse: true });
+      pairs = Array.isArray(got) ? got : got ? [got] : [];
+    } catch (err) {
+      if ((err as { statusCode?: number }).statusCode === 404) return [];
+      throw new ReservationUnavailable(this.store, 'list', err);
+    }
     const out: ReservedSlot[] = [];
-    for (const key of await this.listKeys()) {
-      const rest = key.slice(this.base.length);
+    for (const pair of pairs) {
+      const rest = pair.Key.slice(this.base.length);
       if (!/^\d+$/.test(rest)) continue;
-      out.push({ idx: Number(rest), key });
+      out.push({ idx: Number(rest), key: pair.Key, fromPredecessor: isPredecessor(pair.Value) });
     }
     return out.sort((a, b) => a.idx - b.idx);
   }
@@ -90,7 +100,7 @@ export class ConsulSlotReservation implements SlotReservation {
   }
 
   private async create(idx: number): Promise<boolean> {
-    const value = JSON.stringify({ node: this.options.nodeId, pid: process.pid });
+    const value = JSON.stringify({ node: this.options.nodeId, ...HOLDER });
     return (await this.call('create-cas', () => this.consul.kv.set({ key: this.keyOf(idx), value, cas: 0 }))) === true;
   }
 
@@ -111,6 +121,43 @@ export class ConsulSlotReservation implements SlotReservation {
       throw new ReservationUnavailable(this.store, operation, err);
     }
   }
+}
+
+/**
+ * Who wrote a reservation: host name, boot and network namespace. A key left by an earlier run
+ * of an agent here (same host, same namespace, or a boot ago) is ours to clean up; a key written
+ * from elsewhere under the same node id belongs to a live peer and is left alone.
+ */
+const HOLDER = {
+  host: hostname(),
+  boot: readOr('/proc/sys/kernel/random/boot_id'),
+  netns: (() => {
+    try {
+      return statSync('/proc/self/ns/net').ino;
+    } catch {
+      return 0;
+    }
+  })(),
+  pid: process.pid,
+};
+
+function readOr(path: string): string {
+  try {
+    return readFileSync(path, 'utf8').trim();
+  } catch {
+    return '';
+  }
+}
+
+function isPredecessor(value: string | null): boolean {
+  let holder: Partial<typeof HOLDER>;
+  try {
+    holder = JSON.parse(value ?? '') as Partial<typeof HOLDER>;
+  } catch {
+    return true;
+  }
+  if (!holder.host || holder.host !== HOLDER.host) return !holder.host;
+  return holder.boot !== HOLDER.boot || holder.netns === HOLDER.netns;
 }
 
 /** A `consul` client for a CONSUL_HTTP_ADDR-style address (http, https, host:port or unix://). */

@@ -54,7 +54,14 @@ export async function reconcile(options: {
   const specs = [...leftovers].sort((a, b) => a - b).map((idx) => layout.slot(idx));
   if (specs.length) await network.removeMany(specs, { hostRules: false });
 
-  const stale = [...held.values()].filter((r) => !keep.has(r.idx));
+  const foreign = [...held.values()].filter((r) => !keep.has(r.idx) && r.fromPredecessor === false);
+  if (foreign.length) {
+    logger.warn(
+      { slots: foreign.map((r) => r.idx).slice(0, 50), count: foreign.length },
+      'reservations under this node id held by an agent elsewhere (same --node-id twice?): left alone',
+    );
+  }
+  const stale = [...held.values()].filter((r) => !keep.has(r.idx) && r.fromPredecessor !== false);
   let released = 0;
   for (let i = 0; i < stale.length; i += 64) {
     const results = await Promise.allSettled(stale.slice(i, i + 64).map((r) => reservation.release(r)));

@@ -126,6 +126,11 @@ export class SlotNetwork {
   async createMany(slots: SlotSpec[]): Promise<void> {
     if (!slots.length) return;
     const ids = slots.map((s) => s.idx);
+    // Never build over (or, on failure, tear down) a namespace this batch did not make.
+    const existing = new Set(await readdir(NETNS_DIR).catch(() => [] as string[]));
+    const clash = slots.filter((s) => existing.has(s.namespace)).map((s) => s.namespace);
+    if (clash.length)
+      throw new SlotCreateFailed(ids, 'check', new Error(`namespaces already exist: ${clash.join(', ')}`));
     let step = 'host links';
     try {
       await runCommand('ip', ['-batch', '-'], hostCreateBatch(slots), 'host');

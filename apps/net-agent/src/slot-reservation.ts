@@ -1,7 +1,13 @@
-/** A slot index held in the reservation store; `modifyIndex` is Consul's, for the delete-CAS. */
+/** A slot index held in the reservation store. */
 export interface ReservedSlot {
   idx: number;
   key: string;
+  /**
+   * For reservations found at start: true when a previous run of an agent on this host and
+   * network namespace wrote it (or the host rebooted since), so it may be cleaned up; false
+   * when another live agent using the same node id elsewhere holds it.
+   */
+  fromPredecessor?: boolean;
 }
 
 /**

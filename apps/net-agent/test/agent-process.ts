@@ -75,12 +75,12 @@ export class AgentProcess {
   }
 
   /** Polls stats until `ok` holds (slot creation runs in the background). */
-  async waitFor(ok: (s: NetStats) => boolean, timeoutMs = 30_000): Promise<NetStats> {
+  async waitFor(ok: (s: NetStats) => boolean | Promise<boolean>, timeoutMs = 30_000): Promise<NetStats> {
     const deadline = Date.now() + timeoutMs;
     let last: NetStats | undefined;
     while (Date.now() < deadline) {
       last = await this.stats();
-      if (ok(last)) return last;
+      if (await ok(last)) return last;
       await new Promise((r) => setTimeout(r, 50));
     }
     throw new Error(`condition not reached in ${timeoutMs} ms; last stats ${JSON.stringify(last)}`);

@@ -148,7 +148,10 @@ describe.skipIf(!isRoot)('net-agent in a throwaway node namespace', () => {
     await first.crash();
 
     // Leftovers of a bigger crashed run: 1000 namespaces and veths in our naming, and their keys.
-    const leftoverIdx = Array.from({ length: 1000 }, (_, i) => 5000 + i);
+    // (Indexes the crashed agent did not hold: Consul reservation picks them at random.)
+    const taken = new Set(await node.slotNamespaces());
+    const leftoverIdx: number[] = [];
+    for (let i = 5000; leftoverIdx.length < 1000; i++) if (!taken.has(`${node.slotPrefix}${i}`)) leftoverIdx.push(i);
     await node.mustExec(
       node.node,
       'ip',
@@ -191,6 +194,40 @@ describe.skipIf(!isRoot)('net-agent in a throwaway node namespace', () => {
     expect(await second.stop()).toBe(0);
     expect(await node.snapshot()).toEqual(before);
     expect(consul.keys(`${node.prefix}/`)).toEqual([]);
+  });
+
+  it('two agents racing for the same node id in Consul never hold the same slot', async () => {
+    const consul = await startConsul('race');
+    const other = await NodeNamespace.create('b');
+    try {
+      const args = ['--reservation', 'consul', '--consul-addr', consul.address, '--node-id', 'shared-node'];
+      const sized = [...args, '--slot-count', '50', '--pool-new-size', '30', '--create-batch', '10'];
+      const [a, b] = await Promise.all([
+        startAgent(sized, 'race-a'),
+        AgentProcess.start(other, join(dir, 'race-b.sock'), sized).then((agent) => (agents.push(agent), agent)),
+      ]);
+      // 60 wanted, 50 exist: between them they fill all 50, each index once, and the loser of
+      // the last ones reports exhaustion instead of sharing.
+      await a.waitFor(async () => (await a.stats()).readyNew + (await b.stats()).readyNew === 50);
+      const keys = consul.keys('shared-node/');
+      expect(keys).toHaveLength(50);
+      const slotsA = await Promise.all(
+        Array.from({ length: (await a.stats()).readyNew }, (_, i) => a.acquire(`a-${i}`)),
+      );
+      const slotsB = await Promise.all(
+        Array.from({ length: (await b.stats()).readyNew }, (_, i) => b.acquire(`b-${i}`)),
+      );
+      const all = [...slotsA, ...slotsB].map((s) => s.idx);
+      expect(new Set(all).size).toBe(50);
+      expect(all.map((i) => `shared-node/${i}`).sort()).toEqual(keys);
+      const lastErrors = [(await a.stats()).lastError, (await b.stats()).lastError].join(' ');
+      expect(lastErrors).toMatch(/no free slot index/);
+      expect(await a.stop()).toBe(0);
+      expect(await b.stop()).toBe(0);
+      expect(consul.keys('shared-node/')).toEqual([]);
+    } finally {
+      await other.cleanup();
+    }
   });
 
   it('during a Consul outage ready slots are still handed out, then a clear error, then recovery', async () => {

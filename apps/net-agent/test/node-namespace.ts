@@ -101,6 +101,14 @@ export class NodeNamespace {
     await this.cleanup();
     await mustRun('ip', ['netns', 'add', this.node]);
     await mustRun('ip', ['netns', 'add', this.internet]);
+    // IPv4 only: IPv6 link-local routes appear a moment after a link comes up and would make
+    // before/after snapshots differ for reasons unrelated to slots.
+    await this.mustExec(this.node, 'sysctl', [
+      '-q',
+      '-w',
+      'net.ipv6.conf.all.disable_ipv6=1',
+      'net.ipv6.conf.default.disable_ipv6=1',
+    ]);
     // Created inside the node namespace with the peer placed straight into the internet one.
     await this.mustExec(
       this.node,
