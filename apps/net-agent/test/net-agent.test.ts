@@ -81,7 +81,16 @@ describe.skipIf(!isRoot)('net-agent in a throwaway node namespace', () => {
   });
 
   it('bad requests get clear errors and the agent keeps serving (slots set up by ip and nft processes)', async () => {
-    const agent = await startAgent(['--pool-new-size', '1', '--namespace-setup', 'ip', '--nft-mode', 'process']);
+    const agent = await startAgent([
+      '--pool-new-size',
+      '1',
+      '--namespace-setup',
+      'ip',
+      '--nft-mode',
+      'process',
+      '--metrics-port',
+      '19463',
+    ]);
     await expect(agent.acquire('')).rejects.toSatisfy((e) => grpcCode(e) === status.INVALID_ARGUMENT);
     await expect(agent.acquire('../etc')).rejects.toSatisfy((e) => grpcCode(e) === status.INVALID_ARGUMENT);
     await expect(agent.release(99_999, 'x')).rejects.toSatisfy((e) => grpcCode(e) === status.NOT_FOUND);
@@ -91,6 +100,13 @@ describe.skipIf(!isRoot)('net-agent in a throwaway node namespace', () => {
     expect(grpcCode(err)).toBe(status.FAILED_PRECONDITION);
     expect((err as Error).message).toContain('owner');
     expect((await agent.list()).map((s) => s.sandboxId)).toEqual(['owner']);
+    // Metrics listen on the node's loopback (inside the node namespace).
+    const metrics = await node.mustExec(node.node, 'python3', [
+      '-c',
+      'import urllib.request; print(urllib.request.urlopen("http://127.0.0.1:19463/metrics", timeout=5).read().decode())',
+    ]);
+    expect(metrics).toMatch(/net_agent_slots_in_use\{service="net-agent"\} 1/);
+    expect(metrics).toMatch(/net_agent_requests_total\{method="acquire",result="invalid",service="net-agent"\} 2/);
     await agent.release(slot.idx, 'owner', true);
     expect((await agent.stats()).readyReused).toBe(1);
     expect(await agent.stop()).toBe(0);
