@@ -29,6 +29,7 @@ export interface BlockDeviceOptions {
   logger: Logger;
   metrics?: BlockMetrics;
   socketMode?: number;
+  syncReads?: boolean;
 }
 
 export interface DeviceStats extends DirtyTrackerStats {
@@ -67,6 +68,7 @@ export class BlockDevice {
       dir: join(deviceDir(options.dataDir, record.sandboxId), 'overlay'),
       blockSize: record.blockSize,
       identity: record.basePath ? `file:${record.basePath}` : `build:${record.buildId}`,
+      syncReads: options.syncReads ?? false,
     });
     try {
       const tracker = new DirtyTracker({

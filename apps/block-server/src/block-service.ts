@@ -26,7 +26,10 @@ export async function runService(argv: string[]): Promise<number> {
   const manager = new DeviceManager({
     dataDir: config.dataDir,
     nbdDir: config.nbdDir ?? join(config.dataDir, 'nbd'),
-    ...(config.bucket ? { builds: new RootfsBuilds({ bucket: config.bucket }) } : {}),
+    ...(config.bucket
+      ? { builds: new RootfsBuilds({ bucket: config.bucket, syncReads: config.readMode === 'sync' }) }
+      : {}),
+    syncReads: config.readMode === 'sync',
     logger,
     metrics,
     socketMode: config.nbdSocketMode === '0660' ? 0o660 : 0o600,

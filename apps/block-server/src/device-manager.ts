@@ -33,6 +33,8 @@ export interface DeviceManagerOptions {
   socketMode?: number;
   releaseTimeoutMs: number;
   kernel?: KernelAttacher;
+  /** Read overlays and local images on the event loop (see FileBlocks.open). */
+  syncReads?: boolean;
 }
 
 export interface OpenDeviceRequest {
@@ -95,6 +97,11 @@ export class DeviceManager {
         if (!this.options.builds)
           throw new BlockRequestInvalid('build_id', 'no bucket configured (--bucket / SBX_BUCKET)');
       }
+      const socketPath = join(this.options.nbdDir, `${sandboxId}.sock`);
+      // sun_path holds 108 bytes including the NUL.
+      if (Buffer.byteLength(socketPath) > 107) {
+        throw new BlockRequestInvalid('sandbox_id', `NBD socket path ${socketPath} is longer than 107 bytes`);
+      }
       const base = await this.openBase({ buildId, basePath: request.basePath });
       let record: DeviceRecord;
       let device: BlockDevice;
@@ -104,7 +111,7 @@ export class DeviceManager {
           sandboxId,
           buildId,
           ...(request.basePath ? { basePath: request.basePath } : {}),
-          socketPath: join(this.options.nbdDir, `${sandboxId}.sock`),
+          socketPath,
           exportName: request.exportName || sandboxId,
           size: base.blocks.size,
           blockSize: base.blockSize,
@@ -244,6 +251,7 @@ export class DeviceManager {
       dataDir: this.options.dataDir,
       base: base.blocks,
       releaseBase: () => base.release(),
+      syncReads: this.options.syncReads ?? false,
       logger: sandboxLogger(this.options.logger, record.sandboxId),
       ...(this.options.metrics ? { metrics: this.options.metrics } : {}),
       ...(this.options.socketMode ? { socketMode: this.options.socketMode } : {}),
@@ -255,7 +263,7 @@ export class DeviceManager {
     basePath: string | undefined;
   }): Promise<{ blocks: ReadableBlocks; blockSize: number; release(): Promise<void> }> {
     if (source.basePath) {
-      const file = await FileBlocks.open(source.basePath);
+      const file = await FileBlocks.open(source.basePath, { syncReads: this.options.syncReads ?? false });
       return { blocks: file, blockSize: 4096, release: () => file.close() };
     }
     if (!this.options.builds) throw new BlockRequestInvalid('build_id', 'no bucket configured (--bucket / SBX_BUCKET)');

@@ -88,7 +88,8 @@ export class NbdServer {
     const listener = this.listener;
     if (!listener) return;
     this.listener = undefined;
-    await new Promise<void>((resolve) => listener.close(() => resolve()));
+    // close() stops accepting at once; its callback would wait for every client to leave.
+    listener.close();
     await unlink(this.socketPath).catch(() => undefined);
   }
 

@@ -25,6 +25,8 @@ export interface OpenedRootfs {
 export interface RootfsBuildsOptions {
   /** A local directory or `gs://bucket`. */
   bucket: string;
+  /** Read local build files on the event loop (see FileBlocks.open). */
+  syncReads?: boolean;
 }
 
 /**
@@ -35,11 +37,13 @@ export interface RootfsBuildsOptions {
 export class RootfsBuilds {
   private readonly backend: StorageBackend;
   private readonly local: string | undefined;
+  private readonly syncReads: boolean;
   private readonly files = new Map<string, { blocks: Promise<ReadableBlocks>; users: number }>();
 
   constructor(options: RootfsBuildsOptions) {
     this.backend = openBackend(options.bucket);
     this.local = options.bucket.startsWith('gs://') ? undefined : options.bucket;
+    this.syncReads = options.syncReads ?? false;
   }
 
   async open(buildId: string): Promise<OpenedRootfs> {
@@ -97,7 +101,7 @@ export class RootfsBuilds {
     }
     const objectPath = buildObjectPath(id, 'rootfs.ext4');
     const blocks: Promise<ReadableBlocks> = this.local
-      ? FileBlocks.open(join(this.local, objectPath))
+      ? FileBlocks.open(join(this.local, objectPath), { syncReads: this.syncReads })
       : this.backend.size(objectPath).then((size) => rangeBlocks(this.backend, objectPath, size));
     // A failed open is not kept: the next device tries again.
     blocks.catch(() => this.files.delete(id));

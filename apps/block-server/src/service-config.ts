@@ -11,6 +11,11 @@ export const serviceConfigSchema = z.object({
   bucket: z.string().min(1).optional(),
   /** Chunk cache of build data fetched from the bucket (falls back to SBX_CACHE_DIR). */
   cacheDir: z.string().min(1).optional(),
+  /**
+   * How local files (local-bucket builds, overlays) are read: sync is fastest from the page
+   * cache but stalls the event loop on a cache miss; async goes through the libuv pool.
+   */
+  readMode: z.enum(['sync', 'async']).default('sync'),
   metricsPort: z.coerce.number().int().min(0).max(65535).default(9462),
   /** auto: attach /dev/nbdX when asked and the kernel has NBD; off: never. */
   kernelAttach: z.enum(['auto', 'off']).default('auto'),
