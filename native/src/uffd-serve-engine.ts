@@ -54,6 +54,11 @@ export interface ServeEngineOptions {
   /** Every byte of the view is valid now (a mapped local file); else ranges are marked as fetched. */
   allReady: boolean;
   prefetchBytes: number;
+  /**
+   * Windows to copy ahead of a sequential stream of faults (0 = off): the n-th fault in a row
+   * copies up to n more windows, capped here. Only with prefetchBytes > 0.
+   */
+  readaheadWindows?: number;
   /** Install pages write-protected (UFFDIO_COPY_MODE_WP) so the guest's writes are tracked. */
   installWriteProtected: boolean;
   /** Answer write-protect faults and record the page as dirty (synchronous tracking). */
@@ -104,6 +109,7 @@ export class ServeEngine {
       options.installWriteProtected ? 2n : 0n,
       options.syncWriteProtect ? 1n : 0n,
       BigInt(options.regions.length),
+      BigInt(options.readaheadWindows ?? 0),
     ]);
     const regions = new BigUint64Array(options.regions.length * 4);
     options.regions.forEach((r, i) => {

@@ -4,7 +4,7 @@ import { serveFile } from './serve-file-command.js';
 
 const HELP = `usage:
   ./sbx uffd-server serve [--socket <control.sock>] [--bucket <dir|gs://bucket>] [--cache-dir <dir>]
-                          [--metrics-port <port>] [--prefetch-bytes <n>] [--threads-per-sandbox <n>]
+                          [--metrics-port <port>] [--prefetch-bytes <n>] [--readahead-windows <n>] [--threads-per-sandbox <n>]
                           [--handshake-timeout-ms <ms>] [--fetch-attempts <n>] [--max-sandboxes <n>]
       Runs the service: guest memory for many sandboxes through userfaultfd. Each sandbox is
       prepared over the gRPC control API (sbx.v1.UffdServer, default /run/sbx/uffd-server.sock):
@@ -15,7 +15,7 @@ const HELP = `usage:
       Metrics on 127.0.0.1:9461 (0 = off); grpc.health.v1 on the control socket.
 
   ./sbx uffd-server serve-file --memfile <path> --socket <path> [--page-size 4096|2097152]
-                               [--prefetch-bytes <n>] [--threads <n>]
+                               [--prefetch-bytes <n>] [--readahead-windows <n>] [--threads <n>]
       Standalone: listens on --socket, takes one Firecracker-style handshake and serves that
       memory file until the peer goes away, then exits 0 (1 when serving failed).`;
 

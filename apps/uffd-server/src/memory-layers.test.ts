@@ -97,6 +97,7 @@ describe('memory layers through the build store', () => {
       source: view,
       pageSize: PAGE,
       prefetchBytes: 2 * 1024 * 1024,
+      readaheadWindows: 4,
       prefetchWithoutTracking: false,
       threads: 1,
       handshakeTimeoutMs: 10_000,

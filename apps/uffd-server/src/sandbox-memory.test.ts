@@ -69,6 +69,7 @@ describe('SandboxMemory with a remote source', () => {
       source: view,
       pageSize: 4096,
       prefetchBytes: 256 * 1024,
+      readaheadWindows: 4,
       prefetchWithoutTracking: false,
       threads: 2,
       handshakeTimeoutMs: 10_000,

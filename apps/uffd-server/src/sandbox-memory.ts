@@ -28,6 +28,7 @@ export interface SandboxMemoryOptions {
   /** Page size the memory file uses (the handshake must match); undefined accepts 4 KiB or 2 MiB. */
   pageSize: number | undefined;
   prefetchBytes: number;
+  readaheadWindows: number;
   prefetchWithoutTracking: boolean;
   threads: number;
   handshakeTimeoutMs: number | undefined;
@@ -161,6 +162,7 @@ export class SandboxMemory {
         sourceSize: this.o.source.size,
         allReady: this.o.source.allReady,
         prefetchBytes: prefetch,
+        readaheadWindows: this.o.readaheadWindows,
         installWriteProtected: mode !== 'present',
         syncWriteProtect: mode === 'wp-sync',
         regions: hs.regions,

@@ -21,6 +21,7 @@ export interface PrepareRequest {
 
 export interface RegistrySettings {
   prefetchBytes: number;
+  readaheadWindows: number;
   prefetchWithoutTracking: boolean;
   threadsPerSandbox: number;
   handshakeTimeoutMs: number;
@@ -85,6 +86,7 @@ export class SandboxRegistry {
         source,
         pageSize,
         prefetchBytes: req.prefetchBytes || this.settings.prefetchBytes,
+        readaheadWindows: this.settings.readaheadWindows,
         prefetchWithoutTracking: this.settings.prefetchWithoutTracking,
         threads: this.settings.threadsPerSandbox,
         handshakeTimeoutMs: this.settings.handshakeTimeoutMs,

@@ -21,6 +21,7 @@ export async function serveFile(argv: string[]): Promise<number> {
     source,
     pageSize: config.pageSize,
     prefetchBytes: config.prefetchBytes,
+    readaheadWindows: config.readaheadWindows,
     prefetchWithoutTracking: config.prefetchWithoutTracking,
     threads: config.threads,
     handshakeTimeoutMs: undefined,

@@ -15,6 +15,8 @@ export const uffdServerConfigSchema = z.object({
   cacheDir: z.string().default('/var/lib/sbx/cache'),
   /** Bytes installed around a fault (the aligned window holding it); 0 = only the faulted page. */
   prefetchBytes: size.default(2 * 1024 * 1024),
+  /** Prefetch windows copied ahead of a sequential stream of faults (0 = off: on 2 loaded cores it cost more than it saved). */
+  readaheadWindows: z.coerce.number().int().min(0).max(64).default(0),
   /** Prefetch also when no write tracking is available (every present page then lands in the diff). */
   prefetchWithoutTracking: z
     .enum(['true', 'false'])
@@ -42,6 +44,7 @@ export const serveFileConfigSchema = z.object({
     .refine((v) => v === 4096 || v === 2097152, 'page size must be 4096 or 2097152')
     .default(4096),
   prefetchBytes: size.default(2 * 1024 * 1024),
+  readaheadWindows: z.coerce.number().int().min(0).max(64).default(0),
   prefetchWithoutTracking: z
     .enum(['true', 'false'])
     .default('false')

@@ -85,6 +85,14 @@ struct serve {
   uint64_t src_size, units;
   uint8_t *present, *dirty, *ready;
   uint64_t prefetch_bytes;
+  /* Sequential streams: a fault in the window right after a stream's last one copies up to
+   * `readahead` further windows once the guest is awake (readahead, like the page cache's). */
+  uint64_t readahead;
+  struct {
+    uint64_t next; /* memory-file offset where the stream's next window starts */
+    uint64_t len;  /* windows in a row so far */
+  } streams[4];
+  unsigned stream_rr;
   uint64_t copy_mode; /* UFFDIO_COPY_MODE_WP when write tracking wants pages installed protected */
   int sync_wp;        /* answer write-protect faults (synchronous dirty tracking) */
   uint8_t *zero;      /* a read-only zero buffer as large as the biggest page */
@@ -292,6 +300,56 @@ static int serve_page(struct serve *s, struct region *r, uint64_t page) {
   return 0;
 }
 
+/*
+ * After a fault was served: when its window continues a sequential stream, copy the next windows
+ * too (the guest already runs again, so this overlaps with its work), as many as the stream is
+ * long, up to `readahead`. Only absent, ready pages are copied; it stops at the region's end.
+ */
+static int read_ahead(struct serve *s, struct region *r, uint64_t page) {
+  if (!s->readahead || !s->prefetch_bytes) return 0;
+  uint64_t win = s->prefetch_bytes > r->page_size ? s->prefetch_bytes : r->page_size;
+  uint64_t wstart = r->base + ((page - r->base) / win) * win;
+  uint64_t wstart_off = r->offset + (wstart - r->base);
+  uint64_t next_off = wstart_off + win;
+  uint64_t ahead = 0;
+  pthread_mutex_lock(&s->lock);
+  int i;
+  for (i = 0; i < 4; i++)
+    if (s->streams[i].len && s->streams[i].next == wstart_off) break;
+  if (i == 4) {
+    i = (int)(s->stream_rr++ % 4);
+    s->streams[i].len = 1;
+    s->streams[i].next = next_off;
+  } else {
+    ahead = s->streams[i].len < s->readahead ? s->streams[i].len : s->readahead;
+    s->streams[i].len++;
+    s->streams[i].next = next_off + ahead * win;
+  }
+  pthread_mutex_unlock(&s->lock);
+  for (uint64_t k = 0; k < ahead; k++) {
+    uint64_t a = wstart + (k + 1) * win;
+    if (a >= r->base + r->size) break;
+    uint64_t end = a + win < r->base + r->size ? a + win : r->base + r->size;
+    while (a < end) {
+      uint64_t off = r->offset + (a - r->base);
+      if (s->present[off / UNIT] || !is_ready(s, off, r->page_size)) {
+        a += r->page_size;
+        continue;
+      }
+      uint64_t q = a + r->page_size;
+      while (q < end) {
+        uint64_t qoff = r->offset + (q - r->base);
+        if (s->present[qoff / UNIT] || !is_ready(s, qoff, r->page_size)) break;
+        q += r->page_size;
+      }
+      int rc = copy_run(s, r, a, q - a, 2);
+      if (rc < 0) return rc;
+      a = q;
+    }
+  }
+  return 0;
+}
+
 static int errno_means_peer_gone(int e) { return e == ESRCH || e == ENOENT; }
 
 /* Returns 0 when handled (or parked until fetched), <0 to stop serving. */
@@ -357,6 +415,11 @@ static int handle_fault(struct serve *s, uint64_t addr, uint64_t flags, uint64_t
     return 0;
   } else {
     rc = serve_page(s, r, page);
+    if (rc == 0) {
+      record_latency(s, since);
+      since = 0;
+      rc = read_ahead(s, r, page);
+    }
     if (from_pending) stat_add(s, ST_FETCH_WAITS, 1);
   }
   if (rc < 0) {
@@ -367,7 +430,7 @@ static int handle_fault(struct serve *s, uint64_t addr, uint64_t flags, uint64_t
     fail(s, ERR_COPY, addr, -rc);
     return -1;
   }
-  record_latency(s, since);
+  if (since) record_latency(s, since);
   return 0;
 }
 
@@ -507,7 +570,7 @@ static uint8_t *map_bytes(uint64_t len) {
 /*
  * params (int64): [0] uffd, [1] peer fd (-1 none), [2] peer kind, [3] source view address,
  * [4] source size, [5] all ready, [6] prefetch bytes, [7] copy mode (UFFDIO_COPY_MODE_WP or 0),
- * [8] sync wp, [9] region count. regions: 4 u64 each (base, size, offset, page size), already
+ * [8] sync wp, [9] region count, [10] readahead windows (0 = off). regions: 4 u64 each (base, size, offset, page size), already
  * validated by JS (libs/uffd) against the source size. Returns a handle or -errno.
  */
 int64_t sbx_serve_create(const int64_t *params, const uint64_t *regions) {
@@ -524,6 +587,7 @@ int64_t sbx_serve_create(const int64_t *params, const uint64_t *regions) {
   s->src_size = (uint64_t)params[4];
   s->units = (s->src_size + UNIT - 1) / UNIT;
   s->prefetch_bytes = (uint64_t)params[6];
+  s->readahead = (uint64_t)params[10];
   s->copy_mode = (uint64_t)params[7];
   s->sync_wp = (int)params[8];
   s->nregions = nreg;
