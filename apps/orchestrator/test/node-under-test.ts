@@ -374,6 +374,7 @@ export class NodeUnderTest {
     const dns = dial(DnsClient, this.sockets.dns);
     try {
       const slots = (await unary(net, net.list, {}, 5000)).slots.filter((s) => s.sandboxId);
+      const stats = await unary(net, net.stats, {}, 5000);
       const links = JSON.parse(await this.inNode('ip', ['-j', 'link', 'show'])) as { ifname: string }[];
       const routes = (await this.inNode('ip', ['route', 'show', 'table', 'all'])).split('\n').filter(Boolean);
       const rules = (await this.inNode('nft', ['list', 'ruleset'])).split('\n').filter(Boolean);
@@ -386,6 +387,8 @@ export class NodeUnderTest {
         sandboxDirs: (await readdir(join(this.dataDir, 'sandboxes')).catch(() => [] as string[])).sort(),
         sockets: (await readdir(join(this.dataDir, 's')).catch(() => [] as string[])).sort(),
         namespaces: (await readdir('/run/netns')).filter((n) => n.startsWith(this.slotPrefix)).sort(),
+        /** Slots net-agent accounts for (ready new, ready reused, in use): one namespace each. */
+        agentSlots: [String(stats.readyNew + stats.readyReused + stats.inUse)],
         links: links.map((l) => l.ifname).sort(),
         routes: routes.sort(),
         rules,

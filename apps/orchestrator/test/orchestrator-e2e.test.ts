@@ -216,6 +216,9 @@ describe.skipIf(missing !== undefined)('orchestrator end to end (all five servic
   });
 
   it('delete leaves nothing behind', async () => {
+    // One sandbox first, so the orchestrator's long-lived channels to the services are open.
+    await create('warm-1');
+    await unary(node.client, node.client.delete, { sandboxId: 'warm-1' }, 60_000);
     const before = await node.footprint();
     const id = 'gone-1';
     const ip = await create(id);
@@ -238,6 +241,8 @@ describe.skipIf(missing !== undefined)('orchestrator end to end (all five servic
     ]) {
       expect(after[key], key).toEqual(before[key]);
     }
+    // The slot went back to net-agent's pool: every slot namespace is one net-agent accounts for.
+    expect(after['namespaces']!.length).toBe(Number(after['agentSlots']![0]));
     const notFound = await unary(node.client, node.client.delete, { sandboxId: id }, 10_000).catch(
       (e: ServiceError) => e,
     );
