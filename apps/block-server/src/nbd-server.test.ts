@@ -225,4 +225,29 @@ describe('NbdServer against bad input', () => {
     c.request(Command.DISC, 0, 0, 0n);
     await c.waitClosed();
   });
+
+  it('fuzz: random and mutated byte streams never crash the server, which keeps serving', async () => {
+    const valid = Buffer.concat([
+      encodeClientFlags(3),
+      encodeOptionRequest(Option.GO, encodeInfoRequest('disk', [0, 1, 3])),
+      encodeRequestHeader({ flags: 0, type: Command.READ, cookie: 1n, offset: 4096, length: 512 }),
+      encodeRequestHeader({ flags: CommandFlag.FUA, type: Command.WRITE, cookie: 2n, offset: 0, length: 8 }),
+      Buffer.alloc(8, 7),
+      encodeRequestHeader({ flags: 0, type: Command.TRIM, cookie: 3n, offset: 8192, length: 4096 }),
+      encodeRequestHeader({ flags: 0, type: Command.FLUSH, cookie: 4n, offset: 0, length: 0 }),
+    ]);
+    const rng = (n: number) => Math.floor(Math.random() * n);
+    for (let round = 0; round < 60; round++) {
+      const bytes = round % 3 === 0 ? randomBytes(1 + rng(300)) : Buffer.from(valid);
+      if (round % 3 !== 0) for (let e = 0; e < 1 + rng(4); e++) bytes[rng(bytes.length)] = rng(256);
+      const c = await RawClient.connect(socketPath);
+      c.socket.on('error', () => undefined);
+      c.socket.write(bytes);
+      await new Promise((r) => setTimeout(r, 5));
+      c.socket.destroy();
+    }
+    expect(await server.waitForIdle(5000)).toBe(true);
+    const { stdout } = await run('nbdinfo', ['--size', `nbd+unix:///?socket=${socketPath}`]);
+    expect(Number(stdout.trim())).toBe(SIZE);
+  });
 });
