@@ -84,6 +84,20 @@ describe('parseQuery', () => {
       rcode: Rcode.NOTIMP,
       id: 7,
     });
+    // The question and OPT of another opcode's message are echoed when they parse...
+    const notifyWithOpt = encodeQuery({ id: 8, name: 'a', type: 6, opcode: 4, edns: { flags: 0x8000 } });
+    expect(parseQuery(notifyWithOpt)).toMatchObject({
+      rcode: Rcode.NOTIMP,
+      questionEnd: 12 + 3 + 4,
+      ednsFlags: 0x8000,
+    });
+    // ...and when they do not, the answer is still NOTIMP, header only.
+    const updateGarbage = Buffer.concat([
+      encodeQuery({ id: 9, name: 'a', type: 6, opcode: 5 }),
+      Buffer.from([1, 2, 3]),
+    ]);
+    updateGarbage[5] = 3;
+    expect(parseQuery(updateGarbage)).toMatchObject({ rcode: Rcode.NOTIMP, questionEnd: 0, ednsFlags: null });
     const twoQuestions = encodeQuery({ id: 7, name: 'a', type: 1 });
     twoQuestions[5] = 2;
     expect(parseQuery(twoQuestions)).toMatchObject({ problem: 'question-count', rcode: Rcode.FORMERR });

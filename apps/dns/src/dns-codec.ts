@@ -106,14 +106,27 @@ export interface RejectedQuery {
   flags: number;
   /** When > 0 the question parsed and [0, questionEnd) may be echoed. */
   questionEnd: number;
+  /** Non-null when the query carried a valid OPT record: the reply carries one too (RFC 6891 §6.1.1). */
+  ednsFlags: number | null;
 }
 
 export type QueryParse = ParsedQuery | RejectedQuery;
 
-function reject(problem: QueryProblem, rcode: number | null, msg: Uint8Array, questionEnd = 0): RejectedQuery {
+function reject(
+  problem: QueryProblem,
+  rcode: number | null,
+  msg: Uint8Array,
+  questionEnd = 0,
+  ednsFlags: number | null = null,
+): RejectedQuery {
   const id = msg.length >= 2 ? (msg[0]! << 8) | msg[1]! : 0;
   const flags = msg.length >= 4 ? (msg[2]! << 8) | msg[3]! : 0;
-  return { ok: false, problem, rcode, id, flags, questionEnd };
+  // Another opcode's message that does not parse as a query is still answered NOTIMP (header only):
+  // what is unimplemented is the opcode, whatever its body looks like.
+  if (rcode === Rcode.FORMERR && ((flags >> 11) & 0xf) !== Opcode.QUERY) {
+    return { ok: false, problem: 'not-query-opcode', rcode: Rcode.NOTIMP, id, flags, questionEnd: 0, ednsFlags: null };
+  }
+  return { ok: false, problem, rcode, id, flags, questionEnd, ednsFlags };
 }
 
 /**
@@ -172,7 +185,7 @@ function labelText(msg: Uint8Array, start: number, end: number): string {
 
 /**
  * Parses a query far enough to answer it (hot path: no allocation besides the result).
- * Exactly one question, no compression in it (a pointer in the first question could only point
+ * Another opcode gets NOTIMP, with the question and OPT echoed when they parse. Exactly one question, no compression in it (a pointer in the first question could only point
  * into the header), the answer and authority sections skipped, the additional section scanned for
  * one OPT record (RFC 6891 §6.1.1: more than one, or one not owned by the root, is FORMERR), and
  * nothing after the last record.
@@ -182,7 +195,6 @@ export function parseQuery(msg: Uint8Array): QueryParse {
   if (end < HEADER_LENGTH) return reject('short-header', null, msg);
   const flags = (msg[2]! << 8) | msg[3]!;
   if (flags & FLAG_QR) return reject('is-response', null, msg);
-  if (((flags >> 11) & 0xf) !== Opcode.QUERY) return reject('not-query-opcode', Rcode.NOTIMP, msg);
   const qdcount = (msg[4]! << 8) | msg[5]!;
   if (qdcount !== 1) return reject('question-count', Rcode.FORMERR, msg);
 
@@ -252,7 +264,10 @@ export function parseQuery(msg: Uint8Array): QueryParse {
     }
     pos += 10 + rdlength;
   }
-  if (pos !== end) return reject('trailing-bytes', Rcode.FORMERR, msg, questionEnd);
+  if (pos !== end) return reject('trailing-bytes', Rcode.FORMERR, msg, questionEnd, edns ? ednsFlags : null);
+  if (((flags >> 11) & 0xf) !== Opcode.QUERY) {
+    return reject('not-query-opcode', Rcode.NOTIMP, msg, questionEnd, edns ? ednsFlags : null);
+  }
   return {
     ok: true,
     id: (msg[0]! << 8) | msg[1]!,

@@ -84,8 +84,8 @@ export class DnsResponder {
       this.counters.count(transport, -1, query.rcode === Rcode.NOTIMP ? QueryResult.NOTIMP : QueryResult.FORMERR);
       spec.rcode = query.rcode;
       spec.address = null;
-      spec.ednsUdpSize = null;
-      spec.ednsFlags = 0;
+      spec.ednsUdpSize = query.ednsFlags === null ? null : this.ednsUdpSize;
+      spec.ednsFlags = query.ednsFlags ?? 0;
       spec.maxLength = TCP_LIMIT;
       return query.questionEnd;
     }

@@ -104,6 +104,13 @@ describe('answers over UDP and TCP, with and without EDNS', () => {
     expect(res.flags).not.toContain('ra');
   });
 
+  it('dig +opcode=status: NOTIMP, with the OPT record echoed', async () => {
+    const res = await dig(dns, ['+opcode=status', 'isbx1', 'A']);
+    expect(res.status).toBe('NOTIMP');
+    expect(res.edns?.version).toBe(0);
+    expect(res.raw).not.toMatch(/WARNING: EDNS query returned status NOTIMP/);
+  });
+
   it('answers other opcodes with NOTIMP and a second question with FORMERR', async () => {
     const notify = await udpQuery(encodeQuery({ id: 77, name: 'isbx1', type: RrType.A, opcode: 4 }));
     expect(notify).toMatchObject({ id: 77, qr: true, opcode: 4, rcode: Rcode.NOTIMP });
