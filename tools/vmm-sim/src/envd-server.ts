@@ -155,13 +155,12 @@ export class EnvdServer {
     const cpuUs = usage.user - this.cpuMark.usage.user + (usage.system - this.cpuMark.usage.system);
     this.cpuMark = { at: now, usage };
     const pct = wallUs > 0 ? Math.min(100, (cpuUs / wallUs / this.guest.vcpuCount) * 100) : 0;
-    const written = this.guest.memory.dirtyPages() * this.guest.memory.pageSize;
     return {
       ts: Math.floor(Date.now() / 1000),
       cpu_count: this.guest.vcpuCount,
       cpu_used_pct: Math.round(pct * 100) / 100,
       mem_total_mib: this.guest.memSizeMib,
-      mem_used_mib: Math.ceil(written / (1024 * 1024)),
+      mem_used_mib: Math.ceil(this.guest.memory.residentBytes() / (1024 * 1024)),
     };
   }
 

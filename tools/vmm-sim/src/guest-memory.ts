@@ -1,4 +1,4 @@
-import { closeSync, fstatSync, openSync } from 'node:fs';
+import { closeSync, fstatSync, openSync, readFileSync } from 'node:fs';
 import { Socket } from 'node:net';
 import { Worker } from 'node:worker_threads';
 import {
@@ -312,6 +312,22 @@ export class GuestMemory {
     const written = await this.call<number>({ op: 'dump', path, ranges, merge: true });
     this.dirty.fill(0);
     return written;
+  }
+
+  /**
+   * Bytes of guest memory present in this process (faulted in or written): the mapping's Rss
+   * in /proc/self/smaps. What a guest kernel would count as used is not knowable here; what
+   * the guest has touched is the honest stand-in.
+   */
+  residentBytes(): number {
+    if (this.address === 0) return 0;
+    const smaps = readFileSync('/proc/self/smaps', 'utf8');
+    const at = smaps.indexOf(`${this.address.toString(16)}-`);
+    if (at < 0) return 0;
+    const rss = /\nRss:\s+(\d+) kB/.exec(smaps.slice(at, at + 2000));
+    // An unregistered anonymous mapping may share its VMA with a neighbour: never report more
+    // than the guest has.
+    return rss?.[1] ? Math.min(this.size, Number(rss[1]) * 1024) : 0;
   }
 
   /** Number of pages written since load (for metrics and logs). */

@@ -160,7 +160,7 @@ describe('vmm-sim API conformance', () => {
     expect((await httpRequest(guest, 'GET', '/health')).status).toBe(204);
     expect((await httpRequest(guest, 'POST', '/init', { envVars: { FOO: 'bar' } })).status).toBe(204);
     const metrics = (await httpRequest(guest, 'GET', '/metrics')).body as Record<string, number>;
-    expect(metrics).toMatchObject({ cpu_count: 2, mem_total_mib: 16 });
+    expect(metrics).toMatchObject({ cpu_count: 2, mem_total_mib: 16, mem_used_mib: 16 });
     expect(Object.keys(metrics).sort()).toEqual(['cpu_count', 'cpu_used_pct', 'mem_total_mib', 'mem_used_mib', 'ts']);
 
     await vmm.ok('PATCH', '/vm', { state: 'Paused' });

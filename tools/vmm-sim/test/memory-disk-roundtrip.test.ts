@@ -52,9 +52,10 @@ function sha256(b: Uint8Array): string {
 describe.each([
   { name: 'anonymous memory', flags: [] as string[] },
   { name: 'memfd shared with the uffd-server', flags: ['--share-memfd'] },
+  { name: 'synchronous write-protect tracking', flags: ['--uffd-write-protect', 'sync'] },
 ])('memory and disk round trip through uffd-server and block-server ($name)', ({ name, flags }) => {
   it('reads back every byte written before the snapshot', async () => {
-    const tag = name.startsWith('memfd') ? 'memfd' : 'anon';
+    const tag = name.split(' ')[0] ?? 'vm';
     const link = join(dir, `rootfs-${tag}.link`);
     // 1. Template: cold boot from the rootfs image (the drive path is what the snapfile records).
     symlinkSync(join(dir, 'rootfs.ext4'), link);
