@@ -27,7 +27,13 @@ export async function runService(argv: string[]): Promise<number> {
     dataDir: config.dataDir,
     nbdDir: config.nbdDir ?? join(config.dataDir, 'nbd'),
     ...(config.bucket
-      ? { builds: new RootfsBuilds({ bucket: config.bucket, syncReads: config.readMode === 'sync' }) }
+      ? {
+          builds: new RootfsBuilds({
+            bucket: config.bucket,
+            syncReads: config.readMode === 'sync',
+            cacheDir: config.cacheDir ?? join(config.dataDir, 'cache'),
+          }),
+        }
       : {}),
     syncReads: config.readMode === 'sync',
     logger,

@@ -1,6 +1,8 @@
 import { join } from 'node:path';
 import {
+  BuildCache,
   BuildNotFound,
+  BuildStore,
   LayeredFile,
   baseMappings,
   buildObjectPath,
@@ -27,27 +29,52 @@ export interface RootfsBuildsOptions {
   bucket: string;
   /** Read local build files on the event loop (see FileBlocks.open). */
   syncReads?: boolean;
+  /** Chunk cache directory for a remote bucket (required with `gs://`). */
+  cacheDir?: string;
+  /**
+   * Read a local bucket's files in place (default). False sends a local bucket through the
+   * chunk cache as a remote one would be (tests, or a bucket on a slow network mount).
+   */
+  readInPlace?: boolean;
 }
 
 /**
- * The rootfs layers of builds, shared by every device of this process: each build's data file
- * is opened once and kept while some device reads through it. A local bucket is read in place
- * (FileBlocks); a remote one through the backend's ranged reads.
+ * The rootfs layers of builds, shared by every device of this process. A local bucket is read
+ * in place: each build's data file opened once (FileBlocks) and kept while some device reads
+ * through it. A remote bucket goes through libs/storage's BuildStore: 4 MiB chunks fetched
+ * lazily into sparse cache files, once each, kept by the build cache (TTL, disk eviction).
  */
 export class RootfsBuilds {
   private readonly backend: StorageBackend;
   private readonly local: string | undefined;
   private readonly syncReads: boolean;
+  private readonly remote: { store: BuildStore; cache: BuildCache } | undefined;
   private readonly files = new Map<string, { blocks: Promise<ReadableBlocks>; users: number }>();
 
   constructor(options: RootfsBuildsOptions) {
     this.backend = openBackend(options.bucket);
-    this.local = options.bucket.startsWith('gs://') ? undefined : options.bucket;
+    const inPlace = !options.bucket.startsWith('gs://') && (options.readInPlace ?? true);
+    this.local = inPlace ? options.bucket : undefined;
     this.syncReads = options.syncReads ?? false;
+    if (!this.local) {
+      if (!options.cacheDir)
+        throw new Error(`a cache directory is required for ${options.bucket} (--cache-dir / SBX_CACHE_DIR)`);
+      const cache = new BuildCache({ cacheDir: options.cacheDir });
+      this.remote = { store: new BuildStore({ backend: this.backend, cache }), cache };
+    }
   }
 
   async open(buildId: string): Promise<OpenedRootfs> {
     const id = normalizeBuildId(buildId);
+    if (this.remote) {
+      const opened = await this.remote.store.openBuildFile(id, 'rootfs.ext4');
+      return {
+        blocks: opened.file,
+        blockSize: opened.header.metadata.blockSize,
+        header: opened.header,
+        release: () => opened.file.close(),
+      };
+    }
     const header = await this.readHeader(id);
     const used = new Set<string>();
     const blocks = new LayeredFile({
@@ -77,6 +104,10 @@ export class RootfsBuilds {
       this.files.delete(id);
       await entry.blocks.then((b) => b.close()).catch(() => undefined);
     }
+    if (this.remote) {
+      await this.remote.store.close();
+      await this.remote.cache.close();
+    }
     await this.backend.close();
   }
 
@@ -100,9 +131,9 @@ export class RootfsBuilds {
       return;
     }
     const objectPath = buildObjectPath(id, 'rootfs.ext4');
-    const blocks: Promise<ReadableBlocks> = this.local
-      ? FileBlocks.open(join(this.local, objectPath), { syncReads: this.syncReads })
-      : this.backend.size(objectPath).then((size) => rangeBlocks(this.backend, objectPath, size));
+    const blocks: Promise<ReadableBlocks> = FileBlocks.open(join(this.local!, objectPath), {
+      syncReads: this.syncReads,
+    });
     // A failed open is not kept: the next device tries again.
     blocks.catch(() => this.files.delete(id));
     this.files.set(id, { blocks, users: 1 });
@@ -114,16 +145,4 @@ export class RootfsBuilds {
     this.files.delete(id);
     await entry.blocks.then((b) => b.close()).catch(() => undefined);
   }
-}
-
-/** A remote object as ReadableBlocks through ranged reads. */
-function rangeBlocks(backend: StorageBackend, objectPath: string, size: number): ReadableBlocks {
-  return {
-    size,
-    async readAt(target, offset) {
-      if (target.length === 0) return;
-      target.set(await backend.readRange(objectPath, offset, target.length));
-    },
-    async close() {},
-  };
 }
