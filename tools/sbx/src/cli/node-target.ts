@@ -40,9 +40,13 @@ export async function readNodeRecord(dataDir: string): Promise<NodeRecord> {
   }
 }
 
-/** `--addr host:port` wins; otherwise the local node recorded under `--data-dir`. */
+/**
+ * `--addr host:port` wins; otherwise the local node recorded under `--data-dir`, reached on
+ * the orchestrator's control socket (a path works whatever network namespace the node is in).
+ */
 export async function resolveGrpcAddress(options: { addr?: string; dataDir?: string }): Promise<string> {
   if (options.addr) return options.addr;
   const record = await readNodeRecord(resolve(options.dataDir ?? defaultDataDir()));
-  return `127.0.0.1:${record.grpcPort}`;
+  const socket = record.sockets['orchestrator'];
+  return socket ? socket : `127.0.0.1:${record.grpcPort}`;
 }

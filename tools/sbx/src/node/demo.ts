@@ -64,15 +64,18 @@ export async function runDemo(options: { layout: LocalNodeLayout; logger: Logger
       ),
     );
     options.logger.info({ sandboxId, pausedBuildId, createMs, pauseMs, resumeMs }, 'demo done');
-    console.log(`
-The node is running sandbox ${sandboxId}. Drive it with the CLI (another terminal):
-  ./sbx list                               running sandboxes
-  ./sbx pause ${sandboxId}                  pause it into a new build (prints the build id)
-  ./sbx resume ${sandboxId} --build <id>    resume it
-  ./sbx create --template base             another sandbox
-  ./sbx kill ${sandboxId}                   kill it
-  ./sbx builds                             cached builds
-  ./sbx inspect-header ${options.layout.bucketDir}/${pausedBuildId}/memfile.header`);
+    const hints: [string, string][] = [
+      ['./sbx list', 'running sandboxes'],
+      [`./sbx pause ${sandboxId}`, 'pause it into a new build (prints the build id)'],
+      [`./sbx resume ${sandboxId} --build <id>`, 'resume it'],
+      ['./sbx create --template base', 'another sandbox'],
+      [`./sbx kill ${sandboxId}`, 'kill it'],
+      ['./sbx builds', 'cached builds'],
+      [`./sbx inspect-header ${options.layout.bucketDir}/${pausedBuildId}/memfile.header`, 'the paused memory layer'],
+    ];
+    const width = Math.max(...hints.map(([c]) => c.length));
+    console.log(`\nThe node is running sandbox ${sandboxId}. Drive it with the CLI from another terminal:`);
+    for (const [command, what] of hints) console.log(`  ${command.padEnd(width)}  ${what}`);
     return { sandboxId, pausedBuildId, createMs, pauseMs, resumeMs };
   } finally {
     client.close();

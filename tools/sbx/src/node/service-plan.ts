@@ -71,7 +71,7 @@ export function localServicePlan(layout: LocalNodeLayout): ServiceSpec[] {
       name: 'block-server',
       args: [
         'serve',
-        '--socket',
+        '--control-socket',
         sock('block-server'),
         '--data-dir',
         join(layout.dataDir, 'block-server'),
@@ -101,6 +101,9 @@ export function localServicePlan(layout: LocalNodeLayout): ServiceSpec[] {
         join(layout.dataDir, 'orchestrator'),
         '--dns-socket',
         sock('dns'),
+        // Recorded in the snapfiles of templates built here, so it lives with the node's data.
+        '--vm-rootfs-dir',
+        join(layout.dataDir, 'fc-rootfs'),
         '--net-agent-socket',
         sock('net-agent'),
         '--block-server-sockets',

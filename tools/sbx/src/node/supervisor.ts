@@ -119,7 +119,7 @@ export class Supervisor {
     service.status.pid = child.pid;
     service.exited = new Promise((resolve) => child.once('exit', () => resolve()));
     child.once('exit', (code, signal) => this.onExit(service, code, signal));
-    this.options.logger.info({ service: spec.name, pid: child.pid, log: logPath }, 'service started');
+    this.options.logger.info({ unit: spec.name, pid: child.pid, log: logPath }, 'service started');
 
     await Promise.race([
       waitForServing(spec.healthTarget, this.options.healthTimeoutMs ?? 30_000),
@@ -129,7 +129,7 @@ export class Supervisor {
     ]);
     service.status.state = 'serving';
     service.servingSince = Date.now();
-    this.options.logger.info({ service: spec.name, pid: child.pid }, 'service serving');
+    this.options.logger.info({ unit: spec.name, pid: child.pid }, 'service serving');
   }
 
   private onExit(service: Supervised, code: number | null, signal: NodeJS.Signals | null): void {
@@ -142,7 +142,7 @@ export class Supervisor {
     service.backoffMs = Math.min(service.backoffMs * 2, this.options.maxBackoffMs ?? 30_000);
     service.status.state = 'backoff';
     this.options.logger.warn(
-      { service: service.spec.name, exit: service.status.lastExit, restartInMs: delay },
+      { unit: service.spec.name, exit: service.status.lastExit, restartInMs: delay },
       'service exited; restarting',
     );
     service.restartTimer = setTimeout(() => {
@@ -150,7 +150,7 @@ export class Supervisor {
       if (this.stopping) return;
       service.status.restarts++;
       this.launch(service).catch((err: unknown) => {
-        this.options.logger.error({ service: service.spec.name, err }, 'restart failed');
+        this.options.logger.error({ unit: service.spec.name, err }, 'restart failed');
       });
     }, delay);
   }
