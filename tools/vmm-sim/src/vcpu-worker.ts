@@ -18,7 +18,7 @@ const guest = memoryView(data.address, data.size);
 const port = parentPort;
 if (!port) throw new Error('vcpu-worker must run as a worker thread');
 
-const CHUNK = 1024 * 1024;
+const CHUNK = Math.max(1024 * 1024, data.pageSize);
 
 port.on('message', (request: VcpuRequest) => {
   let reply: VcpuReply;
@@ -101,9 +101,22 @@ function dump(path: string, ranges: [number, number][], merge: boolean): number 
         const n = Math.min(CHUNK, start + length - at);
         const chunk = buffer.subarray(0, n);
         chunk.set(range(at, n));
-        if (!merge && isZero(chunk)) continue;
-        writeSync(fd, chunk, 0, n, at);
-        written += n;
+        if (merge) {
+          writeSync(fd, chunk, 0, n, at);
+          written += n;
+          continue;
+        }
+        // Runs of non-zero pages only: zero pages stay holes in the fresh file.
+        for (let page = 0; page < n;) {
+          while (page < n && isZero(chunk.subarray(page, page + data.pageSize))) page += data.pageSize;
+          let end = page;
+          while (end < n && !isZero(chunk.subarray(end, end + data.pageSize))) end += data.pageSize;
+          if (end > page) {
+            writeSync(fd, chunk, page, Math.min(end, n) - page, at + page);
+            written += Math.min(end, n) - page;
+          }
+          page = end;
+        }
       }
     }
   } finally {
