@@ -1,5 +1,7 @@
 import { randomInt } from 'node:crypto';
 import { readFileSync, statSync } from 'node:fs';
+import { Agent as HttpAgent } from 'node:http';
+import { Agent as HttpsAgent } from 'node:https';
 import { hostname } from 'node:os';
 import Consul from 'consul';
 import {
@@ -123,6 +125,8 @@ export class ConsulSlotReservation implements SlotReservation {
   }
 }
 
+const CONSUL_CONNECTIONS = 8;
+
 /**
  * Who wrote a reservation: host name, boot and network namespace. A key left by an earlier run
  * of an agent here (same host, same namespace, or a boot ago) is ours to clean up; a key written
@@ -162,8 +166,13 @@ function isPredecessor(value: string | null): boolean {
 
 /** A `consul` client for a CONSUL_HTTP_ADDR-style address (http, https, host:port or unix://). */
 export function createConsulClient(address: string, token?: string, timeoutMs = 5000): Consul {
+  const target = consulTarget(address);
+  // A bounded keep-alive pool: a refill batch reserves in parallel, and an unbounded agent would
+  // keep one idle connection per parallel request open for good.
+  const agentOptions = { keepAlive: true, maxSockets: CONSUL_CONNECTIONS, maxFreeSockets: CONSUL_CONNECTIONS };
   return new Consul({
-    ...consulTarget(address),
+    ...target,
+    agent: target.baseUrl.startsWith('https:') ? new HttpsAgent(agentOptions) : new HttpAgent(agentOptions),
     timeout: timeoutMs,
     ...(token ? { defaults: { token } } : {}),
   } as ConstructorParameters<typeof Consul>[0]);

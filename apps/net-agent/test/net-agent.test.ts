@@ -2,7 +2,7 @@
  * net-agent end to end: the real process in a throwaway node namespace (see node-namespace.ts),
  * driven only through its control socket. Traffic goes only to addresses this test creates.
  */
-import { mkdtemp, rm } from 'node:fs/promises';
+import { mkdtemp, readdir, readlink, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { status, type ServiceError } from '@grpc/grpc-js';
@@ -128,6 +128,7 @@ describe.skipIf(!isRoot)('net-agent in a throwaway node namespace', () => {
       '50',
     ]);
     await agent.waitFor((s) => s.readyNew === 200, 60_000);
+    const fdsAtStart = await openFds(agent);
     expect(consul.keys(`${node.prefix}/`)).toHaveLength(200);
     expect(await node.slotNamespaces()).toHaveLength(200);
     const during = await node.snapshot();
@@ -144,6 +145,9 @@ describe.skipIf(!isRoot)('net-agent in a throwaway node namespace', () => {
     expect(mid.readyReused).toBe(50);
     expect(mid.inUse).toBe(50);
     expect(mid.removed).toBe(100);
+    // The refill makes 200 new ones again; a full create/remove cycle must not leave fds behind.
+    await agent.waitFor((s) => s.readyNew === 200, 60_000);
+    expect(await openFds(agent)).toEqual(fdsAtStart);
 
     expect(await agent.stop()).toBe(0);
     const after = await node.snapshot();
@@ -284,6 +288,17 @@ describe.skipIf(!isRoot)('net-agent in a throwaway node namespace', () => {
     expect(consul.keys(`${node.prefix}/`)).toEqual([]);
   });
 });
+
+/** The agent's open file descriptors, by what they point at (sockets and pipes by kind only). */
+async function openFds(agent: AgentProcess): Promise<string[]> {
+  const dirPath = `/proc/${agent.child.pid}/fd`;
+  const out: string[] = [];
+  for (const fd of await readdir(dirPath)) {
+    const target = await readlink(`${dirPath}/${fd}`).catch(() => 'gone');
+    out.push(target.replace(/\[\d+\]$/, '[]'));
+  }
+  return out.sort();
+}
 
 /** What both set-up paths (rtnetlink in the agent, or ip -batch) must leave in a slot's namespace. */
 function expectedNamespaceState(slot: NetSlot) {
