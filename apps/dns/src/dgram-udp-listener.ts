@@ -4,7 +4,7 @@ import type { Logger } from '#logging';
 import type { DnsResponder } from './dns-responder.js';
 import { Transport } from './query-counters.js';
 
-export interface UdpListenerOptions {
+export interface DgramUdpListenerOptions {
   host: string;
   /** 0 picks a free port. */
   port: number;
@@ -12,14 +12,17 @@ export interface UdpListenerOptions {
   logger: Logger;
 }
 
-/** One UDP socket answering DNS queries; every datagram is one query. */
-export class UdpListener {
+/**
+ * UDP through Node's dgram socket: one JS callback and one send per datagram. The fallback where
+ * the batch engine (recvmmsg/sendmmsg through libc) cannot load, and `--udp-engine dgram`.
+ */
+export class DgramUdpListener {
   private constructor(
     private readonly socket: Socket,
     readonly port: number,
   ) {}
 
-  static async start(options: UdpListenerOptions): Promise<UdpListener> {
+  static async start(options: DgramUdpListenerOptions): Promise<DgramUdpListener> {
     const socket = createSocket({ type: isIPv6(options.host) ? 'udp6' : 'udp4' });
     const { responder, logger } = options;
     let lastError = 0;
@@ -47,7 +50,7 @@ export class UdpListener {
     });
     // After bind, send errors (ICMP unreachable reported as ECONNREFUSED, ENOBUFS) only concern one peer.
     socket.on('error', (err) => logger.warn({ err }, 'udp socket error'));
-    return new UdpListener(socket, socket.address().port);
+    return new DgramUdpListener(socket, socket.address().port);
   }
 
   close(): Promise<void> {

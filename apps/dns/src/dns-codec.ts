@@ -311,8 +311,10 @@ export interface ResponseSpec {
   maxLength: number;
 }
 
-const A_RECORD_LENGTH = 16;
-const OPT_RECORD_LENGTH = 11;
+/** An A record whose owner is a compression pointer: 2 + 10 + 4 bytes. */
+export const A_RECORD_LENGTH = 16;
+/** An OPT record without options. */
+export const OPT_RECORD_LENGTH = 11;
 
 /**
  * Builds the response to a parsed (or a rejected-but-echoable) query: the query's bytes

@@ -10,11 +10,8 @@ import type {
 } from '#proto/sbx/dns';
 import { RecordInvalid, type RecordTable } from './record-table.js';
 
-/** Called after every change, so other holders of the records (UDP workers) follow. */
-export type RecordChangeListener = (change: { op: 'set' | 'remove'; name: string; ip: string }) => void;
-
 /** The gRPC edge of the record table: the only place its errors become status codes. */
-export function dnsControlService(table: RecordTable, logger: Logger, onChange?: RecordChangeListener): DnsServer {
+export function dnsControlService(table: RecordTable, logger: Logger): DnsServer {
   const fail = (err: unknown): Partial<ServiceError> => {
     if (err instanceof RecordInvalid) return { code: status.INVALID_ARGUMENT, details: err.message };
     logger.error({ err }, 'dns control call failed');
@@ -26,7 +23,6 @@ export function dnsControlService(table: RecordTable, logger: Logger, onChange?:
       try {
         const previous = table.get(name);
         const entry = table.set(name, ip);
-        onChange?.({ op: 'set', name: entry.name, ip });
         sandboxLogger(logger, entry.name).info({ ip, previousIp: previous?.ip }, 'dns record set');
         callback(null, {});
       } catch (err) {
@@ -38,7 +34,6 @@ export function dnsControlService(table: RecordTable, logger: Logger, onChange?:
       try {
         const current = table.get(name);
         const removed = table.remove(name, ip);
-        if (removed) onChange?.({ op: 'remove', name: name.toLowerCase(), ip });
         sandboxLogger(logger, name.toLowerCase()).info(
           { ip, removed, currentIp: current?.ip },
           removed ? 'dns record removed' : 'dns record kept: it no longer points at this ip',

@@ -1,6 +1,8 @@
 import {
+  A_RECORD_LENGTH,
   encodeResponse,
   encodeResponseInto,
+  OPT_RECORD_LENGTH,
   parseQuery,
   Rcode,
   responseLength,
@@ -110,10 +112,9 @@ export class DnsResponder {
         result = QueryResult.NXDOMAIN;
       } else if (query.qtype === RrType.A || query.qtype === RrType.ANY) {
         spec.address = entry.bytes;
-        result = QueryResult.ANSWER;
-        if (responseLength(query.questionEnd, spec) < responseLengthWithAnswer(query.questionEnd, spec)) {
-          result = QueryResult.TRUNCATED;
-        }
+        // encodeResponse leaves the answer out (and sets TC) when it does not fit.
+        const withAnswer = query.questionEnd + A_RECORD_LENGTH + (query.edns ? OPT_RECORD_LENGTH : 0);
+        result = withAnswer > spec.maxLength ? QueryResult.TRUNCATED : QueryResult.ANSWER;
       } else {
         result = QueryResult.NODATA;
       }
@@ -121,8 +122,4 @@ export class DnsResponder {
     this.counters.count(transport, query.qtype, result);
     return query.questionEnd;
   }
-}
-
-function responseLengthWithAnswer(questionEnd: number, spec: ResponseSpec): number {
-  return questionEnd + 16 + (spec.ednsUdpSize === null ? 0 : 11);
 }

@@ -8,7 +8,7 @@ import { DnsResponder } from './dns-responder.js';
 import { QueryCounters } from './query-counters.js';
 import { RecordTable } from './record-table.js';
 import { TcpListener } from './tcp-listener.js';
-import { UdpListener } from './udp-listener.js';
+import { DgramUdpListener } from './dgram-udp-listener.js';
 import { BatchUdpListener, BatchUdpUnavailable } from './batch-udp-listener.js';
 
 interface UdpStartOptions {
@@ -19,7 +19,7 @@ interface UdpStartOptions {
   logger: Logger;
 }
 
-async function startUdp(config: DnsConfig, options: UdpStartOptions): Promise<UdpListener | BatchUdpListener> {
+async function startUdp(config: DnsConfig, options: UdpStartOptions): Promise<DgramUdpListener | BatchUdpListener> {
   if (config.udpEngine === 'batch') {
     try {
       return BatchUdpListener.start({ ...options, sockets: config.udpSockets, receivers: config.udpReceivers });
@@ -28,7 +28,7 @@ async function startUdp(config: DnsConfig, options: UdpStartOptions): Promise<Ud
       options.logger.warn({ reason: err.message }, 'udp: batch engine unavailable, using dgram sockets');
     }
   }
-  return UdpListener.start(options);
+  return DgramUdpListener.start(options);
 }
 
 export interface RunningDns {
@@ -60,7 +60,7 @@ export async function startDns(config: DnsConfig, logger: Logger): Promise<Runni
     const { host } = config.listen;
     // With port 0 the TCP listener must take the port the kernel gave UDP; another process may
     // hold that TCP port, so try a few.
-    let udp: UdpListener | BatchUdpListener | undefined;
+    let udp: DgramUdpListener | BatchUdpListener | undefined;
     let tcp: TcpListener | undefined;
     for (let attempt = 0; !tcp; attempt++) {
       udp = await startUdp(config, { host, port: config.listen.port, responder, counters, logger });
