@@ -47,6 +47,8 @@ describe('many sandboxes on one server', () => {
       return { ...s, peer };
     });
     await Promise.all(running.map((r) => r.peer.ready()));
+    // A peer is ready once it sent its handshake; the server takes each a moment later.
+    await Promise.all(running.map((r) => server.waitFor(r.id, (s) => s.state === 'serving')));
     const list = await server.list();
     expect(list.sandboxes.filter((s) => s.state === 'serving')).toHaveLength(SANDBOXES);
     // All guests fault at the same time; each checks every byte against its own file.
