@@ -24,7 +24,7 @@ export interface BatchUdpListenerOptions {
   responder: DnsResponder;
   counters: QueryCounters;
   logger: Logger;
-  /** Sockets on the port (SO_REUSEPORT); each keeps one receive in flight. */
+  /** Sockets on the port (SO_REUSEPORT when more than one). */
   sockets: number;
   /** Datagrams per recvmmsg/sendmmsg call. */
   batch?: number;
@@ -50,10 +50,11 @@ export class BatchUdpUnavailable extends Error {
 }
 
 /**
- * UDP through recvmmsg/sendmmsg: a receive of up to `batch` datagrams runs on the libuv thread
- * pool (koffi async call, blocking with a timeout), the main thread answers the whole batch into
- * native send buffers and sends it with one sendmmsg. Under load one call carries tens of
- * datagrams; when idle a query costs one thread-pool round trip.
+ * UDP through recvmmsg/sendmmsg: the main thread answers a whole batch of datagrams into native
+ * send buffers and sends it with one sendmmsg. While datagrams keep coming it receives them itself
+ * without blocking; once the socket is empty one receive waits on the libuv thread pool (koffi
+ * async call, blocking with a timeout), so an idle server costs nothing and a lone query one
+ * thread-pool round trip.
  */
 export class BatchUdpListener {
   private constructor(
@@ -73,7 +74,12 @@ export class BatchUdpListener {
           receiveTimeoutMs: RECEIVE_TIMEOUT_MS,
           receiveBufferBytes: 1 << 20,
         });
-        sockets.push(new BatchSocket(lib, fd, options));
+        try {
+          sockets.push(new BatchSocket(lib, fd, options));
+        } catch (err) {
+          lib.close(fd);
+          throw err;
+        }
         if (port === 0) port = boundPort(lib, fd);
       }
     } catch (err) {
