@@ -2,6 +2,7 @@ import { execFile, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { createServer, type AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -26,6 +27,7 @@ let baseId: string;
 let baseBytes: Buffer;
 let server: ServerProcess;
 let client: BlockServerClient;
+let metricsPort: number;
 const started: ServerProcess[] = [];
 
 async function startService(): Promise<void> {
@@ -38,7 +40,7 @@ async function startService(): Promise<void> {
     '--bucket',
     bucket,
     '--metrics-port',
-    '0',
+    String(metricsPort),
     '--release-timeout-ms',
     '1500',
     '--log-level',
@@ -46,6 +48,18 @@ async function startService(): Promise<void> {
   ]);
   started.push(server);
   await waitForServing(control, 60_000);
+}
+
+/** A port nothing listens on right now (the service binds it a moment later). */
+function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const probe = createServer();
+    probe.once('error', reject);
+    probe.listen(0, '127.0.0.1', () => {
+      const port = (probe.address() as AddressInfo).port;
+      probe.close(() => resolve(port));
+    });
+  });
 }
 
 function grpcCode(err: unknown): number | undefined {
@@ -59,6 +73,7 @@ beforeAll(async () => {
   control = join(dir, 'block-server.sock');
   baseId = newBuildId();
   baseBytes = randomBytes(SIZE);
+  metricsPort = await freePort();
   await mkdir(join(bucket, baseId), { recursive: true });
   await writeFile(join(bucket, baseId, 'rootfs.ext4'), baseBytes);
   await startService();
@@ -104,6 +119,10 @@ describe('block-server service over its control socket', () => {
     expect(stats.writes).toBeGreaterThanOrEqual(3);
     expect(stats.dirtyBlocks).toBeGreaterThan(0);
     expect(stats.zeroedBlocks).toBe(4);
+
+    const metrics = await (await fetch(`http://127.0.0.1:${metricsPort}/metrics`)).text();
+    expect(metrics).toMatch(/sbx_nbd_requests_total\{[^}]*command="write"[^}]*result="ok"[^}]*\} [1-9]/);
+    expect(metrics).toMatch(/sbx_block_devices\{[^}]*\} 1/);
 
     const finalImage = join(dir, 'final.img');
     await run('nbdcopy', [uri, finalImage]);
