@@ -257,6 +257,26 @@ describe('vmm-sim API conformance', () => {
     );
   });
 
+  it('holds guest requests while paused and answers them after resume', async () => {
+    const { vmm, guestPort } = await start();
+    await coldBoot(vmm, 8);
+    const guest = { host: '127.0.0.1', port: guestPort };
+    await vmm.ok('PATCH', '/vm', { state: 'Paused' });
+    // A frozen guest does not answer; the request is still there when it thaws.
+    await expect(httpRequest(guest, 'GET', '/health', undefined, 500)).rejects.toThrow(/timed out/);
+    const held = httpRequest(guest, 'GET', '/_test/memory/hash?offset=0&length=4096');
+    await vmm.ok('PATCH', '/vm', { state: 'Resumed' });
+    expect((await held).status).toBe(200);
+    expect((await httpRequest(guest, 'GET', '/health')).status).toBe(204);
+    const noDrive = await httpRequest(guest, 'GET', '/_test/disk/hash?offset=0&length=1&drive=nope');
+    expect(noDrive.status).toBe(400);
+    const pastEnd = await httpRequest(guest, 'GET', `/_test/memory/read?offset=${8 << 20}&length=1`);
+    expect(pastEnd.status).toBe(400);
+    expect(
+      (await httpRequest(guest, 'POST', '/_test/memory/write', { offset: 0, pattern: 'xyz', length: 3 })).status,
+    ).toBe(400);
+  });
+
   it('treats a failed load as fatal: answers 400, then exits', async () => {
     const { vmm } = await start();
     const reply = await vmm.api('PUT', '/snapshot/load', {
