@@ -1,0 +1,162 @@
+/**
+ * `npm start`'s main job, `./sbx node up --demo`, end to end: the five services come up,
+ * a sandbox is created, paused and resumed, the CLI drives the node, and SIGINT (Ctrl-C)
+ * leaves the machine as it was. Everything runs inside a throwaway "node" network namespace
+ * this test makes (with its own uplink to an "internet" namespace), so the machine's own
+ * network and firewall are never touched.
+ */
+import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { promisify } from 'node:util';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+
+const exec = promisify(execFile);
+const repo = resolve(__dirname, '../../..');
+const sbx = join(repo, 'sbx');
+const built =
+  existsSync(join(repo, 'dist/apps/orchestrator/src/main.js')) &&
+  existsSync(join(repo, 'dist/tools/vmm-sim/src/main.js'));
+const isRoot = process.getuid?.() === 0;
+if (!built || !isRoot)
+  console.warn(`node-up test skipped: ${!isRoot ? 'needs root for namespaces' : 'run npm run build first'}`);
+
+const tag = `nu${process.pid % 100000}`;
+const nodeNs = `${tag}node`;
+const inetNs = `${tag}inet`;
+const slotPrefix = `${tag}s-`;
+
+async function sh(cmd: string, args: string[], input?: string): Promise<string> {
+  if (input === undefined) return (await exec(cmd, args)).stdout;
+  return new Promise((ok, fail) => {
+    const child = spawn(cmd, args, { stdio: ['pipe', 'pipe', 'pipe'] });
+    let out = '';
+    let err = '';
+    child.stdout.on('data', (d: Buffer) => (out += d));
+    child.stderr.on('data', (d: Buffer) => (err += d));
+    child.once('close', (code) => (code === 0 ? ok(out) : fail(new Error(`${cmd} ${args.join(' ')}: ${err}`))));
+    child.stdin.end(input);
+  });
+}
+
+/** What the node could leave behind: namespaces, links, rules, mounts, processes, sockets. */
+async function machineState(dataDir: string) {
+  const netns = (await sh('ip', ['netns', 'list'])).split('\n').filter((l) => l.startsWith(slotPrefix));
+  const links = (await sh('ip', ['-n', nodeNs, '-o', 'link']))
+    .split('\n')
+    .map((l) => l.split(':')[1]?.trim())
+    .filter(Boolean);
+  const nft = await sh('ip', ['netns', 'exec', nodeNs, 'nft', 'list', 'ruleset']);
+  const iptables = (await sh('ip', ['netns', 'exec', nodeNs, 'iptables-save']).catch(() => ''))
+    .split('\n')
+    .filter((l) => l && !l.startsWith('#'));
+  const mounts = (await readFile('/proc/mounts', 'utf8'))
+    .split('\n')
+    .filter((l) => l.includes(dataDir) || l.includes(tag));
+  const processes: string[] = [];
+  for (const pid of await readdir('/proc')) {
+    if (!/^\d+$/.test(pid) || Number(pid) === process.pid) continue;
+    const cmdline = await readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '');
+    if (cmdline.includes(dataDir)) processes.push(cmdline.replaceAll('\0', ' '));
+  }
+  const runDir = join(dataDir, 'run');
+  const sockets = existsSync(runDir) ? await readdir(runDir) : [];
+  return { netns, links, nft, iptables, mounts, processes, sockets };
+}
+
+describe.skipIf(!built || !isRoot)('./sbx node up --demo (npm start)', () => {
+  let dataDir: string;
+  let node: ChildProcess | undefined;
+  let output = '';
+  let before: Awaited<ReturnType<typeof machineState>>;
+
+  beforeAll(async () => {
+    dataDir = await mkdtemp(join(tmpdir(), `${tag}-`));
+    await sh('ip', ['netns', 'add', nodeNs]);
+    await sh('ip', ['netns', 'add', inetNs]);
+    await sh(
+      'ip',
+      ['-n', nodeNs, '-batch', '-'],
+      [
+        'link set lo up',
+        `link add up0 type veth peer name wan0 netns ${inetNs}`,
+        'addr add 198.51.100.2/24 dev up0',
+        'link set up0 up',
+        'route add default via 198.51.100.1',
+        '',
+      ].join('\n'),
+    );
+    before = await machineState(dataDir);
+  });
+
+  afterAll(async () => {
+    if (node && node.exitCode === null) node.kill('SIGKILL');
+    for (const ns of (await sh('ip', ['netns', 'list'])).split('\n')) {
+      const name = ns.split(' ')[0];
+      if (name && name.startsWith(tag)) await sh('ip', ['netns', 'del', name]).catch(() => undefined);
+    }
+    await rm(dataDir, { recursive: true, force: true });
+  });
+
+  it('starts the node, creates, pauses and resumes a sandbox, and serves', async () => {
+    node = spawn(
+      'ip',
+      ['netns', 'exec', nodeNs, sbx, 'node', 'up', '--demo', '--data-dir', dataDir, '--grpc-port', '5008'],
+      {
+        env: {
+          ...process.env,
+          SBX_NET_AGENT_NAMESPACE_PREFIX: slotPrefix,
+          SBX_NET_AGENT_UPLINK: 'up0',
+          SBX_NET_AGENT_NODE_ID: tag,
+          SBX_DNS_METRICS_PORT: '0',
+          SBX_NET_AGENT_METRICS_PORT: '0',
+          SBX_BLOCK_SERVER_METRICS_PORT: '0',
+          SBX_UFFD_SERVER_METRICS_PORT: '0',
+          SBX_ORCHESTRATOR_METRICS_PORT: '0',
+        },
+        stdio: ['ignore', 'pipe', 'pipe'],
+      },
+    );
+    node.stdout!.on('data', (d: Buffer) => (output += d));
+    node.stderr!.on('data', (d: Buffer) => (output += d));
+    const deadline = Date.now() + 240_000;
+    while (!output.includes('serving on :5008')) {
+      if (node.exitCode !== null) throw new Error(`node up exited ${node.exitCode}:\n${output}`);
+      if (Date.now() > deadline) throw new Error(`node up never served:\n${output}`);
+      await new Promise((r) => setTimeout(r, 200));
+    }
+    expect(output).toMatch(/demo: create demo-\w+ from template base… \d+ ms/);
+    expect(output).toMatch(/demo: pause into build [0-9a-f-]{36}… \d+ ms/);
+    expect(output).toMatch(/demo: resume from that build… \d+ ms/);
+    expect(output).not.toMatch(/demo failed/);
+  }, 300_000);
+
+  it('answers the CLI: list shows the resumed demo sandbox, --json parses', async () => {
+    const demoId = /create (demo-\w+)/.exec(output)![1]!;
+    const list = JSON.parse(await sh(sbx, ['list', '--json', '--data-dir', dataDir])) as { sandboxId: string }[];
+    expect(list.map((s) => s.sandboxId)).toContain(demoId);
+    const builds = JSON.parse(await sh(sbx, ['builds', '--json', '--data-dir', dataDir])) as { buildId: string }[];
+    expect(builds.length).toBeGreaterThanOrEqual(2);
+    await sh(sbx, ['create', '--id', `${tag}-cli`, '--data-dir', dataDir]);
+    const paused = JSON.parse(await sh(sbx, ['pause', `${tag}-cli`, '--json', '--data-dir', dataDir])) as {
+      buildId: string;
+    };
+    await sh(sbx, ['resume', `${tag}-cli`, '--build', paused.buildId, '--data-dir', dataDir]);
+    await sh(sbx, ['set-timeout', `${tag}-cli`, '600', '--data-dir', dataDir]);
+    await sh(sbx, ['kill', `${tag}-cli`, '--data-dir', dataDir]);
+    const after = JSON.parse(await sh(sbx, ['list', '--json', '--data-dir', dataDir])) as { sandboxId: string }[];
+    expect(after.map((s) => s.sandboxId)).not.toContain(`${tag}-cli`);
+  }, 180_000);
+
+  it('Ctrl-C stops everything and leaves the machine as it was', async () => {
+    expect((await machineState(dataDir)).netns.length).toBeGreaterThan(0);
+    const exited = new Promise<number | null>((r) => node!.once('exit', (code) => r(code)));
+    // ip netns exec passes the signal's target straight to sbx (it execs), like a terminal's Ctrl-C.
+    node!.kill('SIGINT');
+    expect(await exited).toBe(0);
+    const after = await machineState(dataDir);
+    expect(after).toEqual(before);
+  }, 120_000);
+});
