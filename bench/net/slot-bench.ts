@@ -252,6 +252,7 @@ async function outer(opts: Options): Promise<void> {
       { stdio: 'ignore' },
     );
     const rpc: number[] = [];
+    const baseline: number[] = [];
     try {
       await waitForServing(socket, 30_000);
       const client = dial(NetAgentClient, socket);
@@ -265,6 +266,10 @@ async function outer(opts: Options): Promise<void> {
         const slot = await unary(client, client.acquire, { sandboxId: `rpc-${i}` });
         rpc.push(performance.now() - t0);
         await unary(client, client.release, { idx: slot.idx, sandboxId: `rpc-${i}`, reuse: true });
+        // The same round trip doing no work: what the socket and scheduling cost by themselves.
+        const t1 = performance.now();
+        await unary(client, client.stats, {});
+        baseline.push(performance.now() - t1);
       }
       client.close();
     } finally {
@@ -272,6 +277,7 @@ async function outer(opts: Options): Promise<void> {
       await new Promise((r) => agent.once('exit', r));
     }
     rpc.sort((a, b) => a - b);
+    baseline.sort((a, b) => a - b);
 
     const n = opts.slots;
     const naivePer = naiveCreateMs / n;
