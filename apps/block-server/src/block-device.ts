@@ -52,12 +52,15 @@ export class BlockDevice {
   private state: 'serving' | 'exporting' | 'closed' = 'serving';
   private readonly options: BlockDeviceOptions;
 
+  private readonly connectionSource = (): number => this.server.connectionCount;
+
   private constructor(options: BlockDeviceOptions, overlay: CowOverlay, tracker: DirtyTracker, server: NbdServer) {
     this.options = options;
     this.record = options.record;
     this.overlay = overlay;
     this.tracker = tracker;
     this.server = server;
+    options.metrics?.connectionSources.add(this.connectionSource);
   }
 
   /** Opens the stack, reopening an overlay a previous run left in the device's directory. */
@@ -156,6 +159,7 @@ export class BlockDevice {
   async destroy(): Promise<void> {
     if (this.state === 'closed') return;
     this.state = 'closed';
+    this.options.metrics?.connectionSources.delete(this.connectionSource);
     await this.server.close();
     if (this.kernel) {
       await this.kernel.detach().catch((err: unknown) => this.options.logger.warn({ err }, 'kernel detach failed'));
@@ -173,6 +177,7 @@ export class BlockDevice {
   async suspend(): Promise<void> {
     if (this.state === 'closed') return;
     this.state = 'closed';
+    this.options.metrics?.connectionSources.delete(this.connectionSource);
     await this.server.close();
     this.kernel?.abandon();
     await this.tracker.flush().catch((err: unknown) => this.options.logger.warn({ err }, 'flush at shutdown failed'));

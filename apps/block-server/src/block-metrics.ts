@@ -13,6 +13,8 @@ export class BlockMetrics {
   readonly devices: Gauge;
   readonly connections: Gauge;
   readonly exports: Counter;
+  /** Each NBD server's live client count, summed at scrape time. */
+  readonly connectionSources = new Set<() => number>();
   private readonly requests: Counter;
   private readonly bytes: Counter;
   private readonly latency: Histogram;
@@ -48,6 +50,11 @@ export class BlockMetrics {
       name: 'sbx_nbd_connections',
       help: 'Connected NBD clients',
       registers: [registry],
+      collect() {
+        let n = 0;
+        for (const count of metrics.connectionSources) n += count();
+        this.set(n);
+      },
     });
     this.exports = new Counter({
       name: 'sbx_block_exports_total',

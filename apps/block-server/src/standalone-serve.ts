@@ -67,6 +67,9 @@ export async function serveImage(
       },
     });
     taken.push(() => server.close());
+    const connections = (): number => server.connectionCount;
+    metrics?.connectionSources.add(connections);
+    taken.push(async () => void metrics?.connectionSources.delete(connections));
     logger.info(
       {
         base: basePath,
