@@ -41,7 +41,10 @@ export class HandshakeListener {
   private settle: ((err: Error | undefined, value?: ReceivedHandshake) => void) | undefined;
   readonly received: Promise<ReceivedHandshake>;
 
-  constructor(socketPath: string, options: { memorySize: number; pageSize?: number; timeoutMs?: number }) {
+  constructor(
+    socketPath: string,
+    options: { memorySize: number; pageSize?: number; blockSize?: number; timeoutMs?: number },
+  ) {
     this.socketPath = socketPath;
     removeStaleSocket(socketPath);
     this.listenFd = listenUnix(socketPath, { backlog: 4, nonBlocking: true });
@@ -63,7 +66,7 @@ export class HandshakeListener {
     this.watch = watchReadable(this.listenFd, () => this.onAcceptable(options));
   }
 
-  private onAcceptable(options: { memorySize: number; pageSize?: number }): void {
+  private onAcceptable(options: { memorySize: number; pageSize?: number; blockSize?: number }): void {
     if (this.connFd >= 0 || !this.settle) return;
     let fd: number;
     try {
@@ -78,7 +81,7 @@ export class HandshakeListener {
     this.watch = watchReadable(fd, () => this.onReadable(options));
   }
 
-  private onReadable(options: { memorySize: number; pageSize?: number }): void {
+  private onReadable(options: { memorySize: number; pageSize?: number; blockSize?: number }): void {
     if (!this.settle) return;
     let msg;
     try {
@@ -98,6 +101,7 @@ export class HandshakeListener {
         truncated: msg.truncated || msg.controlTruncated,
         memorySize: options.memorySize,
         ...(options.pageSize ? { pageSize: options.pageSize } : {}),
+        ...(options.blockSize ? { blockSize: options.blockSize } : {}),
       });
       let peerPid: number | undefined;
       try {

@@ -25,8 +25,10 @@ export interface SandboxMemoryOptions {
   sandboxId: string;
   socketPath: string;
   source: SourceView;
-  /** Page size the memory file uses (the handshake must match); undefined accepts 4 KiB or 2 MiB. */
+  /** Page size the handshake must use; undefined accepts 4 KiB or 2 MiB. */
   pageSize: number | undefined;
+  /** The memory file's header block size: the page size must be a multiple (diff mappings stay block-aligned). */
+  blockSize?: number;
   prefetchBytes: number;
   readaheadWindows: number;
   prefetchWithoutTracking: boolean;
@@ -99,6 +101,7 @@ export class SandboxMemory {
     this.listener = new HandshakeListener(options.socketPath, {
       memorySize: options.source.size,
       ...(options.pageSize ? { pageSize: options.pageSize } : {}),
+      ...(options.blockSize ? { blockSize: options.blockSize } : {}),
       ...(options.handshakeTimeoutMs ? { timeoutMs: options.handshakeTimeoutMs } : {}),
     });
     this.served = this.listener.received.then(

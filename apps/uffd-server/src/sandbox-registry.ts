@@ -65,15 +65,16 @@ export class SandboxRegistry {
     this.preparing.add(req.sandboxId);
     let source: SourceView | undefined;
     try {
-      let pageSize = req.pageSize || undefined;
+      const pageSize = req.pageSize || undefined;
+      let blockSize: number | undefined;
       if (req.buildId) {
         const layers = await this.resolver.resolve(req.buildId);
-        const block = layers.header.metadata.blockSize;
-        if (pageSize === undefined && (block === PAGE_4K || block === PAGE_2M)) pageSize = block;
-        if (pageSize !== undefined && block !== pageSize && layers.header.mappings.length > 1)
+        blockSize = layers.header.metadata.blockSize;
+        // Diff mappings must stay aligned to the header's blocks: the page size is a multiple of them.
+        if (pageSize !== undefined && pageSize % blockSize !== 0)
           throw new SourceInvalid(
             `build ${req.buildId}`,
-            `header block size ${block} differs from page size ${pageSize}`,
+            `page size ${pageSize} is not a multiple of the header block size ${blockSize}`,
           );
         source = SourceView.open(layers.header.metadata.size, layers.segments);
       } else {
@@ -85,6 +86,7 @@ export class SandboxRegistry {
         socketPath: req.socketPath,
         source,
         pageSize,
+        ...(blockSize ? { blockSize } : {}),
         prefetchBytes: req.prefetchBytes || this.settings.prefetchBytes,
         readaheadWindows: this.settings.readaheadWindows,
         prefetchWithoutTracking: this.settings.prefetchWithoutTracking,

@@ -12,6 +12,7 @@ import {
   userfaultfd,
   uffdApi,
 } from '#native';
+import { baseMappings, encodeHeader } from '#storage';
 import { UffdServerProcess } from './uffd-server-process.js';
 
 /**
@@ -117,6 +118,27 @@ describe('bad peers fail only their own sandbox', () => {
       await server.stop(good);
     },
   );
+
+  it('a page size that is not a multiple of the header block size fails the sandbox', async () => {
+    const huge = randomUUID();
+    mkdirSync(join(server.bucket, huge));
+    writeFileSync(join(server.bucket, huge, 'memfile'), randomBytes(SIZE));
+    writeFileSync(
+      join(server.bucket, huge, 'memfile.header'),
+      encodeHeader({
+        metadata: { version: 3, blockSize: 2097152, size: SIZE, generation: 0, buildId: huge, baseBuildId: huge },
+        mappings: baseMappings(SIZE, huge),
+      }),
+    );
+    const socketPath = join(server.dir, 'smallpages.sock');
+    await server.prepare({ sandboxId: 'smallpages', socketPath, buildId: huge });
+    const peer = startPeer(socketPath);
+    await peer.ready();
+    const st = await server.waitFor('smallpages', (s) => s.state === 'failed');
+    expect(st.error).toMatch(/page size 4096 is not a multiple of the memory file's block size 2097152/);
+    peer.kill();
+    await server.stop('smallpages');
+  });
 
   it('a socket closed before the handshake fails the sandbox', async () => {
     const socketPath = join(server.dir, 'early.sock');

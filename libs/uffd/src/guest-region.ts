@@ -20,6 +20,8 @@ export interface ValidateOptions {
   memorySize?: number;
   /** When set, every region must use this page size. */
   pageSize?: number;
+  /** When set, the page size must be a multiple of it (the memory file's header block size). */
+  blockSize?: number;
 }
 
 /**
@@ -34,6 +36,18 @@ export function validateRegions(regions: readonly GuestRegion[], options: Valida
   regions.forEach((r, i) => {
     if (!SUPPORTED_PAGE_SIZES.includes(r.pageSize))
       throw new HandshakeInvalid('BAD_PAGE_SIZE', `region ${i}: page size ${r.pageSize} (want 4096 or 2097152)`, i);
+    if (r.pageSize !== regions[0]!.pageSize)
+      throw new HandshakeInvalid(
+        'BAD_PAGE_SIZE',
+        `region ${i}: page size ${r.pageSize}, region 0 uses ${regions[0]!.pageSize} (one page size per VM)`,
+        i,
+      );
+    if (options.blockSize !== undefined && r.pageSize % options.blockSize !== 0)
+      throw new HandshakeInvalid(
+        'BAD_PAGE_SIZE',
+        `region ${i}: page size ${r.pageSize} is not a multiple of the memory file's block size ${options.blockSize}`,
+        i,
+      );
     if (options.pageSize !== undefined && r.pageSize !== options.pageSize)
       throw new HandshakeInvalid(
         'BAD_PAGE_SIZE',

@@ -68,6 +68,16 @@ describe('UFFD handshake codec', () => {
       undefined,
     ],
     ['bad page size', 'BAD_PAGE_SIZE', one({ pageSize: 8192 }), 1, undefined],
+    [
+      'mixed page sizes',
+      'BAD_PAGE_SIZE',
+      JSON.stringify([
+        { base_host_virt_addr: 0x200000, size: 0x200000, offset: 0, page_size: 4096 },
+        { base_host_virt_addr: 0x600000, size: 0x200000, offset: 0x200000, page_size: 2097152 },
+      ]),
+      1,
+      undefined,
+    ],
     ['past the file', 'PAST_MEMORY_FILE', one({ offset: MiB }), 1, MiB],
     [
       'string field',
