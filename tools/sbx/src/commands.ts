@@ -53,5 +53,10 @@ export const commands: CommandEntry[] = [
   { name: 'resume', summary: 'resume a paused sandbox from its build', module: cli, exportName: 'resumeMain' },
   { name: 'kill', summary: 'kill a sandbox', module: cli, exportName: 'killMain' },
   { name: 'set-timeout', summary: "change a sandbox's end time", module: cli, exportName: 'setTimeoutMain' },
+  {
+    name: 'status',
+    summary: 'sandboxes, slots, cache use, fault and NBD rates of the local node',
+    module: 'tools/sbx/src/cli/status-command',
+  },
   { name: 'builds', summary: 'builds cached on the node, with expiry', module: cli, exportName: 'buildsMain' },
 ];

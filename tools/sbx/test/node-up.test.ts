@@ -139,6 +139,19 @@ describe.skipIf(!built || !isRoot)('./sbx node up --demo (npm start)', () => {
     expect(list.map((s) => s.sandboxId)).toContain(demoId);
     const builds = JSON.parse(await sh(sbx, ['builds', '--json', '--data-dir', dataDir])) as { buildId: string }[];
     expect(builds.length).toBeGreaterThanOrEqual(2);
+    const status = JSON.parse(
+      await sh(sbx, ['status', '--json', '--data-dir', dataDir, '--interval-ms', '200']),
+    ) as Record<string, number>;
+    expect(status['sandboxes']).toBe(1);
+    expect(status['slotsInUse']).toBe(1);
+    expect(status['memorySandboxes']).toBe(1);
+    expect(status['nbdDevices']).toBe(1);
+    const pausedBuild = /pause into build ([0-9a-f-]{36})/.exec(output)![1]!;
+    const header = JSON.parse(
+      await sh(sbx, ['inspect-header', join(dataDir, 'bucket', pausedBuild, 'memfile.header'), '--json']),
+    ) as { metadata: { buildId: string; generation: number } };
+    expect(header.metadata.buildId).toBe(pausedBuild);
+    expect(header.metadata.generation).toBe(1);
     await sh(sbx, ['create', '--id', `${tag}-cli`, '--data-dir', dataDir]);
     const paused = JSON.parse(await sh(sbx, ['pause', `${tag}-cli`, '--json', '--data-dir', dataDir])) as {
       buildId: string;
