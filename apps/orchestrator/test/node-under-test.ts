@@ -18,7 +18,17 @@ import { DnsClient } from '#proto/sbx/dns';
 import { NetAgentClient } from '#proto/sbx/net';
 import { UffdServerClient } from '#proto/sbx/uffd';
 
-export const REPO = fileURLToPath(new URL('../../../', import.meta.url));
+/** The checkout: found upwards from this module, which runs from source (tests) or dist/ (bench). */
+function findRepo(): string {
+  let dir = fileURLToPath(new URL('.', import.meta.url));
+  for (let i = 0; i < 8; i++) {
+    if (existsSync(join(dir, 'sbx')) && existsSync(join(dir, 'package.json'))) return dir;
+    dir = join(dir, '..');
+  }
+  throw new Error('cannot find the repository root (./sbx) above ' + import.meta.url);
+}
+
+export const REPO = findRepo();
 const SBX = join(REPO, 'sbx');
 
 export interface Output {
@@ -86,6 +96,8 @@ export interface NodeOptions {
   redisUrl?: string;
   envdTimeoutMs?: number;
   pauseParallelism?: number;
+  sampleMemoryMb?: number;
+  sampleRootfsMb?: number;
 }
 
 export class NodeUnderTest {
@@ -264,9 +276,9 @@ export class NodeUnderTest {
       '--shutdown-sandboxes',
       'kill',
       '--sample-rootfs-mb',
-      '8',
+      String(o.sampleRootfsMb ?? 8),
       '--sample-memory-mb',
-      '16',
+      String(o.sampleMemoryMb ?? 16),
       ...(o.redisUrl ? ['--redis-url', o.redisUrl] : []),
     ];
   }
@@ -300,12 +312,18 @@ export class NodeUnderTest {
       detached: true,
     });
     const logs: string[] = [];
-    const collect = (d: Buffer) => {
-      logs.push(...d.toString().split('\n').filter(Boolean));
-      if (logs.length > 4000) logs.splice(0, logs.length - 2000);
+    // Whole lines only: a chunk may end in the middle of one.
+    const collector = () => {
+      let partial = '';
+      return (d: Buffer) => {
+        const lines = (partial + d.toString()).split('\n');
+        partial = lines.pop() ?? '';
+        logs.push(...lines.filter(Boolean));
+        if (logs.length > 4000) logs.splice(0, logs.length - 2000);
+      };
     };
-    child.stdout!.on('data', collect);
-    child.stderr!.on('data', collect);
+    child.stdout!.on('data', collector());
+    child.stderr!.on('data', collector());
     const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
     this.services.set(name, { name, child, logs, exited });
     await Promise.race([
@@ -351,6 +369,12 @@ export class NodeUnderTest {
     const r = await this.guest(hostIp, 'GET', `/_test/memory/read?offset=${offset}&length=${length}`);
     if (r.status !== 200) throw new Error(`memory read → ${r.status} ${r.body.toString()}`);
     return r.body;
+  }
+
+  /** Fills `length` bytes of guest memory with a repeated hex pattern (no data over the wire). */
+  async fillMemory(hostIp: string, offset: number, length: number, pattern: string): Promise<void> {
+    const r = await this.guest(hostIp, 'POST', '/_test/memory/write', { offset, length, pattern });
+    if (r.status !== 204) throw new Error(`memory fill → ${r.status} ${r.body.toString()}`);
   }
 
   async writeDisk(hostIp: string, offset: number, data: Buffer): Promise<void> {

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Orchestrator benchmark: create-from-snapshot latency (p50/p99) and pause time of 256 MiB and
+# 1 GiB guests with 10% of memory written, each step's share, through SandboxService against
+# the real services and the vmm-sim double. Needs root (network namespaces) and a build.
+#
+#   bash bench/orchestrator/run.sh [--sizes 256,1024] [--creates 20] [--pauses 3]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+case ${1:-} in -h|--help) sed -n '2,6p' "$0"; exit 0 ;; esac
+[[ -f dist/bench/orchestrator/create-pause-bench.js && -f dist/apps/orchestrator/src/main.js ]] || bash scripts/build.sh
+exec node --enable-source-maps dist/bench/orchestrator/create-pause-bench.js "$@"
