@@ -49,12 +49,11 @@ copy_run() { # server → MB/s
   python3 -c "print($size_mib * 1048576 / ($end - $start))"
 }
 
+# Each test runs on both servers back to back, so a change in the machine's load hits both.
 declare -A r
-for s in ours kit; do
-  read -r r[$s.rand_iops] _ < <(fio_run "$s" randread 4k 32)
-  read -r _ r[$s.seq_bw] < <(fio_run "$s" read 1M 8)
-  r[$s.copy_bw]=$(copy_run "$s")
-done
+for s in ours kit; do read -r r[$s.rand_iops] _ < <(fio_run "$s" randread 4k 32); done
+for s in ours kit; do read -r _ r[$s.seq_bw] < <(fio_run "$s" read 1M 8); done
+for s in ours kit; do r[$s.copy_bw]=$(copy_run "$s"); done
 
 python3 - "${r[ours.rand_iops]}" "${r[kit.rand_iops]}" "${r[ours.seq_bw]}" "${r[kit.seq_bw]}" \
   "${r[ours.copy_bw]}" "${r[kit.copy_bw]}" <<'PY'
