@@ -10,7 +10,15 @@ import { status, type ServiceError } from '@grpc/grpc-js';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { dial, unary, waitForServing } from '#grpc';
 import { BlockServerClient } from '#proto/sbx/block';
-import { LayeredFile, baseMappings, mergeMappings, newBuildId, validateMappings, type ReadableBlocks } from '#storage';
+import {
+  LayeredFile,
+  baseMappings,
+  mergeMappings,
+  newBuildId,
+  validateMappings,
+  type BuildMapping,
+  type ReadableBlocks,
+} from '#storage';
 import { ServerProcess } from './server-process.js';
 
 const run = promisify(execFile);
@@ -48,6 +56,33 @@ async function startService(): Promise<void> {
   ]);
   started.push(server);
   await waitForServing(control, 60_000);
+}
+
+/** The device as the orchestrator will read it: the diff's mappings merged over the base build's. */
+async function readMerged(newId: string, diff: Buffer, mappings: BuildMapping[]): Promise<Buffer> {
+  const merged = mergeMappings(baseMappings(SIZE, baseId), mappings);
+  validateMappings(merged, SIZE, BS);
+  const files = new Map<string, ReadableBlocks>();
+  for (const [id, bytes] of [
+    [baseId, baseBytes],
+    [newId, diff],
+  ] as const) {
+    files.set(id, {
+      size: bytes.length,
+      readAt: async (t, o) => void t.set(bytes.subarray(o, o + t.length)),
+      close: async () => {},
+    });
+  }
+  const layered = new LayeredFile({
+    header: {
+      metadata: { version: 3, blockSize: BS, size: SIZE, generation: 1, buildId: newId, baseBuildId: baseId },
+      mappings: merged,
+    },
+    resolve: (id) => files.get(id)!,
+  });
+  const readBack = Buffer.alloc(SIZE);
+  await layered.readAt(readBack, 0);
+  return readBack;
 }
 
 /** A port nothing listens on right now (the service binds it a moment later). */
@@ -135,29 +170,7 @@ describe('block-server service over its control socket', () => {
     const diff = await readFile(diffPath);
     expect(diff.length).toBe(exported.diffSize);
 
-    const merged = mergeMappings(baseMappings(SIZE, baseId), exported.mappings);
-    validateMappings(merged, SIZE, BS);
-    const files = new Map<string, ReadableBlocks>();
-    for (const [id, bytes] of [
-      [baseId, baseBytes],
-      [newId, diff],
-    ] as const) {
-      files.set(id, {
-        size: bytes.length,
-        readAt: async (t, o) => void t.set(bytes.subarray(o, o + t.length)),
-        close: async () => {},
-      });
-    }
-    const layered = new LayeredFile({
-      header: {
-        metadata: { version: 3, blockSize: BS, size: SIZE, generation: 1, buildId: newId, baseBuildId: baseId },
-        mappings: merged,
-      },
-      resolve: (id) => files.get(id)!,
-    });
-    const readBack = Buffer.alloc(SIZE);
-    await layered.readAt(readBack, 0);
-    expect(readBack.equals(final)).toBe(true);
+    expect((await readMerged(newId, diff, exported.mappings)).equals(final)).toBe(true);
 
     // The device is closed and its cache removed; the base build is untouched.
     expect((await unary(client, client.list, {})).devices.map((d) => d.sandboxId)).not.toContain('sbx-export');
@@ -243,7 +256,16 @@ describe('block-server service over its control socket', () => {
     await server.waitForListening(device.socketPath);
     const { stdout } = await run(PY, [CLIENT, 'verify-stream', uri, String(lastFlushed)]);
     expect(stdout.trim()).toBe(`verified ${lastFlushed}`);
-    await unary(client, client.closeDevice, { sandboxId: 'sbx-restart' });
+
+    // Export after the restart: the reopened device's changes are all in the diff.
+    const finalImage = join(dir, 'final-restart.img');
+    await run('nbdcopy', [uri, finalImage]);
+    const final = await readFile(finalImage);
+    const newId = newBuildId();
+    const diffPath = join(bucket, newId, 'rootfs.ext4');
+    const exported = await unary(client, client.export, { sandboxId: 'sbx-restart', newBuildId: newId, diffPath });
+    expect(exported.dirtyBlocks).toBeGreaterThanOrEqual(Math.min(lastFlushed, SIZE / BS));
+    expect((await readMerged(newId, await readFile(diffPath), exported.mappings)).equals(final)).toBe(true);
     expect(existsSync(join(dataDir, 'devices', 'sbx-restart'))).toBe(false);
   });
 
