@@ -283,6 +283,28 @@ describe('other engines and shutdown', () => {
     });
   }
 
+  it('stops cleanly on SIGTERM in the middle of a UDP flood', async () => {
+    const other = await startDnsProcess('127.0.0.92', ['--record', 'abc=10.1.2.3', '--metrics-port', '0']);
+    const { createSocket } = await import('node:dgram');
+    const flood = createSocket('udp4');
+    let answers = 0;
+    flood.on('message', () => answers++);
+    const query = encodeQuery({ id: 1, name: 'abc', type: RrType.A });
+    const timer = setInterval(() => {
+      for (let i = 0; i < 100; i++) flood.send(query, other.port, other.host);
+    }, 2);
+    try {
+      for (let i = 0; i < 2000 && answers < 500; i++) await new Promise((r) => setTimeout(r, 10));
+      expect(answers).toBeGreaterThanOrEqual(500);
+      expect(await other.stop()).toBe(0);
+    } finally {
+      clearInterval(timer);
+      flood.close();
+      await other.stop();
+    }
+    expect(other.logs.some((l) => l.includes('stopped cleanly'))).toBe(true);
+  });
+
   it('refuses a bad flag with a message naming it', async () => {
     await expect(startDnsProcess('127.0.0.92', ['--zone', 'bad zone!'])).rejects.toThrow(/--zone/);
     await expect(startDnsProcess('127.0.0.92', ['--record', 'noequals'])).rejects.toThrow(/--record/);
