@@ -1,7 +1,7 @@
 import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { mkdtemp, rm } from 'node:fs/promises';
-import { createConnection, type Socket } from 'node:net';
+import { createConnection, Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
@@ -20,6 +20,7 @@ import {
   OptionReply,
 } from '#nbd';
 import { createLogger } from '#logging';
+import { unixSocketPair } from '#native';
 import { MemoryBlocks } from '#storage';
 import { NbdServer } from './nbd-server.js';
 
@@ -54,7 +55,7 @@ class RawClient {
   private buffered = Buffer.alloc(0);
   private waiters: Array<() => void> = [];
   closed = false;
-  private constructor(readonly socket: Socket) {
+  constructor(readonly socket: Socket) {
     socket.on('data', (chunk: Buffer) => {
       this.buffered = Buffer.concat([this.buffered, chunk]);
       for (const w of this.waiters.splice(0)) w();
@@ -249,5 +250,19 @@ describe('NbdServer against bad input', () => {
     expect(await server.waitForIdle(5000)).toBe(true);
     const { stdout } = await run('nbdinfo', ['--size', `nbd+unix:///?socket=${socketPath}`]);
     expect(Number(stdout.trim())).toBe(SIZE);
+  });
+
+  it('a pre-negotiated socket (the kernel side of /dev/nbdX) is served without a handshake', async () => {
+    const [ours, theirs] = unixSocketPair();
+    server.adopt(new Socket({ fd: ours, readable: true, writable: true }), 'disk');
+    const kernel = new RawClient(new Socket({ fd: theirs, readable: true, writable: true }));
+    kernel.request(Command.WRITE, 8192, 4, 1n, 0, Buffer.from('kern'));
+    expect(await kernel.reply()).toEqual({ error: 0, cookie: 1n });
+    kernel.request(Command.READ, 8192, 4, 2n);
+    expect(await kernel.reply()).toEqual({ error: 0, cookie: 2n });
+    expect((await kernel.take(4)).toString()).toBe('kern');
+    kernel.request(Command.DISC, 0, 0, 3n);
+    await kernel.waitClosed();
+    expect(await server.waitForIdle(5000)).toBe(true);
   });
 });
