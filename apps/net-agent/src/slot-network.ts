@@ -10,6 +10,7 @@ import {
   hostCreateBatch,
   hostElements,
   hostRemoveBatch,
+  hostSetElements,
   hostTableDelete,
   hostTableRuleset,
   namespaceBatch,
@@ -40,6 +41,17 @@ export class SlotRemoveFailed extends Error {
   ) {
     super(`removing slots ${summarize(slots)} left ${leftovers.slice(0, 20).join(', ')}`);
     this.name = 'SlotRemoveFailed';
+  }
+}
+
+export class NamespaceLinksFailed extends Error {
+  readonly code = 'NAMESPACE_LINKS_FAILED';
+  constructor(
+    readonly namespace: string,
+    override readonly cause: unknown,
+  ) {
+    super(`setting up links in ${namespace}: ${(cause as Error)?.message ?? String(cause)}`);
+    this.name = 'NamespaceLinksFailed';
   }
 }
 
@@ -135,7 +147,10 @@ export class SlotNetwork {
     try {
       await runCommand('ip', ['-batch', '-'], hostCreateBatch(slots), 'host');
       step = 'namespace setup';
-      await Promise.all(slots.map((s) => this.configureNamespace(s)));
+      // Settle every namespace before any clean-up, so nothing is still configuring one we remove.
+      const setups = await Promise.allSettled(slots.map((s) => this.configureNamespace(s)));
+      const failed = setups.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+      if (failed) throw failed.reason;
       step = 'host rules';
       await this.hostNft(hostElements('add', this.options.hostTable, slots), 'host');
     } catch (err) {
@@ -161,7 +176,7 @@ export class SlotNetwork {
         try {
           configureNamespaceLinks(s);
         } catch (err) {
-          return [nft, Promise.reject(Object.assign(err as Error, { where: s.namespace }))] as const;
+          return [nft, Promise.reject(new NamespaceLinksFailed(s.namespace, err))] as const;
         }
         return [nft, undefined] as const;
       }
@@ -211,21 +226,13 @@ export class SlotNetwork {
       if (!(err instanceof CommandFailed) && !(err instanceof NftFailed)) throw err;
       // A transaction fails whole when one element is missing: delete only those present.
       const present = await this.hostElementsPresent();
-      const still = slots.filter((s) => present.veths.has(s.hostVeth) || present.ips.has(s.hostIp));
-      if (!still.length) return;
-      const text =
-        hostElements(
-          'delete',
-          table,
-          still.filter((s) => present.veths.has(s.hostVeth)),
-        ).split('\n')[0] +
-        '\n' +
-        (hostElements(
-          'delete',
-          table,
-          still.filter((s) => present.ips.has(s.hostIp)),
-        ).split('\n')[1] ?? '');
-      await this.hostNft(text, 'host');
+      const text = hostSetElements(
+        'delete',
+        table,
+        slots.map((s) => s.hostVeth).filter((v) => present.veths.has(v)),
+        slots.map((s) => s.hostIp).filter((ip) => present.ips.has(ip)),
+      );
+      if (text) await this.hostNft(text, 'host');
     }
   }
 

@@ -122,13 +122,20 @@ export function hostTableRuleset(config: HostRulesConfig, present: SlotSpec[]): 
 
 /** One transaction adding (or deleting) the host rules of a batch of slots. */
 export function hostElements(op: 'add' | 'delete', table: string, slots: SlotSpec[]): string {
-  if (!slots.length) return '';
-  const veths = slots.map((s) => `"${s.hostVeth}"`).join(', ');
-  const ips = slots.map((s) => s.hostIp).join(', ');
-  return (
-    `${op} element ip ${table} ${HOST_VETH_SET} { ${veths} }\n` +
-    `${op} element ip ${table} ${HOST_IP_SET} { ${ips} }\n`
+  return hostSetElements(
+    op,
+    table,
+    slots.map((s) => s.hostVeth),
+    slots.map((s) => s.hostIp),
   );
+}
+
+/** The same for explicit element lists; a set with nothing to change gets no line. */
+export function hostSetElements(op: 'add' | 'delete', table: string, veths: string[], ips: string[]): string {
+  let out = '';
+  if (veths.length) out += `${op} element ip ${table} ${HOST_VETH_SET} { ${veths.map((v) => `"${v}"`).join(', ')} }\n`;
+  if (ips.length) out += `${op} element ip ${table} ${HOST_IP_SET} { ${ips.join(', ')} }\n`;
+  return out;
 }
 
 export function hostTableDelete(table: string): string {

@@ -20,7 +20,9 @@ let dir: string;
 const agents: AgentProcess[] = [];
 const doubles: ConsulKvDouble[] = [];
 
-async function startAgent(args: string[], name = 'net'): Promise<AgentProcess> {
+let agentCount = 0;
+
+async function startAgent(args: string[], name = `net${++agentCount}`): Promise<AgentProcess> {
   const agent = await AgentProcess.start(node, join(dir, `${name}.sock`), args);
   agents.push(agent);
   return agent;
@@ -311,7 +313,7 @@ function expectedNamespaceState(slot: NetSlot) {
     routes: [
       `default via ${slot.hostVethIp} dev eth0`,
       `${slot.hostVethIp}/31 dev eth0 proto kernel scope link src ${slot.nsVethIp}`,
-      `${tapNet}/${slot.tapPrefix} dev tap0 proto kernel scope link src ${slot.tapIp} linkdown`,
+      `${tapNet}/${slot.tapPrefix} dev tap0 proto kernel scope link src ${slot.tapIp}`,
     ].sort(),
   };
 }
