@@ -38,9 +38,13 @@ export class ApiServer {
     const server = createServer({ keepAliveTimeout: 0, requestTimeout: 0 });
     const api = new ApiServer(server, path);
     server.on('request', (req: IncomingMessage, res: ServerResponse) => {
-      void readBody(req).then((body) => {
-        api.queue = api.queue.then(() => api.serve(req, res, body, controller, logger, onFatal));
-      });
+      readBody(req).then(
+        (body) => {
+          api.queue = api.queue.then(() => api.serve(req, res, body, controller, logger, onFatal));
+        },
+        // The client went away before its request was whole: nothing to answer.
+        () => res.destroy(),
+      );
     });
     await new Promise<void>((resolve, reject) => {
       server.once('error', reject);
@@ -92,11 +96,15 @@ export class ApiServer {
     }
   }
 
-  async close(): Promise<void> {
-    await new Promise<void>((resolve) => {
-      this.server.close(() => resolve());
-      for (const s of this.sockets) s.destroy();
-    });
+  /**
+   * Stops accepting, lets the request being carried out finish (a load half-way must be
+   * able to release what it took) for up to `graceMs`, then drops the connections.
+   */
+  async close(graceMs = 10_000): Promise<void> {
+    const closed = new Promise<void>((resolve) => this.server.close(() => resolve()));
+    await Promise.race([this.queue, new Promise((resolve) => setTimeout(resolve, graceMs).unref())]);
+    for (const s of this.sockets) s.destroy();
+    await closed;
     if (existsSync(this.path)) unlinkSync(this.path);
   }
 }

@@ -16,6 +16,8 @@ import {
   type Snapfile,
 } from './snapfile.js';
 
+const PAUSE_DRAIN_MS = 5000;
+
 /** Settings from the command line that shape every microVM this process runs. */
 export interface MicrovmSettings {
   logger: Logger;
@@ -189,7 +191,15 @@ export class Microvm implements GuestView {
         }
         this.drives.set(drive.driveId, disk);
         if (drive.isRootDevice) this.rootDriveId = drive.driveId;
-        this.teardown.push({ what: `drive ${drive.driveId}`, release: () => disk.close() });
+        this.teardown.push({
+          what: `drive ${drive.driveId}`,
+          release: async () => {
+            // What the guest wrote is on the device before the VMM lets go of it.
+            if (!disk.readOnly)
+              await disk.flush().catch((err: unknown) => logger.warn({ err }, 'final drive flush failed'));
+            await disk.close();
+          },
+        });
         logger.info(
           { driveId: drive.driveId, path: drive.pathOnHost, kind: disk.kind, size: disk.size },
           'drive opened',
@@ -250,7 +260,18 @@ export class Microvm implements GuestView {
   async pause(): Promise<void> {
     if (this.state === 'Paused') return;
     this.state = 'Paused';
-    if (this.inFlight > 0) await new Promise<void>((resolve) => (this.drained = resolve));
+    if (this.inFlight > 0) {
+      // A vCPU stuck in a fault nobody serves must not wedge the API: Firecracker kicks such a
+      // vCPU out of the fault and pauses it; here the request stays stuck and the VM pauses.
+      const drained = new Promise<boolean>((resolve) => (this.drained = () => resolve(true)));
+      const timedOut = new Promise<boolean>((resolve) => setTimeout(() => resolve(false), PAUSE_DRAIN_MS).unref());
+      if (!(await Promise.race([drained, timedOut]))) {
+        this.settings.logger.warn(
+          { inFlight: this.inFlight },
+          'pausing with guest requests still stuck in memory faults',
+        );
+      }
+    }
     this.drained = undefined;
     await this.flushDrives();
   }
@@ -313,12 +334,6 @@ export class Microvm implements GuestView {
     const errors: unknown[] = [];
     for (const step of this.teardown.reverse()) {
       try {
-        if (step.what.startsWith('drive') && this.state === 'Running') {
-          await this.drives
-            .get(step.what.slice(6))
-            ?.flush()
-            .catch(() => undefined);
-        }
         await step.release();
       } catch (err) {
         errors.push(err);

@@ -89,6 +89,33 @@ describe('vmm-sim API conformance', () => {
     expect(fault(badJson)).toMatch(/^An error occurred when deserializing the json body of a request: /);
   });
 
+  it('keeps serving after garbage, half requests and clients that vanish on the API socket', async () => {
+    const { vmm } = await start();
+    const { connect } = await import('node:net');
+    const { randomBytes } = await import('node:crypto');
+    const junk = [
+      randomBytes(300),
+      Buffer.from('PUT /snapshot/load HTTP/1.1\r\nContent-Length: 500\r\n\r\n{"snapshot_path":'),
+      Buffer.from('GET / HTTP/1.1\r\nContent-Length: -7\r\n\r\n'),
+      Buffer.from('\r\n\r\n\r\n'),
+    ];
+    for (let i = 0; i < 40; i++) {
+      const bytes = junk[i % junk.length] ?? Buffer.alloc(0);
+      await new Promise<void>((resolve) => {
+        const sock = connect(vmm.apiSock, () => {
+          sock.write(bytes);
+          setTimeout(() => sock.destroy(), 5);
+        });
+        sock.on('error', () => undefined);
+        sock.on('close', () => resolve());
+      });
+    }
+    const info = await vmm.api('GET', '/');
+    expect(info.status).toBe(200);
+    expect(info.body).toMatchObject({ state: 'Not started' });
+    expect(vmm.exitCode).toBeUndefined();
+  });
+
   it('keeps MMDS: GET before PUT is {}, PATCH needs a PUT first, PATCH merges', async () => {
     const { vmm } = await start();
     expect((await vmm.api('GET', '/mmds')).body).toEqual({});
