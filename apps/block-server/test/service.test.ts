@@ -180,6 +180,7 @@ describe('block-server service over its control socket', () => {
   });
 
   it('export waits for the device to be released: a client that stays gets DeviceBusy and the device keeps serving', async () => {
+    const fdsBefore = await server.openFds();
     const device = await unary(client, client.open, { sandboxId: 'sbx-busy', buildId: baseId, attachKernel: false });
     const uri = `nbd+unix:///?socket=${device.socketPath}`;
     // nbdsh keeps its connection open while it sleeps.
@@ -206,6 +207,14 @@ describe('block-server service over its control socket', () => {
     }
     await unary(client, client.closeDevice, { sandboxId: 'sbx-busy' });
     expect(existsSync(join(dataDir, 'devices', 'sbx-busy'))).toBe(false);
+    expect(existsSync(device.socketPath)).toBe(false);
+    // Overlay, base file, listening and client sockets: all given back.
+    let fdsAfter: string[] = [];
+    for (let i = 0; i < 50 && fdsAfter.length !== fdsBefore.length; i++) {
+      if (i > 0) await new Promise((r) => setTimeout(r, 100));
+      fdsAfter = await server.openFds();
+    }
+    expect(fdsAfter.length).toBe(fdsBefore.length);
   });
 
   it('bad requests get clear status codes and the service keeps serving', async () => {

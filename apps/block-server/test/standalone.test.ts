@@ -7,7 +7,7 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { encodeClientFlags, encodeInfoRequest, encodeOptionRequest, Option } from '#nbd';
-import { ServerProcess } from './server-process.js';
+import { ServerProcess, repoRoot } from './server-process.js';
 
 const run = promisify(execFile);
 const PY = '/usr/bin/python3'; // Debian's python3-libnbd lives in the system interpreter
@@ -212,5 +212,29 @@ describe('kill -9 during a stream of writes', () => {
     expect(stdout.trim()).toBe(`verified ${lastFlushed}`);
     expect(sha256(await readFile(baseImage))).toBe(baseSum);
     await second.stop();
+  });
+});
+
+describe('command line', () => {
+  it('a missing or bad flag is refused with the field named, exit code 2', async () => {
+    const missing = await run(join(repoRoot, 'sbx'), ['block-server', 'serve', '--base', baseImage]).catch(
+      (e: { code: number; stderr: string }) => e,
+    );
+    expect(missing).toMatchObject({ code: 2 });
+    expect((missing as { stderr: string }).stderr).toMatch(/--socket/);
+    const bad = await run(join(repoRoot, 'sbx'), [
+      'block-server',
+      'serve',
+      '--base',
+      baseImage,
+      '--socket',
+      join(dir, 'x.sock'),
+      '--block-size',
+      '1000',
+    ]).catch((e: { code: number; stderr: string }) => e);
+    expect(bad).toMatchObject({ code: 2 });
+    expect((bad as { stderr: string }).stderr).toMatch(/--block-size/);
+    const help = await run(join(repoRoot, 'sbx'), ['block-server', '--help']);
+    expect(help.stdout).toMatch(/serve --base <image> --socket <path>/);
   });
 });
