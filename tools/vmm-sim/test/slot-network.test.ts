@@ -143,4 +143,81 @@ describe('guest network in a slot', () => {
     expect(await next.stop('SIGTERM')).toBe(0);
     expectSlotAsNetAgentLeftIt(1500);
   });
+
+  it("is reached through the slot's NAT: host IP → DNAT → guest, as the node reaches a sandbox", async () => {
+    // A stand-in for the host side, in a second throwaway namespace: veth to the slot's eth0 on
+    // a /31, a route to the sandbox's host IP via the slot, and in the slot the DNAT/SNAT pair of
+    // DESIGN.md §5 (the rules net-agent installs).
+    const host = `${ns}-h`;
+    execFileSync('ip', ['netns', 'add', host]);
+    try {
+      const inHost = (...argv: string[]) => execFileSync('ip', ['netns', 'exec', host, ...argv], { encoding: 'utf8' });
+      inHost('ip', 'link', 'set', 'lo', 'up');
+      inHost('ip', 'link', 'add', 'veth-1', 'type', 'veth', 'peer', 'name', 'eth0', 'netns', ns);
+      inHost('ip', 'addr', 'add', '10.12.0.1/31', 'dev', 'veth-1');
+      inHost('ip', 'link', 'set', 'veth-1', 'up');
+      inHost('ip', 'route', 'add', '10.11.0.5/32', 'via', '10.12.0.0');
+      inSlot('ip', 'addr', 'add', '10.12.0.0/31', 'dev', 'eth0');
+      inSlot('ip', 'link', 'set', 'eth0', 'up');
+      inSlot('sysctl', '-qw', 'net.ipv4.ip_forward=1');
+      inSlot(
+        'iptables',
+        '-t',
+        'nat',
+        '-A',
+        'PREROUTING',
+        '-i',
+        'eth0',
+        '-d',
+        '10.11.0.5',
+        '-j',
+        'DNAT',
+        '--to-destination',
+        '169.254.0.21',
+      );
+      inSlot(
+        'iptables',
+        '-t',
+        'nat',
+        '-A',
+        'POSTROUTING',
+        '-o',
+        'eth0',
+        '-s',
+        '169.254.0.21',
+        '-j',
+        'SNAT',
+        '--to-source',
+        '10.11.0.5',
+      );
+      const vmm = await bootInSlot('nat');
+      const status = inHost(
+        'curl',
+        '-s',
+        '-o',
+        '/dev/null',
+        '-w',
+        '%{http_code}',
+        '--max-time',
+        '5',
+        'http://10.11.0.5:49983/health',
+      );
+      expect(status).toBe('204');
+      const metrics = JSON.parse(inHost('curl', '-s', '--max-time', '5', 'http://10.11.0.5:49983/metrics')) as Record<
+        string,
+        number
+      >;
+      expect(metrics['mem_total_mib']).toBe(8);
+      expect(await vmm.stop('SIGTERM')).toBe(0);
+      // The rules and the slot's eth0 are the test's; the double restored only its tap.
+      expect(tap0()?.linkinfo?.info_kind).toBe('tun');
+    } finally {
+      execFileSync('ip', ['netns', 'del', host]);
+      try {
+        inSlot('iptables', '-t', 'nat', '-F');
+      } catch {
+        // the slot namespace may already be gone
+      }
+    }
+  });
 });
