@@ -95,6 +95,7 @@ export class SlotPool {
   private readonly waiters: Waiter[] = [];
   /** Reservations whose release failed (store down): retried until they go through. */
   private readonly pendingReleases: ReservedSlot[] = [];
+  private retryingReleases = 0;
   private creating = 0;
   private stopped = false;
   /** Ends the refill loop's idle wait (a slot was taken, a waiter arrived, shutdown). */
@@ -175,7 +176,7 @@ export class SlotPool {
       readyReused: this.readyReused.length,
       inUse: this.inUse.size,
       ...this.counters,
-      pendingReleases: this.pendingReleases.length,
+      pendingReleases: this.pendingReleases.length + this.retryingReleases,
       lastError: this.lastError,
     };
   }
@@ -340,7 +341,13 @@ export class SlotPool {
 
   private async retryPendingReleases(): Promise<void> {
     const pending = this.pendingReleases.splice(0);
-    await this.releaseReservations(pending);
+    // Still owed until the store answers: stats must not show them as settled meanwhile.
+    this.retryingReleases += pending.length;
+    try {
+      await this.releaseReservations(pending);
+    } finally {
+      this.retryingReleases -= pending.length;
+    }
   }
 
   private idle(ms: number | undefined): Promise<void> {

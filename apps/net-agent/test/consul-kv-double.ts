@@ -60,6 +60,10 @@ export class ConsulKvDouble {
     await new Promise<void>((resolve) => server.close(() => resolve()));
   }
 
+  value(key: string): string | undefined {
+    return this.entries.get(key)?.value.toString();
+  }
+
   keys(prefix = ''): string[] {
     return [...this.entries.keys()].filter((k) => k.startsWith(prefix)).sort();
   }

@@ -204,7 +204,12 @@ describe.skipIf(!isRoot)('net-agent in a throwaway node namespace', () => {
     const namespaces = await node.slotNamespaces();
     expect(namespaces).toContain(used.namespace);
     expect(namespaces).not.toContain(dropped.namespace);
-    for (const key of leftoverKeys) expect(consul.keys(key)).toEqual([]);
+    // Each leftover key is released, or (random reservation) taken afresh by the new agent.
+    for (const key of leftoverKeys) {
+      const value = consul.value(key);
+      if (value !== undefined) expect((JSON.parse(value) as { pid: number }).pid).toBe(second.child.pid);
+    }
+    expect(leftoverKeys.filter((k) => consul.value(k) === undefined).length).toBeGreaterThan(90);
     expect(consul.keys(`${node.prefix}/${used.idx}`)).toEqual([`${node.prefix}/${used.idx}`]);
     // The adopted slot still routes: its host route and rules were kept.
     const guest = await node.attachGuest(used);
