@@ -7,6 +7,7 @@ import { NbdConnection, type NbdExport, type NbdExportTable, type NbdRequestObse
 
 /** Big enough for a whole 1 MiB read reply (plus its header) in one write. */
 const SEND_BUFFER_BYTES = 4 * 1024 * 1024;
+const WRITE_HIGH_WATER_MARK = 8 * 1024 * 1024;
 
 export interface NbdServerOptions {
   socketPath: string;
@@ -70,7 +71,8 @@ export class NbdServer {
     if (this.listener) return;
     const { socketPath, logger } = this.options;
     await prepareSocketPath(socketPath);
-    const listener = createServer((socket) => this.accept(socket));
+    // Replies may queue up to this before the connection stops reading requests (backpressure).
+    const listener = createServer({ highWaterMark: WRITE_HIGH_WATER_MARK }, (socket) => this.accept(socket));
     await new Promise<void>((resolve, reject) => {
       listener.once('error', reject);
       listener.listen(socketPath, () => {
