@@ -123,6 +123,12 @@ export class Microvm implements GuestView {
         );
       nic.hostDevName = o.hostDevName;
     }
+    if (params.backendType === 'File' && snapfile.pageSize !== 4096) {
+      throw new VmmFailure(
+        'HUGETLBFS_FILE_BACKEND',
+        'Failed to restore from snapshot: Failed to load guest memory: Error creating guest memory from file: Cannot restore hugetlbfs backed snapshot by mapping the memory file. Please use uffd.',
+      );
+    }
     const { createdAt: _c, mmds: _m, envVars, format: _f, version: _v, ...config } = snapfile;
     const vm = new Microvm(settings, { ...config, networkInterfaces }, envVars);
     const backing: MemoryBacking =
