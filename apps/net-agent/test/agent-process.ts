@@ -5,7 +5,7 @@ import { dial, unary, waitForServing } from '#grpc';
 import { NetAgentClient, type NetSlot, type NetStats } from '#proto/sbx/net';
 import type { NodeNamespace } from './node-namespace.js';
 
-const REPO = fileURLToPath(new URL('../../../', import.meta.url));
+export const REPO = fileURLToPath(new URL('../../../', import.meta.url));
 
 export class AgentProcess {
   readonly logs: string[] = [];

@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import { status, type ServiceError } from '@grpc/grpc-js';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { NetSlot } from '#proto/sbx/net';
-import { AgentProcess } from './agent-process.js';
+import { AgentProcess, REPO } from './agent-process.js';
 import { ConsulKvDouble } from './consul-kv-double.js';
 import { INTERNET_IP, METADATA_IP, NodeNamespace, PRIVATE_IP, UPLINK_NODE_IP } from './node-namespace.js';
 
@@ -221,6 +221,32 @@ describe.skipIf(!isRoot)('net-agent in a throwaway node namespace', () => {
     expect(await second.stop()).toBe(0);
     expect(await node.snapshot()).toEqual(before);
     expect(consul.keys(`${node.prefix}/`)).toEqual([]);
+  });
+
+  it('`net-agent cleanup` removes leftovers once and exits', async () => {
+    const before = await node.snapshot();
+    const idx = Array.from({ length: 20 }, (_, i) => 9000 + i);
+    await node.mustExec(
+      node.node,
+      'ip',
+      ['-batch', '-'],
+      idx
+        .map(
+          (i) =>
+            `netns add ${node.slotPrefix}${i}\nlink add veth-${i} type veth peer name eth0 netns ${node.slotPrefix}${i}\n`,
+        )
+        .join(''),
+    );
+    const out = await node.mustExec(node.node, `${REPO}sbx`, [
+      'net-agent',
+      'cleanup',
+      '--namespace-prefix',
+      node.slotPrefix,
+      '--log-level',
+      'warn',
+    ]);
+    expect(out).toContain('removed 20 leftover slot(s)');
+    expect(await node.snapshot()).toEqual(before);
   });
 
   it('two agents racing for the same node id in Consul never hold the same slot', async () => {
