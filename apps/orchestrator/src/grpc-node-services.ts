@@ -133,6 +133,10 @@ export class GrpcNodeServices implements NodeServices {
         await unary(c, c.stop, { sandboxId }, timeoutMs);
         uffds.forget(sandboxId);
       },
+      tracking: async (sandboxId) => {
+        const c = uffds.of(sandboxId);
+        return (await unary(c, c.stats, { sandboxId }, timeoutMs)).tracking;
+      },
       list: async (): Promise<MemoryServing[]> => {
         const all: MemoryServing[] = [];
         for (const [i, c] of uffds.clients.entries()) {

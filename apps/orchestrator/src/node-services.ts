@@ -42,6 +42,8 @@ export interface MemoryProvider {
   ): Promise<UffdExportDiffResponse>;
   stop(sandboxId: string): Promise<void>;
   list(): Promise<MemoryServing[]>;
+  /** How written pages are known: 'wp-async' / 'wp-sync' (exactly) or 'present' (every page served). */
+  tracking(sandboxId: string): Promise<string>;
 }
 
 /** dns: sandbox name → host IP. */

@@ -187,10 +187,7 @@ export class SandboxManager {
     await this.o.events.event(config.snapshot ? 'resumed' : 'created', id, { buildId: sbx.build.buildId });
     sbx.startPolling(this.o.envd, this.o.settings.healthIntervalMs, this.o.settings.metricsIntervalMs);
     this.watchExit(sbx);
-    log.info(
-      { buildId: sbx.build.buildId, hostIp: sbx.hostIp, ms: Math.round(timings['total'] ?? 0) },
-      'sandbox created',
-    );
+    log.info({ buildId: sbx.build.buildId, hostIp: sbx.hostIp, steps: rounded(timings) }, 'sandbox created');
     return sbx;
   }
 
@@ -318,6 +315,7 @@ export class SandboxManager {
     };
     let step = 'remove dns';
     let sourcingStopped = false;
+    let snapshotType: 'Full' | 'Diff' | undefined;
     let staging: string | undefined;
     try {
       sbx.stopPolling();
@@ -336,8 +334,12 @@ export class SandboxManager {
       step = 'create snapshot';
       staging = await this.o.builds.staging(newBuildId);
       const fullMemfile = join(sbx.dir, 'memfile.full');
+      // With written pages tracked exactly (uffd write-protect), a Diff snapshot (the pages the
+      // guest wrote since load) holds everything ExportDiff reads; otherwise the full memory.
+      const tracking = await memory.tracking(id).catch(() => 'unknown');
+      snapshotType = tracking.startsWith('wp') ? 'Diff' : 'Full';
       await vmm.api.createSnapshot({
-        type: 'Full',
+        type: snapshotType,
         snapshotPath: join(staging, BUILD_FILES.snapfile),
         memFilePath: fullMemfile,
       });
@@ -398,7 +400,7 @@ export class SandboxManager {
         generation: String(memHeader.metadata.generation),
       });
       sbx.log.info(
-        { buildId: newBuildId, generation: memHeader.metadata.generation, steps: rounded(timings) },
+        { buildId: newBuildId, generation: memHeader.metadata.generation, snapshotType, steps: rounded(timings) },
         'sandbox paused',
       );
       return build;

@@ -120,6 +120,7 @@ export class RecordingNode implements NodeServices {
       return UffdPrepareResponse.fromPartial({ socketPath, memorySize: MEM_PAGES * PAGE });
     },
     stopSourcing: async () => {},
+    tracking: async () => 'present',
     exportDiff: async (_id: string, newBuildId: string, diffPath: string): Promise<UffdExportDiffResponse> => {
       this.check('exportDiff');
       // Each pause dirties page `exportPage` (with its own byte) and page 0.
