@@ -3,6 +3,7 @@
 # (file plugin + cow filter) on the same image, same run. fio's nbd engine for 4 KiB random
 # read at queue depth 32 and 1 MiB sequential read, then nbdcopy of the whole device.
 # Usage: bash bench/nbd/run.sh [image-size-MiB] [seconds-per-fio-run]
+# READ_MODE=async measures ours reading through the libuv pool instead of pread on the loop.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 size_mib=${1:-512}
@@ -27,7 +28,7 @@ head -c "$((size_mib * 1024 * 1024))" /dev/urandom >"$work/base.img"
 cat "$work/base.img" >/dev/null
 
 UV_THREADPOOL_SIZE=${UV_THREADPOOL_SIZE:-8} ./sbx block-server serve --base "$work/base.img" --socket "$work/ours.sock" \
-  --overlay "$work/overlay" --log-level warn &
+  --overlay "$work/overlay" --read-mode "${READ_MODE:-sync}" --log-level warn &
 pids+=($!)
 nbdkit --foreground --unix "$work/kit.sock" --filter=cow file "$work/base.img" &
 pids+=($!)
@@ -71,4 +72,4 @@ for name, ours, kit, goal, fmt in rows:
     g = f">= {goal:.0%}" + ("  ok" if ratio >= goal else "  MISSED") if goal else ""
     print(f"{name:34} {fmt.format(ours):>10} {fmt.format(kit):>10} {ratio:7.0%}  {g}")
 PY
-echo "(machine: $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg); shared with other work)"
+echo "(ours: --read-mode ${READ_MODE:-sync}; machine: $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg); shared with other work)"
