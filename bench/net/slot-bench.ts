@@ -297,6 +297,9 @@ async function outer(opts: Options): Promise<void> {
     console.log(
       `  acquire over socket (${opts.acquires}): p50 ${f(percentile(rpc, 50))} ms  p99 ${f(percentile(rpc, 99))} ms   (goal p99 ≤1 ms)`,
     );
+    console.log(
+      `  empty Stats RPC, same socket:  p50 ${f(percentile(baseline, 50))} ms  p99 ${f(percentile(baseline, 99))} ms   (the gRPC round trip alone)`,
+    );
   } finally {
     await tearDown();
     await rm(dir, { recursive: true, force: true });
