@@ -4,6 +4,7 @@ import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { bootImagePage, bootSeed } from '../src/boot-image.js';
 import { decodeSnapfile } from '../src/snapfile.js';
+import { holdings as holdingsOf } from './service-process.js';
 import { httpRequest, VmmSimProcess } from './vmm-sim-process.js';
 
 // Sequences and messages from Firecracker's API (rpc_interface.rs, persist.rs) and its
@@ -29,6 +30,14 @@ async function start(extra: string[] = []): Promise<{ vmm: VmmSimProcess; guestP
   ]);
   procs.push(vmm);
   return { vmm, guestPort };
+}
+
+/** The VMM's memfd-backed guest memory, as its mappings and fds show it. */
+function guestMemfd(pid: number): string[] {
+  const maps = readFileSync(`/proc/${pid}/maps`, 'utf8')
+    .split('\n')
+    .filter((l) => l.includes('memfd:guest_mem'));
+  return [...maps, ...holdingsOf(pid).fds.filter((f) => f.includes('memfd:guest_mem'))];
 }
 
 function fault(reply: { body: unknown }): string {
@@ -302,6 +311,39 @@ describe('vmm-sim API conformance', () => {
     expect(
       (await httpRequest(guest, 'POST', '/_test/memory/write', { offset: 0, pattern: 'xyz', length: 3 })).status,
     ).toBe(400);
+  });
+
+  it('gives back everything a failed start took, and can start afterwards', async () => {
+    // With --share-memfd the guest memory is a memfd: its mapping and fd are easy to spot.
+    const { vmm } = await start(['--share-memfd']);
+    const { createServer } = await import('node:net');
+    // A drive that is an NBD socket whose server hangs up at once: the start fails after the
+    // guest memory (64 MiB, a vCPU thread) was already set up.
+    const sockPath = join(dir, 'hangup-nbd.sock');
+    const hangup = createServer((c) => c.destroy());
+    await new Promise<void>((r) => hangup.listen(sockPath, r));
+    try {
+      const before = holdingsOf(vmm.pid);
+      await vmm.ok('PUT', '/boot-source', { kernel_image_path: join(dir, 'vmlinux') });
+      await vmm.ok('PUT', '/machine-config', { vcpu_count: 1, mem_size_mib: 64 });
+      await vmm.ok('PUT', '/drives/rootfs', { drive_id: 'rootfs', path_on_host: sockPath, is_root_device: true });
+      const failed = await vmm.api('PUT', '/actions', { action_type: 'InstanceStart' });
+      expect(failed.status).toBe(400);
+      expect(fault(failed)).toMatch(/^Start microvm error: .*VirtioBlock: Error manipulating the backing file: /);
+      expect(guestMemfd(vmm.pid)).toEqual([]);
+      expect(holdingsOf(vmm.pid).fds.length).toBeLessThanOrEqual(before.fds.length);
+      expect((await vmm.api('GET', '/')).body).toMatchObject({ state: 'Not started' });
+      await vmm.ok('PUT', '/drives/rootfs', {
+        drive_id: 'rootfs',
+        path_on_host: join(dir, 'rootfs.ext4'),
+        is_root_device: true,
+      });
+      await vmm.ok('PUT', '/actions', { action_type: 'InstanceStart' });
+      expect((await vmm.api('GET', '/')).body).toMatchObject({ state: 'Running' });
+      expect(guestMemfd(vmm.pid).length).toBe(2);
+    } finally {
+      hangup.close();
+    }
   });
 
   it('treats a failed load as fatal: answers 400, then exits', async () => {
