@@ -1,6 +1,6 @@
-import { copyFile, mkdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
+import { mkdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { baseMappings, decodeHeader, encodeHeader, type Header } from '#storage';
+import { baseMappings, decodeHeader, encodeHeader, LocalBackend, type Header, type StorageBackend } from '#storage';
 import { BuildUnavailable } from './orchestrator-errors.js';
 
 /** The file names of a build (DESIGN.md §2), in the bucket and in the local cache alike. */
@@ -71,11 +71,15 @@ export async function writeBuildHeader(dir: string, kind: 'memfile' | 'rootfs', 
   await rename(tmp, join(dir, name));
 }
 
-/** Local cache directory + a bucket that is a local directory. */
-export class DirectoryBuildFiles implements BuildFiles {
+/**
+ * The node's local build directory in front of the bucket (libs/storage's backend: a local
+ * directory or `gs://bucket`). Only headers and the snapfile are fetched; layer data stays
+ * where it is and the services read it lazily.
+ */
+export class BucketBuildFiles implements BuildFiles {
   constructor(
     private readonly cacheDir: string,
-    private readonly bucketDir: string,
+    private readonly backend: StorageBackend,
   ) {}
 
   localDir(buildId: string): string {
@@ -85,32 +89,35 @@ export class DirectoryBuildFiles implements BuildFiles {
   async dataPath(buildId: string, name: string): Promise<string> {
     const local = join(this.localDir(buildId), name);
     if (await isFile(local)) return local;
-    const remote = join(this.bucketDir, buildId, name);
-    if (await isFile(remote)) return remote;
-    throw new BuildUnavailable(buildId, `${name} is neither local nor in the bucket`);
+    const object = `${buildId}/${name}`;
+    if (!(await this.backend.exists(object))) {
+      throw new BuildUnavailable(buildId, `${name} is neither local nor in ${this.backend.location}`);
+    }
+    if (this.backend instanceof LocalBackend) return this.backend.pathOf(object);
+    // A remote layer read whole (compaction): fetched once into the local build directory.
+    await mkdir(this.localDir(buildId), { recursive: true });
+    await this.backend.download(object, local);
+    return local;
   }
 
   async exists(buildId: string): Promise<boolean> {
-    for (const dir of [this.localDir(buildId), join(this.bucketDir, buildId)]) {
-      if (await isFile(join(dir, BUILD_FILES.snapfile))) return true;
-    }
-    return false;
+    if (await isFile(join(this.localDir(buildId), BUILD_FILES.snapfile))) return true;
+    return this.backend.exists(`${buildId}/${BUILD_FILES.snapfile}`);
   }
 
   async fetch(buildId: string): Promise<LocalBuild> {
     const dir = this.localDir(buildId);
     if (!(await isFile(join(dir, BUILD_FILES.snapfile)))) {
-      const remote = join(this.bucketDir, buildId);
-      if (!(await isFile(join(remote, BUILD_FILES.snapfile)))) {
-        throw new BuildUnavailable(buildId, 'not in the local cache nor in the bucket');
+      if (!(await this.backend.exists(`${buildId}/${BUILD_FILES.snapfile}`))) {
+        throw new BuildUnavailable(buildId, `not in the local cache nor in ${this.backend.location}`);
       }
       const staging = `${dir}.fetch-${process.pid}-${Date.now()}`;
       await mkdir(staging, { recursive: true });
       try {
         for (const name of [BUILD_FILES.memfileHeader, BUILD_FILES.rootfsHeader, BUILD_FILES.snapfile]) {
-          await copyFile(join(remote, name), join(staging, name)).catch((err: NodeJS.ErrnoException) => {
-            if (err.code !== 'ENOENT' || name === BUILD_FILES.snapfile) throw err;
-          });
+          const object = `${buildId}/${name}`;
+          if (name !== BUILD_FILES.snapfile && !(await this.backend.exists(object))) continue;
+          await this.backend.download(object, join(staging, name));
         }
         await rename(staging, dir).catch(async (err: NodeJS.ErrnoException) => {
           // Another create fetched it first: theirs is as good as ours.
@@ -120,15 +127,28 @@ export class DirectoryBuildFiles implements BuildFiles {
         await rm(staging, { recursive: true, force: true });
       }
     }
-    // A headerless base rootfs is sized from its data file, which may only be in the bucket.
-    const hasLocalRootfs =
-      (await isFile(join(dir, BUILD_FILES.rootfsHeader))) || (await isFile(join(dir, BUILD_FILES.rootfs)));
     return {
       buildId,
       dir,
       snapfilePath: join(dir, BUILD_FILES.snapfile),
       memfileHeader: await readBuildHeader(dir, 'memfile', buildId),
-      rootfsHeader: await readBuildHeader(hasLocalRootfs ? dir : join(this.bucketDir, buildId), 'rootfs', buildId),
+      rootfsHeader: await this.rootfsHeader(dir, buildId),
+    };
+  }
+
+  /** A headerless base rootfs is sized from its data file, which may only be in the bucket. */
+  private async rootfsHeader(dir: string, buildId: string): Promise<Header> {
+    if ((await isFile(join(dir, BUILD_FILES.rootfsHeader))) || (await isFile(join(dir, BUILD_FILES.rootfs)))) {
+      return readBuildHeader(dir, 'rootfs', buildId);
+    }
+    const object = `${buildId}/${BUILD_FILES.rootfs}`;
+    if (!(await this.backend.exists(object))) {
+      throw new BuildUnavailable(buildId, `neither ${BUILD_FILES.rootfsHeader} nor ${BUILD_FILES.rootfs}`);
+    }
+    const size = await this.backend.size(object);
+    return {
+      metadata: { version: 1, blockSize: ROOTFS_BLOCK_SIZE, size, generation: 0, buildId, baseBuildId: buildId },
+      mappings: baseMappings(size, buildId),
     };
   }
 
@@ -147,22 +167,22 @@ export class DirectoryBuildFiles implements BuildFiles {
     await rm(`${this.localDir(buildId)}.staging`, { recursive: true, force: true });
   }
 
+  /** Data files first, headers next, the snapfile last: a build is visible once complete. */
   async upload(buildId: string): Promise<void> {
     const from = this.localDir(buildId);
-    const to = join(this.bucketDir, buildId);
-    const tmp = `${to}.upload-${process.pid}`;
-    await rm(tmp, { recursive: true, force: true });
-    await mkdir(tmp, { recursive: true });
-    try {
-      for (const name of Object.values(BUILD_FILES)) {
-        await copyFile(join(from, name), join(tmp, name)).catch((err: NodeJS.ErrnoException) => {
-          if (err.code !== 'ENOENT' || name === BUILD_FILES.snapfile) throw err;
-        });
+    const order = [
+      BUILD_FILES.memfile,
+      BUILD_FILES.rootfs,
+      BUILD_FILES.memfileHeader,
+      BUILD_FILES.rootfsHeader,
+      BUILD_FILES.snapfile,
+    ];
+    for (const name of order) {
+      if (!(await isFile(join(from, name)))) {
+        if (name === BUILD_FILES.snapfile) throw new BuildUnavailable(buildId, 'no local snapfile to upload');
+        continue;
       }
-      await rm(to, { recursive: true, force: true });
-      await rename(tmp, to);
-    } finally {
-      await rm(tmp, { recursive: true, force: true });
+      await this.backend.upload(`${buildId}/${name}`, join(from, name));
     }
   }
 }

@@ -5,14 +5,14 @@ import { describeConfig } from '#config';
 import { startGrpcServer, type GrpcServerHandle } from '#grpc';
 import type { Logger } from '#logging';
 import { createRegistry, startMetricsServer, type MetricsServer } from '#metrics';
+import { openBackend } from '#storage';
 import { SandboxServiceService } from '#proto/orchestrator';
-import { DirectoryBuildFiles } from './build-files.js';
+import { BucketBuildFiles } from './build-files.js';
 import { BuildUploader } from './build-uploader.js';
 import { HttpEnvdClient } from './envd-client.js';
 import { GrpcNodeServices } from './grpc-node-services.js';
 import { NoLifecycleEvents, RedisLifecycleEvents, type LifecycleEvents } from './lifecycle-events.js';
 import type { OrchestratorConfig } from './orchestrator-config.js';
-import { ConfigInvalid } from '#config';
 import { reconcileOnStart, type ReconcileReport } from './restart-reconciler.js';
 import { SandboxManager } from './sandbox-manager.js';
 import { sandboxService } from './sandbox-service.js';
@@ -32,11 +32,6 @@ export interface RunningOrchestrator {
 /** Wires the orchestrator from its configuration: reconcile, sample template, gRPC, metrics. */
 export async function startOrchestrator(config: OrchestratorConfig, logger: Logger): Promise<RunningOrchestrator> {
   logger.info({ config: describeConfig(config) }, 'orchestrator starting');
-  if (config.bucket.startsWith('gs://')) {
-    throw new ConfigInvalid('orchestrator', [
-      '--bucket / SBX_BUCKET: gs:// buckets are not supported by this build yet',
-    ]);
-  }
   const vmmCommand = chooseVmmCommand(config);
   if (vmmCommand.isDouble) {
     logger.warn(
@@ -48,7 +43,7 @@ export async function startOrchestrator(config: OrchestratorConfig, logger: Logg
   const socketDir = join(config.dataDir, 's');
   await mkdir(socketDir, { recursive: true, mode: 0o750 });
   await mkdir(config.cacheDir, { recursive: true });
-  await mkdir(config.bucket, { recursive: true });
+  if (!config.bucket.startsWith('gs://')) await mkdir(config.bucket, { recursive: true });
 
   const events: LifecycleEvents = config.redisUrl
     ? new RedisLifecycleEvents(config.redisUrl, config.nodeId, config.redisPrefix, config.redisStream, logger)
@@ -65,7 +60,7 @@ export async function startOrchestrator(config: OrchestratorConfig, logger: Logg
   );
   const vmm = new ProcessVmmLauncher(vmmCommand);
   const envd = new HttpEnvdClient(config.envdPort);
-  const builds = new DirectoryBuildFiles(config.cacheDir, config.bucket);
+  const builds = new BucketBuildFiles(config.cacheDir, openBackend(config.bucket));
   const cache = new TemplateCache(builds, config.buildCacheTtlMs);
   const templates = new TemplateCatalogue(join(config.dataDir, 'templates.json'));
   await templates.load();

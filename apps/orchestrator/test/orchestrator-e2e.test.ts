@@ -7,8 +7,8 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { unary } from '#grpc';
 import type { SandboxConfig } from '#proto/orchestrator';
 import { createLogger } from '#logging';
-import { decodeHeader, encodeHeader, NIL_UUID } from '#storage';
-import { DirectoryBuildFiles } from '../src/build-files.js';
+import { decodeHeader, encodeHeader, LocalBackend, NIL_UUID } from '#storage';
+import { BucketBuildFiles } from '../src/build-files.js';
 import { BuildUploader } from '../src/build-uploader.js';
 import type { EnvdClient } from '../src/envd-client.js';
 import { GrpcNodeServices } from '../src/grpc-node-services.js';
@@ -336,7 +336,7 @@ describe.skipIf(missing !== undefined)('create failure points, the rest real', (
 
   function managerWith(o: { services?: NodeServices; vmm?: VmmLauncher; envdFails?: boolean }): SandboxManager {
     const root = join(node.root, 'fp');
-    const builds = new DirectoryBuildFiles(node.cacheDir, node.bucket);
+    const builds = new BucketBuildFiles(node.cacheDir, new LocalBackend(node.bucket));
     const templates = new TemplateCatalogue(join(node.dataDir, 'templates.json'));
     const envd: EnvdClient = {
       init: async (ip, _env, timeoutMs) => {

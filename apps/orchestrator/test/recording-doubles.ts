@@ -1,12 +1,12 @@
 import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { createLogger } from '#logging';
-import { baseMappings, encodeHeader, type Header } from '#storage';
+import { baseMappings, encodeHeader, LocalBackend, type Header } from '#storage';
 import type { SandboxConfig } from '#proto/orchestrator';
 import { BlockDevice, BlockExportResponse } from '#proto/sbx/block';
 import { NetSlot } from '#proto/sbx/net';
 import { UffdExportDiffResponse, UffdPrepareResponse } from '#proto/sbx/uffd';
-import { BUILD_FILES, DirectoryBuildFiles } from '../src/build-files.js';
+import { BUILD_FILES, BucketBuildFiles } from '../src/build-files.js';
 import { BuildUploader } from '../src/build-uploader.js';
 import type { EnvdClient } from '../src/envd-client.js';
 import type { FirecrackerApi } from '../src/firecracker-api.js';
@@ -287,7 +287,7 @@ export async function makeHarness(root: string, generationCap = 3): Promise<Harn
     health: async () => true,
     metrics: async () => undefined,
   };
-  const builds = new DirectoryBuildFiles(join(root, 'cache'), bucket);
+  const builds = new BucketBuildFiles(join(root, 'cache'), new LocalBackend(bucket));
   const templates = new TemplateCatalogue(join(root, 'data', 'templates.json'));
   await templates.set({ templateId: 'base', buildId: BASE, createdAt: new Date().toISOString() });
   const cache = new TemplateCache(builds, 60_000);
