@@ -47,6 +47,11 @@ export const commands: CommandEntry[] = [
     summary: 'run the whole node locally: node up [--data-dir] [--grpc-port] [--demo]',
     module: 'tools/sbx/src/node/node-command',
   },
+  {
+    name: 'health',
+    summary: 'one grpc.health.v1 check of a service socket (exit 0 when serving): for script checks',
+    module: 'tools/sbx/src/cli/health-command',
+  },
   { name: 'create', summary: 'create a sandbox from a template (or a build)', module: cli, exportName: 'createMain' },
   { name: 'list', summary: 'list running sandboxes', module: cli, exportName: 'listMain' },
   { name: 'pause', summary: 'pause a sandbox into a new build', module: cli, exportName: 'pauseMain' },
