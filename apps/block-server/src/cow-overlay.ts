@@ -1,10 +1,12 @@
 import { constants, close as closeFd, fdatasync, fstat, ftruncate, open as openFd, write } from 'node:fs';
-import { mkdir, open, readFile, rename, rm } from 'node:fs/promises';
+import { mkdir, readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { crc32 } from 'node:zlib';
 import { DirtyBitmap, type ReadableBlocks, type WritableBlocks } from '#storage';
 import { OverlayStateInvalid } from './block-errors.js';
+import { writeDurably } from './durable-file.js';
 import { readFully, readFullySync } from './file-blocks.js';
+import { OverlayJournal, type BlockChange, type BlockState } from './overlay-journal.js';
 
 export interface CowOverlayOptions {
   /** What untouched blocks read from. Never written to. */
@@ -23,6 +25,9 @@ export interface CowOverlayOptions {
 
 const STATE_MAGIC = Buffer.from('SBXCOW01', 'ascii');
 const STATE_FILE = 'overlay.state';
+const JOURNAL_FILE = 'overlay.journal';
+/** Past this the journal is folded into a new snapshot. */
+const JOURNAL_MAX_BYTES = 4 * 1024 * 1024;
 const DATA_FILE = 'overlay.img';
 
 /**
@@ -49,13 +54,20 @@ export class CowOverlay implements WritableBlocks {
   private readonly syncReads: boolean;
   private readonly fd: number;
   private readonly blockLocks = new Map<number, Promise<void>>();
-  private stateVersion = 0;
-  private persistedVersion = 0;
+  /** Blocks whose state changed since the last flush made the maps durable. */
+  private changed = new Set<number>();
+  private generation: number;
+  private readonly journal: OverlayJournal;
   private queuedFlush: Promise<void> | undefined;
   private runningFlush: Promise<void> | undefined;
   private closed = false;
 
-  private constructor(options: Required<CowOverlayOptions>, fd: number, written: DirtyBitmap, zeroed: DirtyBitmap) {
+  private constructor(
+    options: Required<CowOverlayOptions>,
+    fd: number,
+    state: { written: DirtyBitmap; zeroed: DirtyBitmap; generation: number },
+    journal: OverlayJournal,
+  ) {
     this.base = options.base;
     this.dir = options.dir;
     this.blockSize = options.blockSize;
@@ -63,8 +75,10 @@ export class CowOverlay implements WritableBlocks {
     this.syncReads = options.syncReads;
     this.size = options.base.size;
     this.fd = fd;
-    this.written = written;
-    this.zeroed = zeroed;
+    this.written = state.written;
+    this.zeroed = state.zeroed;
+    this.generation = state.generation;
+    this.journal = journal;
   }
 
   /** Creates the overlay, or reopens the one a previous run left in `dir`. */
@@ -82,7 +96,9 @@ export class CowOverlay implements WritableBlocks {
     });
     const state = saved
       ? decodeState(saved, statePath, full)
-      : { written: new DirtyBitmap(blocks), zeroed: new DirtyBitmap(blocks) };
+      : { written: new DirtyBitmap(blocks), zeroed: new DirtyBitmap(blocks), generation: 0 };
+    // A new overlay gets its snapshot at once, so size and base identity are checked on every reopen.
+    if (!saved) await writeDurably(statePath, encodeState(full, state, 0));
 
     const fd = await new Promise<number>((resolve, reject) =>
       openFd(join(full.dir, DATA_FILE), constants.O_RDWR | constants.O_CREAT, 0o600, (err, fd) =>
@@ -106,7 +122,23 @@ export class CowOverlay implements WritableBlocks {
       closeFd(fd, () => undefined);
       throw err;
     }
-    return new CowOverlay(full, fd, state.written, state.zeroed);
+    let opened: Awaited<ReturnType<typeof OverlayJournal.open>>;
+    try {
+      opened = await OverlayJournal.open(join(full.dir, JOURNAL_FILE), state.generation, blocks);
+    } catch (err) {
+      closeFd(fd, () => undefined);
+      throw err;
+    }
+    // Flushes after the snapshot, in order: each record holds the states a flush made durable.
+    for (const record of opened.records) {
+      for (const [block, blockState] of record) {
+        if (blockState === 1) state.written.set(block);
+        else state.written.clear(block);
+        if (blockState === 2) state.zeroed.set(block);
+        else state.zeroed.clear(block);
+      }
+    }
+    return new CowOverlay(full, fd, state, opened.journal);
   }
 
   readAt(target: Uint8Array, offset: number): Promise<void> {
@@ -191,8 +223,8 @@ export class CowOverlay implements WritableBlocks {
       for (let b = firstFull; b < endFull; b++) {
         this.zeroed.set(b);
         this.written.clear(b);
+        this.changed.add(b);
       }
-      this.stateVersion++;
     }
     await Promise.all(partial.map(([from, to]) => this.writeAt(Buffer.alloc(to - from), from)));
   }
@@ -222,7 +254,7 @@ export class CowOverlay implements WritableBlocks {
 
   /** True when the maps changed since they were last made durable. */
   get unflushedState(): boolean {
-    return this.stateVersion !== this.persistedVersion;
+    return this.changed.size > 0;
   }
 
   async close(): Promise<void> {
@@ -230,6 +262,7 @@ export class CowOverlay implements WritableBlocks {
     await (this.runningFlush ?? Promise.resolve()).catch(() => undefined);
     await (this.queuedFlush ?? Promise.resolve()).catch(() => undefined);
     this.closed = true;
+    await this.journal.close();
     await new Promise<void>((resolve) => closeFd(this.fd, () => resolve()));
   }
 
@@ -239,32 +272,37 @@ export class CowOverlay implements WritableBlocks {
     await rm(this.dir, { recursive: true, force: true });
   }
 
+  /**
+   * Data first (fdatasync), then the block states it depends on: appended to the journal when
+   * few changed, else a new snapshot (write, fsync, rename) after which the journal restarts.
+   */
   private async syncOnce(): Promise<void> {
-    const version = this.stateVersion;
-    const state = version !== this.persistedVersion ? this.encodeState() : undefined;
-    await new Promise<void>((resolve, reject) => fdatasync(this.fd, (err) => (err ? reject(err) : resolve())));
-    if (!state) return;
-    await writeDurably(join(this.dir, STATE_FILE), state);
-    this.persistedVersion = version;
+    const blocks = [...this.changed];
+    this.changed = new Set();
+    const changes: BlockChange[] = blocks.map((b) => [b, this.kindOf(b) as BlockState]);
+    const snapshotBytes = (this.written.blockCount / 8) * 2;
+    const snapshot =
+      changes.length * 5 > snapshotBytes / 4 || this.journal.bytes > JOURNAL_MAX_BYTES
+        ? this.encodeState(this.generation + 1)
+        : undefined;
+    try {
+      await new Promise<void>((resolve, reject) => fdatasync(this.fd, (err) => (err ? reject(err) : resolve())));
+      if (snapshot) {
+        await writeDurably(join(this.dir, STATE_FILE), snapshot);
+        this.generation++;
+        await this.journal.reset(this.generation);
+      } else if (changes.length > 0) {
+        await this.journal.append(changes);
+      }
+    } catch (err) {
+      // Not durable: the next flush must write these blocks' states again.
+      for (const b of blocks) this.changed.add(b);
+      throw err;
+    }
   }
 
-  private encodeState(): Buffer {
-    const identity = Buffer.from(this.identity, 'utf8');
-    const written = this.written.toBytes();
-    const zeroed = this.zeroed.toBytes();
-    const head = Buffer.alloc(8 + 4 + 4 + 8 + 4);
-    STATE_MAGIC.copy(head, 0);
-    head.writeUInt32LE(1, 8);
-    head.writeUInt32LE(this.blockSize, 12);
-    head.writeBigUInt64LE(BigInt(this.size), 16);
-    head.writeUInt32LE(identity.length, 24);
-    const lengths = Buffer.alloc(16);
-    lengths.writeBigUInt64LE(BigInt(written.length), 0);
-    lengths.writeBigUInt64LE(BigInt(zeroed.length), 8);
-    const body = Buffer.concat([head, identity, lengths, written, zeroed]);
-    const sum = Buffer.alloc(4);
-    sum.writeUInt32LE(crc32(body), 0);
-    return Buffer.concat([body, sum]);
+  private encodeState(generation: number): Buffer {
+    return encodeState({ blockSize: this.blockSize, identity: this.identity, size: this.size }, this, generation);
   }
 
   private kindOf(block: number): 0 | 1 | 2 {
@@ -294,11 +332,11 @@ export class CowOverlay implements WritableBlocks {
     for (let b = first; b <= last; b++) {
       if (!this.written.has(b)) {
         this.written.set(b);
-        this.stateVersion++;
+        this.changed.add(b);
       }
       if (this.zeroed.has(b)) {
         this.zeroed.clear(b);
-        this.stateVersion++;
+        this.changed.add(b);
       }
     }
   }
@@ -348,28 +386,54 @@ export class CowOverlay implements WritableBlocks {
   }
 }
 
+function encodeState(
+  options: { blockSize: number; identity: string; base?: { size: number }; size?: number },
+  maps: { written: DirtyBitmap; zeroed: DirtyBitmap },
+  generation: number,
+): Buffer {
+  const size = options.size ?? options.base!.size;
+  const identity = Buffer.from(options.identity, 'utf8');
+  const written = maps.written.toBytes();
+  const zeroed = maps.zeroed.toBytes();
+  const head = Buffer.alloc(8 + 4 + 4 + 8 + 8 + 4);
+  STATE_MAGIC.copy(head, 0);
+  head.writeUInt32LE(2, 8);
+  head.writeUInt32LE(options.blockSize, 12);
+  head.writeBigUInt64LE(BigInt(size), 16);
+  head.writeBigUInt64LE(BigInt(generation), 24);
+  head.writeUInt32LE(identity.length, 32);
+  const lengths = Buffer.alloc(16);
+  lengths.writeBigUInt64LE(BigInt(written.length), 0);
+  lengths.writeBigUInt64LE(BigInt(zeroed.length), 8);
+  const body = Buffer.concat([head, identity, lengths, written, zeroed]);
+  const sum = Buffer.alloc(4);
+  sum.writeUInt32LE(crc32(body), 0);
+  return Buffer.concat([body, sum]);
+}
+
 function decodeState(
   bytes: Buffer,
   path: string,
   expected: Required<CowOverlayOptions>,
-): { written: DirtyBitmap; zeroed: DirtyBitmap } {
+): { written: DirtyBitmap; zeroed: DirtyBitmap; generation: number } {
   const fail = (problem: string): never => {
     throw new OverlayStateInvalid(path, problem);
   };
-  if (bytes.length < 48 || !bytes.subarray(0, 8).equals(STATE_MAGIC)) fail('bad magic');
+  if (bytes.length < 56 || !bytes.subarray(0, 8).equals(STATE_MAGIC)) fail('bad magic');
   const body = bytes.subarray(0, bytes.length - 4);
   if (crc32(body) !== bytes.readUInt32LE(bytes.length - 4)) fail('checksum mismatch (torn or corrupted)');
-  if (bytes.readUInt32LE(8) !== 1) fail(`unknown version ${bytes.readUInt32LE(8)}`);
+  if (bytes.readUInt32LE(8) !== 2) fail(`unknown version ${bytes.readUInt32LE(8)}`);
   const blockSize = bytes.readUInt32LE(12);
   const size = Number(bytes.readBigUInt64LE(16));
+  const generation = Number(bytes.readBigUInt64LE(24));
   if (blockSize !== expected.blockSize) fail(`block size ${blockSize}, expected ${expected.blockSize}`);
   if (size !== expected.base.size) fail(`size ${size}, base is ${expected.base.size}`);
-  const idLength = bytes.readUInt32LE(24);
-  if (28 + idLength + 16 > body.length) fail('identity runs past the file');
-  const identity = bytes.toString('utf8', 28, 28 + idLength);
+  const idLength = bytes.readUInt32LE(32);
+  if (36 + idLength + 16 > body.length) fail('identity runs past the file');
+  const identity = bytes.toString('utf8', 36, 36 + idLength);
   if (identity !== expected.identity)
     fail(`made over ${JSON.stringify(identity)}, not ${JSON.stringify(expected.identity)}`);
-  let at = 28 + idLength;
+  let at = 36 + idLength;
   const writtenLength = Number(bytes.readBigUInt64LE(at));
   const zeroedLength = Number(bytes.readBigUInt64LE(at + 8));
   at += 16;
@@ -379,28 +443,9 @@ function decodeState(
     const zeroed = DirtyBitmap.fromBytes(body.subarray(at + writtenLength));
     const blocks = Math.ceil(size / blockSize);
     if (written.blockCount !== blocks || zeroed.blockCount !== blocks) fail(`bitmaps are not ${blocks} blocks`);
-    return { written, zeroed };
+    return { written, zeroed, generation };
   } catch (err) {
     if (err instanceof OverlayStateInvalid) throw err;
     return fail((err as Error).message);
-  }
-}
-
-/** Replaces `path` so that a crash leaves either the old or the new contents, never a mix. */
-export async function writeDurably(path: string, contents: Uint8Array): Promise<void> {
-  const tmp = `${path}.tmp`;
-  const handle = await open(tmp, 'w', 0o600);
-  try {
-    await handle.writeFile(contents);
-    await handle.sync();
-  } finally {
-    await handle.close();
-  }
-  await rename(tmp, path);
-  const dir = await open(join(path, '..'), 'r');
-  try {
-    await dir.sync();
-  } finally {
-    await dir.close();
   }
 }

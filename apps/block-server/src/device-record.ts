@@ -1,7 +1,7 @@
 import { mkdir, readdir, readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { z } from 'zod';
-import { writeDurably } from './cow-overlay.js';
+import { writeDurably } from './durable-file.js';
 
 /**
  * What a device is, persisted next to its overlay so a restarted block-server can reopen it:

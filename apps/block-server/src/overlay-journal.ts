@@ -1,0 +1,155 @@
+import { constants, close as closeFd, fdatasync, ftruncate, open as openFd, write } from 'node:fs';
+import { readFile } from 'node:fs/promises';
+import { crc32 } from 'node:zlib';
+import { writeDurably } from './durable-file.js';
+
+/** A block's state in the overlay: 0 from the base, 1 written (bytes in the overlay file), 2 zeroed. */
+export type BlockState = 0 | 1 | 2;
+export type BlockChange = readonly [block: number, state: BlockState];
+
+const MAGIC = Buffer.from('SBXJRNL1', 'ascii');
+const HEADER_BYTES = 20;
+
+/**
+ * The journal next to an overlay's snapshot: each flush that changed a few block states
+ * appends one record (block, new state)… with a CRC and fdatasyncs it, instead of rewriting
+ * both bitmaps of the whole device (640 KiB for 10 GiB). The header names the snapshot
+ * generation it applies to, so records older than a newer snapshot are never replayed over it.
+ * A torn last record (crash mid-append, never acknowledged) fails its CRC and ends the replay.
+ */
+export function encodeJournalHeader(generation: number): Buffer {
+  const out = Buffer.alloc(HEADER_BYTES);
+  MAGIC.copy(out, 0);
+  out.writeBigUInt64LE(BigInt(generation), 8);
+  out.writeUInt32LE(crc32(out.subarray(0, 16)), 16);
+  return out;
+}
+
+export function encodeJournalRecord(changes: readonly BlockChange[]): Buffer {
+  const out = Buffer.alloc(4 + changes.length * 5 + 4);
+  out.writeUInt32LE(changes.length, 0);
+  changes.forEach(([block, state], i) => {
+    out.writeUInt32LE(block, 4 + i * 5);
+    out.writeUInt8(state, 8 + i * 5);
+  });
+  out.writeUInt32LE(crc32(out.subarray(0, out.length - 4)), out.length - 4);
+  return out;
+}
+
+/**
+ * Parses a journal: its generation (undefined when the header is unusable) and every intact
+ * record in order, plus how many bytes they span (appends continue there).
+ */
+export function decodeJournal(
+  bytes: Buffer,
+  blockCount: number,
+): { generation: number | undefined; records: BlockChange[][]; validBytes: number } {
+  if (
+    bytes.length < HEADER_BYTES ||
+    !bytes.subarray(0, 8).equals(MAGIC) ||
+    crc32(bytes.subarray(0, 16)) !== bytes.readUInt32LE(16)
+  ) {
+    return { generation: undefined, records: [], validBytes: 0 };
+  }
+  const generation = Number(bytes.readBigUInt64LE(8));
+  const records: BlockChange[][] = [];
+  let at = HEADER_BYTES;
+  while (at + 8 <= bytes.length) {
+    const count = bytes.readUInt32LE(at);
+    const end = at + 4 + count * 5 + 4;
+    if (count === 0 || end > bytes.length) break;
+    if (crc32(bytes.subarray(at, end - 4)) !== bytes.readUInt32LE(end - 4)) break;
+    const changes: BlockChange[] = [];
+    let sane = true;
+    for (let i = 0; i < count; i++) {
+      const block = bytes.readUInt32LE(at + 4 + i * 5);
+      const state = bytes.readUInt8(at + 8 + i * 5);
+      if (block >= blockCount || state > 2) sane = false;
+      changes.push([block, state as BlockState]);
+    }
+    if (!sane) break;
+    records.push(changes);
+    at = end;
+  }
+  return { generation, records, validBytes: at };
+}
+
+export class OverlayJournal {
+  private constructor(
+    private readonly path: string,
+    private fd: number,
+    private length: number,
+  ) {}
+
+  /**
+   * Opens the journal for a snapshot of `generation`: returns the records to replay over it,
+   * and cuts a torn tail off so appends follow the last good record. A journal of another
+   * generation (or none) is replaced by an empty one.
+   */
+  static async open(
+    path: string,
+    generation: number,
+    blockCount: number,
+  ): Promise<{ journal: OverlayJournal; records: BlockChange[][] }> {
+    const bytes = await readFile(path).catch((err: NodeJS.ErrnoException) => {
+      if (err.code === 'ENOENT') return Buffer.alloc(0);
+      throw err;
+    });
+    const parsed = decodeJournal(bytes, blockCount);
+    let records = parsed.records;
+    let length = parsed.validBytes;
+    if (parsed.generation !== generation) {
+      await writeDurably(path, encodeJournalHeader(generation));
+      records = [];
+      length = HEADER_BYTES;
+    }
+    const fd = await new Promise<number>((resolve, reject) =>
+      openFd(path, constants.O_RDWR, (err, fd) => (err ? reject(err) : resolve(fd))),
+    );
+    try {
+      if (bytes.length > length && parsed.generation === generation) {
+        await new Promise<void>((resolve, reject) => ftruncate(fd, length, (err) => (err ? reject(err) : resolve())));
+      }
+    } catch (err) {
+      closeFd(fd, () => undefined);
+      throw err;
+    }
+    return { journal: new OverlayJournal(path, fd, length), records };
+  }
+
+  get bytes(): number {
+    return this.length;
+  }
+
+  /** Appends one record and makes it durable. */
+  async append(changes: readonly BlockChange[]): Promise<void> {
+    const record = encodeJournalRecord(changes);
+    let done = 0;
+    while (done < record.length) {
+      done += await new Promise<number>((resolve, reject) =>
+        write(this.fd, record, done, record.length - done, this.length + done, (err, n) =>
+          err ? reject(err) : resolve(n),
+        ),
+      );
+    }
+    await new Promise<void>((resolve, reject) => fdatasync(this.fd, (err) => (err ? reject(err) : resolve())));
+    this.length += record.length;
+  }
+
+  /** Starts over for a new snapshot generation (after the snapshot is durable). */
+  async reset(generation: number): Promise<void> {
+    await this.close();
+    await writeDurably(this.path, encodeJournalHeader(generation));
+    this.fd = await new Promise<number>((resolve, reject) =>
+      openFd(this.path, constants.O_RDWR, (err, fd) => (err ? reject(err) : resolve(fd))),
+    );
+    this.length = HEADER_BYTES;
+  }
+
+  async close(): Promise<void> {
+    if (this.fd < 0) return;
+    const fd = this.fd;
+    this.fd = -1;
+    await new Promise<void>((resolve) => closeFd(fd, () => resolve()));
+  }
+}
