@@ -29,6 +29,7 @@ describe('2 MiB guest pages', () => {
   it.skipIf(!hasHugePages)(
     'cold boots on hugetlb memory and loads it back through the uffd-server with 2 MiB pages',
     async () => {
+      dir = mkdtempSync(join(tmpdir(), 'vmm-sim-huge-'));
       writeFileSync(join(dir, 'vmlinux'), 'no kernel');
       const a = await VmmSimProcess.start(join(dir, 'a.sock'), ['--guest-listen', '127.0.0.1:0']);
       try {
