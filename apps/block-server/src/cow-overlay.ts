@@ -252,11 +252,6 @@ export class CowOverlay implements WritableBlocks {
     return run;
   }
 
-  /** True when the maps changed since they were last made durable. */
-  get unflushedState(): boolean {
-    return this.changed.size > 0;
-  }
-
   async close(): Promise<void> {
     if (this.closed) return;
     await (this.runningFlush ?? Promise.resolve()).catch(() => undefined);
