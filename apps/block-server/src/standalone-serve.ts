@@ -1,4 +1,4 @@
-import { mkdtemp, realpath, rm } from 'node:fs/promises';
+import { mkdtemp, readdir, realpath, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Logger } from '#logging';
@@ -36,7 +36,8 @@ export async function serveImage(
     taken.push(() => base.close());
     let overlayDir = config.overlay;
     if (!overlayDir) {
-      const temporary = await mkdtemp(join(tmpdir(), 'sbx-block-overlay-'));
+      await removeOrphanedOverlays(logger);
+      const temporary = await mkdtemp(join(tmpdir(), `${TEMP_PREFIX}${process.pid}-`));
       taken.push(() => rm(temporary, { recursive: true, force: true }));
       overlayDir = temporary;
     }
@@ -94,5 +95,30 @@ export async function serveImage(
   } catch (err) {
     await release();
     throw err;
+  }
+}
+
+const TEMP_PREFIX = 'sbx-block-overlay-';
+
+/**
+ * A temporary overlay is removed at shutdown, but a killed process cannot do that: its
+ * directory names its pid, and the next standalone run removes those whose process is gone.
+ */
+async function removeOrphanedOverlays(logger: Logger): Promise<void> {
+  const names = await readdir(tmpdir()).catch(() => [] as string[]);
+  for (const name of names) {
+    const pid = Number(/^sbx-block-overlay-(\d+)-/.exec(name)?.[1]);
+    if (!Number.isSafeInteger(pid) || pid <= 0 || pid === process.pid || isAlive(pid)) continue;
+    await rm(join(tmpdir(), name), { recursive: true, force: true });
+    logger.info({ dir: name, pid }, 'removed the temporary overlay of a process that is gone');
+  }
+}
+
+function isAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
   }
 }

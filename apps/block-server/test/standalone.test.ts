@@ -1,6 +1,7 @@
 import { execFile, spawn } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { existsSync } from 'node:fs';
+import { mkdir, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { createConnection } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -236,5 +237,22 @@ describe('command line', () => {
     expect((bad as { stderr: string }).stderr).toMatch(/--block-size/);
     const help = await run(join(repoRoot, 'sbx'), ['block-server', '--help']);
     expect(help.stdout).toMatch(/serve --base <image> --socket <path>/);
+  });
+
+  it('without --overlay the temporary overlay is removed at SIGTERM; a killed run leaves one the next start sweeps', async () => {
+    // A pid above the kernel's pid_max: no process can have it.
+    const pidMax = Number((await readFile('/proc/sys/kernel/pid_max', 'utf8')).trim());
+    const orphan = join(tmpdir(), `sbx-block-overlay-${pidMax + 1}-test`);
+    await mkdir(orphan, { recursive: true });
+    const socket = join(dir, 't.sock');
+    const server = ServerProcess.start(['serve', '--base', baseImage, '--socket', socket]);
+    servers.push(server);
+    await server.waitForListening(socket);
+    expect(existsSync(orphan)).toBe(false);
+    const own = (await readdir(tmpdir())).filter((n) => n.startsWith(`sbx-block-overlay-${server.pid}-`));
+    expect(own).toHaveLength(1);
+    expect(await server.stop('SIGTERM')).toBe(0);
+    expect(existsSync(join(tmpdir(), own[0]!))).toBe(false);
+    expect(existsSync(socket)).toBe(false);
   });
 });
