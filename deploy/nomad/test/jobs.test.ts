@@ -213,6 +213,17 @@ describe('the five jobs together', () => {
     expect(flagValue(orchestratorArgs, '--dns-socket')).toBe(socketOf(dns, byService.get('dns')!.groups[0]!));
   });
 
+  it('give the orchestrator and net-agent the same node identity, Nomad’s own node id', async () => {
+    // The seed's second outage: a hard-coded node id that matched nothing Nomad knew.
+    const ids = await Promise.all(
+      ['orchestrator', 'net-agent'].map(async (name) => {
+        const job = await loadJob(nodeServices.find((s) => s.service === name)!.jobFile);
+        return flagValue(job.groups[0]!.tasks[0]!.args, '--node-id');
+      }),
+    );
+    expect(ids).toEqual(['${node.unique.id}', '${node.unique.id}']);
+  });
+
   it('use distinct static ports', async () => {
     const statics: number[] = [];
     for (const s of nodeServices) {
