@@ -1,3 +1,4 @@
+import { status, type ServiceError } from '@grpc/grpc-js';
 import { dial, unary } from '#grpc';
 import { BlockOpenRequest, BlockServerClient, type BlockDevice, type BlockExportResponse } from '#proto/sbx/block';
 import { DnsClient } from '#proto/sbx/dns';
@@ -63,6 +64,15 @@ class Placement<C> {
   }
 }
 
+/** Giving back what the service no longer has (never taken, or already released) is done. */
+async function goneIsDone(call: Promise<unknown>): Promise<void> {
+  try {
+    await call;
+  } catch (err) {
+    if ((err as Partial<ServiceError>).code !== status.NOT_FOUND) throw err;
+  }
+}
+
 /** The real node services: gRPC clients on their control sockets. */
 export class GrpcNodeServices implements NodeServices {
   readonly slots: SlotProvider;
@@ -101,7 +111,7 @@ export class GrpcNodeServices implements NodeServices {
       },
       close: async (sandboxId) => {
         const c = blocks.of(sandboxId);
-        await unary(c, c.closeDevice, { sandboxId }, timeoutMs);
+        await goneIsDone(unary(c, c.closeDevice, { sandboxId }, timeoutMs));
         blocks.forget(sandboxId);
       },
       list: async () => {
@@ -130,7 +140,7 @@ export class GrpcNodeServices implements NodeServices {
       },
       stop: async (sandboxId) => {
         const c = uffds.of(sandboxId);
-        await unary(c, c.stop, { sandboxId }, timeoutMs);
+        await goneIsDone(unary(c, c.stop, { sandboxId }, timeoutMs));
         uffds.forget(sandboxId);
       },
       tracking: async (sandboxId) => {

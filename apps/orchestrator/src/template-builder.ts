@@ -125,10 +125,16 @@ async function makeExt4(path: string, sizeMb: number): Promise<void> {
   await run('mkfs.ext4', ['-q', '-F', '-b', '4096', '-L', 'sbx-rootfs', path]);
 }
 
-/** Base memfile header: zero pages map to the nil UUID, the rest to the file itself in place. */
+/**
+ * Base memfile header: long runs of zero pages (≥ MIN_ZERO_RUN) map to the nil UUID, the rest
+ * to the file itself in place. Short zero runs stay mapped: each mapping is a segment readers
+ * keep (uffd-server maps one per segment), and a boot image alternates zero and data often.
+ */
+const MIN_ZERO_RUN = 2 * 1024 * 1024;
+
 async function memfileHeader(path: string, size: number, buildId: string): Promise<Header> {
   const fh = await open(path, 'r');
-  const mappings: BuildMapping[] = [];
+  const runs: { offset: number; length: number; zero: boolean }[] = [];
   try {
     const chunk = Buffer.alloc(256 * PAGE);
     for (let offset = 0; offset < size; offset += chunk.length) {
@@ -138,14 +144,22 @@ async function memfileHeader(path: string, size: number, buildId: string): Promi
         const at = offset + p;
         const len = Math.min(PAGE, size - at);
         const zero = isZero(chunk.subarray(p, p + len));
-        const id = zero ? NIL_UUID : buildId;
-        const prev = mappings[mappings.length - 1];
-        if (prev && prev.buildId === id && prev.offset + prev.length === at) prev.length += len;
-        else mappings.push({ offset: at, length: len, buildId: id, buildStorageOffset: zero ? 0 : at });
+        const prev = runs[runs.length - 1];
+        if (prev && prev.zero === zero) prev.length += len;
+        else runs.push({ offset: at, length: len, zero });
       }
     }
   } finally {
     await fh.close();
+  }
+  const mappings: BuildMapping[] = [];
+  for (const run of runs) {
+    const zero = run.zero && run.length >= MIN_ZERO_RUN;
+    const id = zero ? NIL_UUID : buildId;
+    const prev = mappings[mappings.length - 1];
+    if (prev && prev.buildId === id) prev.length += run.length;
+    else
+      mappings.push({ offset: run.offset, length: run.length, buildId: id, buildStorageOffset: zero ? 0 : run.offset });
   }
   return {
     metadata: { version: 3, blockSize: PAGE, size, generation: 0, buildId, baseBuildId: buildId },
