@@ -215,6 +215,30 @@ describe.skipIf(missing !== undefined)('orchestrator end to end (all five servic
     expect(await events(id)).toEqual(['created', 'killed']);
   });
 
+  it('enforces the end time: kills a sandbox, pauses one with auto_pause into a resumable build', async () => {
+    await create('short-1');
+    const ipAuto = await create('auto-1', { autoPause: true });
+    const data = randomBytes(8192);
+    await node.writeMemory(ipAuto, 1024 * 1024, data);
+    const soon = new Date(Date.now() + 500);
+    await unary(node.client, node.client.update, { sandboxId: 'short-1', endTime: soon }, 10_000);
+    await unary(node.client, node.client.update, { sandboxId: 'auto-1', endTime: soon }, 10_000);
+    for (let i = 0; i < 100 && (await listIds()).some((id) => id === 'short-1' || id === 'auto-1'); i++) {
+      await new Promise((r) => setTimeout(r, 200));
+    }
+    expect(await listIds()).not.toContain('short-1');
+    expect(await listIds()).not.toContain('auto-1');
+    expect(await events('short-1')).toEqual(['created', 'killed']);
+    expect(await events('auto-1')).toEqual(['created', 'paused']);
+    const entries = await reader.xrange('sbx:events', '-', '+');
+    const paused = entries
+      .map(([, f]) => Object.fromEntries(f.flatMap((v, i) => (i % 2 ? [] : [[v, f[i + 1]!]]))))
+      .find((e) => e['sandboxId'] === 'auto-1' && e['type'] === 'paused');
+    const ip = await create('auto-1', { snapshot: true, buildId: paused!['buildId'] });
+    expect((await node.readMemory(ip, 1024 * 1024, data.length)).equals(data)).toBe(true);
+    await unary(node.client, node.client.delete, { sandboxId: 'auto-1' }, 60_000);
+  });
+
   it('delete leaves nothing behind', async () => {
     // One sandbox first, so the orchestrator's long-lived channels to the services are open.
     await create('warm-1');
