@@ -9,6 +9,7 @@ import {
   type UffdExportDiffResponse,
   type UffdPrepareResponse,
 } from '#proto/sbx/uffd';
+import { Placement } from './instance-placement.js';
 import type {
   DeviceProvider,
   MemoryProvider,
@@ -25,43 +26,6 @@ export interface ControlSockets {
   block: string[];
   net: string;
   dns: string;
-}
-
-/**
- * Several instances of one service: a sandbox is placed on the instance serving the fewest
- * sandboxes and stays there; after a restart `learn` rebuilds the placement from their lists.
- */
-class Placement<C> {
-  private readonly owner = new Map<string, number>();
-  constructor(readonly clients: C[]) {}
-
-  place(sandboxId: string): C {
-    const known = this.owner.get(sandboxId);
-    if (known !== undefined) return this.clients[known]!;
-    const load = this.clients.map(() => 0);
-    for (const i of this.owner.values()) load[i]!++;
-    const index = load.indexOf(Math.min(...load));
-    this.owner.set(sandboxId, index);
-    return this.clients[index]!;
-  }
-
-  of(sandboxId: string): C {
-    return this.clients[this.owner.get(sandboxId) ?? 0]!;
-  }
-
-  learn(sandboxId: string, index: number): void {
-    this.owner.set(sandboxId, index);
-  }
-
-  forget(sandboxId: string): void {
-    this.owner.delete(sandboxId);
-  }
-
-  counts(): number[] {
-    const load = this.clients.map(() => 0);
-    for (const i of this.owner.values()) load[i]!++;
-    return load;
-  }
 }
 
 /** Giving back what the service no longer has (never taken, or already released) is done. */

@@ -132,7 +132,7 @@ async function makeExt4(path: string, sizeMb: number): Promise<void> {
  */
 const MIN_ZERO_RUN = 2 * 1024 * 1024;
 
-async function memfileHeader(path: string, size: number, buildId: string): Promise<Header> {
+export async function memfileHeader(path: string, size: number, buildId: string): Promise<Header> {
   const fh = await open(path, 'r');
   const runs: { offset: number; length: number; zero: boolean }[] = [];
   try {
