@@ -74,14 +74,14 @@ describe('Supervisor', () => {
     const { supervisor } = await setup((d) => [
       {
         name: 'flaky',
-        args: [join(d, 'f.sock'), '--exit-after', '300'],
+        args: [join(d, 'f.sock'), '--exit-after', '1500'],
         healthTarget: join(d, 'f.sock'),
         dependsOn: [],
       },
     ]);
     await supervisor.start();
     const firstPid = supervisor.status()[0]!.pid;
-    await until(() => (supervisor.status()[0]!.restarts ?? 0) >= 2);
+    await until(() => (supervisor.status()[0]!.restarts ?? 0) >= 2, 30_000);
     const s = supervisor.status()[0]!;
     expect(s.lastExit).toBe('exit 3');
     expect(s.pid).not.toBe(firstPid);
