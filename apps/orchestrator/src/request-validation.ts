@@ -4,7 +4,8 @@ import { RequestInvalid } from './orchestrator-errors.js';
 
 /** Sandbox, template and alias ids end up in paths, socket names and Redis keys. */
 const SAFE_NAME = /^[A-Za-z0-9][A-Za-z0-9_-]*$/;
-export const MAX_ID_LENGTH = 64;
+// A sandbox id is the first label of its DNS name, and a label holds at most 63 bytes (RFC 1035 §2.3.4).
+export const MAX_ID_LENGTH = 63;
 const MAX_ENV_VARS = 512;
 const MAX_ENV_BYTES = 64 * 1024;
 

@@ -95,7 +95,7 @@ describe('SandboxService edge', () => {
   const invalid: [string, Partial<SandboxConfig>, string][] = [
     ['path separator', { sandboxId: 'a/b' }, 'sandbox.sandbox_id'],
     ['dot-dot', { sandboxId: 'a..b' }, 'sandbox.sandbox_id'],
-    ['too long', { sandboxId: 'a'.repeat(65) }, 'sandbox.sandbox_id'],
+    ['too long', { sandboxId: 'a'.repeat(64) }, 'sandbox.sandbox_id'],
     ['empty', { sandboxId: '' }, 'sandbox.sandbox_id'],
     ['template traversal', { templateId: '../etc' }, 'sandbox.template_id'],
     ['vcpu 0', { sandboxId: 'v0', vcpu: 0 }, 'sandbox.vcpu'],
