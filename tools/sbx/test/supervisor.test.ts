@@ -16,6 +16,7 @@ afterEach(async () => {
 
 async function setup(specs: (dir: string) => ServiceSpec[]) {
   const dir = await mkdtemp(join(tmpdir(), 'supervisor-'));
+  cleanups.push(() => rm(dir, { recursive: true, force: true }));
   const supervisor = new Supervisor({
     specs: specs(dir),
     // The fixture takes the service name as its first argument, like ./sbx does.
@@ -26,10 +27,7 @@ async function setup(specs: (dir: string) => ServiceSpec[]) {
     maxBackoffMs: 400,
     stopGraceMs: 3000,
   });
-  cleanups.push(async () => {
-    await supervisor.stop();
-    await rm(dir, { recursive: true, force: true });
-  });
+  cleanups.push(() => supervisor.stop());
   return { dir, supervisor };
 }
 
