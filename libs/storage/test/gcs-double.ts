@@ -184,7 +184,7 @@ export class GcsDouble {
       if (session === undefined) return this.error(res, 404, 'no such upload session');
       return this.uploadChunk(res, session, req.headers['content-range'], body);
     }
-    this.error(res, 404, `not implemented by the double: ${req.method} ${url.pathname}`);
+    this.error(res, 404, `the double does not serve ${req.method} ${url.pathname}`);
   }
 
   private uploadChunk(res: ServerResponse, s: UploadSession, contentRange: string | undefined, body: Buffer): void {
