@@ -8,3 +8,7 @@ export * from './pagemap-scan.js';
 export * from './uffd-serve-engine.js';
 export * from './netlink-nbd.js';
 export * from './uffd-peer-process.js';
+export * from './netns-switch.js';
+export * from './nft-library.js';
+export * from './udp-mmsg-socket.js';
+export * from './page-cache-read.js';

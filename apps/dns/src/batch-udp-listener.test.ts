@@ -5,7 +5,7 @@ import { createLogger } from '#logging';
 import { BatchUdpListener } from './batch-udp-listener.js';
 import { decodeMessage, encodeQuery, RrType } from './dns-codec.js';
 import { DnsResponder } from './dns-responder.js';
-import { loadLibc } from './libc-udp-socket.js';
+import { loadLibc } from '#native';
 import { QueryCounters } from './query-counters.js';
 import { RecordTable } from './record-table.js';
 

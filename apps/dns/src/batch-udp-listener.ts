@@ -14,7 +14,7 @@ import {
   SOCKADDR_SIZE,
   type Libc,
   type NativeBlock,
-} from './libc-udp-socket.js';
+} from '#native';
 import { QueryResult, Transport, type QueryCounters } from './query-counters.js';
 
 export interface BatchUdpListenerOptions {

@@ -3,8 +3,7 @@ import { writeFileSync } from 'node:fs';
 import type { Logger } from '#logging';
 import { checkResult, CommandFailed, runCommand, startCommand } from './command-runner.js';
 import { configureNamespaceLinks } from './namespace-netlink.js';
-import { NetnsSwitch } from './netns-switch.js';
-import { NftFailed, NftLibrary } from './nft-library.js';
+import { NetnsSwitch, NftFailed, NftLibrary } from '#native';
 import type { SlotLayout, SlotSpec } from './slot-layout.js';
 import {
   hostCreateBatch,

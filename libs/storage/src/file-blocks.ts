@@ -1,7 +1,7 @@
 import { read } from 'node:fs';
 import { type FileHandle, open, stat } from 'node:fs/promises';
 import type { CachedFile } from './cached-file.js';
-import { readFromPageCache } from './page-cache-read.js';
+import { readFromPageCache } from '#native';
 import { StorageClosed } from './storage-errors.js';
 
 /** A complete local file (a build written on this node, a downloaded object) read in place. */

@@ -5,7 +5,7 @@ import path from 'node:path';
 import koffi from 'koffi';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { FileBlocks } from './file-blocks.js';
-import { pageCacheReadAvailable, readFromPageCache } from './page-cache-read.js';
+import { pageCacheReadAvailable, readFromPageCache } from '#native';
 
 const POSIX_FADV_DONTNEED = 4;
 const fadvise = koffi.load('libc.so.6').func('posix_fadvise', 'int', ['int', 'long', 'long', 'int']) as (
