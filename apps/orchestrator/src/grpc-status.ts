@@ -11,6 +11,7 @@ import {
   SandboxExists,
   SandboxNotFound,
   SandboxStepFailed,
+  TemplateExists,
   TemplateNotFound,
 } from './orchestrator-errors.js';
 
@@ -20,7 +21,9 @@ export function statusOf(error: unknown): status {
   if (error instanceof SandboxNotFound || error instanceof TemplateNotFound || error instanceof BuildUnavailable) {
     return status.NOT_FOUND;
   }
-  if (error instanceof SandboxExists || error instanceof BuildExists) return status.ALREADY_EXISTS;
+  if (error instanceof SandboxExists || error instanceof BuildExists || error instanceof TemplateExists) {
+    return status.ALREADY_EXISTS;
+  }
   if (error instanceof SandboxBusy) return status.FAILED_PRECONDITION;
   if (error instanceof CapacityExhausted) return status.RESOURCE_EXHAUSTED;
   if (error instanceof OrchestratorStopping) return status.UNAVAILABLE;

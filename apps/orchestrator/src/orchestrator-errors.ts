@@ -52,6 +52,18 @@ export class TemplateNotFound extends Error {
   }
 }
 
+/** `template create` for an id that exists (without replace) or is being built right now. */
+export class TemplateExists extends Error {
+  readonly code = 'TEMPLATE_EXISTS';
+  constructor(
+    readonly templateId: string,
+    readonly detail: string,
+  ) {
+    super(`template '${templateId}' ${detail}`);
+    this.name = 'TemplateExists';
+  }
+}
+
 /** A build id that is neither in the local cache nor in the bucket, or lacks a file it needs. */
 export class BuildUnavailable extends Error {
   readonly code = 'BUILD_UNAVAILABLE';

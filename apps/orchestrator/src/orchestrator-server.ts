@@ -7,6 +7,7 @@ import type { Logger } from '#logging';
 import { createRegistry, startMetricsServer, type MetricsServer } from '#metrics';
 import { openBackend } from '#storage';
 import { SandboxServiceService } from '#proto/orchestrator';
+import { TemplateAdminService } from '#proto/sbx/templates';
 import { BucketBuildFiles } from './build-files.js';
 import { BuildUploader } from './build-uploader.js';
 import { HttpEnvdClient } from './envd-client.js';
@@ -17,6 +18,7 @@ import { reconcileOnStart, type ReconcileReport } from './restart-reconciler.js'
 import { SandboxManager } from './sandbox-manager.js';
 import { sandboxService } from './sandbox-service.js';
 import { SandboxStateStore } from './sandbox-state-store.js';
+import { templateAdminService } from './template-admin-service.js';
 import { buildTemplate } from './template-builder.js';
 import { TemplateCache } from './template-cache.js';
 import { TemplateCatalogue } from './template-catalogue.js';
@@ -162,8 +164,34 @@ export async function startOrchestrator(config: OrchestratorConfig, logger: Logg
     services: served,
     logger,
   });
+  // The template admin API is internal: only on the control socket, not on the public port.
+  const templateAdmin = templateAdminService({
+    templates,
+    build: (req) =>
+      buildTemplate(
+        {
+          builds,
+          templates,
+          vmm,
+          slots: services.slots,
+          kernelPath: config.kernelPath,
+          vmRootfsDir: config.vmRootfsDir,
+          workDir: socketDir,
+          logger,
+        },
+        req,
+      ),
+    bounds: config,
+    defaultMemoryMb: Math.min(Math.max(config.sampleMemoryMb, config.minRamMb), config.maxRamMb),
+    logger,
+  });
+  const adminService = {
+    name: 'sbx.v1.TemplateAdmin',
+    definition: TemplateAdminService,
+    implementation: templateAdmin.implementation,
+  };
   const control: GrpcServerHandle | undefined = config.controlSocket
-    ? await startGrpcServer({ address: `unix://${config.controlSocket}`, services: served, logger })
+    ? await startGrpcServer({ address: `unix://${config.controlSocket}`, services: [...served, adminService], logger })
     : undefined;
   logger.info({ address: grpc.address, vmm: vmmCommand.description, adopted: reconcile.adopted.length }, 'serving');
 
@@ -173,6 +201,7 @@ export async function startOrchestrator(config: OrchestratorConfig, logger: Logg
     reconcile,
     async stop() {
       await grpc.shutdown(5000);
+      await templateAdmin.stop();
       await control?.shutdown(1000);
       await manager.shutdown(config.shutdownSandboxes);
       await uploader.drain();

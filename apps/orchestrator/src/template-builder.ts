@@ -1,5 +1,5 @@
 import { execFile } from 'node:child_process';
-import { copyFile, mkdir, open, rm, stat, writeFile } from 'node:fs/promises';
+import { mkdir, open, rm, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { NIL_UUID, type BuildMapping, type Header } from '#storage';
@@ -20,6 +20,21 @@ export interface TemplateBuildRequest {
   memoryMb: number;
   vcpu: number;
   buildId?: string;
+  /** Told at each step (and during the rootfs copy) so a caller can show progress. */
+  onProgress?: (progress: TemplateBuildProgress) => void;
+  /** Aborts between steps (the caller went away); the staging build is discarded. */
+  signal?: AbortSignal;
+}
+
+export const TEMPLATE_BUILD_STEPS = ['rootfs', 'boot', 'snapshot', 'build'] as const;
+export type TemplateBuildStep = (typeof TEMPLATE_BUILD_STEPS)[number];
+
+export interface TemplateBuildProgress {
+  step: TemplateBuildStep;
+  /** Bytes for `rootfs`; 0 then 1 for the others. */
+  done: number;
+  total: number;
+  message: string;
 }
 
 export interface TemplateBuilderOptions {
@@ -53,10 +68,19 @@ export async function buildTemplate(o: TemplateBuilderOptions, req: TemplateBuil
   await mkdir(work, { recursive: true });
   let vmm;
   const slot = await o.slots.acquire(`template-${buildId.slice(0, 8)}`);
+  const tell = (step: TemplateBuildStep, done: number, total: number, message: string) => {
+    req.signal?.throwIfAborted();
+    req.onProgress?.({ step, done, total, message });
+  };
   try {
     const rootfs = join(staging, BUILD_FILES.rootfs);
-    if (req.rootfsPath) await copyFile(req.rootfsPath, rootfs);
-    else await makeExt4(rootfs, req.rootfsMb);
+    if (req.rootfsPath)
+      await copyWithProgress(req.rootfsPath, rootfs, (done, total) => tell('rootfs', done, total, ''));
+    else {
+      tell('rootfs', 0, 1, `mkfs.ext4 ${req.rootfsMb} MiB`);
+      await makeExt4(rootfs, req.rootfsMb);
+    }
+    tell('boot', 0, 1, `cold boot: ${req.vcpu} vCPU, ${req.memoryMb} MiB`);
     let kernel = o.kernelPath;
     if (!kernel) {
       kernel = join(work, 'no-kernel');
@@ -82,6 +106,7 @@ export async function buildTemplate(o: TemplateBuilderOptions, req: TemplateBuil
       rootfsPath: join(o.vmRootfsDir, buildId, BUILD_FILES.rootfs),
       tapName: slot.tapName,
     });
+    tell('snapshot', 0, 1, 'pause, Full snapshot');
     await vmm.api.setState('Paused');
     await vmm.api.createSnapshot({
       type: 'Full',
@@ -90,6 +115,7 @@ export async function buildTemplate(o: TemplateBuilderOptions, req: TemplateBuil
     });
     await vmm.kill();
     vmm = undefined;
+    tell('build', 0, 1, 'memfile header, commit, upload to the bucket');
     const memSize = (await stat(join(staging, BUILD_FILES.memfile))).size;
     await writeBuildHeader(
       staging,
@@ -106,6 +132,7 @@ export async function buildTemplate(o: TemplateBuilderOptions, req: TemplateBuil
       memoryBytes: memSize,
     };
     await o.templates.set(entry);
+    req.onProgress?.({ step: 'build', done: 1, total: 1, message: 'done' });
     log.info({ rootfsBytes: entry.rootfsBytes, memoryBytes: memSize }, 'template built');
     return entry;
   } catch (err) {
@@ -115,6 +142,35 @@ export async function buildTemplate(o: TemplateBuilderOptions, req: TemplateBuil
     await vmm?.kill().catch(() => undefined);
     await o.slots.release(slot, true).catch(() => undefined);
     await rm(work, { recursive: true, force: true });
+  }
+}
+
+/**
+ * Copies in 4 MiB pieces, reporting bytes done (the rootfs can be gigabytes); all-zero pieces
+ * are left as holes, so a mostly empty image stays sparse.
+ */
+async function copyWithProgress(from: string, to: string, progress: (done: number, total: number) => void) {
+  const src = await open(from, 'r');
+  try {
+    const total = (await src.stat()).size;
+    const dst = await open(to, 'w');
+    try {
+      const buf = Buffer.alloc(4 * 1024 * 1024);
+      const zeros = Buffer.alloc(buf.length);
+      await dst.truncate(total);
+      progress(0, total);
+      for (let done = 0; done < total;) {
+        const { bytesRead } = await src.read(buf, 0, Math.min(buf.length, total - done), done);
+        if (bytesRead === 0) throw new Error(`${from} shrank while being copied (${done} of ${total} bytes)`);
+        if (!buf.subarray(0, bytesRead).equals(zeros.subarray(0, bytesRead))) await dst.write(buf, 0, bytesRead, done);
+        done += bytesRead;
+        progress(done, total);
+      }
+    } finally {
+      await dst.close();
+    }
+  } finally {
+    await src.close();
   }
 }
 
