@@ -43,7 +43,7 @@ export function templateAdminService(o: TemplateAdminOptions): TemplateAdmin {
     const { templateId } = checked;
     if (building.has(templateId)) throw new TemplateExists(templateId, 'is being built right now');
     if (!checked.replace && o.templates.get(templateId)) {
-      throw new TemplateExists(templateId, 'exists (pass replace to point it at a new build)');
+      throw new TemplateExists(templateId, 'exists; pass replace (--replace) to point it at a new build');
     }
     if (stopping) throw new OrchestratorStopping();
     const abort = new AbortController();

@@ -64,4 +64,9 @@ export const commands: CommandEntry[] = [
     module: 'tools/sbx/src/cli/status-command',
   },
   { name: 'builds', summary: 'builds cached on the node, with expiry', module: cli, exportName: 'buildsMain' },
+  {
+    name: 'template',
+    summary: 'template create --rootfs <ext4> [--name <id>] (build with progress), template list',
+    module: 'tools/sbx/src/cli/template-commands',
+  },
 ];

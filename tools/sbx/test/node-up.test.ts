@@ -163,6 +163,59 @@ describe.skipIf(!built || !isRoot)('./sbx node up --demo (npm start)', () => {
     expect(after.map((s) => s.sandboxId)).not.toContain(`${tag}-cli`);
   }, 180_000);
 
+  it('builds a template with ./sbx template create (progress on stderr), lists it, and creates a sandbox from it', async () => {
+    const rootfs = join(dataDir, 't1-rootfs.ext4');
+    await sh('truncate', ['-s', '8M', rootfs]);
+    await sh('mkfs.ext4', ['-q', '-F', '-b', '4096', '-L', 't1', rootfs]);
+    const create = await exec(sbx, [
+      'template',
+      'create',
+      '--rootfs',
+      rootfs,
+      '--name',
+      't1',
+      '--json',
+      '--data-dir',
+      dataDir,
+    ]);
+    const created = JSON.parse(create.stdout) as { templateId: string; buildId: string; rootfsBytes: number };
+    expect(created).toMatchObject({ templateId: 't1', rootfsBytes: 8 * 1024 * 1024 });
+    expect(created.buildId).toMatch(/^[0-9a-f-]{36}$/);
+    for (const step of ['[1/4] rootfs', '[2/4] boot', '[3/4] snapshot', '[4/4] build'])
+      expect(create.stderr).toContain(step);
+    const stored = await readFile(join(dataDir, 'bucket', created.buildId, 'rootfs.ext4'));
+    expect(stored.equals(await readFile(rootfs))).toBe(true);
+    const templates = JSON.parse(await sh(sbx, ['template', 'list', '--json', '--data-dir', dataDir])) as {
+      templateId: string;
+      buildId: string;
+      memoryBytes: number;
+    }[];
+    expect(templates.map((t) => t.templateId)).toEqual(['base', 't1']);
+    expect(templates[1]).toMatchObject({ templateId: 't1', buildId: created.buildId });
+    expect(templates[1]!.memoryBytes).toBeGreaterThan(0);
+    const again = await exec(sbx, [
+      'template',
+      'create',
+      '--rootfs',
+      rootfs,
+      '--name',
+      't1',
+      '--data-dir',
+      dataDir,
+    ]).then(
+      () => undefined,
+      (err: { stderr: string }) => err.stderr,
+    );
+    expect(again).toMatch(/template 't1' exists/);
+    await sh(sbx, ['create', '--template', 't1', '--id', `${tag}-t1`, '--data-dir', dataDir]);
+    const list = JSON.parse(await sh(sbx, ['list', '--json', '--data-dir', dataDir])) as {
+      sandboxId: string;
+      template: string;
+    }[];
+    expect(list.find((s) => s.sandboxId === `${tag}-t1`)?.template).toBe('t1');
+    await sh(sbx, ['kill', `${tag}-t1`, '--data-dir', dataDir]);
+  }, 180_000);
+
   it('Ctrl-C stops everything and leaves the machine as it was', async () => {
     expect((await machineState(dataDir)).netns.length).toBeGreaterThan(0);
     const exited = new Promise<number | null>((r) => node!.once('exit', (code) => r(code)));
