@@ -37,6 +37,25 @@ async function goneIsDone(call: Promise<unknown>): Promise<void> {
   }
 }
 
+/**
+ * How long a call waits for a block-server or uffd-server that refuses connections: one being
+ * restarted (Nomad) is back within this, and the channel's reconnect backoff is at most 1 s.
+ */
+const RESTART_GRACE_MS = 5_000;
+
+/** Retries a call the instance refused (UNAVAILABLE) until it answers or the grace runs out. */
+async function throughRestart<T>(call: () => Promise<T>, graceMs = RESTART_GRACE_MS): Promise<T> {
+  const deadline = Date.now() + graceMs;
+  for (;;) {
+    try {
+      return await call();
+    } catch (err) {
+      if ((err as Partial<ServiceError>).code !== status.UNAVAILABLE || Date.now() >= deadline) throw err;
+    }
+    await new Promise((r) => setTimeout(r, 200));
+  }
+}
+
 /** The real node services: gRPC clients on their control sockets. */
 export class GrpcNodeServices implements NodeServices {
   readonly slots: SlotProvider;
@@ -67,15 +86,17 @@ export class GrpcNodeServices implements NodeServices {
     this.devices = {
       open: (sandboxId, buildId): Promise<BlockDevice> => {
         const c = blocks.place(sandboxId);
-        return unary(c, c.open, BlockOpenRequest.fromPartial({ sandboxId, buildId, attachKernel: true }), long);
+        return throughRestart(() =>
+          unary(c, c.open, BlockOpenRequest.fromPartial({ sandboxId, buildId, attachKernel: true }), long),
+        );
       },
       export: (sandboxId, newBuildId, diffPath): Promise<BlockExportResponse> => {
         const c = blocks.of(sandboxId);
-        return unary(c, c.export, { sandboxId, newBuildId, diffPath }, long);
+        return throughRestart(() => unary(c, c.export, { sandboxId, newBuildId, diffPath }, long));
       },
       close: async (sandboxId) => {
         const c = blocks.of(sandboxId);
-        await goneIsDone(unary(c, c.closeDevice, { sandboxId }, timeoutMs));
+        await throughRestart(() => goneIsDone(unary(c, c.closeDevice, { sandboxId }, timeoutMs)));
         blocks.forget(sandboxId);
       },
       list: async () => {
@@ -92,7 +113,9 @@ export class GrpcNodeServices implements NodeServices {
     this.memory = {
       prepare: (sandboxId, socketPath, buildId): Promise<UffdPrepareResponse> => {
         const c = uffds.place(sandboxId);
-        return unary(c, c.prepare, UffdPrepareRequest.fromPartial({ sandboxId, socketPath, buildId }), long);
+        return throughRestart(() =>
+          unary(c, c.prepare, UffdPrepareRequest.fromPartial({ sandboxId, socketPath, buildId }), long),
+        );
       },
       stopSourcing: async (sandboxId) => {
         const c = uffds.of(sandboxId);
@@ -104,8 +127,12 @@ export class GrpcNodeServices implements NodeServices {
       },
       stop: async (sandboxId) => {
         const c = uffds.of(sandboxId);
-        await goneIsDone(unary(c, c.stop, { sandboxId }, timeoutMs));
-        uffds.forget(sandboxId);
+        try {
+          await throughRestart(() => goneIsDone(unary(c, c.stop, { sandboxId }, timeoutMs)));
+        } finally {
+          // An instance that died took the serving with it: nothing is left to count there.
+          uffds.forget(sandboxId);
+        }
       },
       tracking: async (sandboxId) => {
         const c = uffds.of(sandboxId);

@@ -20,6 +20,11 @@ export class Placement<C> {
     return this.clients[this.owner.get(sandboxId) ?? 0]!;
   }
 
+  /** The instance the sandbox was placed on, if it was. */
+  indexOf(sandboxId: string): number | undefined {
+    return this.owner.get(sandboxId);
+  }
+
   learn(sandboxId: string, index: number): void {
     this.owner.set(sandboxId, index);
   }

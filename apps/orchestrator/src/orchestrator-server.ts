@@ -14,6 +14,7 @@ import { HttpEnvdClient } from './envd-client.js';
 import { GrpcNodeServices } from './grpc-node-services.js';
 import { NoLifecycleEvents, RedisLifecycleEvents, type LifecycleEvents } from './lifecycle-events.js';
 import type { OrchestratorConfig } from './orchestrator-config.js';
+import { ServiceLossWatch, surveyInstances } from './service-loss-watch.js';
 import { reconcileOnStart, type ReconcileReport } from './restart-reconciler.js';
 import { SandboxManager } from './sandbox-manager.js';
 import { sandboxService } from './sandbox-service.js';
@@ -127,6 +128,17 @@ export async function startOrchestrator(config: OrchestratorConfig, logger: Logg
     );
   }
   manager.startEndTimeEnforcement();
+  const lossWatch = new ServiceLossWatch({
+    intervalMs: config.healthIntervalMs,
+    running: () => [...manager.sandboxes.values()].filter((s) => s.phase === 'running').map((s) => s.id),
+    survey: () => surveyInstances(services.uffdPlacement, services.blockPlacement, config.stepTimeoutMs),
+    fail: async ({ sandboxId, service, reason }) => {
+      const sbx = manager.sandboxes.get(sandboxId);
+      if (sbx) await manager.fail(sbx, service, reason);
+    },
+    logger,
+  });
+  lossWatch.start();
 
   const registry = createRegistry('orchestrator');
   new Gauge({
@@ -200,6 +212,7 @@ export async function startOrchestrator(config: OrchestratorConfig, logger: Logg
     grpcAddress: grpc.address,
     reconcile,
     async stop() {
+      await lossWatch.stop();
       await grpc.shutdown(5000);
       await templateAdmin.stop();
       await control?.shutdown(1000);

@@ -214,8 +214,11 @@ export class SandboxManager {
     const sockets = this.socketPaths(id);
     await mkdir(this.o.settings.socketDir, { recursive: true });
     sbx.teardown.push('uffd', async () => {
-      await memory.stop(id);
-      await rm(sockets.uffd, { force: true });
+      try {
+        await memory.stop(id);
+      } finally {
+        await rm(sockets.uffd, { force: true });
+      }
     });
     await memory.prepare(id, sockets.uffd, sbx.build.buildId);
     sbx.memorySocket = sockets.uffd;
@@ -459,17 +462,23 @@ export class SandboxManager {
   watchExit(sbx: Sandbox): void {
     const vmm = sbx.vmm;
     if (!vmm) return;
-    void vmm.exited.then(async (how) => {
-      if (this.sandboxes.get(sbx.id) !== sbx || sbx.phase !== 'running') return;
-      sbx.log.error({ how }, 'vmm exited unexpectedly; cleaning up the sandbox');
-      sbx.phase = 'stopping';
-      sbx.stopPolling();
-      await this.o.events.unpublish(sbx.id);
-      const failures = await sbx.teardown.unwind();
-      this.sandboxes.delete(sbx.id);
-      if (failures.length) sbx.log.error({ problems: describeFailures(failures) }, 'sandbox teardown had problems');
-      await this.o.events.event('failed', sbx.id, { step: 'vmm', error: `vmm ${how}` });
-    });
+    void vmm.exited.then((how) => this.fail(sbx, 'vmm', `vmm ${how}`));
+  }
+
+  /**
+   * A running sandbox that cannot go on (its VMM died, or a node service lost its memory or
+   * device): full cleanup and a `failed` event. A no-op once it is no longer running.
+   */
+  async fail(sbx: Sandbox, step: string, error: string): Promise<void> {
+    if (this.sandboxes.get(sbx.id) !== sbx || sbx.phase !== 'running') return;
+    sbx.log.error({ step, err: error }, 'sandbox cannot go on; cleaning it up');
+    sbx.phase = 'stopping';
+    sbx.stopPolling();
+    await this.o.events.unpublish(sbx.id);
+    const failures = await sbx.teardown.unwind();
+    this.sandboxes.delete(sbx.id);
+    if (failures.length) sbx.log.error({ problems: describeFailures(failures) }, 'sandbox teardown had problems');
+    await this.o.events.event('failed', sbx.id, { step, error });
   }
 
   /** Kills (or pauses, with auto_pause) every running sandbox past its end time. */

@@ -88,6 +88,8 @@ interface Service {
   child: ChildProcess;
   logs: string[];
   exited: Promise<number | null>;
+  /** How it was started, so it can be started again the same way. */
+  start: { args: string[]; socket: string; env: Record<string, string> };
 }
 
 export interface NodeOptions {
@@ -298,6 +300,25 @@ export class NodeUnderTest {
     this.services.delete('orchestrator');
   }
 
+  /**
+   * Stops one service with `signal` (as Nomad would, or a crash with SIGKILL) and, unless
+   * `startAgain` is false, starts it again with the same arguments; resolves once it serves.
+   */
+  async restartService(name: string, signal: 'SIGTERM' | 'SIGKILL', startAgain = true): Promise<void> {
+    const s = this.services.get(name);
+    if (!s) throw new Error(`no service ${name} to restart`);
+    s.child.kill(signal);
+    await s.exited;
+    if (startAgain) await this.startService(name, s.start);
+  }
+
+  /** Starts a service stopped by restartService(name, signal, false) again. */
+  async startService(name: string, start?: Service['start']): Promise<void> {
+    const how = start ?? this.services.get(name)?.start;
+    if (!how) throw new Error(`no service ${name} to start`);
+    await this.spawnService(name, how.args, how.socket, how.env);
+  }
+
   private async spawnService(
     name: string,
     args: string[],
@@ -325,7 +346,7 @@ export class NodeUnderTest {
     child.stdout!.on('data', collector());
     child.stderr!.on('data', collector());
     const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
-    this.services.set(name, { name, child, logs, exited });
+    this.services.set(name, { name, child, logs, exited, start: { args, socket, env } });
     await Promise.race([
       waitForServing(socket, timeoutMs),
       exited.then((code) => {

@@ -187,6 +187,7 @@ export class Microvm implements GuestView {
           disk = await openGuestDisk(drive.pathOnHost, {
             readOnly: drive.isReadOnly,
             nbdExportName: this.settings.nbdExportName,
+            logger,
           });
         } catch (err) {
           throw new VmmFailure(

@@ -102,6 +102,11 @@ export class NbdClient implements WritableBlocks {
     }
   }
 
+  /** The connection failed (server gone, reset, protocol error): no request can succeed on it. */
+  get broken(): boolean {
+    return this.failure !== undefined;
+  }
+
   get readOnly(): boolean {
     return (this.transmissionFlags & TransmissionFlag.READ_ONLY) !== 0;
   }
