@@ -91,7 +91,7 @@ export class ProgressRenderer {
     }
     this.current = { ...e, startedAt: this.current.startedAt };
     if (this.mode === 'tty') {
-      const line = renderLine(e, this.out.columns ?? 80);
+      const line = renderLine(e, this.out.columns || 80);
       if (line !== this.lastDrawn) this.out.write(`\r\x1b[K${line}`);
       this.lastDrawn = line;
     } else if (measured(e)) {
