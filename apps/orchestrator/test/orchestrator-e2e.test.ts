@@ -228,6 +228,10 @@ describe.skipIf(missing !== undefined)('orchestrator end to end (all five servic
     }
     expect(await listIds()).not.toContain('short-1');
     expect(await listIds()).not.toContain('auto-1');
+    // A pause leaves the list at its first step (DESIGN.md §3) and publishes `paused` once the
+    // build exists, so the event can trail the list by the length of the pause.
+    const settled = async () => (await events('short-1')).length >= 2 && (await events('auto-1')).length >= 2;
+    for (let i = 0; i < 100 && !(await settled()); i++) await new Promise((r) => setTimeout(r, 200));
     expect(await events('short-1')).toEqual(['created', 'killed']);
     expect(await events('auto-1')).toEqual(['created', 'paused']);
     const entries = await reader.xrange('sbx:events', '-', '+');
