@@ -100,6 +100,9 @@ export interface NodeOptions {
   pauseParallelism?: number;
   sampleMemoryMb?: number;
   sampleRootfsMb?: number;
+  /** uffd-server / block-server instances (default one each): services `uffd-server`, `uffd-server#1`, … */
+  uffdInstances?: number;
+  blockInstances?: number;
 }
 
 export class NodeUnderTest {
@@ -107,6 +110,9 @@ export class NodeUnderTest {
   readonly nodeNs: string;
   readonly slotPrefix: string;
   readonly sockets: { orchestrator: string; dns: string; net: string; block: string; uffd: string };
+  /** Every instance's control socket; the first is `sockets.uffd` / `sockets.block`. */
+  readonly uffdSockets: string[];
+  readonly blockSockets: string[];
   readonly services = new Map<string, Service>();
   client!: SandboxServiceClient;
 
@@ -125,6 +131,17 @@ export class NodeUnderTest {
       block: join(r, 'block.sock'),
       uffd: join(r, 'uffd.sock'),
     };
+    const more = (n: number | undefined, first: string, base: string) => [
+      first,
+      ...Array.from({ length: Math.max(0, (n ?? 1) - 1) }, (_, i) => join(r, `${base}${i + 1}.sock`)),
+    ];
+    this.uffdSockets = more(options.uffdInstances, this.sockets.uffd, 'uffd');
+    this.blockSockets = more(options.blockInstances, this.sockets.block, 'block');
+  }
+
+  /** The harness's name for instance `i` of a service (the first keeps the plain name). */
+  static instanceName(service: 'uffd-server' | 'block-server', i: number): string {
+    return i === 0 ? service : `${service}#${i}`;
   }
 
   get dataDir(): string {
@@ -201,39 +218,33 @@ export class NodeUnderTest {
         ],
         this.sockets.net,
       ),
-      this.spawnService(
-        'block-server',
-        [
-          'serve',
-          '--control-socket',
-          this.sockets.block,
-          '--data-dir',
-          join(this.root, 'block'),
-          '--bucket',
-          this.bucket,
-          '--metrics-port',
-          '0',
-          '--kernel-attach',
-          'off',
-        ],
-        this.sockets.block,
-        storage,
+      ...this.blockSockets.map((socket, i) =>
+        this.spawnService(
+          NodeUnderTest.instanceName('block-server', i),
+          [
+            'serve',
+            '--control-socket',
+            socket,
+            '--data-dir',
+            join(this.root, i === 0 ? 'block' : `block${i}`),
+            '--bucket',
+            this.bucket,
+            '--metrics-port',
+            '0',
+            '--kernel-attach',
+            'off',
+          ],
+          socket,
+          storage,
+        ),
       ),
-      this.spawnService(
-        'uffd-server',
-        [
-          'serve',
-          '--socket',
-          this.sockets.uffd,
-          '--bucket',
-          this.bucket,
-          '--cache-dir',
-          this.cacheDir,
-          '--metrics-port',
-          '0',
-        ],
-        this.sockets.uffd,
-        storage,
+      ...this.uffdSockets.map((socket, i) =>
+        this.spawnService(
+          NodeUnderTest.instanceName('uffd-server', i),
+          ['serve', '--socket', socket, '--bucket', this.bucket, '--cache-dir', this.cacheDir, '--metrics-port', '0'],
+          socket,
+          storage,
+        ),
       ),
     ]);
     await this.startOrchestrator();
@@ -255,10 +266,8 @@ export class NodeUnderTest {
       this.bucket,
       '--cache-dir',
       this.cacheDir,
-      '--uffd-server-sockets',
-      this.sockets.uffd,
-      '--block-server-sockets',
-      this.sockets.block,
+      ...this.uffdSockets.flatMap((socket) => ['--uffd-server-sockets', socket]),
+      ...this.blockSockets.flatMap((socket) => ['--block-server-sockets', socket]),
       '--net-agent-socket',
       this.sockets.net,
       '--dns-socket',
@@ -326,7 +335,9 @@ export class NodeUnderTest {
     env: Record<string, string> = {},
     timeoutMs = 30_000,
   ): Promise<void> {
-    const child = spawn('nsenter', [`--net=/run/netns/${this.nodeNs}`, SBX, name, ...args], {
+    // `uffd-server#1` is a second instance of the `uffd-server` command.
+    const command = name.split('#')[0]!;
+    const child = spawn('nsenter', [`--net=/run/netns/${this.nodeNs}`, SBX, command, ...args], {
       stdio: ['ignore', 'pipe', 'pipe'],
       cwd: REPO,
       env: { ...process.env, ...env, LOG_LEVEL: 'info' },
@@ -414,8 +425,8 @@ export class NodeUnderTest {
   /** Everything a sandbox could leave behind, to compare before and after. */
   async footprint(): Promise<Record<string, string[]>> {
     const net = dial(NetAgentClient, this.sockets.net);
-    const block = dial(BlockServerClient, this.sockets.block);
-    const uffd = dial(UffdServerClient, this.sockets.uffd);
+    const blocks = this.blockSockets.map((s) => dial(BlockServerClient, s));
+    const uffds = this.uffdSockets.map((s) => dial(UffdServerClient, s));
     const dns = dial(DnsClient, this.sockets.dns);
     try {
       const slots = (await unary(net, net.list, {}, 5000)).slots.filter((s) => s.sandboxId);
@@ -425,8 +436,12 @@ export class NodeUnderTest {
       const rules = (await this.inNode('nft', ['list', 'ruleset'])).split('\n').filter(Boolean);
       return {
         slotsInUse: slots.map((s) => `${s.idx}:${s.sandboxId}`).sort(),
-        devices: (await unary(block, block.list, {}, 5000)).devices.map((d) => d.sandboxId).sort(),
-        uffd: (await unary(uffd, uffd.list, {}, 5000)).sandboxes.map((s) => s.sandboxId).sort(),
+        devices: (await Promise.all(blocks.map((c) => unary(c, c.list, {}, 5000))))
+          .flatMap((r) => r.devices.map((d) => d.sandboxId))
+          .sort(),
+        uffd: (await Promise.all(uffds.map((c) => unary(c, c.list, {}, 5000))))
+          .flatMap((r) => r.sandboxes.map((s) => s.sandboxId))
+          .sort(),
         dns: (await unary(dns, dns.list, {}, 5000)).records.map((r) => `${r.name}=${r.ip}`).sort(),
         vmmProcesses: await this.vmmProcesses(),
         sandboxDirs: (await readdir(join(this.dataDir, 'sandboxes')).catch(() => [] as string[])).sort(),
@@ -440,7 +455,7 @@ export class NodeUnderTest {
         orchestratorFds: await this.orchestratorFds(),
       };
     } finally {
-      for (const c of [net, block, uffd, dns]) c.close();
+      for (const c of [net, ...blocks, ...uffds, dns]) c.close();
     }
   }
 
@@ -481,7 +496,10 @@ export class NodeUnderTest {
 
   async stop(): Promise<void> {
     this.client?.close();
-    const order = ['orchestrator', 'uffd-server', 'block-server', 'net-agent', 'dns'];
+    const rank = ['orchestrator', 'uffd-server', 'block-server', 'net-agent', 'dns'];
+    const order = [...this.services.keys()].sort(
+      (a, b) => rank.indexOf(a.split('#')[0]!) - rank.indexOf(b.split('#')[0]!),
+    );
     for (const name of order) {
       const s = this.services.get(name);
       if (!s) continue;

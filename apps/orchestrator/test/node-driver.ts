@@ -1,0 +1,146 @@
+import type { Redis } from 'ioredis';
+import { expect } from 'vitest';
+import { unary } from '#grpc';
+import type { SandboxConfig } from '#proto/orchestrator';
+import type { NodeUnderTest } from './node-under-test.js';
+
+/** What a sandbox leaves behind on the node; compared with a baseline after it is gone. */
+export const FOOTPRINT_KEYS = ['slotsInUse', 'devices', 'uffd', 'dns', 'vmmProcesses', 'sandboxDirs', 'sockets'];
+
+export function sandboxConfig(id: string, extra: Partial<SandboxConfig> = {}): SandboxConfig {
+  return {
+    templateId: 'base',
+    buildId: '',
+    kernelVersion: 'vmlinux-6.1',
+    firecrackerVersion: 'v1.10',
+    hugePages: false,
+    sandboxId: id,
+    envVars: {},
+    metadata: {},
+    envdVersion: '0.2.0',
+    vcpu: 1,
+    ramMb: 128,
+    teamId: 'team-restart',
+    maxSandboxLength: 1,
+    totalDiskSizeMb: 0,
+    snapshot: false,
+    baseTemplateId: 'base',
+    ...extra,
+  };
+}
+
+/** Retries `check` (assertions) until it passes or `timeoutMs` runs out: cleanup is asynchronous. */
+export async function eventually(check: () => Promise<void>, timeoutMs = 20_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    try {
+      return await check();
+    } catch (err) {
+      if (Date.now() > deadline) throw err;
+    }
+    await new Promise((r) => setTimeout(r, 250));
+  }
+}
+
+/**
+ * Drives a NodeUnderTest through SandboxService only, and reads the lifecycle events and
+ * catalogue a real user of the node would see in Redis.
+ */
+export class NodeDriver {
+  baseline: Record<string, string[]> = {};
+
+  constructor(
+    readonly node: NodeUnderTest,
+    private readonly redis: Redis,
+  ) {}
+
+  /** Creates and deletes one sandbox (the orchestrator's channels open), then records the baseline. */
+  async warmUp(): Promise<void> {
+    await this.create('warm');
+    await this.remove('warm');
+    this.baseline = await this.node.footprint();
+  }
+
+  /** Creates the sandbox; resolves to its host IP (from its DNS record). */
+  async create(id: string, extra: Partial<SandboxConfig> = {}): Promise<string> {
+    const { node } = this;
+    try {
+      await unary(
+        node.client,
+        node.client.create,
+        { sandbox: sandboxConfig(id, extra), startTime: new Date(), endTime: new Date(Date.now() + 3_600_000) },
+        120_000,
+      );
+    } catch (err) {
+      console.warn(node.logs('orchestrator').slice(-30).join('\n'));
+      throw err;
+    }
+    const record = (await node.footprint())['dns']!.find((r) => r.startsWith(`${id}=`));
+    return record?.split('=')[1] ?? '';
+  }
+
+  async remove(id: string): Promise<void> {
+    await unary(this.node.client, this.node.client.delete, { sandboxId: id }, 60_000);
+  }
+
+  async pause(id: string, buildId: string): Promise<void> {
+    await unary(this.node.client, this.node.client.pause, { sandboxId: id, templateId: 'base', buildId }, 120_000);
+  }
+
+  async listIds(): Promise<string[]> {
+    const res = await unary(this.node.client, this.node.client.list, {}, 10_000);
+    return res.sandboxes.map((s) => s.config!.sandboxId).sort();
+  }
+
+  async events(id: string): Promise<Record<string, string>[]> {
+    const entries = await this.redis.xrange('sbx:events', '-', '+');
+    return entries
+      .map(([, f]) => {
+        const o: Record<string, string> = {};
+        for (let i = 0; i < f.length; i += 2) o[f[i]!] = f[i + 1]!;
+        return o;
+      })
+      .filter((e) => e['sandboxId'] === id);
+  }
+
+  async eventTypes(id: string): Promise<string[]> {
+    return (await this.events(id)).map((e) => e['type']!);
+  }
+
+  /** Polls until none of `ids` is listed any more (the orchestrator noticed and cleaned up). */
+  async waitUntilGone(ids: string[], timeoutMs = 30_000): Promise<void> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const listed = (await this.listIds()).filter((id) => ids.includes(id));
+      if (listed.length === 0) return;
+      if (Date.now() > deadline) {
+        console.warn(this.node.logs('orchestrator').slice(-30).join('\n'));
+        throw new Error(`still listed after ${timeoutMs} ms: ${listed.join(', ')}`);
+      }
+      await new Promise((r) => setTimeout(r, 250));
+    }
+  }
+
+  /** Everything sandboxes took is back to the baseline (polled: teardown is asynchronous). */
+  async expectFootprintBack(): Promise<void> {
+    await eventually(async () => {
+      const after = await this.node.footprint();
+      for (const key of FOOTPRINT_KEYS) expect(after[key], key).toEqual(this.baseline[key]);
+      // Slots went back to net-agent's pool: every slot namespace is one net-agent accounts for.
+      expect(after['namespaces']!.length).toBe(Number(after['agentSlots']![0]));
+    });
+  }
+
+  /** Each sandbox gone from List, with one `failed` event naming the service, its catalogue entry gone. */
+  async expectFailed(ids: string[], service: string): Promise<void> {
+    await this.waitUntilGone(ids);
+    await eventually(async () => {
+      for (const id of ids) {
+        const failed = (await this.events(id)).filter((e) => e['type'] === 'failed');
+        expect(failed.length, `${id}: one failed event`).toBe(1);
+        expect(failed[0]!['step']).toBe(service);
+        expect(await this.redis.exists(`sbx:sandbox:${id}`), `${id}: catalogue entry removed`).toBe(0);
+      }
+    });
+  }
+}
