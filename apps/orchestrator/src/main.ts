@@ -27,6 +27,8 @@ flags:
   --pause-parallelism <n>        pauses at once (default 8)
   --generation-cap <n>           layers before a pause compacts them (default 10)
   --envd-timeout-ms <ms>         envd /init retry budget (default 10000)
+  --service-watch-interval-ms <ms>  how often uffd/block instances are asked what they still hold;
+                                 sandboxes one lost are failed and cleaned up (default 2000, 0 = off)
   --shutdown-sandboxes kill|keep on SIGTERM kill sandboxes, or keep them for the next run to adopt
   --sample-template true|false   build the sample template 'base' when missing (default true)
   --metrics-port <port>          Prometheus on 127.0.0.1 (default 9460, 0 = off)

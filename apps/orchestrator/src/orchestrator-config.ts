@@ -44,6 +44,8 @@ export const orchestratorConfigSchema = z
     envdPort: int(1, 65535).default(49983),
     healthIntervalMs: int(0, 3_600_000).default(20_000),
     metricsIntervalMs: int(0, 3_600_000).default(10_000),
+    /** How often every uffd-server/block-server instance is asked which sandboxes it still holds (0 = never). */
+    serviceWatchIntervalMs: int(0, 3_600_000).default(2000),
     endTimeCheckMs: int(50, 60_000).default(1000),
     pauseParallelism: int(1, 256).default(8),
     generationCap: int(1, 1000).default(10),

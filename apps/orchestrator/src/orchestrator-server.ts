@@ -129,7 +129,7 @@ export async function startOrchestrator(config: OrchestratorConfig, logger: Logg
   }
   manager.startEndTimeEnforcement();
   const lossWatch = new ServiceLossWatch({
-    intervalMs: config.healthIntervalMs,
+    intervalMs: config.serviceWatchIntervalMs,
     running: () => [...manager.sandboxes.values()].filter((s) => s.phase === 'running').map((s) => s.id),
     survey: () => surveyInstances(services.uffdPlacement, services.blockPlacement, config.stepTimeoutMs),
     fail: async ({ sandboxId, service, reason }) => {
