@@ -8,10 +8,10 @@ import { standaloneConfigSchema } from './standalone-config.js';
 import { serveImage } from './standalone-serve.js';
 
 const HELP = `usage:
-  ./sbx block-server serve [--socket <control.sock>] [--data-dir <dir>] [--nbd-dir <dir>] [--bucket <dir>]
+  ./sbx block-server serve [--control-socket <control.sock>] [--data-dir <dir>] [--nbd-dir <dir>] [--bucket <dir>]
                            [--metrics-port <port>] [--kernel-attach auto|off] [--release-timeout-ms <ms>]
       Runs the service: copy-on-write NBD devices per sandbox, opened, exported and closed over
-      the gRPC control API (sbx.v1.BlockServer) on --socket. Devices survive a restart of this
+      the gRPC control API (sbx.v1.BlockServer) on --control-socket. Devices survive a restart of this
       process: their state lives in --data-dir and they are reopened at start.
       Environment: SBX_BLOCK_SERVER_<FLAG> (e.g. SBX_BLOCK_SERVER_DATA_DIR), SBX_BUCKET.
 
