@@ -238,7 +238,7 @@ async function outer(opts: Options): Promise<void> {
         join(REPO, 'sbx'),
         'net-agent',
         'serve',
-        '--socket',
+        '--control-socket',
         socket,
         '--metrics-port',
         '0',

@@ -83,7 +83,7 @@ job "sbx-net-agent" {
         command = "${var.sbx_root}/sbx"
         args = [
           "net-agent", "serve",
-          "--socket", "/run/sbx/net-agent.sock",
+          "--control-socket", "/run/sbx/net-agent.sock",
           "--node-id", "${node.unique.id}",
           "--reservation", "consul",
           "--consul-addr", "${var.consul_addr}",

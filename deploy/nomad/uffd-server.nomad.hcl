@@ -81,7 +81,7 @@ job "sbx-uffd-server" {
           command = "${var.sbx_root}/sbx"
           args = [
             "uffd-server", "serve",
-            "--socket", "${group.value}",
+            "--control-socket", "${group.value}",
             "--metrics-host", "${NOMAD_IP_metrics}",
             "--metrics-port", "${NOMAD_PORT_metrics}",
           ]

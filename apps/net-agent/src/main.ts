@@ -18,13 +18,13 @@ const USAGE = `usage: sbx net-agent <command> [--flag value]...
 
 commands:
   serve     run the agent: reconcile leftovers, keep a pool of ready slots, serve the
-            control API (acquire, release, list, stats) on --socket until SIGTERM, then
+            control API (acquire, release, list, stats) on --control-socket until SIGTERM, then
             remove every slot it made
   cleanup   reconcile once (remove leftover slots no process uses, release stale
             reservations) and exit
 
 flags (each also read from SBX_NET_AGENT_<FLAG> in upper snake case):
-  --socket /run/sbx/net-agent.sock   --metrics-port 9463 (0 = off)   --node-id <hostname>
+  --control-socket /run/sbx/net-agent.sock  --metrics-port 9463 (0 = off)   --node-id <hostname>
   --reservation memory|consul        --consul-addr (or CONSUL_HTTP_ADDR)   --consul-prefix ''
   --first-slot 1 --slot-count 16000  --namespace-prefix ns- --host-veth-prefix veth-
   --veth-cidr 10.12.0.0/16 --host-cidr 10.11.0.0/16 --tap-name tap0 --tap-ip 169.254.0.22
@@ -179,7 +179,7 @@ async function serve(config: NetAgentConfig, logger: Logger): Promise<number> {
   if (config.metricsPort > 0)
     metricsServer = await startMetricsServer(registry, config.metricsHost, config.metricsPort);
   const server = await startGrpcServer({
-    address: `unix://${config.socket}`,
+    address: `unix://${config.controlSocket}`,
     services: [
       {
         name: 'sbx.v1.NetAgent',
@@ -196,7 +196,7 @@ async function serve(config: NetAgentConfig, logger: Logger): Promise<number> {
     ],
     logger,
   });
-  logger.info({ socket: config.socket, metricsPort: metricsServer?.port ?? 0 }, 'net-agent serving');
+  logger.info({ socket: config.controlSocket, metricsPort: metricsServer?.port ?? 0 }, 'net-agent serving');
 
   stop = async () => {
     await server.shutdown(2000);

@@ -16,7 +16,7 @@ const flag = z.stringbool();
 
 export const netAgentConfigSchema = z
   .object({
-    socket: z.string().min(1).default('/run/sbx/net-agent.sock'),
+    controlSocket: z.string().min(1).default('/run/sbx/net-agent.sock'),
     metricsHost: z.string().default('127.0.0.1'),
     /** 0 turns the metrics endpoint off. */
     metricsPort: count(0, 65535).default(9463),

@@ -28,7 +28,7 @@ export class AgentProcess {
         `${REPO}sbx`,
         'net-agent',
         'serve',
-        '--socket',
+        '--control-socket',
         socket,
         '--metrics-port',
         '0',

@@ -199,7 +199,7 @@ export class NodeUnderTest {
         'net-agent',
         [
           'serve',
-          '--socket',
+          '--control-socket',
           this.sockets.net,
           '--metrics-port',
           '0',
@@ -241,7 +241,17 @@ export class NodeUnderTest {
       ...this.uffdSockets.map((socket, i) =>
         this.spawnService(
           NodeUnderTest.instanceName('uffd-server', i),
-          ['serve', '--socket', socket, '--bucket', this.bucket, '--cache-dir', this.cacheDir, '--metrics-port', '0'],
+          [
+            'serve',
+            '--control-socket',
+            socket,
+            '--bucket',
+            this.bucket,
+            '--cache-dir',
+            this.cacheDir,
+            '--metrics-port',
+            '0',
+          ],
           socket,
           storage,
         ),

@@ -3,7 +3,7 @@ import { runService } from './run-service.js';
 import { serveFile } from './serve-file-command.js';
 
 const HELP = `usage:
-  ./sbx uffd-server serve [--socket <control.sock>] [--bucket <dir|gs://bucket>] [--cache-dir <dir>]
+  ./sbx uffd-server serve [--control-socket <control.sock>] [--bucket <dir|gs://bucket>] [--cache-dir <dir>]
                           [--metrics-port <port>] [--prefetch-bytes <n>] [--readahead-windows <n>] [--threads-per-sandbox <n>]
                           [--handshake-timeout-ms <ms>] [--fetch-attempts <n>] [--max-sandboxes <n>]
       Runs the service: guest memory for many sandboxes through userfaultfd. Each sandbox is

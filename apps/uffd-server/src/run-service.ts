@@ -43,7 +43,7 @@ export async function runService(argv: string[]): Promise<number> {
   });
   holder.registry = registry;
   const grpc = await startGrpcServer({
-    address: `unix://${config.socket}`,
+    address: `unix://${config.controlSocket}`,
     services: [
       {
         name: 'sbx.v1.UffdServer',
@@ -56,7 +56,7 @@ export async function runService(argv: string[]): Promise<number> {
   });
   const metricsServer =
     config.metricsPort > 0 ? await startMetricsServer(promRegistry, config.metricsHost, config.metricsPort) : undefined;
-  logger.info({ socket: config.socket, metricsPort: metricsServer?.port ?? 0 }, 'uffd-server serving');
+  logger.info({ socket: config.controlSocket, metricsPort: metricsServer?.port ?? 0 }, 'uffd-server serving');
   onShutdownSignals(logger, async () => {
     await grpc.shutdown(2000);
     await registry.shutdown();

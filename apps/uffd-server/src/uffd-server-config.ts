@@ -4,7 +4,7 @@ const size = z.coerce.number().int().nonnegative();
 
 /** The one configuration schema of uffd-server (flags `--foo-bar`, env `SBX_UFFD_SERVER_FOO_BAR`). */
 export const uffdServerConfigSchema = z.object({
-  socket: z.string().min(1).default('/run/sbx/uffd-server.sock'),
+  controlSocket: z.string().min(1).default('/run/sbx/uffd-server.sock'),
   socketMode: z.enum(['0600', '0660']).default('0600'),
   metricsHost: z.string().default('127.0.0.1'),
   /** Prometheus port; 0 turns the endpoint off. */

@@ -36,7 +36,7 @@ export class UffdServerProcess {
       [
         'uffd-server',
         'serve',
-        '--socket',
+        '--control-socket',
         this.controlSocket,
         '--bucket',
         this.bucket,

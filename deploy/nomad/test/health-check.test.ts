@@ -67,7 +67,7 @@ const runnable: { service: NodeService; scratch: (dir: string) => Record<string,
   },
   {
     service: nodeServices.find((s) => s.service === 'uffd-server')!,
-    scratch: (dir) => ({ '--socket': join(dir, 'control.sock') }),
+    scratch: (dir) => ({ '--control-socket': join(dir, 'control.sock') }),
   },
   {
     service: nodeServices.find((s) => s.service === 'block-server')!,

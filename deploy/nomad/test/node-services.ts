@@ -37,9 +37,9 @@ function nodeService(
 
 export const nodeServices: NodeService[] = [
   nodeService('orchestrator', '--control-socket'),
-  nodeService('uffd-server', '--socket', 'uffd_sockets'),
+  nodeService('uffd-server', '--control-socket', 'uffd_sockets'),
   nodeService('block-server', '--control-socket', 'block_sockets'),
-  nodeService('net-agent', '--socket'),
+  nodeService('net-agent', '--control-socket'),
   nodeService('dns', '--control-socket'),
 ];
 

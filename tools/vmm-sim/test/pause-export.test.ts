@@ -41,7 +41,7 @@ beforeAll(async () => {
     [
       'uffd-server',
       'serve',
-      '--socket',
+      '--control-socket',
       ctl,
       '--bucket',
       join(dir, 'bucket'),

@@ -55,7 +55,7 @@ export function localServicePlan(layout: LocalNodeLayout): ServiceSpec[] {
       name: 'net-agent',
       args: [
         'serve',
-        '--socket',
+        '--control-socket',
         sock('net-agent'),
         '--reservation',
         'memory',
@@ -84,7 +84,15 @@ export function localServicePlan(layout: LocalNodeLayout): ServiceSpec[] {
     },
     {
       name: 'uffd-server',
-      args: ['serve', '--socket', sock('uffd-server'), '--bucket', layout.bucketDir, '--cache-dir', layout.cacheDir],
+      args: [
+        'serve',
+        '--control-socket',
+        sock('uffd-server'),
+        '--bucket',
+        layout.bucketDir,
+        '--cache-dir',
+        layout.cacheDir,
+      ],
       healthTarget: sock('uffd-server'),
       dependsOn: [],
       env: storageEnv,
