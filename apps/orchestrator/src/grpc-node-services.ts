@@ -38,7 +38,7 @@ async function goneIsDone(call: Promise<unknown>): Promise<void> {
 }
 
 /**
- * How long a call waits for a block-server or uffd-server that refuses connections: one being
+ * How long a call waits for a block-server, uffd-server or dns that refuses connections: one being
  * restarted (Nomad) is back within this, and the channel's reconnect backoff is at most 1 s.
  */
 const RESTART_GRACE_MS = 5_000;
@@ -151,10 +151,10 @@ export class GrpcNodeServices implements NodeServices {
     };
     this.names = {
       set: async (name, ip) => {
-        await unary(dns, dns.set, { name, ip }, timeoutMs);
+        await throughRestart(() => unary(dns, dns.set, { name, ip }, timeoutMs));
       },
       remove: async (name, ip) => {
-        await unary(dns, dns.remove, { name, ip }, timeoutMs);
+        await throughRestart(() => unary(dns, dns.remove, { name, ip }, timeoutMs));
       },
       list: async () => (await unary(dns, dns.list, {}, timeoutMs)).records,
     };

@@ -15,6 +15,7 @@ import { GrpcNodeServices } from './grpc-node-services.js';
 import { NoLifecycleEvents, RedisLifecycleEvents, type LifecycleEvents } from './lifecycle-events.js';
 import type { OrchestratorConfig } from './orchestrator-config.js';
 import { ServiceLossWatch, surveyInstances } from './service-loss-watch.js';
+import { DnsRecordKeeper } from './dns-record-keeper.js';
 import { reconcileOnStart, type ReconcileReport } from './restart-reconciler.js';
 import { SandboxManager } from './sandbox-manager.js';
 import { sandboxService } from './sandbox-service.js';
@@ -139,6 +140,21 @@ export async function startOrchestrator(config: OrchestratorConfig, logger: Logg
     logger,
   });
   lossWatch.start();
+  // A running sandbox holds a name while its teardown stack holds the matching removal.
+  const named = (s: { phase: string; dnsIp: string | undefined; teardown: { has(step: string): boolean } }) =>
+    s.phase === 'running' && s.dnsIp !== undefined && s.teardown.has('dns');
+  const dnsKeeper = new DnsRecordKeeper({
+    intervalMs: config.serviceWatchIntervalMs,
+    names: services.names,
+    expected: () =>
+      [...manager.sandboxes.values()].filter(named).map((s) => ({ sandboxId: s.id, ip: s.dnsIp as string })),
+    stillExpected: ({ sandboxId, ip }) => {
+      const s = manager.sandboxes.get(sandboxId);
+      return s !== undefined && named(s) && s.dnsIp === ip;
+    },
+    logger,
+  });
+  dnsKeeper.start();
 
   const registry = createRegistry('orchestrator');
   new Gauge({
@@ -213,6 +229,7 @@ export async function startOrchestrator(config: OrchestratorConfig, logger: Logg
     reconcile,
     async stop() {
       await lossWatch.stop();
+      await dnsKeeper.stop();
       await grpc.shutdown(5000);
       await templateAdmin.stop();
       await control?.shutdown(1000);

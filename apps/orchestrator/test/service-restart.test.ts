@@ -37,6 +37,27 @@ afterAll(async () => {
 }, 120_000);
 
 describe.skipIf(missing !== undefined)('independent restarts (all five services + vmm-sim)', () => {
+  it('dns SIGKILL and start: running sandboxes get their names back, a paused one does not', async () => {
+    const kept = 'dns-kept';
+    const paused = 'dns-paused';
+    const ip = await d.create(kept);
+    const pausedIp = await d.create(paused);
+    await node.restartService('dns', 'SIGKILL');
+    await d.pause(paused, crypto.randomUUID());
+    // dns keeps records in memory: the orchestrator puts back those of running sandboxes.
+    const deadline = Date.now() + 20_000;
+    let records: string[] = [];
+    while (Date.now() < deadline) {
+      records = (await node.footprint())['dns']!;
+      if (records.includes(`${kept}=${ip}`)) break;
+      await new Promise((r) => setTimeout(r, 250));
+    }
+    expect(records).toContain(`${kept}=${ip}`);
+    expect(records).not.toContain(`${paused}=${pausedIp}`);
+    await d.remove(kept);
+    expect((await node.footprint())['dns']).not.toContain(`${kept}=${ip}`);
+  });
+
   it('block-server SIGTERM and start: the sandbox keeps its disk and memory, goes on writing, pauses and resumes', async () => {
     const id = 'blk-term';
     const ip = await d.create(id);
