@@ -5,7 +5,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { bootImagePage, bootSeed } from '../src/boot-image.js';
 import { decodeSnapfile } from '../src/snapfile.js';
 import { holdings as holdingsOf } from './service-process.js';
-import { httpRequest, VmmSimProcess } from './vmm-sim-process.js';
+import { httpRequest, VmmSimProcess, pickGuestPort } from './vmm-sim-process.js';
 
 // Sequences and messages from Firecracker's API (rpc_interface.rs, persist.rs) and its
 // integration tests (tests/integration_tests/functional/test_snapshot_basic.py:
@@ -15,11 +15,10 @@ const PRE_BOOT = 'The requested operation is not supported before starting the m
 const POST_BOOT = 'The requested operation is not supported after starting the microVM.';
 
 let dir: string;
-let port = 20_000 + Math.floor(Math.random() * 20_000);
 const procs: VmmSimProcess[] = [];
 
 async function start(extra: string[] = []): Promise<{ vmm: VmmSimProcess; guestPort: number }> {
-  const guestPort = port++;
+  const guestPort = pickGuestPort();
   const vmm = await VmmSimProcess.start(join(dir, `api-${guestPort}.sock`), [
     '--guest-listen',
     `127.0.0.1:${guestPort}`,

@@ -4,7 +4,7 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { httpBytes, httpRequest, VmmSimProcess } from './vmm-sim-process.js';
+import { httpBytes, httpRequest, VmmSimProcess, pickGuestPort } from './vmm-sim-process.js';
 
 // The drive as a real block device, the path Firecracker takes with /dev/nbdX where the kernel
 // has NBD. This machine has no NBD module, so a loop device over an image file stands in; the
@@ -32,7 +32,7 @@ describe('drive on a block device', () => {
     writeFileSync(image, original);
     loop = execFileSync('losetup', ['--find', '--show', image], { encoding: 'utf8' }).trim();
     writeFileSync(join(dir, 'vmlinux'), 'no kernel');
-    const port = 20_000 + Math.floor(Math.random() * 20_000);
+    const port = pickGuestPort();
     const vmm = await VmmSimProcess.start(join(dir, 'fc.sock'), ['--guest-listen', `127.0.0.1:${port}`]);
     try {
       await vmm.ok('PUT', '/boot-source', { kernel_image_path: join(dir, 'vmlinux') });

@@ -4,7 +4,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { ServiceProcess } from './service-process.js';
-import { httpRequest, VmmSimProcess } from './vmm-sim-process.js';
+import { httpRequest, VmmSimProcess, pickGuestPort } from './vmm-sim-process.js';
 
 // 2 MiB guest pages need hugetlb pages reserved on the host (vm.nr_hugepages), which is host
 // configuration a test must not change.
@@ -46,7 +46,7 @@ describe('2 MiB guest pages', () => {
         ['uffd-server', 'serve-file', '--memfile', join(dir, 'm'), '--socket', uffdSock, '--page-size', '2097152'],
         uffdSock,
       );
-      const port = 20_000 + Math.floor(Math.random() * 20_000);
+      const port = pickGuestPort();
       const b = await VmmSimProcess.start(join(dir, 'b.sock'), ['--guest-listen', `127.0.0.1:${port}`]);
       try {
         await b.ok('PUT', '/snapshot/load', {

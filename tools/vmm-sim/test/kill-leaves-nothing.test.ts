@@ -5,7 +5,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { dial, unary, waitForServing } from '#grpc';
 import { UffdServerClient } from '#proto/sbx/uffd';
 import { holdings, ServiceProcess, type Holdings } from './service-process.js';
-import { eventually, httpRequest, VmmSimProcess } from './vmm-sim-process.js';
+import { eventually, httpRequest, VmmSimProcess, pickGuestPort } from './vmm-sim-process.js';
 
 // Must-show: killing the VMM at any point leaves nothing on the uffd-server and block-server
 // side. Both run as they do on a node (uffd-server as the gRPC service, the sandbox prepared
@@ -15,7 +15,6 @@ import { eventually, httpRequest, VmmSimProcess } from './vmm-sim-process.js';
 
 const MEM_MIB = 32;
 let dir: string;
-let port = 20_000 + Math.floor(Math.random() * 20_000);
 let uffdServer: ServiceProcess;
 let blockServer: ServiceProcess;
 let client: UffdServerClient;
@@ -33,7 +32,10 @@ beforeAll(async () => {
   writeFileSync(join(dir, 'rootfs.ext4'), Buffer.alloc(8 * 1024 * 1024, 0x11));
   const link = join(dir, 'rootfs.link');
   symlinkSync(join(dir, 'rootfs.ext4'), link);
-  const template = await VmmSimProcess.start(join(dir, 'template.sock'), ['--guest-listen', `127.0.0.1:${port++}`]);
+  const template = await VmmSimProcess.start(join(dir, 'template.sock'), [
+    '--guest-listen',
+    `127.0.0.1:${pickGuestPort()}`,
+  ]);
   await template.ok('PUT', '/boot-source', { kernel_image_path: join(dir, 'vmlinux') });
   await template.ok('PUT', '/machine-config', { vcpu_count: 1, mem_size_mib: MEM_MIB });
   await template.ok('PUT', '/drives/rootfs', {
@@ -104,7 +106,7 @@ async function sandbox(
     prefetchBytes: 0,
     memfilePath: snap0.mem_file_path,
   });
-  const guestPort = port++;
+  const guestPort = pickGuestPort();
   const vmm = await VmmSimProcess.start(join(dir, `${id}-fc.sock`), [
     '--guest-listen',
     `127.0.0.1:${guestPort}`,

@@ -4,7 +4,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeAll, afterAll, describe, expect, it } from 'vitest';
 import { ServiceProcess } from './service-process.js';
-import { httpBytes, httpRequest, VmmSimProcess } from './vmm-sim-process.js';
+import { httpBytes, httpRequest, VmmSimProcess, pickGuestPort } from './vmm-sim-process.js';
 
 // Must-show: the double against a running uffd-server and block-server, no orchestrator.
 // A template is cold-booted from a rootfs image; a second VM loads it with its memory served
@@ -17,7 +17,6 @@ const MEM = MEM_MIB * 1024 * 1024;
 const DISK = 16 * 1024 * 1024;
 
 let dir: string;
-let port = 20_000 + Math.floor(Math.random() * 20_000);
 const cleanup: (() => Promise<unknown>)[] = [];
 
 beforeAll(() => {
@@ -35,7 +34,7 @@ afterEach(async () => {
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
 async function vmm(extra: string[] = []): Promise<{ vm: VmmSimProcess; guest: { host: string; port: number } }> {
-  const guestPort = port++;
+  const guestPort = pickGuestPort();
   const vm = await VmmSimProcess.start(join(dir, `fc-${guestPort}.sock`), [
     '--guest-listen',
     `127.0.0.1:${guestPort}`,

@@ -6,7 +6,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { dial, unary, waitForServing } from '#grpc';
 import { UffdServerClient } from '#proto/sbx/uffd';
 import { ServiceProcess } from './service-process.js';
-import { httpRequest, VmmSimProcess } from './vmm-sim-process.js';
+import { httpRequest, VmmSimProcess, pickGuestPort } from './vmm-sim-process.js';
 
 // The pause sequence of DESIGN.md §3 between the double and the uffd-server service: load
 // through the uffd, write, pause, stop sourcing, snapshot, export the memory diff. The write
@@ -17,7 +17,6 @@ import { httpRequest, VmmSimProcess } from './vmm-sim-process.js';
 const MEM_MIB = 16;
 const PAGE = 4096;
 let dir: string;
-let port = 20_000 + Math.floor(Math.random() * 20_000);
 let uffdServer: ServiceProcess;
 let client: UffdServerClient;
 let snap0: { snapshot_path: string; mem_file_path: string };
@@ -26,7 +25,10 @@ const vmms: VmmSimProcess[] = [];
 beforeAll(async () => {
   dir = mkdtempSync(join(tmpdir(), 'vmm-sim-pause-'));
   writeFileSync(join(dir, 'vmlinux'), 'no kernel');
-  const template = await VmmSimProcess.start(join(dir, 'template.sock'), ['--guest-listen', `127.0.0.1:${port++}`]);
+  const template = await VmmSimProcess.start(join(dir, 'template.sock'), [
+    '--guest-listen',
+    `127.0.0.1:${pickGuestPort()}`,
+  ]);
   vmms.push(template);
   await template.ok('PUT', '/boot-source', { kernel_image_path: join(dir, 'vmlinux') });
   await template.ok('PUT', '/machine-config', { vcpu_count: 1, mem_size_mib: MEM_MIB });
@@ -82,7 +84,7 @@ describe.each([
       prefetchBytes: 0,
       memfilePath: snap0.mem_file_path,
     });
-    const guestPort = port++;
+    const guestPort = pickGuestPort();
     const flags = [
       '--guest-listen',
       `127.0.0.1:${guestPort}`,

@@ -154,3 +154,13 @@ export async function eventually<T>(
   }
   throw new Error(`timed out waiting for ${what}${last ? `: ${String(last)}` : ''}`);
 }
+
+/**
+ * Guest agent ports for tests, from below the kernel's ephemeral range (32768–60999 here) so
+ * no socket bound to port 0 elsewhere in the suite can take one between our pick and our bind,
+ * and from a block of 100 chosen by pid so test files running side by side do not meet.
+ */
+let nextGuestPort = 10_000 + (process.pid % 220) * 100;
+export function pickGuestPort(): number {
+  return nextGuestPort++;
+}
