@@ -6,7 +6,7 @@ describe('net-agent configuration', () => {
   it('has the DESIGN §5 defaults', () => {
     const c = loadNetAgentConfig({ argv: [], env: {} });
     expect(c).toMatchObject({
-      socket: '/run/sbx/net-agent.sock',
+      controlSocket: '/run/sbx/net-agent.sock',
       metricsPort: 9463,
       reservation: 'memory',
       namespacePrefix: 'ns-',
