@@ -134,6 +134,21 @@ describe('ConsulSlotReservation during a Consul outage (ConsulKvDouble, a test d
     }
   });
 
+  it('keeps a slot whose create landed though its answer was lost (no orphan key)', async () => {
+    const lossy = new ConsulKvDouble(0);
+    const addr = await lossy.start();
+    try {
+      const r = reservation('node-lossy', 10, 1, addr);
+      lossy.loseAnswersToWrites = 1;
+      const slot = await r.reserve();
+      expect(lossy.keys(`${prefix}node-lossy/`)).toEqual([slot.key]);
+      await r.release(slot);
+      expect(lossy.keys(`${prefix}node-lossy/`)).toEqual([]);
+    } finally {
+      await lossy.stop();
+    }
+  });
+
   it('two releases of one slot racing: exactly one frees it, the other gets a typed error', async () => {
     const r = reservation('node-realloc', 10);
     const slot = await r.reserve();

@@ -1,4 +1,4 @@
-import { randomInt } from 'node:crypto';
+import { randomInt, randomUUID } from 'node:crypto';
 import { readFileSync, statSync } from 'node:fs';
 import { Agent as HttpAgent } from 'node:http';
 import { Agent as HttpsAgent } from 'node:https';
@@ -102,8 +102,18 @@ export class ConsulSlotReservation implements SlotReservation {
   }
 
   private async create(idx: number): Promise<boolean> {
-    const value = JSON.stringify({ node: this.options.nodeId, ...HOLDER });
-    return (await this.call('create-cas', () => this.consul.kv.set({ key: this.keyOf(idx), value, cas: 0 }))) === true;
+    const key = this.keyOf(idx);
+    // A claim id makes the value ours alone, so a create whose answer was lost can be told apart.
+    const value = JSON.stringify({ node: this.options.nodeId, ...HOLDER, claim: randomUUID() });
+    try {
+      return (await this.consul.kv.set({ key, value, cas: 0 })) === true;
+    } catch (err) {
+      // A timeout loses the answer, not necessarily the write: a create that landed would leave a
+      // key nobody releases until the next start's reconcile. Read it back and keep it if it is ours.
+      const pair = (await this.consul.kv.get(key).catch(() => undefined)) as { Value?: string | null } | undefined;
+      if (pair?.Value === value) return true;
+      throw new ReservationUnavailable(this.store, 'create-cas', err);
+    }
   }
 
   private async listKeys(): Promise<string[]> {

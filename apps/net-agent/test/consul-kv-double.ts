@@ -27,6 +27,11 @@ export class ConsulKvDouble {
   private index = 1;
   private server: Server | undefined;
   private boundPort: number | undefined;
+  /**
+   * Writes whose answer is lost: the write is applied, then the connection is dropped without a
+   * reply, as when a client times out on a slow but working Consul.
+   */
+  loseAnswersToWrites = 0;
   /** Requests served, by method (tests use it to see the fallback listing happen). */
   readonly requests = { GET: 0, PUT: 0, DELETE: 0 } as Record<string, number>;
 
@@ -129,6 +134,11 @@ export class ConsulKvDouble {
       createIndex: existing?.createIndex ?? index,
       modifyIndex: index,
     });
+    if (this.loseAnswersToWrites > 0) {
+      this.loseAnswersToWrites--;
+      res.socket?.destroy();
+      return;
+    }
     this.reply(res, 200, 'true', index);
   }
 
