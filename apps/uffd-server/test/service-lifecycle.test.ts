@@ -2,7 +2,7 @@ import { randomBytes } from 'node:crypto';
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { join } from 'node:path';
-import { afterAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { dial, unary } from '#grpc';
 import { HealthClient } from '#proto/grpc/health/v1/health';
 import { UffdPeerProcess } from '#native';
@@ -66,15 +66,19 @@ describe('uffd-server as a service: health, metrics, hugetlb guests, clean SIGTE
   });
 });
 
-describe('hugetlb-backed guest memory (2 MiB pages from the kernel)', () => {
-  const server = new UffdServerProcess();
+describe.skipIf(!hasHugePages)('hugetlb-backed guest memory (2 MiB pages from the kernel)', () => {
+  // Made in beforeAll, which a skipped block never runs (the block's body itself always does).
+  let server: UffdServerProcess;
   const peers: UffdPeerProcess[] = [];
+  beforeAll(() => {
+    server = new UffdServerProcess();
+  });
   afterAll(async () => {
     for (const p of peers) p.kill();
-    await server.shutdown();
+    await server?.shutdown();
   });
 
-  it.skipIf(!hasHugePages).each([false, true])('serves a MAP_HUGETLB guest, memfd %s', async (memfd) => {
+  it.each([false, true])('serves a MAP_HUGETLB guest, memfd %s', async (memfd) => {
     if (!server.client) await server.start();
     const memfile = join(server.dir, `huge-${memfd}`);
     writeFileSync(memfile, randomBytes(SIZE));
