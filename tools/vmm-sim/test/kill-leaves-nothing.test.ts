@@ -88,8 +88,8 @@ afterEach(async () => {
 
 afterAll(async () => {
   client?.close();
-  await uffdServer?.stop('SIGKILL');
-  await blockServer?.stop('SIGKILL');
+  await uffdServer?.stop('SIGTERM');
+  await blockServer?.stop('SIGTERM');
   rmSync(dir, { recursive: true, force: true });
 });
 

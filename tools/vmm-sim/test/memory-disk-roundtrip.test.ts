@@ -91,7 +91,7 @@ describe.each([
       ],
       nbdSock,
     );
-    cleanup.push(() => block.stop('SIGKILL'));
+    cleanup.push(() => block.stop('SIGTERM'));
     unlinkSync(link);
     symlinkSync(nbdSock, link);
 

@@ -64,7 +64,7 @@ afterEach(async () => {
 
 afterAll(async () => {
   client?.close();
-  await uffdServer?.stop('SIGKILL');
+  await uffdServer?.stop('SIGTERM');
   rmSync(dir, { recursive: true, force: true });
 });
 

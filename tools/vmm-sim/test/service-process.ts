@@ -37,9 +37,16 @@ export class ServiceProcess {
     return this.child.pid ?? -1;
   }
 
+  /** Signals the service; one still running 10 s after a SIGTERM is killed. */
   async stop(signal: NodeJS.Signals = 'SIGTERM'): Promise<number | null> {
-    if (this.exitCode === undefined) this.child.kill(signal);
-    return this.exited;
+    if (this.exitCode !== undefined) return this.exited;
+    this.child.kill(signal);
+    const timer = signal === 'SIGKILL' ? undefined : setTimeout(() => this.child.kill('SIGKILL'), 10_000);
+    try {
+      return await this.exited;
+    } finally {
+      clearTimeout(timer);
+    }
   }
 }
 
