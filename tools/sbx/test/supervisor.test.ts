@@ -1,5 +1,5 @@
 import { existsSync } from 'node:fs';
-import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
@@ -83,6 +83,25 @@ describe('Supervisor', () => {
     const s = supervisor.status()[0]!;
     expect(s.lastExit).toBe('exit 3');
     expect(s.pid).not.toBe(firstPid);
+  });
+
+  it('keeps restarting a service whose restarts die before serving, until one comes up', async () => {
+    const { supervisor, dir } = await setup((d) => [
+      {
+        name: 'stubborn',
+        args: [join(d, 's.sock'), '--fail-while', join(d, 'broken')],
+        healthTarget: join(d, 's.sock'),
+        dependsOn: [],
+      },
+    ]);
+    await supervisor.start();
+    const first = supervisor.status()[0]!.pid!;
+    await writeFile(join(dir, 'broken'), '');
+    process.kill(first, 'SIGKILL');
+    await until(() => supervisor.status()[0]!.restarts >= 2 && supervisor.status()[0]!.lastExit === 'exit 4', 30_000);
+    await rm(join(dir, 'broken'));
+    await until(() => supervisor.status()[0]!.state === 'serving', 30_000);
+    expect(isAlive(supervisor.status()[0]!.pid!)).toBe(true);
   });
 
   it('fails start, and stops what it started, when a service never serves', async () => {

@@ -47,6 +47,8 @@ interface Supervised {
 export class Supervisor {
   private readonly services: Supervised[];
   private stopping = false;
+  /** The service start() is bringing up: its exit fails the start instead of being restarted. */
+  private startingService: Supervised | undefined;
 
   constructor(private readonly options: SupervisorOptions) {
     this.services = orderByDependencies(options.specs).map((spec) => ({
@@ -71,12 +73,15 @@ export class Supervisor {
   /** Starts every service in order; rejects (after stopping what started) if one never gets healthy. */
   async start(): Promise<void> {
     for (const service of this.services) {
+      this.startingService = service;
       try {
         await this.launch(service);
       } catch (err) {
         service.status.state = 'failed';
         await this.stop();
         throw err;
+      } finally {
+        this.startingService = undefined;
       }
     }
   }
@@ -135,7 +140,8 @@ export class Supervisor {
   private onExit(service: Supervised, code: number | null, signal: NodeJS.Signals | null): void {
     service.status.lastExit = signal ? `signal ${signal}` : `exit ${code}`;
     service.status.pid = undefined;
-    if (this.stopping || service.status.state === 'starting') return;
+    // A restart that dies before serving is restarted again, with a longer wait.
+    if (this.stopping || this.startingService === service) return;
     // A service that stayed up a minute earns a fresh backoff; a flapping one waits longer each time.
     if (Date.now() - service.servingSince > 60_000) service.backoffMs = 500;
     const delay = service.backoffMs;
