@@ -41,4 +41,15 @@ export default tseslint.config(
       'no-constant-condition': ['error', { checkLoops: false }],
     },
   },
+  {
+    // The test kit (spawning services, polling) is for tests only; production code never imports it.
+    files: ['apps/*/src/**/*.ts', 'libs/*/src/**/*.ts', 'tools/*/src/**/*.ts', 'native/src/**/*.ts'],
+    ignores: ['**/*.test.ts', 'libs/test-kit/**'],
+    rules: {
+      'no-restricted-imports': [
+        'error',
+        { patterns: [{ group: ['#test-kit'], message: 'libs/test-kit is for tests only' }] },
+      ],
+    },
+  },
 );

@@ -1,4 +1,8 @@
+import { fileURLToPath } from 'node:url';
 import { defineProject, type UserWorkspaceConfig } from 'vitest/config';
+
+// Prints the logs of the service processes a failed test ran (libs/test-kit).
+const logsOnFailure = fileURLToPath(new URL('./libs/test-kit/src/logs-on-failure.ts', import.meta.url));
 
 /**
  * One nx project's vitest settings. Tests import the TypeScript sources through the
@@ -15,6 +19,7 @@ export function projectConfig(name: string, overrides: UserWorkspaceConfig['test
       pool: 'forks',
       testTimeout: 60_000,
       hookTimeout: 60_000,
+      setupFiles: [logsOnFailure],
       ...overrides,
     },
   });

@@ -1,0 +1,43 @@
+import { existsSync } from 'node:fs';
+import { createConnection } from 'node:net';
+import { waitForServing } from '#grpc';
+import { eventually } from './eventually.js';
+import type { ServiceProcess } from './service-process.js';
+
+/** How a test knows a started service is ready: resolves once it is, within `timeoutMs`. */
+export type Readiness = (proc: ServiceProcess, timeoutMs: number) => Promise<unknown>;
+
+/** The service answers SERVING to grpc.health.v1 on its control socket (as the supervisor checks). */
+export function grpcServing(socket: string): Readiness {
+  return (_proc, timeoutMs) => waitForServing(socket, timeoutMs);
+}
+
+/** Something accepts connections on the Unix socket (a stale socket file of a killed run does not count). */
+export function acceptsConnections(path: string): Readiness {
+  return (_proc, timeoutMs) =>
+    eventually(() => existsSync(path) && accepts(path), { timeoutMs, what: `a listener on ${path}` });
+}
+
+/**
+ * The socket file exists: for a peer that takes exactly one client (uffd-server serve-file),
+ * where a probing connection would be that client.
+ */
+export function fileExists(path: string): Readiness {
+  return (_proc, timeoutMs) => eventually(() => existsSync(path), { timeoutMs, what: `${path} to exist` });
+}
+
+/** The service logged a JSON line `match` accepts (e.g. the port it bound). */
+export function logLine(match: (entry: Record<string, unknown>) => boolean): Readiness {
+  return (proc, timeoutMs) => eventually(() => proc.findLog(match), { timeoutMs, what: 'the ready log line' });
+}
+
+function accepts(path: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const probe = createConnection(path);
+    probe.once('connect', () => {
+      probe.destroy();
+      resolve(true);
+    });
+    probe.once('error', () => resolve(false));
+  });
+}
