@@ -6,10 +6,10 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { dial, unary, waitForServing } from '#grpc';
+import { dial, unary } from '#grpc';
 import { BlockServerClient } from '#proto/sbx/block';
 import { newBuildId } from '#storage';
-import { ServerProcess } from './server-process.js';
+import { grpcServing, ServiceProcess } from '#test-kit';
 
 const run = promisify(execFile);
 const hasNbd = existsSync('/sys/module/nbd') && existsSync('/dev/nbd0');
@@ -25,23 +25,27 @@ describe.skipIf(!hasNbd)('kernel /dev/nbdX attach (needs the nbd module)', () =>
   let control: string;
   let dataDir: string;
   let baseId: string;
-  let server: ServerProcess;
+  let server: ServiceProcess;
   let client: BlockServerClient;
   const start = async () => {
-    server = ServerProcess.start([
-      'serve',
-      '--control-socket',
-      control,
-      '--data-dir',
-      dataDir,
-      '--bucket',
-      join(dir, 'bucket'),
-      '--metrics-port',
-      '0',
-      '--log-level',
-      'warn',
-    ]);
-    await waitForServing(control, 60_000);
+    server = await ServiceProcess.start({
+      args: [
+        'block-server',
+        'serve',
+        '--control-socket',
+        control,
+        '--data-dir',
+        dataDir,
+        '--bucket',
+        join(dir, 'bucket'),
+        '--metrics-port',
+        '0',
+        '--log-level',
+        'warn',
+      ],
+      ready: grpcServing(control),
+      readyTimeoutMs: 60_000,
+    });
     client = dial(BlockServerClient, control);
   };
 
@@ -70,8 +74,7 @@ describe.skipIf(!hasNbd)('kernel /dev/nbdX attach (needs the nbd module)', () =>
     await fh.close();
 
     client.close();
-    server.child.kill('SIGKILL');
-    await server.exited;
+    await server.kill();
     await start();
 
     const back = Buffer.alloc(4096);

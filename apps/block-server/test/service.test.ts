@@ -2,13 +2,12 @@ import { execFile, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
-import { createServer, type AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { status, type ServiceError } from '@grpc/grpc-js';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { dial, unary, waitForServing } from '#grpc';
+import { dial, unary } from '#grpc';
 import { BlockServerClient } from '#proto/sbx/block';
 import {
   LayeredFile,
@@ -19,7 +18,7 @@ import {
   type BuildMapping,
   type ReadableBlocks,
 } from '#storage';
-import { ServerProcess } from './server-process.js';
+import { acceptsConnections, eventually, freeTcpPort, grpcServing, openFds, ServiceProcess } from '#test-kit';
 
 const run = promisify(execFile);
 const PY = '/usr/bin/python3';
@@ -33,29 +32,33 @@ let dataDir: string;
 let control: string;
 let baseId: string;
 let baseBytes: Buffer;
-let server: ServerProcess;
+let server: ServiceProcess;
 let client: BlockServerClient;
 let metricsPort: number;
-const started: ServerProcess[] = [];
+const started: ServiceProcess[] = [];
 
 async function startService(): Promise<void> {
-  server = ServerProcess.start([
-    'serve',
-    '--control-socket',
-    control,
-    '--data-dir',
-    dataDir,
-    '--bucket',
-    bucket,
-    '--metrics-port',
-    String(metricsPort),
-    '--release-timeout-ms',
-    '1500',
-    '--log-level',
-    'warn',
-  ]);
+  server = await ServiceProcess.start({
+    args: [
+      'block-server',
+      'serve',
+      '--control-socket',
+      control,
+      '--data-dir',
+      dataDir,
+      '--bucket',
+      bucket,
+      '--metrics-port',
+      String(metricsPort),
+      '--release-timeout-ms',
+      '1500',
+      '--log-level',
+      'warn',
+    ],
+    ready: grpcServing(control),
+    readyTimeoutMs: 60_000,
+  });
   started.push(server);
-  await waitForServing(control, 60_000);
 }
 
 /** The device as the orchestrator will read it: the diff's mappings merged over the base build's. */
@@ -85,18 +88,6 @@ async function readMerged(newId: string, diff: Buffer, mappings: BuildMapping[])
   return readBack;
 }
 
-/** A port nothing listens on right now (the service binds it a moment later). */
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const probe = createServer();
-    probe.once('error', reject);
-    probe.listen(0, '127.0.0.1', () => {
-      const port = (probe.address() as AddressInfo).port;
-      probe.close(() => resolve(port));
-    });
-  });
-}
-
 function grpcCode(err: unknown): number | undefined {
   return (err as ServiceError).code;
 }
@@ -108,7 +99,7 @@ beforeAll(async () => {
   control = join(dir, 'block-server.sock');
   baseId = newBuildId();
   baseBytes = randomBytes(SIZE);
-  metricsPort = await freePort();
+  metricsPort = await freeTcpPort();
   await mkdir(join(bucket, baseId), { recursive: true });
   await writeFile(join(bucket, baseId, 'rootfs.ext4'), baseBytes);
   await startService();
@@ -180,7 +171,7 @@ describe('block-server service over its control socket', () => {
   });
 
   it('export waits for the device to be released: a client that stays gets DeviceBusy and the device keeps serving', async () => {
-    const fdsBefore = await server.openFds();
+    const fdsBefore = openFds(server.pid);
     const device = await unary(client, client.open, { sandboxId: 'sbx-busy', buildId: baseId, attachKernel: false });
     const uri = `nbd+unix:///?socket=${device.socketPath}`;
     // nbdsh keeps its connection open while it sleeps.
@@ -209,12 +200,7 @@ describe('block-server service over its control socket', () => {
     expect(existsSync(join(dataDir, 'devices', 'sbx-busy'))).toBe(false);
     expect(existsSync(device.socketPath)).toBe(false);
     // Overlay, base file, listening and client sockets: all given back.
-    let fdsAfter: string[] = [];
-    for (let i = 0; i < 50 && fdsAfter.length !== fdsBefore.length; i++) {
-      if (i > 0) await new Promise((r) => setTimeout(r, 100));
-      fdsAfter = await server.openFds();
-    }
-    expect(fdsAfter.length).toBe(fdsBefore.length);
+    await eventually(() => expect(openFds(server.pid).length).toBe(fdsBefore.length));
   });
 
   it('bad requests get clear status codes and the service keeps serving', async () => {
@@ -253,8 +239,7 @@ describe('block-server service over its control socket', () => {
       });
       writer.once('exit', (code) => reject(new Error(`writer exited ${code}`)));
     });
-    server.child.kill('SIGKILL');
-    await server.exited;
+    await server.kill();
     const lastFlushed = flushed;
     client.close();
 
@@ -262,7 +247,7 @@ describe('block-server service over its control socket', () => {
     client = dial(BlockServerClient, control);
     const listed = (await unary(client, client.list, {})).devices;
     expect(listed.map((d) => d.sandboxId)).toContain('sbx-restart');
-    await server.waitForListening(device.socketPath);
+    await acceptsConnections(device.socketPath)(server, 60_000);
     const { stdout } = await run(PY, [CLIENT, 'verify-stream', uri, String(lastFlushed)]);
     expect(stdout.trim()).toBe(`verified ${lastFlushed}`);
 

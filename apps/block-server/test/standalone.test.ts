@@ -2,13 +2,21 @@ import { execFile, spawn } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { mkdir, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
-import { createConnection } from 'node:net';
+import { once } from 'node:events';
+import { createConnection, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { encodeClientFlags, encodeInfoRequest, encodeOptionRequest, Option } from '#nbd';
-import { ServerProcess, repoRoot } from './server-process.js';
+import {
+  encodeClientFlags,
+  encodeInfoRequest,
+  encodeOptionReply,
+  encodeOptionRequest,
+  Option,
+  OptionReply,
+} from '#nbd';
+import { acceptsConnections, eventually, openFds, sbx, ServiceProcess } from '#test-kit';
 
 const run = promisify(execFile);
 const PY = '/usr/bin/python3'; // Debian's python3-libnbd lives in the system interpreter
@@ -20,25 +28,31 @@ let dir: string;
 let baseImage: string;
 let baseBytes: Buffer;
 let baseSum: string;
-const servers: ServerProcess[] = [];
+const servers: ServiceProcess[] = [];
 
-function startServer(socket: string, overlay: string, extra: string[] = []): ServerProcess {
-  const server = ServerProcess.start([
-    'serve',
-    '--base',
-    baseImage,
-    '--socket',
-    socket,
-    '--overlay',
-    overlay,
-    '--export-name',
-    'rootfs',
-    '--log-level',
-    'warn',
-    ...extra,
-  ]);
+/** `./sbx block-server serve` exporting the base image on `socket`; resolves once it accepts clients. */
+async function startServer(socket: string, flags: string[]): Promise<ServiceProcess> {
+  const server = await ServiceProcess.start({
+    args: ['block-server', 'serve', '--base', baseImage, '--socket', socket, ...flags],
+    ready: acceptsConnections(socket),
+  });
   servers.push(server);
   return server;
+}
+
+const withOverlay = (overlay: string) => ['--overlay', overlay, '--export-name', 'rootfs', '--log-level', 'warn'];
+
+/** A raw client past option haggling: resolves once the server acknowledged NBD_OPT_GO. */
+async function transmitting(socket: string, exportName: string): Promise<Socket> {
+  const client = createConnection(socket);
+  const received: Buffer[] = [];
+  client.on('data', (d: Buffer) => received.push(d)); // consume replies, or 'close' waits for them to be read
+  await once(client, 'connect');
+  client.write(encodeClientFlags(3));
+  client.write(encodeOptionRequest(Option.GO, encodeInfoRequest(exportName, [])));
+  const ack = encodeOptionReply(Option.GO, OptionReply.ACK);
+  await eventually(() => Buffer.concat(received).includes(ack), { what: 'the GO acknowledgement' });
+  return client;
 }
 
 beforeAll(async () => {
@@ -57,15 +71,14 @@ afterAll(async () => {
 describe('standalone export with real NBD clients', () => {
   let socket: string;
   let uri: string;
-  let server: ServerProcess;
+  let server: ServiceProcess;
   const model = Buffer.alloc(0);
   let expected: Buffer = model;
 
   beforeAll(async () => {
     socket = join(dir, 'a.sock');
     uri = `nbd+unix:///rootfs?socket=${socket}`;
-    server = startServer(socket, join(dir, 'overlay-a'));
-    await server.waitForListening(socket);
+    server = await startServer(socket, withOverlay(join(dir, 'overlay-a')));
     expected = Buffer.from(baseBytes);
   });
 
@@ -145,22 +158,12 @@ describe('standalone export with real NBD clients', () => {
   });
 
   it('bad magic closes only that connection; a client vanishing mid-request leaks no fd', async () => {
-    const before = await server.openFds();
-    const bad = createConnection(socket);
-    bad.resume(); // consume replies, or 'close' waits for them to be read
-    await new Promise<void>((resolve) => bad.once('connect', () => resolve()));
-    bad.write(encodeClientFlags(3));
-    bad.write(encodeOptionRequest(Option.GO, encodeInfoRequest('rootfs', [])));
-    await new Promise((r) => setTimeout(r, 200));
+    const before = openFds(server.pid);
+    const bad = await transmitting(socket, 'rootfs');
     bad.write(Buffer.alloc(28, 0xee)); // not a request magic
-    await new Promise<void>((resolve) => bad.once('close', () => resolve()));
+    await once(bad, 'close');
 
-    const vanishing = createConnection(socket);
-    vanishing.resume();
-    await new Promise<void>((resolve) => vanishing.once('connect', () => resolve()));
-    vanishing.write(encodeClientFlags(3));
-    vanishing.write(encodeOptionRequest(Option.GO, encodeInfoRequest('', [])));
-    await new Promise((r) => setTimeout(r, 200));
+    const vanishing = await transmitting(socket, '');
     const header = Buffer.alloc(28);
     header.writeUInt32BE(0x25609513, 0);
     header.writeUInt16BE(1, 6); // WRITE
@@ -171,13 +174,7 @@ describe('standalone export with real NBD clients', () => {
     const { stdout } = await run('nbdinfo', ['--size', uri]);
     expect(Number(stdout.trim())).toBe(SIZE);
     // The server's fds settle back to what they were.
-    let after: string[] = [];
-    for (let i = 0; i < 50; i++) {
-      after = await server.openFds();
-      if (after.length === before.length) break;
-      await new Promise((r) => setTimeout(r, 100));
-    }
-    expect(after.length).toBe(before.length);
+    await eventually(() => expect(openFds(server.pid).length).toBe(before.length));
   });
 });
 
@@ -186,8 +183,7 @@ describe('kill -9 during a stream of writes', () => {
     const socket = join(dir, 'k.sock');
     const overlay = join(dir, 'overlay-k');
     const uri = `nbd+unix:///rootfs?socket=${socket}`;
-    const first = startServer(socket, overlay);
-    await first.waitForListening(socket);
+    const first = await startServer(socket, withOverlay(overlay));
 
     const writer = spawn(PY, [CLIENT, 'write-stream', uri, '8'], { stdio: ['ignore', 'pipe', 'pipe'] });
     let flushed = 0;
@@ -199,16 +195,14 @@ describe('kill -9 during a stream of writes', () => {
       writer.once('exit', (code) => reject(new Error(`writer exited ${code} after ${flushed}`)));
     });
     // Mid-stream: the writer keeps sending while the server dies.
-    first.child.kill('SIGKILL');
-    await first.exited;
+    await first.kill();
     const lastFlushed = flushed;
     await new Promise<void>((resolve) => {
       if (writer.exitCode !== null) resolve();
       else writer.once('exit', () => resolve());
     });
 
-    const second = startServer(socket, overlay);
-    await second.waitForListening(socket);
+    const second = await startServer(socket, withOverlay(overlay));
     const { stdout } = await run(PY, [CLIENT, 'verify-stream', uri, String(lastFlushed)]);
     expect(stdout.trim()).toBe(`verified ${lastFlushed}`);
     expect(sha256(await readFile(baseImage))).toBe(baseSum);
@@ -218,12 +212,12 @@ describe('kill -9 during a stream of writes', () => {
 
 describe('command line', () => {
   it('a missing or bad flag is refused with the field named, exit code 2', async () => {
-    const missing = await run(join(repoRoot, 'sbx'), ['block-server', 'serve', '--base', baseImage]).catch(
+    const missing = await run(sbx, ['block-server', 'serve', '--base', baseImage]).catch(
       (e: { code: number; stderr: string }) => e,
     );
     expect(missing).toMatchObject({ code: 2 });
     expect((missing as { stderr: string }).stderr).toMatch(/--socket/);
-    const bad = await run(join(repoRoot, 'sbx'), [
+    const bad = await run(sbx, [
       'block-server',
       'serve',
       '--base',
@@ -235,7 +229,7 @@ describe('command line', () => {
     ]).catch((e: { code: number; stderr: string }) => e);
     expect(bad).toMatchObject({ code: 2 });
     expect((bad as { stderr: string }).stderr).toMatch(/--block-size/);
-    const help = await run(join(repoRoot, 'sbx'), ['block-server', '--help']);
+    const help = await run(sbx, ['block-server', '--help']);
     expect(help.stdout).toMatch(/serve --base <image> --socket <path>/);
   });
 
@@ -245,9 +239,7 @@ describe('command line', () => {
     const orphan = join(tmpdir(), `sbx-block-overlay-${pidMax + 1}-test`);
     await mkdir(orphan, { recursive: true });
     const socket = join(dir, 't.sock');
-    const server = ServerProcess.start(['serve', '--base', baseImage, '--socket', socket]);
-    servers.push(server);
-    await server.waitForListening(socket);
+    const server = await startServer(socket, []);
     expect(existsSync(orphan)).toBe(false);
     const own = (await readdir(tmpdir())).filter((n) => n.startsWith(`sbx-block-overlay-${server.pid}-`));
     expect(own).toHaveLength(1);
