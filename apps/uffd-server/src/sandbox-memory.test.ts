@@ -6,6 +6,7 @@ import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { createLogger } from '#logging';
 import { UffdPeerProcess } from '#native';
 import { StorageUnavailable, type ReadableBlocks } from '#storage';
+import { eventually } from '#test-kit';
 import { SandboxMemory } from './sandbox-memory.js';
 import { SourceView } from './source-view.js';
 
@@ -104,9 +105,7 @@ describe('SandboxMemory with a remote source', () => {
     const { sandbox, peer, ended } = start(source, 3);
     await peer.ready();
     peer.child.stdin.write(`check ${memfile} ${SIZE / 2} 4096\n`);
-    const deadline = Date.now() + 10_000;
-    while (sandbox.state !== 'failed' && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
-    expect(sandbox.state).toBe('failed');
+    await eventually(() => expect(sandbox.state).toBe('failed'));
     expect(sandbox.error).toMatch(/source fetch of \[\d+, \d+\) failed after 3 attempts/);
     expect(ended()).toBe(sandbox);
     expect(source.calls).toBe(3);

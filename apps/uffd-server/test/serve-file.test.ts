@@ -1,11 +1,10 @@
-import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { UffdPeerProcess } from '#native';
-import { repoRoot } from './uffd-server-process.js';
+import { logLine, ServiceProcess } from '#test-kit';
 
 /** `./sbx uffd-server serve-file`: one handshake, served until the peer goes away, then exit 0. */
 describe('uffd-server serve-file', () => {
@@ -25,21 +24,11 @@ describe('uffd-server serve-file', () => {
       const size = 8 * 1024 * 1024;
       writeFileSync(memfile, randomBytes(size));
       const socket = join(dir, 'uffd.sock');
-      const child = spawn(
-        join(repoRoot, 'sbx'),
-        ['uffd-server', 'serve-file', '--memfile', memfile, '--socket', socket, '--page-size', String(pageSize)],
-        { stdio: ['ignore', 'pipe', 'pipe'] },
-      );
-      kills.push(() => child.kill('SIGKILL'));
-      let out = '';
-      child.stdout.on('data', (d: Buffer) => (out += d.toString()));
-      child.stderr.on('data', (d: Buffer) => (out += d.toString()));
-      const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
-      const deadline = Date.now() + 20_000;
-      while (!out.includes('listening for the uffd handshake')) {
-        if (Date.now() > deadline) throw new Error(`serve-file did not start:\n${out}`);
-        await new Promise((r) => setTimeout(r, 50));
-      }
+      const server = await ServiceProcess.start({
+        args: ['uffd-server', 'serve-file', '--memfile', memfile, '--socket', socket, '--page-size', String(pageSize)],
+        ready: logLine((e) => e['msg'] === 'listening for the uffd handshake'),
+      });
+      kills.push(() => void server.kill());
       const peer = new UffdPeerProcess([
         '--socket',
         socket,
@@ -54,24 +43,18 @@ describe('uffd-server serve-file', () => {
       expect(await peer.command(`checkrand ${memfile} 3 100 6000`)).toBe('ok');
       expect(await peer.command(`check ${memfile} 0 ${size}`)).toBe('ok');
       await peer.exit();
-      expect(await exited).toBe(0);
-      expect(out).toContain('"state":"peer-gone"');
+      expect(await server.exited).toBe(0);
+      expect(server.logs.join('\n')).toContain('"state":"peer-gone"');
       expect(existsSync(socket)).toBe(false);
     },
   );
 
   it('refuses bad flags with exit 2 and names the field', async () => {
-    const child = spawn(
-      join(repoRoot, 'sbx'),
-      ['uffd-server', 'serve-file', '--socket', '/tmp/x.sock', '--page-size', '8192'],
-      {
-        stdio: ['ignore', 'pipe', 'pipe'],
-      },
-    );
-    let err = '';
-    child.stderr.on('data', (d: Buffer) => (err += d.toString()));
-    const code = await new Promise<number | null>((resolve) => child.on('exit', (c) => resolve(c)));
-    expect(code).toBe(2);
+    const server = await ServiceProcess.start({
+      args: ['uffd-server', 'serve-file', '--socket', '/tmp/x.sock', '--page-size', '8192'],
+    });
+    expect(await server.exited).toBe(2);
+    const err = server.logs.join('\n');
     expect(err).toMatch(/memfile/);
     expect(err).toMatch(/pageSize|page size/);
   });

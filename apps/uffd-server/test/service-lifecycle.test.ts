@@ -1,23 +1,12 @@
 import { randomBytes } from 'node:crypto';
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
-import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { dial, unary } from '#grpc';
 import { HealthClient } from '#proto/grpc/health/v1/health';
 import { UffdPeerProcess } from '#native';
+import { freeTcpPort } from '#test-kit';
 import { UffdServerProcess } from './uffd-server-process.js';
-
-async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = createServer();
-    s.once('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const a = s.address();
-      s.close(() => resolve(typeof a === 'object' && a ? a.port : 0));
-    });
-  });
-}
 
 const SIZE = 4 * 1024 * 1024;
 const hugePagesFree = Number(/HugePages_Free:\s+(\d+)/.exec(readFileSync('/proc/meminfo', 'utf8'))?.[1] ?? 0);
@@ -36,7 +25,7 @@ describe('uffd-server as a service: health, metrics, hugetlb guests, clean SIGTE
   });
 
   it('answers health, counts faults in its metrics, and on SIGTERM releases the sandboxes it serves', async () => {
-    const port = await freePort();
+    const port = await freeTcpPort();
     await server.start(['--metrics-port', String(port)]);
     const health = dial(HealthClient, server.controlSocket);
     expect((await unary(health, health.check, { service: 'sbx.v1.UffdServer' })).status).toBe(1);

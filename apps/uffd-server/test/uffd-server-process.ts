@@ -1,23 +1,18 @@
-import { spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { dial, unary, waitForServing } from '#grpc';
+import { dial, unary } from '#grpc';
 import { UffdServerClient, type UffdPrepareRequest, type UffdSandboxStats } from '#proto/sbx/uffd';
+import { eventually, grpcServing, mappings, openFds, ServiceProcess } from '#test-kit';
 
-export const repoRoot = fileURLToPath(new URL('../../..', import.meta.url));
-
-/** A `./sbx uffd-server serve` child process, talked to only through its control socket. */
+/** A `./sbx uffd-server serve` child process with its own bucket and cache, talked to only through its control socket. */
 export class UffdServerProcess {
   readonly dir: string;
   readonly bucket: string;
   readonly cacheDir: string;
   readonly controlSocket: string;
-  readonly logs: string[] = [];
   client!: UffdServerClient;
-  child!: ChildProcess;
-  private exited!: Promise<number | null>;
+  service: ServiceProcess | undefined;
 
   constructor() {
     this.dir = mkdtempSync(join(tmpdir(), 'uffd-server-test-'));
@@ -29,11 +24,8 @@ export class UffdServerProcess {
   }
 
   async start(extraArgs: string[] = []): Promise<this> {
-    if (!existsSync(join(repoRoot, 'dist/apps/uffd-server/src/main.js')))
-      throw new Error('dist/apps/uffd-server is not built: run bash scripts/build.sh first');
-    this.child = spawn(
-      join(repoRoot, 'sbx'),
-      [
+    this.service = await ServiceProcess.start({
+      args: [
         'uffd-server',
         'serve',
         '--control-socket',
@@ -48,28 +40,14 @@ export class UffdServerProcess {
         '20000',
         ...extraArgs,
       ],
-      { cwd: repoRoot, stdio: ['ignore', 'pipe', 'pipe'] },
-    );
-    let partial = '';
-    this.child.stdout!.on('data', (chunk: Buffer) => {
-      partial += chunk.toString();
-      const lines = partial.split('\n');
-      partial = lines.pop() ?? '';
-      this.logs.push(...lines);
+      ready: grpcServing(this.controlSocket),
     });
-    this.child.stderr!.on('data', (chunk: Buffer) => this.logs.push(chunk.toString()));
-    this.exited = new Promise((resolve) => this.child.once('exit', (code) => resolve(code)));
-    try {
-      await waitForServing(this.controlSocket, 20_000);
-    } catch (err) {
-      throw new Error(`${(err as Error).message}\n${this.logs.join('\n')}`, { cause: err });
-    }
     this.client = dial(UffdServerClient, this.controlSocket);
     return this;
   }
 
   get pid(): number {
-    return this.child.pid!;
+    return this.service?.pid ?? -1;
   }
 
   prepare(req: Partial<UffdPrepareRequest> & { sandboxId: string; socketPath: string }) {
@@ -103,50 +81,30 @@ export class UffdServerProcess {
   }
 
   /** Waits until the sandbox's state satisfies `pred` (states change as peers come and go). */
-  async waitFor(
-    sandboxId: string,
-    pred: (s: UffdSandboxStats) => boolean,
-    timeoutMs = 15_000,
-  ): Promise<UffdSandboxStats> {
-    const deadline = Date.now() + timeoutMs;
-    let last: UffdSandboxStats | undefined;
-    while (Date.now() < deadline) {
-      last = await this.stats(sandboxId);
-      if (pred(last)) return last;
-      await new Promise((r) => setTimeout(r, 50));
-    }
-    throw new Error(`sandbox ${sandboxId} never reached the expected state; last: ${JSON.stringify(last)}`);
+  waitFor(sandboxId: string, pred: (s: UffdSandboxStats) => boolean, timeoutMs = 15_000): Promise<UffdSandboxStats> {
+    return eventually(
+      async () => {
+        const stats = await this.stats(sandboxId);
+        if (pred(stats)) return stats;
+        throw new Error(`sandbox ${sandboxId} never reached the expected state; last: ${JSON.stringify(stats)}`);
+      },
+      { timeoutMs },
+    );
   }
 
   /** The server's open fds (their targets) and mappings of test files: what must not leak. */
   resources(): { fds: string[]; maps: string[] } {
-    const fds = readdirSync(`/proc/${this.pid}/fd`)
-      .map((fd) => {
-        try {
-          return readlinkSync(`/proc/${this.pid}/fd/${fd}`);
-        } catch {
-          return '';
-        }
-      })
-      .filter((t) => t !== '')
-      .sort();
-    const maps = readFileSync(`/proc/${this.pid}/maps`, 'utf8')
-      .split('\n')
+    const maps = mappings(this.pid)
+      .map((m) => m.line)
       .filter((l) => l.includes(this.dir) || l.includes('memfd:') || l.includes('userfaultfd'));
-    return { fds, maps };
+    return { fds: openFds(this.pid), maps };
   }
 
+  /** SIGTERM (SIGKILL after 10 s), the exit code; removes the temp dir. */
   async shutdown(): Promise<number | null> {
     this.client?.close();
-    if (this.child && this.child.exitCode === null && this.child.signalCode === null) {
-      this.child.kill('SIGTERM');
-      const timer = setTimeout(() => this.child.kill('SIGKILL'), 10_000);
-      const code = await this.exited;
-      clearTimeout(timer);
-      rmSync(this.dir, { recursive: true, force: true });
-      return code;
-    }
+    const code = (await this.service?.stop()) ?? null;
     rmSync(this.dir, { recursive: true, force: true });
-    return this.child?.exitCode ?? null;
+    return code;
   }
 }
