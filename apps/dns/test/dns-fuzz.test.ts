@@ -1,8 +1,8 @@
 import { createSocket, type Socket as UdpSocket } from 'node:dgram';
-import { readdirSync } from 'node:fs';
 import { connect, type Socket } from 'node:net';
 import fc from 'fast-check';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { eventually, openFds, steadyFdCount } from '#test-kit';
 import { decodeMessage, encodeQuery, frameTcp, Rcode, RrType } from '../src/dns-codec.js';
 import { dig } from './dig.js';
 import { startDnsProcess, type DnsProcess } from './dns-process.js';
@@ -13,11 +13,11 @@ import { startDnsProcess, type DnsProcess } from './dns-process.js';
 
 let dns: DnsProcess;
 let baselineFds = 0;
-const fds = () => readdirSync(`/proc/${dns.pid}/fd`).length;
+const fds = () => openFds(dns.pid).length;
 
 beforeAll(async () => {
   dns = await startDnsProcess('127.0.0.93', ['--record', 'fuzzme=10.11.0.77', '--tcp-idle-timeout-ms', '2000']);
-  baselineFds = fds();
+  baselineFds = await steadyFdCount(dns.pid);
 });
 
 afterAll(async () => {
@@ -122,7 +122,7 @@ describe('fuzzing the running server', () => {
         expect(await answeredOverUdp(socket, 0xf000 + round)).toBe(true);
       }
       expect(malformedReplies).toEqual([]);
-      expect(dns.child.exitCode).toBeNull();
+      expect(dns.service.running).toBe(true);
     } finally {
       socket.close();
     }
@@ -159,15 +159,10 @@ describe('fuzzing the running server', () => {
   });
 
   it('afterwards: alive, answering over UDP and TCP, no descriptor leaked, bad input counted', async () => {
-    expect(dns.child.exitCode).toBeNull();
+    expect(dns.service.running).toBe(true);
     expect((await dig(dns, ['fuzzme', 'A'])).answers[0]?.data).toBe('10.11.0.77');
     expect((await dig(dns, ['+tcp', 'FUZZME', 'A'])).answers[0]?.data).toBe('10.11.0.77');
-    let now = fds();
-    for (let i = 0; i < 100 && now !== baselineFds; i++) {
-      await new Promise((r) => setTimeout(r, 50));
-      now = fds();
-    }
-    expect(now).toBe(baselineFds);
+    await eventually(() => expect(fds()).toBe(baselineFds));
     const text = await (await fetch(`http://127.0.0.1:${dns.metricsPort}/metrics`)).text();
     const sum = (re: RegExp) => [...text.matchAll(re)].reduce((n, m) => n + Number(m[1]), 0);
     expect(sum(/dns_queries_total\{[^}]*result="formerr"[^}]*\} (\d+)/g)).toBeGreaterThan(100);

@@ -1,8 +1,9 @@
-import { existsSync, readdirSync } from 'node:fs';
+import { existsSync } from 'node:fs';
 import { connect, type Socket } from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { dial, unary, waitForServing } from '#grpc';
+import { dial, unary } from '#grpc';
 import { DnsClient } from '#proto/sbx/dns';
+import { eventually, openFds, steadyFdCount } from '#test-kit';
 import { decodeMessage, encodeQuery, frameTcp, Rcode, RrType, type DecodedMessage } from '../src/dns-codec.js';
 import { dig } from './dig.js';
 import { startDnsProcess, type DnsProcess } from './dns-process.js';
@@ -24,7 +25,6 @@ beforeAll(async () => {
     '--tcp-max-connections',
     '64',
   ]);
-  await waitForServing(dns.controlSocket, 10_000);
   client = dial(DnsClient, dns.controlSocket);
   await unary(client, client.set, { name: 'isbx1', ip: '10.11.0.2' });
 });
@@ -202,31 +202,20 @@ describe('TCP connections', () => {
     } finally {
       for (const s of sockets) s.destroy();
     }
-    let answeredAfter = false;
-    for (let i = 0; i < 50 && !answeredAfter; i++) {
-      if (i > 0) await new Promise((r) => setTimeout(r, 100));
-      const s = await tcpConnect();
-      s.on('error', () => undefined);
-      s.write(frameTcp(encodeQuery({ id: 1, name: 'isbx1', type: RrType.A })));
-      answeredAfter = await readTcpReplies(s, 1).then(
-        () => true,
-        () => false,
-      );
-      s.destroy();
-    }
-    expect(answeredAfter).toBe(true);
+    await eventually(
+      async () => {
+        const s = await tcpConnect();
+        s.on('error', () => undefined);
+        s.write(frameTcp(encodeQuery({ id: 1, name: 'isbx1', type: RrType.A })));
+        return readTcpReplies(s, 1).finally(() => s.destroy());
+      },
+      { intervalMs: 100, what: 'an answer once the connections closed' },
+    );
   });
 
   it('leaves no file descriptor behind after many connections', async () => {
-    const fds = () => readdirSync(`/proc/${dns.pid}/fd`).length;
-    // Connections of earlier tests may still be closing on the server side: wait for a steady count.
-    let before = fds();
-    for (let steady = 0, i = 0; steady < 5 && i < 100; i++) {
-      await new Promise((r) => setTimeout(r, 50));
-      const now = fds();
-      steady = now === before ? steady + 1 : 0;
-      before = now;
-    }
+    const fds = () => openFds(dns.pid).length;
+    const before = await steadyFdCount(dns.pid);
     for (let round = 0; round < 5; round++) {
       const sockets = await Promise.all(Array.from({ length: 20 }, () => tcpConnect()));
       await Promise.all(
@@ -237,12 +226,7 @@ describe('TCP connections', () => {
         }),
       );
     }
-    let after = fds();
-    for (let i = 0; i < 100 && after > before; i++) {
-      await new Promise((r) => setTimeout(r, 50));
-      after = fds();
-    }
-    expect(after).toBeLessThanOrEqual(before);
+    await eventually(() => expect(fds()).toBeLessThanOrEqual(before));
   });
 });
 
@@ -294,8 +278,7 @@ describe('other engines and shutdown', () => {
       for (let i = 0; i < 100; i++) flood.send(query, other.port, other.host);
     }, 2);
     try {
-      for (let i = 0; i < 2000 && answers < 500; i++) await new Promise((r) => setTimeout(r, 10));
-      expect(answers).toBeGreaterThanOrEqual(500);
+      await eventually(() => expect(answers).toBeGreaterThanOrEqual(500), { timeoutMs: 20_000, intervalMs: 10 });
       expect(await other.stop()).toBe(0);
     } finally {
       clearInterval(timer);

@@ -1,7 +1,7 @@
 // Test-only: the eslint config forbids importing this from production code.
 export { eventually, type EventuallyOptions } from './eventually.js';
 export { freeTcpPort } from './free-tcp-port.js';
-export { mappings, openFds, type Mapping } from './process-holdings.js';
+export { mappings, openFds, steadyFdCount, type Mapping } from './process-holdings.js';
 export { acceptsConnections, fileExists, grpcServing, logLine, type Readiness } from './readiness.js';
 export { builtEntry, repoRoot, requireBuilt, sbx } from './repo-root.js';
 export { ServiceProcess, type ServiceStart } from './service-process.js';

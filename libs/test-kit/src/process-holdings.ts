@@ -37,3 +37,24 @@ export function mappings(pid: number): Mapping[] {
       return { perms, path: rest.join(' '), size: Number(BigInt('0x' + end) - BigInt('0x' + start)), line };
     });
 }
+
+/**
+ * The process's fd count once it stops changing (the same over `reads` reads `intervalMs`
+ * apart): connections of earlier steps, health probes included, may still be closing on the
+ * server side when a leak check takes its baseline.
+ */
+export async function steadyFdCount(
+  pid: number,
+  { reads = 5, intervalMs = 50, timeoutMs = 10_000 } = {},
+): Promise<number> {
+  const deadline = Date.now() + timeoutMs;
+  let count = openFds(pid).length;
+  for (let steady = 0; steady < reads;) {
+    if (Date.now() > deadline) throw new Error(`fd count of ${pid} still changing after ${timeoutMs} ms`);
+    await new Promise((r) => setTimeout(r, intervalMs));
+    const now = openFds(pid).length;
+    steady = now === count ? steady + 1 : 0;
+    count = now;
+  }
+  return count;
+}
