@@ -15,7 +15,8 @@ flags:
   --grpc-host <host>             listen address (default 0.0.0.0)
   --control-socket <path>        the same API on a Unix socket (default /run/sbx/orchestrator.sock)
   --data-dir <dir>               state, sockets, template catalogue (default /var/lib/sbx/orchestrator)
-  --bucket <dir>                 build bucket, a local directory (SBX_BUCKET)
+  --bucket <dir>                 build bucket, a local directory or gs://bucket (SBX_BUCKET)
+  --gcs-endpoint <url>           GCS JSON API endpoint for gs:// when not Google's, e.g. fake-gcs-server (SBX_GCS_ENDPOINT)
   --cache-dir <dir>              local build cache (SBX_CACHE_DIR)
   --uffd-server-sockets <path>   uffd-server control socket; repeat for several instances
   --block-server-sockets <path>  block-server control socket; repeat for several instances

@@ -34,6 +34,17 @@ describe('orchestrator config', () => {
     expect(loadOrchestratorConfig([], { SBX_BUCKET: '/x', SBX_ORCHESTRATOR_BUCKET: '/own' }).bucket).toBe('/own');
   });
 
+  it('takes the GCS endpoint from --gcs-endpoint, SBX_ORCHESTRATOR_GCS_ENDPOINT or SBX_GCS_ENDPOINT', () => {
+    expect(loadOrchestratorConfig([], {}).gcsEndpoint).toBeUndefined();
+    expect(loadOrchestratorConfig([], { SBX_GCS_ENDPOINT: 'http://127.0.0.1:4443' }).gcsEndpoint).toBe(
+      'http://127.0.0.1:4443',
+    );
+    expect(
+      loadOrchestratorConfig(['--gcs-endpoint', 'http://10.0.0.9:80'], { SBX_GCS_ENDPOINT: 'http://x:1' }).gcsEndpoint,
+    ).toBe('http://10.0.0.9:80');
+    expect(() => loadOrchestratorConfig(['--gcs-endpoint', 'not a url'], {})).toThrow(/--gcs-endpoint/);
+  });
+
   it('refuses bad values naming the field', () => {
     const bad: [string[], string][] = [
       [['--grpc-port', '70000'], '--grpc-port'],

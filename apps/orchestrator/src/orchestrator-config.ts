@@ -14,6 +14,11 @@ export const orchestratorConfigSchema = z
     dataDir: z.string().min(1).default('/var/lib/sbx/orchestrator'),
     /** A local directory or gs://bucket (shared SBX_BUCKET). */
     bucket: z.string().min(1).default('/var/lib/sbx/bucket'),
+    /**
+     * Another GCS JSON API endpoint than Google's for a gs:// bucket (fake-gcs-server, a private
+     * gateway), e.g. http://127.0.0.1:4443; requests to it are not authenticated (shared SBX_GCS_ENDPOINT).
+     */
+    gcsEndpoint: z.string().url().optional(),
     /** Local build cache (shared SBX_CACHE_DIR). */
     cacheDir: z.string().min(1).default('/var/lib/sbx/cache'),
     /** One or more uffd-server instances (repeat the flag, or comma-separated in env). */
@@ -71,13 +76,14 @@ export type OrchestratorConfig = z.infer<typeof orchestratorConfigSchema>;
 export const ORCHESTRATOR_ENV_PREFIX = 'SBX_ORCHESTRATOR_';
 
 /**
- * Loads the configuration. The node-wide names (SBX_BUCKET, SBX_CACHE_DIR, REDIS_URL,
+ * Loads the configuration. The node-wide names (SBX_BUCKET, SBX_GCS_ENDPOINT, SBX_CACHE_DIR, REDIS_URL,
  * FIRECRACKER_BIN, FIRECRACKER_KERNEL) are read as fallbacks for the prefixed ones.
  */
 export function loadOrchestratorConfig(argv: string[], env: NodeJS.ProcessEnv = process.env): OrchestratorConfig {
   const shared: Record<string, string | undefined> = {
     BUCKET: env['SBX_BUCKET'],
     CACHE_DIR: env['SBX_CACHE_DIR'],
+    GCS_ENDPOINT: env['SBX_GCS_ENDPOINT'],
     REDIS_URL: env['REDIS_URL'],
     FIRECRACKER_BIN: env['FIRECRACKER_BIN'],
     KERNEL_PATH: env['FIRECRACKER_KERNEL'],

@@ -64,7 +64,10 @@ export async function startOrchestrator(config: OrchestratorConfig, logger: Logg
   );
   const vmm = new ProcessVmmLauncher(vmmCommand);
   const envd = new HttpEnvdClient(config.envdPort);
-  const builds = new BucketBuildFiles(config.cacheDir, openBackend(config.bucket));
+  const builds = new BucketBuildFiles(
+    config.cacheDir,
+    openBackend(config.bucket, config.gcsEndpoint ? { apiEndpoint: config.gcsEndpoint } : {}),
+  );
   const cache = new TemplateCache(builds, config.buildCacheTtlMs);
   const templates = new TemplateCatalogue(join(config.dataDir, 'templates.json'));
   await templates.load();

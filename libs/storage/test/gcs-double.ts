@@ -4,9 +4,12 @@ import type { AddressInfo } from 'node:net';
 import { CRC32C } from '@google-cloud/storage';
 
 /**
- * TEST DOUBLE of Google Cloud Storage. No GCS emulator exists in npm or Debian, so this small
- * HTTP server implements the documented JSON and media API subset @google-cloud/storage 7
- * uses (https://cloud.google.com/storage/docs/json_api):
+ * TEST DOUBLE of Google Cloud Storage, kept for one case only: resuming a resumable upload after
+ * a chunk failed. The client then asks for the upload's status (`PUT` with `Content-Range:
+ * bytes *\/total`), which GCS answers with 308 and the `Range` it holds; fake-gcs-server 1.56.1
+ * (the real peer every other GCS test uses) answers 200 and finalizes the object, and the client
+ * stops ("The server has 0 bytes..."). This small HTTP server implements the documented JSON and
+ * media API subset @google-cloud/storage 7 uses (https://cloud.google.com/storage/docs/json_api):
  *   GET    /storage/v1/b/{bucket}/o/{object}                 object resource
  *   GET    /storage/v1/b/{bucket}/o/{object}?alt=media       media, `Range: bytes=a-b` → 206
  *   GET    /storage/v1/b/{bucket}/o?prefix=&pageToken=       list, paginated

@@ -9,7 +9,9 @@ import { LocalBackend } from '../src/local-backend.js';
 import { openBackend } from '../src/open-backend.js';
 import type { StorageBackend } from '../src/storage-backend.js';
 import { ObjectNotFound, StorageUnavailable } from '../src/storage-errors.js';
+import { FakeGcsServer } from '../../test-peers/src/fake-gcs-server.js';
 import { GcsDouble } from './gcs-double.js';
+import { GcsFaultProxy } from './gcs-fault-proxy.js';
 
 const BUILD = '0b4c1d5e-8f00-4a6b-9c3d-2e1f0a9b8c7d';
 
@@ -97,48 +99,52 @@ function contract(name: string, make: () => Promise<StorageBackend>): void {
 
 contract('local', async () => new LocalBackend(path.join(work, 'bucket')));
 
-const double = new GcsDouble();
+// fake-gcs-server (a test peer, built by scripts/test-peers.sh on first use), reached through a
+// proxy that injects the faults it cannot give (503s, hangs, resets) and forces small list pages.
+const proxy = new GcsFaultProxy();
+let fakeGcs: FakeGcsServer | undefined;
 beforeAll(async () => {
-  await double.start();
-});
+  await proxy.listen();
+  fakeGcs = await FakeGcsServer.start({ externalUrl: proxy.endpoint });
+  proxy.forwardTo(fakeGcs.endpoint);
+  await fakeGcs.createBucket('builds');
+}, 1_800_000);
 afterAll(async () => {
-  await double.stop();
+  await proxy.stop();
+  await fakeGcs?.stop();
 });
 
-function gcsOnDouble(extra: Partial<ConstructorParameters<typeof GcsBackend>[0]> = {}): GcsBackend {
-  return new GcsBackend({ bucket: 'builds', apiEndpoint: double.endpoint, maxRetryDelayMs: 1000, ...extra });
+function gcsOnFake(extra: Partial<ConstructorParameters<typeof GcsBackend>[0]> = {}): GcsBackend {
+  return new GcsBackend({ bucket: 'builds', apiEndpoint: proxy.endpoint, maxRetryDelayMs: 1000, ...extra });
 }
 
-contract('gcs (against the GCS test double)', async () => gcsOnDouble());
+contract('gcs (fake-gcs-server)', async () => gcsOnFake());
 
-describe('gcs backend against the GCS test double', () => {
-  it('uploads in resumable chunks and resumes after a chunk fails with 503', async () => {
-    const backend = gcsOnDouble({ uploadChunkSize: 256 * 1024 });
+describe('gcs backend against fake-gcs-server, faults injected by a proxy', () => {
+  it('uploads in resumable chunks', async () => {
+    const backend = gcsOnFake({ uploadChunkSize: 256 * 1024 });
     const data = pattern(1024 * 1024 + 1000, 3);
     const local = path.join(work, 'chunked');
     await writeFile(local, data);
-    const before = double.requests.length;
-    double.failNext({
-      status: 503,
-      match: (r) => r.method === 'PUT' && (r.contentRange ?? '').startsWith('bytes 524288-'),
-    });
+    const before = proxy.requests.length;
     await backend.upload(`${BUILD}/rootfs.ext4`, local);
-    expect(double.get('builds', `${BUILD}/rootfs.ext4`)!.equals(data)).toBe(true);
-    const puts = double.requests.slice(before).filter((r) => r.method === 'PUT');
-    // 5 chunks, one of them repeated after the injected 503 (possibly after a status query).
-    expect(puts.filter((r) => /^bytes \d+-\d+\//.test(r.contentRange ?? '')).length).toBeGreaterThanOrEqual(6);
+    expect((await backend.read(`${BUILD}/rootfs.ext4`)).equals(data)).toBe(true);
+    const chunks = proxy.requests
+      .slice(before)
+      .filter((r) => r.method === 'PUT' && /^bytes \d+-\d+\//.test(r.contentRange ?? ''));
+    expect(chunks.length).toBe(5);
   });
 
   it('retries a metadata request that failed with 503 and reports a lasting outage as StorageUnavailable', async () => {
-    const backend = gcsOnDouble({ maxRetries: 1 });
-    double.put('builds', 'x/y', Buffer.from('abc'));
-    double.failNext({ status: 503, match: (r) => r.path.endsWith('/o/x%2Fy') || r.path.endsWith('/o/x/y') });
+    const backend = gcsOnFake({ maxRetries: 1 });
+    await backend.write('x/y', Buffer.from('abc'));
+    proxy.failNext({ status: 503, match: (r) => r.path.endsWith('/o/x%2Fy') || r.path.endsWith('/o/x/y') });
     expect(await backend.size('x/y')).toBe(3);
-    double.failNext({ status: 503 }, 10);
+    proxy.failNext({ status: 503 }, 10);
     await expect(backend.size('x/y')).rejects.toBeInstanceOf(StorageUnavailable);
     await expect(backend.readRange('x/y', 0, 2)).rejects.toBeInstanceOf(StorageUnavailable);
-    double.clearFaults();
-    double.failNext({ status: 'reset' }, 2);
+    proxy.clearFaults();
+    proxy.failNext({ status: 'reset' }, 2);
     await expect(backend.readRange('x/y', 0, 2)).rejects.toBeInstanceOf(StorageUnavailable);
     // Drain faults the retries did not consume so later tests start clean.
     while (
@@ -150,17 +156,17 @@ describe('gcs backend against the GCS test double', () => {
   });
 
   it('fails a read that hangs as StorageUnavailable after the read timeout', async () => {
-    const backend = gcsOnDouble({ readTimeoutMs: 1000 });
-    double.put('builds', 'slow/obj', pattern(1000));
-    double.failNext({ status: 'hang', match: (r) => r.query.alt === 'media' });
+    const backend = gcsOnFake({ readTimeoutMs: 1000 });
+    await backend.write('slow/obj', pattern(1000));
+    proxy.failNext({ status: 'hang', match: (r) => r.query.alt === 'media' });
     await expect(backend.readRange('slow/obj', 0, 100)).rejects.toBeInstanceOf(StorageUnavailable);
     expect((await backend.readRange('slow/obj', 0, 100)).equals(pattern(1000).subarray(0, 100))).toBe(true);
   });
 
   it('a chunk cache over GCS rides out a bucket timeout: the reader only waits', async () => {
-    const backend = gcsOnDouble({ readTimeoutMs: 1000 });
+    const backend = gcsOnFake({ readTimeoutMs: 1000 });
     const data = pattern(6 * 1024 * 1024, 9);
-    double.put('builds', `${BUILD}/snapdata`, data);
+    await backend.write(`${BUILD}/snapdata`, data);
     const cache = await ChunkCache.open({
       source: backendSource(backend, `${BUILD}/snapdata`),
       size: data.length,
@@ -168,8 +174,8 @@ describe('gcs backend against the GCS test double', () => {
       retry: { attempts: 3, initialDelayMs: 10, maxDelayMs: 50, multiplier: 2 },
     });
     try {
-      const before = double.count((r) => r.query.alt === 'media');
-      double.failNext({
+      const before = proxy.count((r) => r.query.alt === 'media');
+      proxy.failNext({
         status: 'hang',
         match: (r) => r.query.alt === 'media' && (r.range ?? '').startsWith('bytes=4194304-'),
       });
@@ -181,7 +187,7 @@ describe('gcs backend against the GCS test double', () => {
       expect(a.equals(data.subarray(4 * 1024 * 1024 + 100, 4 * 1024 * 1024 + 100 + 8192))).toBe(true);
       // the hung request timed out and was retried (more than once if this loaded machine is slow);
       // the second reader shared those fetches instead of adding its own
-      const media = double.count((r) => r.query.alt === 'media') - before;
+      const media = proxy.count((r) => r.query.alt === 'media') - before;
       expect(media).toBeGreaterThanOrEqual(2);
       expect(cache.fetchCount).toBe(media);
     } finally {
@@ -190,14 +196,49 @@ describe('gcs backend against the GCS test double', () => {
   });
 
   it('follows list pagination', async () => {
-    const backend = gcsOnDouble();
-    double.pageSize = 2;
+    const backend = gcsOnFake();
+    proxy.listPageSize = 2;
     try {
-      for (let i = 0; i < 5; i++) double.put('builds', `paged/${i}`, Buffer.from([i]));
+      for (let i = 0; i < 5; i++) await backend.write(`paged/${i}`, Buffer.from([i]));
+      const pagesBefore = proxy.count((r) => r.path === '/storage/v1/b/builds/o');
       expect(await backend.list('paged/')).toEqual([0, 1, 2, 3, 4].map((i) => `paged/${i}`));
+      expect(proxy.count((r) => r.path === '/storage/v1/b/builds/o') - pagesBefore).toBe(3);
     } finally {
-      double.pageSize = 1000;
+      proxy.listPageSize = 0;
     }
+  });
+});
+
+// The one case fake-gcs-server cannot give: it finalizes an upload on a status query (see gcs-double.ts).
+describe('gcs backend against GcsDouble (a test double), resumable upload resume only', () => {
+  const double = new GcsDouble();
+  beforeAll(async () => {
+    await double.start();
+  });
+  afterAll(async () => {
+    await double.stop();
+  });
+
+  it('resumes a resumable upload after a chunk fails with 503', async () => {
+    const backend = new GcsBackend({
+      bucket: 'builds',
+      apiEndpoint: double.endpoint,
+      maxRetryDelayMs: 1000,
+      uploadChunkSize: 256 * 1024,
+    });
+    const data = pattern(1024 * 1024 + 1000, 3);
+    const local = path.join(work, 'chunked-resume');
+    await writeFile(local, data);
+    double.failNext({
+      status: 503,
+      match: (r) => r.method === 'PUT' && (r.contentRange ?? '').startsWith('bytes 524288-'),
+    });
+    await backend.upload(`${BUILD}/rootfs.ext4`, local);
+    expect(double.get('builds', `${BUILD}/rootfs.ext4`)!.equals(data)).toBe(true);
+    const puts = double.requests.filter((r) => r.method === 'PUT');
+    // 5 chunks, one of them repeated after the injected 503 (after a status query).
+    expect(puts.filter((r) => /^bytes \d+-\d+\//.test(r.contentRange ?? '')).length).toBeGreaterThanOrEqual(6);
+    await backend.close();
   });
 });
 
@@ -208,24 +249,37 @@ describe('openBackend', () => {
     expect(openBackend(work)).toBeInstanceOf(LocalBackend);
     expect(() => openBackend('gs://')).toThrow(/gs:\/\/<bucket>/);
   });
+
+  it('sends a gs:// bucket to the configured endpoint (--gcs-endpoint / SBX_GCS_ENDPOINT)', async () => {
+    const backend = openBackend('gs://builds', { apiEndpoint: fakeGcs!.endpoint });
+    await backend.write('endpoint/probe', Buffer.from('x'));
+    expect(await fakeGcs!.list('builds', 'endpoint/')).toEqual(['endpoint/probe']);
+    await backend.close();
+  });
 });
 
+// The same round trip against Google when GCS_TEST_BUCKET (and credentials) are given, with
+// SBX_GCS_ENDPOINT as the endpoint when set; otherwise against fake-gcs-server, so it always runs.
 const realBucket = process.env.GCS_TEST_BUCKET;
+const realEndpoint = process.env.SBX_GCS_ENDPOINT;
 const hasCredentials =
+  realEndpoint !== undefined ||
   process.env.GOOGLE_APPLICATION_CREDENTIALS !== undefined ||
   process.env.GOOGLE_CLOUD_PROJECT !== undefined ||
   existsSync(path.join(homedir(), '.config/gcloud/application_default_credentials.json'));
-const realReason =
-  realBucket === undefined
-    ? 'GCS_TEST_BUCKET is not set'
-    : !hasCredentials
-      ? 'no credentials (GOOGLE_APPLICATION_CREDENTIALS, GOOGLE_CLOUD_PROJECT or gcloud application-default login)'
-      : '';
-if (realReason !== '') console.warn(`skipping the real Google Cloud Storage test: ${realReason}`);
+if (realBucket !== undefined && !hasCredentials)
+  throw new Error(
+    'GCS_TEST_BUCKET is set but there are no credentials (GOOGLE_APPLICATION_CREDENTIALS, GOOGLE_CLOUD_PROJECT, gcloud application-default login) and no SBX_GCS_ENDPOINT',
+  );
+const target =
+  realBucket !== undefined ? `gs://${realBucket}${realEndpoint ? ` at ${realEndpoint}` : ''}` : 'fake-gcs-server';
 
-describe('gcs backend against real Google Cloud Storage', () => {
-  it.skipIf(realReason !== '')('uploads, reads a range, lists and deletes in GCS_TEST_BUCKET', async () => {
-    const backend = new GcsBackend({ bucket: realBucket! });
+describe(`gcs backend round trip (${target})`, () => {
+  it('uploads, reads a range, lists and deletes', async () => {
+    const backend =
+      realBucket !== undefined
+        ? new GcsBackend({ bucket: realBucket, ...(realEndpoint ? { apiEndpoint: realEndpoint } : {}) })
+        : new GcsBackend({ bucket: 'builds', apiEndpoint: fakeGcs!.endpoint });
     const prefix = `sbx-storage-test-${Date.now()}-${process.pid}`;
     const data = pattern(3 * 1024 * 1024 + 17);
     const local = path.join(work, 'real');
@@ -241,5 +295,6 @@ describe('gcs backend against real Google Cloud Storage', () => {
       await backend.delete(`${prefix}/memfile`);
     }
     expect(await backend.exists(`${prefix}/memfile`)).toBe(false);
+    await backend.close();
   });
 });
