@@ -25,7 +25,7 @@ import { Sandbox } from './sandbox.js';
 import type { SandboxStateStore } from './sandbox-state-store.js';
 import type { TemplateCache } from './template-cache.js';
 import type { TemplateCatalogue } from './template-catalogue.js';
-import { describeFailures } from './teardown-stack.js';
+import { describeFailures } from '#service-kit';
 import type { VmmLauncher } from './vmm-launcher.js';
 
 export interface ManagerSettings {

@@ -5,7 +5,7 @@ import type { NetSlot } from '#proto/sbx/net';
 import type { LocalBuild } from './build-files.js';
 import type { EnvdClient, EnvdMetrics } from './envd-client.js';
 import type { SandboxPhase, SandboxStateFile } from './sandbox-state-store.js';
-import { TeardownStack } from './teardown-stack.js';
+import { TeardownStack } from '#service-kit';
 import type { VmmHandle } from './vmm-launcher.js';
 
 /** One sandbox on this node: its resources (each on the teardown stack) and its times. */

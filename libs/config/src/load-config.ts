@@ -1,5 +1,6 @@
 import { parseArgs } from 'node:util';
 import { z } from 'zod';
+import { fieldInfo, kebab, snake } from './config-field.js';
 
 /** Raised when flags or environment do not satisfy a service's schema; names every bad field. */
 export class ConfigInvalid extends Error {
@@ -21,8 +22,11 @@ export interface ConfigSource {
 
 /**
  * Reads one service's configuration from flags and environment through its zod schema.
- * Each schema key `fooBar` is read from `--foo-bar` first, then from `${envPrefix}FOO_BAR`.
- * Repeated flags become arrays when the schema field is an array.
+ * Each schema key `fooBar` is read from `--foo-bar` first, then from `${envPrefix}FOO_BAR`, then
+ * from the node-wide names the field lists in its meta (`.meta({ aliases: ['SBX_BUCKET'] })`),
+ * then the schema default. A variable set to the empty string counts as unset, whatever its
+ * name; an empty flag (`--zone ''`) is a value and goes to the schema as given.
+ * Repeated flags become arrays when the schema field is an array (comma-separated in env).
  */
 export function loadConfig<S extends z.ZodObject>(
   service: string,
@@ -48,9 +52,10 @@ export function loadConfig<S extends z.ZodObject>(
   const raw: Record<string, unknown> = {};
   for (const key of keys) {
     const flag = flags[kebab(key)];
-    const fromEnv = env[envPrefix + snake(key)];
+    const names = [envPrefix + snake(key), ...fieldInfo(schema.shape[key]).aliases];
+    const fromEnv = names.map((name) => env[name]).find((value) => value !== undefined && value !== '');
     if (flag !== undefined) raw[key] = flag;
-    else if (fromEnv !== undefined && fromEnv !== '') {
+    else if (fromEnv !== undefined) {
       raw[key] = isArrayField(schema.shape[key]) ? fromEnv.split(',').map((v) => v.trim()) : fromEnv;
     }
   }
@@ -78,20 +83,5 @@ export function describeConfig(config: Record<string, unknown>): Record<string, 
 }
 
 function isArrayField(field: unknown): boolean {
-  let current = field as z.ZodType | undefined;
-  // Unwrap optional/default/pipe wrappers to find an array underneath.
-  for (let i = 0; i < 5 && current; i++) {
-    if (current instanceof z.ZodArray) return true;
-    const def = (current as unknown as { def?: { innerType?: z.ZodType; in?: z.ZodType } }).def;
-    current = def?.innerType ?? def?.in;
-  }
-  return false;
-}
-
-function kebab(key: string): string {
-  return key.replace(/[A-Z]/g, (c) => '-' + c.toLowerCase());
-}
-
-function snake(key: string): string {
-  return key.replace(/[A-Z]/g, (c) => '_' + c).toUpperCase();
+  return fieldInfo(field).core instanceof z.ZodArray;
 }

@@ -1,1 +1,2 @@
 export { createRegistry, startMetricsServer, type MetricsServer } from './metrics-server.js';
+export { metricNameProblems, metricPrefix, RUNTIME_METRIC } from './metric-names.js';

@@ -1,5 +1,7 @@
+import { TypedError } from './typed-error.js';
+
 /**
- * One per sandbox: each resource is pushed as it is taken; unwinding gives them back in
+ * One per sandbox, and one per service start (service-start.ts): each resource is pushed as it is taken; unwinding gives them back in
  * reverse order, whatever step failed. A failing undo does not stop the ones below it.
  */
 export interface TeardownEntry {
@@ -66,4 +68,12 @@ export class TeardownStack {
 
 export function describeFailures(failures: TeardownFailure[]): string[] {
   return failures.map((f) => `${f.name}: ${f.error instanceof Error ? f.error.message : String(f.error)}`);
+}
+
+/** Stopping ran every entry, and these failed. */
+export class TeardownFailed extends TypedError {
+  readonly code = 'TEARDOWN_FAILED';
+  constructor(readonly failures: TeardownFailure[]) {
+    super(`teardown: ${describeFailures(failures).join('; ')}`);
+  }
 }
