@@ -7,8 +7,7 @@ import type { BlockMetrics } from './block-metrics.js';
 import { CowOverlay } from './cow-overlay.js';
 import { deviceDir, removeDeviceDir, type DeviceRecord } from './device-record.js';
 import { exportDiff, type ExportedDiff } from './dirty-export.js';
-import { DirtyTracker, type DirtyTrackerStats } from './dirty-tracker.js';
-import { NbdServer } from './nbd-server.js';
+import { NbdServer, type NbdServerCounts } from './nbd-server.js';
 
 /** A kernel /dev/nbdX bound to this device (kernel-attach.ts). */
 export interface KernelAttachment {
@@ -32,7 +31,11 @@ export interface BlockDeviceOptions {
   syncReads?: boolean;
 }
 
-export interface DeviceStats extends DirtyTrackerStats {
+export interface DeviceStats extends NbdServerCounts {
+  /** Blocks with new bytes since the device was opened over its build. */
+  dirtyBlocks: number;
+  /** Blocks trimmed or zeroed whole (exported as nil mappings). */
+  zeroedBlocks: number;
   connections: number;
   requestsInFlight: number;
   /** Disk the overlay file takes (sparse: written blocks only). */
@@ -40,25 +43,24 @@ export interface DeviceStats extends DirtyTrackerStats {
 }
 
 /**
- * One sandbox's rootfs device: base layers → copy-on-write overlay → dirty tracker → NBD
- * server on the sandbox's socket (and a kernel device where attached). Owns all of them.
+ * One sandbox's rootfs device: base layers → copy-on-write overlay → NBD server on the
+ * sandbox's socket (and a kernel device where attached). Owns all of them. The overlay's block
+ * maps are the one record of what changed: the export reads them, stats count them.
  */
 export class BlockDevice {
   readonly record: DeviceRecord;
   readonly server: NbdServer;
   readonly overlay: CowOverlay;
-  readonly tracker: DirtyTracker;
   kernel: KernelAttachment | undefined;
   private state: 'serving' | 'exporting' | 'closed' = 'serving';
   private readonly options: BlockDeviceOptions;
 
   private readonly connectionSource = (): number => this.server.connectionCount;
 
-  private constructor(options: BlockDeviceOptions, overlay: CowOverlay, tracker: DirtyTracker, server: NbdServer) {
+  private constructor(options: BlockDeviceOptions, overlay: CowOverlay, server: NbdServer) {
     this.options = options;
     this.record = options.record;
     this.overlay = overlay;
-    this.tracker = tracker;
     this.server = server;
     options.metrics?.connectionSources.add(this.connectionSource);
   }
@@ -74,12 +76,6 @@ export class BlockDevice {
       syncReads: options.syncReads ?? false,
     });
     try {
-      const tracker = new DirtyTracker({
-        inner: overlay,
-        blockSize: record.blockSize,
-        dirty: overlay.written,
-        zeroed: overlay.zeroed,
-      });
       const server = await NbdServer.listen({
         socketPath: record.socketPath,
         logger,
@@ -90,7 +86,7 @@ export class BlockDevice {
             name === record.exportName || name === ''
               ? {
                   name: record.exportName,
-                  blocks: tracker,
+                  blocks: overlay,
                   blockSize: record.blockSize,
                   description: `sandbox ${record.sandboxId}`,
                 }
@@ -98,7 +94,7 @@ export class BlockDevice {
           names: () => [record.exportName],
         },
       });
-      return new BlockDevice(options, overlay, tracker, server);
+      return new BlockDevice(options, overlay, server);
     } catch (err) {
       await overlay.close();
       throw err;
@@ -124,7 +120,7 @@ export class BlockDevice {
     this.state = 'exporting';
     const started = Date.now();
     try {
-      await this.tracker.flush();
+      await this.overlay.flush();
       await this.server.stopAccepting();
       if (this.kernel) {
         await this.kernel.detach();
@@ -134,10 +130,10 @@ export class BlockDevice {
         throw new DeviceBusy(this.sandboxId, this.server.connectionCount, Date.now() - started);
       }
       return await exportDiff({
-        source: this.tracker,
+        source: this.overlay,
         blockSize: this.record.blockSize,
-        dirty: this.tracker.dirty,
-        zeroed: this.tracker.zeroed,
+        dirty: this.overlay.written,
+        zeroed: this.overlay.zeroed,
         buildId,
         diffPath,
       });
@@ -180,7 +176,7 @@ export class BlockDevice {
     this.options.metrics?.connectionSources.delete(this.connectionSource);
     await this.server.close();
     this.kernel?.abandon();
-    await this.tracker.flush().catch((err: unknown) => this.options.logger.warn({ err }, 'flush at shutdown failed'));
+    await this.overlay.flush().catch((err: unknown) => this.options.logger.warn({ err }, 'flush at shutdown failed'));
     await this.overlay.close();
     await this.options.releaseBase();
   }
@@ -191,7 +187,9 @@ export class BlockDevice {
       () => 0,
     );
     return {
-      ...this.tracker.stats(),
+      ...this.server.counts,
+      dirtyBlocks: this.overlay.written.count,
+      zeroedBlocks: this.overlay.zeroed.count,
       connections: this.server.connectionCount,
       requestsInFlight: this.server.requestsInFlight,
       overlayBytes: used,

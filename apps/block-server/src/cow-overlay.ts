@@ -1,12 +1,13 @@
 import { constants, close as closeFd, fdatasync, fstat, ftruncate, open as openFd, write } from 'node:fs';
 import { mkdir, readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
-import { crc32 } from 'node:zlib';
 import { DirtyBitmap, type ReadableBlocks, type WritableBlocks } from '#storage';
 import { OverlayStateInvalid } from './block-errors.js';
 import { writeDurably } from './durable-file.js';
-import { readFully, readFullySync } from './file-blocks.js';
+import { readFully, readFullySync } from './image-file.js';
+import type { BlockCapabilities } from './nbd-export.js';
 import { OverlayJournal, type BlockChange, type BlockState } from './overlay-journal.js';
+import { decodeOverlayState, encodeOverlayState } from './overlay-state.js';
 
 export interface CowOverlayOptions {
   /** What untouched blocks read from. Never written to. */
@@ -19,11 +20,10 @@ export interface CowOverlayOptions {
    * different base is refused instead of serving one base's blocks over another.
    */
   identity?: string;
-  /** Read the overlay file synchronously (see FileBlocks.open). */
+  /** Read the overlay file synchronously (see ImageFile.open). */
   syncReads?: boolean;
 }
 
-const STATE_MAGIC = Buffer.from('SBXCOW01', 'ascii');
 const STATE_FILE = 'overlay.state';
 const JOURNAL_FILE = 'overlay.journal';
 /** Past this the journal is folded into a new snapshot. */
@@ -40,6 +40,10 @@ const DATA_FILE = 'overlay.img';
  * Writes that cover only part of a block the overlay does not hold yet are read-modify-write
  * of the whole block; those are serialised per block so two sector writes into one fresh
  * block cannot undo each other.
+ *
+ * The two maps are the device's only record of what changed since it was opened over its
+ * build: the dirty-block export reads them. Callers pass ranges inside the device (the NBD
+ * edge checks them).
  */
 export class CowOverlay implements WritableBlocks {
   readonly size: number;
@@ -94,11 +98,12 @@ export class CowOverlay implements WritableBlocks {
       if (err.code === 'ENOENT') return undefined;
       throw err;
     });
+    const expected = { blockSize: full.blockSize, size: full.base.size, identity: full.identity };
     const state = saved
-      ? decodeState(saved, statePath, full)
-      : { written: new DirtyBitmap(blocks), zeroed: new DirtyBitmap(blocks), generation: 0 };
+      ? decodeOverlayState(saved, statePath, expected)
+      : { ...expected, written: new DirtyBitmap(blocks), zeroed: new DirtyBitmap(blocks), generation: 0 };
     // A new overlay gets its snapshot at once, so size and base identity are checked on every reopen.
-    if (!saved) await writeDurably(statePath, encodeState(full, state, 0));
+    if (!saved) await writeDurably(statePath, encodeOverlayState(state));
 
     const fd = await new Promise<number>((resolve, reject) =>
       openFd(join(full.dir, DATA_FILE), constants.O_RDWR | constants.O_CREAT, 0o600, (err, fd) =>
@@ -141,13 +146,18 @@ export class CowOverlay implements WritableBlocks {
     return new CowOverlay(full, fd, state, opened.journal);
   }
 
+  /**
+   * nbdkit's cow filter answers the same: everything is supported whatever the base can do,
+   * FUA by a flush after the write, and multi-conn because every connection shares this one
+   * overlay, so a flush on any of them makes every acknowledged write durable.
+   */
+  capabilities(): BlockCapabilities {
+    return { write: true, flush: true, trim: true, zero: true, fua: true, multiConn: true };
+  }
+
   readAt(target: Uint8Array, offset: number): Promise<void> {
     // Not async: on the hot path a read served from one run returns that run's promise as is.
-    try {
-      this.check(offset, target.length);
-    } catch (err) {
-      return Promise.reject(err);
-    }
+    if (this.closed) return Promise.reject(this.closedError());
     if (target.length === 0) return Promise.resolve();
     const bs = this.blockSize;
     const end = offset + target.length;
@@ -169,7 +179,7 @@ export class CowOverlay implements WritableBlocks {
   }
 
   async writeAt(source: Uint8Array, offset: number): Promise<void> {
-    this.check(offset, source.length);
+    if (this.closed) throw this.closedError();
     if (source.length === 0) return;
     const bs = this.blockSize;
     const first = Math.floor(offset / bs);
@@ -207,7 +217,7 @@ export class CowOverlay implements WritableBlocks {
   }
 
   async zeroAt(offset: number, length: number): Promise<void> {
-    this.check(offset, length);
+    if (this.closed) throw this.closedError();
     if (length === 0) return;
     const bs = this.blockSize;
     const end = offset + length;
@@ -235,7 +245,7 @@ export class CowOverlay implements WritableBlocks {
    * one runs share the next run.
    */
   flush(): Promise<void> {
-    if (this.closed) return Promise.reject(new Error(`overlay ${this.dir} closed`));
+    if (this.closed) return Promise.reject(this.closedError());
     if (this.queuedFlush) return this.queuedFlush;
     const previous = this.runningFlush ?? Promise.resolve();
     const run: Promise<void> = previous
@@ -278,7 +288,14 @@ export class CowOverlay implements WritableBlocks {
     const snapshotBytes = (this.written.blockCount / 8) * 2;
     const snapshot =
       changes.length * 5 > snapshotBytes / 4 || this.journal.bytes > JOURNAL_MAX_BYTES
-        ? this.encodeState(this.generation + 1)
+        ? encodeOverlayState({
+            blockSize: this.blockSize,
+            size: this.size,
+            identity: this.identity,
+            generation: this.generation + 1,
+            written: this.written,
+            zeroed: this.zeroed,
+          })
         : undefined;
     try {
       await new Promise<void>((resolve, reject) => fdatasync(this.fd, (err) => (err ? reject(err) : resolve())));
@@ -294,10 +311,6 @@ export class CowOverlay implements WritableBlocks {
       for (const b of blocks) this.changed.add(b);
       throw err;
     }
-  }
-
-  private encodeState(generation: number): Buffer {
-    return encodeState({ blockSize: this.blockSize, identity: this.identity, size: this.size }, this, generation);
   }
 
   private kindOf(block: number): 0 | 1 | 2 {
@@ -370,77 +383,7 @@ export class CowOverlay implements WritableBlocks {
     });
   }
 
-  private check(offset: number, length: number): void {
-    if (this.closed) throw new Error(`overlay ${this.dir} closed`);
-    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0) {
-      throw new RangeError(`invalid range: offset ${offset}, length ${length}`);
-    }
-    if (offset + length > this.size) {
-      throw new RangeError(`range [${offset}, ${offset + length}) passes the device size ${this.size}`);
-    }
-  }
-}
-
-function encodeState(
-  options: { blockSize: number; identity: string; base?: { size: number }; size?: number },
-  maps: { written: DirtyBitmap; zeroed: DirtyBitmap },
-  generation: number,
-): Buffer {
-  const size = options.size ?? options.base!.size;
-  const identity = Buffer.from(options.identity, 'utf8');
-  const written = maps.written.toBytes();
-  const zeroed = maps.zeroed.toBytes();
-  const head = Buffer.alloc(8 + 4 + 4 + 8 + 8 + 4);
-  STATE_MAGIC.copy(head, 0);
-  head.writeUInt32LE(2, 8);
-  head.writeUInt32LE(options.blockSize, 12);
-  head.writeBigUInt64LE(BigInt(size), 16);
-  head.writeBigUInt64LE(BigInt(generation), 24);
-  head.writeUInt32LE(identity.length, 32);
-  const lengths = Buffer.alloc(16);
-  lengths.writeBigUInt64LE(BigInt(written.length), 0);
-  lengths.writeBigUInt64LE(BigInt(zeroed.length), 8);
-  const body = Buffer.concat([head, identity, lengths, written, zeroed]);
-  const sum = Buffer.alloc(4);
-  sum.writeUInt32LE(crc32(body), 0);
-  return Buffer.concat([body, sum]);
-}
-
-function decodeState(
-  bytes: Buffer,
-  path: string,
-  expected: Required<CowOverlayOptions>,
-): { written: DirtyBitmap; zeroed: DirtyBitmap; generation: number } {
-  const fail = (problem: string): never => {
-    throw new OverlayStateInvalid(path, problem);
-  };
-  if (bytes.length < 56 || !bytes.subarray(0, 8).equals(STATE_MAGIC)) fail('bad magic');
-  const body = bytes.subarray(0, bytes.length - 4);
-  if (crc32(body) !== bytes.readUInt32LE(bytes.length - 4)) fail('checksum mismatch (torn or corrupted)');
-  if (bytes.readUInt32LE(8) !== 2) fail(`unknown version ${bytes.readUInt32LE(8)}`);
-  const blockSize = bytes.readUInt32LE(12);
-  const size = Number(bytes.readBigUInt64LE(16));
-  const generation = Number(bytes.readBigUInt64LE(24));
-  if (blockSize !== expected.blockSize) fail(`block size ${blockSize}, expected ${expected.blockSize}`);
-  if (size !== expected.base.size) fail(`size ${size}, base is ${expected.base.size}`);
-  const idLength = bytes.readUInt32LE(32);
-  if (36 + idLength + 16 > body.length) fail('identity runs past the file');
-  const identity = bytes.toString('utf8', 36, 36 + idLength);
-  if (identity !== expected.identity)
-    fail(`made over ${JSON.stringify(identity)}, not ${JSON.stringify(expected.identity)}`);
-  let at = 36 + idLength;
-  const writtenLength = Number(bytes.readBigUInt64LE(at));
-  const zeroedLength = Number(bytes.readBigUInt64LE(at + 8));
-  at += 16;
-  if (at + writtenLength + zeroedLength !== body.length) fail('bitmap lengths do not match the file');
-  try {
-    const written = DirtyBitmap.fromBytes(body.subarray(at, at + writtenLength));
-    const zeroed = DirtyBitmap.fromBytes(body.subarray(at + writtenLength));
-    const blocks = Math.ceil(size / blockSize);
-    if (written.blockCount !== blocks || zeroed.blockCount !== blocks) fail(`bitmaps are not ${blocks} blocks`);
-    return { written, zeroed, generation };
-  } catch (err) {
-    if (err instanceof OverlayStateInvalid) throw err;
-    return fail((err as Error).message);
+  private closedError(): Error {
+    return new Error(`overlay ${this.dir} closed`);
   }
 }

@@ -13,7 +13,7 @@ import {
   type DeviceRecord,
 } from './device-record.js';
 import type { ExportedDiff } from './dirty-export.js';
-import { FileBlocks } from './file-blocks.js';
+import { ImageFile } from './image-file.js';
 import type { RootfsBuilds } from './rootfs-builds.js';
 
 /** Binds a device to a kernel /dev/nbdX (kernel-attach.ts), or reattaches after a restart. */
@@ -33,7 +33,7 @@ export interface DeviceManagerOptions {
   socketMode?: number;
   releaseTimeoutMs: number;
   kernel?: KernelAttacher;
-  /** Read overlays and local images on the event loop (see FileBlocks.open). */
+  /** Read overlays and local images on the event loop (see ImageFile.open). */
   syncReads?: boolean;
 }
 
@@ -263,7 +263,7 @@ export class DeviceManager {
     basePath: string | undefined;
   }): Promise<{ blocks: ReadableBlocks; blockSize: number; release(): Promise<void> }> {
     if (source.basePath) {
-      const file = await FileBlocks.open(source.basePath, { syncReads: this.options.syncReads ?? false });
+      const file = await ImageFile.open(source.basePath, { syncReads: this.options.syncReads ?? false });
       return { blocks: file, blockSize: 4096, release: () => file.close() };
     }
     if (!this.options.builds) throw new BlockRequestInvalid('build_id', 'no bucket configured (--bucket / SBX_BUCKET)');

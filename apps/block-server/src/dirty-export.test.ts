@@ -13,7 +13,7 @@ import {
   validateMappings,
   type ReadableBlocks,
 } from '#storage';
-import { DirtyTracker } from './dirty-tracker.js';
+import { CowOverlay } from './cow-overlay.js';
 import { exportDiff } from './dirty-export.js';
 
 const BS = 4096;
@@ -31,7 +31,8 @@ describe('exportDiff', () => {
     const parentId = newBuildId();
     const childId = newBuildId();
     const parentData = randomBytes(size);
-    const device = new DirtyTracker({ inner: new MemoryBlocks(parentData), blockSize: BS });
+    // The overlay's block maps are what the export reads (the only record of what changed).
+    const device = await CowOverlay.open({ base: new MemoryBlocks(parentData), dir: join(dir, 'o'), blockSize: BS });
     await device.writeAt(Buffer.alloc(3 * BS, 9), 40 * BS); // 40..42
     await device.writeAt(randomBytes(100), 5 * BS + 7); // 5
     await device.writeAt(Buffer.alloc(BS), 20 * BS); // written, but all zeros → nil
@@ -42,7 +43,7 @@ describe('exportDiff', () => {
     const result = await exportDiff({
       source: device,
       blockSize: BS,
-      dirty: device.dirty,
+      dirty: device.written,
       zeroed: device.zeroed,
       buildId: childId,
       diffPath,
@@ -75,18 +76,20 @@ describe('exportDiff', () => {
     const readBack = Buffer.alloc(size);
     await layered.readAt(readBack, 0);
     expect(readBack).toEqual(final);
+    await device.close();
   });
 
   it('an untouched device exports an empty diff and no mappings', async () => {
-    const device = new DirtyTracker({ inner: new MemoryBlocks(4 * BS), blockSize: BS });
+    const device = await CowOverlay.open({ base: new MemoryBlocks(4 * BS), dir: join(dir, 'o') });
     const result = await exportDiff({
       source: device,
       blockSize: BS,
-      dirty: device.dirty,
+      dirty: device.written,
       zeroed: device.zeroed,
       buildId: newBuildId(),
       diffPath: join(dir, 'd'),
     });
     expect(result).toEqual({ mappings: [], diffSize: 0, storedBlocks: 0, zeroBlocks: 0 });
+    await device.close();
   });
 });

@@ -22,6 +22,7 @@ import {
 import { createLogger } from '#logging';
 import { unixSocketPair } from '#native';
 import { MemoryBlocks } from '#storage';
+import { CowOverlay } from './cow-overlay.js';
 import { NbdServer } from './nbd-server.js';
 
 const run = promisify(execFile);
@@ -126,6 +127,61 @@ describe('NbdServer with real clients over an in-memory export', () => {
     const uri = `nbd+unix:///disk?socket=${socketPath}`;
     await run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5a 12288 8192', '-c', 'read -P 0x5a 12288 8192', uri]);
     expect(memory.bytes().subarray(12288, 12288 + 8192)).toEqual(Buffer.alloc(8192, 0x5a));
+  });
+});
+
+describe('transmission flags come from what the stack can do', () => {
+  it('a copy-on-write stack offers trim, zero, FUA and multi-conn; a read-only one is read-only', async () => {
+    const overlay = await CowOverlay.open({ base: new MemoryBlocks(SIZE), dir: join(dir, 'cow') });
+    const readOnly = { size: SIZE, readAt: async (t: Uint8Array) => void t.fill(7), close: async () => {} };
+    const exports = new Map([
+      ['cow', overlay],
+      ['ro', readOnly],
+    ]);
+    const path = join(dir, 'caps.sock');
+    const caps = await NbdServer.listen({
+      socketPath: path,
+      logger,
+      exports: {
+        find: (name) => (exports.has(name) ? { name, blocks: exports.get(name)!, blockSize: 4096 } : undefined),
+        names: () => [...exports.keys()],
+      },
+    });
+    try {
+      const info = async (name: string, on = path) =>
+        (
+          JSON.parse((await run('nbdinfo', ['--json', `nbd+unix:///${name}?socket=${on}`])).stdout) as {
+            exports: Array<Record<string, unknown>>;
+          }
+        ).exports[0];
+      expect(await info('cow')).toMatchObject({
+        is_read_only: false,
+        can_flush: true,
+        can_fua: true,
+        can_trim: true,
+        can_zero: true,
+        can_multi_conn: true,
+      });
+      expect(await info('ro')).toMatchObject({ is_read_only: true, can_trim: false, can_zero: false });
+      // The in-memory export says nothing of multi-conn: not offered.
+      expect(await info('disk', socketPath)).toMatchObject({ can_multi_conn: false });
+      const c = await RawClient.connect(path);
+      await c.take(18);
+      c.socket.write(encodeClientFlags(3));
+      c.socket.write(encodeOptionRequest(Option.GO, encodeInfoRequest('ro', [])));
+      while ((await c.optionReply()).type !== OptionReply.ACK);
+      c.request(Command.WRITE, 0, 4, 1n, 0, Buffer.from('nope'));
+      expect(await c.reply()).toEqual({ error: NbdErrno.EPERM, cookie: 1n });
+      c.request(Command.TRIM, 0, 4096, 2n);
+      expect(await c.reply()).toEqual({ error: NbdErrno.EINVAL, cookie: 2n });
+      c.request(Command.READ, 0, 4, 3n);
+      expect(await c.reply()).toEqual({ error: 0, cookie: 3n });
+      expect(await c.take(4)).toEqual(Buffer.alloc(4, 7));
+      c.socket.destroy();
+    } finally {
+      await caps.close();
+      await overlay.close();
+    }
   });
 });
 

@@ -3,7 +3,9 @@ import { connect, createServer, type Server, type Socket } from 'node:net';
 import { dirname } from 'node:path';
 import type { Logger } from '#logging';
 import { setSendBufferSize } from '#native';
-import { NbdConnection, type NbdExport, type NbdExportTable, type NbdRequestObserver } from './nbd-connection.js';
+import { Command } from '#nbd';
+import { NbdConnection, type NbdRequestObserver } from './nbd-connection.js';
+import type { NbdExport, NbdExportTable } from './nbd-export.js';
 
 /** Big enough for a whole 1 MiB read reply (plus its header) in one write. */
 const SEND_BUFFER_BYTES = 4 * 1024 * 1024;
@@ -32,12 +34,22 @@ export class NbdSocketInUse extends Error {
   }
 }
 
+/** Requests answered without error since the server started, over all its clients. */
+export interface NbdServerCounts {
+  reads: number;
+  writes: number;
+  flushes: number;
+  bytesRead: number;
+  bytesWritten: number;
+}
+
 /**
  * Listens on one Unix socket and runs an NbdConnection per client. Owns the listening socket
  * and every client socket: `close()` drops them all and removes the socket file.
  */
 export class NbdServer {
   readonly socketPath: string;
+  readonly counts: NbdServerCounts = { reads: 0, writes: 0, flushes: 0, bytesRead: 0, bytesWritten: 0 };
   private readonly connections = new Set<NbdConnection>();
   private readonly idleWaiters = new Set<() => void>();
   private listener: Server | undefined;
@@ -130,6 +142,22 @@ export class NbdServer {
     await Promise.all([stopped, ...all.map((c) => c.done)]);
   }
 
+  private readonly observe: NbdRequestObserver = (event) => {
+    if (event.error === 0) {
+      const c = this.counts;
+      if (event.command === Command.READ) {
+        c.reads++;
+        c.bytesRead += event.bytes;
+      } else if (event.command === Command.WRITE) {
+        c.writes++;
+        c.bytesWritten += event.bytes;
+      } else if (event.command === Command.FLUSH) {
+        c.flushes++;
+      }
+    }
+    this.options.observer?.(event);
+  };
+
   private accept(socket: Socket): void {
     if (!this.listener) {
       socket.destroy();
@@ -143,8 +171,8 @@ export class NbdServer {
       socket,
       exports: this.options.exports,
       logger: this.options.logger,
+      observer: this.observe,
       ...(negotiated ? { negotiated } : {}),
-      ...(this.options.observer ? { observer: this.options.observer } : {}),
       ...(this.options.maxPayload ? { maxPayload: this.options.maxPayload } : {}),
       tuneSocket: (fd) => {
         try {

@@ -13,7 +13,7 @@ import {
   type ReadableBlocks,
   type StorageBackend,
 } from '#storage';
-import { FileBlocks } from './file-blocks.js';
+import { ImageFile } from './image-file.js';
 
 export interface OpenedRootfs {
   /** The build's virtual rootfs, read through its header's mappings. */
@@ -27,7 +27,7 @@ export interface OpenedRootfs {
 export interface RootfsBuildsOptions {
   /** A local directory or `gs://bucket`. */
   bucket: string;
-  /** Read local build files on the event loop (see FileBlocks.open). */
+  /** Read local build files on the event loop (see ImageFile.open). */
   syncReads?: boolean;
   /** Chunk cache directory for a remote bucket (required with `gs://`). */
   cacheDir?: string;
@@ -131,7 +131,7 @@ export class RootfsBuilds {
       return;
     }
     const objectPath = buildObjectPath(id, 'rootfs.ext4');
-    const blocks: Promise<ReadableBlocks> = FileBlocks.open(join(this.local!, objectPath), {
+    const blocks: Promise<ReadableBlocks> = ImageFile.open(join(this.local!, objectPath), {
       syncReads: this.syncReads,
     });
     // A failed open is not kept: the next device tries again.

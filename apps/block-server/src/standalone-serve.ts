@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import type { Logger } from '#logging';
 import { BlockMetrics } from './block-metrics.js';
 import { CowOverlay } from './cow-overlay.js';
-import { FileBlocks } from './file-blocks.js';
+import { ImageFile } from './image-file.js';
 import { NbdServer } from './nbd-server.js';
 import type { StandaloneConfig } from './standalone-config.js';
 
@@ -32,7 +32,7 @@ export async function serveImage(
   try {
     const basePath = await realpath(config.base);
     const syncReads = config.readMode === 'sync';
-    const base = await FileBlocks.open(basePath, { syncReads });
+    const base = await ImageFile.open(basePath, { syncReads });
     taken.push(() => base.close());
     let overlayDir = config.overlay;
     if (!overlayDir) {

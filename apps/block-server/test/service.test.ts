@@ -1,6 +1,6 @@
 import { execFile, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { existsSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -21,6 +21,23 @@ import {
 import { acceptsConnections, eventually, freeTcpPort, grpcServing, openFds, ServiceProcess } from '#test-kit';
 
 const run = promisify(execFile);
+
+/**
+ * The server's fds that belong to one device: files under its directory (overlay, journal,
+ * state) and sockets bound to its NBD path (the listener and each accepted client, which
+ * /proc/net/unix lists under the listener's path). Other fds the service opens meanwhile
+ * (gRPC, metrics scrapes, logs) are not counted.
+ */
+function deviceFds(pid: number, deviceDir: string, socketPath: string): string[] {
+  const inodes = new Set(
+    readFileSync('/proc/net/unix', 'utf8')
+      .split('\n')
+      .map((line) => line.trim().split(/\s+/))
+      .filter((cols) => cols[7] === socketPath)
+      .map((cols) => `socket:[${cols[6]}]`),
+  );
+  return openFds(pid).filter((t) => t.startsWith(`${deviceDir}/`) || inodes.has(t));
+}
 const PY = '/usr/bin/python3';
 const CLIENT = join(import.meta.dirname, 'nbd-client.py');
 const SIZE = 16 * 1024 * 1024;
@@ -171,8 +188,11 @@ describe('block-server service over its control socket', () => {
   });
 
   it('export waits for the device to be released: a client that stays gets DeviceBusy and the device keeps serving', async () => {
-    const fdsBefore = openFds(server.pid);
+    const basePath = join(bucket, baseId, 'rootfs.ext4');
+    const baseFds = () => openFds(server.pid).filter((t) => t === basePath).length;
+    const baseFdsBefore = baseFds();
     const device = await unary(client, client.open, { sandboxId: 'sbx-busy', buildId: baseId, attachKernel: false });
+    const held = () => deviceFds(server.pid, join(dataDir, 'devices', 'sbx-busy'), device.socketPath);
     const uri = `nbd+unix:///?socket=${device.socketPath}`;
     // nbdsh keeps its connection open while it sleeps.
     const holder = spawn(
@@ -191,6 +211,9 @@ describe('block-server service over its control socket', () => {
       }).catch((e: unknown) => e);
       expect(grpcCode(err)).toBe(status.FAILED_PRECONDITION);
       expect((err as ServiceError).details).toMatch(/export device: .*still has 1 client/);
+      // Overlay files, the listening socket and the client's: what closing must give back.
+      expect(held().filter((t) => t.startsWith('socket:')).length).toBeGreaterThanOrEqual(2);
+      expect(held().some((t) => t.endsWith('overlay.img'))).toBe(true);
       const { stdout } = await run('nbdinfo', ['--size', uri]);
       expect(Number(stdout.trim())).toBe(SIZE);
     } finally {
@@ -200,7 +223,8 @@ describe('block-server service over its control socket', () => {
     expect(existsSync(join(dataDir, 'devices', 'sbx-busy'))).toBe(false);
     expect(existsSync(device.socketPath)).toBe(false);
     // Overlay, base file, listening and client sockets: all given back.
-    await eventually(() => expect(openFds(server.pid).length).toBe(fdsBefore.length));
+    await eventually(() => expect(held()).toEqual([]));
+    expect(baseFds()).toBeLessThanOrEqual(baseFdsBefore);
   });
 
   it('bad requests get clear status codes and the service keeps serving', async () => {

@@ -1,39 +1,4 @@
 export * from './nbd-constants.js';
-export { NbdProtocolError, type NbdProtocolErrorCode } from './nbd-protocol-error.js';
-export {
-  encodeServerGreeting,
-  decodeServerGreeting,
-  encodeClientFlags,
-  decodeClientFlags,
-  encodeOptionRequest,
-  decodeOptionRequest,
-  encodeOptionReply,
-  encodeOptionErrorReply,
-  decodeOptionReply,
-  encodeExportNameReply,
-  decodeExportNameReply,
-  encodeInfoRequest,
-  decodeInfoRequest,
-  decodeExportName,
-  encodeInfoExport,
-  encodeInfoName,
-  encodeInfoDescription,
-  encodeInfoBlockSize,
-  decodeInfo,
-  encodeServerEntry,
-  decodeServerEntry,
-  type ServerGreeting,
-  type OptionRequest,
-  type OptionReplyMessage,
-  type ExportNameReply,
-  type InfoRequest,
-  type Info,
-} from './nbd-handshake.js';
-export {
-  encodeRequestHeader,
-  decodeRequestHeader,
-  encodeSimpleReplyHeader,
-  decodeSimpleReplyHeader,
-  type RequestHeader,
-  type SimpleReplyHeader,
-} from './nbd-transmission.js';
+export * from './nbd-protocol-error.js';
+export * from './nbd-handshake.js';
+export * from './nbd-transmission.js';

@@ -2,11 +2,12 @@ import { close as closeFd, fstat, open as openFd, read, readSync } from 'node:fs
 import type { ReadableBlocks } from '#storage';
 
 /**
- * A local image file as a read-only block source: the base of a standalone export, or one
- * build's data file in a local bucket. Opened O_RDONLY, so the base cannot be modified
- * through it whatever the layers above do.
+ * A local image file as a read-only block source: the base of a standalone export or of a
+ * device opened with a base path (libs/storage FileBlocks is a build's file in the build
+ * store). Opened O_RDONLY, so the image cannot be modified whatever the layers above do.
+ * Ranges are checked once, at the NBD edge.
  */
-export class FileBlocks implements ReadableBlocks {
+export class ImageFile implements ReadableBlocks {
   private closed = false;
 
   private constructor(
@@ -21,7 +22,7 @@ export class FileBlocks implements ReadableBlocks {
    * is in the page cache (no thread hop per 4 KiB read), but a read that misses the cache
    * stalls every connection of the process for the disk's latency.
    */
-  static async open(path: string, options: { syncReads?: boolean } = {}): Promise<FileBlocks> {
+  static async open(path: string, options: { syncReads?: boolean } = {}): Promise<ImageFile> {
     const fd = await new Promise<number>((resolve, reject) =>
       openFd(path, 'r', (err, fd) => (err ? reject(err) : resolve(fd))),
     );
@@ -30,7 +31,7 @@ export class FileBlocks implements ReadableBlocks {
         (resolve, reject) => fstat(fd, (err, s) => (err ? reject(err) : resolve(s))),
       );
       if (!stats.isFile()) throw new Error(`${path} is not a regular file`);
-      return new FileBlocks(path, fd, stats.size, options.syncReads ?? false);
+      return new ImageFile(path, fd, stats.size, options.syncReads ?? false);
     } catch (err) {
       closeFd(fd, () => undefined);
       throw err;
@@ -38,12 +39,7 @@ export class FileBlocks implements ReadableBlocks {
   }
 
   readAt(target: Uint8Array, offset: number): Promise<void> {
-    if (this.closed) return Promise.reject(new Error(`file blocks ${this.path} closed`));
-    if (!Number.isSafeInteger(offset) || offset < 0 || offset + target.length > this.size) {
-      return Promise.reject(
-        new RangeError(`range [${offset}, ${offset + target.length}) passes ${this.path} of ${this.size} bytes`),
-      );
-    }
+    if (this.closed) return Promise.reject(new Error(`image ${this.path} closed`));
     return this.syncReads ? readFullySync(this.fd, target, offset) : readFully(this.fd, target, offset);
   }
 
@@ -61,7 +57,7 @@ export function readFully(fd: number, target: Uint8Array, offset: number): Promi
     const step = (): void => {
       read(fd, target, done, target.length - done, offset + done, (err, n) => {
         if (err) return reject(err);
-        if (n === 0) return reject(new RangeError(`unexpected end of file at ${offset + done}`));
+        if (n === 0) return reject(new Error(`unexpected end of file at ${offset + done}`));
         done += n;
         if (done === target.length) resolve();
         else step();
@@ -78,7 +74,7 @@ export function readFullySync(fd: number, target: Uint8Array, offset: number): P
     let done = 0;
     while (done < target.length) {
       const n = readSync(fd, target, done, target.length - done, offset + done);
-      if (n === 0) throw new RangeError(`unexpected end of file at ${offset + done}`);
+      if (n === 0) throw new Error(`unexpected end of file at ${offset + done}`);
       done += n;
     }
     return Promise.resolve();
