@@ -16,6 +16,7 @@ import {
   type NativeBlock,
 } from '#native';
 import { QueryResult, Transport, type QueryCounters } from './query-counters.js';
+import { TypedError } from '#service-kit';
 
 export interface BatchUdpListenerOptions {
   host: string;
@@ -41,11 +42,10 @@ const RECEIVE_TIMEOUT_MS = 250;
 const DRAIN_BATCHES = 16;
 
 /** Thrown by `start` where the libc bindings cannot load; the caller falls back to dgram. */
-export class BatchUdpUnavailable extends Error {
+export class BatchUdpUnavailable extends TypedError {
   readonly code = 'DNS_BATCH_UDP_UNAVAILABLE';
   constructor() {
     super('recvmmsg/sendmmsg through libc are not available on this platform');
-    this.name = 'BatchUdpUnavailable';
   }
 }
 

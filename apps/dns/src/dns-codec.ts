@@ -1,3 +1,4 @@
+import { TypedError } from '#service-kit';
 /**
  * DNS wire format (RFC 1035, EDNS(0) from RFC 6891): pure functions over byte arrays, no sockets.
  *
@@ -452,14 +453,13 @@ export interface DecodedMessage {
 }
 
 /** Raised by `decodeMessage` on malformed bytes; `offset` is where decoding stopped. */
-export class DnsMessageInvalid extends Error {
+export class DnsMessageInvalid extends TypedError {
   readonly code = 'DNS_MESSAGE_INVALID';
   constructor(
     readonly reason: string,
     readonly offset: number,
   ) {
     super(`malformed DNS message at offset ${offset}: ${reason}`);
-    this.name = 'DnsMessageInvalid';
   }
 }
 

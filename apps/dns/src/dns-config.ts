@@ -27,31 +27,29 @@ const int = (min: number, max: number) => z.coerce.number().int().min(min).max(m
 /** Every setting of the dns service: `--foo-bar` flag or `SBX_DNS_FOO_BAR`. */
 export const dnsConfigSchema = z
   .object({
-    /** UDP and TCP address the resolver answers on. */
-    listen: z.string().default('127.0.0.4:53').transform(parseListen),
-    /** Records to serve from the start (`name=ip`, repeatable): standalone mode and tests. */
-    record: z.array(z.string().transform(parseRecord)).default([]),
-    /** gRPC control socket; `none` serves without one (standalone). */
-    controlSocket: z.string().min(1).default('/run/sbx/dns.sock'),
-    /** Optional zone: `{id}.{zone}` resolves as well as `{id}`. */
+    listen: z.string().default('127.0.0.4:53').describe('UDP and TCP <ip>:<port>').transform(parseListen),
+    record: z
+      .array(z.string().transform(parseRecord))
+      .default([])
+      .describe('a record <name>=<ipv4> to serve from the start (standalone, tests)'),
+    controlSocket: z.string().min(1).default('/run/sbx/dns.sock').describe('gRPC control socket, or none'),
     zone: z
       .string()
       .regex(/^\.?([A-Za-z0-9_-]{1,63}\.)*[A-Za-z0-9_-]{1,63}\.?$/, 'expected a domain name such as sbx.internal')
-      .optional(),
-    /** Prometheus metrics on 127.0.0.1; 0 = off. */
-    metricsPort: int(0, 65535).default(9464),
+      .optional()
+      .describe('also answer {sandboxId}.{zone}'),
+    metricsPort: int(0, 65535).default(9464).describe('Prometheus port, 0 = off'),
     metricsHost: z.string().default('127.0.0.1'),
-    ttl: int(0, 2147483647).default(0),
-    /** UDP payload size advertised in OPT answers (RFC 6891 §6.2.5). */
-    ednsUdpSize: int(512, 4096).default(1232),
-    /** `batch`: recvmmsg/sendmmsg through libc (falls back to dgram where unavailable); `dgram`: Node's sockets. */
-    udpEngine: z.enum(['batch', 'dgram']).default('batch'),
-    /** UDP sockets sharing the port (SO_REUSEPORT), batch engine only. */
-    udpSockets: int(1, 16).default(1),
-    /** Receives waiting on the thread pool per UDP socket (batch engine) while the socket is empty. */
-    udpReceivers: int(1, 3).default(1),
-    tcpIdleTimeoutMs: int(100, 600_000).default(10_000),
-    tcpMaxConnections: int(1, 100_000).default(1024),
+    ttl: int(0, 2147483647).default(0).describe('answer TTL, seconds'),
+    ednsUdpSize: int(512, 4096).default(1232).describe('UDP payload size advertised in OPT (RFC 6891 §6.2.5)'),
+    udpEngine: z
+      .enum(['batch', 'dgram'])
+      .default('batch')
+      .describe('recvmmsg/sendmmsg batches through libc (dgram where unavailable), or Node sockets'),
+    udpSockets: int(1, 16).default(1).describe('UDP sockets sharing the port (SO_REUSEPORT), batch engine'),
+    udpReceivers: int(1, 3).default(1).describe('receives waiting on the thread pool per UDP socket, batch engine'),
+    tcpIdleTimeoutMs: int(100, 600_000).default(10_000).describe('close idle TCP connections after'),
+    tcpMaxConnections: int(1, 100_000).default(1024).describe('concurrent TCP connections'),
     logLevel: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
   })
   // Each batch receive holds a libuv thread-pool thread (4 by default) while it waits; leave one free.

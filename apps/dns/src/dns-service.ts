@@ -1,6 +1,7 @@
 import { startGrpcServer, type GrpcServerHandle } from '#grpc';
 import type { Logger } from '#logging';
 import { createRegistry, startMetricsServer, type MetricsServer } from '#metrics';
+import { startOrRollback, stopWith, TeardownStack } from '#service-kit';
 import { DnsService } from '#proto/sbx/dns';
 import { dnsControlService } from './dns-control-service.js';
 import type { DnsConfig } from './dns-config.js';
@@ -47,16 +48,12 @@ export interface RunningDns {
  * Starts the resolver: UDP and TCP on the same port, the gRPC control socket and metrics.
  * When a step fails, what was already started is closed before the error is thrown.
  */
-export async function startDns(config: DnsConfig, logger: Logger): Promise<RunningDns> {
+export function startDns(config: DnsConfig, logger: Logger): Promise<RunningDns> {
   const table = new RecordTable(config.zone ?? null);
   for (const record of config.record) table.set(record.name, record.ip);
   const counters = new QueryCounters();
   const responder = new DnsResponder({ table, counters, ttl: config.ttl, ednsUdpSize: config.ednsUdpSize });
-  const teardown: (() => Promise<void>)[] = [];
-  const unwind = async () => {
-    while (teardown.length) await teardown.pop()!().catch((err: unknown) => logger.warn({ err }, 'dns stop step'));
-  };
-  try {
+  return startOrRollback(new TeardownStack(), logger, async (stack) => {
     const { host } = config.listen;
     // With port 0 the TCP listener must take the port the kernel gave UDP; another process may
     // hold that TCP port, so try a few.
@@ -80,36 +77,34 @@ export async function startDns(config: DnsConfig, logger: Logger): Promise<Runni
     }
     const udpListener = udp!;
     const tcpListener = tcp;
-    teardown.push(
-      () => udpListener.close(),
-      () => tcpListener.close(),
-    );
+    stack.push('udp', () => udpListener.close());
+    stack.push('tcp', () => tcpListener.close());
 
     let grpc: GrpcServerHandle | undefined;
     if (config.controlSocket !== 'none') {
-      grpc = await startGrpcServer({
+      const implementation = dnsControlService(table, logger);
+      const server = await startGrpcServer({
         address: `unix://${config.controlSocket}`,
-        services: [{ name: 'sbx.v1.Dns', definition: DnsService, implementation: dnsControlService(table, logger) }],
+        services: [{ name: 'sbx.v1.Dns', definition: DnsService, implementation }],
         logger,
       });
-      const handle = grpc;
-      teardown.push(() => handle.shutdown(2000));
+      stack.push('grpc', () => server.shutdown(2000));
+      grpc = server;
     }
 
     let metrics: MetricsServer | undefined;
     if (config.metricsPort !== 0) {
       const registry = createRegistry('dns');
       counters.register(registry);
-      metrics = await startMetricsServer(registry, config.metricsHost, config.metricsPort);
-      const server = metrics;
-      teardown.push(() => server.close());
+      const server = await startMetricsServer(registry, config.metricsHost, config.metricsPort);
+      stack.push('metrics', () => server.close());
+      metrics = server;
     }
 
     logger.info(
       { host, port: udpListener.port, records: table.size, zone: config.zone, controlSocket: grpc?.address },
       'dns serving (udp+tcp)',
     );
-    let stopping: Promise<void> | undefined;
     return {
       host,
       port: udpListener.port,
@@ -117,10 +112,7 @@ export async function startDns(config: DnsConfig, logger: Logger): Promise<Runni
       counters,
       metricsPort: metrics?.port,
       controlSocket: grpc?.address,
-      stop: () => (stopping ??= unwind()),
+      stop: stopWith(stack),
     };
-  } catch (err) {
-    await unwind();
-    throw err;
-  }
+  });
 }

@@ -5,7 +5,7 @@ export const Transport = { UDP: 0, TCP: 1 } as const;
 export type TransportIndex = (typeof Transport)[keyof typeof Transport];
 const TRANSPORT_LABELS = ['udp', 'tcp'] as const;
 
-/** What happened to one query; the `result` label of dns_queries_total. */
+/** What happened to one query; the `result` label of sbx_dns_queries_total. */
 export const QueryResult = {
   ANSWER: 0,
   NODATA: 1,
@@ -71,11 +71,11 @@ export class QueryCounters {
     return this.counts[(t * TYPES + q) * RESULTS + r]!;
   }
 
-  /** Registers `dns_queries_total{transport,qtype,result}` reading these counts at scrape time. */
+  /** Registers `sbx_dns_queries_total{transport,qtype,result}` reading these counts at scrape time. */
   register(registry: Registry, refresh?: () => Promise<void>): void {
     const counts = this.counts;
     new Counter({
-      name: 'dns_queries_total',
+      name: 'sbx_dns_queries_total',
       help: 'DNS queries received, by transport, query type and result',
       labelNames: ['transport', 'qtype', 'result'] as const,
       registers: [registry],

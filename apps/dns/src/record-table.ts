@@ -1,8 +1,9 @@
 import { isIPv4 } from 'node:net';
 import { HEADER_LENGTH, type ParsedQuery } from './dns-codec.js';
+import { TypedError } from '#service-kit';
 
 /** A record name or address the table refuses; the gRPC edge maps it to INVALID_ARGUMENT. */
-export class RecordInvalid extends Error {
+export class RecordInvalid extends TypedError {
   readonly code = 'DNS_RECORD_INVALID';
   constructor(
     readonly recordName: string,
@@ -10,7 +11,6 @@ export class RecordInvalid extends Error {
     reason: string,
   ) {
     super(`invalid DNS record ${JSON.stringify(recordName)} -> ${JSON.stringify(ip)}: ${reason}`);
-    this.name = 'RecordInvalid';
   }
 }
 

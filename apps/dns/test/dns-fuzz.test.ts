@@ -165,8 +165,8 @@ describe('fuzzing the running server', () => {
     await eventually(() => expect(fds()).toBe(baselineFds));
     const text = await (await fetch(`http://127.0.0.1:${dns.metricsPort}/metrics`)).text();
     const sum = (re: RegExp) => [...text.matchAll(re)].reduce((n, m) => n + Number(m[1]), 0);
-    expect(sum(/dns_queries_total\{[^}]*result="formerr"[^}]*\} (\d+)/g)).toBeGreaterThan(100);
-    expect(sum(/dns_queries_total\{[^}]*transport="udp"[^}]*result="dropped"[^}]*\} (\d+)/g)).toBeGreaterThan(0);
+    expect(sum(/sbx_dns_queries_total\{[^}]*result="formerr"[^}]*\} (\d+)/g)).toBeGreaterThan(100);
+    expect(sum(/sbx_dns_queries_total\{[^}]*transport="udp"[^}]*result="dropped"[^}]*\} (\d+)/g)).toBeGreaterThan(0);
   });
 });
 

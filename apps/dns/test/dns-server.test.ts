@@ -235,7 +235,7 @@ describe('metrics', () => {
     await dig(dns, ['isbx1', 'A']);
     const text = await (await fetch(`http://127.0.0.1:${dns.metricsPort}/metrics`)).text();
     const value = (labels: string) =>
-      Number(new RegExp(`dns_queries_total\\{${labels}[^}]*\\} (\\d+)`).exec(text)?.[1] ?? 0);
+      Number(new RegExp(`sbx_dns_queries_total\\{${labels}[^}]*\\} (\\d+)`).exec(text)?.[1] ?? 0);
     expect(value('transport="udp",qtype="A",result="answer"')).toBeGreaterThan(0);
     expect(value('transport="tcp",qtype="A",result="answer"')).toBeGreaterThan(0);
     expect(value('transport="udp",qtype="A",result="nxdomain"')).toBeGreaterThan(0);

@@ -14,7 +14,7 @@ export function describeFlags(schema: z.ZodObject, envPrefix: string): string {
     const text = [info.description, notes.length ? `(${notes.join('; ')})` : ''].filter(Boolean).join(' ');
     return { flag: `--${kebab(key)} ${valueHint(info.core)}`, text, env: envPrefix + snake(key) };
   });
-  const width = Math.min(40, Math.max(...rows.map((r) => r.flag.length)));
+  const width = Math.min(30, Math.max(...rows.map((r) => r.flag.length)));
   return [
     `flags (each also read from the environment as ${envPrefix}<FLAG>, e.g. ${rows[0]?.env ?? envPrefix}):`,
     ...rows.map((r) => `  ${r.flag.padEnd(width)}  ${r.text}`.trimEnd()),
