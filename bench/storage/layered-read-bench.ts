@@ -9,13 +9,12 @@
  */
 import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { promisify } from 'node:util';
 import {
-  BuildCache,
   BuildStore,
   createMappings,
   type Header,
@@ -71,17 +70,19 @@ async function main(): Promise<void> {
   const rounds = Number(values.rounds);
   const blocks = size / BLOCK;
   const work = await mkdtemp(path.join(tmpdir(), 'bench-storage-'));
-  const cache = new BuildCache({ cacheDir: path.join(work, 'cache') });
-  const store = new BuildStore({ backend: new LocalBackend(path.join(work, 'bucket')), cache });
+  const store = new BuildStore({
+    backend: new LocalBackend(path.join(work, 'bucket')),
+    cacheDir: path.join(work, 'cache'),
+    owner: 'bench',
+  });
   try {
     console.log(
       `== chain: ${size / MiB} MiB base, ${generations} generations, ~${dirtyPercent}% of 4 KiB blocks dirty each (in runs of 1-16) in ${work}`,
     );
     const baseId = newBuildId();
-    const baseDir = path.join(work, baseId);
-    await mkdir(baseDir);
-    await writeFile(path.join(baseDir, 'rootfs.ext4'), randomBytes(size));
-    store.registerLocalBuild(baseId, baseDir);
+    await writeFile(path.join(await store.stageBuild(baseId), 'rootfs.ext4'), randomBytes(size));
+    await store.commitBuild(baseId, {});
+    const baseDir = store.localDir(baseId);
     await run('qemu-img', [
       'create',
       '-q',
@@ -109,15 +110,14 @@ async function main(): Promise<void> {
       }
       const sorted = [...dirty].sort((a, b) => a - b);
       const id = newBuildId();
-      const dir = path.join(work, id);
-      await mkdir(dir);
+      const dir = await store.stageBuild(id);
       const pattern = g & 0xff;
       await writeFile(path.join(dir, 'rootfs.ext4'), Buffer.alloc(sorted.length * BLOCK, pattern));
       header = {
         metadata: { ...header.metadata, generation: g, buildId: id },
         mappings: mergeMappings(header.mappings, createMappings(sorted, BLOCK, id)),
       };
-      await store.writeBuild(id, dir, { 'rootfs.ext4': header });
+      await store.commitBuild(id, { 'rootfs.ext4': header });
       // the same writes as a qcow2 layer over the previous one
       const layer = path.join(work, `g${g}.qcow2`);
       await run('qemu-img', [
@@ -217,7 +217,6 @@ async function main(): Promise<void> {
     console.log(`(medians of ${rounds} alternating rounds on a shared 2-core machine under load from other work)`);
   } finally {
     await store.close();
-    await cache.close();
     await rm(work, { recursive: true, force: true });
   }
 }

@@ -4,11 +4,11 @@ import { onShutdownSignals, startGrpcServer } from '#grpc';
 import { createLogger } from '#logging';
 import { startMetricsServer } from '#metrics';
 import { BlockServerService } from '#proto/sbx/block';
+import { BuildStore, openBackend } from '#storage';
 import { BlockMetrics } from './block-metrics.js';
 import { blockServerImplementation } from './control-service.js';
 import { DeviceManager } from './device-manager.js';
 import { KernelNbd } from './kernel-attach.js';
-import { RootfsBuilds } from './rootfs-builds.js';
 import { serviceConfigSchema } from './service-config.js';
 
 /** `./sbx block-server serve` without --base: the control API and every device. */
@@ -26,15 +26,12 @@ export async function runService(argv: string[]): Promise<number> {
   const manager = new DeviceManager({
     dataDir: config.dataDir,
     nbdDir: config.nbdDir ?? join(config.dataDir, 'nbd'),
-    ...(config.bucket
-      ? {
-          builds: new RootfsBuilds({
-            bucket: config.bucket,
-            syncReads: config.readMode === 'sync',
-            cacheDir: config.cacheDir ?? join(config.dataDir, 'cache'),
-          }),
-        }
-      : {}),
+    // Local builds ({cacheDir}/builds, a pause on this node) first, then the bucket.
+    builds: new BuildStore({
+      ...(config.bucket ? { backend: openBackend(config.bucket) } : {}),
+      cacheDir: config.cacheDir ?? join(config.dataDir, 'cache'),
+      owner: 'block-server',
+    }),
     syncReads: config.readMode === 'sync',
     logger,
     metrics,

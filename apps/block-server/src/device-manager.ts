@@ -1,7 +1,7 @@
 import { mkdir } from 'node:fs/promises';
 import { dirname, isAbsolute, join } from 'node:path';
 import { sandboxLogger, type Logger } from '#logging';
-import { normalizeBuildId, type ReadableBlocks } from '#storage';
+import { normalizeBuildId, type BuildStore, type ReadableBlocks } from '#storage';
 import { BlockRequestInvalid, DeviceClosing, DeviceExists, DeviceNotFound } from './block-errors.js';
 import type { BlockMetrics } from './block-metrics.js';
 import { BlockDevice, type DeviceStats, type KernelAttachment } from './block-device.js';
@@ -14,7 +14,6 @@ import {
 } from './device-record.js';
 import type { ExportedDiff } from './dirty-export.js';
 import { ImageFile } from './image-file.js';
-import type { RootfsBuilds } from './rootfs-builds.js';
 
 /** Binds a device to a kernel /dev/nbdX (kernel-attach.ts), or reattaches after a restart. */
 export interface KernelAttacher {
@@ -26,8 +25,8 @@ export interface KernelAttacher {
 export interface DeviceManagerOptions {
   dataDir: string;
   nbdDir: string;
-  /** Builds' rootfs layers; absent when no bucket is configured (local images only). */
-  builds?: RootfsBuilds;
+  /** Builds' rootfs layers (local builds first, then the bucket); absent: local images only. */
+  builds?: BuildStore;
   logger: Logger;
   metrics?: BlockMetrics;
   socketMode?: number;
@@ -267,7 +266,8 @@ export class DeviceManager {
       return { blocks: file, blockSize: 4096, release: () => file.close() };
     }
     if (!this.options.builds) throw new BlockRequestInvalid('build_id', 'no bucket configured (--bucket / SBX_BUCKET)');
-    return this.options.builds.open(source.buildId);
+    const { header, file } = await this.options.builds.openBuildFile(source.buildId, 'rootfs.ext4');
+    return { blocks: file, blockSize: header.metadata.blockSize, release: () => file.close() };
   }
 }
 

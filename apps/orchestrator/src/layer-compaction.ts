@@ -1,6 +1,14 @@
-import { open, rename, rm, type FileHandle } from 'node:fs/promises';
+import { open, rename, rm } from 'node:fs/promises';
 import { join } from 'node:path';
-import { NIL_UUID, type BuildMapping, type Header } from '#storage';
+import {
+  FileBlocks,
+  NIL_UUID,
+  type BuildDataFile,
+  type BuildMapping,
+  type BuildStore,
+  type Header,
+  type ReadableBlocks,
+} from '#storage';
 
 const COPY_CHUNK = 4 * 1024 * 1024;
 
@@ -19,13 +27,16 @@ export function layerCount(header: Header): number {
 export async function compactLayers(
   header: Header,
   dir: string,
-  name: string,
-  dataPath: (buildId: string) => Promise<string>,
+  name: BuildDataFile,
+  builds: BuildStore,
 ): Promise<Header> {
   const newBuildId = header.metadata.buildId;
+  // The new build's own diff is still staged in `dir`; every other layer comes through the store.
+  const own = await FileBlocks.open(join(dir, name));
   const tmpPath = join(dir, `${name}.compact`);
   const out = await open(tmpPath, 'w');
-  const sources = new Map<string, FileHandle>();
+  const source = (id: string): Promise<ReadableBlocks> =>
+    id === newBuildId ? Promise.resolve(own) : builds.dataFile(id, name);
   const mappings: BuildMapping[] = [];
   let written = 0;
   try {
@@ -35,16 +46,10 @@ export async function compactLayers(
         mappings.push({ ...m });
         continue;
       }
-      let src = sources.get(m.buildId);
-      if (!src) {
-        src = await open(await dataPath(m.buildId), 'r');
-        sources.set(m.buildId, src);
-      }
+      const src = await source(m.buildId);
       for (let done = 0; done < m.length;) {
         const n = Math.min(COPY_CHUNK, m.length - done);
-        const { bytesRead } = await src.read(buf, 0, n, m.buildStorageOffset + done);
-        // A short read past a layer's end is zeros (a sparse diff cut short); keep sizes exact.
-        if (bytesRead < n) buf.fill(0, bytesRead, n);
+        await src.readAt(buf.subarray(0, n), m.buildStorageOffset + done);
         await out.write(buf, 0, n, written + done);
         done += n;
       }
@@ -57,7 +62,7 @@ export async function compactLayers(
     await rm(tmpPath, { force: true });
     throw err;
   } finally {
-    for (const fh of sources.values()) await fh.close().catch(() => undefined);
+    await own.close();
   }
   await out.close();
   await rename(tmpPath, join(dir, name));

@@ -5,11 +5,9 @@ import { describeConfig } from '#config';
 import { startGrpcServer, type GrpcServerHandle } from '#grpc';
 import type { Logger } from '#logging';
 import { createRegistry, startMetricsServer, type MetricsServer } from '#metrics';
-import { openBackend } from '#storage';
+import { BuildStore, openBackend, type UploadEvent } from '#storage';
 import { SandboxServiceService } from '#proto/orchestrator';
 import { TemplateAdminService } from '#proto/sbx/templates';
-import { BucketBuildFiles } from './build-files.js';
-import { BuildUploader } from './build-uploader.js';
 import { HttpEnvdClient } from './envd-client.js';
 import { GrpcNodeServices } from './grpc-node-services.js';
 import { NoLifecycleEvents, RedisLifecycleEvents, type LifecycleEvents } from './lifecycle-events.js';
@@ -22,7 +20,6 @@ import { sandboxService } from './sandbox-service.js';
 import { SandboxStateStore } from './sandbox-state-store.js';
 import { templateAdminService } from './template-admin-service.js';
 import { buildTemplate } from './template-builder.js';
-import { TemplateCache } from './template-cache.js';
 import { TemplateCatalogue } from './template-catalogue.js';
 import { chooseVmmCommand, ProcessVmmLauncher } from './vmm-launcher.js';
 
@@ -64,19 +61,31 @@ export async function startOrchestrator(config: OrchestratorConfig, logger: Logg
   );
   const vmm = new ProcessVmmLauncher(vmmCommand);
   const envd = new HttpEnvdClient(config.envdPort);
-  const builds = new BucketBuildFiles(
-    config.cacheDir,
-    openBackend(config.bucket, config.gcsEndpoint ? { apiEndpoint: config.gcsEndpoint } : {}),
-  );
-  const cache = new TemplateCache(builds, config.buildCacheTtlMs);
+  // The only writer of {cacheDir}/builds and the only uploader (libs/storage/README.md).
+  const builds = new BuildStore({
+    backend: openBackend(config.bucket, config.gcsEndpoint ? { apiEndpoint: config.gcsEndpoint } : {}),
+    cacheDir: config.cacheDir,
+    owner: 'orchestrator',
+    cache: { ttlMs: config.buildCacheTtlMs },
+    uploadRetry: {
+      attempts: config.uploadRetries + 1,
+      initialDelayMs: config.uploadBackoffMs,
+      maxDelayMs: 60_000,
+      multiplier: 2,
+    },
+    onUploadEvent: (e: UploadEvent) => {
+      if (e.kind === 'done') logger.info({ buildId: e.buildId, bytes: e.bytes }, 'build uploaded');
+      else if (e.kind === 'retry')
+        logger.warn(
+          { buildId: e.buildId, file: e.file, attempt: e.attempt, err: String(e.error) },
+          'build upload failed, retrying',
+        );
+      else if (e.kind === 'failed') logger.error({ buildId: e.buildId, err: e.error.message }, 'build upload gave up');
+    },
+  });
   const templates = new TemplateCatalogue(join(config.dataDir, 'templates.json'));
   await templates.load();
   const states = new SandboxStateStore(join(config.dataDir, 'sandboxes'));
-  const uploader = new BuildUploader((id) => builds.upload(id), {
-    retries: config.uploadRetries,
-    backoffMs: config.uploadBackoffMs,
-    logger,
-  });
   const manager = new SandboxManager({
     settings: {
       nodeId: config.nodeId,
@@ -94,11 +103,9 @@ export async function startOrchestrator(config: OrchestratorConfig, logger: Logg
     vmm,
     envd,
     builds,
-    cache,
     templates,
     events,
     states,
-    uploader,
     logger,
   });
 
@@ -107,10 +114,9 @@ export async function startOrchestrator(config: OrchestratorConfig, logger: Logg
     services,
     vmm,
     envd,
-    cache,
+    builds,
     states,
     events,
-    buildsDir: join(config.cacheDir, 'builds'),
     socketDir,
     logger,
     envdTimeoutMs: config.envdTimeoutMs,
@@ -176,7 +182,7 @@ export async function startOrchestrator(config: OrchestratorConfig, logger: Logg
     help: 'Builds whose upload to the bucket failed after every retry',
     registers: [registry],
     collect() {
-      this.set(uploader.list().filter((u) => u.state === 'failed').length);
+      this.set(builds.uploadCounts().failed);
     },
   });
   const metrics: MetricsServer | undefined =
@@ -184,7 +190,7 @@ export async function startOrchestrator(config: OrchestratorConfig, logger: Logg
 
   const implementation = sandboxService({
     manager,
-    cache,
+    builds,
     bounds: config,
     clientId: config.nodeId,
     logger,
@@ -237,8 +243,7 @@ export async function startOrchestrator(config: OrchestratorConfig, logger: Logg
       await templateAdmin.stop();
       await control?.shutdown(1000);
       await manager.shutdown(config.shutdownSandboxes);
-      await uploader.drain();
-      uploader.stop();
+      await builds.close(); // waits for uploads in flight
       await metrics?.close();
       await events.close();
       services.close();

@@ -7,7 +7,7 @@ import type { NodeServices } from './node-services.js';
 import { Sandbox } from './sandbox.js';
 import type { SandboxManager } from './sandbox-manager.js';
 import type { SandboxStateFile, SandboxStateStore } from './sandbox-state-store.js';
-import type { TemplateCache } from './template-cache.js';
+import type { BuildStore } from '#storage';
 import type { VmmLauncher } from './vmm-launcher.js';
 
 export interface ReconcileReport {
@@ -21,11 +21,10 @@ export interface ReconcilerOptions {
   services: NodeServices;
   vmm: VmmLauncher;
   envd: EnvdClient;
-  cache: TemplateCache;
+  /** Builds of adopted sandboxes; staged builds a crashed pause left behind are discarded. */
+  builds: BuildStore;
   states: SandboxStateStore;
   events: LifecycleEvents;
-  /** Staging directories of builds a crashed pause left behind. */
-  buildsDir: string;
   socketDir: string;
   logger: Logger;
   envdTimeoutMs: number;
@@ -102,9 +101,7 @@ export async function reconcileOnStart(o: ReconcilerOptions): Promise<ReconcileR
     const path = join(o.socketDir, name);
     if (!keep.has(path)) await rm(path, { force: true });
   }
-  for (const name of await readdir(o.buildsDir).catch(() => [] as string[])) {
-    if (name.endsWith('.staging')) await rm(join(o.buildsDir, name), { recursive: true, force: true });
-  }
+  await o.builds.discardStaged();
   o.logger.info(report, 'restart reconcile done');
   return report;
 }
@@ -133,16 +130,15 @@ async function adopt(o: ReconcilerOptions, state: SandboxStateFile, log: Logger)
   const vmm = await o.vmm.adopt(state.vmm!, log);
   if (!vmm) throw new Error(`vmm pid ${state.vmm!.pid} is gone`);
   await vmm.api.describe();
-  const build = await o.cache.resolve(state.buildId);
-  const sbx = new Sandbox(
-    state.sandboxId,
-    state.config,
-    build,
-    new Date(state.startTime),
-    new Date(state.endTime),
-    o.states.dir(state.sandboxId),
+  const sbx = new Sandbox({
+    id: state.sandboxId,
+    config: state.config,
+    build: await o.manager.resolveBuild(state.buildId),
+    startTime: new Date(state.startTime),
+    endTime: new Date(state.endTime),
+    dir: o.states.dir(state.sandboxId),
     log,
-  );
+  });
   const id = sbx.id;
   const { slots, devices, memory, names } = o.services;
   const slot = state.slot!;
@@ -173,7 +169,7 @@ async function adopt(o: ReconcilerOptions, state: SandboxStateFile, log: Logger)
     sandboxId: id,
     nodeId: o.manager.settings.nodeId,
     templateId: sbx.config.templateId,
-    buildId: build.buildId,
+    buildId: sbx.build.buildId,
     hostIp: slot.hostIp,
     guestIp: slot.guestIp,
     startTime: sbx.startTime,

@@ -15,8 +15,6 @@ import {
   type RecordingVmm,
   type Step,
 } from '../test/recording-doubles.js';
-import { BUILD_FILES, readBuildHeader } from './build-files.js';
-import type { BuildUploader } from './build-uploader.js';
 import { layerCount } from './layer-compaction.js';
 import { SandboxExists, SandboxStepFailed } from './orchestrator-errors.js';
 import type { SandboxManager } from './sandbox-manager.js';
@@ -32,12 +30,11 @@ let node: RecordingNode;
 let vmm: RecordingVmm;
 let events: RecordingEvents;
 let manager: SandboxManager;
-let uploader: BuildUploader;
 
 beforeEach(async () => {
   root = await mkdtemp(join(tmpdir(), 'orch-mgr-'));
   h = await makeHarness(root);
-  ({ node, vmm, events, manager, uploader } = h);
+  ({ node, vmm, events, manager } = h);
 });
 
 afterEach(async () => {
@@ -125,7 +122,7 @@ describe('pause and resume chains', () => {
     const bucket = join(root, 'bucket');
     const cacheBuilds = join(root, 'cache', 'builds');
     const dirOf = async (id: string) =>
-      (await readdir(join(cacheBuilds, id)).catch(() => [] as string[])).includes(BUILD_FILES.memfile)
+      (await readdir(join(cacheBuilds, id)).catch(() => [] as string[])).includes('memfile')
         ? join(cacheBuilds, id)
         : join(bucket, id);
     const expected = Buffer.alloc(MEM_PAGES * PAGE);
@@ -142,11 +139,11 @@ describe('pause and resume chains', () => {
       expect(build.memfileHeader.metadata.generation).toBe(gen);
       expect(build.memfileHeader.metadata.baseBuildId).toBe(BASE);
       expect(layerCount(build.memfileHeader)).toBeLessThanOrEqual(3);
-      const header = await readBuildHeader(join(cacheBuilds, newBuild), 'memfile', newBuild);
+      const header = await h.builds.readHeader(newBuild, 'memfile');
       expect(header).toEqual(build.memfileHeader);
       const dirs = new Map<string, string>();
       for (const m of header.mappings) dirs.set(m.buildId, await dirOf(m.buildId));
-      const bytes = await readVirtual((b) => dirs.get(b)!, header, BUILD_FILES.memfile);
+      const bytes = await readVirtual((b) => dirs.get(b)!, header, 'memfile');
       expect(bytes.equals(expected)).toBe(true);
       buildId = newBuild;
       await expectNothingHeld();
@@ -166,16 +163,23 @@ describe('pause and resume chains', () => {
     const late = await manager.pause('p1', crypto.randomUUID()).catch((e: unknown) => e);
     expect((late as SandboxStepFailed).step).toBe('export memory diff');
     await expectNothingHeld();
-    // Only the template's fetched headers remain; no half-written build.
-    expect(await readdir(join(root, 'cache', 'builds')).catch(() => [])).toEqual([BASE]);
+    // No half-written build (a bucket build is never copied into the local builds).
+    expect(await readdir(join(root, 'cache', 'builds')).catch(() => [])).toEqual([]);
   });
 
   it('uploads the new build to the bucket in the background', async () => {
     await manager.create(createReq('up'));
     const id = crypto.randomUUID();
     await manager.pause('up', id);
-    await uploader.drain();
-    expect((await readdir(join(root, 'bucket', id))).sort()).toEqual(Object.values(BUILD_FILES).sort());
+    await h.builds.uploadBuild(id); // joins the upload the pause started
+    expect(h.builds.uploadCounts()).toEqual({ uploading: 0, done: 1, failed: 0 });
+    expect((await readdir(join(root, 'bucket', id))).sort()).toEqual([
+      'memfile',
+      'memfile.header',
+      'rootfs.ext4',
+      'rootfs.ext4.header',
+      'snapfile',
+    ]);
   });
 });
 

@@ -1,19 +1,26 @@
 import { createHash } from 'node:crypto';
 import { mkdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
-import { mergeMappings, NIL_UUID, type BuildMapping, type Header } from '#storage';
+import {
+  BuildNotFound,
+  mergeMappings,
+  NIL_UUID,
+  type BuildMapping,
+  type BuildStore,
+  type Header,
+  type SnapshotBuild,
+} from '#storage';
 import { sandboxLogger, type Logger } from '#logging';
 import type { SandboxConfig } from '#proto/orchestrator';
 import type { BuildMapping as WireMapping } from '#proto/sbx/mapping';
-import { BUILD_FILES, writeBuildHeader, type BuildFiles, type LocalBuild } from './build-files.js';
 import { BoundedQueue } from './bounded-queue.js';
-import type { BuildUploader } from './build-uploader.js';
 import type { EnvdClient } from './envd-client.js';
 import { compactLayers, layerCount } from './layer-compaction.js';
 import type { LifecycleEvents } from './lifecycle-events.js';
 import type { NodeServices } from './node-services.js';
 import {
   BuildExists,
+  BuildUnavailable,
   CapacityExhausted,
   OrchestratorStopping,
   SandboxBusy,
@@ -23,7 +30,6 @@ import {
 } from './orchestrator-errors.js';
 import { Sandbox } from './sandbox.js';
 import type { SandboxStateStore } from './sandbox-state-store.js';
-import type { TemplateCache } from './template-cache.js';
 import type { TemplateCatalogue } from './template-catalogue.js';
 import { describeFailures } from '#service-kit';
 import type { VmmLauncher } from './vmm-launcher.js';
@@ -47,12 +53,11 @@ export interface SandboxManagerOptions {
   services: NodeServices;
   vmm: VmmLauncher;
   envd: EnvdClient;
-  builds: BuildFiles;
-  cache: TemplateCache;
+  /** Every build read and written: resolve, stage a pause, commit it in place, upload it. */
+  builds: BuildStore;
   templates: TemplateCatalogue;
   events: LifecycleEvents;
   states: SandboxStateStore;
-  uploader: BuildUploader;
   logger: Logger;
 }
 
@@ -150,13 +155,20 @@ export class SandboxManager {
     };
     try {
       const buildId = config.buildId || this.o.templates.buildOf(config.templateId);
-      const build = await this.o.cache.resolve(buildId);
-      // block-server reads rootfs layers from the bucket only; a build paused moments ago on
-      // this node may still be on its way there (uffd-server reads the local build at once).
-      await this.o.uploader.settled(buildId);
+      // A build paused on this node is read from {cacheDir}/builds at once, by block-server and
+      // uffd-server too: no wait for its upload.
+      const build = await this.resolveBuild(buildId);
       mark(step);
       const dir = await this.o.states.create(id);
-      sbx = new Sandbox(id, { ...config, buildId }, build, request.startTime, request.endTime, dir, log);
+      sbx = new Sandbox({
+        id,
+        config: { ...config, buildId },
+        build,
+        startTime: request.startTime,
+        endTime: request.endTime,
+        dir,
+        log,
+      });
       sbx.teardown.push('files', () => this.o.states.remove(id));
       this.sandboxes.set(id, sbx);
       await this.o.states.save(sbx.toState());
@@ -273,7 +285,7 @@ export class SandboxManager {
   }
 
   rootfsLinkPath(rootfsHeader: Header): string {
-    return join(this.o.settings.vmRootfsDir, rootfsHeader.metadata.baseBuildId, BUILD_FILES.rootfs);
+    return join(this.o.settings.vmRootfsDir, rootfsHeader.metadata.baseBuildId, 'rootfs.ext4');
   }
 
   async delete(sandboxId: string, reason: 'killed' | 'expired' = 'killed'): Promise<void> {
@@ -295,16 +307,26 @@ export class SandboxManager {
     sbx.log.info({ reason }, 'sandbox stopped');
   }
 
-  async pause(sandboxId: string, newBuildId: string, templateId?: string): Promise<LocalBuild> {
+  /** Headers and snapfile of a build; one missing from storage is BuildUnavailable (FAILED_PRECONDITION). */
+  async resolveBuild(buildId: string): Promise<SnapshotBuild> {
+    try {
+      return await this.o.builds.resolveSnapshot(buildId);
+    } catch (err) {
+      if (err instanceof BuildNotFound) throw new BuildUnavailable(buildId, err.message);
+      throw err;
+    }
+  }
+
+  async pause(sandboxId: string, newBuildId: string, templateId?: string): Promise<SnapshotBuild> {
     if (this.stopping) throw new OrchestratorStopping();
     const sbx = this.get(sandboxId);
     if (sbx.phase !== 'running') throw new SandboxBusy(sandboxId, sbx.phase, 'pause');
-    if (this.o.cache.has(newBuildId) || (await this.o.builds.exists(newBuildId))) throw new BuildExists(newBuildId);
+    if (await this.o.builds.exists(newBuildId)) throw new BuildExists(newBuildId);
     sbx.phase = 'pausing';
     return this.pauseQueue.run(() => this.pauseNow(sbx, newBuildId, templateId ?? sbx.config.templateId));
   }
 
-  private async pauseNow(sbx: Sandbox, newBuildId: string, templateId: string): Promise<LocalBuild> {
+  private async pauseNow(sbx: Sandbox, newBuildId: string, templateId: string): Promise<SnapshotBuild> {
     const { memory, devices, names } = this.o.services;
     const id = sbx.id;
     const vmm = sbx.vmm!;
@@ -335,7 +357,7 @@ export class SandboxManager {
       await memory.stopSourcing(id);
       mark(step);
       step = 'create snapshot';
-      staging = await this.o.builds.staging(newBuildId);
+      staging = await this.o.builds.stageBuild(newBuildId);
       const fullMemfile = join(sbx.dir, 'memfile.full');
       // With written pages tracked exactly (uffd write-protect), a Diff snapshot (the pages the
       // guest wrote since load) holds everything ExportDiff reads; otherwise the full memory.
@@ -343,19 +365,19 @@ export class SandboxManager {
       snapshotType = tracking.startsWith('wp') ? 'Diff' : 'Full';
       await vmm.api.createSnapshot({
         type: snapshotType,
-        snapshotPath: join(staging, BUILD_FILES.snapfile),
+        snapshotPath: join(staging, 'snapfile'),
         memFilePath: fullMemfile,
       });
       mark(step);
       step = 'export memory diff';
-      const mem = await memory.exportDiff(id, newBuildId, join(staging, BUILD_FILES.memfile), fullMemfile);
+      const mem = await memory.exportDiff(id, newBuildId, join(staging, 'memfile'), fullMemfile);
       await rm(fullMemfile, { force: true });
       mark(step);
       step = 'stop vmm';
       await sbx.teardown.release('vmm');
       mark(step);
       step = 'export rootfs diff';
-      const disk = await devices.export(id, newBuildId, join(staging, BUILD_FILES.rootfs));
+      const disk = await devices.export(id, newBuildId, join(staging, 'rootfs.ext4'));
       mark(step);
       step = 'write headers';
       const parent = sbx.build;
@@ -367,27 +389,20 @@ export class SandboxManager {
         layerCount(rootHeader) > this.o.settings.generationCap
       ) {
         step = 'compact layers';
-        memHeader = await compactLayers(memHeader, staging, BUILD_FILES.memfile, (b) =>
-          this.dataPath(b, 'memfile', staging!, newBuildId),
-        );
-        rootHeader = await compactLayers(rootHeader, staging, BUILD_FILES.rootfs, (b) =>
-          this.dataPath(b, 'rootfs', staging!, newBuildId),
-        );
+        memHeader = await compactLayers(memHeader, staging, 'memfile', this.o.builds);
+        rootHeader = await compactLayers(rootHeader, staging, 'rootfs.ext4', this.o.builds);
         mark(step);
       }
       step = 'register build';
-      await writeBuildHeader(staging, 'memfile', memHeader);
-      await writeBuildHeader(staging, 'rootfs', rootHeader);
-      await this.o.builds.commit(newBuildId);
+      // In place in {cacheDir}/builds: readable by every service of the node from now on.
+      await this.o.builds.commitBuild(newBuildId, { memfile: memHeader, 'rootfs.ext4': rootHeader });
       staging = undefined;
-      const build: LocalBuild = {
+      const build: SnapshotBuild = {
         buildId: newBuildId,
-        dir: this.o.builds.localDir(newBuildId),
-        snapfilePath: join(this.o.builds.localDir(newBuildId), BUILD_FILES.snapfile),
+        snapfilePath: join(this.o.builds.localDir(newBuildId), 'snapfile'),
         memfileHeader: memHeader,
         rootfsHeader: rootHeader,
       };
-      this.o.cache.add(build);
       mark(step);
       step = 'release resources';
       const failures = await sbx.teardown.unwind();
@@ -396,7 +411,7 @@ export class SandboxManager {
       mark(step);
       timings['total'] = performance.now() - t0;
       this.lastPauseTimings = timings;
-      void this.o.uploader.enqueue(newBuildId);
+      this.o.builds.startUpload(newBuildId);
       await this.o.events.event('paused', id, {
         buildId: newBuildId,
         templateId,
@@ -408,7 +423,7 @@ export class SandboxManager {
       );
       return build;
     } catch (error) {
-      if (staging) await this.o.builds.discard(newBuildId).catch(() => undefined);
+      if (staging) await this.o.builds.discardBuild(newBuildId).catch(() => undefined);
       if (!sourcingStopped && vmm.isAlive()) {
         // Nothing irreversible happened yet: the guest keeps running as before.
         await vmm.api.setState('Resumed').catch(() => undefined);
@@ -431,18 +446,6 @@ export class SandboxManager {
       await this.o.events.event('failed', id, { step, error: failed.message });
       throw failed;
     }
-  }
-
-  /** A layer's data file: the one being written, else the local build, else the bucket. */
-  private async dataPath(
-    buildId: string,
-    kind: 'memfile' | 'rootfs',
-    staging: string,
-    newBuildId: string,
-  ): Promise<string> {
-    const name = kind === 'memfile' ? BUILD_FILES.memfile : BUILD_FILES.rootfs;
-    if (buildId === newBuildId) return join(staging, name);
-    return this.o.builds.dataPath(buildId, name);
   }
 
   private catalogueEntry(sbx: Sandbox) {

@@ -25,7 +25,7 @@ beforeAll(async () => {
   h = await makeHarness(root);
   const implementation = sandboxService({
     manager: h.manager,
-    cache: h.cache,
+    builds: h.builds,
     bounds: { minVcpu: 1, maxVcpu: 4, minRamMb: 128, maxRamMb: 2048 },
     clientId: 'node-1',
     logger,

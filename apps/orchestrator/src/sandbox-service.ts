@@ -20,7 +20,7 @@ import {
   type ResourceBounds,
 } from './request-validation.js';
 import type { SandboxManager } from './sandbox-manager.js';
-import type { TemplateCache } from './template-cache.js';
+import type { BuildStore } from '#storage';
 
 /**
  * The upstream API (`SandboxService`, wire-compatible with E2B's orchestrator.proto): validates
@@ -28,12 +28,13 @@ import type { TemplateCache } from './template-cache.js';
  */
 export function sandboxService(options: {
   manager: SandboxManager;
-  cache: TemplateCache;
+  /** ListCachedBuilds: this node's local builds and the bucket builds it holds. */
+  builds: BuildStore;
   bounds: ResourceBounds;
   clientId: string;
   logger: Logger;
 }): SandboxServiceServer {
-  const { manager, cache, bounds, clientId, logger } = options;
+  const { manager, builds, bounds, clientId, logger } = options;
 
   function handle<Req, Res>(name: string, fn: (req: Req) => Promise<Res>): handleUnaryCall<Req, Res> {
     return (call: ServerUnaryCall<Req, Res>, callback: sendUnaryData<Res>) => {
@@ -82,7 +83,7 @@ export function sandboxService(options: {
       return {};
     }),
     listCachedBuilds: handle('ListCachedBuilds', async (): Promise<SandboxListCachedBuildsResponse> => ({
-      builds: cache.list().map((b) => ({ buildId: b.buildId, expirationTime: b.expiresAt })),
+      builds: (await builds.listCachedBuilds()).map((b) => ({ buildId: b.buildId, expirationTime: b.expiresAt })),
     })),
   };
 }

@@ -1,8 +1,8 @@
 import type { Logger } from '#logging';
+import type { SnapshotBuild } from '#storage';
 import type { SandboxConfig } from '#proto/orchestrator';
 import type { BlockDevice } from '#proto/sbx/block';
 import type { NetSlot } from '#proto/sbx/net';
-import type { LocalBuild } from './build-files.js';
 import type { EnvdClient, EnvdMetrics } from './envd-client.js';
 import type { SandboxPhase, SandboxStateFile } from './sandbox-state-store.js';
 import { TeardownStack } from '#service-kit';
@@ -21,15 +21,33 @@ export class Sandbox {
   lastMetrics: EnvdMetrics | undefined;
   private pollers: NodeJS.Timeout[] = [];
 
-  constructor(
-    readonly id: string,
-    readonly config: SandboxConfig,
-    readonly build: LocalBuild,
-    readonly startTime: Date,
-    public endTime: Date,
-    readonly dir: string,
-    readonly log: Logger,
-  ) {}
+  readonly id: string;
+  readonly config: SandboxConfig;
+  /** What it was started from. */
+  readonly build: SnapshotBuild;
+  readonly startTime: Date;
+  endTime: Date;
+  /** Its state file and VMM logs. */
+  readonly dir: string;
+  readonly log: Logger;
+
+  constructor(o: {
+    id: string;
+    config: SandboxConfig;
+    build: SnapshotBuild;
+    startTime: Date;
+    endTime: Date;
+    dir: string;
+    log: Logger;
+  }) {
+    this.id = o.id;
+    this.config = o.config;
+    this.build = o.build;
+    this.startTime = o.startTime;
+    this.endTime = o.endTime;
+    this.dir = o.dir;
+    this.log = o.log;
+  }
 
   get hostIp(): string {
     return this.slot?.hostIp ?? '';

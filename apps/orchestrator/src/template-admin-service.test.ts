@@ -8,7 +8,7 @@ import { status, type ServiceError } from '@grpc/grpc-js';
 import fc from 'fast-check';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { dial, startGrpcServer, unary, type GrpcServerHandle } from '#grpc';
-import { LocalBackend } from '#storage';
+import { BuildStore, LocalBackend } from '#storage';
 import {
   TemplateAdminClient,
   TemplateAdminService,
@@ -16,7 +16,6 @@ import {
   type CreateTemplateRequest,
 } from '#proto/sbx/templates';
 import { logger, RecordingNode } from '../test/recording-doubles.js';
-import { BUILD_FILES, BucketBuildFiles } from './build-files.js';
 import type { FirecrackerApi } from './firecracker-api.js';
 import { VmmApiError } from './orchestrator-errors.js';
 import { templateAdminService, type TemplateAdmin } from './template-admin-service.js';
@@ -91,6 +90,7 @@ let node: RecordingNode;
 let vmm: ColdBootVmm;
 let templates: TemplateCatalogue;
 let admin: TemplateAdmin;
+let builds: BuildStore;
 let server: GrpcServerHandle;
 let client: TemplateAdminClient;
 const bucket = () => join(root, 'bucket');
@@ -104,7 +104,11 @@ beforeAll(async () => {
   await run('mkfs.ext4', ['-q', '-F', '-b', '4096', '-L', 'tpl-test', rootfs]);
   node = new RecordingNode();
   vmm = new ColdBootVmm();
-  const builds = new BucketBuildFiles(join(root, 'cache'), new LocalBackend(bucket()));
+  builds = new BuildStore({
+    backend: new LocalBackend(bucket()),
+    cacheDir: join(root, 'cache'),
+    owner: 'orchestrator',
+  });
   templates = new TemplateCatalogue(join(root, 'data', 'templates.json'));
   await templates.load();
   admin = templateAdminService({
@@ -141,6 +145,7 @@ afterAll(async () => {
   client?.close();
   await admin?.stop();
   await server?.shutdown(100);
+  await builds?.close();
   await rm(root, { recursive: true, force: true });
 });
 
@@ -188,9 +193,8 @@ describe('TemplateAdmin.CreateTemplate', () => {
     expect(vmm.booted.at(-1)).toEqual({ vcpuCount: 2, memSizeMib: 48 });
     // The bucket holds the build: rootfs byte for byte, memfile with its header, snapfile last.
     const dir = join(bucket(), last.buildId);
-    expect((await readFile(join(dir, BUILD_FILES.rootfs))).equals(await readFile(rootfs))).toBe(true);
-    for (const f of [BUILD_FILES.memfile, BUILD_FILES.memfileHeader, BUILD_FILES.snapfile])
-      expect(existsSync(join(dir, f))).toBe(true);
+    expect((await readFile(join(dir, 'rootfs.ext4'))).equals(await readFile(rootfs))).toBe(true);
+    for (const f of ['memfile', 'memfile.header', 'snapfile']) expect(existsSync(join(dir, f))).toBe(true);
     expect(templates.buildOf('t1')).toBe(last.buildId);
     expect(await nothingHeld()).toEqual({ slots: 0, vmms: 0, staging: [] });
 

@@ -2,9 +2,8 @@ import { execFile } from 'node:child_process';
 import { mkdir, open, rm, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
-import { NIL_UUID, type BuildMapping, type Header } from '#storage';
+import { HEADER_VERSION, NIL_UUID, type BuildMapping, type BuildStore, type Header } from '#storage';
 import type { Logger } from '#logging';
-import { BUILD_FILES, writeBuildHeader, type BuildFiles } from './build-files.js';
 import type { SlotProvider } from './node-services.js';
 import type { TemplateCatalogue, TemplateEntry } from './template-catalogue.js';
 import type { VmmLauncher } from './vmm-launcher.js';
@@ -38,7 +37,7 @@ export interface TemplateBuildProgress {
 }
 
 export interface TemplateBuilderOptions {
-  builds: BuildFiles;
+  builds: BuildStore;
   templates: TemplateCatalogue;
   vmm: VmmLauncher;
   /**
@@ -63,7 +62,7 @@ export interface TemplateBuilderOptions {
 export async function buildTemplate(o: TemplateBuilderOptions, req: TemplateBuildRequest): Promise<TemplateEntry> {
   const buildId = req.buildId ?? crypto.randomUUID();
   const log = o.logger.child({ templateId: req.templateId, buildId });
-  const staging = await o.builds.staging(buildId);
+  const staging = await o.builds.stageBuild(buildId);
   const work = join(o.workDir, `template-${buildId.slice(0, 8)}`);
   await mkdir(work, { recursive: true });
   let vmm;
@@ -73,7 +72,7 @@ export async function buildTemplate(o: TemplateBuilderOptions, req: TemplateBuil
     req.onProgress?.({ step, done, total, message });
   };
   try {
-    const rootfs = join(staging, BUILD_FILES.rootfs);
+    const rootfs = join(staging, 'rootfs.ext4');
     if (req.rootfsPath)
       await copyWithProgress(req.rootfsPath, rootfs, (done, total) => tell('rootfs', done, total, ''));
     else {
@@ -90,7 +89,7 @@ export async function buildTemplate(o: TemplateBuilderOptions, req: TemplateBuil
       {
         sandboxId: `template-${req.templateId}`,
         apiSocket: join(work, 'api.sock'),
-        rootfsLinkPath: join(o.vmRootfsDir, buildId, BUILD_FILES.rootfs),
+        rootfsLinkPath: join(o.vmRootfsDir, buildId, 'rootfs.ext4'),
         rootfsTarget: rootfs,
         namespace: slot.namespace,
         stdoutPath: join(work, 'vmm.stdout.log'),
@@ -103,32 +102,29 @@ export async function buildTemplate(o: TemplateBuilderOptions, req: TemplateBuil
       bootArgs: 'console=ttyS0 reboot=k panic=1 pci=off',
       vcpuCount: req.vcpu,
       memSizeMib: req.memoryMb,
-      rootfsPath: join(o.vmRootfsDir, buildId, BUILD_FILES.rootfs),
+      rootfsPath: join(o.vmRootfsDir, buildId, 'rootfs.ext4'),
       tapName: slot.tapName,
     });
     tell('snapshot', 0, 1, 'pause, Full snapshot');
     await vmm.api.setState('Paused');
     await vmm.api.createSnapshot({
       type: 'Full',
-      snapshotPath: join(staging, BUILD_FILES.snapfile),
-      memFilePath: join(staging, BUILD_FILES.memfile),
+      snapshotPath: join(staging, 'snapfile'),
+      memFilePath: join(staging, 'memfile'),
     });
     await vmm.kill();
     vmm = undefined;
     tell('build', 0, 1, 'memfile header, commit, upload to the bucket');
-    const memSize = (await stat(join(staging, BUILD_FILES.memfile))).size;
-    await writeBuildHeader(
-      staging,
-      'memfile',
-      await memfileHeader(join(staging, BUILD_FILES.memfile), memSize, buildId),
-    );
-    await o.builds.commit(buildId);
-    await o.builds.upload(buildId);
+    const memSize = (await stat(join(staging, 'memfile'))).size;
+    const rootfsBytes = (await stat(rootfs)).size;
+    // The rootfs of a template is a plain base build: no header (readers use baseHeader).
+    await o.builds.commitBuild(buildId, { memfile: await memfileHeader(join(staging, 'memfile'), memSize, buildId) });
+    await o.builds.uploadBuild(buildId);
     const entry: TemplateEntry = {
       templateId: req.templateId,
       buildId,
       createdAt: new Date().toISOString(),
-      rootfsBytes: (await stat(join(o.builds.localDir(buildId), BUILD_FILES.rootfs))).size,
+      rootfsBytes,
       memoryBytes: memSize,
     };
     await o.templates.set(entry);
@@ -136,7 +132,7 @@ export async function buildTemplate(o: TemplateBuilderOptions, req: TemplateBuil
     log.info({ rootfsBytes: entry.rootfsBytes, memoryBytes: memSize }, 'template built');
     return entry;
   } catch (err) {
-    await o.builds.discard(buildId).catch(() => undefined);
+    await o.builds.discardBuild(buildId).catch(() => undefined);
     throw err;
   } finally {
     await vmm?.kill().catch(() => undefined);
@@ -218,7 +214,7 @@ export async function memfileHeader(path: string, size: number, buildId: string)
       mappings.push({ offset: run.offset, length: run.length, buildId: id, buildStorageOffset: zero ? 0 : run.offset });
   }
   return {
-    metadata: { version: 3, blockSize: PAGE, size, generation: 0, buildId, baseBuildId: buildId },
+    metadata: { version: HEADER_VERSION, blockSize: PAGE, size, generation: 0, buildId, baseBuildId: buildId },
     mappings,
   };
 }

@@ -7,9 +7,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { unary } from '#grpc';
 import type { SandboxConfig } from '#proto/orchestrator';
 import { createLogger } from '#logging';
-import { decodeHeader, encodeHeader, LocalBackend, NIL_UUID } from '#storage';
-import { BucketBuildFiles } from '../src/build-files.js';
-import { BuildUploader } from '../src/build-uploader.js';
+import { BuildStore, decodeHeader, encodeHeader, LocalBackend, NIL_UUID } from '#storage';
 import type { EnvdClient } from '../src/envd-client.js';
 import { GrpcNodeServices } from '../src/grpc-node-services.js';
 import { NoLifecycleEvents } from '../src/lifecycle-events.js';
@@ -17,7 +15,6 @@ import type { NodeServices } from '../src/node-services.js';
 import { EnvdInitTimeout, SandboxStepFailed } from '../src/orchestrator-errors.js';
 import { SandboxManager } from '../src/sandbox-manager.js';
 import { SandboxStateStore } from '../src/sandbox-state-store.js';
-import { TemplateCache } from '../src/template-cache.js';
 import { TemplateCatalogue } from '../src/template-catalogue.js';
 import { chooseVmmCommand, ProcessVmmLauncher, type VmmLauncher } from '../src/vmm-launcher.js';
 import { missingPieces, NodeUnderTest } from './node-under-test.js';
@@ -364,7 +361,11 @@ describe.skipIf(missing !== undefined)('create failure points, the rest real', (
 
   function managerWith(o: { services?: NodeServices; vmm?: VmmLauncher; envdFails?: boolean }): SandboxManager {
     const root = join(node.root, 'fp');
-    const builds = new BucketBuildFiles(node.cacheDir, new LocalBackend(node.bucket));
+    const builds = new BuildStore({
+      backend: new LocalBackend(node.bucket),
+      cacheDir: node.cacheDir,
+      owner: 'fp-test',
+    });
     const templates = new TemplateCatalogue(join(node.dataDir, 'templates.json'));
     const envd: EnvdClient = {
       init: async (ip, _env, timeoutMs) => {
@@ -393,11 +394,9 @@ describe.skipIf(missing !== undefined)('create failure points, the rest real', (
       vmm: o.vmm ?? new ProcessVmmLauncher(chooseVmmCommand({})),
       envd,
       builds,
-      cache: new TemplateCache(builds, 60_000),
       templates,
       events: new NoLifecycleEvents(),
       states: new SandboxStateStore(join(root, 'sandboxes')),
-      uploader: new BuildUploader(async () => undefined, { retries: 0, backoffMs: 1, logger }),
       logger,
     });
     return manager;

@@ -1,13 +1,11 @@
 import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { createLogger } from '#logging';
-import { baseMappings, encodeHeader, LocalBackend, type Header } from '#storage';
+import { baseMappings, BuildStore, encodeHeader, LocalBackend, type Header } from '#storage';
 import type { SandboxConfig } from '#proto/orchestrator';
 import { BlockDevice, BlockExportResponse } from '#proto/sbx/block';
 import { NetSlot } from '#proto/sbx/net';
 import { UffdExportDiffResponse, UffdPrepareResponse } from '#proto/sbx/uffd';
-import { BUILD_FILES, BucketBuildFiles } from '../src/build-files.js';
-import { BuildUploader } from '../src/build-uploader.js';
 import type { EnvdClient } from '../src/envd-client.js';
 import type { FirecrackerApi } from '../src/firecracker-api.js';
 import type { CatalogueEntry, LifecycleEvents, LifecycleEventType } from '../src/lifecycle-events.js';
@@ -15,7 +13,6 @@ import type { NodeServices } from '../src/node-services.js';
 import { EnvdInitTimeout, VmmApiError, VmmExited } from '../src/orchestrator-errors.js';
 import { SandboxManager } from '../src/sandbox-manager.js';
 import { SandboxStateStore } from '../src/sandbox-state-store.js';
-import { TemplateCache } from '../src/template-cache.js';
 import { TemplateCatalogue } from '../src/template-catalogue.js';
 import type { VmmHandle, VmmLauncher } from '../src/vmm-launcher.js';
 
@@ -223,14 +220,14 @@ export async function makeBaseBuild(bucket: string): Promise<Buffer> {
   await mkdir(dir, { recursive: true });
   const mem = Buffer.alloc(MEM_PAGES * PAGE);
   for (let p = 0; p < MEM_PAGES; p++) mem.fill(p, p * PAGE, (p + 1) * PAGE);
-  await writeFile(join(dir, BUILD_FILES.memfile), mem);
+  await writeFile(join(dir, 'memfile'), mem);
   const header: Header = {
     metadata: { version: 3, blockSize: PAGE, size: mem.length, generation: 0, buildId: BASE, baseBuildId: BASE },
     mappings: baseMappings(mem.length, BASE),
   };
-  await writeFile(join(dir, BUILD_FILES.memfileHeader), encodeHeader(header));
-  await writeFile(join(dir, BUILD_FILES.rootfs), Buffer.alloc(8 * PAGE, 0xee));
-  await writeFile(join(dir, BUILD_FILES.snapfile), 'snapfile');
+  await writeFile(join(dir, 'memfile.header'), encodeHeader(header));
+  await writeFile(join(dir, 'rootfs.ext4'), Buffer.alloc(8 * PAGE, 0xee));
+  await writeFile(join(dir, 'snapfile'), 'snapfile');
   return mem;
 }
 
@@ -266,8 +263,7 @@ export interface Harness {
   vmm: RecordingVmm;
   events: RecordingEvents;
   manager: SandboxManager;
-  uploader: BuildUploader;
-  cache: TemplateCache;
+  builds: BuildStore;
   envd: { fails: boolean };
   close(): Promise<void>;
 }
@@ -287,11 +283,14 @@ export async function makeHarness(root: string, generationCap = 3): Promise<Harn
     health: async () => true,
     metrics: async () => undefined,
   };
-  const builds = new BucketBuildFiles(join(root, 'cache'), new LocalBackend(bucket));
+  const builds = new BuildStore({
+    backend: new LocalBackend(bucket),
+    cacheDir: join(root, 'cache'),
+    owner: 'orchestrator',
+    uploadRetry: { attempts: 2, initialDelayMs: 1, maxDelayMs: 1, multiplier: 1 },
+  });
   const templates = new TemplateCatalogue(join(root, 'data', 'templates.json'));
   await templates.set({ templateId: 'base', buildId: BASE, createdAt: new Date().toISOString() });
-  const cache = new TemplateCache(builds, 60_000);
-  const uploader = new BuildUploader((id) => builds.upload(id), { retries: 1, backoffMs: 1, logger });
   const manager = new SandboxManager({
     settings: {
       nodeId: 'node-1',
@@ -309,11 +308,9 @@ export async function makeHarness(root: string, generationCap = 3): Promise<Harn
     vmm,
     envd,
     builds,
-    cache,
     templates,
     events,
     states: new SandboxStateStore(join(root, 'data', 'sandboxes')),
-    uploader,
     logger,
   });
   return {
@@ -322,12 +319,11 @@ export async function makeHarness(root: string, generationCap = 3): Promise<Harn
     vmm,
     events,
     manager,
-    uploader,
-    cache,
+    builds,
     envd: envdState,
     close: async () => {
       await manager.shutdown('kill');
-      await uploader.drain();
+      await builds.close();
     },
   };
 }

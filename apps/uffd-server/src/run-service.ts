@@ -3,9 +3,7 @@ import { onShutdownSignals, startGrpcServer } from '#grpc';
 import { createLogger } from '#logging';
 import { createRegistry, startMetricsServer } from '#metrics';
 import { UffdServerService } from '#proto/sbx/uffd';
-import { join } from 'node:path';
-import { BuildCache, BuildStore, LocalBackend, openBackend } from '#storage';
-import { MemoryLayerResolver } from './memory-layers.js';
+import { BuildStore, openBackend } from '#storage';
 import { SandboxRegistry } from './sandbox-registry.js';
 import { uffdServerConfigSchema } from './uffd-server-config.js';
 import { UffdMetrics } from './uffd-metrics.js';
@@ -22,21 +20,23 @@ export async function runService(argv: string[]): Promise<number> {
   const config = loadConfig('uffd-server', uffdServerConfigSchema, 'SBX_UFFD_SERVER_', { argv, env });
   const logger = createLogger({ service: 'uffd-server', level: config.logLevel });
   logger.info({ config: describeConfig(config) }, 'uffd-server starting');
-  const backend = config.bucket ? openBackend(config.bucket) : undefined;
-  // A local-directory bucket is mapped in place; a remote one goes through a chunk cache.
-  const store =
-    backend && !(backend instanceof LocalBackend)
-      ? new BuildStore({ backend, cache: new BuildCache({ cacheDir: join(config.cacheDir, 'uffd-server') }) })
-      : undefined;
-  const resolver = new MemoryLayerResolver({
+  // Local builds ({cacheDir}/builds) and a local-directory bucket are mapped in place; a remote
+  // bucket goes through chunk caches, the one layer that retries a fetch while a fault waits.
+  const store = new BuildStore({
+    ...(config.bucket ? { backend: openBackend(config.bucket) } : {}),
     cacheDir: config.cacheDir,
-    ...(backend ? { backend } : {}),
-    ...(store ? { store } : {}),
+    owner: 'uffd-server',
+    fetchRetry: {
+      attempts: config.fetchAttempts,
+      initialDelayMs: config.fetchRetryDelayMs,
+      maxDelayMs: 5000,
+      multiplier: 2,
+    },
   });
   const promRegistry = createRegistry('uffd-server');
   const holder: { registry?: SandboxRegistry } = {};
   const metrics = new UffdMetrics(promRegistry, () => holder.registry);
-  const registry = new SandboxRegistry(config, resolver, logger, (s) => {
+  const registry = new SandboxRegistry(config, store, logger, (s) => {
     metrics.sandboxesEnded.inc({ state: s.state });
     const problem = /invalid UFFD handshake \((\w+)\)/.exec(s.error)?.[1];
     if (problem) metrics.handshakeFailures.inc({ problem });
@@ -61,9 +61,8 @@ export async function runService(argv: string[]): Promise<number> {
     await grpc.shutdown(2000);
     await registry.shutdown();
     await metricsServer?.close();
-    await store?.close();
-    await store?.cache.close();
-    await backend?.close();
+    await store.close();
+    await store.backend?.close();
   });
   return new Promise<number>(() => undefined);
 }

@@ -12,7 +12,7 @@ import {
   watchReadable,
 } from '#native';
 import { type GuestRegion, HandshakeInvalid } from '#uffd';
-import { isRetryableStorageError, withRetries, type BuildMapping } from '#storage';
+import type { BuildMapping } from '#storage';
 import { exportDiff } from './diff-export.js';
 import { HandshakeListener, type ReceivedHandshake } from './handshake-listener.js';
 import type { SourceView } from './source-view.js';
@@ -34,8 +34,6 @@ export interface SandboxMemoryOptions {
   prefetchWithoutTracking: boolean;
   threads: number;
   handshakeTimeoutMs: number | undefined;
-  fetchAttempts: number;
-  fetchRetryDelayMs: number;
   logger: Logger;
   /** Told when serving ends on its own (peer gone, failure): metrics, serve-file's exit. */
   onEnded?: (sandbox: SandboxMemory) => void;
@@ -212,34 +210,29 @@ export class SandboxMemory {
     }
   }
 
-  /** Single flight per window; transient failures retried while the fault waits. */
+  /** Single flight per window; the chunk cache below retries transient failures while the fault waits. */
   private fetch(offset: number, length: number): void {
     if (this.inflight.has(offset)) return;
-    const work = withRetries(
-      () => this.o.source.ensure(offset, length),
-      { attempts: this.o.fetchAttempts, initialDelayMs: this.o.fetchRetryDelayMs, maxDelayMs: 5000, multiplier: 2 },
-      (err) =>
-        isRetryableStorageError(err) ||
-        ['EIO', 'EAGAIN', 'ETIMEDOUT', 'ECONNRESET'].includes((err as NodeJS.ErrnoException).code ?? ''),
-      (err, attempt) => {
+    const work = this.o.source
+      .ensure(offset, length, ({ attempt, error }) => {
         this.fetchRetries++;
         this.log.warn(
-          { offset, length, attempt, err: (err as Error).message },
+          { offset, length, attempt, err: (error as Error).message },
           'source fetch failed, retrying while the fault waits',
         );
-      },
-    ).then(
-      () => {
-        if (this.engine && this.stateValue !== 'stopped') this.engine.markReady(offset, length);
-      },
-      (err: unknown) => {
-        this.engine?.fail(offset, 5);
-        this.failWith(
-          `source fetch of [${offset}, ${offset + length}) failed after ${this.o.fetchAttempts} attempts: ${(err as Error).message}`,
-          { offset, length },
-        );
-      },
-    );
+      })
+      .then(
+        () => {
+          if (this.engine && this.stateValue !== 'stopped') this.engine.markReady(offset, length);
+        },
+        (err: unknown) => {
+          this.engine?.fail(offset, 5);
+          this.failWith(`source fetch of [${offset}, ${offset + length}) failed: ${(err as Error).message}`, {
+            offset,
+            length,
+          });
+        },
+      );
     const tracked = work.finally(() => this.inflight.delete(offset));
     this.inflight.set(offset, tracked);
   }

@@ -1,7 +1,7 @@
 import { isAbsolute } from 'node:path';
 import { sandboxLogger, type Logger } from '#logging';
 import { PAGE_2M, PAGE_4K } from '#uffd';
-import { MemoryLayerResolver } from './memory-layers.js';
+import type { BuildStore } from '#storage';
 import { SandboxMemory, type ExportResult, type SandboxStats } from './sandbox-memory.js';
 import { SourceView } from './source-view.js';
 import { RequestInvalid, SandboxExists, SandboxNotFound, SourceInvalid } from './uffd-server-errors.js';
@@ -25,8 +25,6 @@ export interface RegistrySettings {
   prefetchWithoutTracking: boolean;
   threadsPerSandbox: number;
   handshakeTimeoutMs: number;
-  fetchAttempts: number;
-  fetchRetryDelayMs: number;
   maxSandboxes: number;
 }
 
@@ -42,7 +40,8 @@ export class SandboxRegistry {
 
   constructor(
     private readonly settings: RegistrySettings,
-    private readonly resolver: MemoryLayerResolver,
+    /** Builds' memory layers (local builds first, then the bucket). */
+    private readonly builds: BuildStore,
     private readonly logger: Logger,
     private readonly onEnded?: (s: SandboxMemory) => void,
   ) {}
@@ -68,15 +67,15 @@ export class SandboxRegistry {
       const pageSize = req.pageSize || undefined;
       let blockSize: number | undefined;
       if (req.buildId) {
-        const layers = await this.resolver.resolve(req.buildId);
-        blockSize = layers.header.metadata.blockSize;
+        const { header, file } = await this.builds.openBuildFile(req.buildId, 'memfile');
+        blockSize = header.metadata.blockSize;
         // Diff mappings must stay aligned to the header's blocks: the page size is a multiple of them.
         if (pageSize !== undefined && pageSize % blockSize !== 0)
           throw new SourceInvalid(
             `build ${req.buildId}`,
             `page size ${pageSize} is not a multiple of the header block size ${blockSize}`,
           );
-        source = SourceView.open(layers.header.metadata.size, layers.segments);
+        source = await SourceView.ofLayers(file);
       } else {
         source = SourceView.ofFile(req.memfilePath!);
       }
@@ -92,8 +91,6 @@ export class SandboxRegistry {
         prefetchWithoutTracking: this.settings.prefetchWithoutTracking,
         threads: this.settings.threadsPerSandbox,
         handshakeTimeoutMs: this.settings.handshakeTimeoutMs,
-        fetchAttempts: this.settings.fetchAttempts,
-        fetchRetryDelayMs: this.settings.fetchRetryDelayMs,
         logger: log,
         ...(this.onEnded ? { onEnded: this.onEnded } : {}),
       });

@@ -25,8 +25,6 @@ export async function serveFile(argv: string[]): Promise<number> {
     prefetchWithoutTracking: config.prefetchWithoutTracking,
     threads: config.threads,
     handshakeTimeoutMs: undefined,
-    fetchAttempts: 1,
-    fetchRetryDelayMs: 1,
     logger: sandboxLogger(logger, 'serve-file'),
     onEnded: (s) => finish(s.state === 'peer-gone' ? 0 : 1),
   });

@@ -4,7 +4,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { memoryView } from '#native';
-import { MemoryBlocks } from '#storage';
+import { ChunkCache, FileBlocks } from '#storage';
 import { SourceView } from './source-view.js';
 
 describe('SourceView', () => {
@@ -14,16 +14,27 @@ describe('SourceView', () => {
   });
   afterEach(() => rmSync(dir, { recursive: true, force: true }));
 
-  it('lays files, zeros and copied sources out at their memory-file offsets', async () => {
+  it('maps complete files, zeros and chunk caches at their memory-file offsets; a cache range is valid once ensured', async () => {
     const a = join(dir, 'a');
     writeFileSync(a, randomBytes(5 * 4096));
     const remote = randomBytes(8 * 4096);
+    const complete = await FileBlocks.open(a);
+    const cached = await ChunkCache.open({
+      source: { readRange: async (o, l) => remote.subarray(o, o + l) },
+      size: remote.length,
+      cachePath: join(dir, 'cache'),
+      chunkSize: 4096,
+    });
     const view = SourceView.open(6 * 4096, [
-      { kind: 'file', offset: 0, length: 2 * 4096, path: a, fileOffset: 3 * 4096 },
-      { kind: 'zero', offset: 2 * 4096, length: 4096 },
-      { kind: 'blocks', offset: 3 * 4096, length: 3 * 4096, source: new MemoryBlocks(remote), sourceOffset: 4096 },
+      { offset: 0, length: 2 * 4096, file: complete, fileOffset: 3 * 4096 },
+      { offset: 2 * 4096, length: 4096, file: undefined, fileOffset: 0 },
+      { offset: 3 * 4096, length: 3 * 4096, file: cached, fileOffset: 4096 },
     ]);
     expect(view.allReady).toBe(false);
+    expect(view.readyRanges()).toEqual([
+      { offset: 0, length: 2 * 4096 },
+      { offset: 2 * 4096, length: 4096 },
+    ]);
     await view.ensure(3 * 4096, 3 * 4096);
     const bytes = Buffer.from(memoryView(view.address, view.size));
     const expected = Buffer.concat([
@@ -32,15 +43,22 @@ describe('SourceView', () => {
       remote.subarray(4096, 4 * 4096),
     ]);
     expect(bytes.equals(expected)).toBe(true);
+    // A cache the build cache closed while mapped fails the fetch instead of filling another file.
+    await cached.close();
+    await expect(view.ensure(3 * 4096, 4096)).rejects.toThrow(/closed/);
     view.close();
+    await complete.close();
   });
 
   it('refuses a data file shorter than its mapping and gaps in the layout', () => {
     const a = join(dir, 'short');
     writeFileSync(a, Buffer.alloc(4096));
-    expect(() => SourceView.open(8192, [{ kind: 'file', offset: 0, length: 8192, path: a, fileOffset: 0 }])).toThrow(
+    const file = { path: a, complete: true, ensure: async () => undefined };
+    expect(() => SourceView.open(8192, [{ offset: 0, length: 8192, file, fileOffset: 0 }])).toThrow(
       /4096 bytes, but bytes \[0, 8192\)/,
     );
-    expect(() => SourceView.open(8192, [{ kind: 'zero', offset: 0, length: 4096 }])).toThrow(/cover 4096 of 8192/);
+    expect(() => SourceView.open(8192, [{ offset: 0, length: 4096, file: undefined, fileOffset: 0 }])).toThrow(
+      /cover 4096 of 8192/,
+    );
   });
 });

@@ -1,41 +1,26 @@
 import { closeSync, fstatSync, openSync } from 'node:fs';
-import type { ReadableBlocks } from '#storage';
-import {
-  MAP_FIXED,
-  MAP_PRIVATE,
-  MAP_NORESERVE,
-  mapAnonymous,
-  memoryView,
-  mmap,
-  munmap,
-  PROT_READ,
-  PROT_WRITE,
-} from '#native';
+import type { CachedFile, LayeredFile, RetryObserver } from '#storage';
+import { MAP_FIXED, MAP_PRIVATE, MAP_NORESERVE, mapAnonymous, mmap, munmap, PROT_READ, PROT_WRITE } from '#native';
 import { SourceInvalid } from './uffd-server-errors.js';
 
-/** Where one piece of the memory file's bytes comes from. */
-export type SourceSegment =
-  | { kind: 'zero'; offset: number; length: number }
-  /** A local file, complete: mapped into the view, ready at once. */
-  | { kind: 'file'; offset: number; length: number; path: string; fileOffset: number }
-  /** A local file filled lazily (a chunk cache): mapped, ready once `ensure` resolved. */
-  | {
-      kind: 'cached';
-      offset: number;
-      length: number;
-      path: string;
-      fileOffset: number;
-      ensure: (offset: number, length: number) => Promise<void>;
-    }
-  /** Anything else readable: copied into the view on first use. */
-  | { kind: 'blocks'; offset: number; length: number; source: ReadableBlocks; sourceOffset: number };
+/** What the view maps: a layer's file, or zeros (no file). */
+type MappedFile = Pick<CachedFile, 'path' | 'complete' | 'ensure'>;
+
+/** One piece of the memory file: `length` bytes at `offset` come from `file` at `fileOffset`. */
+export interface SourceSegment {
+  offset: number;
+  length: number;
+  file: MappedFile | undefined;
+  fileOffset: number;
+}
 
 const PAGE = 4096;
 
 /**
  * The memory file laid out at its own offsets in our address space, so the fault engine can
- * UFFDIO_COPY straight from it: local layer files are mmapped in place (no copy through JS),
- * nil ranges stay anonymous zeros, other sources are fetched into the view on demand.
+ * UFFDIO_COPY straight from it: each layer's file (LayeredFile.mappedSpans: a local build, or a
+ * chunk cache's sparse file) is mmapped in place, nil ranges stay anonymous zeros. A range of a
+ * file that is not complete is valid once `ensure` filled it (the layer below retries).
  */
 export class SourceView {
   readonly address: number;
@@ -51,6 +36,29 @@ export class SourceView {
     this.segments = segments;
   }
 
+  /** The view of a build's memory file. */
+  static async ofLayers(file: LayeredFile): Promise<SourceView> {
+    const spans = await file.mappedSpans();
+    return SourceView.open(
+      file.size,
+      spans.map((s) => ({ offset: s.offset, length: s.length, file: s.file, fileOffset: s.storageOffset })),
+    );
+  }
+
+  /** A whole local file, complete. */
+  static ofFile(path: string): SourceView {
+    const fd = openSync(path, 'r');
+    let size: number;
+    try {
+      size = fstatSync(fd).size;
+    } finally {
+      closeSync(fd);
+    }
+    if (size === 0 || size % PAGE) throw new SourceInvalid(path, `size ${size} is not a positive multiple of 4096`);
+    const file: MappedFile = { path, complete: true, ensure: async () => undefined };
+    return SourceView.open(size, [{ offset: 0, length: size, file, fileOffset: 0 }]);
+  }
+
   /** Maps the segments (which must tile [0, size) in order, 4 KiB-aligned). Throws SourceInvalid. */
   static open(size: number, segments: SourceSegment[]): SourceView {
     if (!Number.isSafeInteger(size) || size <= 0) throw new SourceInvalid('memory file', `size ${size}`);
@@ -59,8 +67,8 @@ export class SourceView {
       if (s.offset !== cursor || s.length <= 0)
         throw new SourceInvalid('memory layers', `segment at ${s.offset} does not follow ${cursor}`);
       if (s.offset % PAGE) throw new SourceInvalid('memory layers', `segment at ${s.offset} is not 4 KiB-aligned`);
-      if ((s.kind === 'file' || s.kind === 'cached') && s.fileOffset % PAGE)
-        throw new SourceInvalid(s.path, `storage offset ${s.fileOffset} is not 4 KiB-aligned`);
+      if (s.file && s.fileOffset % PAGE)
+        throw new SourceInvalid(s.file.path, `storage offset ${s.fileOffset} is not 4 KiB-aligned`);
       cursor += s.length;
     }
     if (cursor !== size) throw new SourceInvalid('memory layers', `segments cover ${cursor} of ${size} bytes`);
@@ -68,13 +76,13 @@ export class SourceView {
     const address = mapAnonymous(mappedLength, PROT_READ | PROT_WRITE, MAP_NORESERVE);
     try {
       for (const s of segments) {
-        if (s.kind !== 'file' && s.kind !== 'cached') continue;
-        const fd = openSync(s.path, 'r');
+        if (!s.file) continue;
+        const fd = openSync(s.file.path, 'r');
         try {
           const fileSize = fstatSync(fd).size;
           if (fileSize < s.fileOffset + s.length)
             throw new SourceInvalid(
-              s.path,
+              s.file.path,
               `${fileSize} bytes, but bytes [${s.fileOffset}, ${s.fileOffset + s.length}) are mapped from it`,
             );
           mmap(
@@ -96,44 +104,32 @@ export class SourceView {
     return new SourceView(address, size, mappedLength, segments);
   }
 
-  /** A whole local file. */
-  static ofFile(path: string): SourceView {
-    const fd = openSync(path, 'r');
-    let size: number;
-    try {
-      size = fstatSync(fd).size;
-    } finally {
-      closeSync(fd);
-    }
-    if (size === 0 || size % PAGE) throw new SourceInvalid(path, `size ${size} is not a positive multiple of 4096`);
-    return SourceView.open(size, [{ kind: 'file', offset: 0, length: size, path, fileOffset: 0 }]);
-  }
-
   /** True when every byte is valid now (no fetches needed). */
   get allReady(): boolean {
-    return this.segments.every((s) => s.kind === 'zero' || s.kind === 'file');
+    return this.segments.every((s) => !s.file || s.file.complete);
   }
 
-  /** Ranges that are valid from the start (zero and local-file segments). */
+  /** Ranges that are valid from the start (zeros and complete files). */
   readyRanges(): Array<{ offset: number; length: number }> {
     return this.segments
-      .filter((s) => s.kind === 'zero' || s.kind === 'file')
+      .filter((s) => !s.file || s.file.complete)
       .map((s) => ({ offset: s.offset, length: Math.ceil(s.length / PAGE) * PAGE }));
   }
 
-  /** Makes [offset, offset+length) valid in the view (fetching through the layers' sources). */
-  async ensure(offset: number, length: number): Promise<void> {
+  /**
+   * Makes [offset, offset+length) valid in the view, on the very files that are mapped: a
+   * file the build cache closed meanwhile fails (StorageClosed), never fills a new file the
+   * mapping does not see.
+   */
+  async ensure(offset: number, length: number, onRetry?: RetryObserver): Promise<void> {
+    if (this.closed) throw new SourceInvalid('source view', 'closed');
     const end = Math.min(this.size, offset + length);
     const work: Promise<void>[] = [];
     for (const s of this.segments) {
       const from = Math.max(offset, s.offset);
       const to = Math.min(end, s.offset + s.length);
-      if (from >= to) continue;
-      if (s.kind === 'cached') work.push(s.ensure(s.fileOffset + (from - s.offset), to - from));
-      else if (s.kind === 'blocks') {
-        if (this.closed) throw new SourceInvalid('source view', 'closed');
-        work.push(s.source.readAt(memoryView(this.address + from, to - from), s.sourceOffset + (from - s.offset)));
-      }
+      if (from < to && s.file && !s.file.complete)
+        work.push(s.file.ensure(s.fileOffset + (from - s.offset), to - from, onRetry));
     }
     await Promise.all(work);
   }

@@ -13,6 +13,7 @@ const C = 'cccccccc-0000-4000-8000-000000000003';
 /** A cached file that only records whether it was closed and claims a disk usage. */
 class FakeFile implements CachedFile {
   closed = false;
+  readonly complete = false;
   constructor(
     readonly path: string,
     readonly size = 1024,

@@ -1,30 +1,42 @@
-import { access, readFile, rename, stat, writeFile } from 'node:fs/promises';
+import { mkdir, readdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
 import path from 'node:path';
-import type { BuildCache } from './build-cache.js';
-import { normalizeBuildId } from './build-id.js';
+import { BuildCache, type BuildCacheOptions } from './build-cache.js';
+import { NIL_UUID, normalizeBuildId } from './build-id.js';
 import type { CachedFile } from './cached-file.js';
 import { backendSource, ChunkCache } from './chunk-cache.js';
 import { FileBlocks } from './file-blocks.js';
-import { decodeHeader, encodeHeader, type Header } from './header-codec.js';
+import { baseHeader, decodeHeader, encodeHeader, type Header } from './header-codec.js';
 import { LayeredFile } from './layered-file.js';
-import { baseMappings } from './mappings.js';
-import { type BuildDataFile, type BuildFileName, buildObjectPath, headerFileName } from './object-paths.js';
+import { LocalBackend } from './local-backend.js';
+import {
+  BUILD_DATA_FILES,
+  type BuildDataFile,
+  type BuildFileName,
+  buildObjectPath,
+  headerFileName,
+} from './object-paths.js';
 import { isRetryableStorageError, type RetryPolicy, withRetries } from './retry-policy.js';
 import type { StorageBackend } from './storage-backend.js';
 import { BuildNotFound, ObjectNotFound, StorageClosed, UploadFailed } from './storage-errors.js';
 
 export interface BuildStoreOptions {
-  backend: StorageBackend;
-  cache: BuildCache;
+  /** The bucket; without one only this node's local builds can be read. */
+  backend?: StorageBackend;
+  /** The node's cache directory (SBX_CACHE_DIR), shared by its processes: local builds in `{cacheDir}/builds`. */
+  cacheDir: string;
+  /** This process's name: its copies of bucket builds go in `{cacheDir}/remote/{owner}`, private to it. */
+  owner: string;
+  /** TTL and eviction of those copies. */
+  cache?: Omit<BuildCacheOptions, 'cacheDir'>;
   /** Block size of a plain base build that has no header. Default 4096 for both files. */
   baseBlockSize?: Partial<Record<BuildDataFile, number>>;
   /** Chunk size of the data caches. Default 4 MiB. */
   chunkSize?: number;
-  /** Retries of transient failures when fetching chunks. */
+  /** Retries of transient failures when fetching chunks: the one place reads are retried. */
   fetchRetry?: RetryPolicy;
   /** Retries of transient failures per uploaded file. */
   uploadRetry?: RetryPolicy;
-  /** Told about every upload's start, progress, end and failure. */
+  /** Told about every upload's start, progress, retries, end and failure. */
   onUploadEvent?: (event: UploadEvent) => void;
 }
 
@@ -38,16 +50,38 @@ export type UploadEvent =
 export type UploadState =
   { state: 'uploading' } | { state: 'done'; bytes: number } | { state: 'failed'; error: UploadFailed };
 
-export interface UploadBuildOptions {
-  /** Retries per file after the first attempt (overrides the store's upload policy). */
-  retries?: number;
-  onProgress?: (event: { file: BuildFileName; bytes: number; fileBytes: number }) => void;
-}
-
 export interface OpenedBuildFile {
   header: Header;
   file: LayeredFile;
 }
+
+/** What a VM is started from: the snapfile on local disk and both headers (layer data stays lazy). */
+export interface SnapshotBuild {
+  buildId: string;
+  snapfilePath: string;
+  memfileHeader: Header;
+  rootfsHeader: Header;
+}
+
+export interface CachedBuild {
+  buildId: string;
+  /** Undefined for a local build (kept on disk, not evicted). */
+  expiresAt: Date | undefined;
+  local: boolean;
+}
+
+/**
+ * The bucket order of a build's files (libs/storage/README.md, "On-disk contracts"): data
+ * first, headers next, the snapfile last. The snapfile marks a complete build: readers resolve
+ * it before anything else, so a header they then read never points at data not yet uploaded.
+ */
+export const UPLOAD_ORDER: readonly BuildFileName[] = [
+  'memfile',
+  'rootfs.ext4',
+  'memfile.header',
+  'rootfs.ext4.header',
+  'snapfile',
+];
 
 interface LocalBuild {
   dir: string;
@@ -55,99 +89,118 @@ interface LocalBuild {
 }
 
 const DEFAULT_UPLOAD_RETRY: RetryPolicy = { attempts: 6, initialDelayMs: 500, maxDelayMs: 30_000, multiplier: 2 };
+const STAGING_SUFFIX = '.staging';
 
 /**
- * The builds API the services use: headers and layered files of any build, read from this
- * node's own fresh builds first (registered local directories, readable before their upload
- * finishes), else from the bucket through the build cache; uploads of local builds.
+ * The only reader and writer of builds. A build is read from this node's local builds first
+ * (`{cacheDir}/builds/{id}`: written by a pause or template build on this node, readable by
+ * every process of the node at once, before and during its upload), else from the bucket
+ * through this process's build cache (4 MiB chunks fetched lazily; a local-directory bucket is
+ * read in place). Writes stage a build and move it in place whole; uploads follow UPLOAD_ORDER.
  */
 export class BuildStore {
-  readonly backend: StorageBackend;
+  readonly backend: StorageBackend | undefined;
   readonly cache: BuildCache;
+  /** `{cacheDir}/builds`: the local builds every process of the node reads. */
+  readonly buildsDir: string;
+  private readonly o: BuildStoreOptions;
   private readonly baseBlockSize: Record<BuildDataFile, number>;
-  private readonly chunkSize: number | undefined;
-  private readonly fetchRetry: RetryPolicy | undefined;
-  private readonly uploadRetry: RetryPolicy;
-  private readonly onUploadEvent: ((event: UploadEvent) => void) | undefined;
   private readonly local = new Map<string, LocalBuild>();
   private readonly uploads = new Map<string, { state: UploadState; done: Promise<void> }>();
   private closed = false;
 
   constructor(options: BuildStoreOptions) {
+    this.o = options;
     this.backend = options.backend;
-    this.cache = options.cache;
+    this.buildsDir = path.join(path.resolve(options.cacheDir), 'builds');
+    this.cache = new BuildCache({ ...options.cache, cacheDir: path.join(options.cacheDir, 'remote', options.owner) });
     this.baseBlockSize = { memfile: 4096, 'rootfs.ext4': 4096, ...options.baseBlockSize };
-    this.chunkSize = options.chunkSize;
-    this.fetchRetry = options.fetchRetry;
-    this.uploadRetry = options.uploadRetry ?? DEFAULT_UPLOAD_RETRY;
-    this.onUploadEvent = options.onUploadEvent;
+  }
+
+  /** Where a local build lives: `{cacheDir}/builds/{id}`, its files under their object names. */
+  localDir(buildId: string): string {
+    return path.join(this.buildsDir, normalizeBuildId(buildId));
+  }
+
+  /** An empty directory to write a new build's files into; nothing reads it until commitBuild. */
+  async stageBuild(buildId: string): Promise<string> {
+    const dir = this.localDir(buildId) + STAGING_SUFFIX;
+    await rm(dir, { recursive: true, force: true });
+    await mkdir(dir, { recursive: true });
+    return dir;
   }
 
   /**
-   * Makes a build written on this node readable at once from `dir`, which holds its files under
-   * their object names (`memfile`, `memfile.header`, `rootfs.ext4`, ..., `snapfile`).
+   * Writes the headers into a staged build and renames it into `{cacheDir}/builds/{id}`: from
+   * then on every process of the node reads it, whole (a rename is atomic).
    */
-  registerLocalBuild(buildId: string, dir: string): void {
+  async commitBuild(buildId: string, headers: Partial<Record<BuildDataFile, Header>>): Promise<void> {
+    this.open();
+    const dir = this.localDir(buildId) + STAGING_SUFFIX;
+    for (const [file, header] of Object.entries(headers) as Array<[BuildDataFile, Header]>)
+      await writeFile(path.join(dir, headerFileName(file)), encodeHeader(header));
+    await rename(dir, this.localDir(buildId));
+  }
+
+  async discardBuild(buildId: string): Promise<void> {
+    await rm(this.localDir(buildId) + STAGING_SUFFIX, { recursive: true, force: true });
+  }
+
+  /** Removes what a crashed writer left staged (at the start of the only writer, the orchestrator). */
+  async discardStaged(): Promise<void> {
+    for (const name of await readdir(this.buildsDir).catch(() => [] as string[]))
+      if (name.endsWith(STAGING_SUFFIX)) await rm(path.join(this.buildsDir, name), { recursive: true, force: true });
+  }
+
+  /** A local build, or a complete one in the bucket (its snapfile is there). */
+  async exists(buildId: string): Promise<boolean> {
+    const id = normalizeBuildId(buildId);
+    if ((await this.localBuild(id)) !== undefined) return true;
+    return (await this.backend?.exists(buildObjectPath(id, 'snapfile'))) ?? false;
+  }
+
+  /**
+   * The snapfile on local disk and both headers. The snapfile is resolved first: it is uploaded
+   * last, so a build whose snapfile is found has its headers and data in place too.
+   */
+  async resolveSnapshot(buildId: string): Promise<SnapshotBuild> {
+    const id = normalizeBuildId(buildId);
+    const snapfilePath = await this.fetchSnapfile(id);
+    return {
+      buildId: id,
+      snapfilePath,
+      memfileHeader: await this.readHeader(id, 'memfile'),
+      rootfsHeader: await this.readHeader(id, 'rootfs.ext4'),
+    };
+  }
+
+  /** The header of a build file; for a plain base build without one, `baseHeader`. */
+  async readHeader(buildId: string, file: BuildDataFile, blockSize?: number): Promise<Header> {
     this.open();
     const id = normalizeBuildId(buildId);
-    if (this.local.has(id)) throw new RangeError(`build ${id} is already registered locally`);
-    this.local.set(id, { dir: path.resolve(dir), files: new Map() });
-  }
-
-  /** Writes headers into a local build directory and registers it (its data files are already there). */
-  async writeBuild(buildId: string, dir: string, headers: Partial<Record<BuildDataFile, Header>>): Promise<void> {
-    for (const [file, header] of Object.entries(headers) as Array<[BuildDataFile, Header]>) {
-      const dest = path.join(dir, headerFileName(file));
-      await writeFile(`${dest}.tmp`, encodeHeader(header));
-      await rename(`${dest}.tmp`, dest);
-    }
-    if (!this.local.has(normalizeBuildId(buildId))) this.registerLocalBuild(buildId, dir);
-  }
-
-  isLocal(buildId: string): boolean {
-    return this.local.has(buildId.toLowerCase());
-  }
-
-  /** Stops reading a build from its local directory (after its upload, before deleting the directory). */
-  async forgetLocalBuild(buildId: string): Promise<void> {
-    const id = buildId.toLowerCase();
-    const build = this.local.get(id);
-    if (build === undefined) return;
-    this.local.delete(id);
-    await closeAll(build.files.values());
-  }
-
-  /** The header of a build file; for a plain base build without one, one mapping [0, size) → itself. */
-  async readHeader(buildId: string, file: BuildDataFile, blockSize?: number): Promise<Header> {
-    const id = normalizeBuildId(buildId);
-    const local = this.local.get(id);
+    const base = (size: number) => baseHeader(id, size, blockSize ?? this.baseBlockSize[file]);
+    const local = await this.localBuild(id);
     if (local !== undefined) {
-      const headerPath = path.join(local.dir, headerFileName(file));
-      const bytes = await readFile(headerPath).catch((err: unknown) => {
+      const bytes = await readFile(path.join(local.dir, headerFileName(file))).catch((err: unknown) => {
         if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
         throw err;
       });
       if (bytes !== undefined) return decodeHeader(bytes);
-      const size = await stat(path.join(local.dir, file)).then(
-        (s) => s.size,
-        () => {
-          throw new BuildNotFound(id, buildObjectPath(id, file), local.dir);
-        },
-      );
-      return this.baseHeader(id, file, size, blockSize);
+      const s = await stat(path.join(local.dir, file)).catch(() => undefined);
+      if (s === undefined) throw new BuildNotFound(id, buildObjectPath(id, file), local.dir);
+      return base(s.size);
     }
+    const backend = this.bucket(id, file);
     const entry = await this.cache.get(id);
     const header = await entry.header(file, async () => {
       try {
-        return decodeHeader(await this.backend.read(buildObjectPath(id, headerFileName(file))));
+        return decodeHeader(await backend.read(buildObjectPath(id, headerFileName(file))));
       } catch (err) {
         if (!(err instanceof ObjectNotFound)) throw err;
         return undefined;
       }
     });
-    if (header !== undefined) return header;
-    const size = await this.remoteSize(id, file);
-    return this.baseHeader(id, file, size, blockSize);
+    return header ?? base(await this.remoteSize(backend, id, file));
   }
 
   /** A build file as its header describes it, every layer read through this store. */
@@ -156,64 +209,60 @@ export class BuildStore {
     file: BuildDataFile,
     options: { blockSize?: number } = {},
   ): Promise<OpenedBuildFile> {
-    this.open();
     const header = await this.readHeader(buildId, file, options.blockSize);
     return { header, file: new LayeredFile({ header, resolve: (id) => this.dataFile(id, file) }) };
   }
 
   /**
-   * One build's own data file (its diff, or its full image), local or cached from the bucket.
-   * The returned file belongs to the store; ask again rather than keeping it (that keeps the
-   * cache entry alive and reopens it after an eviction).
+   * One build's own data file (its diff, or its full image): local, or from the bucket. The
+   * returned file belongs to the store; ask again rather than keeping it (that keeps the cache
+   * entry alive and reopens it after an eviction).
    */
   async dataFile(buildId: string, file: BuildDataFile): Promise<CachedFile> {
     this.open();
-    // Ids from decoded headers are already normal: the per-read path skips the check.
-    const id = this.local.has(buildId) ? buildId : normalizeBuildId(buildId);
-    const local = this.local.get(id);
-    if (local !== undefined) {
-      let opening = local.files.get(file);
-      if (opening === undefined) {
-        opening = FileBlocks.open(path.join(local.dir, file)).catch((err: unknown) => {
-          local.files.delete(file);
-          if ((err as NodeJS.ErrnoException).code === 'ENOENT')
-            throw new BuildNotFound(id, buildObjectPath(id, file), local.dir);
-          throw err;
-        });
-        local.files.set(file, opening);
-      }
-      return opening;
-    }
+    // The per-read path: ids seen before skip the checks and the stat.
+    let local = this.local.get(buildId);
+    const id = local !== undefined || this.cache.has(buildId) ? buildId : normalizeBuildId(buildId);
+    if (local === undefined && !this.cache.has(id)) local = await this.localBuild(id);
+    if (local !== undefined) return this.localFile(id, local, file);
+    const backend = this.bucket(id, file);
     const entry = await this.cache.get(id);
     return entry.dataFile(file, async (dir) => {
       const objectPath = buildObjectPath(id, file);
-      const size = await this.remoteSize(id, file);
+      // A local-directory bucket is read in place: no second copy of the bytes.
+      if (backend instanceof LocalBackend) {
+        return FileBlocks.open(backend.pathOf(objectPath)).catch((err: unknown) => {
+          if ((err as NodeJS.ErrnoException).code === 'ENOENT')
+            throw new BuildNotFound(id, objectPath, backend.location);
+          throw err;
+        });
+      }
       return ChunkCache.open({
-        source: backendSource(this.backend, objectPath),
-        size,
+        source: backendSource(backend, objectPath),
+        size: await this.remoteSize(backend, id, file),
         cachePath: path.join(dir, file),
-        ...(this.chunkSize !== undefined ? { chunkSize: this.chunkSize } : {}),
-        ...(this.fetchRetry !== undefined ? { retry: this.fetchRetry } : {}),
+        ...(this.o.chunkSize !== undefined ? { chunkSize: this.o.chunkSize } : {}),
+        ...(this.o.fetchRetry !== undefined ? { retry: this.o.fetchRetry } : {}),
       });
     });
   }
 
-  /** Local path of a build's snapfile (downloaded into the cache once). */
+  /** Local path of a build's snapfile (from the bucket: downloaded into the cache once). */
   async fetchSnapfile(buildId: string): Promise<string> {
     this.open();
     const id = normalizeBuildId(buildId);
-    const local = this.local.get(id);
+    const local = await this.localBuild(id);
     if (local !== undefined) {
       const p = path.join(local.dir, 'snapfile');
-      await access(p).catch(() => {
+      if ((await stat(p).catch(() => undefined)) === undefined)
         throw new BuildNotFound(id, buildObjectPath(id, 'snapfile'), local.dir);
-      });
       return p;
     }
+    const backend = this.bucket(id, 'snapfile');
     const entry = await this.cache.get(id);
     return entry.snapfilePath(async (dest) => {
       try {
-        await this.backend.download(buildObjectPath(id, 'snapfile'), dest);
+        await backend.download(buildObjectPath(id, 'snapfile'), dest);
       } catch (err) {
         if (err instanceof ObjectNotFound) throw new BuildNotFound(id, err.objectPath, err.location);
         throw err;
@@ -222,31 +271,29 @@ export class BuildStore {
   }
 
   /**
-   * Uploads a registered local build: data files and snapfile first, headers last, so a reader
-   * that finds a header in the bucket finds the data too. Each file is retried on transient
-   * failures; a final failure is recorded (`uploadState`), reported (`onUploadEvent`) and
-   * rejects the returned promise. One upload per build at a time.
+   * Uploads a local build in UPLOAD_ORDER, each file retried on transient failures. A build
+   * whose headers map data of local builds still uploading waits for them first: a complete
+   * build in the bucket never points at data that is not. A final failure is recorded
+   * (`uploadState`), reported (`onUploadEvent`) and rejects. One upload per build at a time.
    */
-  uploadBuild(buildId: string, options: UploadBuildOptions = {}): Promise<void> {
+  uploadBuild(buildId: string, options: { retries?: number } = {}): Promise<void> {
     this.open();
     const id = normalizeBuildId(buildId);
     const running = this.uploads.get(id);
     if (running !== undefined && running.state.state === 'uploading') return running.done;
-    const local = this.local.get(id);
-    if (local === undefined) return Promise.reject(new BuildNotFound(id, `${id}/`, 'local builds'));
     const record: { state: UploadState; done: Promise<void> } = {
       state: { state: 'uploading' },
       done: Promise.resolve(),
     };
-    record.done = this.upload(id, local.dir, options).then(
+    record.done = this.upload(id, options).then(
       (bytes) => {
         record.state = { state: 'done', bytes };
-        this.onUploadEvent?.({ kind: 'done', buildId: id, bytes });
+        this.o.onUploadEvent?.({ kind: 'done', buildId: id, bytes });
       },
       (err: unknown) => {
         const error = err instanceof UploadFailed ? err : new UploadFailed(id, `${id}/`, 1, err);
         record.state = { state: 'failed', error };
-        this.onUploadEvent?.({ kind: 'failed', buildId: id, error });
+        this.o.onUploadEvent?.({ kind: 'failed', buildId: id, error });
         throw error;
       },
     );
@@ -254,11 +301,8 @@ export class BuildStore {
     return record.done;
   }
 
-  /**
-   * Starts `uploadBuild` in the background. Its failure is not lost: it is recorded in
-   * `uploadState` and reported through `onUploadEvent`.
-   */
-  startUpload(buildId: string, options: UploadBuildOptions = {}): void {
+  /** `uploadBuild` in the background; its failure is recorded and reported, not lost. */
+  startUpload(buildId: string, options: { retries?: number } = {}): void {
     this.uploadBuild(buildId, options).catch(() => undefined);
   }
 
@@ -266,37 +310,55 @@ export class BuildStore {
     return this.uploads.get(buildId.toLowerCase())?.state;
   }
 
-  /** Builds this node holds: cached from the bucket, and local ones. */
-  listCachedBuilds(): Array<{ buildId: string; expiresAt: Date | undefined; local: boolean }> {
-    const out: Array<{ buildId: string; expiresAt: Date | undefined; local: boolean }> = this.cache
-      .list()
-      .filter((b) => !this.local.has(b.buildId))
-      .map((b) => ({ ...b, local: false }));
-    for (const id of this.local.keys()) out.push({ buildId: id, expiresAt: undefined, local: true });
-    return out;
+  /** Uploads started by this process, by state. */
+  uploadCounts(): Record<UploadState['state'], number> {
+    const counts = { uploading: 0, done: 0, failed: 0 };
+    for (const u of this.uploads.values()) counts[u.state.state]++;
+    return counts;
   }
 
-  /** Waits for uploads in flight (their outcome is reported), then releases local files. */
+  /** Builds this node holds: its local builds, and the bucket builds this process has cached. */
+  async listCachedBuilds(): Promise<CachedBuild[]> {
+    const local = (await readdir(this.buildsDir).catch(() => [] as string[])).filter(
+      (n) => !n.endsWith(STAGING_SUFFIX),
+    );
+    const out: CachedBuild[] = local.map((buildId) => ({ buildId, expiresAt: undefined, local: true }));
+    for (const b of this.cache.list()) if (!local.includes(b.buildId)) out.push({ ...b, local: false });
+    return out.sort((a, b) => a.buildId.localeCompare(b.buildId));
+  }
+
+  /** Waits for uploads in flight (their outcome is reported), then releases files and the cache. */
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
     await Promise.allSettled([...this.uploads.values()].map((u) => u.done));
-    for (const build of this.local.values()) await closeAll(build.files.values());
+    for (const build of this.local.values()) {
+      for (const f of await Promise.allSettled([...build.files.values()]))
+        if (f.status === 'fulfilled') await f.value.close();
+    }
     this.local.clear();
+    await this.cache.close();
   }
 
-  private async upload(id: string, dir: string, options: UploadBuildOptions): Promise<number> {
-    this.onUploadEvent?.({ kind: 'started', buildId: id });
-    const order: BuildFileName[] = ['memfile', 'rootfs.ext4', 'snapfile', 'memfile.header', 'rootfs.ext4.header'];
-    const policy =
-      options.retries === undefined ? this.uploadRetry : { ...this.uploadRetry, attempts: options.retries + 1 };
+  private async upload(id: string, options: { retries?: number }): Promise<number> {
+    const local = await this.localBuild(id);
+    if (local === undefined) throw new BuildNotFound(id, `${id}/`, this.buildsDir);
+    const backend = this.bucket(id, 'snapfile');
+    this.o.onUploadEvent?.({ kind: 'started', buildId: id });
+    for (const parent of await this.localParents(id)) {
+      // A parent whose upload failed before is tried again: this build needs its data.
+      const wait =
+        this.uploads.get(parent)?.state.state === 'failed' ? this.uploadBuild(parent) : this.uploads.get(parent)?.done;
+      await wait?.catch((err: unknown) => {
+        throw new UploadFailed(id, `${parent}/`, 0, err);
+      });
+    }
+    const base = this.o.uploadRetry ?? DEFAULT_UPLOAD_RETRY;
+    const policy = options.retries === undefined ? base : { ...base, attempts: options.retries + 1 };
     let total = 0;
-    for (const name of order) {
-      const localFile = path.join(dir, name);
-      const fileBytes = await stat(localFile).then(
-        (s) => s.size,
-        () => undefined,
-      );
+    for (const name of UPLOAD_ORDER) {
+      const localFile = path.join(local.dir, name);
+      const fileBytes = (await stat(localFile).catch(() => undefined))?.size;
       if (fileBytes === undefined) continue;
       const objectPath = buildObjectPath(id, name);
       let attempts = 0;
@@ -304,16 +366,14 @@ export class BuildStore {
         await withRetries(
           async (attempt) => {
             attempts = attempt;
-            await this.backend.upload(objectPath, localFile, {
-              onProgress: (bytes) => {
-                options.onProgress?.({ file: name, bytes, fileBytes });
-                this.onUploadEvent?.({ kind: 'progress', buildId: id, file: name, bytes, fileBytes });
-              },
+            await backend.upload(objectPath, localFile, {
+              onProgress: (bytes) =>
+                this.o.onUploadEvent?.({ kind: 'progress', buildId: id, file: name, bytes, fileBytes }),
             });
           },
           policy,
           isRetryableStorageError,
-          (error, attempt) => this.onUploadEvent?.({ kind: 'retry', buildId: id, file: name, attempt, error }),
+          (error, attempt) => this.o.onUploadEvent?.({ kind: 'retry', buildId: id, file: name, attempt, error }),
         );
       } catch (err) {
         throw new UploadFailed(id, objectPath, attempts, err);
@@ -323,36 +383,56 @@ export class BuildStore {
     return total;
   }
 
-  private async remoteSize(id: string, file: BuildDataFile): Promise<number> {
+  /** Other builds whose data this build's headers map and whose upload this process started. */
+  private async localParents(id: string): Promise<string[]> {
+    const parents = new Set<string>();
+    for (const file of BUILD_DATA_FILES) {
+      const header = await this.readHeader(id, file).catch(() => undefined);
+      for (const m of header?.mappings ?? [])
+        if (m.buildId !== id && m.buildId !== NIL_UUID && this.uploads.has(m.buildId)) parents.add(m.buildId);
+    }
+    return [...parents];
+  }
+
+  private async localBuild(id: string): Promise<LocalBuild | undefined> {
+    const known = this.local.get(id);
+    if (known !== undefined) return known;
+    const dir = path.join(this.buildsDir, id);
+    if (!(await stat(dir).catch(() => undefined))?.isDirectory()) return undefined;
+    const build: LocalBuild = { dir, files: new Map() };
+    this.local.set(id, build);
+    return build;
+  }
+
+  private localFile(id: string, local: LocalBuild, file: BuildDataFile): Promise<FileBlocks> {
+    let opening = local.files.get(file);
+    if (opening === undefined) {
+      opening = FileBlocks.open(path.join(local.dir, file)).catch((err: unknown) => {
+        local.files.delete(file);
+        if ((err as NodeJS.ErrnoException).code === 'ENOENT')
+          throw new BuildNotFound(id, buildObjectPath(id, file), local.dir);
+        throw err;
+      });
+      local.files.set(file, opening);
+    }
+    return opening;
+  }
+
+  private bucket(id: string, file: BuildFileName): StorageBackend {
+    if (this.backend === undefined) throw new BuildNotFound(id, buildObjectPath(id, file), this.buildsDir);
+    return this.backend;
+  }
+
+  private async remoteSize(backend: StorageBackend, id: string, file: BuildDataFile): Promise<number> {
     try {
-      return await this.backend.size(buildObjectPath(id, file));
+      return await backend.size(buildObjectPath(id, file));
     } catch (err) {
       if (err instanceof ObjectNotFound) throw new BuildNotFound(id, err.objectPath, err.location);
       throw err;
     }
   }
 
-  private baseHeader(id: string, file: BuildDataFile, size: number, blockSize?: number): Header {
-    return {
-      // E2B's template headers today: version 3, generation 0 (header.NewTemplateMetadata).
-      metadata: {
-        version: 3,
-        blockSize: blockSize ?? this.baseBlockSize[file],
-        size,
-        generation: 0,
-        buildId: id,
-        baseBuildId: id,
-      },
-      mappings: baseMappings(size, id),
-    };
-  }
-
   private open(): void {
     if (this.closed) throw new StorageClosed('build store');
   }
-}
-
-async function closeAll(files: Iterable<Promise<FileBlocks>>): Promise<void> {
-  const opened = await Promise.allSettled([...files]);
-  for (const f of opened) if (f.status === 'fulfilled') await f.value.close();
 }

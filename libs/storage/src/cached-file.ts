@@ -1,14 +1,19 @@
 import type { ReadableBlocks } from './block-source.js';
 
+/** Told about transient failures retried while filling a range (the uffd-server counts them per sandbox). */
+export type RetryObserver = (event: { attempt: number; error: unknown }) => void;
+
 /**
- * A build data file that lives (or is being filled) at a local `path`. After
- * `ensure(offset, length)` resolves, those bytes are in the file, so a consumer may map it and
- * copy from it directly (the uffd-server does, to hand pages to UFFDIO_COPY without a copy
- * through the JS heap).
+ * A build data file that lives (or is being filled) at a local `path`: the mappable layer.
+ * After `ensure(offset, length)` resolves, those bytes are in the file, so a consumer may map
+ * it and copy from it directly (the uffd engine does UFFDIO_COPY from the mapping, with no copy
+ * through the JS heap). Transient fetch failures are retried here and nowhere above.
  */
 export interface CachedFile extends ReadableBlocks {
   readonly path: string;
-  ensure(offset: number, length: number): Promise<void>;
+  /** Every byte is in the file already: `ensure` only checks the range. */
+  readonly complete: boolean;
+  ensure(offset: number, length: number, onRetry?: RetryObserver): Promise<void>;
   /** Bytes the file takes on disk (allocated blocks, not its apparent size). */
   diskUsage(): Promise<number>;
 }

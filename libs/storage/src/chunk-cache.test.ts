@@ -90,11 +90,11 @@ describe('ChunkCache', () => {
       cachePath: path.join(dir, 'retry'),
       chunkSize: MiB,
       retry: FAST_RETRY,
-      onRetry: (e) => retries.push(e.attempt),
     });
     const transient = () => new StorageUnavailable('read range', 'b/memfile', new Error('timeout'));
     source.failures = [transient, transient, transient];
     const out = Buffer.alloc(10);
+    await cache.ensure(5, 10, (e) => retries.push(e.attempt));
     await cache.readAt(out, 5);
     expect(out.equals(data.subarray(5, 15))).toBe(true);
     expect(source.calls.get(0)).toBe(4);

@@ -1,6 +1,6 @@
 import { type FileHandle, mkdir, open, rm, stat } from 'node:fs/promises';
 import path from 'node:path';
-import type { CachedFile } from './cached-file.js';
+import type { CachedFile, RetryObserver } from './cached-file.js';
 import { DirtyBitmap } from './dirty-bitmap.js';
 import { checkRange, readFully } from './file-blocks.js';
 import { DEFAULT_RETRY_POLICY, isRetryableStorageError, type RetryPolicy, withRetries } from './retry-policy.js';
@@ -27,9 +27,6 @@ export interface ChunkCacheOptions {
   retry?: RetryPolicy;
   /** Removes the cache file on close (default true: the file is only a cache). */
   removeOnClose?: boolean;
-  /** Observes fetches (metrics, logs). */
-  onFetch?: (event: { chunk: number; bytes: number; attempts: number }) => void;
-  onRetry?: (event: { chunk: number; attempt: number; error: unknown }) => void;
 }
 
 export function backendSource(backend: StorageBackend, objectPath: string): ChunkSource {
@@ -46,6 +43,7 @@ export class ChunkCache implements CachedFile {
   readonly path: string;
   readonly size: number;
   readonly chunkSize: number;
+  readonly complete = false;
   /** Chunks present in the cache file. */
   readonly present: DirtyBitmap;
   private fh: FileHandle | undefined;
@@ -53,8 +51,6 @@ export class ChunkCache implements CachedFile {
   private readonly retry: RetryPolicy;
   private readonly removeOnClose: boolean;
   private readonly inflight = new Map<number, Promise<void>>();
-  private readonly onFetch: ChunkCacheOptions['onFetch'];
-  private readonly onRetry: ChunkCacheOptions['onRetry'];
   private fetches = 0;
 
   private constructor(options: ChunkCacheOptions, fh: FileHandle, chunkSize: number) {
@@ -66,8 +62,6 @@ export class ChunkCache implements CachedFile {
     this.source = options.source;
     this.retry = options.retry ?? DEFAULT_RETRY_POLICY;
     this.removeOnClose = options.removeOnClose ?? true;
-    this.onFetch = options.onFetch;
-    this.onRetry = options.onRetry;
   }
 
   static async open(options: ChunkCacheOptions): Promise<ChunkCache> {
@@ -92,14 +86,14 @@ export class ChunkCache implements CachedFile {
     return this.fetches;
   }
 
-  async ensure(offset: number, length: number): Promise<void> {
+  async ensure(offset: number, length: number, onRetry?: RetryObserver): Promise<void> {
     if (this.fh === undefined) throw new StorageClosed(`chunk cache ${this.path}`);
     checkRange(offset, length, this.size);
     if (length === 0) return;
     const first = Math.floor(offset / this.chunkSize);
     const last = Math.floor((offset + length - 1) / this.chunkSize);
     const waits: Promise<void>[] = [];
-    for (let c = first; c <= last; c++) if (!this.present.has(c)) waits.push(this.fetchChunk(c));
+    for (let c = first; c <= last; c++) if (!this.present.has(c)) waits.push(this.fetchChunk(c, onRetry));
     await Promise.all(waits);
   }
 
@@ -128,21 +122,20 @@ export class ChunkCache implements CachedFile {
     if (this.removeOnClose) await rm(this.path, { force: true });
   }
 
-  private fetchChunk(chunk: number): Promise<void> {
+  /** Single flight: a reader that comes while a chunk is being fetched waits for that fetch. */
+  private fetchChunk(chunk: number, onRetry: RetryObserver | undefined): Promise<void> {
     const running = this.inflight.get(chunk);
     if (running !== undefined) return running;
-    const fetching = this.fetch(chunk).finally(() => this.inflight.delete(chunk));
+    const fetching = this.fetch(chunk, onRetry).finally(() => this.inflight.delete(chunk));
     this.inflight.set(chunk, fetching);
     return fetching;
   }
 
-  private async fetch(chunk: number): Promise<void> {
+  private async fetch(chunk: number, onRetry: RetryObserver | undefined): Promise<void> {
     const offset = chunk * this.chunkSize;
     const length = Math.min(this.chunkSize, this.size - offset);
-    let attempts = 0;
     const data = await withRetries(
-      async (attempt) => {
-        attempts = attempt;
+      async () => {
         if (this.fh === undefined) throw new StorageClosed(`chunk cache ${this.path}`);
         this.fetches++;
         const bytes = await this.source.readRange(offset, length);
@@ -151,7 +144,7 @@ export class ChunkCache implements CachedFile {
       },
       this.retry,
       isRetryableStorageError,
-      (error, attempt) => this.onRetry?.({ chunk, attempt, error }),
+      (error, attempt) => onRetry?.({ attempt, error }),
     );
     const fh = this.fh;
     if (fh === undefined) throw new StorageClosed(`chunk cache ${this.path}`);
@@ -161,6 +154,5 @@ export class ChunkCache implements CachedFile {
       written += bytesWritten;
     }
     this.present.set(chunk);
-    this.onFetch?.({ chunk, bytes: length, attempts });
   }
 }

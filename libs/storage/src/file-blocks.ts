@@ -8,6 +8,7 @@ import { StorageClosed } from './storage-errors.js';
 export class FileBlocks implements CachedFile {
   readonly path: string;
   readonly size: number;
+  readonly complete = true;
   private fh: FileHandle | undefined;
 
   private constructor(path: string, size: number, fh: FileHandle) {

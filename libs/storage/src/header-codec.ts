@@ -1,5 +1,5 @@
 import { NIL_UUID, uuidFromBytes, uuidToBytes } from './build-id.js';
-import { type BuildMapping, validateMappings } from './mappings.js';
+import { baseMappings, type BuildMapping, validateMappings } from './mappings.js';
 import { HeaderInvalid } from './storage-errors.js';
 
 /**
@@ -31,6 +31,21 @@ export const HEADER_MAX_VERSION = 3;
 /** Smallest block we accept: a disk sector. Largest: 1 GiB huge pages. */
 export const MIN_BLOCK_SIZE = 512;
 export const MAX_BLOCK_SIZE = 1 << 30;
+
+/** The version of the headers we write and the one given to a build that has none. */
+export const HEADER_VERSION = 3;
+
+/**
+ * The header of a build stored without one (a plain base build: an image put in the bucket as
+ * it is): one mapping [0, size) onto its own data file at 0, generation 0, version 3 (what
+ * E2B's header.NewTemplateMetadata writes today). Every reader uses this one function.
+ */
+export function baseHeader(buildId: string, size: number, blockSize: number): Header {
+  return {
+    metadata: { version: HEADER_VERSION, blockSize, size, generation: 0, buildId, baseBuildId: buildId },
+    mappings: baseMappings(size, buildId),
+  };
+}
 
 export interface EncodeOptions {
   /** Checks the header like decodeHeader does before writing it. Default true. */

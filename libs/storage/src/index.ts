@@ -23,6 +23,8 @@ export type { BuildMapping, DirtySet } from './mappings.js';
 export {
   encodeHeader,
   decodeHeader,
+  baseHeader,
+  HEADER_VERSION,
   validateHeader,
   HEADER_METADATA_BYTES,
   HEADER_MAPPING_BYTES,
@@ -31,7 +33,7 @@ export {
 } from './header-codec.js';
 export type { Header, HeaderMetadata, EncodeOptions } from './header-codec.js';
 export { LayeredFile } from './layered-file.js';
-export type { BuildResolver, ReadSpan, LayeredFileOptions } from './layered-file.js';
+export type { BuildResolver, ReadSpan, MappedSpan, LayeredFileOptions } from './layered-file.js';
 export { MemoryBlocks } from './memory-blocks.js';
 export type { StorageBackend, UploadOptions } from './storage-backend.js';
 export { LocalBackend } from './local-backend.js';
@@ -49,19 +51,21 @@ export {
 export type { BuildDataFile, BuildFileName } from './object-paths.js';
 export { withRetries, isRetryableStorageError, DEFAULT_RETRY_POLICY } from './retry-policy.js';
 export type { RetryPolicy } from './retry-policy.js';
-export type { CachedFile } from './cached-file.js';
+export type { CachedFile, RetryObserver } from './cached-file.js';
 export { FileBlocks } from './file-blocks.js';
 export { ChunkCache, CHUNK_SIZE, backendSource } from './chunk-cache.js';
 export type { ChunkCacheOptions, ChunkSource } from './chunk-cache.js';
 export { BuildCache, BuildCacheEntry } from './build-cache.js';
 export type { BuildCacheOptions, BuildCacheEvent, CachedBuildInfo, DiskUsage } from './build-cache.js';
-export { BuildStore } from './build-store.js';
+export { BuildStore, UPLOAD_ORDER } from './build-store.js';
 export type {
   BuildStoreOptions,
+  CachedBuild,
   OpenedBuildFile,
-  UploadBuildOptions,
+  SnapshotBuild,
   UploadEvent,
   UploadState,
 } from './build-store.js';
 export { summarizeHeader, formatHeader, formatMapping } from './inspect-header-command.js';
+export { main as inspectDataMain } from './inspect-data-command.js';
 export type { BuildShare } from './inspect-header-command.js';

@@ -2,7 +2,6 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
-import { BuildCache } from './build-cache.js';
 import { BuildStore } from './build-store.js';
 import { normalizeBuildId } from './build-id.js';
 import { buildObjectPath, type BuildDataFile } from './object-paths.js';
@@ -58,7 +57,7 @@ export async function main(argv: string[]): Promise<number> {
 
   const backend = openBackend(values.bucket);
   const scratch = values.layered ? await mkdtemp(join(tmpdir(), 'inspect-data-')) : undefined;
-  const store = scratch ? new BuildStore({ backend, cache: new BuildCache({ cacheDir: scratch }) }) : undefined;
+  const store = scratch ? new BuildStore({ backend, cacheDir: scratch, owner: 'inspect-data' }) : undefined;
   try {
     let size: number;
     let headerBlockSize: number | undefined;

@@ -1,5 +1,6 @@
 import type { ReadableBlocks } from './block-source.js';
 import { NIL_UUID } from './build-id.js';
+import type { CachedFile } from './cached-file.js';
 import type { Header } from './header-codec.js';
 import { type BuildMapping, mappingIndexAt, validateMappings } from './mappings.js';
 import { StorageClosed } from './storage-errors.js';
@@ -18,6 +19,12 @@ export interface ReadSpan {
   storageOffset: number;
   /** True for the nil UUID: the bytes are zeros and nothing is stored. */
   zero: boolean;
+}
+
+/** A span with the file it is read from, for a consumer that maps the layers' files. */
+export interface MappedSpan extends ReadSpan {
+  /** The layer's data file (undefined for zeros). Kept: ensure on it, not on a newer one. */
+  file: CachedFile | undefined;
 }
 
 export interface LayeredFileOptions {
@@ -69,6 +76,36 @@ export class LayeredFile implements ReadableBlocks {
       pos += take;
     }
     return spans;
+  }
+
+  /**
+   * Every span of the file with its layer's mappable file, for a consumer that maps the files
+   * at their offsets and copies from the mapping (the uffd engine). Needs a resolver that
+   * returns CachedFiles (BuildStore's does). The consumer ensures ranges on these very files:
+   * one the build cache closed meanwhile fails (StorageClosed) instead of filling a new file
+   * the mapping does not see.
+   */
+  async mappedSpans(): Promise<MappedSpan[]> {
+    if (this.closed) throw new StorageClosed('layered file');
+    const spans = this.readSpans(0, this.size);
+    const files = new Map<string, Promise<CachedFile>>();
+    const out: MappedSpan[] = [];
+    for (const span of spans) {
+      if (span.zero) {
+        out.push({ ...span, file: undefined });
+        continue;
+      }
+      let file = files.get(span.buildId);
+      if (file === undefined) {
+        file = Promise.resolve(this.resolve(span.buildId)).then((f) => {
+          if (!('ensure' in f)) throw new TypeError(`build ${span.buildId}: its data file cannot be mapped`);
+          return f as CachedFile;
+        });
+        files.set(span.buildId, file);
+      }
+      out.push({ ...span, file: await file });
+    }
+    return out;
   }
 
   async readAt(target: Uint8Array, offset: number): Promise<void> {

@@ -1,17 +1,16 @@
-import { mkdir, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { BuildCache } from '../src/build-cache.js';
 import { newBuildId } from '../src/build-id.js';
-import { BuildStore, type UploadEvent } from '../src/build-store.js';
+import { BuildStore, UPLOAD_ORDER, type BuildStoreOptions, type UploadEvent } from '../src/build-store.js';
 import { GcsBackend } from '../src/gcs-backend.js';
 import { encodeHeader, type Header } from '../src/header-codec.js';
 import { LocalBackend } from '../src/local-backend.js';
 import { baseMappings, createMappings, mergeMappings } from '../src/mappings.js';
 import type { StorageBackend, UploadOptions } from '../src/storage-backend.js';
 import { BuildNotFound, StorageUnavailable, UploadFailed } from '../src/storage-errors.js';
-import { GcsDouble } from './gcs-double.js';
+import { FakeGcsServer } from '../../test-peers/src/fake-gcs-server.js';
 
 const BLOCK = 4096;
 const SIZE = 64 * BLOCK;
@@ -30,40 +29,37 @@ afterEach(async () => {
   await rm(work, { recursive: true, force: true });
 });
 
-const double = new GcsDouble();
+// fake-gcs-server: a test peer, built by scripts/test-peers.sh on first use.
+let fakeGcs: FakeGcsServer;
 beforeAll(async () => {
-  await double.start();
-});
+  fakeGcs = await FakeGcsServer.start();
+}, 1_800_000);
 afterAll(async () => {
-  await double.stop();
+  await fakeGcs.stop();
 });
 
-function makeStore(backend: StorageBackend, extra: Partial<ConstructorParameters<typeof BuildStore>[0]> = {}) {
-  const cache = new BuildCache({ cacheDir: path.join(work, 'cache'), deleteDelayMs: 10, checkIntervalMs: 3_600_000 });
-  const store = new BuildStore({
-    backend,
-    cache,
+/** A store of one process of a node: `node` names the node's cache directory, `owner` the process. */
+function makeStore(
+  backend: StorageBackend | undefined,
+  node = 'node',
+  owner = 'p',
+  extra: Partial<BuildStoreOptions> = {},
+) {
+  return new BuildStore({
+    ...(backend ? { backend } : {}),
+    cacheDir: path.join(work, node),
+    owner,
+    cache: { deleteDelayMs: 10, checkIntervalMs: 3_600_000 },
     chunkSize: 64 * 1024,
     uploadRetry: { attempts: 3, initialDelayMs: 1, maxDelayMs: 5, multiplier: 2 },
     ...extra,
   });
-  return { store, cache, close: async () => (await store.close(), await cache.close()) };
 }
 
-/**
- * Pauses a sandbox on "this node": writes the diff of `dirty` blocks into a local build
- * directory with its merged header, as block-server and the orchestrator will.
- */
-async function pauseLocally(
-  store: BuildStore,
-  parent: Header,
-  dirty: number[],
-  flat: Buffer,
-  seed: number,
-): Promise<{ id: string; dir: string; header: Header }> {
+/** Pauses a sandbox on this node: the diff of `dirty` blocks and the merged header, written as the orchestrator does. */
+async function pauseLocally(store: BuildStore, parent: Header, dirty: number[], flat: Buffer, seed: number) {
   const id = newBuildId();
-  const dir = path.join(work, 'local', id);
-  await mkdir(dir, { recursive: true });
+  const dir = await store.stageBuild(id);
   const pieces = dirty.map((b, i) => {
     const data = bytes(BLOCK, seed * 1000 + i);
     data.copy(flat, b * BLOCK);
@@ -75,8 +71,8 @@ async function pauseLocally(
     metadata: { ...parent.metadata, generation: parent.metadata.generation + 1, buildId: id },
     mappings: mergeMappings(parent.mappings, createMappings(dirty, BLOCK, id)),
   };
-  await store.writeBuild(id, dir, { 'rootfs.ext4': header });
-  return { id, dir, header };
+  await store.commitBuild(id, { 'rootfs.ext4': header });
+  return { id, header };
 }
 
 async function readAll(store: BuildStore, id: string): Promise<Buffer> {
@@ -87,147 +83,176 @@ async function readAll(store: BuildStore, id: string): Promise<Buffer> {
   return out;
 }
 
-for (const kind of ['local directory', 'GCS (test double)'] as const) {
+for (const kind of ['local directory', 'GCS (fake-gcs-server)'] as const) {
   describe(`BuildStore over a ${kind} bucket`, () => {
-    function bucket(): StorageBackend {
-      return kind === 'local directory'
-        ? new LocalBackend(path.join(work, 'bucket'))
-        : new GcsBackend({ bucket: `b-${path.basename(work)}`, apiEndpoint: double.endpoint, maxRetryDelayMs: 1000 });
+    let n = 0;
+    async function bucket(): Promise<StorageBackend> {
+      if (kind === 'local directory') return new LocalBackend(path.join(work, 'bucket'));
+      const name = `b-${process.pid}-${++n}`;
+      await fakeGcs.createBucket(name);
+      return new GcsBackend({ bucket: name, apiEndpoint: fakeGcs.endpoint, maxRetryDelayMs: 1000 });
     }
 
-    it('reads a pause chain from local builds at once, uploads it, and reads it back from the bucket', async () => {
-      const backend = bucket();
+    it('a pause chain is read by every process of the node at once, uploaded in order, and read back from the bucket', async () => {
+      const backend = await bucket();
       const baseId = newBuildId();
       const baseData = bytes(SIZE, 1);
-      const baseFile = path.join(work, 'base.ext4');
-      await writeFile(baseFile, baseData);
-      await backend.upload(`${baseId}/rootfs.ext4`, baseFile);
+      await writeFile(path.join(work, 'base.ext4'), baseData);
+      await backend.upload(`${baseId}/rootfs.ext4`, path.join(work, 'base.ext4'));
 
-      const node = makeStore(backend);
+      const events: UploadEvent[] = [];
+      const writer = makeStore(backend, 'node', 'orchestrator', { onUploadEvent: (e) => events.push(e) });
       const flat = Buffer.from(baseData);
       // a plain base build without a header: one mapping [0, size) → itself
-      const base = await node.store.readHeader(baseId, 'rootfs.ext4');
+      const base = await writer.readHeader(baseId, 'rootfs.ext4');
       expect(base.mappings).toEqual(baseMappings(SIZE, baseId));
-      expect((await readAll(node.store, baseId)).equals(flat)).toBe(true);
+      expect(base.metadata.version).toBe(3);
+      const g1 = await pauseLocally(writer, base, [0, 1, 2, 40], flat, 1);
+      const g2 = await pauseLocally(writer, g1.header, [2, 3, 63], flat, 2);
 
-      const g1 = await pauseLocally(node.store, base, [0, 1, 2, 40], flat, 1);
-      const g2 = await pauseLocally(node.store, g1.header, [2, 3, 63], flat, 2);
-      // readable before any upload
-      expect(node.store.isLocal(g2.id)).toBe(true);
-      expect((await readAll(node.store, g2.id)).equals(flat)).toBe(true);
-      expect(await node.store.fetchSnapfile(g2.id)).toBe(path.join(g2.dir, 'snapfile'));
-
-      const progress: string[] = [];
-      await node.store.uploadBuild(g1.id, { onProgress: (p) => progress.push(p.file) });
-      await node.store.uploadBuild(g2.id);
-      expect(node.store.uploadState(g2.id)).toEqual({ state: 'done', bytes: expect.any(Number) });
-      expect(progress).toContain('rootfs.ext4.header');
-      expect(progress.indexOf('rootfs.ext4')).toBeLessThan(progress.indexOf('rootfs.ext4.header'));
-      expect(await backend.list(`${g2.id}/`)).toEqual([
-        `${g2.id}/rootfs.ext4`,
-        `${g2.id}/rootfs.ext4.header`,
-        `${g2.id}/snapfile`,
-      ]);
-      expect(await backend.read(`${g2.id}/rootfs.ext4.header`)).toEqual(encodeHeader(g2.header));
-      await node.close();
-
-      // another node: nothing local, everything through the build cache
-      const other = makeStore(backend);
-      expect(other.store.isLocal(g2.id)).toBe(false);
-      expect((await readAll(other.store, g2.id)).equals(flat)).toBe(true);
+      // another process of the same node (block-server, uffd-server) reads it before any upload
+      const reader = makeStore(backend, 'node', 'block-server');
+      expect((await readAll(reader, g2.id)).equals(flat)).toBe(true);
+      expect(await reader.fetchSnapfile(g2.id)).toBe(path.join(writer.localDir(g2.id), 'snapfile'));
       expect(
-        other.store
-          .listCachedBuilds()
+        (await reader.listCachedBuilds())
+          .filter((b) => b.local)
           .map((b) => b.buildId)
           .sort(),
-      ).toEqual([baseId, g1.id, g2.id].sort());
-      const snap = await other.store.fetchSnapfile(g2.id);
-      expect((await readFile(snap)).toString()).toBe(`snapfile of ${g2.id}`);
-      const cacheDir = path.join(work, 'cache');
+      ).toEqual([g1.id, g2.id].sort());
+
+      // g2's upload waits for its parent's
+      const uploads = [writer.uploadBuild(g2.id), writer.uploadBuild(g1.id)];
+      await Promise.all(uploads);
+      expect(writer.uploadState(g2.id)).toEqual({ state: 'done', bytes: expect.any(Number) });
+      const finished = events.filter((e) => e.kind === 'done').map((e) => e.buildId);
+      expect(finished).toEqual([g1.id, g2.id]);
+      const order = events
+        .filter((e) => e.kind === 'progress' && e.buildId === g2.id)
+        .map((e) => (e as { file: string }).file);
+      expect([...new Set(order)]).toEqual(UPLOAD_ORDER.filter((f) => f !== 'memfile' && f !== 'memfile.header'));
+      expect(await backend.read(`${g2.id}/rootfs.ext4.header`)).toEqual(encodeHeader(g2.header));
+      await reader.close();
+      await writer.close();
+
+      // another node: nothing local, everything through its build cache
+      const other = makeStore(backend, 'other', 'block-server');
+      expect((await readAll(other, g2.id)).equals(flat)).toBe(true);
+      expect((await other.listCachedBuilds()).map((b) => b.buildId).sort()).toEqual([baseId, g1.id, g2.id].sort());
+      expect((await readFile(await other.fetchSnapfile(g2.id))).toString()).toBe(`snapfile of ${g2.id}`);
+      expect(await other.readHeader(g2.id, 'rootfs.ext4')).toEqual(g2.header);
+      const cacheDir = path.join(work, 'other', 'remote', 'block-server');
       expect((await readdir(cacheDir)).length).toBe(3);
       await other.close();
       expect(await readdir(cacheDir)).toEqual([]);
     });
 
     it('says which build is missing', async () => {
-      const node = makeStore(bucket());
+      const store = makeStore(await bucket());
       const id = newBuildId();
-      await expect(node.store.openBuildFile(id, 'memfile')).rejects.toSatisfy(
+      await expect(store.openBuildFile(id, 'memfile')).rejects.toSatisfy(
         (e) => e instanceof BuildNotFound && e.buildId === id && e.message.includes(`${id}/memfile`),
       );
-      await expect(node.store.fetchSnapfile(id)).rejects.toBeInstanceOf(BuildNotFound);
-      await node.close();
+      await expect(store.resolveSnapshot(id)).rejects.toBeInstanceOf(BuildNotFound);
+      expect(await store.exists(id)).toBe(false);
+      await store.close();
     });
   });
 }
 
-/** A bucket whose uploads fail transiently `failures` times, then work. */
-class FlakyUploads extends LocalBackend {
-  constructor(
-    root: string,
-    public failures: number,
-  ) {
-    super(root);
-  }
+/** A bucket whose uploads fail transiently `failures` times, or wait for `gate` before the snapfile. */
+class TestBucket extends LocalBackend {
+  failures = 0;
+  gate: Promise<void> | undefined;
   override async upload(objectPath: string, localFile: string, options?: UploadOptions): Promise<void> {
     if (this.failures > 0) {
       this.failures--;
       throw new StorageUnavailable('upload', objectPath, new Error('503 from the bucket'));
     }
+    if (objectPath.endsWith('/snapfile')) await this.gate;
     return super.upload(objectPath, localFile, options);
   }
 }
 
 describe('BuildStore uploads', () => {
-  it('retries a transient upload failure, and reports one that outlasts the retries', async () => {
-    const backend = new FlakyUploads(path.join(work, 'bucket'), 2);
-    const events: UploadEvent[] = [];
-    const node = makeStore(backend, { onUploadEvent: (e) => events.push(e) });
+  it('a build is complete in the bucket only once its snapfile, uploaded last, is there', async () => {
+    const backend = new TestBucket(path.join(work, 'bucket'));
+    let open!: () => void;
+    backend.gate = new Promise((resolve) => (open = resolve));
+    const writer = makeStore(backend);
     const id = newBuildId();
-    const dir = path.join(work, id);
-    await mkdir(dir);
-    await writeFile(path.join(dir, 'memfile'), bytes(BLOCK, 3));
-    node.store.registerLocalBuild(id, dir);
-    await node.store.uploadBuild(id);
+    const dir = await writer.stageBuild(id);
+    await writeFile(path.join(dir, 'memfile'), bytes(2 * BLOCK, 7));
+    await writeFile(path.join(dir, 'snapfile'), 'snap');
+    await writer.commitBuild(id, {
+      memfile: {
+        metadata: { version: 3, blockSize: BLOCK, size: 2 * BLOCK, generation: 0, buildId: id, baseBuildId: id },
+        mappings: baseMappings(2 * BLOCK, id),
+      },
+    });
+    const upload = writer.uploadBuild(id);
+    const elsewhere = makeStore(backend, 'other');
+    while (!(await backend.exists(`${id}/memfile.header`))) await new Promise((r) => setTimeout(r, 5));
+    // data and headers are there, the snapfile is not: another node does not take the build
+    expect(await elsewhere.exists(id)).toBe(false);
+    await expect(elsewhere.resolveSnapshot(id)).rejects.toBeInstanceOf(BuildNotFound);
+    open();
+    await upload;
+    expect(await elsewhere.exists(id)).toBe(true);
+    await writer.close();
+    await elsewhere.close();
+  });
+
+  it('retries a transient upload failure, and reports one that outlasts the retries', async () => {
+    const backend = new TestBucket(path.join(work, 'bucket'));
+    backend.failures = 2;
+    const events: UploadEvent[] = [];
+    const store = makeStore(backend, 'node', 'p', { onUploadEvent: (e) => events.push(e) });
+    const id = newBuildId();
+    await writeFile(path.join(await store.stageBuild(id), 'memfile'), bytes(BLOCK, 3));
+    await store.commitBuild(id, {});
+    await store.uploadBuild(id);
     expect(events.filter((e) => e.kind === 'retry').length).toBe(2);
     expect(await backend.read(`${id}/memfile`)).toEqual(bytes(BLOCK, 3));
 
     const id2 = newBuildId();
-    const dir2 = path.join(work, id2);
-    await mkdir(dir2);
-    await writeFile(path.join(dir2, 'memfile'), bytes(BLOCK, 4));
-    node.store.registerLocalBuild(id2, dir2);
+    await writeFile(path.join(await store.stageBuild(id2), 'memfile'), bytes(BLOCK, 4));
+    await store.commitBuild(id2, {});
     backend.failures = 100;
-    node.store.startUpload(id2, { retries: 3 });
-    await expect(node.store.uploadBuild(id2)).rejects.toSatisfy(
+    store.startUpload(id2, { retries: 3 });
+    await expect(store.uploadBuild(id2)).rejects.toSatisfy(
       (e) => e instanceof UploadFailed && e.attempts === 4 && e.objectPath === `${id2}/memfile`,
     );
-    expect(node.store.uploadState(id2)).toMatchObject({ state: 'failed' });
+    expect(store.uploadState(id2)).toMatchObject({ state: 'failed' });
+    expect(store.uploadCounts()).toEqual({ uploading: 0, done: 1, failed: 1 });
     expect(events.at(-1)).toMatchObject({ kind: 'failed', buildId: id2 });
     // the local copy stays readable after a failed upload
-    const { file } = await node.store.openBuildFile(id2, 'memfile');
+    const { file } = await store.openBuildFile(id2, 'memfile');
     const out = Buffer.alloc(BLOCK);
     await file.readAt(out, 0);
     expect(out.equals(bytes(BLOCK, 4))).toBe(true);
-    await node.close();
+    await store.close();
   });
 
-  it('releases every fd it opened', async () => {
+  it('a discarded or crashed staging is never read, and releases every fd it opened', async () => {
     const fdsBefore = (await readdir('/proc/self/fd')).length;
     const backend = new LocalBackend(path.join(work, 'bucket'));
     const id = newBuildId();
     await backend.write(`${id}/memfile`, bytes(3 * BLOCK, 5));
-    const node = makeStore(backend);
-    const { file } = await node.store.openBuildFile(id, 'memfile');
+    const store = makeStore(backend);
+    const { file } = await store.openBuildFile(id, 'memfile');
     await file.readAt(Buffer.alloc(10), 5000);
     const localId = newBuildId();
-    const dir = path.join(work, localId);
-    await mkdir(dir);
-    await writeFile(path.join(dir, 'memfile'), bytes(BLOCK, 6));
-    node.store.registerLocalBuild(localId, dir);
-    await (await node.store.dataFile(localId, 'memfile')).readAt(Buffer.alloc(10), 0);
+    await writeFile(path.join(await store.stageBuild(localId), 'memfile'), bytes(BLOCK, 6));
+    expect(await store.exists(localId)).toBe(false);
+    await store.commitBuild(localId, {});
+    await (await store.dataFile(localId, 'memfile')).readAt(Buffer.alloc(10), 0);
+    const staged = newBuildId();
+    await store.stageBuild(staged);
+    await store.discardStaged();
+    expect(await readdir(store.buildsDir)).toEqual([localId]);
     expect((await readdir('/proc/self/fd')).length).toBeGreaterThan(fdsBefore);
-    await node.close();
+    await store.close();
     expect((await readdir('/proc/self/fd')).length).toBe(fdsBefore);
   });
 });

@@ -5,15 +5,14 @@ import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { createLogger } from '#logging';
 import { UffdPeerProcess } from '#native';
-import { BuildCache, BuildStore, encodeHeader, LocalBackend, NIL_UUID, type StorageBackend } from '#storage';
-import { MemoryLayerResolver } from './memory-layers.js';
+import { BuildStore, encodeHeader, LocalBackend, NIL_UUID, type StorageBackend } from '#storage';
 import { SandboxMemory } from './sandbox-memory.js';
 import { SourceView } from './source-view.js';
 
 /**
  * A two-layer build served from a bucket that is not a local directory (a LocalBackend behind a
- * wrapper stands in for GCS): headers and data go through the BuildStore's chunk cache, whose
- * sparse files are mapped into the source view and filled as faults ask.
+ * wrapper stands in for GCS): the build store's layered file gives each layer's chunk cache,
+ * whose sparse file is mapped into the source view and filled as faults ask.
  */
 const SIZE = 8 * 1024 * 1024;
 const PAGE = 4096;
@@ -81,15 +80,12 @@ describe('memory layers through the build store', () => {
     writeFileSync(expectedPath, expected);
 
     const backend = remoteLike(new LocalBackend(bucket));
-    const cache = new BuildCache({ cacheDir: join(dir, 'cache'), checkIntervalMs: 60_000 });
-    const store = new BuildStore({ backend, cache });
-    cleanups.push(() => cache.close());
+    const store = new BuildStore({ backend, cacheDir: join(dir, 'cache'), owner: 'uffd-server' });
     cleanups.push(() => store.close());
-    const resolver = new MemoryLayerResolver({ cacheDir: join(dir, 'local'), backend, store });
-    const layers = await resolver.resolve(diff);
-    expect(layers.segments.map((s) => s.kind)).toEqual(['cached', 'cached', 'zero', 'cached']);
-    const view = SourceView.open(SIZE, layers.segments);
+    const { file } = await store.openBuildFile(diff, 'memfile');
+    const view = await SourceView.ofLayers(file);
     expect(view.allReady).toBe(false);
+    expect(view.readyRanges()).toEqual([{ offset: 116 * PAGE, length: 4 * PAGE }]);
     const socketPath = join(dir, 'u.sock');
     const sandbox = new SandboxMemory({
       sandboxId: 'layers',
@@ -101,8 +97,6 @@ describe('memory layers through the build store', () => {
       prefetchWithoutTracking: false,
       threads: 1,
       handshakeTimeoutMs: 10_000,
-      fetchAttempts: 3,
-      fetchRetryDelayMs: 5,
       logger: createLogger({ service: 'uffd-server-test', level: 'silent' }),
     });
     cleanups.push(() => sandbox.stop());
