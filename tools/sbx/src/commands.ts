@@ -48,6 +48,11 @@ export const commands: CommandEntry[] = [
     module: 'tools/sbx/src/node/node-command',
   },
   {
+    name: 'inspect-data',
+    summary: "which blocks of a build's memfile or rootfs hold data: --build <id> --kind memfile|rootfs",
+    module: 'tools/sbx/src/cli/inspect-data-command',
+  },
+  {
     name: 'health',
     summary: 'one grpc.health.v1 check of a service socket (exit 0 when serving): for script checks',
     module: 'tools/sbx/src/cli/health-command',

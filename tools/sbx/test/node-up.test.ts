@@ -117,12 +117,14 @@ describe.skipIf(!built || !isRoot)('./sbx node up --demo (npm start)', () => {
           SBX_ORCHESTRATOR_METRICS_PORT: '0',
         },
         stdio: ['ignore', 'pipe', 'pipe'],
+        // Its own process group, as a shell gives a foreground job: Ctrl-C below signals the group.
+        detached: true,
       },
     );
     node.stdout!.on('data', (d: Buffer) => (output += d));
     node.stderr!.on('data', (d: Buffer) => (output += d));
     const deadline = Date.now() + 240_000;
-    while (!output.includes('serving on :5008')) {
+    while (!output.includes('serving on 127.0.0.1:5008')) {
       if (node.exitCode !== null) throw new Error(`node up exited ${node.exitCode}:\n${output}`);
       if (Date.now() > deadline) throw new Error(`node up never served:\n${output}`);
       await new Promise((r) => setTimeout(r, 200));
@@ -131,6 +133,12 @@ describe.skipIf(!built || !isRoot)('./sbx node up --demo (npm start)', () => {
     expect(output).toMatch(/demo: pause into build [0-9a-f-]{36}… \d+ ms/);
     expect(output).toMatch(/demo: resume from that build… \d+ ms/);
     expect(output).not.toMatch(/demo failed/);
+    // The SandboxService has no authentication: local mode serves it on loopback only.
+    const listening = (await sh('ip', ['netns', 'exec', nodeNs, 'ss', '-Hltn', 'sport = :5008']))
+      .split('\n')
+      .filter(Boolean)
+      .map((l) => l.trim().split(/\s+/)[3]);
+    expect(listening).toEqual(['127.0.0.1:5008']);
   }, 300_000);
 
   it('answers the CLI: list shows the resumed demo sandbox, --json parses', async () => {
@@ -152,6 +160,26 @@ describe.skipIf(!built || !isRoot)('./sbx node up --demo (npm start)', () => {
     ) as { metadata: { buildId: string; generation: number } };
     expect(header.metadata.buildId).toBe(pausedBuild);
     expect(header.metadata.generation).toBe(1);
+    // The local node's bucket, found through --data-dir like the other operator commands.
+    const data = JSON.parse(
+      await sh(sbx, [
+        'inspect-data',
+        '--build',
+        pausedBuild,
+        '--kind',
+        'rootfs',
+        '--layered',
+        '--json',
+        '--data-dir',
+        dataDir,
+      ]),
+    ) as { blocks: unknown[]; nonEmpty: number };
+    expect(data.blocks.length).toBeGreaterThan(0);
+    expect(data.nonEmpty).toBeGreaterThan(0);
+    const nodeRecord = JSON.parse(await readFile(join(dataDir, 'node.json'), 'utf8')) as {
+      sockets: Record<string, string>;
+    };
+    for (const socket of Object.values(nodeRecord.sockets)) await sh(sbx, ['health', socket]);
     await sh(sbx, ['create', '--id', `${tag}-cli`, '--data-dir', dataDir]);
     const paused = JSON.parse(await sh(sbx, ['pause', `${tag}-cli`, '--json', '--data-dir', dataDir])) as {
       buildId: string;
@@ -216,11 +244,15 @@ describe.skipIf(!built || !isRoot)('./sbx node up --demo (npm start)', () => {
     await sh(sbx, ['kill', `${tag}-t1`, '--data-dir', dataDir]);
   }, 180_000);
 
-  it('Ctrl-C stops everything and leaves the machine as it was', async () => {
+  it('Ctrl-C, pressed twice, stops everything and leaves the machine as it was', async () => {
     expect((await machineState(dataDir)).netns.length).toBeGreaterThan(0);
     const exited = new Promise<number | null>((r) => node!.once('exit', (code) => r(code)));
-    // ip netns exec passes the signal's target straight to sbx (it execs), like a terminal's Ctrl-C.
-    node!.kill('SIGINT');
+    // A terminal's Ctrl-C signals its whole foreground process group, not only `node up`:
+    // the group is the one `ip netns exec` (which execs sbx) leads.
+    process.kill(-node!.pid!, 'SIGINT');
+    while (!output.includes('stopping the node')) await new Promise((r) => setTimeout(r, 20));
+    // The impatient second Ctrl-C, while the services are still taking down what they made.
+    process.kill(-node!.pid!, 'SIGINT');
     expect(await exited).toBe(0);
     const after = await machineState(dataDir);
     expect(after).toEqual(before);

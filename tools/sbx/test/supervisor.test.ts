@@ -68,6 +68,18 @@ describe('Supervisor', () => {
     expect(await readFile(join(dir, 'logs', 'a.log'), 'utf8')).toMatch(/grpc serving/);
   });
 
+  it("runs each service in a process group of its own, so a terminal's Ctrl-C reaches only the supervisor", async () => {
+    const { supervisor } = await setup((d) => [
+      { name: 'a', args: [join(d, 'a.sock')], healthTarget: join(d, 'a.sock'), dependsOn: [] },
+    ]);
+    await supervisor.start();
+    const pid = supervisor.status()[0]!.pid!;
+    // /proc/<pid>/stat: "pid (comm) state ppid pgrp ..."; comm may hold spaces, so split after ')'.
+    const pgrp = async (p: number) => Number((await readFile(`/proc/${p}/stat`, 'utf8')).split(') ')[1]!.split(' ')[2]);
+    expect(await pgrp(pid)).toBe(pid);
+    expect(await pgrp(pid)).not.toBe(await pgrp(process.pid));
+  });
+
   it('restarts a crashed service with backoff', async () => {
     const { supervisor } = await setup((d) => [
       {

@@ -2,7 +2,7 @@ import { randomUUID } from 'node:crypto';
 import { dial, unary } from '#grpc';
 import type { Logger } from '#logging';
 import { SandboxServiceClient, type SandboxConfig } from '#proto/orchestrator';
-import type { LocalNodeLayout } from './service-plan.js';
+import { controlSocket, type LocalNodeLayout } from './service-plan.js';
 
 export interface DemoResult {
   sandboxId: string;
@@ -17,7 +17,8 @@ export interface DemoResult {
  * new build, resumed from it, through the same SandboxService an upstream control plane uses.
  */
 export async function runDemo(options: { layout: LocalNodeLayout; logger: Logger }): Promise<DemoResult> {
-  const client = dial(SandboxServiceClient, `127.0.0.1:${options.layout.grpcPort}`);
+  // The control socket serves the same SandboxService, whatever address the TCP port is on.
+  const client = dial(SandboxServiceClient, controlSocket(options.layout, 'orchestrator'));
   const sandboxId = `demo-${randomUUID().slice(0, 8)}`;
   const config = (snapshot: boolean, buildId: string): SandboxConfig => ({
     templateId: 'base',

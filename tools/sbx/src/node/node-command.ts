@@ -1,4 +1,5 @@
 import { mkdir } from 'node:fs/promises';
+import { isIP } from 'node:net';
 import { resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { createLogger } from '#logging';
@@ -6,12 +7,14 @@ import { defaultDataDir, repoRoot, writeNodeRecord } from '../cli/node-target.js
 import { localLayout, localServicePlan } from './service-plan.js';
 import { Supervisor, type ServiceStatus } from './supervisor.js';
 
-const usage = `usage: ./sbx node up [--data-dir <dir>] [--grpc-port <port>] [--demo]
+const usage = `usage: ./sbx node up [--data-dir <dir>] [--grpc-host <addr>] [--grpc-port <port>] [--demo]
 
 Starts the five services of a local node (dns, net-agent, block-server, uffd-server,
 orchestrator) in dependency order, waits on their health, restarts a crashed one with
 backoff, and stops them all on Ctrl-C or SIGTERM.
   --data-dir   where the node keeps its bucket, caches, sockets and logs (default: $SBX_DATA_DIR or .sbx/node in the checkout)
+  --grpc-host  the address the SandboxService listens on (default 127.0.0.1: it has no
+               authentication; 0.0.0.0 lets every machine that reaches this one drive the node)
   --grpc-port  the orchestrator's SandboxService port (default 5008)
   --demo       once serving, create a sandbox, pause it and resume it, printing each step's time`;
 
@@ -25,6 +28,7 @@ export async function main(argv: string[]): Promise<number> {
     args: rest,
     options: {
       'data-dir': { type: 'string' },
+      'grpc-host': { type: 'string', default: '127.0.0.1' },
       'grpc-port': { type: 'string', default: '5008' },
       demo: { type: 'boolean', default: false },
       help: { type: 'boolean', default: false },
@@ -40,7 +44,12 @@ export async function main(argv: string[]): Promise<number> {
     console.error(`node up: --grpc-port must be a TCP port, got "${values['grpc-port']}"`);
     return 2;
   }
-  const layout = localLayout(resolve(values['data-dir'] ?? defaultDataDir()), grpcPort);
+  const grpcHost = values['grpc-host'];
+  if (!isIP(grpcHost)) {
+    console.error(`node up: --grpc-host must be an IP address, got "${grpcHost}"`);
+    return 2;
+  }
+  const layout = { ...localLayout(resolve(values['data-dir'] ?? defaultDataDir()), grpcPort), grpcHost };
   for (const dir of [layout.dataDir, layout.runDir, layout.bucketDir, layout.cacheDir, layout.logDir]) {
     await mkdir(dir, { recursive: true });
   }
@@ -57,7 +66,16 @@ export async function main(argv: string[]): Promise<number> {
   const done = new Promise<void>((r) => (stopped = r));
   let stopping = false;
   const stop = async (signal: string) => {
-    if (stopping) return;
+    if (stopping) {
+      // Services run in their own process groups, so a second Ctrl-C reaches only us: cutting
+      // their clean-up short would leave namespaces, rules and VMMs behind.
+      const busy = supervisor
+        .status()
+        .filter((s) => s.state === 'stopping' || s.state === 'serving')
+        .map((s) => s.name);
+      console.log(`${signal}: still stopping (${busy.join(', ') || 'almost done'}): waiting for the clean-up`);
+      return;
+    }
     stopping = true;
     console.log(`\n${signal}: stopping the node…`);
     await supervisor.stop();
@@ -66,6 +84,10 @@ export async function main(argv: string[]): Promise<number> {
   };
   process.on('SIGINT', () => void stop('SIGINT'));
   process.on('SIGTERM', () => void stop('SIGTERM'));
+  // A closed terminal: the services, in their own groups, would not hear of it otherwise.
+  process.on('SIGHUP', () => void stop('SIGHUP'));
+  // After a hang-up, writing to the gone terminal fails; the clean-up must go on regardless.
+  process.stdout.on('error', () => undefined);
 
   console.log(`node: data in ${layout.dataDir}, logs in ${layout.logDir}`);
   try {
@@ -89,7 +111,8 @@ export async function main(argv: string[]): Promise<number> {
       console.error(`demo failed: ${(err as Error).message}`);
     }
   }
-  if (!stopping) console.log(`\nserving on :${grpcPort}; Ctrl-C stops the node and removes everything it made`);
+  if (!stopping)
+    console.log(`\nserving on ${grpcHost}:${grpcPort}; Ctrl-C stops the node and removes everything it made`);
   await done;
   return 0;
 }

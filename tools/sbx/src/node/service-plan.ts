@@ -14,6 +14,8 @@ export interface ServiceSpec {
 
 export interface LocalNodeLayout {
   dataDir: string;
+  /** Where the SandboxService listens: loopback unless told otherwise (it has no authentication). */
+  grpcHost: string;
   grpcPort: number;
   /** Where local-mode sockets live; kept short because sun_path holds 108 bytes. */
   runDir: string;
@@ -28,6 +30,7 @@ export function localLayout(dataDir: string, grpcPort: number): LocalNodeLayout 
     grpcPort,
     runDir: join(dataDir, 'run'),
     bucketDir: join(dataDir, 'bucket'),
+    grpcHost: '127.0.0.1',
     cacheDir: join(dataDir, 'cache'),
     logDir: join(dataDir, 'logs'),
   };
@@ -107,6 +110,8 @@ export function localServicePlan(layout: LocalNodeLayout): ServiceSpec[] {
         sock('orchestrator'),
         '--data-dir',
         join(layout.dataDir, 'orchestrator'),
+        '--grpc-host',
+        layout.grpcHost,
         '--dns-socket',
         sock('dns'),
         // Recorded in the snapfiles of templates built here, so it lives with the node's data.

@@ -118,6 +118,11 @@ export class Supervisor {
     const child = spawn(command, [...launcherArgs, spec.name, ...spec.args], {
       stdio: ['ignore', logFd, logFd],
       env: { ...process.env, ...spec.env },
+      // A process group of its own: a terminal's Ctrl-C signals the whole foreground group, and
+      // a service signalled at the same moment as the supervisor would take the supervisor's
+      // SIGTERM for an impatient second signal and exit without removing what it made. Only
+      // the supervisor stops services, in reverse dependency order.
+      detached: true,
     });
     closeSync(logFd);
     service.child = child;
