@@ -80,6 +80,11 @@ export class GuestMemory {
   private worker: Worker | undefined;
   private nextId = 1;
   private readonly waiting = new Map<number, { resolve: (v: unknown) => void; reject: (e: Error) => void }>();
+  /**
+   * vCPU threads that could not be stopped (frozen in a fault nobody serves). Node joins worker
+   * threads on exit and that join would never return, so the process must end without it.
+   */
+  static frozenVcpus = 0;
   private address = 0;
   private closed = false;
   private workerError: Error | undefined;
@@ -385,3 +390,4 @@ function handshakePayload(regions: GuestRegion[], spelling: PageSizeSpelling): U
 }
 
 type DistributiveOmit<T, K extends PropertyKey> = T extends unknown ? Omit<T, K> : never;
+      if (!workerStopped) GuestMemory.frozenVcpus++;

@@ -1,7 +1,8 @@
 import { z } from 'zod';
 import { ConfigInvalid, describeConfig, loadConfig } from '#config';
-import { createLogger } from '#logging';
+import { createLogger, type Logger } from '#logging';
 import { ApiServer } from './api-server.js';
+import { GuestMemory } from './guest-memory.js';
 import type { MicrovmSettings } from './microvm.js';
 import { VMM_VERSION, VmmController } from './vmm-controller.js';
 
@@ -112,7 +113,7 @@ export async function main(argv: string[]): Promise<number | void> {
       logger.error({ fault: fault.faultMessage }, 'fatal API error: exiting as Firecracker does');
       void stop()
         .catch((err: unknown) => logger.error({ err }, 'cleanup after fatal error failed'))
-        .finally(() => process.exit(1));
+        .finally(() => exitProcess(1, logger));
     },
   });
   logger.info({ apiSock: config.apiSock }, 'API server started');
@@ -120,24 +121,30 @@ export async function main(argv: string[]): Promise<number | void> {
     let signals = 0;
     const onSignal = (signal: NodeJS.Signals) => {
       signals++;
-      if (signals > 1) process.exit(130);
+      if (signals > 1) exitProcess(130, logger, true);
       logger.info({ signal }, 'shutting down');
       stop().then(
         () => {
           logger.info('stopped cleanly');
           resolve(0);
           // Worker threads or the handshake socket must not keep a stopped VMM alive.
-          setImmediate(() => process.exit(0));
+          setImmediate(() => exitProcess(0, logger));
         },
         (err: unknown) => {
           logger.error({ err }, 'shutdown failed');
           resolve(1);
-          setImmediate(() => process.exit(1));
+          setImmediate(() => exitProcess(1, logger));
         },
       );
     };
     process.on('SIGTERM', onSignal);
     process.on('SIGINT', onSignal);
+      // A clean stop waits on peers (the NBD server, the uffd-server) that may be gone; a VMM
+      // that ignores SIGTERM for ever is worse than one that leaves a little undone.
+      const deadline = setTimeout(() => {
+        logger.error({ afterMs: STOP_DEADLINE_MS }, 'shutdown did not finish: exiting anyway');
+        exitProcess(1, logger, true);
+      }, STOP_DEADLINE_MS);
   });
 }
 
@@ -159,6 +166,22 @@ function ownFlags(argv: string[]): string[] {
       else if (takesValue) kept.push(arg, argv[++i] ?? '');
       else kept.push(arg);
     } else if (takesValue) {
+const STOP_DEADLINE_MS = 5000;
+
+/**
+ * process.exit joins every worker thread first, and a vCPU thread frozen in a page fault nobody
+ * serves (its uffd-server gone) never joins: then only the kernel can end the process, as it
+ * ends a Firecracker whose vCPU is stuck the same way.
+ */
+function exitProcess(code: number, logger: Logger, hard = false): void {
+  if (GuestMemory.frozenVcpus > 0 || hard) {
+    logger.warn({ frozenVcpus: GuestMemory.frozenVcpus, code }, 'ending with SIGKILL: a vCPU may be frozen in a fault');
+    logger.flush?.();
+    process.kill(process.pid, 'SIGKILL');
+  }
+  process.exit(code);
+}
+
       i++;
     }
   }
