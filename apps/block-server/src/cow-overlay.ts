@@ -1,5 +1,5 @@
-import { constants, close as closeFd, fdatasync, fstat, ftruncate, open as openFd, write } from 'node:fs';
-import { mkdir, readFile, rm } from 'node:fs/promises';
+import { constants, write } from 'node:fs';
+import { mkdir, open, readFile, rm, type FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
 import { DirtyBitmap, type ReadableBlocks, type WritableBlocks } from '#storage';
 import { OverlayStateInvalid } from './block-errors.js';
@@ -7,7 +7,7 @@ import { writeDurably } from './durable-file.js';
 import { readFully, readFullySync } from './image-file.js';
 import type { BlockCapabilities } from './nbd-export.js';
 import { OverlayJournal, type BlockChange, type BlockState } from './overlay-journal.js';
-import { decodeOverlayState, encodeOverlayState } from './overlay-state.js';
+import { decodeOverlayState, encodeOverlayState, type OverlayState } from './overlay-state.js';
 
 export interface CowOverlayOptions {
   /** What untouched blocks read from. Never written to. */
@@ -54,35 +54,26 @@ export class CowOverlay implements WritableBlocks {
   /** Blocks that read as zeros (trimmed or zero-written) without stored data. */
   readonly zeroed: DirtyBitmap;
   private readonly base: ReadableBlocks;
-  private readonly identity: string;
   private readonly syncReads: boolean;
+  /** The data file's fd: reads and writes use the callback API on it (FileHandle costs more per call). */
   private readonly fd: number;
   private readonly blockLocks = new Map<number, Promise<void>>();
   /** Blocks whose state changed since the last flush made the maps durable. */
   private changed = new Set<number>();
-  private generation: number;
-  private readonly journal: OverlayJournal;
   private queuedFlush: Promise<void> | undefined;
   private runningFlush: Promise<void> | undefined;
   private closed = false;
 
   private constructor(
     options: Required<CowOverlayOptions>,
-    fd: number,
-    state: { written: DirtyBitmap; zeroed: DirtyBitmap; generation: number },
-    journal: OverlayJournal,
+    private readonly file: FileHandle,
+    /** What `overlay.state` holds; its maps are `written` and `zeroed`. */
+    private readonly state: OverlayState,
+    private readonly journal: OverlayJournal,
   ) {
-    this.base = options.base;
-    this.dir = options.dir;
-    this.blockSize = options.blockSize;
-    this.identity = options.identity;
-    this.syncReads = options.syncReads;
-    this.size = options.base.size;
-    this.fd = fd;
-    this.written = state.written;
-    this.zeroed = state.zeroed;
-    this.generation = state.generation;
-    this.journal = journal;
+    ({ base: this.base, dir: this.dir, syncReads: this.syncReads } = options);
+    ({ size: this.size, blockSize: this.blockSize, written: this.written, zeroed: this.zeroed } = state);
+    this.fd = file.fd;
   }
 
   /** Creates the overlay, or reopens the one a previous run left in `dir`. */
@@ -99,51 +90,26 @@ export class CowOverlay implements WritableBlocks {
       throw err;
     });
     const expected = { blockSize: full.blockSize, size: full.base.size, identity: full.identity };
-    const state = saved
+    const state: OverlayState = saved
       ? decodeOverlayState(saved, statePath, expected)
       : { ...expected, written: new DirtyBitmap(blocks), zeroed: new DirtyBitmap(blocks), generation: 0 };
     // A new overlay gets its snapshot at once, so size and base identity are checked on every reopen.
     if (!saved) await writeDurably(statePath, encodeOverlayState(state));
 
-    const fd = await new Promise<number>((resolve, reject) =>
-      openFd(join(full.dir, DATA_FILE), constants.O_RDWR | constants.O_CREAT, 0o600, (err, fd) =>
-        err ? reject(err) : resolve(fd),
-      ),
-    );
+    const file = await open(join(full.dir, DATA_FILE), constants.O_RDWR | constants.O_CREAT, 0o600);
     try {
-      const current = await new Promise<number>((resolve, reject) =>
-        fstat(fd, (err, s) => (err ? reject(err) : resolve(s.size))),
-      );
+      const current = (await file.stat()).size;
       if (saved && current !== full.base.size) {
         throw new OverlayStateInvalid(statePath, `data file is ${current} bytes, state says ${full.base.size}`);
       }
       // Truncating to the device size makes the file sparse: only written blocks take disk.
-      if (current !== full.base.size) {
-        await new Promise<void>((resolve, reject) =>
-          ftruncate(fd, full.base.size, (err) => (err ? reject(err) : resolve())),
-        );
-      }
+      if (current !== full.base.size) await file.truncate(full.base.size);
+      const journal = await OverlayJournal.open(join(full.dir, JOURNAL_FILE), state);
+      return new CowOverlay(full, file, state, journal);
     } catch (err) {
-      closeFd(fd, () => undefined);
+      await file.close();
       throw err;
     }
-    let opened: Awaited<ReturnType<typeof OverlayJournal.open>>;
-    try {
-      opened = await OverlayJournal.open(join(full.dir, JOURNAL_FILE), state.generation, blocks);
-    } catch (err) {
-      closeFd(fd, () => undefined);
-      throw err;
-    }
-    // Flushes after the snapshot, in order: each record holds the states a flush made durable.
-    for (const record of opened.records) {
-      for (const [block, blockState] of record) {
-        if (blockState === 1) state.written.set(block);
-        else state.written.clear(block);
-        if (blockState === 2) state.zeroed.set(block);
-        else state.zeroed.clear(block);
-      }
-    }
-    return new CowOverlay(full, fd, state, opened.journal);
   }
 
   /**
@@ -268,7 +234,7 @@ export class CowOverlay implements WritableBlocks {
     await (this.queuedFlush ?? Promise.resolve()).catch(() => undefined);
     this.closed = true;
     await this.journal.close();
-    await new Promise<void>((resolve) => closeFd(this.fd, () => resolve()));
+    await this.file.close();
   }
 
   /** Closes and deletes the overlay's files (after export, or when the device is dropped). */
@@ -288,21 +254,13 @@ export class CowOverlay implements WritableBlocks {
     const snapshotBytes = (this.written.blockCount / 8) * 2;
     const snapshot =
       changes.length * 5 > snapshotBytes / 4 || this.journal.bytes > JOURNAL_MAX_BYTES
-        ? encodeOverlayState({
-            blockSize: this.blockSize,
-            size: this.size,
-            identity: this.identity,
-            generation: this.generation + 1,
-            written: this.written,
-            zeroed: this.zeroed,
-          })
+        ? encodeOverlayState({ ...this.state, generation: this.state.generation + 1 })
         : undefined;
     try {
-      await new Promise<void>((resolve, reject) => fdatasync(this.fd, (err) => (err ? reject(err) : resolve())));
+      await this.file.datasync();
       if (snapshot) {
         await writeDurably(join(this.dir, STATE_FILE), snapshot);
-        this.generation++;
-        await this.journal.reset(this.generation);
+        await this.journal.reset(++this.state.generation);
       } else if (changes.length > 0) {
         await this.journal.append(changes);
       }

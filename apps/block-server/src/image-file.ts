@@ -1,4 +1,5 @@
-import { close as closeFd, fstat, open as openFd, read, readSync } from 'node:fs';
+import { read, readSync } from 'node:fs';
+import { open, type FileHandle } from 'node:fs/promises';
 import type { ReadableBlocks } from '#storage';
 
 /**
@@ -8,14 +9,17 @@ import type { ReadableBlocks } from '#storage';
  * Ranges are checked once, at the NBD edge.
  */
 export class ImageFile implements ReadableBlocks {
-  private closed = false;
+  /** Reads use the callback API on the fd: FileHandle.read costs more per call. */
+  private readonly fd: number;
 
   private constructor(
     readonly path: string,
-    private readonly fd: number,
+    private readonly file: FileHandle,
     readonly size: number,
     private readonly syncReads: boolean,
-  ) {}
+  ) {
+    this.fd = file.fd;
+  }
 
   /**
    * `syncReads`: pread on the event loop instead of the libuv pool. Much faster while the file
@@ -23,30 +27,24 @@ export class ImageFile implements ReadableBlocks {
    * stalls every connection of the process for the disk's latency.
    */
   static async open(path: string, options: { syncReads?: boolean } = {}): Promise<ImageFile> {
-    const fd = await new Promise<number>((resolve, reject) =>
-      openFd(path, 'r', (err, fd) => (err ? reject(err) : resolve(fd))),
-    );
+    const file = await open(path, 'r');
     try {
-      const stats = await new Promise<{ size: number; isFile(): boolean; isBlockDevice(): boolean }>(
-        (resolve, reject) => fstat(fd, (err, s) => (err ? reject(err) : resolve(s))),
-      );
+      const stats = await file.stat();
       if (!stats.isFile()) throw new Error(`${path} is not a regular file`);
-      return new ImageFile(path, fd, stats.size, options.syncReads ?? false);
+      return new ImageFile(path, file, stats.size, options.syncReads ?? false);
     } catch (err) {
-      closeFd(fd, () => undefined);
+      await file.close();
       throw err;
     }
   }
 
   readAt(target: Uint8Array, offset: number): Promise<void> {
-    if (this.closed) return Promise.reject(new Error(`image ${this.path} closed`));
+    if (this.file.fd < 0) return Promise.reject(new Error(`image ${this.path} closed`));
     return this.syncReads ? readFullySync(this.fd, target, offset) : readFully(this.fd, target, offset);
   }
 
-  async close(): Promise<void> {
-    if (this.closed) return;
-    this.closed = true;
-    await new Promise<void>((resolve) => closeFd(this.fd, () => resolve()));
+  close(): Promise<void> {
+    return this.file.close();
   }
 }
 

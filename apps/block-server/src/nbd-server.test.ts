@@ -21,7 +21,7 @@ import {
 } from '#nbd';
 import { createLogger } from '#logging';
 import { unixSocketPair } from '#native';
-import { MemoryBlocks } from '#storage';
+import { MemoryBlocks, type ReadableBlocks } from '#storage';
 import { CowOverlay } from './cow-overlay.js';
 import { NbdServer } from './nbd-server.js';
 
@@ -134,7 +134,7 @@ describe('transmission flags come from what the stack can do', () => {
   it('a copy-on-write stack offers trim, zero, FUA and multi-conn; a read-only one is read-only', async () => {
     const overlay = await CowOverlay.open({ base: new MemoryBlocks(SIZE), dir: join(dir, 'cow') });
     const readOnly = { size: SIZE, readAt: async (t: Uint8Array) => void t.fill(7), close: async () => {} };
-    const exports = new Map([
+    const exports = new Map<string, ReadableBlocks>([
       ['cow', overlay],
       ['ro', readOnly],
     ]);

@@ -1,6 +1,7 @@
-import { constants, close as closeFd, fdatasync, ftruncate, open as openFd, write } from 'node:fs';
-import { readFile } from 'node:fs/promises';
+import { constants } from 'node:fs';
+import { open, readFile, type FileHandle } from 'node:fs/promises';
 import { crc32 } from 'node:zlib';
+import type { DirtyBitmap } from '#storage';
 import { writeDurably } from './durable-file.js';
 
 /** A block's state in the overlay: 0 from the base, 1 written (bytes in the overlay file), 2 zeroed. */
@@ -77,44 +78,43 @@ export function decodeJournal(
 export class OverlayJournal {
   private constructor(
     private readonly path: string,
-    private fd: number,
+    private file: FileHandle,
     private length: number,
   ) {}
 
   /**
-   * Opens the journal for a snapshot of `generation`: returns the records to replay over it,
-   * and cuts a torn tail off so appends follow the last good record. A journal of another
-   * generation (or none) is replaced by an empty one.
+   * Opens the journal for a snapshot of `maps.generation` and replays its records over the
+   * maps, in order (each holds the states one flush made durable); a torn tail is cut off so
+   * appends follow the last good record. A journal of another generation (or none) is replaced
+   * by an empty one.
    */
   static async open(
     path: string,
-    generation: number,
-    blockCount: number,
-  ): Promise<{ journal: OverlayJournal; records: BlockChange[][] }> {
+    maps: { generation: number; written: DirtyBitmap; zeroed: DirtyBitmap },
+  ): Promise<OverlayJournal> {
     const bytes = await readFile(path).catch((err: NodeJS.ErrnoException) => {
       if (err.code === 'ENOENT') return Buffer.alloc(0);
       throw err;
     });
-    const parsed = decodeJournal(bytes, blockCount);
-    let records = parsed.records;
-    let length = parsed.validBytes;
-    if (parsed.generation !== generation) {
-      await writeDurably(path, encodeJournalHeader(generation));
-      records = [];
-      length = HEADER_BYTES;
-    }
-    const fd = await new Promise<number>((resolve, reject) =>
-      openFd(path, constants.O_RDWR, (err, fd) => (err ? reject(err) : resolve(fd))),
-    );
+    const parsed = decodeJournal(bytes, maps.written.blockCount);
+    const current = parsed.generation === maps.generation;
+    if (!current) await writeDurably(path, encodeJournalHeader(maps.generation));
+    const file = await open(path, constants.O_RDWR);
     try {
-      if (bytes.length > length && parsed.generation === generation) {
-        await new Promise<void>((resolve, reject) => ftruncate(fd, length, (err) => (err ? reject(err) : resolve())));
-      }
+      if (current && bytes.length > parsed.validBytes) await file.truncate(parsed.validBytes);
     } catch (err) {
-      closeFd(fd, () => undefined);
+      await file.close();
       throw err;
     }
-    return { journal: new OverlayJournal(path, fd, length), records };
+    for (const record of current ? parsed.records : []) {
+      for (const [block, state] of record) {
+        if (state === 1) maps.written.set(block);
+        else maps.written.clear(block);
+        if (state === 2) maps.zeroed.set(block);
+        else maps.zeroed.clear(block);
+      }
+    }
+    return new OverlayJournal(path, file, current ? parsed.validBytes : HEADER_BYTES);
   }
 
   get bytes(): number {
@@ -124,32 +124,22 @@ export class OverlayJournal {
   /** Appends one record and makes it durable. */
   async append(changes: readonly BlockChange[]): Promise<void> {
     const record = encodeJournalRecord(changes);
-    let done = 0;
-    while (done < record.length) {
-      done += await new Promise<number>((resolve, reject) =>
-        write(this.fd, record, done, record.length - done, this.length + done, (err, n) =>
-          err ? reject(err) : resolve(n),
-        ),
-      );
+    for (let done = 0; done < record.length;) {
+      done += (await this.file.write(record, done, record.length - done, this.length + done)).bytesWritten;
     }
-    await new Promise<void>((resolve, reject) => fdatasync(this.fd, (err) => (err ? reject(err) : resolve())));
+    await this.file.datasync();
     this.length += record.length;
   }
 
   /** Starts over for a new snapshot generation (after the snapshot is durable). */
   async reset(generation: number): Promise<void> {
-    await this.close();
+    await this.file.close();
     await writeDurably(this.path, encodeJournalHeader(generation));
-    this.fd = await new Promise<number>((resolve, reject) =>
-      openFd(this.path, constants.O_RDWR, (err, fd) => (err ? reject(err) : resolve(fd))),
-    );
+    this.file = await open(this.path, constants.O_RDWR);
     this.length = HEADER_BYTES;
   }
 
   async close(): Promise<void> {
-    if (this.fd < 0) return;
-    const fd = this.fd;
-    this.fd = -1;
-    await new Promise<void>((resolve) => closeFd(fd, () => resolve()));
+    await this.file.close();
   }
 }
