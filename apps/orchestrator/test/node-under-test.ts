@@ -103,6 +103,11 @@ export interface NodeOptions {
   /** uffd-server / block-server instances (default one each): services `uffd-server`, `uffd-server#1`, … */
   uffdInstances?: number;
   blockInstances?: number;
+  /**
+   * The bucket of the node's services, set up once the node's namespace exists (a gs:// bucket
+   * behind a fault-injecting proxy that listens inside it); default a local directory.
+   */
+  storage?: (node: NodeUnderTest) => Promise<{ bucket: string; env: Record<string, string> }>;
 }
 
 export class NodeUnderTest {
@@ -147,8 +152,10 @@ export class NodeUnderTest {
   get dataDir(): string {
     return join(this.root, 'orch');
   }
+  private storageSetUp: { bucket: string; env: Record<string, string> } | undefined;
+
   get bucket(): string {
-    return join(this.root, 'bucket');
+    return this.storageSetUp?.bucket ?? join(this.root, 'bucket');
   }
   get cacheDir(): string {
     return join(this.root, 'cache');
@@ -188,7 +195,8 @@ export class NodeUnderTest {
         '',
       ].join('\n'),
     );
-    const storage = { SBX_BUCKET: this.bucket, SBX_CACHE_DIR: this.cacheDir };
+    this.storageSetUp = await this.options.storage?.(this);
+    const storage = { SBX_BUCKET: this.bucket, SBX_CACHE_DIR: this.cacheDir, ...this.storageSetUp?.env };
     await Promise.all([
       this.spawnService(
         'dns',
@@ -306,7 +314,8 @@ export class NodeUnderTest {
 
   async startOrchestrator(): Promise<void> {
     this.client?.close();
-    await this.spawnService('orchestrator', this.orchestratorArgs(), this.sockets.orchestrator, {}, 90_000);
+    const env = this.storageSetUp?.env ?? {};
+    await this.spawnService('orchestrator', this.orchestratorArgs(), this.sockets.orchestrator, env, 90_000);
     this.client = dial(SandboxServiceClient, this.sockets.orchestrator);
   }
 

@@ -1,5 +1,6 @@
 import { createServer, request, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
+import { NetnsSwitch } from '#native';
 
 /**
  * A fault-injecting HTTP proxy in front of fake-gcs-server (the real GCS JSON API peer): every
@@ -33,12 +34,33 @@ export class GcsFaultProxy {
   private server: Server | undefined;
   private target: URL | undefined;
 
-  /** Listens first, so fake-gcs-server can be started with this endpoint as its external URL. */
-  async listen(): Promise<string> {
-    this.server = createServer((req, res) => this.handle(req, res));
-    await new Promise<void>((resolve) => this.server!.listen(0, '127.0.0.1', resolve));
-    this.endpoint = `http://127.0.0.1:${(this.server.address() as AddressInfo).port}`;
+  /**
+   * Listens first, so fake-gcs-server can be started with this endpoint as its external URL.
+   * With `netns` (a namespace file such as /run/netns/x) the socket is made inside that network
+   * namespace, for clients that run there; it still forwards from this process's namespace.
+   */
+  async listen(netns?: string): Promise<string> {
+    const server = createServer((req, res) => this.handle(req, res));
+    this.server = server;
+    const listening = new Promise<void>((resolve) => server.once('listening', resolve));
+    // listen() without a host binds synchronously, on the thread setns(2) switched.
+    if (netns) {
+      const inNetns = new NetnsSwitch();
+      try {
+        inNetns.run(netns, () => server.listen(0));
+      } finally {
+        inNetns.close();
+      }
+    } else server.listen(0, '127.0.0.1');
+    await listening;
+    this.endpoint = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
     return this.endpoint;
+  }
+
+  /** Lets every request a 'hang' fault holds go: their connections are reset (the client retries). */
+  releaseHung(): void {
+    for (const res of this.hung) res.destroy();
+    this.hung.clear();
   }
 
   forwardTo(endpoint: string): void {
