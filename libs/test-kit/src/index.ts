@@ -1,6 +1,7 @@
 // Test-only: the eslint config forbids importing this from production code.
 export { eventually, type EventuallyOptions } from './eventually.js';
 export { freeTcpPort } from './free-tcp-port.js';
+export { HugePagesUnavailable, reserveHugePages, type HugePageReservation } from './huge-page-reservation.js';
 export { mappings, openFds, steadyFdCount, type Mapping } from './process-holdings.js';
 export { acceptsConnections, fileExists, grpcServing, logLine, type Readiness } from './readiness.js';
 export { builtEntry, repoRoot, requireBuilt, sbx } from './repo-root.js';

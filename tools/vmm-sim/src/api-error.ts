@@ -23,8 +23,6 @@ export const LOAD_NOT_ALLOWED =
   'Load snapshot error: Loading a microVM snapshot not allowed after configuring boot-specific resources.';
 export const SNAPSHOT_WHILE_RUNNING =
   'Create snapshot error: Cannot save the microVM state: Operation not allowed: save/restore unavailable while running';
-export const DIFF_WITHOUT_TRACKING =
-  'The requested operation is not supported: Diff snapshots are not allowed on uVMs with dirty page tracking disabled.';
 export const MISSING_KERNEL = 'Start microvm error: Cannot start microvm without kernel configuration.';
 
 export function badRequest(message: string, fatal = false): ApiFault {

@@ -1,10 +1,12 @@
 import { badRequest, deserializeError } from './api-error.js';
+import { SerdeJsonError, deserialize, type Field, type Shape } from './serde-json.js';
 
 /**
  * Firecracker's API request parsing, as pure functions: (method, path, body) → one VMM
  * action, or the ApiFault Firecracker answers with. Routing and wording follow
- * api_server/parsed_request.rs and api_server/request/*.rs; bodies are checked the way
- * serde with `deny_unknown_fields` checks them (missing, unknown and mistyped fields).
+ * api_server/parsed_request.rs and api_server/request/*.rs; bodies are read as serde_json
+ * reads them into Firecracker's structs (`deny_unknown_fields`), positions in the messages
+ * included (serde-json.ts).
  */
 
 export interface BootSourceConfig {
@@ -62,9 +64,9 @@ export type VmmAction =
   | { kind: 'PatchMachineConfig'; update: Partial<MachineConfig> }
   | { kind: 'InsertBlockDevice'; config: DriveConfig }
   | { kind: 'InsertNetworkDevice'; config: NetworkInterfaceConfig }
-  | { kind: 'ConfigureLogger' }
-  | { kind: 'ConfigureMetrics' }
-  | { kind: 'SetMmdsConfig' }
+  | { kind: 'ConfigureLogger'; value: Record<string, unknown> }
+  | { kind: 'ConfigureMetrics'; value: Record<string, unknown> }
+  | { kind: 'SetMmdsConfig'; value: Record<string, unknown> }
   | { kind: 'StartMicroVm' }
   | { kind: 'FlushMetrics' }
   | { kind: 'SendCtrlAltDel' }
@@ -108,40 +110,33 @@ export function parseRequest(method: string, path: string, body: Buffer | undefi
     throw badRequest(`Invalid request method and/or path: GET ${first}.`);
   }
   if (!hasBody) throw badRequest(method === 'PUT' ? 'Empty PUT request.' : 'Empty PATCH request.');
-  const json = parseJson(body);
   if (method === 'PUT') {
     switch (first) {
       case 'actions':
-        return parseAction(json);
+        return parseAction(read(body, ACTION_BODY));
       case 'boot-source':
-        return { kind: 'ConfigureBootSource', config: parseBootSource(json) };
+        return { kind: 'ConfigureBootSource', config: parseBootSource(read(body, BOOT_SOURCE)) };
       case 'machine-config':
-        return { kind: 'PutMachineConfig', config: parseMachineConfig(json) };
-      case 'drives':
-        return { kind: 'InsertBlockDevice', config: parseDrive(json, checkedId(second, 'drive')) };
-      case 'network-interfaces':
-        return { kind: 'InsertNetworkDevice', config: parseNetwork(json, checkedId(second, 'iface')) };
+        return { kind: 'PutMachineConfig', config: parseMachineConfig(read(body, MACHINE_CONFIG)) };
+      case 'drives': {
+        const id = checkedId(second, 'drive');
+        return { kind: 'InsertBlockDevice', config: parseDrive(read(body, BLOCK_DEVICE), id) };
+      }
+      case 'network-interfaces': {
+        const id = checkedId(second, 'iface');
+        return { kind: 'InsertNetworkDevice', config: parseNetwork(read(body, NETWORK_INTERFACE), id) };
+      }
       case 'mmds':
-        if (second === 'config') {
-          fields(json, { version: 'string', network_interfaces: 'array', ipv4_address: 'string', imds_compat: 'bool' });
-          return { kind: 'SetMmdsConfig' };
-        }
-        return { kind: 'PutMmds', value: json };
+        if (second === 'config') return { kind: 'SetMmdsConfig', value: read(body, MMDS_CONFIG) };
+        return { kind: 'PutMmds', value: read(body, VALUE) };
       case 'logger':
-        fields(json, {
-          log_path: 'string',
-          level: 'string',
-          show_level: 'bool',
-          show_log_origin: 'bool',
-          module: 'string',
-        });
-        return { kind: 'ConfigureLogger' };
+        return { kind: 'ConfigureLogger', value: read(body, LOGGER) };
       case 'metrics':
-        fields(json, { metrics_path: 'string' }, ['metrics_path']);
-        return { kind: 'ConfigureMetrics' };
+        return { kind: 'ConfigureMetrics', value: read(body, METRICS) };
       case 'snapshot':
-        if (second === 'create') return { kind: 'CreateSnapshot', params: parseSnapshotCreate(json) };
-        if (second === 'load') return { kind: 'LoadSnapshot', params: parseSnapshotLoad(json) };
+        if (second === 'create')
+          return { kind: 'CreateSnapshot', params: parseSnapshotCreate(read(body, SNAPSHOT_CREATE)) };
+        if (second === 'load') return { kind: 'LoadSnapshot', params: parseSnapshotLoad(read(body, SNAPSHOT_LOAD)) };
         if (second === undefined) throw badRequest('Missing snapshot operation type.');
         throw badRequest(`Invalid request method and/or path: PUT /snapshot/${second}.`);
     }
@@ -149,20 +144,22 @@ export function parseRequest(method: string, path: string, body: Buffer | undefi
   }
   switch (first) {
     case 'vm':
-      return parseVmState(json);
+      return read(body, VM).state === 'Paused' ? { kind: 'Pause' } : { kind: 'Resume' };
     case 'mmds':
-      return { kind: 'PatchMmds', value: json };
+      return { kind: 'PatchMmds', value: read(body, VALUE) };
     case 'machine-config':
-      return { kind: 'PatchMachineConfig', update: parseMachineConfigPatch(json) };
+      return { kind: 'PatchMachineConfig', update: parseMachineConfigPatch(read(body, MACHINE_CONFIG_UPDATE)) };
   }
   throw badRequest(`Invalid request method and/or path: PATCH ${first}.`);
 }
 
-function parseJson(body: Buffer): unknown {
+/** serde_json::from_slice into one of Firecracker's request structs. */
+function read(body: Buffer, shape: Shape): Record<string, unknown> {
   try {
-    return JSON.parse(body.toString('utf8')) as unknown;
+    return deserialize(body, shape) as Record<string, unknown>;
   } catch (err) {
-    throw deserializeError((err as Error).message);
+    if (err instanceof SerdeJsonError) throw deserializeError(err.message);
+    throw err;
   }
 }
 
@@ -176,118 +173,124 @@ function checkedId(id: string | undefined, what: 'drive' | 'iface'): string {
   return id;
 }
 
-type FieldType = 'string' | 'bool' | 'u64' | 'object' | 'array' | 'any';
+// Firecracker's request structs (vmm/src/vmm_config/*.rs, v1.16), as serde sees them.
+const str: Shape = { type: 'string' };
+const path: Shape = { type: 'path' };
+const bool: Shape = { type: 'bool' };
+const VALUE: Shape = { type: 'value' };
+const option = (shape: Shape): Field => ({ shape, absent: 'option' });
+const byDefault = (shape: Shape): Field => ({ shape, absent: 'default' });
+const required = (shape: Shape): Field => ({ shape });
+const struct = (name: string, fields: Record<string, Field>): Shape => ({ type: 'struct', name, fields });
+const enumeration = (name: string, variants: readonly string[]): Shape => ({ type: 'enum', name, variants });
 
-/**
- * Checks a JSON object against a field list the way serde does for a struct with
- * `deny_unknown_fields`, and returns it. Messages use serde_json's wording.
- */
-function fields(value: unknown, spec: Record<string, FieldType>, required: string[] = []): Record<string, unknown> {
-  if (typeof value !== 'object' || value === null || Array.isArray(value)) {
-    throw deserializeError(`invalid type: ${describe(value)}, expected a struct`);
-  }
-  const obj = value as Record<string, unknown>;
-  for (const key of Object.keys(obj)) {
-    if (!(key in spec)) {
-      const expected = Object.keys(spec)
-        .map((k) => `\`${k}\``)
-        .join(', ');
-      throw deserializeError(`unknown field \`${key}\`, expected one of ${expected}`);
-    }
-    const type = spec[key] ?? 'any';
-    const v = obj[key];
-    if (v === null && !required.includes(key)) continue;
-    if (!matches(v, type)) throw deserializeError(`invalid type: ${describe(v)}, expected ${expectedText(type)}`);
-  }
-  for (const key of required) {
-    if (obj[key] === undefined) throw deserializeError(`missing field \`${key}\``);
-  }
-  return obj;
-}
+const VM = struct('Vm', { state: required(enumeration('VmState', ['Paused', 'Resumed'])) });
+const ACTION_BODY = struct('ActionBody', {
+  action_type: required(enumeration('ActionType', ['FlushMetrics', 'InstanceStart', 'SendCtrlAltDel'])),
+});
+const BOOT_SOURCE = struct('BootSourceConfig', {
+  kernel_image_path: required(str),
+  initrd_path: option(str),
+  boot_args: option(str),
+});
+const HUGE_PAGES = enumeration('HugePageConfig', ['None', '2M']);
+const MACHINE_CONFIG = struct('MachineConfig', {
+  vcpu_count: required({ type: 'uint', name: 'u8' }),
+  mem_size_mib: required({ type: 'uint', name: 'usize' }),
+  smt: byDefault(bool),
+  cpu_template: option(VALUE),
+  track_dirty_pages: byDefault(bool),
+  huge_pages: byDefault(HUGE_PAGES),
+});
+const MACHINE_CONFIG_UPDATE = struct('MachineConfigUpdate', {
+  vcpu_count: option({ type: 'uint', name: 'u8' }),
+  mem_size_mib: option({ type: 'uint', name: 'usize' }),
+  smt: option(bool),
+  cpu_template: option(VALUE),
+  track_dirty_pages: option(bool),
+  huge_pages: option(HUGE_PAGES),
+});
+const BLOCK_DEVICE = struct('BlockDeviceConfig', {
+  drive_id: required(str),
+  partuuid: option(str),
+  is_root_device: required(bool),
+  cache_type: byDefault(enumeration('CacheType', ['Unsafe', 'Writeback'])),
+  is_read_only: option(bool),
+  path_on_host: option(str),
+  rate_limiter: option(VALUE),
+  io_engine: option(enumeration('FileEngineType', ['Async', 'Sync'])),
+  socket: option(str),
+});
+const NETWORK_INTERFACE = struct('NetworkInterfaceConfig', {
+  iface_id: required(str),
+  host_dev_name: required(str),
+  guest_mac: option(str),
+  rx_rate_limiter: option(VALUE),
+  tx_rate_limiter: option(VALUE),
+});
+const MMDS_CONFIG = struct('MmdsConfig', {
+  version: byDefault(enumeration('MmdsVersion', ['V1', 'V2'])),
+  network_interfaces: required({ type: 'seq', item: str }),
+  ipv4_address: option(str),
+  imds_compat: byDefault(bool),
+});
+const LOGGER = struct('LoggerConfig', {
+  log_path: option(path),
+  level: option(VALUE),
+  show_level: option(bool),
+  show_log_origin: option(bool),
+  module: option(str),
+});
+const METRICS = struct('MetricsConfig', { metrics_path: required(path) });
+const SNAPSHOT_CREATE = struct('CreateSnapshotParams', {
+  snapshot_type: byDefault(enumeration('SnapshotType', ['Diff', 'Full'])),
+  snapshot_path: required(path),
+  mem_file_path: required(path),
+});
+const SNAPSHOT_LOAD = struct('LoadSnapshotConfig', {
+  snapshot_path: required(path),
+  mem_file_path: option(path),
+  mem_backend: option(
+    struct('MemBackendConfig', {
+      backend_path: required(path),
+      backend_type: required(enumeration('MemBackendType', ['File', 'Uffd'])),
+    }),
+  ),
+  enable_diff_snapshots: byDefault(bool),
+  track_dirty_pages: byDefault(bool),
+  resume_vm: byDefault(bool),
+  network_overrides: byDefault({
+    type: 'seq',
+    item: struct('NetworkOverride', { iface_id: required(str), host_dev_name: required(str) }),
+  }),
+});
 
-function matches(v: unknown, type: FieldType): boolean {
-  switch (type) {
-    case 'string':
-      return typeof v === 'string';
-    case 'bool':
-      return typeof v === 'boolean';
-    case 'u64':
-      return typeof v === 'number' && Number.isSafeInteger(v) && v >= 0;
-    case 'object':
-      return typeof v === 'object' && v !== null && !Array.isArray(v);
-    case 'array':
-      return Array.isArray(v);
-    case 'any':
-      return true;
-  }
-}
-
-function expectedText(type: FieldType): string {
-  return { string: 'a string', bool: 'a boolean', u64: 'u64', object: 'a struct', array: 'a sequence', any: 'a value' }[
-    type
-  ];
-}
-
-function describe(v: unknown): string {
-  if (v === null) return 'null';
-  if (Array.isArray(v)) return 'sequence';
-  if (typeof v === 'string') return `string ${JSON.stringify(v)}`;
-  if (typeof v === 'boolean') return `boolean \`${v}\``;
-  if (typeof v === 'number') return Number.isInteger(v) ? `integer \`${v}\`` : `floating point \`${v}\``;
-  return 'map';
-}
-
-function variant<T extends string>(v: unknown, allowed: readonly T[]): T {
-  if (typeof v !== 'string') throw deserializeError(`invalid type: ${describe(v)}, expected a string`);
-  if (!(allowed as readonly string[]).includes(v)) {
-    throw deserializeError(`unknown variant \`${v}\`, expected one of ${allowed.map((a) => `\`${a}\``).join(', ')}`);
-  }
-  return v as T;
-}
-
-function parseAction(json: unknown): VmmAction {
-  const obj = fields(json, { action_type: 'string' }, ['action_type']);
-  const type = variant(obj['action_type'], ['FlushMetrics', 'InstanceStart', 'SendCtrlAltDel'] as const);
+function parseAction(obj: Record<string, unknown>): VmmAction {
+  const type = obj['action_type'];
   if (type === 'InstanceStart') return { kind: 'StartMicroVm' };
   if (type === 'FlushMetrics') return { kind: 'FlushMetrics' };
   return { kind: 'SendCtrlAltDel' };
 }
 
-function parseBootSource(json: unknown): BootSourceConfig {
-  const obj = fields(json, { kernel_image_path: 'string', initrd_path: 'string', boot_args: 'string' }, [
-    'kernel_image_path',
-  ]);
+function parseBootSource(obj: Record<string, unknown>): BootSourceConfig {
   const config: BootSourceConfig = { kernelImagePath: obj['kernel_image_path'] as string };
   if (typeof obj['boot_args'] === 'string') config.bootArgs = obj['boot_args'];
   if (typeof obj['initrd_path'] === 'string') config.initrdPath = obj['initrd_path'];
   return config;
 }
 
-const MACHINE_FIELDS: Record<string, FieldType> = {
-  vcpu_count: 'u64',
-  mem_size_mib: 'u64',
-  smt: 'bool',
-  cpu_template: 'any',
-  track_dirty_pages: 'bool',
-  huge_pages: 'string',
-};
-
-function parseMachineConfigPatch(json: unknown): Partial<MachineConfig> {
-  const obj = fields(json, MACHINE_FIELDS);
+function parseMachineConfigPatch(obj: Record<string, unknown>): Partial<MachineConfig> {
   const update: Partial<MachineConfig> = {};
   if (typeof obj['vcpu_count'] === 'number') update.vcpuCount = obj['vcpu_count'];
   if (typeof obj['mem_size_mib'] === 'number') update.memSizeMib = obj['mem_size_mib'];
   if (typeof obj['smt'] === 'boolean') update.smt = obj['smt'];
   if (typeof obj['track_dirty_pages'] === 'boolean') update.trackDirtyPages = obj['track_dirty_pages'];
-  if (obj['huge_pages'] !== undefined && obj['huge_pages'] !== null) {
-    update.hugePages = variant(obj['huge_pages'], ['None', '2M'] as const);
-  }
+  if (obj['huge_pages'] === 'None' || obj['huge_pages'] === '2M') update.hugePages = obj['huge_pages'];
   return update;
 }
 
-function parseMachineConfig(json: unknown): MachineConfig {
-  fields(json, MACHINE_FIELDS, ['vcpu_count', 'mem_size_mib']);
-  const update = parseMachineConfigPatch(json);
+function parseMachineConfig(obj: Record<string, unknown>): MachineConfig {
+  const update = parseMachineConfigPatch(obj);
   return {
     vcpuCount: update.vcpuCount ?? 1,
     memSizeMib: update.memSizeMib ?? 128,
@@ -297,22 +300,7 @@ function parseMachineConfig(json: unknown): MachineConfig {
   };
 }
 
-function parseDrive(json: unknown, pathId: string): DriveConfig {
-  const obj = fields(
-    json,
-    {
-      drive_id: 'string',
-      path_on_host: 'string',
-      is_root_device: 'bool',
-      is_read_only: 'bool',
-      partuuid: 'string',
-      cache_type: 'string',
-      rate_limiter: 'object',
-      io_engine: 'string',
-      socket: 'string',
-    },
-    ['drive_id', 'is_root_device'],
-  );
+function parseDrive(obj: Record<string, unknown>, pathId: string): DriveConfig {
   if (obj['drive_id'] !== pathId) throw badRequest('The id from the path does not match the id from the body!');
   if (typeof obj['path_on_host'] !== 'string') {
     throw badRequest('Drive config error: Unable to create the block device: path_on_host is required');
@@ -325,18 +313,7 @@ function parseDrive(json: unknown, pathId: string): DriveConfig {
   };
 }
 
-function parseNetwork(json: unknown, pathId: string): NetworkInterfaceConfig {
-  const obj = fields(
-    json,
-    {
-      iface_id: 'string',
-      host_dev_name: 'string',
-      guest_mac: 'string',
-      rx_rate_limiter: 'object',
-      tx_rate_limiter: 'object',
-    },
-    ['iface_id', 'host_dev_name'],
-  );
+function parseNetwork(obj: Record<string, unknown>, pathId: string): NetworkInterfaceConfig {
   if (obj['iface_id'] !== pathId) {
     throw badRequest('The id from the path does not match the id from the body!');
   }
@@ -346,40 +323,26 @@ function parseNetwork(json: unknown, pathId: string): NetworkInterfaceConfig {
 }
 
 /** api_server/request/snapshot.rs: `mem_backend` and the deprecated `mem_file_path` exclude each other. */
-function parseSnapshotLoad(json: unknown): LoadSnapshotParams {
-  const obj = fields(
-    json,
-    {
-      snapshot_path: 'string',
-      mem_file_path: 'string',
-      mem_backend: 'object',
-      enable_diff_snapshots: 'bool',
-      track_dirty_pages: 'bool',
-      resume_vm: 'bool',
-      network_overrides: 'array',
-    },
-    ['snapshot_path'],
-  );
+function parseSnapshotLoad(obj: Record<string, unknown>): LoadSnapshotParams {
   const memFile = obj['mem_file_path'];
-  const backend = obj['mem_backend'];
-  if (memFile !== undefined && memFile !== null && backend !== undefined && backend !== null) {
+  const backend = obj['mem_backend'] as Record<string, unknown> | undefined;
+  if (memFile !== undefined && backend !== undefined) {
     throw deserializeError('too many fields: either `mem_backend` or `mem_file_path` exclusively is required');
   }
   let backendType: 'Uffd' | 'File' = 'File';
   let backendPath: string;
-  if (backend !== undefined && backend !== null) {
-    const b = fields(backend, { backend_path: 'string', backend_type: 'string' }, ['backend_path', 'backend_type']);
-    backendType = variant(b['backend_type'], ['File', 'Uffd'] as const);
-    backendPath = b['backend_path'] as string;
+  if (backend !== undefined) {
+    backendType = backend['backend_type'] as 'Uffd' | 'File';
+    backendPath = backend['backend_path'] as string;
   } else if (typeof memFile === 'string') {
     backendPath = memFile;
   } else {
     throw deserializeError('missing field: either `mem_backend` or `mem_file_path` is required');
   }
-  const overrides = ((obj['network_overrides'] as unknown[] | undefined) ?? []).map((o) => {
-    const entry = fields(o, { iface_id: 'string', host_dev_name: 'string' }, ['iface_id', 'host_dev_name']);
-    return { ifaceId: entry['iface_id'] as string, hostDevName: entry['host_dev_name'] as string };
-  });
+  const overrides = ((obj['network_overrides'] as Record<string, unknown>[] | undefined) ?? []).map((o) => ({
+    ifaceId: o['iface_id'] as string,
+    hostDevName: o['host_dev_name'] as string,
+  }));
   return {
     snapshotPath: obj['snapshot_path'] as string,
     backendType,
@@ -390,22 +353,10 @@ function parseSnapshotLoad(json: unknown): LoadSnapshotParams {
   };
 }
 
-function parseSnapshotCreate(json: unknown): CreateSnapshotParams {
-  const obj = fields(
-    json,
-    { snapshot_type: 'string', snapshot_path: 'string', mem_file_path: 'string', version: 'string' },
-    ['snapshot_path', 'mem_file_path'],
-  );
-  const type = obj['snapshot_type'] === undefined ? 'Full' : variant(obj['snapshot_type'], ['Full', 'Diff'] as const);
+function parseSnapshotCreate(obj: Record<string, unknown>): CreateSnapshotParams {
   return {
-    snapshotType: type,
+    snapshotType: obj['snapshot_type'] === 'Diff' ? 'Diff' : 'Full',
     snapshotPath: obj['snapshot_path'] as string,
     memFilePath: obj['mem_file_path'] as string,
   };
-}
-
-function parseVmState(json: unknown): VmmAction {
-  const obj = fields(json, { state: 'string' }, ['state']);
-  const state = variant(obj['state'], ['Paused', 'Resumed'] as const);
-  return state === 'Paused' ? { kind: 'Pause' } : { kind: 'Resume' };
 }

@@ -11,6 +11,7 @@ import {
   MFD_HUGETLB,
   PROT_READ,
   PROT_WRITE,
+  PageCategory,
   UFFDIO_REGISTER_MODE_MISSING,
   UFFDIO_REGISTER_MODE_WP,
   UffdFeature,
@@ -21,6 +22,7 @@ import {
   memfdCreate,
   mmap,
   munmap,
+  pagemapScan,
   sendWithFds,
   uffdApi,
   uffdFeaturesOfFd,
@@ -32,8 +34,16 @@ import { encodeHandshake, parseHandshake, type GuestRegion } from '#uffd';
 import { VmmFailure, osErrorText } from './api-error.js';
 import type { VcpuReply, VcpuRequest, VcpuWorkerData } from './vcpu-protocol.js';
 
-/** How the VMM asks for write tracking on the uffd it hands over (the uffd-server's dirty tracking). */
+/**
+ * Write-protect on the uffd the VMM hands over. Upstream Firecracker (v1.16) negotiates only
+ * UFFD_FEATURE_EVENT_REMOVE and registers MISSING only: `off`. E2B's Firecracker fork asks for
+ * write-protect so the uffd handler can track writes: `async` (WP_ASYNC where the kernel has it)
+ * or `sync`.
+ */
 export type WriteProtectMode = 'async' | 'sync' | 'off';
+
+/** Where Firecracker v1.16 wrote during `PUT /snapshot/load` on this machine (before answering). */
+export const LOAD_WRITE_OFFSET = 0xdf000;
 
 /**
  * How the handshake spells the page size: Firecracker 1.x sends both `page_size` and the
@@ -70,6 +80,11 @@ export interface GuestMemoryOptions {
  * a failure half-way through `open`.
  */
 export class GuestMemory {
+  /**
+   * vCPU threads that could not be stopped (frozen in a fault nobody serves). Node joins worker
+   * threads on exit and that join would never return, so the process must end without it.
+   */
+  static frozenVcpus = 0;
   /** Pages written since load or the last diff snapshot (Firecracker's dirty log), when tracking. */
   readonly dirty: Uint8Array | undefined;
   uffdFeatures = 0;
@@ -80,11 +95,6 @@ export class GuestMemory {
   private worker: Worker | undefined;
   private nextId = 1;
   private readonly waiting = new Map<number, { resolve: (v: unknown) => void; reject: (e: Error) => void }>();
-  /**
-   * vCPU threads that could not be stopped (frozen in a fault nobody serves). Node joins worker
-   * threads on exit and that join would never return, so the process must end without it.
-   */
-  static frozenVcpus = 0;
   private address = 0;
   private closed = false;
   private workerError: Error | undefined;
@@ -151,30 +161,40 @@ export class GuestMemory {
   }
 
   /**
-   * Creates the userfaultfd with the richest write tracking the kernel offers (WP_ASYNC, which
-   * the uffd-server reads back with PAGEMAP_SCAN; else synchronous WP faults; else missing
-   * faults only), registers the whole mapping, connects to the uffd-server and sends the
-   * regions as JSON with the uffd (and the memfd) as SCM_RIGHTS. The connection stays open
-   * for the VMM's lifetime: its end is how the uffd-server learns the VMM is gone.
+   * Creates the userfaultfd as the VMM does, registers the whole mapping, connects to the
+   * uffd-server and sends the regions as JSON with the uffd (and the memfd) as SCM_RIGHTS. The
+   * connection stays open for the VMM's lifetime: its end is how the uffd-server learns the VMM
+   * is gone. Upstream Firecracker (persist.rs `guest_memory_from_uffd`) asks for EVENT_REMOVE
+   * only and registers MISSING only, whatever the memory (hugetlbfs and shmem need no feature
+   * bit for missing faults). The E2B fork's write-protect adds PAGEFAULT_FLAG_WP (+ WP_ASYNC,
+   * + WP_HUGETLBFS_SHMEM) and registers MODE_WP too.
    */
   private handOver(backing: Extract<MemoryBacking, { kind: 'uffd' }>): void {
     const offered = kernelUffdFeatures();
     const shmem = this.memfd >= 0;
     let want = UffdFeature.EVENT_REMOVE;
-    if (shmem) want |= UffdFeature.MISSING_SHMEM;
-    if (this.pageSize !== 4096) want |= UffdFeature.MISSING_HUGETLBFS;
     const wpPossible =
       (offered & UffdFeature.PAGEFAULT_FLAG_WP) !== 0 &&
       (!shmem && this.pageSize === 4096 ? true : (offered & UffdFeature.WP_HUGETLBFS_SHMEM) !== 0);
     let wp = false;
-    if (backing.writeProtect !== 'off' && wpPossible) {
+    if (backing.writeProtect !== 'off') {
+      if (!wpPossible) {
+        throw new VmmFailure(
+          'UFFD_WP_UNSUPPORTED',
+          `Failed to restore from snapshot: Failed to load guest memory: Error creating guest memory from uffd: the kernel offers no userfaultfd write-protect for this memory (features 0x${offered.toString(16)})`,
+        );
+      }
       wp = true;
       want |= UffdFeature.PAGEFAULT_FLAG_WP;
       if (shmem || this.pageSize !== 4096) want |= UffdFeature.WP_HUGETLBFS_SHMEM;
+      if (this.pageSize !== 4096) want |= UffdFeature.MISSING_HUGETLBFS;
+      if (shmem) want |= UffdFeature.MISSING_SHMEM;
       if (backing.writeProtect === 'async' && (offered & UffdFeature.WP_ASYNC) !== 0) want |= UffdFeature.WP_ASYNC;
     }
     this.uffd = userfaultfd();
-    uffdApi(this.uffd, want & offered);
+    // Upstream asks for exactly its feature (a kernel without it fails the load, as in
+    // Firecracker); the fork's optional bits are taken where offered.
+    uffdApi(this.uffd, wp ? want & offered : want);
     // UFFDIO_API answers with everything the kernel supports; fdinfo shows what this fd got
     // (bit 31 is the kernel's internal "initialized" flag).
     this.uffdFeatures = uffdFeaturesOfFd(this.uffd) & 0x7fffffff;
@@ -299,24 +319,59 @@ export class GuestMemory {
   }
 
   /**
+   * The write Firecracker makes to guest memory while it restores a snapshot, before
+   * `PUT /snapshot/load` answers (v1.16.1 on this machine wrote near guest 0xdf000): the page
+   * must be served through the uffd first, so a load with nobody serving faults never answers.
+   * The byte is written back as it was read, so snapshots stay byte-exact; like any write by
+   * the VMM it is in the dirty log.
+   */
+  async restoreWrite(): Promise<void> {
+    const offset = Math.min(LOAD_WRITE_OFFSET, this.size - 1);
+    await this.call({ op: 'rewrite', offset });
+    this.markDirty(offset, 1);
+  }
+
+  /**
    * The memory file of a snapshot. Full: all of guest memory, faulting in whatever is not
-   * present yet. Diff: only the pages written since load (or since the last diff), laid over
-   * the file if it exists, and the dirty log starts again.
+   * present yet. Diff: with dirty tracking, the pages written since load (or since the last
+   * snapshot: KVM's dirty log); without, every page present in memory (Firecracker ≥ 1.13
+   * asks mincore(2); PAGEMAP_SCAN's PRESENT gives the same pages for our mappings). A Diff is
+   * laid over the file if it exists. Both restart the dirty log, as Firecracker does.
    */
   async dump(path: string, type: 'Full' | 'Diff'): Promise<number> {
-    if (type === 'Full') return this.call<number>({ op: 'dump', path, ranges: [[0, this.size]], merge: false });
-    if (!this.dirty) throw new VmmFailure('NO_DIRTY_TRACKING', 'dirty page tracking is off');
+    if (type === 'Full') {
+      const written = await this.call<number>({ op: 'dump', path, ranges: [[0, this.size]], merge: false });
+      this.dirty?.fill(0);
+      return written;
+    }
     const ranges: [number, number][] = [];
-    for (let page = 0; page < this.dirty.length; page++) {
-      if (!this.dirty[page]) continue;
+    const add = (start: number, length: number) => {
       const last = ranges[ranges.length - 1];
-      const start = page * this.pageSize;
-      if (last && last[0] + last[1] === start) last[1] += this.pageSize;
-      else ranges.push([start, this.pageSize]);
+      if (last && last[0] + last[1] === start) last[1] += length;
+      else ranges.push([start, length]);
+    };
+    if (this.dirty) {
+      for (let page = 0; page < this.dirty.length; page++)
+        if (this.dirty[page]) add(page * this.pageSize, this.pageSize);
+    } else {
+      for (const r of this.presentRanges()) add(r.start, r.end - r.start);
     }
     const written = await this.call<number>({ op: 'dump', path, ranges, merge: true });
-    this.dirty.fill(0);
+    this.dirty?.fill(0);
     return written;
+  }
+
+  /** Offsets of the guest pages present in this process (faulted in, copied in or written). */
+  presentRanges(): { start: number; end: number }[] {
+    const fd = openSync('/proc/self/pagemap', 'r');
+    try {
+      return pagemapScan(fd, this.address, this.address + this.size, {
+        categoryMask: PageCategory.PRESENT,
+        returnMask: PageCategory.PRESENT,
+      }).map((r) => ({ start: r.start - this.address, end: r.end - this.address }));
+    } finally {
+      closeSync(fd);
+    }
   }
 
   /**
@@ -361,6 +416,7 @@ export class GuestMemory {
         new Promise<boolean>((resolve) => setTimeout(() => resolve(false), 2000).unref()),
       ]);
       this.worker = undefined;
+      if (!workerStopped) GuestMemory.frozenVcpus++;
     }
     this.handshake?.destroy();
     this.handshake = undefined;
@@ -390,4 +446,3 @@ function handshakePayload(regions: GuestRegion[], spelling: PageSizeSpelling): U
 }
 
 type DistributiveOmit<T, K extends PropertyKey> = T extends unknown ? Omit<T, K> : never;
-      if (!workerStopped) GuestMemory.frozenVcpus++;

@@ -27,7 +27,7 @@ const schema = z.object({
     .regex(/^\d+\.\d+\.\d+\.\d+\/\d+$/, 'an IPv4 CIDR like 169.254.0.22/30')
     .default('169.254.0.22/30'),
   shareMemfd: z.stringbool().default(false),
-  uffdWriteProtect: z.enum(['async', 'sync', 'off']).default('async'),
+  e2bForkWriteProtect: z.enum(['async', 'sync', 'off']).default('off'),
   uffdPageSizeField: z.enum(['both', 'page_size', 'page_size_kib']).default('both'),
   nbdExportName: z.string().default(''),
   logLevel: z.enum(['trace', 'debug', 'info', 'warn', 'error']).default('info'),
@@ -48,7 +48,11 @@ options (env SBX_VMM_SIM_<NAME>):
   --guest-prefix-length <n>     (default 30)
   --tap-cidr <cidr>             slot side of the guest link (default 169.254.0.22/30)
   --share-memfd                 back guest memory with a memfd and send it with the uffd
-  --uffd-write-protect <mode>   async (WP_ASYNC when the kernel has it) | sync | off (default async)
+  --e2b-fork-write-protect <m>  off (default): upstream Firecracker v1.16, the uffd negotiates only
+                                EVENT_REMOVE and is registered MISSING only. async | sync: E2B's
+                                Firecracker fork, which adds uffd write-protect (WP_ASYNC where the
+                                kernel has it, else synchronous WP faults) so the uffd-server can
+                                track writes
   --uffd-page-size-field <f>    both | page_size | page_size_kib (older Firecracker) (default both)
   --nbd-export-name <name>      export to ask for when a drive is an NBD socket (default "")
   --log-level <level>           pino level (default info)
@@ -63,6 +67,17 @@ export async function main(argv: string[]): Promise<number | void> {
   if (argv.includes('--version')) {
     console.log(`Firecracker v${VMM_VERSION} (vmm-sim test double)`);
     return 0;
+  }
+  // The old name defaulted to write-protect; dropping it silently (as unknown Firecracker
+  // flags are) would turn a test of the fork's mode into one of upstream's.
+  if (
+    argv.some((a) => a === '--uffd-write-protect' || a.startsWith('--uffd-write-protect=')) ||
+    process.env['SBX_VMM_SIM_UFFD_WRITE_PROTECT'] !== undefined
+  ) {
+    console.error(
+      `--uffd-write-protect is now --e2b-fork-write-protect (default off: upstream Firecracker)\n\n${USAGE}`,
+    );
+    return 2;
   }
   let config: z.infer<typeof schema>;
   try {
@@ -91,7 +106,7 @@ export async function main(argv: string[]): Promise<number | void> {
     guestPrefixLength: config.guestPrefixLength,
     tapCidr: config.tapCidr,
     shareMemfd: config.shareMemfd,
-    uffdWriteProtect: config.uffdWriteProtect,
+    uffdWriteProtect: config.e2bForkWriteProtect,
     uffdPageSizeSpelling: config.uffdPageSizeField,
     nbdExportName: config.nbdExportName,
   };
@@ -100,6 +115,7 @@ export async function main(argv: string[]): Promise<number | void> {
   const running: { api?: ApiServer } = {};
   const stop = (): Promise<void> => {
     stopping ??= (async () => {
+      controller.abandonLoad();
       await running.api?.close().catch((err: unknown) => logger.error({ err }, 'closing the API socket failed'));
       await controller.shutdown();
     })();
@@ -123,14 +139,22 @@ export async function main(argv: string[]): Promise<number | void> {
       signals++;
       if (signals > 1) exitProcess(130, logger, true);
       logger.info({ signal }, 'shutting down');
+      // A clean stop waits on peers (the NBD server, the uffd-server) that may be gone; a VMM
+      // that ignores SIGTERM for ever is worse than one that leaves a little undone.
+      const deadline = setTimeout(() => {
+        logger.error({ afterMs: STOP_DEADLINE_MS }, 'shutdown did not finish: exiting anyway');
+        exitProcess(1, logger, true);
+      }, STOP_DEADLINE_MS);
       stop().then(
         () => {
+          clearTimeout(deadline);
           logger.info('stopped cleanly');
           resolve(0);
           // Worker threads or the handshake socket must not keep a stopped VMM alive.
           setImmediate(() => exitProcess(0, logger));
         },
         (err: unknown) => {
+          clearTimeout(deadline);
           logger.error({ err }, 'shutdown failed');
           resolve(1);
           setImmediate(() => exitProcess(1, logger));
@@ -139,13 +163,23 @@ export async function main(argv: string[]): Promise<number | void> {
     };
     process.on('SIGTERM', onSignal);
     process.on('SIGINT', onSignal);
-      // A clean stop waits on peers (the NBD server, the uffd-server) that may be gone; a VMM
-      // that ignores SIGTERM for ever is worse than one that leaves a little undone.
-      const deadline = setTimeout(() => {
-        logger.error({ afterMs: STOP_DEADLINE_MS }, 'shutdown did not finish: exiting anyway');
-        exitProcess(1, logger, true);
-      }, STOP_DEADLINE_MS);
   });
+}
+
+const STOP_DEADLINE_MS = 5000;
+
+/**
+ * process.exit joins every worker thread first, and a vCPU thread frozen in a page fault nobody
+ * serves (its uffd-server gone) never joins: then only the kernel can end the process, as it
+ * ends a Firecracker whose vCPU is stuck the same way.
+ */
+function exitProcess(code: number, logger: Logger, hard = false): void {
+  if (GuestMemory.frozenVcpus > 0 || hard) {
+    logger.warn({ frozenVcpus: GuestMemory.frozenVcpus, code }, 'ending with SIGKILL: a vCPU may be frozen in a fault');
+    logger.flush?.();
+    process.kill(process.pid, 'SIGKILL');
+  }
+  process.exit(code);
 }
 
 /**
@@ -166,22 +200,6 @@ function ownFlags(argv: string[]): string[] {
       else if (takesValue) kept.push(arg, argv[++i] ?? '');
       else kept.push(arg);
     } else if (takesValue) {
-const STOP_DEADLINE_MS = 5000;
-
-/**
- * process.exit joins every worker thread first, and a vCPU thread frozen in a page fault nobody
- * serves (its uffd-server gone) never joins: then only the kernel can end the process, as it
- * ends a Firecracker whose vCPU is stuck the same way.
- */
-function exitProcess(code: number, logger: Logger, hard = false): void {
-  if (GuestMemory.frozenVcpus > 0 || hard) {
-    logger.warn({ frozenVcpus: GuestMemory.frozenVcpus, code }, 'ending with SIGKILL: a vCPU may be frozen in a fault');
-    logger.flush?.();
-    process.kill(process.pid, 'SIGKILL');
-  }
-  process.exit(code);
-}
-
       i++;
     }
   }

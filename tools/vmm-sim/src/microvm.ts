@@ -93,7 +93,7 @@ export class Microvm implements GuestView {
   }
 
   /** Firecracker's restore_from_snapshot: the VM comes up paused. */
-  static async load(params: LoadParams, settings: MicrovmSettings): Promise<Microvm> {
+  static async load(params: LoadParams, settings: MicrovmSettings, stop?: AbortSignal): Promise<Microvm> {
     let bytes: Buffer;
     try {
       bytes = await readFile(params.snapshotPath);
@@ -142,6 +142,22 @@ export class Microvm implements GuestView {
           }
         : { kind: 'file', path: params.backendPath };
     await vm.build(backing, params.enableDiffSnapshots, 'Failed to restore from snapshot');
+    // Firecracker touches guest memory before the load answers (restoreWrite); a VMM told to
+    // stop while that write waits for a fault nobody serves gives everything back instead.
+    const abandon = () => void vm.close().catch(() => undefined);
+    if (stop?.aborted) abandon();
+    stop?.addEventListener('abort', abandon);
+    try {
+      await vm.memory.restoreWrite();
+    } catch (err) {
+      await vm.close().catch(() => undefined);
+      throw new VmmFailure(
+        'RESTORE_WRITE',
+        `Failed to restore from snapshot: Failed to load guest memory: ${(err as Error).message}`,
+      );
+    } finally {
+      stop?.removeEventListener('abort', abandon);
+    }
     return vm;
   }
 

@@ -15,6 +15,7 @@ export type VcpuRequest = { id: number } & (
   | { op: 'boot'; seed: number }
   | { op: 'dump'; path: string; ranges: [number, number][]; merge: boolean }
   | { op: 'touch' }
+  | { op: 'rewrite'; offset: number }
 );
 
 export type VcpuReply = { id: number; ok: true; result: unknown } | { id: number; ok: false; error: string };

@@ -76,6 +76,13 @@ function handle(request: VcpuRequest, transfer: ArrayBuffer[]): unknown {
     }
     case 'dump':
       return dump(request.path, request.ranges, request.merge);
+    case 'rewrite': {
+      // A store of the byte just loaded: a missing fault, then a write (and a write-protect
+      // fault where the uffd has WP), with the contents unchanged.
+      const target = range(request.offset, 1);
+      target[0] = target[0] ?? 0;
+      return undefined;
+    }
     case 'touch': {
       // One load per page: faults in whatever is missing.
       let sum = 0;

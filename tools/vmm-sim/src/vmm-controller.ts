@@ -2,7 +2,6 @@ import { constants as fsConstants } from 'node:fs';
 import { access, stat } from 'node:fs/promises';
 import {
   ApiFault,
-  DIFF_WITHOUT_TRACKING,
   LOAD_NOT_ALLOWED,
   MISSING_KERNEL,
   POST_BOOT_UNSUPPORTED,
@@ -15,7 +14,7 @@ import type { BootSourceConfig, DriveConfig, MachineConfig, NetworkInterfaceConf
 import { applyMergePatch } from './json-merge-patch.js';
 import { Microvm, type MicrovmSettings } from './microvm.js';
 
-export const VMM_VERSION = '1.10.1';
+export const VMM_VERSION = '1.16.1';
 /** Firecracker's default MMDS data store limit (`--mmds-size-limit`, the API payload limit). */
 const MMDS_LIMIT_BYTES = 51_200;
 
@@ -44,7 +43,13 @@ export class VmmController {
   /** Set by any boot-specific configuration: a snapshot load is refused from then on. */
   private bootPath = false;
   private mmds: unknown = undefined;
+  /** As configured, for GET /vm/config (the double has no logger, metrics file or MMDS network stack). */
+  private loggerConfig: Record<string, unknown> | null = null;
+  private metricsConfig: Record<string, unknown> | null = null;
+  private mmdsConfig: Record<string, unknown> | null = null;
   private vm: Microvm | undefined;
+  /** Aborted by shutdown: a load still waiting on guest memory gives everything back. */
+  private readonly stopping = new AbortController();
 
   constructor(
     private readonly settings: MicrovmSettings,
@@ -144,9 +149,18 @@ export class VmmController {
       }
       case 'SetMmdsConfig':
         this.bootPath = true;
+        this.mmdsConfig = {
+          version: action.value['version'] ?? 'V1',
+          network_interfaces: action.value['network_interfaces'],
+          ipv4_address: action.value['ipv4_address'] ?? '169.254.169.254',
+          imds_compat: action.value['imds_compat'] ?? false,
+        };
         return empty();
       case 'ConfigureLogger':
+        this.loggerConfig = action.value;
+        return empty();
       case 'ConfigureMetrics':
+        this.metricsConfig = action.value;
         return empty();
       case 'StartMicroVm': {
         if (!this.bootSource) throw badRequest(MISSING_KERNEL);
@@ -171,7 +185,7 @@ export class VmmController {
         if (this.bootPath) throw badRequest(LOAD_NOT_ALLOWED);
         const p = action.params;
         try {
-          this.vm = await Microvm.load(p, this.settings);
+          this.vm = await Microvm.load(p, this.settings, this.stopping.signal);
         } catch (err) {
           // Firecracker deems the process too dirty to go on after a failed restore (fatal_error).
           throw badRequest(prefixed('Load snapshot error: ', (err as Error).message), true);
@@ -205,7 +219,6 @@ export class VmmController {
         this.settings.logger.info('microVM resumed');
         return empty();
       case 'CreateSnapshot':
-        if (action.params.snapshotType === 'Diff' && !vm.trackDirtyPages) throw badRequest(DIFF_WITHOUT_TRACKING);
         if (vm.state !== 'Paused') throw badRequest(SNAPSHOT_WHILE_RUNNING);
         try {
           await vm.createSnapshot(action.params);
@@ -234,36 +247,59 @@ export class VmmController {
     };
   }
 
+  /**
+   * Firecracker's VmmConfig as GET /vm/config serializes it (v1.16: every device kind, null or
+   * empty where not configured, in the struct's order).
+   */
   private fullConfig(): Record<string, unknown> {
     const vm = this.vm;
     const drives = vm ? vm.config.drives : [...this.drives.values()];
     const nics = vm ? vm.config.networkInterfaces : [...this.nics.values()];
     const boot = vm ? vm.config.bootSource : this.bootSource;
     return {
-      'boot-source': boot
-        ? {
-            kernel_image_path: boot.kernelImagePath,
-            boot_args: boot.bootArgs ?? null,
-            initrd_path: boot.initrdPath ?? null,
-          }
-        : null,
+      balloon: null,
       drives: drives.map((d) => ({
         drive_id: d.driveId,
-        path_on_host: d.pathOnHost,
+        partuuid: null,
         is_root_device: d.isRootDevice,
+        cache_type: 'Unsafe',
         is_read_only: d.isReadOnly,
+        path_on_host: d.pathOnHost,
+        rate_limiter: null,
+        io_engine: 'Sync',
+        socket: null,
       })),
+      'boot-source': {
+        kernel_image_path: boot?.kernelImagePath ?? '',
+        initrd_path: boot?.initrdPath ?? null,
+        boot_args: boot?.bootArgs ?? null,
+      },
+      'cpu-config': null,
+      logger: this.loggerConfig,
       'machine-config': machineJson(vm ? this.machineOfVm(vm) : this.machine),
+      metrics: this.metricsConfig,
+      'mmds-config': this.mmdsConfig,
       'network-interfaces': nics.map((n) => ({
         iface_id: n.ifaceId,
         host_dev_name: n.hostDevName,
         guest_mac: n.guestMac ?? null,
+        rx_rate_limiter: null,
+        tx_rate_limiter: null,
       })),
+      vsock: null,
+      entropy: null,
+      pmem: [],
+      'memory-hotplug': null,
     };
   }
 
-  /** Stops the VM and gives back everything it took (network, drives, memory). */
+  /** A load still in progress fails and gives back what it took (the process is stopping). */
+  abandonLoad(): void {
+    this.stopping.abort();
+  }
+
   async shutdown(): Promise<void> {
+    this.stopping.abort();
     const vm = this.vm;
     this.vm = undefined;
     await vm?.close();

@@ -51,7 +51,7 @@ function sha256(b: Uint8Array): string {
 describe.each([
   { name: 'anonymous memory', flags: [] as string[] },
   { name: 'memfd shared with the uffd-server', flags: ['--share-memfd'] },
-  { name: 'synchronous write-protect tracking', flags: ['--uffd-write-protect', 'sync'] },
+  { name: 'E2B-fork synchronous write-protect', flags: ['--e2b-fork-write-protect', 'sync'] },
 ])('memory and disk round trip through uffd-server and block-server ($name)', ({ name, flags }) => {
   it('reads back every byte written before the snapshot', async () => {
     const tag = name.split(' ')[0] ?? 'vm';
