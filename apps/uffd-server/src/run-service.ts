@@ -36,11 +36,17 @@ export async function runService(argv: string[]): Promise<number> {
   const promRegistry = createRegistry('uffd-server');
   const holder: { registry?: SandboxRegistry } = {};
   const metrics = new UffdMetrics(promRegistry, () => holder.registry);
-  const registry = new SandboxRegistry(config, store, logger, (s) => {
-    metrics.sandboxesEnded.inc({ state: s.state });
-    const problem = /invalid UFFD handshake \((\w+)\)/.exec(s.error)?.[1];
-    if (problem) metrics.handshakeFailures.inc({ problem });
-  });
+  const registry = new SandboxRegistry(
+    config,
+    store,
+    logger,
+    (s) => {
+      metrics.sandboxesEnded.inc({ state: s.state });
+      const problem = /invalid UFFD handshake \((\w+)\)/.exec(s.error)?.[1];
+      if (problem) metrics.handshakeFailures.inc({ problem });
+    },
+    (final) => metrics.forget(final),
+  );
   holder.registry = registry;
   const grpc = await startGrpcServer({
     address: `unix://${config.controlSocket}`,

@@ -44,6 +44,8 @@ export class SandboxRegistry {
     private readonly builds: BuildStore,
     private readonly logger: Logger,
     private readonly onEnded?: (s: SandboxMemory) => void,
+    /** Called with a stopped sandbox's final counts, after which it is gone from here. */
+    private readonly onStopped?: (final: SandboxStats) => void,
   ) {}
 
   async prepare(req: PrepareRequest): Promise<{ socketPath: string; memorySize: number; pageSize: number }> {
@@ -132,7 +134,11 @@ export class SandboxRegistry {
   async stop(sandboxId: string): Promise<void> {
     const s = this.get(sandboxId);
     this.sandboxes.delete(sandboxId);
-    await s.stop();
+    try {
+      await s.stop();
+    } finally {
+      this.onStopped?.(s.stats());
+    }
   }
 
   stats(sandboxId: string): SandboxStats {

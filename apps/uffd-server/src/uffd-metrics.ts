@@ -11,6 +11,7 @@ export class UffdMetrics {
   readonly handshakeFailures: Counter<'problem'>;
   readonly sandboxesEnded: Counter<'state'>;
   private readonly seen = new Map<string, { faults: number; bytes: number; prefetch: number; wp: number }>();
+  private readonly counters: { faults: Counter; bytes: Counter; prefetch: Counter; wp: Counter };
 
   constructor(registry: Registry, sandboxes: () => SandboxRegistry | undefined) {
     this.handshakeFailures = new Counter({
@@ -41,6 +42,7 @@ export class UffdMetrics {
       help: 'Synchronous write-protect faults',
       registers: [registry],
     });
+    this.counters = { faults, bytes, prefetch, wp };
     const latency = new Gauge({
       name: 'uffd_fault_latency_us_bucket',
       help: 'Fault service time, cumulative counts per upper bound in microseconds (live sandboxes)',
@@ -59,7 +61,7 @@ export class UffdMetrics {
         const cumulative = new Map<string, number>();
         for (const s of list) {
           bySandboxState.inc({ state: s.state });
-          this.fold(s, faults, bytes, prefetch, wp);
+          this.fold(s);
           let running = 0;
           (s.latencyBoundsUs ?? []).forEach((bound, i) => {
             running += s.latencyCounts?.[i] ?? 0;
@@ -72,7 +74,8 @@ export class UffdMetrics {
     });
   }
 
-  private fold(s: SandboxStats, faults: Counter, bytes: Counter, prefetch: Counter, wp: Counter): void {
+  private fold(s: SandboxStats): void {
+    const { faults, bytes, prefetch, wp } = this.counters;
     const prev = this.seen.get(s.sandboxId) ?? { faults: 0, bytes: 0, prefetch: 0, wp: 0 };
     const now = {
       faults: s.faults ?? 0,
@@ -89,6 +92,8 @@ export class UffdMetrics {
 
   /** Counts what a sandbox did after the last scrape, before it is forgotten. */
   forget(s: SandboxStats): void {
+    this.fold(s);
+    // A sandbox resumed later under the same id starts counting from zero again.
     this.seen.delete(s.sandboxId);
   }
 }
