@@ -1,23 +1,16 @@
 import { openSync, closeSync } from 'node:fs';
 import { describe, expect, it } from 'vitest';
 import { close, eventfd, eventfdSignal, poll, POLLIN, read } from './fd.js';
-import { copyFromAddress, copyToAddress, mapAnonymous, memoryView, munmap } from './memory.js';
+import { mapAnonymous, memoryView, munmap } from './memory.js';
 import { PageCategory, pagemapScan, PM_SCAN_CHECK_WPASYNC } from './pagemap-scan.js';
 import {
   kernelUffdFeatures,
-  readUffdMessages,
   uffdApi,
-  uffdCopy,
-  uffdCopyFrom,
   UffdFeature,
   uffdFeaturesOfFd,
   uffdRegister,
-  uffdUnregister,
-  uffdWake,
   uffdWriteProtect,
-  uffdZeropage,
   userfaultfd,
-  UFFDIO_COPY_MODE_WP,
   UFFDIO_REGISTER_MODE_MISSING,
   UFFDIO_REGISTER_MODE_WP,
 } from './userfaultfd.js';
@@ -27,6 +20,7 @@ const features = kernelUffdFeatures();
 const hasWpAsync = (features & UffdFeature.WP_ASYNC) !== 0;
 if (!hasWpAsync) console.warn('kernel offers no UFFD_FEATURE_WP_ASYNC: the PAGEMAP_SCAN test is skipped');
 
+/* Faults are served by the native engine only (uffd-serve-engine.ts), tested with a peer process in test/. */
 describe('userfaultfd ioctls on this kernel (no faults are taken in-process)', () => {
   it('negotiates features and shows them in fdinfo', () => {
     const fd = userfaultfd();
@@ -37,45 +31,16 @@ describe('userfaultfd ioctls on this kernel (no faults are taken in-process)', (
     close(fd);
   });
 
-  it('copies, zero-fills, reports EEXIST, wakes and unregisters', () => {
-    const fd = userfaultfd();
-    uffdApi(fd, 0);
-    const len = 16 * PAGE;
-    const addr = mapAnonymous(len);
-    const src = mapAnonymous(len);
-    copyToAddress(src, Buffer.from('page zero'));
-    uffdRegister(fd, addr, len, UFFDIO_REGISTER_MODE_MISSING);
-    expect(uffdCopy(fd, addr, src, PAGE)).toBe(PAGE);
-    expect(uffdCopy(fd, addr, src, PAGE)).toBe('EEXIST');
-    // partial: pages 0 present, copy 0..3 returns EEXIST at once; copy 1..3 succeeds
-    expect(uffdCopy(fd, addr + PAGE, src, 2 * PAGE)).toBe(2 * PAGE);
-    expect(uffdCopyFrom(fd, addr + 3 * PAGE, Buffer.alloc(PAGE, 0x5a))).toBe(PAGE);
-    expect(uffdZeropage(fd, addr + 4 * PAGE, PAGE)).toBe(PAGE);
-    uffdWake(fd, addr, len);
-    const out = Buffer.alloc(9);
-    copyFromAddress(out, addr);
-    expect(out.toString()).toBe('page zero');
-    expect(memoryView(addr + 3 * PAGE, 4)[3]).toBe(0x5a);
-    expect(memoryView(addr + 4 * PAGE, 4)[0]).toBe(0);
-    // nothing pending: the fd reads nothing
-    expect(readUffdMessages(fd, new Uint8Array(64))).toBe(0);
-    uffdUnregister(fd, addr, len);
-    // unregistered: touching page 10 no longer faults to us
-    expect(memoryView(addr + 10 * PAGE, 1)[0]).toBe(0);
-    munmap(addr, len);
-    munmap(src, len);
-    close(fd);
-  });
-
   it.skipIf(!hasWpAsync)('tracks writes with async write-protect and finds them with PAGEMAP_SCAN', () => {
     const fd = userfaultfd();
     uffdApi(fd, UffdFeature.PAGEFAULT_FLAG_WP | UffdFeature.WP_ASYNC);
     const pages = 32;
     const addr = mapAnonymous(pages * PAGE);
-    const src = mapAnonymous(pages * PAGE);
-    uffdRegister(fd, addr, pages * PAGE, UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_WP);
-    expect(uffdCopy(fd, addr, src, pages * PAGE, UFFDIO_COPY_MODE_WP)).toBe(pages * PAGE);
     const view = memoryView(addr, pages * PAGE);
+    // Present before registration (no fault to serve), then write-protected as the engine installs pages.
+    view.fill(7);
+    uffdRegister(fd, addr, pages * PAGE, UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_WP);
+    uffdWriteProtect(fd, addr, pages * PAGE, true);
     for (const p of [3, 4, 17]) view[p * PAGE + 5] = 1; // the kernel lifts the protection itself
     const pagemap = openSync('/proc/self/pagemap', 'r');
     const written = pagemapScan(pagemap, addr, addr + pages * PAGE, {
@@ -97,7 +62,6 @@ describe('userfaultfd ioctls on this kernel (no faults are taken in-process)', (
     expect(after).toEqual([]);
     closeSync(pagemap);
     munmap(addr, pages * PAGE);
-    munmap(src, pages * PAGE);
     close(fd);
   });
 

@@ -9,15 +9,7 @@ const sbxApi = sbx.func('int64_t sbx_uffd_api(int fd, uint64_t features, uint64_
 const sbxRegister = sbx.func(
   'int64_t sbx_uffd_register(int fd, uint64_t start, uint64_t len, uint64_t mode, uint64_t *ioctls_out)',
 );
-const sbxUnregister = sbx.func('int64_t sbx_uffd_unregister(int fd, uint64_t start, uint64_t len)');
-const sbxCopy = sbx.func('int64_t sbx_uffd_copy(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode)');
-const sbxCopyFromBuffer = sbx.func(
-  'int64_t sbx_uffd_copy(int fd, uint64_t dst, const void *src, uint64_t len, uint64_t mode)',
-);
-const sbxZeropage = sbx.func('int64_t sbx_uffd_zeropage(int fd, uint64_t start, uint64_t len, uint64_t mode)');
-const sbxWake = sbx.func('int64_t sbx_uffd_wake(int fd, uint64_t start, uint64_t len)');
 const sbxWriteProtect = sbx.func('int64_t sbx_uffd_writeprotect(int fd, uint64_t start, uint64_t len, uint64_t mode)');
-const sbxRead = sbx.func('int64_t sbx_read(int fd, void *buf, uint64_t len)');
 
 /** UFFD_FEATURE_* bits (linux/userfaultfd.h, including ones newer than the installed header). */
 export const UffdFeature = {
@@ -45,18 +37,8 @@ export const UFFDIO_REGISTER_MODE_WP = 2;
 export const UFFDIO_REGISTER_MODE_MINOR = 4;
 export const UFFDIO_COPY_MODE_DONTWAKE = 1;
 export const UFFDIO_COPY_MODE_WP = 2;
-export const UFFDIO_ZEROPAGE_MODE_DONTWAKE = 1;
 export const UFFDIO_WRITEPROTECT_MODE_WP = 1;
 export const UFFDIO_WRITEPROTECT_MODE_DONTWAKE = 2;
-export const UFFD_EVENT_PAGEFAULT = 0x12;
-export const UFFD_EVENT_FORK = 0x13;
-export const UFFD_EVENT_REMAP = 0x14;
-export const UFFD_EVENT_REMOVE = 0x15;
-export const UFFD_EVENT_UNMAP = 0x16;
-export const UFFD_PAGEFAULT_FLAG_WRITE = 1;
-export const UFFD_PAGEFAULT_FLAG_WP = 2;
-export const UFFD_PAGEFAULT_FLAG_MINOR = 4;
-export const UFFD_MSG_SIZE = 32;
 export const UFFD_USER_MODE_ONLY = 1;
 
 const O_CLOEXEC = 0o2000000;
@@ -105,69 +87,10 @@ export function uffdRegister(fd: number, start: number, length: number, mode: nu
   return ioctlsOut[0] ?? 0n;
 }
 
-export function uffdUnregister(fd: number, start: number, length: number): void {
-  check('UFFDIO_UNREGISTER', sbxUnregister(fd, start, length));
-}
-
-/** Result of UFFDIO_COPY: bytes copied, or the errno name when none were (EEXIST: page already there). */
-export type CopyResult = number | 'EEXIST' | 'EAGAIN';
-
-function copyResult(r: number, what: string): CopyResult {
-  if (r >= 0) return r;
-  if (r === -17) return 'EEXIST';
-  if (r === -11) return 'EAGAIN';
-  return check(what, r);
-}
-
-/** UFFDIO_COPY from a raw address (a mapped file or buffer): no JS memory involved. */
-export function uffdCopy(fd: number, dst: number, srcAddress: number, length: number, mode = 0): CopyResult {
-  return copyResult(Number(sbxCopy(fd, dst, srcAddress, length, mode)), 'UFFDIO_COPY');
-}
-
-/** UFFDIO_COPY from a JS buffer; the buffer is pinned for the synchronous call. */
-export function uffdCopyFrom(fd: number, dst: number, source: Uint8Array, mode = 0): CopyResult {
-  return copyResult(Number(sbxCopyFromBuffer(fd, dst, source, source.length, mode)), 'UFFDIO_COPY');
-}
-
-export function uffdZeropage(fd: number, start: number, length: number, mode = 0): CopyResult {
-  return copyResult(Number(sbxZeropage(fd, start, length, mode)), 'UFFDIO_ZEROPAGE');
-}
-
-export function uffdWake(fd: number, start: number, length: number): void {
-  check('UFFDIO_WAKE', sbxWake(fd, start, length));
-}
-
 /** Write-protects (protect=true) or unprotects a range; unprotecting wakes waiters unless dontWake. */
 export function uffdWriteProtect(fd: number, start: number, length: number, protect: boolean, dontWake = false): void {
   const mode = (protect ? UFFDIO_WRITEPROTECT_MODE_WP : 0) | (dontWake ? UFFDIO_WRITEPROTECT_MODE_DONTWAKE : 0);
   check('UFFDIO_WRITEPROTECT', sbxWriteProtect(fd, start, length, mode));
-}
-
-export interface UffdMessage {
-  event: number;
-  /** Page fault: UFFD_PAGEFAULT_FLAG_* bits. */
-  flags: number;
-  /** Page fault: the faulting address. */
-  address: number;
-}
-
-/**
- * Reads pending uffd messages into a caller-owned buffer (a multiple of 32 bytes) and returns
- * how many arrived (0 when none: EAGAIN). Decode with uffdMessageAt; no per-message allocation.
- */
-export function readUffdMessages(fd: number, buffer: Uint8Array): number {
-  const r = Number(sbxRead(fd, buffer, buffer.length));
-  if (r === -11) return 0;
-  return Math.floor(check('read uffd', r) / UFFD_MSG_SIZE);
-}
-
-export function uffdMessageAt(buffer: Uint8Array, index: number): UffdMessage {
-  const view = new DataView(buffer.buffer, buffer.byteOffset + index * UFFD_MSG_SIZE, UFFD_MSG_SIZE);
-  return {
-    event: view.getUint8(0),
-    flags: Number(view.getBigUint64(8, true)),
-    address: Number(view.getBigUint64(16, true)),
-  };
 }
 
 /**

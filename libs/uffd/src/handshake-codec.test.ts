@@ -1,8 +1,14 @@
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
-import { decodeRegions, encodeHandshake, parseHandshake } from './handshake-codec.js';
+import {
+  decodeRegions,
+  encodeHandshake,
+  type GuestRegion,
+  PAGE_2M,
+  PAGE_4K,
+  parseHandshake,
+} from './handshake-codec.js';
 import { HandshakeInvalid } from './handshake-error.js';
-import { type GuestRegion, PAGE_2M, PAGE_4K } from './guest-region.js';
 
 const MiB = 1024 * 1024;
 

@@ -7,13 +7,6 @@ export {
   SUPPORTED_PAGE_SIZES,
   MAX_REGIONS,
   validateRegions,
-  regionOf,
-  pageAddress,
-  fileOffsetOf,
-  addressOfFileOffset,
-  regionsSize,
-} from './guest-region.js';
-export {
   type Handshake,
   type PageSizeKey,
   type ParseOptions,

@@ -54,35 +54,6 @@ int64_t sbx_uffd_register(int fd, uint64_t start, uint64_t len, uint64_t mode, u
   return 0;
 }
 
-int64_t sbx_uffd_unregister(int fd, uint64_t start, uint64_t len) {
-  struct uffdio_range range = {.start = start, .len = len};
-  RET(ioctl(fd, UFFDIO_UNREGISTER, &range));
-}
-
-/* Bytes copied, or -errno; a partial copy before an EEXIST page returns the bytes copied. */
-int64_t sbx_uffd_copy(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode) {
-  struct uffdio_copy copy = {.dst = dst, .src = src, .len = len, .mode = mode};
-  if (ioctl(fd, UFFDIO_COPY, &copy) < 0) {
-    if (copy.copy > 0) return copy.copy;
-    return -(int64_t)errno;
-  }
-  return copy.copy;
-}
-
-int64_t sbx_uffd_zeropage(int fd, uint64_t start, uint64_t len, uint64_t mode) {
-  struct uffdio_zeropage zp = {.range = {.start = start, .len = len}, .mode = mode};
-  if (ioctl(fd, UFFDIO_ZEROPAGE, &zp) < 0) {
-    if (zp.zeropage > 0) return zp.zeropage;
-    return -(int64_t)errno;
-  }
-  return zp.zeropage;
-}
-
-int64_t sbx_uffd_wake(int fd, uint64_t start, uint64_t len) {
-  struct uffdio_range range = {.start = start, .len = len};
-  RET(ioctl(fd, UFFDIO_WAKE, &range));
-}
-
 int64_t sbx_uffd_writeprotect(int fd, uint64_t start, uint64_t len, uint64_t mode) {
   struct uffdio_writeprotect wp = {.range = {.start = start, .len = len}, .mode = mode};
   RET(ioctl(fd, UFFDIO_WRITEPROTECT, &wp));
@@ -141,6 +112,7 @@ int64_t sbx_read(int fd, void *buf, uint64_t len) { RET(read(fd, buf, len)); }
 int64_t sbx_write(int fd, const void *buf, uint64_t len) { RET(write(fd, buf, len)); }
 int64_t sbx_pread(int fd, void *buf, uint64_t len, int64_t off) { RET(pread(fd, buf, len, off)); }
 int64_t sbx_pwrite(int fd, const void *buf, uint64_t len, int64_t off) { RET(pwrite(fd, buf, len, off)); }
+int64_t sbx_lseek(int fd, int64_t off, int whence) { RET(lseek(fd, off, whence)); }
 int64_t sbx_pread_address(int fd, uint64_t addr, uint64_t len, int64_t off) {
   RET(pread(fd, (void *)(uintptr_t)addr, len, off));
 }

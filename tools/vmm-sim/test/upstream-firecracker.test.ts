@@ -6,19 +6,15 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import {
   MAP_PRIVATE,
   PROT_READ,
-  UFFD_EVENT_PAGEFAULT,
-  UFFD_MSG_SIZE,
+  ServeEngine,
   UffdFeature,
   accept,
   close,
   listenUnix,
   mmap,
   munmap,
-  readUffdMessages,
   receiveWithFds,
-  uffdCopy,
   uffdFeaturesOfFd,
-  uffdMessageAt,
   watchReadable,
 } from '#native';
 import { ServiceProcess } from './service-process.js';
@@ -60,16 +56,14 @@ afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
 /**
  * This test process as the uffd handler: takes Firecracker's handshake on a Unix socket and
- * answers every fault from a memory file with UFFDIO_COPY, recording each fault and whether
- * the load had answered by then.
+ * serves every fault from a memory file through the native engine uffd-server uses, one page
+ * per fault (no prefetch), so the pages it installed are exactly the pages that faulted.
  */
 class TestUffdHandler {
   payload = '';
   uffd = -1;
-  readonly faults: { offset: number; write: boolean; loadAnswered: boolean }[] = [];
-  loadAnswered = false;
+  engine: ServeEngine | undefined;
   private readonly source: number;
-  private base = 0;
   private listener: number;
   private conn = -1;
   private watches: { close(): void }[] = [];
@@ -92,25 +86,30 @@ class TestUffdHandler {
         this.payload = Buffer.from(msg.payload).toString();
         this.uffd = msg.fds[0] ?? -1;
         for (const extra of msg.fds.slice(1)) close(extra);
-        this.base = (JSON.parse(this.payload) as { base_host_virt_addr: number }[])[0]?.base_host_virt_addr ?? 0;
-        this.watches.push(watchReadable(this.uffd, () => this.serve()));
+        const region = (JSON.parse(this.payload) as { base_host_virt_addr: number }[])[0]!;
+        this.engine = new ServeEngine({
+          uffd: this.uffd,
+          peerFd: this.conn,
+          peerKind: 'socket',
+          sourceAddress: this.source,
+          sourceSize: MEM,
+          allReady: true,
+          prefetchBytes: 0,
+          installWriteProtected: false,
+          syncWriteProtect: false,
+          regions: [{ base: region.base_host_virt_addr, size: MEM, offset: 0, pageSize: PAGE }],
+        });
+        this.engine.start(1);
         resolve();
       });
       this.watches.push(w);
     });
   }
 
-  private serve(): void {
-    const buf = new Uint8Array(UFFD_MSG_SIZE * 16);
-    for (let n = readUffdMessages(this.uffd, buf); n > 0; n = readUffdMessages(this.uffd, buf)) {
-      for (let i = 0; i < n; i++) {
-        const m = uffdMessageAt(buf, i);
-        if (m.event !== UFFD_EVENT_PAGEFAULT) continue;
-        const page = Math.floor((m.address - this.base) / PAGE) * PAGE;
-        this.faults.push({ offset: page, write: (m.flags & 1) !== 0, loadAnswered: this.loadAnswered });
-        uffdCopy(this.uffd, this.base + page, this.source + page, PAGE);
-      }
-    }
+  /** Memory-file offsets of the pages served so far (each one a fault: no prefetch). */
+  servedPages(): number[] {
+    const present = this.engine!.copyMap(0, 0, MEM / PAGE);
+    return [...present.keys()].filter((p) => present[p] === 1).map((p) => p * PAGE);
   }
 
   /** The uffd's negotiated features as the kernel shows them (`API:<api>:<features>:<ioctls>`). */
@@ -119,6 +118,8 @@ class TestUffdHandler {
   }
 
   close(): void {
+    this.engine?.stop();
+    this.engine?.destroy();
     for (const w of this.watches) w.close();
     if (this.uffd >= 0) close(this.uffd);
     if (this.conn >= 0) close(this.conn);
@@ -165,7 +166,7 @@ describe('vmm-sim default mode is upstream Firecracker v1.16', () => {
         mem_backend: { backend_type: 'Uffd', backend_path: handler.socketPath },
         resume_vm: true,
       })
-      .then(() => (handler.loadAnswered = true));
+      .then(() => handler.servedPages());
     await handler.handshake;
     // Firecracker's message: one region, both page-size spellings, and one fd.
     const regions = JSON.parse(handler.payload) as Record<string, number>[];
@@ -181,14 +182,11 @@ describe('vmm-sim default mode is upstream Firecracker v1.16', () => {
     expect(handler.fdinfoApiLine()).toMatch(/^API:\s*aa:80000008:/);
     expect(uffdFeaturesOfFd(handler.uffd) & 0x7fffffff).toBe(UffdFeature.EVENT_REMOVE);
 
-    await load;
-    // The load could only answer after the page it writes was served.
-    expect(handler.faults[0]).toEqual({ offset: 0xdf000, write: false, loadAnswered: false });
-    expect(handler.faults.filter((f) => !f.loadAnswered)).toHaveLength(1);
+    // The load could only answer after the one page it writes was served.
+    expect(await load).toEqual([0xdf000]);
     // No write-protect: the write after the copy is no fault of ours, and the guest reads on.
     expect(await memoryHash(guest)).toBe(sha256(readFileSync(template.mem_file_path)));
-    expect(handler.faults.every((f) => !f.write)).toBe(true);
-    expect(handler.faults).toHaveLength(MEM / PAGE);
+    expect(handler.engine!.stats()).toMatchObject({ faults: MEM / PAGE, wpFaults: 0 });
   });
 
   it('keeps E2B-fork write-protect behind --e2b-fork-write-protect', async () => {
