@@ -399,7 +399,8 @@ export class BuildStore {
     if (known !== undefined) return known;
     const dir = path.join(this.buildsDir, id);
     if (!(await stat(dir).catch(() => undefined))?.isDirectory()) return undefined;
-    const build: LocalBuild = { dir, files: new Map() };
+    // Another caller may have found it meanwhile: one record per build, or its open files leak.
+    const build: LocalBuild = this.local.get(id) ?? { dir, files: new Map() };
     this.local.set(id, build);
     return build;
   }
