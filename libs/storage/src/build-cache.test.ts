@@ -29,8 +29,6 @@ class FakeFile implements CachedFile {
   }
 }
 
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-
 let dir: string;
 let cache: BuildCache | undefined;
 let clock = 0;
@@ -56,6 +54,7 @@ beforeEach(async () => {
   events = [];
 });
 afterEach(async () => {
+  vi.useRealTimers();
   await cache?.close();
   cache = undefined;
   await rm(dir, { recursive: true, force: true });
@@ -95,6 +94,8 @@ describe('BuildCache', () => {
   });
 
   it('a reader that comes back during the delete delay cancels the delete', async () => {
+    // The delete delay is a timer: fake ones let the test pass it without waiting.
+    vi.useFakeTimers({ toFake: ['setTimeout', 'clearTimeout', 'setInterval', 'clearInterval'] });
     const c = open({ deleteDelayMs: 400 });
     const entry = await c.get(A);
     const file = (await entry.dataFile('memfile', async (d) => new FakeFile(path.join(d, 'm')))) as FakeFile;
@@ -103,7 +104,7 @@ describe('BuildCache', () => {
     const again = await c.get(A);
     expect(again).toBe(entry);
     expect(events).toContainEqual({ kind: 'evict-cancelled', buildId: A });
-    await sleep(600);
+    await vi.advanceTimersByTimeAsync(600);
     expect(file.closed).toBe(false);
     expect(existsSync(entry.dir)).toBe(true);
     expect(c.list().map((e) => e.buildId)).toEqual([A]);
