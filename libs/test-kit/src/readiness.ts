@@ -26,9 +26,11 @@ export function fileExists(path: string): Readiness {
   return (_proc, timeoutMs) => eventually(() => existsSync(path), { timeoutMs, what: `${path} to exist` });
 }
 
-/** The service logged a JSON line `match` accepts (e.g. the port it bound). */
-export function logLine(match: (entry: Record<string, unknown>) => boolean): Readiness {
-  return (proc, timeoutMs) => eventually(() => proc.findLog(match), { timeoutMs, what: 'the ready log line' });
+/** The service logged a JSON line `match` accepts (e.g. the port it bound), or a line containing the text `match`. */
+export function logLine(match: string | ((entry: Record<string, unknown>) => boolean)): Readiness {
+  const found = (proc: ServiceProcess) =>
+    typeof match === 'string' ? proc.logs.some((line) => line.includes(match)) : proc.findLog(match);
+  return (proc, timeoutMs) => eventually(() => found(proc), { timeoutMs, what: 'the ready log line' });
 }
 
 function accepts(path: string): Promise<boolean> {

@@ -21,11 +21,18 @@ export const repoRoot = findRepoRoot();
 /** The launcher operators and the node supervisor start every service with. */
 export const sbx = join(repoRoot, 'sbx');
 
-/** The built entry of `./sbx <command>` (apps/<command> or tools/<command>), or undefined. */
+/**
+ * The built entry of `./sbx <command>`, or undefined: a service (apps/<command>), a tool
+ * (tools/<command>), else one of the CLI's own commands (tools/sbx: `node up`, `create`, …).
+ */
 export function builtEntry(command: string): string | undefined {
-  return ['apps', 'tools']
-    .map((area) => join(repoRoot, 'dist', area, command, 'src/main.js'))
-    .find((entry) => existsSync(entry));
+  const [entry] = [join('apps', command), join('tools', command)]
+    .map((dir) => join(repoRoot, 'dist', dir, 'src/main.js'))
+    .filter((main) => existsSync(main));
+  if (entry) return entry;
+  const cli = join(repoRoot, 'dist/tools/sbx/src/main.js');
+  const isService = existsSync(join(repoRoot, 'apps', command)) || existsSync(join(repoRoot, 'tools', command));
+  return !isService && existsSync(cli) ? cli : undefined;
 }
 
 /** Throws with how to fix it when a command's dist/ build is missing (the launcher runs dist/). */

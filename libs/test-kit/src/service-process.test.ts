@@ -1,8 +1,9 @@
-import { mkdtempSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { acceptsConnections, logLine } from './readiness.js';
+import { builtEntry, repoRoot } from './repo-root.js';
 import { ServiceProcess } from './service-process.js';
 
 // A stand-in service: logs JSON lines like pino, listens on the socket given, and handles
@@ -43,7 +44,7 @@ describe('ServiceProcess', () => {
   it('kills a service that ignores SIGTERM once the stop bound passes', async () => {
     const socket = join(dir, 'b.sock');
     const proc = await start([socket, 'ignore'], {
-      ready: logLine((e) => e['msg'] === 'serving'),
+      ready: logLine('"msg":"serving"'),
       stopTimeoutMs: 100,
     });
     expect(await proc.stop()).toBeNull();
@@ -79,9 +80,17 @@ describe('ServiceProcess', () => {
     expect(await second.stop()).toBe(0);
   });
 
-  it('refuses a command whose build is missing, with the fix in the message', async () => {
-    await expect(ServiceProcess.start({ args: ['no-such-service'] })).rejects.toThrow(
-      'no-such-service is not built: run bash scripts/build.sh first',
-    );
+  it('starts a service that logs JSON once its line is there', async () => {
+    const socket = join(dir, 'e.sock');
+    const proc = await start([socket], { ready: logLine((e) => e['msg'] === 'serving' && e['socket'] === socket) });
+    expect(await proc.stop()).toBe(0);
+  });
+
+  it('finds the built entry ./sbx runs for a service, a tool and a CLI command', () => {
+    const cli = join(repoRoot, 'dist/tools/sbx/src/main.js');
+    if (!existsSync(cli)) return; // nothing built: the service tests say so themselves
+    expect(builtEntry('uffd-server')).toBe(join(repoRoot, 'dist/apps/uffd-server/src/main.js'));
+    expect(builtEntry('vmm-sim')).toBe(join(repoRoot, 'dist/tools/vmm-sim/src/main.js'));
+    expect(builtEntry('node')).toBe(cli);
   });
 });

@@ -5,20 +5,17 @@
  * this test makes (with its own uplink to an "internet" namespace), so the machine's own
  * network and firewall are never touched.
  */
-import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import { execFile, spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
-import { join, resolve } from 'node:path';
+import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { builtEntry, eventually, logLine, sbx, ServiceProcess } from '#test-kit';
 
 const exec = promisify(execFile);
-const repo = resolve(__dirname, '../../..');
-const sbx = join(repo, 'sbx');
-const built =
-  existsSync(join(repo, 'dist/apps/orchestrator/src/main.js')) &&
-  existsSync(join(repo, 'dist/tools/vmm-sim/src/main.js'));
+const built = builtEntry('orchestrator') !== undefined && builtEntry('vmm-sim') !== undefined;
 const isRoot = process.getuid?.() === 0;
 if (!built || !isRoot)
   console.warn(`node-up test skipped: ${!isRoot ? 'needs root for namespaces' : 'run npm run build first'}`);
@@ -68,8 +65,8 @@ async function machineState(dataDir: string) {
 
 describe.skipIf(!built || !isRoot)('./sbx node up --demo (npm start)', () => {
   let dataDir: string;
-  let node: ChildProcess | undefined;
-  let output = '';
+  let node: ServiceProcess | undefined;
+  const output = () => node?.logs.join('\n') ?? '';
   let before: Awaited<ReturnType<typeof machineState>>;
 
   beforeAll(async () => {
@@ -92,7 +89,7 @@ describe.skipIf(!built || !isRoot)('./sbx node up --demo (npm start)', () => {
   });
 
   afterAll(async () => {
-    if (node && node.exitCode === null) node.kill('SIGKILL');
+    await node?.kill();
     for (const ns of (await sh('ip', ['netns', 'list'])).split('\n')) {
       const name = ns.split(' ')[0];
       if (name && name.startsWith(tag)) await sh('ip', ['netns', 'del', name]).catch(() => undefined);
@@ -101,38 +98,29 @@ describe.skipIf(!built || !isRoot)('./sbx node up --demo (npm start)', () => {
   });
 
   it('starts the node, creates, pauses and resumes a sandbox, and serves', async () => {
-    node = spawn(
-      'ip',
-      ['netns', 'exec', nodeNs, sbx, 'node', 'up', '--demo', '--data-dir', dataDir, '--grpc-port', '5008'],
-      {
-        env: {
-          ...process.env,
-          SBX_NET_AGENT_NAMESPACE_PREFIX: slotPrefix,
-          SBX_NET_AGENT_UPLINK: 'up0',
-          SBX_NET_AGENT_NODE_ID: tag,
-          SBX_DNS_METRICS_PORT: '0',
-          SBX_NET_AGENT_METRICS_PORT: '0',
-          SBX_BLOCK_SERVER_METRICS_PORT: '0',
-          SBX_UFFD_SERVER_METRICS_PORT: '0',
-          SBX_ORCHESTRATOR_METRICS_PORT: '0',
-        },
-        stdio: ['ignore', 'pipe', 'pipe'],
-        // Its own process group, as a shell gives a foreground job: Ctrl-C below signals the group.
-        detached: true,
+    node = await ServiceProcess.start({
+      name: 'node up',
+      args: ['node', 'up', '--demo', '--data-dir', dataDir, '--grpc-port', '5008'],
+      wrapper: ['ip', 'netns', 'exec', nodeNs],
+      env: {
+        SBX_NET_AGENT_NAMESPACE_PREFIX: slotPrefix,
+        SBX_NET_AGENT_UPLINK: 'up0',
+        SBX_NET_AGENT_NODE_ID: tag,
+        SBX_DNS_METRICS_PORT: '0',
+        SBX_NET_AGENT_METRICS_PORT: '0',
+        SBX_BLOCK_SERVER_METRICS_PORT: '0',
+        SBX_UFFD_SERVER_METRICS_PORT: '0',
+        SBX_ORCHESTRATOR_METRICS_PORT: '0',
       },
-    );
-    node.stdout!.on('data', (d: Buffer) => (output += d));
-    node.stderr!.on('data', (d: Buffer) => (output += d));
-    const deadline = Date.now() + 240_000;
-    while (!output.includes('serving on 127.0.0.1:5008')) {
-      if (node.exitCode !== null) throw new Error(`node up exited ${node.exitCode}:\n${output}`);
-      if (Date.now() > deadline) throw new Error(`node up never served:\n${output}`);
-      await new Promise((r) => setTimeout(r, 200));
-    }
-    expect(output).toMatch(/demo: create demo-\w+ from template base… \d+ ms/);
-    expect(output).toMatch(/demo: pause into build [0-9a-f-]{36}… \d+ ms/);
-    expect(output).toMatch(/demo: resume from that build… \d+ ms/);
-    expect(output).not.toMatch(/demo failed/);
+      // Its own process group, as a shell gives a foreground job: Ctrl-C below signals the group.
+      detached: true,
+      ready: logLine('serving on 127.0.0.1:5008'),
+      readyTimeoutMs: 240_000,
+    });
+    expect(output()).toMatch(/demo: create demo-\w+ from template base… \d+ ms/);
+    expect(output()).toMatch(/demo: pause into build [0-9a-f-]{36}… \d+ ms/);
+    expect(output()).toMatch(/demo: resume from that build… \d+ ms/);
+    expect(output()).not.toMatch(/demo failed/);
     // The SandboxService has no authentication: local mode serves it on loopback only.
     const listening = (await sh('ip', ['netns', 'exec', nodeNs, 'ss', '-Hltn', 'sport = :5008']))
       .split('\n')
@@ -142,7 +130,7 @@ describe.skipIf(!built || !isRoot)('./sbx node up --demo (npm start)', () => {
   }, 300_000);
 
   it('answers the CLI: list shows the resumed demo sandbox, --json parses', async () => {
-    const demoId = /create (demo-\w+)/.exec(output)![1]!;
+    const demoId = /create (demo-\w+)/.exec(output())![1]!;
     const list = JSON.parse(await sh(sbx, ['list', '--json', '--data-dir', dataDir])) as { sandboxId: string }[];
     expect(list.map((s) => s.sandboxId)).toContain(demoId);
     const builds = JSON.parse(await sh(sbx, ['builds', '--json', '--data-dir', dataDir])) as { buildId: string }[];
@@ -154,7 +142,7 @@ describe.skipIf(!built || !isRoot)('./sbx node up --demo (npm start)', () => {
     expect(status['slotsInUse']).toBe(1);
     expect(status['memorySandboxes']).toBe(1);
     expect(status['nbdDevices']).toBe(1);
-    const pausedBuild = /pause into build ([0-9a-f-]{36})/.exec(output)![1]!;
+    const pausedBuild = /pause into build ([0-9a-f-]{36})/.exec(output())![1]!;
     const header = JSON.parse(
       await sh(sbx, ['inspect-header', join(dataDir, 'bucket', pausedBuild, 'memfile.header'), '--json']),
     ) as { metadata: { buildId: string; generation: number } };
@@ -246,14 +234,13 @@ describe.skipIf(!built || !isRoot)('./sbx node up --demo (npm start)', () => {
 
   it('Ctrl-C, pressed twice, stops everything and leaves the machine as it was', async () => {
     expect((await machineState(dataDir)).netns.length).toBeGreaterThan(0);
-    const exited = new Promise<number | null>((r) => node!.once('exit', (code) => r(code)));
     // A terminal's Ctrl-C signals its whole foreground process group, not only `node up`:
     // the group is the one `ip netns exec` (which execs sbx) leads.
     process.kill(-node!.pid!, 'SIGINT');
-    while (!output.includes('stopping the node')) await new Promise((r) => setTimeout(r, 20));
+    await eventually(() => output().includes('stopping the node'), { intervalMs: 20 });
     // The impatient second Ctrl-C, while the services are still taking down what they made.
     process.kill(-node!.pid!, 'SIGINT');
-    expect(await exited).toBe(0);
+    expect(await node!.exited).toBe(0);
     const after = await machineState(dataDir);
     expect(after).toEqual(before);
   }, 120_000);

@@ -4,6 +4,7 @@ import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { createLogger } from '#logging';
+import { eventually } from '#test-kit';
 import { Supervisor } from '../src/node/supervisor.js';
 import type { ServiceSpec } from '../src/node/service-plan.js';
 
@@ -39,14 +40,6 @@ const isAlive = (pid: number) => {
     return false;
   }
 };
-
-async function until(check: () => boolean, ms = 10_000): Promise<void> {
-  const deadline = Date.now() + ms;
-  while (!check()) {
-    if (Date.now() > deadline) throw new Error('condition not reached');
-    await new Promise((r) => setTimeout(r, 50));
-  }
-}
 
 describe('Supervisor', () => {
   it('starts services in dependency order, waits on health, stops them all', async () => {
@@ -91,7 +84,7 @@ describe('Supervisor', () => {
     ]);
     await supervisor.start();
     const firstPid = supervisor.status()[0]!.pid;
-    await until(() => (supervisor.status()[0]!.restarts ?? 0) >= 2, 30_000);
+    await eventually(() => (supervisor.status()[0]!.restarts ?? 0) >= 2, { timeoutMs: 30_000 });
     const s = supervisor.status()[0]!;
     expect(s.lastExit).toBe('exit 3');
     expect(s.pid).not.toBe(firstPid);
@@ -110,9 +103,11 @@ describe('Supervisor', () => {
     const first = supervisor.status()[0]!.pid!;
     await writeFile(join(dir, 'broken'), '');
     process.kill(first, 'SIGKILL');
-    await until(() => supervisor.status()[0]!.restarts >= 2 && supervisor.status()[0]!.lastExit === 'exit 4', 30_000);
+    await eventually(() => supervisor.status()[0]!.restarts >= 2 && supervisor.status()[0]!.lastExit === 'exit 4', {
+      timeoutMs: 30_000,
+    });
     await rm(join(dir, 'broken'));
-    await until(() => supervisor.status()[0]!.state === 'serving', 30_000);
+    await eventually(() => supervisor.status()[0]!.state === 'serving', { timeoutMs: 30_000 });
     expect(isAlive(supervisor.status()[0]!.pid!)).toBe(true);
   });
 
