@@ -274,7 +274,8 @@ export class BuildCache {
   }
 
   private async enforceDisk(): Promise<void> {
-    await mkdir(this.cacheDir, { recursive: true });
+    // Nothing cached, nothing to evict; and a directory removed under an idle cache stays removed.
+    if (this.entries.size === 0) return;
     for (;;) {
       const { usedBytes, totalBytes } = await this.diskUsage(this.cacheDir);
       // Entries waiting for their delete still take space but will free it: do not count them twice.
