@@ -187,6 +187,8 @@ describe('bad peers fail only their own sandbox', () => {
     expect((await server.list()).sandboxes).toEqual([]);
     const after = server.resources();
     expect(after.maps).toEqual(baseline.maps);
-    expect(after.fds).toEqual(baseline.fds);
+    // The builds' data files stay open in the build cache, shared by their sandboxes until evicted.
+    const sandboxFds = (fds: string[]) => fds.filter((f) => !f.startsWith(`${server.bucket}/`));
+    expect(sandboxFds(after.fds)).toEqual(sandboxFds(baseline.fds));
   });
 });
