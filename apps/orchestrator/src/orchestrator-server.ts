@@ -7,15 +7,21 @@ import type { Logger } from '#logging';
 import { createRegistry, startMetricsServer, type MetricsServer } from '#metrics';
 import { BuildStore, openBackend, type UploadEvent } from '#storage';
 import { SandboxServiceService } from '#proto/orchestrator';
+import { RoutingService } from '#proto/sbx/routing';
 import { TemplateAdminService } from '#proto/sbx/templates';
+import { AutoResume } from './auto-resume.js';
 import { HttpEnvdClient } from './envd-client.js';
 import { GrpcNodeServices } from './grpc-node-services.js';
 import { NoLifecycleEvents, RedisLifecycleEvents, type LifecycleEvents } from './lifecycle-events.js';
 import type { OrchestratorConfig } from './orchestrator-config.js';
 import { ServiceLossWatch, surveyInstances } from './service-loss-watch.js';
 import { DnsRecordKeeper } from './dns-record-keeper.js';
+import { PausedSandboxes } from './paused-sandboxes.js';
 import { reconcileOnStart, type ReconcileReport } from './restart-reconciler.js';
+import { RouteFeed } from './route-feed.js';
+import { routingService } from './routing-service.js';
 import { SandboxManager } from './sandbox-manager.js';
+import type { Sandbox } from './sandbox.js';
 import { sandboxService } from './sandbox-service.js';
 import { SandboxStateStore } from './sandbox-state-store.js';
 import { templateAdminService } from './template-admin-service.js';
@@ -46,9 +52,18 @@ export async function startOrchestrator(config: OrchestratorConfig, logger: Logg
   await mkdir(config.cacheDir, { recursive: true });
   if (!config.bucket.startsWith('gs://')) await mkdir(config.bucket, { recursive: true });
 
-  const events: LifecycleEvents = config.redisUrl
+  const catalogue: LifecycleEvents = config.redisUrl
     ? new RedisLifecycleEvents(config.redisUrl, config.nodeId, config.redisPrefix, config.redisStream, logger)
     : new NoLifecycleEvents();
+  // The ingress proxy's routes follow the catalogue (routing-service.ts on the control socket).
+  const paused = new PausedSandboxes(join(config.dataDir, 'paused-sandboxes.json'));
+  await paused.load();
+  const events: RouteFeed = new RouteFeed({
+    inner: catalogue,
+    paused,
+    sandboxes: (): Map<string, Sandbox> => manager.sandboxes,
+    logger,
+  });
   if (!config.redisUrl) logger.info('REDIS_URL not set: no catalogue or lifecycle events published');
   const services = new GrpcNodeServices(
     {
@@ -227,8 +242,21 @@ export async function startOrchestrator(config: OrchestratorConfig, logger: Logg
     definition: TemplateAdminService,
     implementation: templateAdmin.implementation,
   };
+  const routing = {
+    name: 'sbx.v1.Routing',
+    definition: RoutingService,
+    implementation: routingService({
+      feed: events,
+      resume: new AutoResume({ feed: events, paused, create: (req) => manager.create(req), logger }),
+      logger,
+    }),
+  };
   const control: GrpcServerHandle | undefined = config.controlSocket
-    ? await startGrpcServer({ address: `unix://${config.controlSocket}`, services: [...served, adminService], logger })
+    ? await startGrpcServer({
+        address: `unix://${config.controlSocket}`,
+        services: [...served, adminService, routing],
+        logger,
+      })
     : undefined;
   logger.info({ address: grpc.address, vmm: vmmCommand.description, adopted: reconcile.adopted.length }, 'serving');
 

@@ -60,7 +60,29 @@ export function checkSandboxConfig(config: SandboxConfig | undefined, bounds: Re
     envBytes += key.length + value.length;
   }
   if (envBytes > MAX_ENV_BYTES) throw new RequestInvalid('sandbox.env_vars', `larger than ${MAX_ENV_BYTES} bytes`);
+  checkNetworkConfig(config);
+  const policy = config.autoResume?.policy ?? '';
+  if (!['', 'off', 'any'].includes(policy)) {
+    throw new RequestInvalid('sandbox.auto_resume.policy', `'${policy.slice(0, 40)}' is not one of off, any`);
+  }
   return { ...config, buildId };
+}
+
+/** Ingress settings end up in HTTP headers: printable ASCII only. Egress rules are not served yet. */
+function checkNetworkConfig(config: SandboxConfig): void {
+  const egress = config.network?.egress;
+  if (egress && egress.allowedCidrs.length + egress.deniedCidrs.length + egress.allowedDomains.length > 0) {
+    throw new RequestInvalid('sandbox.network.egress', 'egress rules are not served by this node yet');
+  }
+  const ingress = config.network?.ingress;
+  const token = ingress?.trafficAccessToken;
+  if (token !== undefined && token !== '' && !/^[\x21-\x7e]{1,512}$/.test(token)) {
+    throw new RequestInvalid('sandbox.network.ingress.traffic_access_token', '1–512 printable ASCII characters');
+  }
+  const host = ingress?.maskRequestHost;
+  if (host !== undefined && host !== '' && !/^[A-Za-z0-9._~:[\]-]{1,255}$/.test(host)) {
+    throw new RequestInvalid('sandbox.network.ingress.mask_request_host', 'not a host name (host or host:port)');
+  }
 }
 
 /** Start and end times: end after start, both set (the API always sends both). */

@@ -6,11 +6,11 @@ export const nomadDir = resolve(dirname(fileURLToPath(import.meta.url)), '..');
 export const repoRoot = resolve(nomadDir, '../..');
 
 /**
- * The five services a node runs, what each job is called, and which flag names the service's own
+ * The six services a node runs, what each job is called, and which flag names the service's own
  * control socket (the one its health check must probe and the orchestrator must dial).
  */
 export interface NodeService {
-  service: 'orchestrator' | 'uffd-server' | 'block-server' | 'net-agent' | 'dns';
+  service: 'orchestrator' | 'uffd-server' | 'block-server' | 'net-agent' | 'dns' | 'proxy';
   jobFile: string;
   jobId: string;
   socketFlag: string;
@@ -41,6 +41,7 @@ export const nodeServices: NodeService[] = [
   nodeService('block-server', '--control-socket', 'block_sockets'),
   nodeService('net-agent', '--control-socket'),
   nodeService('dns', '--control-socket'),
+  nodeService('proxy', '--control-socket'),
 ];
 
 export const sharedVarFile = join(nomadDir, 'node.vars.hcl');

@@ -36,6 +36,11 @@ export const commands: CommandEntry[] = [
     module: 'apps/net-agent/src/main',
   },
   { name: 'dns', summary: 'authoritative DNS for sandbox names (serve)', module: 'apps/dns/src/main' },
+  {
+    name: 'proxy',
+    summary: 'ingress proxy: {port}-{sandboxId}.{domain} to that sandbox port (serve)',
+    module: 'apps/proxy/src/main',
+  },
   { name: 'vmm-sim', summary: 'the Firecracker test double (--api-sock <path>)', module: 'tools/vmm-sim/src/main' },
   {
     name: 'inspect-header',
@@ -67,6 +72,11 @@ export const commands: CommandEntry[] = [
     name: 'status',
     summary: 'sandboxes, slots, cache use, fault and NBD rates of the local node',
     module: 'tools/sbx/src/cli/status-command',
+  },
+  {
+    name: 'url',
+    summary: "the URL of a sandbox port through this node's ingress proxy: url <id> <port>",
+    module: 'tools/sbx/src/cli/url-command',
   },
   { name: 'builds', summary: 'builds cached on the node, with expiry', module: cli, exportName: 'buildsMain' },
   {

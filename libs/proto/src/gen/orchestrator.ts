@@ -46,7 +46,18 @@ export interface SandboxConfig {
   totalDiskSizeMb: number;
   snapshot: boolean;
   baseTemplateId: string;
-  autoPause?: boolean | undefined;
+  autoPause?:
+    | boolean
+    | undefined;
+  /**
+   * 19–21 and 23 (envd_access_token, execution_id, allow_internet_access, volumeMounts) are
+   * E2B's; left out until served, so the numbers stay reserved for them.
+   */
+  network?:
+    | SandboxNetworkConfig
+    | undefined;
+  /** Auto-resume policy for paused sandboxes. */
+  autoResume?: SandboxAutoResumeConfig | undefined;
 }
 
 export interface SandboxConfig_EnvVarsEntry {
@@ -57,6 +68,31 @@ export interface SandboxConfig_EnvVarsEntry {
 export interface SandboxConfig_MetadataEntry {
   key: string;
   value: string;
+}
+
+export interface SandboxAutoResumeConfig {
+  /** E2B's values: "off", "any". "any" lets the node's ingress proxy resume the sandbox on a request. */
+  policy: string;
+}
+
+export interface SandboxNetworkConfig {
+  egress?: SandboxNetworkEgressConfig | undefined;
+  ingress?: SandboxNetworkIngressConfig | undefined;
+}
+
+export interface SandboxNetworkEgressConfig {
+  allowedCidrs: string[];
+  deniedCidrs: string[];
+  allowedDomains: string[];
+}
+
+export interface SandboxNetworkIngressConfig {
+  /** Requests through the ingress proxy must carry it in header e2b-traffic-access-token. */
+  trafficAccessToken?:
+    | string
+    | undefined;
+  /** The Host header the guest sees instead of the proxy's. */
+  maskRequestHost?: string | undefined;
 }
 
 export interface SandboxCreateRequest {
@@ -124,6 +160,8 @@ function createBaseSandboxConfig(): SandboxConfig {
     snapshot: false,
     baseTemplateId: "",
     autoPause: undefined,
+    network: undefined,
+    autoResume: undefined,
   };
 }
 
@@ -182,6 +220,12 @@ export const SandboxConfig: MessageFns<SandboxConfig> = {
     }
     if (message.autoPause !== undefined) {
       writer.uint32(144).bool(message.autoPause);
+    }
+    if (message.network !== undefined) {
+      SandboxNetworkConfig.encode(message.network, writer.uint32(178).fork()).join();
+    }
+    if (message.autoResume !== undefined) {
+      SandboxAutoResumeConfig.encode(message.autoResume, writer.uint32(194).fork()).join();
     }
     return writer;
   },
@@ -349,6 +393,22 @@ export const SandboxConfig: MessageFns<SandboxConfig> = {
             message.autoPause = reader.bool();
             continue;
           }
+          case 22: {
+            if (tag !== 178) {
+              break;
+            }
+
+            message.network = SandboxNetworkConfig.decode(reader, reader.uint32());
+            continue;
+          }
+          case 24: {
+            if (tag !== 194) {
+              break;
+            }
+
+            message.autoResume = SandboxAutoResumeConfig.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -472,6 +532,12 @@ export const SandboxConfig: MessageFns<SandboxConfig> = {
         : isSet(object.auto_pause)
         ? globalThis.Boolean(object.auto_pause)
         : undefined,
+      network: isSet(object.network) ? SandboxNetworkConfig.fromJSON(object.network) : undefined,
+      autoResume: isSet(object.autoResume)
+        ? SandboxAutoResumeConfig.fromJSON(object.autoResume)
+        : isSet(object.auto_resume)
+        ? SandboxAutoResumeConfig.fromJSON(object.auto_resume)
+        : undefined,
     };
   },
 
@@ -543,6 +609,12 @@ export const SandboxConfig: MessageFns<SandboxConfig> = {
     if (message.autoPause !== undefined) {
       obj.autoPause = message.autoPause;
     }
+    if (message.network !== undefined) {
+      obj.network = SandboxNetworkConfig.toJSON(message.network);
+    }
+    if (message.autoResume !== undefined) {
+      obj.autoResume = SandboxAutoResumeConfig.toJSON(message.autoResume);
+    }
     return obj;
   },
 
@@ -585,6 +657,12 @@ export const SandboxConfig: MessageFns<SandboxConfig> = {
     message.snapshot = object.snapshot ?? false;
     message.baseTemplateId = object.baseTemplateId ?? "";
     message.autoPause = object.autoPause ?? undefined;
+    message.network = (object.network !== undefined && object.network !== null)
+      ? SandboxNetworkConfig.fromPartial(object.network)
+      : undefined;
+    message.autoResume = (object.autoResume !== undefined && object.autoResume !== null)
+      ? SandboxAutoResumeConfig.fromPartial(object.autoResume)
+      : undefined;
     return message;
   },
 };
@@ -755,6 +833,368 @@ export const SandboxConfig_MetadataEntry: MessageFns<SandboxConfig_MetadataEntry
     const message = createBaseSandboxConfig_MetadataEntry();
     message.key = object.key ?? "";
     message.value = object.value ?? "";
+    return message;
+  },
+};
+
+function createBaseSandboxAutoResumeConfig(): SandboxAutoResumeConfig {
+  return { policy: "" };
+}
+
+export const SandboxAutoResumeConfig: MessageFns<SandboxAutoResumeConfig> = {
+  encode(message: SandboxAutoResumeConfig, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.policy !== "") {
+      writer.uint32(10).string(message.policy);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SandboxAutoResumeConfig {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSandboxAutoResumeConfig();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.policy = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SandboxAutoResumeConfig {
+    return { policy: isSet(object.policy) ? globalThis.String(object.policy) : "" };
+  },
+
+  toJSON(message: SandboxAutoResumeConfig): unknown {
+    const obj: any = {};
+    if (message.policy !== "") {
+      obj.policy = message.policy;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<SandboxAutoResumeConfig>): SandboxAutoResumeConfig {
+    return SandboxAutoResumeConfig.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<SandboxAutoResumeConfig>): SandboxAutoResumeConfig {
+    const message = createBaseSandboxAutoResumeConfig();
+    message.policy = object.policy ?? "";
+    return message;
+  },
+};
+
+function createBaseSandboxNetworkConfig(): SandboxNetworkConfig {
+  return { egress: undefined, ingress: undefined };
+}
+
+export const SandboxNetworkConfig: MessageFns<SandboxNetworkConfig> = {
+  encode(message: SandboxNetworkConfig, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.egress !== undefined) {
+      SandboxNetworkEgressConfig.encode(message.egress, writer.uint32(10).fork()).join();
+    }
+    if (message.ingress !== undefined) {
+      SandboxNetworkIngressConfig.encode(message.ingress, writer.uint32(18).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SandboxNetworkConfig {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSandboxNetworkConfig();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.egress = SandboxNetworkEgressConfig.decode(reader, reader.uint32());
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.ingress = SandboxNetworkIngressConfig.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SandboxNetworkConfig {
+    return {
+      egress: isSet(object.egress) ? SandboxNetworkEgressConfig.fromJSON(object.egress) : undefined,
+      ingress: isSet(object.ingress) ? SandboxNetworkIngressConfig.fromJSON(object.ingress) : undefined,
+    };
+  },
+
+  toJSON(message: SandboxNetworkConfig): unknown {
+    const obj: any = {};
+    if (message.egress !== undefined) {
+      obj.egress = SandboxNetworkEgressConfig.toJSON(message.egress);
+    }
+    if (message.ingress !== undefined) {
+      obj.ingress = SandboxNetworkIngressConfig.toJSON(message.ingress);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<SandboxNetworkConfig>): SandboxNetworkConfig {
+    return SandboxNetworkConfig.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<SandboxNetworkConfig>): SandboxNetworkConfig {
+    const message = createBaseSandboxNetworkConfig();
+    message.egress = (object.egress !== undefined && object.egress !== null)
+      ? SandboxNetworkEgressConfig.fromPartial(object.egress)
+      : undefined;
+    message.ingress = (object.ingress !== undefined && object.ingress !== null)
+      ? SandboxNetworkIngressConfig.fromPartial(object.ingress)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseSandboxNetworkEgressConfig(): SandboxNetworkEgressConfig {
+  return { allowedCidrs: [], deniedCidrs: [], allowedDomains: [] };
+}
+
+export const SandboxNetworkEgressConfig: MessageFns<SandboxNetworkEgressConfig> = {
+  encode(message: SandboxNetworkEgressConfig, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    for (const v of message.allowedCidrs) {
+      writer.uint32(10).string(v!);
+    }
+    for (const v of message.deniedCidrs) {
+      writer.uint32(18).string(v!);
+    }
+    for (const v of message.allowedDomains) {
+      writer.uint32(26).string(v!);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SandboxNetworkEgressConfig {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSandboxNetworkEgressConfig();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.allowedCidrs.push(reader.string());
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.deniedCidrs.push(reader.string());
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.allowedDomains.push(reader.string());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SandboxNetworkEgressConfig {
+    return {
+      allowedCidrs: globalThis.Array.isArray(object?.allowedCidrs)
+        ? object.allowedCidrs.map((e: any) => globalThis.String(e))
+        : globalThis.Array.isArray(object?.allowed_cidrs)
+        ? object.allowed_cidrs.map((e: any) => globalThis.String(e))
+        : [],
+      deniedCidrs: globalThis.Array.isArray(object?.deniedCidrs)
+        ? object.deniedCidrs.map((e: any) => globalThis.String(e))
+        : globalThis.Array.isArray(object?.denied_cidrs)
+        ? object.denied_cidrs.map((e: any) => globalThis.String(e))
+        : [],
+      allowedDomains: globalThis.Array.isArray(object?.allowedDomains)
+        ? object.allowedDomains.map((e: any) => globalThis.String(e))
+        : globalThis.Array.isArray(object?.allowed_domains)
+        ? object.allowed_domains.map((e: any) => globalThis.String(e))
+        : [],
+    };
+  },
+
+  toJSON(message: SandboxNetworkEgressConfig): unknown {
+    const obj: any = {};
+    if (message.allowedCidrs?.length) {
+      obj.allowedCidrs = message.allowedCidrs;
+    }
+    if (message.deniedCidrs?.length) {
+      obj.deniedCidrs = message.deniedCidrs;
+    }
+    if (message.allowedDomains?.length) {
+      obj.allowedDomains = message.allowedDomains;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<SandboxNetworkEgressConfig>): SandboxNetworkEgressConfig {
+    return SandboxNetworkEgressConfig.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<SandboxNetworkEgressConfig>): SandboxNetworkEgressConfig {
+    const message = createBaseSandboxNetworkEgressConfig();
+    message.allowedCidrs = object.allowedCidrs?.map((e) => e) || [];
+    message.deniedCidrs = object.deniedCidrs?.map((e) => e) || [];
+    message.allowedDomains = object.allowedDomains?.map((e) => e) || [];
+    return message;
+  },
+};
+
+function createBaseSandboxNetworkIngressConfig(): SandboxNetworkIngressConfig {
+  return { trafficAccessToken: undefined, maskRequestHost: undefined };
+}
+
+export const SandboxNetworkIngressConfig: MessageFns<SandboxNetworkIngressConfig> = {
+  encode(message: SandboxNetworkIngressConfig, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.trafficAccessToken !== undefined) {
+      writer.uint32(10).string(message.trafficAccessToken);
+    }
+    if (message.maskRequestHost !== undefined) {
+      writer.uint32(18).string(message.maskRequestHost);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SandboxNetworkIngressConfig {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSandboxNetworkIngressConfig();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.trafficAccessToken = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.maskRequestHost = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SandboxNetworkIngressConfig {
+    return {
+      trafficAccessToken: isSet(object.trafficAccessToken)
+        ? globalThis.String(object.trafficAccessToken)
+        : isSet(object.traffic_access_token)
+        ? globalThis.String(object.traffic_access_token)
+        : undefined,
+      maskRequestHost: isSet(object.maskRequestHost)
+        ? globalThis.String(object.maskRequestHost)
+        : isSet(object.mask_request_host)
+        ? globalThis.String(object.mask_request_host)
+        : undefined,
+    };
+  },
+
+  toJSON(message: SandboxNetworkIngressConfig): unknown {
+    const obj: any = {};
+    if (message.trafficAccessToken !== undefined) {
+      obj.trafficAccessToken = message.trafficAccessToken;
+    }
+    if (message.maskRequestHost !== undefined) {
+      obj.maskRequestHost = message.maskRequestHost;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<SandboxNetworkIngressConfig>): SandboxNetworkIngressConfig {
+    return SandboxNetworkIngressConfig.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<SandboxNetworkIngressConfig>): SandboxNetworkIngressConfig {
+    const message = createBaseSandboxNetworkIngressConfig();
+    message.trafficAccessToken = object.trafficAccessToken ?? undefined;
+    message.maskRequestHost = object.maskRequestHost ?? undefined;
     return message;
   },
 };

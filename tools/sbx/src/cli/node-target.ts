@@ -8,6 +8,8 @@ export interface NodeRecord {
   sockets: Record<string, string>;
   startedAt: string;
   pid: number;
+  /** The ingress proxy, for `./sbx url`. */
+  proxy?: { port: number; domain: string };
 }
 
 /** The repository root: this file is dist/tools/sbx/src/cli/node-target.js. */

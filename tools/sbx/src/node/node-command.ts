@@ -9,8 +9,8 @@ import { Supervisor, type ServiceStatus } from './supervisor.js';
 
 const usage = `usage: ./sbx node up [--data-dir <dir>] [--grpc-host <addr>] [--grpc-port <port>] [--demo]
 
-Starts the five services of a local node (dns, net-agent, block-server, uffd-server,
-orchestrator) in dependency order, waits on their health, restarts a crashed one with
+Starts the six services of a local node (dns, net-agent, block-server, uffd-server,
+orchestrator, proxy on :5007) in dependency order, waits on their health, restarts a crashed one with
 backoff, and stops them all on Ctrl-C or SIGTERM.
   --data-dir   where the node keeps its bucket, caches, sockets and logs (default: $SBX_DATA_DIR or .sbx/node in the checkout)
   --grpc-host  the address the SandboxService listens on (default 127.0.0.1: it has no
@@ -102,6 +102,7 @@ export async function main(argv: string[]): Promise<number> {
     sockets: Object.fromEntries(specs.map((s) => [s.name, s.healthTarget])),
     startedAt: new Date().toISOString(),
     pid: process.pid,
+    proxy: { port: layout.proxyPort, domain: layout.proxyDomain },
   });
   if (values.demo && !stopping) {
     const { runDemo } = await import('./demo.js');

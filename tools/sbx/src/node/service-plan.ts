@@ -22,9 +22,12 @@ export interface LocalNodeLayout {
   bucketDir: string;
   cacheDir: string;
   logDir: string;
+  /** The ingress proxy's client port (E2B's node proxy: 5007) and the domain `./sbx url` prints. */
+  proxyPort: number;
+  proxyDomain: string;
 }
 
-export function localLayout(dataDir: string, grpcPort: number): LocalNodeLayout {
+export function localLayout(dataDir: string, grpcPort: number, proxyPort = 5007): LocalNodeLayout {
   return {
     dataDir,
     grpcPort,
@@ -33,6 +36,9 @@ export function localLayout(dataDir: string, grpcPort: number): LocalNodeLayout 
     grpcHost: '127.0.0.1',
     cacheDir: join(dataDir, 'cache'),
     logDir: join(dataDir, 'logs'),
+    proxyPort,
+    // *.localhost resolves to loopback in curl and browsers (RFC 6761 §6.3).
+    proxyDomain: 'localhost',
   };
 }
 
@@ -41,7 +47,7 @@ export function controlSocket(layout: LocalNodeLayout, service: string): string 
 }
 
 /**
- * The five services of a local node (DESIGN.md §7), in dependency order: a local directory
+ * The six services of a local node (DESIGN.md §7), in dependency order: a local directory
  * as the bucket, memory slot reservation, DNS on loopback.
  */
 export function localServicePlan(layout: LocalNodeLayout): ServiceSpec[] {
@@ -127,6 +133,23 @@ export function localServicePlan(layout: LocalNodeLayout): ServiceSpec[] {
       healthTarget: sock('orchestrator'),
       dependsOn: ['dns', 'net-agent', 'block-server', 'uffd-server'],
       env: storageEnv,
+    },
+    {
+      name: 'proxy',
+      args: [
+        'serve',
+        '--listen',
+        `0.0.0.0:${layout.proxyPort}`,
+        '--domain',
+        layout.proxyDomain,
+        '--control-socket',
+        sock('proxy'),
+        '--orchestrator-socket',
+        sock('orchestrator'),
+      ],
+      healthTarget: sock('proxy'),
+      // Starts without the orchestrator (it waits for its routes), but its routes come from there.
+      dependsOn: ['orchestrator'],
     },
   ];
 }

@@ -1,0 +1,107 @@
+import { createServer as createHttpServer, type Server as HttpServer } from 'node:http';
+import { createServer as createH2Server, type Http2Server } from 'node:http2';
+import { createServer, type Server, type Socket } from 'node:net';
+import type { Logger } from '#logging';
+import type { H2Forwarder } from './h2-forwarder.js';
+import type { Http1Forwarder } from './http1-forwarder.js';
+import type { ProxyMetrics } from './proxy-metrics.js';
+
+// RFC 9113 §3.4: a client that knows the server speaks h2c starts with this preface.
+const H2_PREFACE = Buffer.from('PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n');
+
+export interface ProtocolListenerOptions {
+  host: string;
+  port: number;
+  http1: Http1Forwarder;
+  h2: H2Forwarder;
+  metrics: ProxyMetrics;
+  logger: Logger;
+  idleTimeoutMs: number;
+}
+
+/**
+ * One TCP port for HTTP/1.1 (with Upgrade) and HTTP/2 with prior knowledge: the first bytes of
+ * each connection decide which server gets it (the h2 preface, or anything else).
+ */
+export class ProtocolListener {
+  private constructor(
+    private readonly sockets: Set<Socket>,
+    private readonly server: Server,
+    private readonly http1: HttpServer,
+    private readonly h2: Http2Server,
+    readonly port: number,
+  ) {}
+
+  static async start(o: ProtocolListenerOptions): Promise<ProtocolListener> {
+    const http1 = createHttpServer({ requestTimeout: 0, headersTimeout: 60_000, noDelay: true }, (req, res) =>
+      o.http1.handleRequest(req, res),
+    );
+    http1.keepAliveTimeout = o.idleTimeoutMs;
+    http1.on('upgrade', (req, socket, head) => o.http1.handleUpgrade(req, socket, head));
+    http1.on('clientError', (err: NodeJS.ErrnoException, socket) => {
+      if (socket.writable && err.code !== 'ECONNRESET') {
+        socket.end('HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n');
+      } else socket.destroy();
+    });
+    const h2 = createH2Server({ settings: { enableConnectProtocol: false } });
+    h2.on('stream', (stream, headers) => o.h2.handleStream(stream, headers, stream.session?.socket?.remoteAddress));
+    h2.on('sessionError', () => undefined);
+    h2.setTimeout(o.idleTimeoutMs);
+
+    const sockets = new Set<Socket>();
+    const server = createServer({ noDelay: true, pauseOnConnect: false }, (socket) => {
+      sockets.add(socket);
+      socket.once('close', () => sockets.delete(socket));
+      socket.on('error', () => undefined);
+      let seen: Buffer = Buffer.alloc(0);
+      const onData = (chunk: Buffer) => {
+        seen = seen.length ? Buffer.concat([seen, chunk]) : chunk;
+        const n = Math.min(seen.length, H2_PREFACE.length);
+        const couldBeH2 = seen.subarray(0, n).equals(H2_PREFACE.subarray(0, n));
+        if (couldBeH2 && seen.length < H2_PREFACE.length) return;
+        socket.off('data', onData);
+        socket.pause();
+        socket.unshift(seen);
+        const protocol = couldBeH2 ? 'h2' : 'http1';
+        o.metrics.connections.inc({ protocol });
+        socket.once('close', () => o.metrics.connections.dec({ protocol }));
+        if (couldBeH2) {
+          // The h2 session reads the socket's handle itself and picks up the unshifted bytes;
+          // resuming the JS stream here would steal frames from it.
+          h2.emit('connection', socket);
+        } else {
+          http1.emit('connection', socket);
+          socket.resume();
+        }
+      };
+      socket.on('data', onData);
+    });
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen(o.port, o.host, () => {
+        server.off('error', reject);
+        resolve();
+      });
+    });
+    const address = server.address();
+    return new ProtocolListener(
+      sockets,
+      server,
+      http1,
+      h2,
+      typeof address === 'object' && address ? address.port : o.port,
+    );
+  }
+
+  get openConnections(): number {
+    return this.sockets.size;
+  }
+
+  /** Stops listening and drops every client connection (in-flight requests with them). */
+  async close(): Promise<void> {
+    const closed = new Promise<void>((resolve) => this.server.close(() => resolve()));
+    for (const s of this.sockets) s.destroy();
+    this.http1.closeAllConnections();
+    await closed;
+  }
+}

@@ -1,0 +1,157 @@
+# proxy: the node's ingress proxy; {port}-{sandboxId}.{domain} requests to that sandbox port,
+# routes from the orchestrator's control socket, one per sandbox node.
+#
+#   nomad job run -var-file=deploy/nomad/node.vars.hcl deploy/nomad/proxy.nomad.hcl
+
+# Shared by every sbx job, so one var-file serves them all: Nomad rejects a var-file that sets a
+# variable the job does not declare (hashicorp/nomad#16136).
+variable "sbx_root" {
+  type        = string
+  default     = "/opt/sbx"
+  description = "Absolute path of the built checkout on every node (holds ./sbx, dist/, node_modules/)."
+}
+
+variable "datacenters" {
+  type    = list(string)
+  default = ["*"]
+}
+
+variable "node_pool" {
+  type        = string
+  default     = "default"
+  description = "Node pool of the sandbox nodes (Nomad >= 1.6)."
+}
+
+variable "uffd_sockets" {
+  type        = list(string)
+  default     = ["/run/sbx/uffd-server-0.sock", "/run/sbx/uffd-server-1.sock"]
+  description = "Control socket of each uffd-server instance on a node; one task group per entry."
+}
+
+variable "block_sockets" {
+  type        = list(string)
+  default     = ["/run/sbx/block-server-0.sock", "/run/sbx/block-server-1.sock"]
+  description = "Control socket of each block-server instance on a node; one task group per entry."
+}
+
+variable "dns_listen" {
+  type        = string
+  default     = "127.0.0.4:53"
+  description = "UDP and TCP address the resolver answers on (<ip>:<port>)."
+}
+
+job "sbx-proxy" {
+  type        = "system"
+  datacenters = var.datacenters
+  node_pool   = var.node_pool
+  priority    = 80
+
+  constraint {
+    attribute = "${attr.kernel.name}"
+    value     = "linux"
+  }
+
+  update {
+    max_parallel = 1
+    stagger      = "30s"
+  }
+
+  group "proxy" {
+    network {
+      # Where the edge sends {port}-{sandboxId}.{domain} requests for sandboxes on this node
+      # (E2B's node proxy port).
+      port "http" {
+        static = 5007
+      }
+      port "metrics" {
+        static = 9465
+      }
+    }
+
+    # A node agent has nowhere else to go: keep restarting it in place, never give up.
+    restart {
+      attempts = 5
+      interval = "5m"
+      delay    = "5s"
+      mode     = "delay"
+    }
+
+    task "proxy" {
+      # raw_exec: reaches sandboxes at their host IPs, which route only in the host's namespace;
+      # see README.md "Driver".
+      driver = "raw_exec"
+
+      config {
+        command = "${var.sbx_root}/sbx"
+        args = [
+          "proxy", "serve",
+          "--listen", "0.0.0.0:${NOMAD_PORT_http}",
+          "--orchestrator-socket", "/run/sbx/orchestrator.sock",
+          "--control-socket", "/run/sbx/proxy.sock",
+          "--metrics-host", "${NOMAD_IP_metrics}",
+          "--metrics-port", "${NOMAD_PORT_metrics}",
+        ]
+      }
+
+      # Node-wide settings from the Nomad variable nomad/jobs, then this job's own from
+      # nomad/jobs/sbx-proxy (domain -> SBX_PROXY_DOMAIN). Both optional. noop: restart the task
+      # to apply (a restart drops client connections only; sandboxes are not touched).
+      template {
+        destination = "secrets/sbx.env"
+        env         = true
+        change_mode = "noop"
+        data        = <<-EOT
+          {{- if nomadVarExists "nomad/jobs" }}{{ with nomadVar "nomad/jobs" }}{{ range $k, $v := . }}
+          SBX_{{ $k | toUpper }}={{ $v.Value | toJSON }}{{ end }}{{ end }}{{ end }}
+          {{- if nomadVarExists "nomad/jobs/sbx-proxy" }}{{ with nomadVar "nomad/jobs/sbx-proxy" }}{{ range $k, $v := . }}
+          SBX_PROXY_{{ $k | toUpper }}={{ $v.Value | toJSON }}{{ end }}{{ end }}{{ end }}
+        EOT
+      }
+
+      kill_signal  = "SIGTERM"
+      kill_timeout = "15s"
+
+      resources {
+        cpu    = 500
+        memory = 256
+      }
+
+      service {
+        name = "sbx-proxy"
+        port = "metrics"
+        tags = ["sbx", "metrics"]
+        meta {
+          socket       = "/run/sbx/proxy.sock"
+          metrics_path = "/metrics"
+        }
+
+        check {
+          name     = "grpc-health"
+          type     = "script"
+          command  = "${var.sbx_root}/sbx"
+          args     = ["health", "/run/sbx/proxy.sock"]
+          interval = "10s"
+          timeout  = "5s"
+
+          check_restart {
+            limit = 3
+            grace = "30s"
+          }
+        }
+      }
+
+      service {
+        name = "sbx-proxy-http"
+        port = "http"
+        tags = ["sbx", "ingress"]
+
+        check {
+          name     = "http-port"
+          type     = "tcp"
+          interval = "10s"
+          timeout  = "2s"
+        }
+      }
+    }
+  }
+}
