@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { bootImagePage, bootSeed } from '../src/boot-image.js';
 import { decodeSnapfile } from '../src/snapfile.js';
-import { holdings as holdingsOf } from './service-process.js';
+import { holdings as holdingsOf } from './holdings.js';
 import { httpRequest, VmmSimProcess, pickGuestPort } from './vmm-sim-process.js';
 
 // Sequences and messages from Firecracker's API (rpc_interface.rs, persist.rs) and its
@@ -144,7 +144,7 @@ describe('vmm-sim API conformance', () => {
     const info = await vmm.api('GET', '/');
     expect(info.status).toBe(200);
     expect(info.body).toMatchObject({ state: 'Not started' });
-    expect(vmm.exitCode).toBeUndefined();
+    expect(vmm.service.running).toBe(true);
   });
 
   it('keeps MMDS: GET before PUT is {}, PATCH needs a PUT first, PATCH merges', async () => {

@@ -4,7 +4,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { reserveHugePages, type HugePageReservation } from '#test-kit';
-import { ServiceProcess } from './service-process.js';
+import { fileExists, ServiceProcess } from '#test-kit';
 import { httpRequest, VmmSimProcess, pickGuestPort } from './vmm-sim-process.js';
 
 // 2 MiB guest pages: the test reserves the hugetlb pages it needs (vm.nr_hugepages, as root)
@@ -47,10 +47,10 @@ describe('2 MiB guest pages (upstream Firecracker mode)', () => {
     let parent = { snap: join(dir, 's0'), mem: join(dir, 'm0') };
     for (let generation = 1; generation <= 2; generation++) {
       const uffdSock = join(dir, `uffd-${generation}.sock`);
-      const uffd = await ServiceProcess.start(
-        ['uffd-server', 'serve-file', '--memfile', parent.mem, '--socket', uffdSock, '--page-size', String(HUGE)],
-        uffdSock,
-      );
+      const uffd = await ServiceProcess.start({
+        args: ['uffd-server', 'serve-file', '--memfile', parent.mem, '--socket', uffdSock, '--page-size', String(HUGE)],
+        ready: fileExists(uffdSock),
+      });
       const port = pickGuestPort();
       const b = await VmmSimProcess.start(join(dir, `b-${generation}.sock`), ['--guest-listen', `127.0.0.1:${port}`]);
       const guest = { host: '127.0.0.1', port };

@@ -2,10 +2,11 @@ import { mkdirSync, mkdtempSync, rmSync, symlinkSync, writeFileSync } from 'node
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { dial, unary, waitForServing } from '#grpc';
+import { dial, unary } from '#grpc';
 import { UffdServerClient } from '#proto/sbx/uffd';
-import { holdings, ServiceProcess, type Holdings } from './service-process.js';
-import { eventually, httpRequest, VmmSimProcess, pickGuestPort } from './vmm-sim-process.js';
+import { acceptsConnections, eventually, grpcServing, ServiceProcess } from '#test-kit';
+import { holdings, type Holdings } from './holdings.js';
+import { httpRequest, VmmSimProcess, pickGuestPort } from './vmm-sim-process.js';
 
 // Must-show: killing the VMM at any point leaves nothing on the uffd-server and block-server
 // side. Both run as they do on a node (uffd-server as the gRPC service, the sandbox prepared
@@ -51,17 +52,17 @@ beforeAll(async () => {
   await template.stop();
 
   const nbdSock = join(dir, 'nbd.sock');
-  blockServer = await ServiceProcess.start(
-    ['block-server', 'serve', '--base', join(dir, 'rootfs.ext4'), '--socket', nbdSock],
-    nbdSock,
-  );
+  blockServer = await ServiceProcess.start({
+    args: ['block-server', 'serve', '--base', join(dir, 'rootfs.ext4'), '--socket', nbdSock],
+    ready: acceptsConnections(nbdSock),
+  });
   rmSync(link);
   symlinkSync(nbdSock, link);
 
   const ctl = join(dir, 'uffd-ctl.sock');
   mkdirSync(join(dir, 'bucket'));
-  uffdServer = await ServiceProcess.start(
-    [
+  uffdServer = await ServiceProcess.start({
+    args: [
       'uffd-server',
       'serve',
       '--control-socket',
@@ -73,9 +74,8 @@ beforeAll(async () => {
       '--metrics-port',
       '0',
     ],
-    ctl,
-  );
-  await waitForServing(ctl);
+    ready: grpcServing(ctl),
+  });
   client = dial(UffdServerClient, ctl);
   await unary(client, client.list, {});
   uffdBaseline = holdings(uffdServer.pid);
@@ -125,25 +125,22 @@ async function expectPeersClean(id: string, vmm: VmmSimProcess): Promise<void> {
   await vmm.exited;
   // The uffd-server sees its peer go away on its own: serving ends, the uffd and the
   // handshake connection are closed before anyone tells it anything.
-  const state = await eventually('uffd-server to notice the VMM is gone', async () => {
-    const s = await unary(client, client.stats, { sandboxId: id });
-    return s.state === 'peer-gone' || s.state === 'failed' ? s.state : undefined;
-  });
+  const state = await eventually(
+    async () => {
+      const s = await unary(client, client.stats, { sandboxId: id });
+      return s.state === 'peer-gone' || s.state === 'failed' ? s.state : undefined;
+    },
+    { what: 'uffd-server to notice the VMM is gone' },
+  );
   expect(state).toBe('peer-gone');
   const afterPeer = holdings(uffdServer.pid);
   expect(fdsOf(afterPeer, /userfaultfd/)).toEqual([]);
   expect(fdsOf(afterPeer, /^socket:/).length).toBe(fdsOf(uffdBaseline, /^socket:/).length);
   // What remains is what an export would need; the orchestrator's Stop releases it.
   await unary(client, client.stop, { sandboxId: id });
-  await eventually('uffd-server fds and mappings back to the baseline', () => {
-    const now = holdings(uffdServer.pid);
-    return JSON.stringify(now) === JSON.stringify(uffdBaseline) ? true : undefined;
-  }).catch(() => expect(holdings(uffdServer.pid)).toEqual(uffdBaseline));
+  await eventually(() => expect(holdings(uffdServer.pid)).toEqual(uffdBaseline));
   // The block-server drops the dead NBD connection.
-  await eventually('block-server fds and mappings back to the baseline', () => {
-    const now = holdings(blockServer.pid);
-    return JSON.stringify(now) === JSON.stringify(blockBaseline) ? true : undefined;
-  }).catch(() => expect(holdings(blockServer.pid)).toEqual(blockBaseline));
+  await eventually(() => expect(holdings(blockServer.pid)).toEqual(blockBaseline));
 }
 
 describe('killing the VMM leaves nothing on the uffd-server and block-server side', () => {
@@ -160,10 +157,13 @@ describe('killing the VMM leaves nothing on the uffd-server and block-server sid
     const hashing = httpRequest(guest, 'GET', `/_test/memory/hash?offset=0&length=${MEM_MIB << 20}`).catch(
       () => undefined,
     );
-    await eventually('faults to be served', async () => {
-      const s = await unary(client, client.stats, { sandboxId: id });
-      return Number(s.faults) > 0 ? true : undefined;
-    });
+    await eventually(
+      async () => {
+        const s = await unary(client, client.stats, { sandboxId: id });
+        return Number(s.faults) > 0 ? true : undefined;
+      },
+      { what: 'faults to be served' },
+    );
     // While serving, the peers hold what the comparison must see go: the memfd, the uffd,
     // the handshake connection; the NBD connection.
     const serving = holdings(uffdServer.pid);

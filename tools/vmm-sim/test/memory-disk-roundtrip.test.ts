@@ -3,7 +3,7 @@ import { mkdtempSync, readFileSync, rmSync, symlinkSync, unlinkSync, writeFileSy
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeAll, afterAll, describe, expect, it } from 'vitest';
-import { ServiceProcess } from './service-process.js';
+import { acceptsConnections, fileExists, ServiceProcess } from '#test-kit';
 import { httpBytes, httpRequest, VmmSimProcess, pickGuestPort } from './vmm-sim-process.js';
 
 // Must-show: the double against a running uffd-server and block-server, no orchestrator.
@@ -78,8 +78,8 @@ describe.each([
     // 2. The rootfs now comes from the block-server: the recorded path points at its NBD socket,
     //    as the orchestrator's private mount namespace makes it point at the sandbox's device.
     const nbdSock = join(dir, `${tag}-nbd.sock`);
-    const block = await ServiceProcess.start(
-      [
+    const block = await ServiceProcess.start({
+      args: [
         'block-server',
         'serve',
         '--base',
@@ -89,17 +89,17 @@ describe.each([
         '--overlay',
         join(dir, `${tag}-overlay`),
       ],
-      nbdSock,
-    );
+      ready: acceptsConnections(nbdSock),
+    });
     cleanup.push(() => block.stop('SIGTERM'));
     unlinkSync(link);
     symlinkSync(nbdSock, link);
 
     const uffd1Sock = join(dir, `${tag}-uffd1.sock`);
-    const uffd1 = await ServiceProcess.start(
-      ['uffd-server', 'serve-file', '--memfile', snap0.mem_file_path, '--socket', uffd1Sock],
-      uffd1Sock,
-    );
+    const uffd1 = await ServiceProcess.start({
+      args: ['uffd-server', 'serve-file', '--memfile', snap0.mem_file_path, '--socket', uffd1Sock],
+      ready: fileExists(uffd1Sock),
+    });
     cleanup.push(() => uffd1.stop('SIGKILL'));
 
     const b = await vmm(flags);
@@ -160,10 +160,10 @@ describe.each([
 
     // 3. A second instance from that snapshot, memory again through the uffd-server.
     const uffd2Sock = join(dir, `${tag}-uffd2.sock`);
-    const uffd2 = await ServiceProcess.start(
-      ['uffd-server', 'serve-file', '--memfile', snap1.mem_file_path, '--socket', uffd2Sock],
-      uffd2Sock,
-    );
+    const uffd2 = await ServiceProcess.start({
+      args: ['uffd-server', 'serve-file', '--memfile', snap1.mem_file_path, '--socket', uffd2Sock],
+      ready: fileExists(uffd2Sock),
+    });
     cleanup.push(() => uffd2.stop('SIGKILL'));
     const c = await vmm(flags);
     await c.vm.ok('PUT', '/snapshot/load', {

@@ -1,10 +1,10 @@
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { existsSync } from 'node:fs';
 import { mkdtemp, rm, truncate, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { fileExists, ServiceProcess } from '#test-kit';
 import { openGuestDisk, type GuestDisk } from '../src/guest-disk.js';
 
 /*
@@ -21,29 +21,23 @@ const SIZE = 4 * 1024 * 1024;
 let dir: string;
 let socket: string;
 let image: string;
-let server: ChildProcess | undefined;
+let server: ServiceProcess | undefined;
 let disk: GuestDisk | undefined;
 
 async function startServer(file = image): Promise<void> {
   await rm(socket, { force: true });
-  const child = spawn('nbdkit', ['-f', '--exit-with-parent', '-U', socket, 'file', `file=${file}`], {
-    stdio: 'ignore',
+  server = await ServiceProcess.start({
+    name: 'nbdkit',
+    launcher: ['nbdkit'],
+    args: ['-f', '--exit-with-parent', '-U', socket, 'file', `file=${file}`],
+    ready: fileExists(socket),
+    readyTimeoutMs: 10_000,
   });
-  server = child;
-  const deadline = Date.now() + 10_000;
-  while (!existsSync(socket)) {
-    if (Date.now() > deadline || child.exitCode !== null) throw new Error('nbdkit did not start');
-    await new Promise((r) => setTimeout(r, 20));
-  }
 }
 
 async function killServer(): Promise<void> {
-  const child = server;
+  await server?.kill();
   server = undefined;
-  if (!child || child.exitCode !== null) return;
-  const exited = new Promise((r) => child.once('exit', r));
-  child.kill('SIGKILL');
-  await exited;
 }
 
 beforeEach(async () => {

@@ -3,9 +3,9 @@ import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'nod
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { dial, unary, waitForServing } from '#grpc';
+import { dial, unary } from '#grpc';
 import { UffdServerClient } from '#proto/sbx/uffd';
-import { ServiceProcess } from './service-process.js';
+import { grpcServing, ServiceProcess } from '#test-kit';
 import { httpRequest, VmmSimProcess, pickGuestPort } from './vmm-sim-process.js';
 
 // The pause sequence of DESIGN.md §3 between the double and the uffd-server service: load
@@ -39,8 +39,8 @@ beforeAll(async () => {
   await template.stop();
   const ctl = join(dir, 'uffd-ctl.sock');
   mkdirSync(join(dir, 'bucket'));
-  uffdServer = await ServiceProcess.start(
-    [
+  uffdServer = await ServiceProcess.start({
+    args: [
       'uffd-server',
       'serve',
       '--control-socket',
@@ -52,9 +52,8 @@ beforeAll(async () => {
       '--metrics-port',
       '0',
     ],
-    ctl,
-  );
-  await waitForServing(ctl);
+    ready: grpcServing(ctl),
+  });
   client = dial(UffdServerClient, ctl);
 }, 60_000);
 
@@ -69,27 +68,76 @@ afterAll(async () => {
 });
 
 describe.each([
-  { mode: 'async', tracking: 'wp-async', exact: true, memfd: true },
-  { mode: 'sync', tracking: 'wp-sync', exact: true, memfd: false },
-  { mode: 'off', tracking: 'present', exact: false, memfd: false },
-])('pause and export with --e2b-fork-write-protect $mode', ({ mode, tracking, exact, memfd }) => {
+  // Upstream Firecracker (the double's default): no write-protect; the written pages come from
+  // Firecracker's own Diff snapshot (dirty log), so prefetch may run.
+  {
+    name: 'upstream, Diff dirty log',
+    mode: '',
+    snapshot: 'Diff',
+    vmmDirtyLog: true,
+    tracking: 'vmm-dirty-log',
+    exact: true,
+    memfd: false,
+    prefetch: 2 << 20,
+  },
+  {
+    name: 'upstream, Diff dirty log, memfd',
+    mode: '',
+    snapshot: 'Diff',
+    vmmDirtyLog: true,
+    tracking: 'vmm-dirty-log',
+    exact: true,
+    memfd: true,
+    prefetch: 2 << 20,
+  },
+  {
+    name: 'upstream, present pages',
+    mode: '',
+    snapshot: 'Full',
+    vmmDirtyLog: false,
+    tracking: 'present',
+    exact: false,
+    memfd: false,
+    prefetch: 0,
+  },
+  {
+    name: 'E2B fork async',
+    mode: 'async',
+    snapshot: 'Full',
+    vmmDirtyLog: false,
+    tracking: 'wp-async',
+    exact: true,
+    memfd: true,
+    prefetch: 2 << 20,
+  },
+  {
+    name: 'E2B fork sync',
+    mode: 'sync',
+    snapshot: 'Full',
+    vmmDirtyLog: false,
+    tracking: 'wp-sync',
+    exact: true,
+    memfd: false,
+    prefetch: 2 << 20,
+  },
+])('pause and export ($name)', ({ name, mode, snapshot, vmmDirtyLog, tracking, exact, memfd, prefetch }) => {
   it(`exports ${exact ? 'exactly the pages written' : 'every present page'} (${tracking})`, async () => {
-    const id = `pause-${mode}`;
+    const id = `pause-${name.replace(/[^a-z]+/g, '-')}`;
     const socketPath = join(dir, `${id}.sock`);
     await unary(client, client.prepare, {
       sandboxId: id,
       socketPath,
       buildId: '',
       pageSize: PAGE,
-      prefetchBytes: 0,
+      // 0 is the server's default; 1 byte rounds to no prefetch beyond the faulted page.
+      prefetchBytes: prefetch || 1,
       memfilePath: snap0.mem_file_path,
     });
     const guestPort = pickGuestPort();
     const flags = [
       '--guest-listen',
       `127.0.0.1:${guestPort}`,
-      '--e2b-fork-write-protect',
-      mode,
+      ...(mode ? ['--e2b-fork-write-protect', mode] : []),
       ...(memfd ? ['--share-memfd'] : []),
     ];
     const vmm = await VmmSimProcess.start(join(dir, `${id}-fc.sock`), flags);
@@ -115,7 +163,7 @@ describe.each([
     await vmm.ok('PATCH', '/vm', { state: 'Paused' });
     await unary(client, client.stopSourcing, { sandboxId: id });
     const snap = {
-      snapshot_type: 'Full',
+      snapshot_type: snapshot,
       snapshot_path: join(dir, `${id}.snap`),
       mem_file_path: join(dir, `${id}.mem`),
     };
@@ -125,7 +173,8 @@ describe.each([
       sandboxId: id,
       newBuildId: randomUUID(),
       diffPath,
-      memfilePath: memfd ? '' : snap.mem_file_path,
+      memfilePath: memfd && !vmmDirtyLog ? '' : snap.mem_file_path,
+      vmmDirtyLog,
     });
     expect(exported.tracking).toBe(tracking);
     if (exact) {

@@ -2,10 +2,10 @@ import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync,
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { dial, unary, waitForServing } from '#grpc';
+import { dial, unary } from '#grpc';
 import { UffdServerClient } from '#proto/sbx/uffd';
-import { ServiceProcess } from './service-process.js';
-import { eventually, httpRequest, pickGuestPort, VmmSimProcess } from './vmm-sim-process.js';
+import { acceptsConnections, eventually, grpcServing, ServiceProcess } from '#test-kit';
+import { httpRequest, pickGuestPort, VmmSimProcess } from './vmm-sim-process.js';
 
 // A VMM whose peers died under it (the uffd-server and block-server stopped at the same moment
 // as everything else, e.g. a Ctrl-C that reached every process) must still end on SIGTERM: its
@@ -52,14 +52,14 @@ function threadWaits(pid: number): string[] {
 describe('vmm-sim whose peers are gone', () => {
   it('ends on SIGTERM with its vCPU frozen in a fault and its NBD server gone', async () => {
     const nbdSock = join(dir, 'nbd.sock');
-    const blockServer = await ServiceProcess.start(
-      ['block-server', 'serve', '--base', join(dir, 'rootfs.ext4'), '--socket', nbdSock],
-      nbdSock,
-    );
+    const blockServer = await ServiceProcess.start({
+      args: ['block-server', 'serve', '--base', join(dir, 'rootfs.ext4'), '--socket', nbdSock],
+      ready: acceptsConnections(nbdSock),
+    });
     const ctl = join(dir, 'uffd-ctl.sock');
     mkdirSync(join(dir, 'bucket'), { recursive: true });
-    const uffdServer = await ServiceProcess.start(
-      [
+    const uffdServer = await ServiceProcess.start({
+      args: [
         'uffd-server',
         'serve',
         '--control-socket',
@@ -71,13 +71,12 @@ describe('vmm-sim whose peers are gone', () => {
         '--metrics-port',
         '0',
       ],
-      ctl,
-    );
+      ready: grpcServing(ctl),
+    });
     rmSync(join(dir, 'rootfs.link'));
     symlinkSync(nbdSock, join(dir, 'rootfs.link'));
     let vmm: VmmSimProcess | undefined;
     try {
-      await waitForServing(ctl);
       const client = dial(UffdServerClient, ctl);
       const socketPath = join(dir, 'orphan-uffd.sock');
       await unary(client, client.prepare, {
@@ -105,9 +104,9 @@ describe('vmm-sim whose peers are gone', () => {
         (err: Error) => err,
       );
       const pid = vmm.pid;
-      await eventually('the vCPU to wait in a userfault', () =>
-        threadWaits(pid).some((w) => w.includes('userfault')) ? true : undefined,
-      );
+      await eventually(() => (threadWaits(pid).some((w) => w.includes('userfault')) ? true : undefined), {
+        what: 'the vCPU to wait in a userfault',
+      });
       await vmm.stop('SIGTERM');
       await hashing;
       expect(() => process.kill(pid, 0)).toThrow();

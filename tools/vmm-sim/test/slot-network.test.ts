@@ -3,7 +3,8 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { eventually, VmmSimProcess } from './vmm-sim-process.js';
+import { eventually } from '#test-kit';
+import { VmmSimProcess } from './vmm-sim-process.js';
 
 // The guest inside a net-agent-style slot: a throwaway namespace this test creates with a
 // persistent tap0 at 169.254.0.22/30 (as net-agent leaves it). The double runs in it via
@@ -122,7 +123,7 @@ describe('guest network in a slot', () => {
     expect(guestStatus('/health')).toBe('204');
     await killed.stop('SIGKILL');
     // The kernel tears the guest namespace down asynchronously; the veth pair goes with it.
-    await eventually('the veth pair to go', () => (tap0() === undefined ? true : undefined));
+    await eventually(() => (tap0() === undefined ? true : undefined), { what: 'the veth pair to go' });
     expect(links().map((l) => l.ifname)).toEqual(['lo']);
     const next = await bootInSlot('c');
     expect(guestStatus('/health')).toBe('204');
@@ -137,7 +138,7 @@ describe('guest network in a slot', () => {
     expect(tap0()?.linkinfo?.info_kind).toBe('veth');
     expect(guestStatus('/health')).toBe('204');
     await vmm.stop('SIGKILL');
-    await eventually('the veth pair to go', () => (tap0() === undefined ? true : undefined));
+    await eventually(() => (tap0() === undefined ? true : undefined), { what: 'the veth pair to go' });
     // Put the slot back for whoever runs next.
     const next = await bootInSlot('e');
     expect(await next.stop('SIGTERM')).toBe(0);

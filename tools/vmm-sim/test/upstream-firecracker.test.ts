@@ -17,7 +17,7 @@ import {
   uffdFeaturesOfFd,
   watchReadable,
 } from '#native';
-import { ServiceProcess } from './service-process.js';
+import { fileExists, ServiceProcess } from '#test-kit';
 import { httpBytes, httpRequest, VmmSimProcess, pickGuestPort } from './vmm-sim-process.js';
 
 // The double in its default mode must behave as upstream Firecracker v1.16.1 did on this
@@ -214,10 +214,19 @@ describe('vmm-sim default mode is upstream Firecracker v1.16', () => {
     { tracking: true, what: 'only the pages written since load (dirty log)' },
   ])('writes a Diff snapshot of $what (enable_diff_snapshots $tracking)', async ({ tracking }) => {
     const uffdSock = join(dir, `diff-${tracking}.sock`);
-    const uffd = await ServiceProcess.start(
-      ['uffd-server', 'serve-file', '--memfile', template.mem_file_path, '--socket', uffdSock, '--prefetch-bytes', '0'],
-      uffdSock,
-    );
+    const uffd = await ServiceProcess.start({
+      args: [
+        'uffd-server',
+        'serve-file',
+        '--memfile',
+        template.mem_file_path,
+        '--socket',
+        uffdSock,
+        '--prefetch-bytes',
+        '0',
+      ],
+      ready: fileExists(uffdSock),
+    });
     cleanup.push(() => uffd.stop('SIGKILL'));
     const { vm, guest } = await startVmm();
     await vm.ok('PUT', '/snapshot/load', {
@@ -283,10 +292,10 @@ describe('vmm-sim default mode is upstream Firecracker v1.16', () => {
     let parent = template;
     for (let generation = 1; generation <= 2; generation++) {
       const uffdSock = join(dir, `chain-${generation}.sock`);
-      const uffd = await ServiceProcess.start(
-        ['uffd-server', 'serve-file', '--memfile', parent.mem_file_path, '--socket', uffdSock],
-        uffdSock,
-      );
+      const uffd = await ServiceProcess.start({
+        args: ['uffd-server', 'serve-file', '--memfile', parent.mem_file_path, '--socket', uffdSock],
+        ready: fileExists(uffdSock),
+      });
       cleanup.push(() => uffd.stop('SIGKILL'));
       const { vm, guest } = await startVmm();
       await vm.ok('PUT', '/snapshot/load', {
@@ -317,10 +326,10 @@ describe('vmm-sim default mode is upstream Firecracker v1.16', () => {
       parent = next;
     }
     const uffdSock = join(dir, 'chain-last.sock');
-    const uffd = await ServiceProcess.start(
-      ['uffd-server', 'serve-file', '--memfile', parent.mem_file_path, '--socket', uffdSock],
-      uffdSock,
-    );
+    const uffd = await ServiceProcess.start({
+      args: ['uffd-server', 'serve-file', '--memfile', parent.mem_file_path, '--socket', uffdSock],
+      ready: fileExists(uffdSock),
+    });
     cleanup.push(() => uffd.stop('SIGKILL'));
     const { vm, guest } = await startVmm();
     await vm.ok('PUT', '/snapshot/load', {

@@ -1,10 +1,5 @@
-import { spawn, type ChildProcess } from 'node:child_process';
-import { existsSync } from 'node:fs';
 import { request } from 'node:http';
-import { dirname, join, resolve } from 'node:path';
-import { fileURLToPath } from 'node:url';
-
-export const repoRoot = resolve(dirname(fileURLToPath(import.meta.url)), '../../..');
+import { eventually, ServiceProcess } from '#test-kit';
 
 export interface Reply {
   status: number;
@@ -71,49 +66,34 @@ export function httpBytes(host: string, port: number, path: string): Promise<Buf
   });
 }
 
-/** A `./sbx vmm-sim` process started the way the orchestrator starts Firecracker. */
+/** A `./sbx vmm-sim` process started the way the orchestrator starts Firecracker, ready once its API answers. */
 export class VmmSimProcess {
-  readonly output: string[] = [];
-  exitCode: number | null | undefined = undefined;
-  readonly exited: Promise<number | null>;
-
   private constructor(
-    readonly child: ChildProcess,
+    readonly service: ServiceProcess,
     readonly apiSock: string,
-  ) {
-    child.stdout?.on('data', (c: Buffer) => this.output.push(c.toString()));
-    child.stderr?.on('data', (c: Buffer) => this.output.push(c.toString()));
-    this.exited = new Promise((res) =>
-      child.on('exit', (code, signal) => res((this.exitCode = code ?? (signal ? -1 : null)))),
-    );
-  }
+  ) {}
 
+  /** `wrapper` runs ./sbx under another command (`ip netns exec <slot>`). */
   static async start(apiSock: string, extraArgs: string[] = [], wrapper: string[] = []): Promise<VmmSimProcess> {
-    if (!existsSync(join(repoRoot, 'dist/tools/vmm-sim/src/main.js'))) {
-      throw new Error('vmm-sim is not built: run bash scripts/build.sh');
-    }
-    const argv = [...wrapper, join(repoRoot, 'sbx'), 'vmm-sim', '--api-sock', apiSock, ...extraArgs];
-    const child = spawn(argv[0] ?? '', argv.slice(1), { cwd: repoRoot, stdio: ['ignore', 'pipe', 'pipe'] });
-    const proc = new VmmSimProcess(child, apiSock);
-    const deadline = Date.now() + 20_000;
-    while (Date.now() < deadline) {
-      if (proc.exitCode !== undefined) throw new Error(`vmm-sim exited at start:\n${proc.output.join('')}`);
-      if (existsSync(apiSock)) {
-        try {
-          await proc.api('GET', '/');
-          return proc;
-        } catch {
-          // not accepting yet
-        }
-      }
-      await new Promise((r) => setTimeout(r, 50));
-    }
-    child.kill('SIGKILL');
-    throw new Error(`vmm-sim did not open ${apiSock}:\n${proc.output.join('')}`);
+    const service = await ServiceProcess.start({
+      args: ['vmm-sim', '--api-sock', apiSock, ...extraArgs],
+      wrapper,
+      ready: (_proc, timeoutMs) =>
+        eventually(() => httpRequest({ socketPath: apiSock }, 'GET', '/'), {
+          timeoutMs,
+          what: `an answer on ${apiSock}`,
+        }),
+      readyTimeoutMs: 20_000,
+    });
+    return new VmmSimProcess(service, apiSock);
   }
 
   get pid(): number {
-    return this.child.pid ?? -1;
+    return this.service.pid;
+  }
+
+  get exited(): Promise<number | null> {
+    return this.service.exited;
   }
 
   api(method: string, path: string, body?: unknown): Promise<Reply> {
@@ -124,35 +104,15 @@ export class VmmSimProcess {
   async ok(method: string, path: string, body?: unknown): Promise<Reply> {
     const reply = await this.api(method, path, body);
     if (reply.status !== 204 && reply.status !== 200) {
-      throw new Error(`${method} ${path} → ${reply.status} ${reply.text}\n${this.output.join('').slice(-3000)}`);
+      throw new Error(`${method} ${path} → ${reply.status} ${reply.text}\n${this.service.logs.slice(-40).join('\n')}`);
     }
     return reply;
   }
 
-  async stop(signal: NodeJS.Signals = 'SIGTERM'): Promise<number | null> {
-    if (this.exitCode === undefined) this.child.kill(signal);
-    return this.exited;
+  /** Signals the VMM; SIGTERM is followed by SIGKILL after 10 s. */
+  stop(signal: NodeJS.Signals = 'SIGTERM'): Promise<number | null> {
+    return this.service.stop(signal);
   }
-}
-
-/** Waits until `check` holds, polling; throws with `what` when it never does. */
-export async function eventually<T>(
-  what: string,
-  check: () => Promise<T | undefined> | T | undefined,
-  timeoutMs = 15_000,
-): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  let last: unknown;
-  while (Date.now() < deadline) {
-    try {
-      const v = await check();
-      if (v !== undefined && v !== false) return v;
-    } catch (err) {
-      last = err;
-    }
-    await new Promise((r) => setTimeout(r, 50));
-  }
-  throw new Error(`timed out waiting for ${what}${last ? `: ${String(last)}` : ''}`);
 }
 
 /**
