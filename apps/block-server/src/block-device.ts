@@ -7,6 +7,7 @@ import type { BlockMetrics } from './block-metrics.js';
 import { CowOverlay } from './cow-overlay.js';
 import { deviceDir, removeDeviceDir, type DeviceRecord } from './device-record.js';
 import { exportDiff, type ExportedDiff } from './dirty-export.js';
+import { singleExport } from './nbd-export.js';
 import { NbdServer, type NbdServerCounts } from './nbd-server.js';
 
 /** A kernel /dev/nbdX bound to this device (kernel-attach.ts). */
@@ -81,18 +82,12 @@ export class BlockDevice {
         logger,
         ...(options.metrics ? { observer: options.metrics.observer } : {}),
         ...(options.socketMode ? { socketMode: options.socketMode } : {}),
-        exports: {
-          find: (name) =>
-            name === record.exportName || name === ''
-              ? {
-                  name: record.exportName,
-                  blocks: overlay,
-                  blockSize: record.blockSize,
-                  description: `sandbox ${record.sandboxId}`,
-                }
-              : undefined,
-          names: () => [record.exportName],
-        },
+        exports: singleExport({
+          name: record.exportName,
+          blocks: overlay,
+          blockSize: record.blockSize,
+          description: `sandbox ${record.sandboxId}`,
+        }),
       });
       return new BlockDevice(options, overlay, server);
     } catch (err) {
@@ -129,14 +124,7 @@ export class BlockDevice {
       if (!(await this.server.waitForIdle(releaseTimeoutMs))) {
         throw new DeviceBusy(this.sandboxId, this.server.connectionCount, Date.now() - started);
       }
-      return await exportDiff({
-        source: this.overlay,
-        blockSize: this.record.blockSize,
-        dirty: this.overlay.written,
-        zeroed: this.overlay.zeroed,
-        buildId,
-        diffPath,
-      });
+      return await exportDiff({ source: this.overlay, buildId, diffPath });
     } catch (err) {
       this.state = 'serving';
       await this.server

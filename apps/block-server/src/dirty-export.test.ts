@@ -42,9 +42,6 @@ describe('exportDiff', () => {
     const diffPath = join(dir, 'rootfs.ext4');
     const result = await exportDiff({
       source: device,
-      blockSize: BS,
-      dirty: device.written,
-      zeroed: device.zeroed,
       buildId: childId,
       diffPath,
     });
@@ -83,9 +80,6 @@ describe('exportDiff', () => {
     const device = await CowOverlay.open({ base: new MemoryBlocks(4 * BS), dir: join(dir, 'o') });
     const result = await exportDiff({
       source: device,
-      blockSize: BS,
-      dirty: device.written,
-      zeroed: device.zeroed,
       buildId: newBuildId(),
       diffPath: join(dir, 'd'),
     });

@@ -1,14 +1,10 @@
 import { open } from 'node:fs/promises';
-import { createMappings, NIL_UUID, normalizeMappings, type BuildMapping, type ReadableBlocks } from '#storage';
+import { createMappings, NIL_UUID, normalizeMappings, type BuildMapping } from '#storage';
+import type { CowOverlay } from './cow-overlay.js';
 
 export interface ExportDiffOptions {
-  /** The device contents (read through the whole stack). */
-  source: ReadableBlocks;
-  blockSize: number;
-  /** Blocks with new bytes, any order. */
-  dirty: Iterable<number>;
-  /** Blocks that read as zeros without stored data. */
-  zeroed: Iterable<number>;
+  /** The device: its block maps say what changed, its reads give the bytes. */
+  source: Pick<CowOverlay, 'size' | 'blockSize' | 'written' | 'zeroed' | 'readAt'>;
   buildId: string;
   diffPath: string;
 }
@@ -33,10 +29,10 @@ const RUN_BYTES = 4 * 1024 * 1024;
  * nil mappings instead of stored bytes. The file is fsynced before this returns.
  */
 export async function exportDiff(options: ExportDiffOptions): Promise<ExportedDiff> {
-  const { source, blockSize: bs, buildId } = options;
-  const size = source.size;
-  const dirty = [...new Set(options.dirty)].sort((a, b) => a - b);
-  const zero = new Set(options.zeroed);
+  const { source, buildId } = options;
+  const { size, blockSize: bs } = source;
+  const dirty = [...source.written];
+  const zero = new Set(source.zeroed);
   const stored: number[] = [];
   const file = await open(options.diffPath, 'w', 0o600);
   let diffSize = 0;

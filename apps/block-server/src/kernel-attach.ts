@@ -1,10 +1,10 @@
 import { existsSync } from 'node:fs';
 import { Socket } from 'node:net';
 import { NbdNetlink, close as closeFd, unixSocketPair } from '#native';
-import { TransmissionFlag } from '#nbd';
 import type { Logger } from '#logging';
 import type { BlockDevice, KernelAttachment } from './block-device.js';
 import type { KernelAttacher } from './device-manager.js';
+import { capabilitiesOf, transmissionFlags } from './nbd-export.js';
 import { NbdDevicePool } from './nbd-device-pool.js';
 
 /** Seconds the kernel waits on one request before failing it. */
@@ -15,13 +15,6 @@ const REQUEST_TIMEOUT_SECONDS = 30;
  */
 const DEAD_CONN_TIMEOUT_SECONDS = 120;
 const RELEASE_TIMEOUT_MS = 10_000;
-const KERNEL_SERVER_FLAGS =
-  TransmissionFlag.HAS_FLAGS |
-  TransmissionFlag.SEND_FLUSH |
-  TransmissionFlag.SEND_FUA |
-  TransmissionFlag.SEND_TRIM |
-  TransmissionFlag.SEND_WRITE_ZEROES |
-  TransmissionFlag.CAN_MULTI_CONN;
 
 /**
  * Binds devices to /dev/nbdX through the kernel's generic-netlink nbd family: a socketpair per
@@ -68,7 +61,8 @@ export class KernelNbd implements KernelAttacher {
           fds: [theirs],
           timeoutSeconds: REQUEST_TIMEOUT_SECONDS,
           deadConnTimeoutSeconds: DEAD_CONN_TIMEOUT_SECONDS,
-          serverFlags: KERNEL_SERVER_FLAGS,
+          // The kernel's handshake-free connect is told what a client would have been told.
+          serverFlags: transmissionFlags(capabilitiesOf(device.overlay)),
           backendIdentifier: `sbx-block:${device.sandboxId}`,
         });
       } finally {

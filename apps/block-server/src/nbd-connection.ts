@@ -29,10 +29,6 @@ export interface NbdConnectionOptions {
   observer?: NbdRequestObserver;
   /** Largest READ/WRITE payload; larger requests get EOVERFLOW. */
   maxPayload?: number;
-  /** Reading from the socket pauses while this many requests are in flight. */
-  maxInFlight?: number;
-  /** ...or while this many payload bytes are in flight. */
-  maxInFlightBytes?: number;
   /** Called with the socket's fd (e.g. to raise its send buffer). */
   tuneSocket?: (fd: number) => void;
   /** Start in the transmission phase with this export (a kernel socket: no handshake). */
@@ -40,6 +36,10 @@ export interface NbdConnectionOptions {
 }
 
 export const DEFAULT_MAX_PAYLOAD = 32 * 1024 * 1024;
+/** Reading from the socket pauses while this many requests are in flight... */
+const MAX_IN_FLIGHT = 256;
+/** ...or while this many payload bytes are. */
+const MAX_IN_FLIGHT_BYTES = 256 * 1024 * 1024;
 const EMPTY = Buffer.alloc(0);
 
 /**
@@ -71,16 +71,12 @@ export class NbdConnection {
   private readonly logger: Logger;
   private readonly observer: NbdRequestObserver | undefined;
   private readonly maxPayload: number;
-  private readonly maxInFlight: number;
-  private readonly maxInFlightBytes: number;
 
   constructor(options: NbdConnectionOptions) {
     this.socket = options.socket;
     this.logger = options.logger;
     this.observer = options.observer;
     this.maxPayload = options.maxPayload ?? DEFAULT_MAX_PAYLOAD;
-    this.maxInFlight = options.maxInFlight ?? 256;
-    this.maxInFlightBytes = options.maxInFlightBytes ?? 256 * 1024 * 1024;
     this.done = new Promise((resolve) => (this.resolveDone = resolve));
     const fd = (this.socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
     if (options.tuneSocket && typeof fd === 'number' && fd >= 0) options.tuneSocket(fd);
@@ -98,10 +94,6 @@ export class NbdConnection {
 
   get requestsInFlight(): number {
     return this.inFlight;
-  }
-
-  get exportName(): string | undefined {
-    return this.export?.name;
   }
 
   /** Drops the client at once; requests already running finish, their replies are discarded. */
@@ -322,7 +314,7 @@ export class NbdConnection {
   private updateFlow(): void {
     if (this.disconnecting || this.closed) return;
     const busy =
-      this.inFlight >= this.maxInFlight || this.inFlightBytes >= this.maxInFlightBytes || this.socket.writableNeedDrain;
+      this.inFlight >= MAX_IN_FLIGHT || this.inFlightBytes >= MAX_IN_FLIGHT_BYTES || this.socket.writableNeedDrain;
     if (busy && !this.readPaused) {
       this.readPaused = true;
       this.socket.pause();

@@ -20,6 +20,11 @@ export interface NbdExportTable {
   names(): string[];
 }
 
+/** A server of one export, which is also the default (''). */
+export function singleExport(only: NbdExport): NbdExportTable {
+  return { find: (name) => (name === only.name || name === '' ? only : undefined), names: () => [only.name] };
+}
+
 /**
  * What a stack of block layers can do, asked of its top layer as nbdkit asks its filters
  * (`can_write`, `can_flush`, `can_trim`, `can_zero`, `can_fua`, `can_multi_conn`); a layer

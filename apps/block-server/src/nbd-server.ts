@@ -18,8 +18,6 @@ export interface NbdServerOptions {
   observer?: NbdRequestObserver;
   socketMode?: number;
   maxPayload?: number;
-  /** Called with the number of connected clients whenever it changes. */
-  onConnections?: (count: number) => void;
 }
 
 /** Raised when the NBD socket path is held by a live server or is not a socket. */
@@ -186,10 +184,8 @@ export class NbdServer {
 
   private track(connection: NbdConnection): void {
     this.connections.add(connection);
-    this.options.onConnections?.(this.connections.size);
     void connection.done.then(() => {
       this.connections.delete(connection);
-      this.options.onConnections?.(this.connections.size);
       if (this.connections.size === 0) for (const waiter of [...this.idleWaiters]) waiter();
     });
   }

@@ -5,6 +5,7 @@ import type { Logger } from '#logging';
 import { BlockMetrics } from './block-metrics.js';
 import { CowOverlay } from './cow-overlay.js';
 import { ImageFile } from './image-file.js';
+import { singleExport } from './nbd-export.js';
 import { NbdServer } from './nbd-server.js';
 import type { StandaloneConfig } from './standalone-config.js';
 
@@ -54,18 +55,12 @@ export async function serveImage(
       socketPath: config.socket,
       logger,
       ...(metrics ? { observer: metrics.observer } : {}),
-      exports: {
-        find: (name) =>
-          name === config.exportName || name === ''
-            ? {
-                name: config.exportName,
-                blocks: overlay,
-                blockSize: config.blockSize,
-                description: `cow over ${basePath}`,
-              }
-            : undefined,
-        names: () => [config.exportName],
-      },
+      exports: singleExport({
+        name: config.exportName,
+        blocks: overlay,
+        blockSize: config.blockSize,
+        description: `cow over ${basePath}`,
+      }),
     });
     taken.push(() => server.close());
     const connections = (): number => server.connectionCount;
