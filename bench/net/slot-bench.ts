@@ -14,15 +14,17 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { createLogger } from '#logging';
-import { dial, unary, waitForServing } from '#grpc';
+import { dial, unary } from '#grpc';
 import { NetAgentClient } from '#proto/sbx/net';
+import { eventually, grpcServing, ServiceProcess } from '#test-kit';
 import { MemorySlotReservation } from '../../apps/net-agent/src/memory-slot-reservation.js';
 import { netAgentConfigSchema } from '../../apps/net-agent/src/net-agent-config.js';
 import { SlotLayout, type SlotSpec } from '../../apps/net-agent/src/slot-layout.js';
 import { SlotNetwork } from '../../apps/net-agent/src/slot-network.js';
 import { SlotPool } from '../../apps/net-agent/src/slot-pool.js';
 
-const REPO = fileURLToPath(new URL('../../../', import.meta.url));
+/** How long a pool of 32 may take to fill on a loaded machine, polled often: the wait is not measured. */
+const POOL_FULL = { timeoutMs: 120_000, intervalMs: 20 };
 const PREFIX = `natb${process.pid}`;
 const NODE = `${PREFIX}node`;
 const INET = `${PREFIX}inet`;
@@ -180,7 +182,7 @@ async function inner(opts: Options): Promise<void> {
     logger,
   });
   pool.start();
-  while (pool.stats().readyNew < 32) await new Promise((r) => setTimeout(r, 20));
+  await eventually(() => pool.stats().readyNew >= 32, POOL_FULL);
   const lat: number[] = [];
   for (let i = 0; i < opts.acquires; i++) {
     const t0 = performance.now();
@@ -231,11 +233,8 @@ async function outer(opts: Options): Promise<void> {
 
     // Acquire over the control socket: the real agent process in the node namespace.
     const socket = join(dir, 'net.sock');
-    const agent = spawn(
-      'nsenter',
-      [
-        `--net=/run/netns/${NODE}`,
-        join(REPO, 'sbx'),
+    const agent = await ServiceProcess.start({
+      args: [
         'net-agent',
         'serve',
         '--control-socket',
@@ -249,18 +248,15 @@ async function outer(opts: Options): Promise<void> {
         '--log-level',
         'warn',
       ],
-      { stdio: 'ignore' },
-    );
+      wrapper: ['nsenter', `--net=/run/netns/${NODE}`],
+      ready: grpcServing(socket),
+      stopTimeoutMs: 60_000,
+    });
     const rpc: number[] = [];
     const baseline: number[] = [];
     try {
-      await waitForServing(socket, 30_000);
       const client = dial(NetAgentClient, socket);
-      for (;;) {
-        const s = await unary(client, client.stats, {});
-        if (s.readyNew >= 32) break;
-        await new Promise((r) => setTimeout(r, 20));
-      }
+      await eventually(async () => (await unary(client, client.stats, {})).readyNew >= 32, POOL_FULL);
       for (let i = 0; i < opts.acquires; i++) {
         const t0 = performance.now();
         const slot = await unary(client, client.acquire, { sandboxId: `rpc-${i}` });
@@ -273,8 +269,7 @@ async function outer(opts: Options): Promise<void> {
       }
       client.close();
     } finally {
-      agent.kill('SIGTERM');
-      await new Promise((r) => agent.once('exit', r));
+      await agent.stop();
     }
     rpc.sort((a, b) => a - b);
     baseline.sort((a, b) => a - b);

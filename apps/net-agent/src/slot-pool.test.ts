@@ -1,5 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { createLogger } from '#logging';
+import { eventually } from '#test-kit';
 import { MemorySlotReservation } from './memory-slot-reservation.js';
 import { loadNetAgentConfig } from './net-agent-config.js';
 import { PoolStopped, SlotNotInUse, SlotNotOwned, SlotPool, SlotPoolExhausted } from './slot-pool.js';
@@ -73,13 +74,8 @@ function makePool(network: FakeNetwork, reservation: SlotReservation = new Memor
   });
 }
 
-async function until(ok: () => boolean, ms = 2000): Promise<void> {
-  const deadline = Date.now() + ms;
-  while (!ok()) {
-    if (Date.now() > deadline) throw new Error('condition not reached');
-    await new Promise((r) => setTimeout(r, 2));
-  }
-}
+/** The pool works in the background with millisecond fakes: poll often, give up soon. */
+const until = (ok: () => boolean) => eventually(ok, { timeoutMs: 2000, intervalMs: 2 });
 
 describe('SlotPool', () => {
   it('fills to its size and hands out a ready slot without waiting on creation', async () => {

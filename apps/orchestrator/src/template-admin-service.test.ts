@@ -9,6 +9,7 @@ import fc from 'fast-check';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { dial, startGrpcServer, unary, type GrpcServerHandle } from '#grpc';
 import { BuildStore, LocalBackend } from '#storage';
+import { eventually } from '#test-kit';
 import {
   TemplateAdminClient,
   TemplateAdminService,
@@ -227,7 +228,7 @@ describe('TemplateAdmin.CreateTemplate', () => {
     let release!: () => void;
     vmm.holdBoot = new Promise((r) => (release = r));
     const first = createTemplate(request({ templateId: 'busy' }));
-    while (vmm.running.size === 0) await new Promise((r) => setTimeout(r, 10));
+    await eventually(() => vmm.running.size > 0, { intervalMs: 10 });
     const second = await createTemplate(request({ templateId: 'busy' }));
     expect(second.error?.code).toBe(status.ALREADY_EXISTS);
     expect(second.error?.details).toMatch(/being built/);
@@ -289,13 +290,14 @@ describe('TemplateAdmin.CreateTemplate', () => {
     const stream = client.createTemplate(request({ templateId: 'gone' }));
     stream.on('error', () => undefined);
     stream.on('data', () => undefined);
-    while (vmm.running.size === 0) await new Promise((r) => setTimeout(r, 10));
+    await eventually(() => vmm.running.size > 0, { intervalMs: 10 });
     stream.cancel();
     // The server sees the cancel; the build stops at its next step once the boot returns.
     await new Promise((r) => setTimeout(r, 100));
     release();
-    for (let i = 0; i < 200 && (await nothingHeld()).vmms > 0; i++) await new Promise((r) => setTimeout(r, 10));
-    expect(await nothingHeld()).toEqual({ slots: 0, vmms: 0, staging: [] });
+    await eventually(async () => expect(await nothingHeld()).toEqual({ slots: 0, vmms: 0, staging: [] }), {
+      intervalMs: 10,
+    });
     expect(templates.get('gone')).toBeUndefined();
     const list = await unary(client, client.listTemplates, {});
     expect(list.templates.map((t) => t.templateId)).not.toContain('gone');

@@ -5,6 +5,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { createLogger } from '#logging';
 import { HealthClient } from '#proto/grpc/health/v1/health';
 import { dial, ServingStatus, startGrpcServer, unary, waitForServing, SocketInUse } from '#grpc';
+import { eventually } from '#test-kit';
 
 const logger = createLogger({ service: 'test', level: 'silent' });
 const dirs: string[] = [];
@@ -57,7 +58,7 @@ describe('gRPC over a Unix socket', () => {
       stream.on('end', () => resolve());
       stream.on('error', () => resolve());
     });
-    await new Promise((r) => setTimeout(r, 100));
+    await eventually(() => seen.length > 0, { what: 'the first health status' });
     await server.shutdown(1000);
     await ended;
     client.close();
