@@ -6,7 +6,15 @@
  * snapshot, resume, mmds, envd init) ≤ 25 ms p50 per create with warm caches and a ready
  * slot; pause of a 1 GiB guest with 10% written ≤ 1 s.
  *
- *   bash bench/orchestrator/run.sh [--sizes 256,1024] [--creates 20] [--pauses 3]
+ *   bash bench/orchestrator/run.sh [--sizes 256,1024] [--creates 20] [--pauses 3] [--modes upstream-diff,...]
+ *
+ * Modes (how the pause knows the written pages; issue 18), each a fresh node:
+ *   upstream-diff      the double as upstream Firecracker (no uffd write-protect): Firecracker's
+ *                      Diff snapshot (KVM's dirty log) gives the written pages; prefetch on (default)
+ *   upstream-diff-noprefetch  the same with uffd prefetch off, to see what prefetch buys
+ *   upstream-present   upstream Firecracker, Full snapshot, every page the uffd-server
+ *                      installed is exported (E2B's behaviour); prefetch off (it would land in the diff)
+ *   wp-async           the double as E2B's Firecracker fork: uffd WP_ASYNC, PAGEMAP_SCAN
  */
 import { parseArgs } from 'node:util';
 import { unary } from '#grpc';
@@ -34,6 +42,18 @@ function config(id: string, buildId = ''): SandboxConfig {
     snapshot: buildId !== '',
     baseTemplateId: 'base',
   };
+}
+
+function memoryDiffOf(
+  node: NodeUnderTest,
+  id: string,
+): { tracking: string; pages: number; zeroPages: number; bytes: number } | undefined {
+  for (const line of [...node.logs('orchestrator')].reverse()) {
+    if (!line.includes('"msg":"sandbox paused"') || !line.includes(`"sandboxId":"${id}"`)) continue;
+    return (JSON.parse(line) as { memoryDiff?: { tracking: string; pages: number; zeroPages: number; bytes: number } })
+      .memoryDiff;
+  }
+  return undefined;
 }
 
 function pct(values: number[], p: number): number {
@@ -74,8 +94,22 @@ function shares(all: Record<string, number>[]): string {
     .join('\n');
 }
 
-async function benchSize(sizeMb: number, creates: number, pauses: number): Promise<void> {
-  console.log(`\n== guest ${sizeMb} MiB, 10% written ==`);
+/** Environment of every service the node starts (they inherit the bench's), per mode. */
+const MODES: Record<string, Record<string, string>> = {
+  'upstream-diff': {},
+  'upstream-diff-noprefetch': { SBX_UFFD_SERVER_PREFETCH_WITHOUT_TRACKING: 'false' },
+  'upstream-present': {
+    SBX_ORCHESTRATOR_PAUSE_MEMORY_DIFF: 'present',
+    SBX_UFFD_SERVER_PREFETCH_WITHOUT_TRACKING: 'false',
+  },
+  'wp-async': { SBX_VMM_SIM_E2B_FORK_WRITE_PROTECT: 'async' },
+};
+const MODE_KEYS = [...new Set(Object.values(MODES).flatMap((m) => Object.keys(m)))];
+
+async function benchSize(sizeMb: number, creates: number, pauses: number, mode: string): Promise<void> {
+  console.log(`\n== guest ${sizeMb} MiB, 10% written, mode ${mode} ==`);
+  for (const key of MODE_KEYS) delete process.env[key];
+  Object.assign(process.env, MODES[mode]);
   const node = await NodeUnderTest.start({ tag: `b${sizeMb}`, sampleMemoryMb: sizeMb, sampleRootfsMb: 64 });
   try {
     const client = node.client;
@@ -133,16 +167,28 @@ async function benchSize(sizeMb: number, creates: number, pauses: number): Promi
     console.log('  steps (orchestrator-side timings):\n' + shares(createSteps));
 
     const pauseMs: number[] = [];
+    const fillMs: number[] = [];
+    const diffBytes: number[] = [];
     const pauseSteps: Record<string, number>[] = [];
     for (let i = 0; i < pauses; i++) {
       const id = `p${i}`;
       await create(id, source);
+      const f0 = performance.now();
       await fill(await ipOf(id), 2 + i);
+      fillMs.push(performance.now() - f0);
       const t0 = performance.now();
       await unary(client, client.pause, { sandboxId: id, templateId: 'base', buildId: crypto.randomUUID() }, 300_000);
       pauseMs.push(performance.now() - t0);
       pauseSteps.push(stepsOf(node, 'sandbox paused', id));
+      diffBytes.push(memoryDiffOf(node, id)?.bytes ?? NaN);
     }
+    const diff = memoryDiffOf(node, `p${pauses - 1}`);
+    console.log(
+      `first write of ${(written / 1024 / 1024).toFixed(0)} MiB after resume (page faults served): p50 ${pct(fillMs, 50).toFixed(1)} ms`,
+    );
+    console.log(
+      `memory diff per pause: p50 ${(pct(diffBytes, 50) / 1024 / 1024).toFixed(1)} MiB (${diff?.pages ?? '?'} pages stored, ${diff?.zeroPages ?? '?'} zero, tracking ${diff?.tracking ?? '?'})`,
+    );
     console.log(
       `pause with ${(written / 1024 / 1024).toFixed(0)} MiB written (${pauses}x): p50 ${pct(pauseMs, 50).toFixed(1)} ms  max ${Math.max(...pauseMs).toFixed(1)} ms${sizeMb >= 1024 ? '  (goal ≤ 1000 ms)' : ''}`,
     );
@@ -159,12 +205,17 @@ export async function main(argv: string[]): Promise<number> {
       sizes: { type: 'string', default: '256,1024' },
       creates: { type: 'string', default: '20' },
       pauses: { type: 'string', default: '3' },
+      modes: { type: 'string', default: 'upstream-diff' },
     },
   });
+  const modes = values.modes!.split(',');
+  for (const m of modes) if (!MODES[m]) throw new Error(`unknown mode ${m}: one of ${Object.keys(MODES).join(', ')}`);
   console.log('orchestrator bench: real dns, net-agent, block-server, uffd-server; VMM = vmm-sim double.');
   console.log('Note: the machine is shared (2 cores, other engineers building and testing): numbers are noisy.');
-  for (const size of values.sizes!.split(',').map(Number)) {
-    await benchSize(size, Number(values.creates), Number(values.pauses));
+  for (const mode of modes) {
+    for (const size of values.sizes!.split(',').map(Number)) {
+      await benchSize(size, Number(values.creates), Number(values.pauses), mode);
+    }
   }
   return 0;
 }

@@ -4,8 +4,9 @@
 # the real services and the vmm-sim double. Needs root (network namespaces) and a build.
 #
 #   bash bench/orchestrator/run.sh [--sizes 256,1024] [--creates 20] [--pauses 3]
+#       [--modes upstream-diff,upstream-diff-noprefetch,upstream-present,wp-async]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-case ${1:-} in -h|--help) sed -n '2,6p' "$0"; exit 0 ;; esac
+case ${1:-} in -h|--help) sed -n '2,7p' "$0"; exit 0 ;; esac
 [[ -f dist/bench/orchestrator/create-pause-bench.js && -f dist/apps/orchestrator/src/main.js ]] || bash scripts/build.sh
 exec node --enable-source-maps dist/bench/orchestrator/create-pause-bench.js "$@"

@@ -12,3 +12,4 @@ export * from './netns-switch.js';
 export * from './nft-library.js';
 export * from './udp-mmsg-socket.js';
 export * from './page-cache-read.js';
+export * from './file-extents.js';

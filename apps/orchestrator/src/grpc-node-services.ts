@@ -121,9 +121,9 @@ export class GrpcNodeServices implements NodeServices {
         const c = uffds.of(sandboxId);
         await unary(c, c.stopSourcing, { sandboxId }, timeoutMs);
       },
-      exportDiff: (sandboxId, newBuildId, diffPath, memfilePath): Promise<UffdExportDiffResponse> => {
+      exportDiff: (sandboxId, newBuildId, diffPath, memfilePath, vmmDirtyLog): Promise<UffdExportDiffResponse> => {
         const c = uffds.of(sandboxId);
-        return unary(c, c.exportDiff, { sandboxId, newBuildId, diffPath, memfilePath }, long);
+        return unary(c, c.exportDiff, { sandboxId, newBuildId, diffPath, memfilePath, vmmDirtyLog }, long);
       },
       stop: async (sandboxId) => {
         const c = uffds.of(sandboxId);

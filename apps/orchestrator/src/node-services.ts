@@ -39,6 +39,8 @@ export interface MemoryProvider {
     newBuildId: string,
     diffPath: string,
     memfilePath: string,
+    /** memfilePath is Firecracker's Diff snapshot: its pages are the written ones (KVM's dirty log). */
+    vmmDirtyLog: boolean,
   ): Promise<UffdExportDiffResponse>;
   stop(sandboxId: string): Promise<void>;
   list(): Promise<MemoryServing[]>;

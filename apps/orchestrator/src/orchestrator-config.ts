@@ -54,6 +54,14 @@ export const orchestratorConfigSchema = z
     endTimeCheckMs: int(50, 60_000).default(1000),
     pauseParallelism: int(1, 256).default(8),
     generationCap: int(1, 1000).default(10),
+    /**
+     * Where a pause takes the written pages from when the uffd has no write-protect (upstream
+     * Firecracker): `vmm-dirty-log` = Firecracker's Diff snapshot of a VM loaded with dirty
+     * tracking (KVM's dirty log: written pages only); `present` = a Full snapshot and every
+     * page the uffd-server installed (E2B's behaviour). With write-protect (E2B's fork) the
+     * uffd-server's own tracking is used either way.
+     */
+    pauseMemoryDiff: z.enum(['vmm-dirty-log', 'present']).default('vmm-dirty-log'),
     buildCacheTtlMs: int(1000, 7 * 24 * 3_600_000).default(3_600_000),
     uploadRetries: int(0, 100).default(5),
     uploadBackoffMs: int(1, 600_000).default(1000),

@@ -111,6 +111,7 @@ export async function startOrchestrator(config: OrchestratorConfig, logger: Logg
       endTimeCheckMs: config.endTimeCheckMs,
       pauseParallelism: config.pauseParallelism,
       generationCap: config.generationCap,
+      pauseMemoryDiff: config.pauseMemoryDiff,
       vmRootfsDir: config.vmRootfsDir,
       socketDir,
     },

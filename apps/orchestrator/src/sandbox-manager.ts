@@ -43,6 +43,8 @@ export interface ManagerSettings {
   endTimeCheckMs: number;
   pauseParallelism: number;
   generationCap: number;
+  /** Without uffd write-protect: written pages from Firecracker's Diff snapshot, or every present page. */
+  pauseMemoryDiff: 'vmm-dirty-log' | 'present';
   vmRootfsDir: string;
   /** Where API and uffd sockets go (kept short: a Unix socket path has 108 bytes). */
   socketDir: string;
@@ -359,10 +361,18 @@ export class SandboxManager {
       step = 'create snapshot';
       staging = await this.o.builds.stageBuild(newBuildId);
       const fullMemfile = join(sbx.dir, 'memfile.full');
-      // With written pages tracked exactly (uffd write-protect), a Diff snapshot (the pages the
-      // guest wrote since load) holds everything ExportDiff reads; otherwise the full memory.
+      // The VM was loaded with dirty tracking, so a Diff snapshot holds the pages written since
+      // load. With uffd write-protect (E2B's fork) the uffd-server knows them too and reads
+      // them from it. Without (upstream Firecracker) the Diff is the only exact record: the
+      // uffd-server takes its data extents as the written pages (vmm_dirty_log) instead of
+      // every page it installed. Firecracker logs dirty memory in 4 KiB pages, so a 2 MiB
+      // guest without a memfd keeps the Full snapshot and every present page.
       const tracking = await memory.tracking(id).catch(() => 'unknown');
-      snapshotType = tracking.startsWith('wp') ? 'Diff' : 'Full';
+      const writeProtect = tracking.startsWith('wp');
+      const vmmDirtyLog = !writeProtect && this.o.settings.pauseMemoryDiff === 'vmm-dirty-log' && !sbx.config.hugePages;
+      snapshotType = writeProtect || vmmDirtyLog ? 'Diff' : 'Full';
+      // A Diff lands on an existing file (Firecracker's diff-onto-base): start from none.
+      await rm(fullMemfile, { force: true });
       await vmm.api.createSnapshot({
         type: snapshotType,
         snapshotPath: join(staging, 'snapfile'),
@@ -370,7 +380,7 @@ export class SandboxManager {
       });
       mark(step);
       step = 'export memory diff';
-      const mem = await memory.exportDiff(id, newBuildId, join(staging, 'memfile'), fullMemfile);
+      const mem = await memory.exportDiff(id, newBuildId, join(staging, 'memfile'), fullMemfile, vmmDirtyLog);
       await rm(fullMemfile, { force: true });
       mark(step);
       step = 'stop vmm';
@@ -418,7 +428,13 @@ export class SandboxManager {
         generation: String(memHeader.metadata.generation),
       });
       sbx.log.info(
-        { buildId: newBuildId, generation: memHeader.metadata.generation, snapshotType, steps: rounded(timings) },
+        {
+          buildId: newBuildId,
+          generation: memHeader.metadata.generation,
+          snapshotType,
+          memoryDiff: { tracking: mem.tracking, pages: mem.dirtyPages, zeroPages: mem.zeroPages, bytes: mem.diffSize },
+          steps: rounded(timings),
+        },
         'sandbox paused',
       );
       return build;

@@ -139,6 +139,14 @@ async function verify(ip: string, writes: Write[]): Promise<void> {
   }
 }
 
+/** The memory diff of each pause of `id`, from the orchestrator's `sandbox paused` log lines. */
+function pausedMemoryDiffs(id: string): { tracking: string; pages: number; bytes: number }[] {
+  return node
+    .logs('orchestrator')
+    .filter((l) => l.includes('"msg":"sandbox paused"') && l.includes(`"sandboxId":"${id}"`))
+    .map((l) => (JSON.parse(l) as { memoryDiff: { tracking: string; pages: number; bytes: number } }).memoryDiff);
+}
+
 async function events(id: string): Promise<string[]> {
   const entries = await reader.xrange('sbx:events', '-', '+');
   return entries
@@ -194,6 +202,16 @@ describe.skipIf(missing !== undefined)('orchestrator end to end (all five servic
       'created',
       ...Array.from({ length: generations }, () => ['paused', 'resumed']).flat(),
     ]);
+    // The double runs as upstream Firecracker (no uffd write-protect): each pause took the
+    // written pages from Firecracker's Diff snapshot, so the diff is the ~20 pages written
+    // (64 KiB + 3000 bytes, and the page the VMM writes at load), not every page served.
+    const diffs = pausedMemoryDiffs(id);
+    expect(diffs).toHaveLength(generations);
+    for (const d of diffs) {
+      expect(d.tracking).toBe('vmm-dirty-log');
+      expect(d.pages).toBeGreaterThanOrEqual(17);
+      expect(d.pages).toBeLessThanOrEqual(20);
+    }
     await unary(node.client, node.client.delete, { sandboxId: id }, 60_000);
     expect(await events(id)).toContain('killed');
   });
@@ -388,6 +406,7 @@ describe.skipIf(missing !== undefined)('create failure points, the rest real', (
         endTimeCheckMs: 1000,
         pauseParallelism: 2,
         generationCap: CAP,
+        pauseMemoryDiff: 'vmm-dirty-log',
         vmRootfsDir: node.vmRootfsDir,
         socketDir: join(root, 's'),
       },

@@ -301,6 +301,7 @@ export async function makeHarness(root: string, generationCap = 3): Promise<Harn
       endTimeCheckMs: 50,
       pauseParallelism: 2,
       generationCap,
+      pauseMemoryDiff: 'vmm-dirty-log',
       vmRootfsDir: join(root, 'fc'),
       socketDir: join(root, 's'),
     },

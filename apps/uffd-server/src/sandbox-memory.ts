@@ -2,6 +2,7 @@ import { openSync, closeSync } from 'node:fs';
 import type { Logger } from '#logging';
 import {
   close,
+  dataExtents,
   PageCategory,
   pagemapScan,
   pidfdOpen,
@@ -46,7 +47,8 @@ export interface ExportResult {
   zeroPages: number;
   pageSize: number;
   memorySize: number;
-  tracking: TrackingMode;
+  /** `vmm-dirty-log`: the pages came from Firecracker's Diff snapshot, not from this server's tracking. */
+  tracking: TrackingMode | 'vmm-dirty-log';
 }
 
 export interface SandboxStats extends Partial<ServeEngineStats> {
@@ -85,6 +87,8 @@ export class SandboxMemory {
   private errorText = '';
   private trackingMode: TrackingMode | '' = '';
   private dirtyPages: number[] | undefined;
+  /** Pages the peer gave back (UFFD_EVENT_REMOVE) before the pause: zeros now, in no dirty log. */
+  private droppedPages: number[] = [];
   private prefetchHits = 0;
   private fetchRetries = 0;
   private lastStats: ServeEngineStats | undefined;
@@ -342,20 +346,25 @@ export class SandboxMemory {
     }
     this.trackingMode = mode;
     const pages: number[] = [];
+    const dropped: number[] = [];
     let hits = 0;
     for (let p = 0; p * perPage < units; p++) {
       let dirty = false;
       let prefetched = false;
+      let gone = false;
       for (let u = p * perPage; u < Math.min(units, (p + 1) * perPage); u++) {
         if (dirtyUnits[u]) dirty = true;
         if (present[u] === 2) prefetched = true;
+        if (engineDirty[u]! & 2) gone = true;
       }
+      if (gone) dropped.push(p);
       if (dirty) {
         pages.push(p);
         if (prefetched && mode !== 'present') hits++;
       }
     }
     this.dirtyPages = pages;
+    this.droppedPages = dropped;
     this.prefetchHits = hits;
     this.stateValue = 'sourcing-stopped';
     this.log.info({ dirtyPages: pages.length, tracking: mode }, 'sourcing stopped');
@@ -394,23 +403,40 @@ export class SandboxMemory {
 
   /**
    * Writes the dirty pages to `diffPath` (from the memfd when Firecracker shared one, else from
-   * the memory file it wrote) and returns their mappings.
+   * the memory file it wrote) and returns their mappings. With `vmmDirtyLog` the memory file is
+   * Firecracker's Diff snapshot taken with dirty tracking: the pages it holds are the pages
+   * written since load (KVM's dirty log), and they replace what this server tracked (which,
+   * without write-protect, is every page present). Pages the peer gave back are added either way.
    */
-  async exportDiff(buildId: string, diffPath: string, memfilePath: string | undefined): Promise<ExportResult> {
+  async exportDiff(
+    buildId: string,
+    diffPath: string,
+    memfilePath: string | undefined,
+    vmmDirtyLog = false,
+  ): Promise<ExportResult> {
     const hs = this.requireHandshake('export');
     if (!this.dirtyPages)
       throw new InvalidState(this.sandboxId, this.stateValue, 'stop sourcing before exporting the diff');
+    const memfd = hs.memfd !== undefined && hs.memfd >= 0 ? hs.memfd : undefined;
     const from =
-      hs.memfd !== undefined && hs.memfd >= 0
-        ? ({ kind: 'fd', fd: hs.memfd } as const)
+      memfd !== undefined
+        ? ({ kind: 'fd', fd: memfd } as const)
         : memfilePath
           ? ({ kind: 'path', path: memfilePath } as const)
           : undefined;
     if (!from)
       throw new InvalidState(this.sandboxId, this.stateValue, 'no memfd was shared and no memory file path given');
     const pageSize = hs.regions[0]!.pageSize;
+    let pages = this.dirtyPages;
+    let tracking: ExportResult['tracking'] = this.trackingMode as TrackingMode;
+    if (vmmDirtyLog) {
+      if (!memfilePath)
+        throw new InvalidState(this.sandboxId, this.stateValue, "the VMM's dirty log needs the Diff snapshot's path");
+      pages = this.pagesOfVmmDiff(memfilePath, pageSize, memfd !== undefined);
+      tracking = 'vmm-dirty-log';
+    }
     const result = await exportDiff({
-      pages: this.dirtyPages,
+      pages,
       pageSize,
       memorySize: this.o.source.size,
       from,
@@ -424,6 +450,8 @@ export class SandboxMemory {
         zeroPages: result.zeroPages,
         diffSize: result.diffSize,
         from: from.kind,
+        tracking,
+        ...(vmmDirtyLog ? { serverTrackedPages: this.dirtyPages.length } : {}),
       },
       'memory diff exported',
     );
@@ -434,8 +462,37 @@ export class SandboxMemory {
       zeroPages: result.zeroPages,
       pageSize,
       memorySize: this.o.source.size,
-      tracking: this.trackingMode as TrackingMode,
+      tracking,
     };
+  }
+
+  /**
+   * The pages Firecracker's Diff snapshot holds (its data extents), plus the pages given back
+   * before the pause. Firecracker writes its dirty log in 4 KiB pages: a 2 MiB page only partly
+   * in the file can be exported only from the memfd (the rest of it is not in the file).
+   */
+  private pagesOfVmmDiff(path: string, pageSize: number, haveMemfd: boolean): number[] {
+    const fd = openSync(path, 'r');
+    let extents: { start: number; end: number }[];
+    try {
+      extents = dataExtents(fd);
+    } finally {
+      closeSync(fd);
+    }
+    const pages = new Set(this.droppedPages);
+    for (const e of extents) {
+      const end = Math.min(e.end, this.o.source.size);
+      if (e.start >= end) continue;
+      if (!haveMemfd && (e.start % pageSize !== 0 || (end % pageSize !== 0 && end !== this.o.source.size))) {
+        throw new InvalidState(
+          this.sandboxId,
+          this.stateValue,
+          `the Diff snapshot holds [${e.start}, ${end}), part of a ${pageSize}-byte page, and no memfd was shared to read the rest`,
+        );
+      }
+      for (let p = Math.floor(e.start / pageSize); p * pageSize < end; p++) pages.add(p);
+    }
+    return [...pages].sort((a, b) => a - b);
   }
 
   stats(): SandboxStats {

@@ -17,10 +17,15 @@ export const uffdServerConfigSchema = z.object({
   prefetchBytes: size.default(2 * 1024 * 1024),
   /** Prefetch windows copied ahead of a sequential stream of faults (0 = off: on 2 loaded cores it cost more than it saved). */
   readaheadWindows: z.coerce.number().int().min(0).max(64).default(0),
-  /** Prefetch also when no write tracking is available (every present page then lands in the diff). */
+  /**
+   * Prefetch also when the uffd has no write-protect (upstream Firecracker). On by default: the
+   * orchestrator takes the written pages from Firecracker's Diff snapshot (KVM's dirty log), so
+   * prefetched pages stay out of the diff. Turn it off where pauses export every present page
+   * (orchestrator --pause-memory-diff present): every prefetched page would land in the diff.
+   */
   prefetchWithoutTracking: z
     .enum(['true', 'false'])
-    .default('false')
+    .default('true')
     .transform((v) => v === 'true'),
   /** Native serving threads per sandbox. */
   threadsPerSandbox: z.coerce.number().int().min(1).max(16).default(2),

@@ -93,7 +93,13 @@ export function uffdServiceImplementation(registry: SandboxRegistry, logger: Log
       pagesPresent: registry.stopSourcing(req.sandboxId),
     })),
     exportDiff: handle(logger, 'export diff', async (req): Promise<UffdExportDiffResponse> => {
-      const r = await registry.exportDiff(req.sandboxId, req.newBuildId, req.diffPath, req.memfilePath || undefined);
+      const r = await registry.exportDiff(
+        req.sandboxId,
+        req.newBuildId,
+        req.diffPath,
+        req.memfilePath || undefined,
+        req.vmmDirtyLog,
+      );
       return {
         mappings: r.mappings,
         diffSize: r.diffSize,

@@ -1,5 +1,14 @@
 import { randomBytes, randomUUID } from 'node:crypto';
-import { mkdirSync, writeFileSync, readFileSync, statSync } from 'node:fs';
+import {
+  closeSync,
+  ftruncateSync,
+  mkdirSync,
+  openSync,
+  writeFileSync,
+  writeSync,
+  readFileSync,
+  statSync,
+} from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { UffdPeerProcess } from '#native';
@@ -213,7 +222,60 @@ describe('pause chain: serve, write, pause, export, merge, serve again', () => {
     },
   );
 
-  it('without write-protect every present page is dirty (the fallback), and prefetch is off', async () => {
+  it.each([false, true])(
+    "without write-protect, the written pages come from the VMM's Diff snapshot (its dirty log), prefetch on, memfd %s",
+    async (memfd) => {
+      const sandboxId = `dirty-log-${memfd}`;
+      const socketPath = join(server.dir, `${sandboxId}.sock`);
+      await server.prepare({ sandboxId, socketPath, buildId: base });
+      const peer = new UffdPeerProcess([
+        '--socket',
+        socketPath,
+        '--size',
+        String(SIZE),
+        '--tracking',
+        'none',
+        ...(memfd ? ['--memfd'] : []),
+      ]);
+      peers.push(peer);
+      await peer.ready();
+      const baseFile = join(server.bucket, base, 'memfile');
+      expect(await peer.command(`checkrand ${baseFile} 99 40 100`)).toBe('ok');
+      expect(await peer.command(`write ${PAGE * 10} ${PAGE * 3} 7`)).toBe('ok');
+      // A written page of zeros is a written page too (its parent's bytes are not).
+      expect(await peer.command(`fill ${PAGE * 40} ${PAGE} 0`)).toBe('ok');
+      const st = await server.stats(sandboxId);
+      expect(st.tracking).toBe('present');
+      expect(st.prefetchPages).toBeGreaterThan(0);
+      const { pagesPresent } = await server.stopSourcing(sandboxId);
+      expect(pagesPresent).toBeGreaterThan(40);
+      // Firecracker's Diff with dirty tracking (dump_dirty): the written pages at their offsets,
+      // holes elsewhere.
+      const full = join(server.dir, `${sandboxId}-full`);
+      expect(await peer.command(`dump ${full}`)).toBe('ok');
+      const memory = readFileSync(full);
+      const vmmDiff = join(server.dir, `${sandboxId}-vmm-diff`);
+      const fd = openSync(vmmDiff, 'w');
+      ftruncateSync(fd, SIZE);
+      writeSync(fd, memory, PAGE * 10, PAGE * 3, PAGE * 10);
+      writeSync(fd, memory, PAGE * 40, PAGE, PAGE * 40);
+      closeSync(fd);
+      const diffPath = join(server.dir, `${sandboxId}.diff`);
+      const exported = await server.exportDiff(sandboxId, randomUUID(), diffPath, vmmDiff, true);
+      expect(exported.tracking).toBe('vmm-dirty-log');
+      expect(exported.dirtyPages).toBe(3);
+      expect(exported.zeroPages).toBe(1);
+      expect(readFileSync(diffPath).equals(memory.subarray(PAGE * 10, PAGE * 13))).toBe(true);
+      expect(exported.mappings.map((m) => [m.offset, m.length, m.buildId === NIL_UUID])).toEqual([
+        [PAGE * 10, PAGE * 3, false],
+        [PAGE * 40, PAGE, true],
+      ]);
+      await peer.exit();
+      await server.stop(sandboxId);
+    },
+  );
+
+  it("without write-protect and without the VMM's dirty log, every present page is exported (the fallback)", async () => {
     const socketPath = join(server.dir, 'present.sock');
     await server.prepare({ sandboxId: 'present', socketPath, buildId: base });
     const peer = new UffdPeerProcess(['--socket', socketPath, '--size', String(SIZE), '--tracking', 'none', '--memfd']);
@@ -224,7 +286,6 @@ describe('pause chain: serve, write, pause, export, merge, serve again', () => {
     expect(await peer.command(`write ${PAGE * 10} 10 1`)).toBe('ok');
     const st = await server.stats('present');
     expect(st.tracking).toBe('present');
-    expect(st.prefetchPages).toBe(0);
     const { pagesPresent } = await server.stopSourcing('present');
     expect(pagesPresent).toBeGreaterThanOrEqual(st.presentPages);
     const diffPath = join(server.dir, 'present.diff');

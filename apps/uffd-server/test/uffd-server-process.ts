@@ -64,8 +64,13 @@ export class UffdServerProcess {
     return unary(this.client, this.client.stopSourcing, { sandboxId });
   }
 
-  exportDiff(sandboxId: string, newBuildId: string, diffPath: string, memfilePath = '') {
-    return unary(this.client, this.client.exportDiff, { sandboxId, newBuildId, diffPath, memfilePath }, 60_000);
+  exportDiff(sandboxId: string, newBuildId: string, diffPath: string, memfilePath = '', vmmDirtyLog = false) {
+    return unary(
+      this.client,
+      this.client.exportDiff,
+      { sandboxId, newBuildId, diffPath, memfilePath, vmmDirtyLog },
+      60_000,
+    );
   }
 
   stop(sandboxId: string) {

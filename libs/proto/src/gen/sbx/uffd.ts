@@ -63,6 +63,13 @@ export interface UffdExportDiffRequest {
   diffPath: string;
   /** The memory file Firecracker wrote, when it did not share a memfd. */
   memfilePath: string;
+  /**
+   * memfile_path is a Diff snapshot Firecracker took with dirty tracking on (loaded with
+   * enable_diff_snapshots): the pages it holds (its data, not its holes) are exactly the pages
+   * written since load (KVM's dirty log). Export those instead of what this server tracked:
+   * without uffd write-protect it knows only which pages are present.
+   */
+  vmmDirtyLog: boolean;
 }
 
 export interface UffdExportDiffResponse {
@@ -72,7 +79,10 @@ export interface UffdExportDiffResponse {
   zeroPages: number;
   pageSize: number;
   memorySize: number;
-  /** How dirty pages were known: "wp-async", "wp-sync" or "present". */
+  /**
+   * How dirty pages were known: "wp-async", "wp-sync", "present", or "vmm-dirty-log"
+   * (Firecracker's Diff snapshot).
+   */
   tracking: string;
 }
 
@@ -550,7 +560,7 @@ export const UffdStopSourcingResponse: MessageFns<UffdStopSourcingResponse> = {
 };
 
 function createBaseUffdExportDiffRequest(): UffdExportDiffRequest {
-  return { sandboxId: "", newBuildId: "", diffPath: "", memfilePath: "" };
+  return { sandboxId: "", newBuildId: "", diffPath: "", memfilePath: "", vmmDirtyLog: false };
 }
 
 export const UffdExportDiffRequest: MessageFns<UffdExportDiffRequest> = {
@@ -566,6 +576,9 @@ export const UffdExportDiffRequest: MessageFns<UffdExportDiffRequest> = {
     }
     if (message.memfilePath !== "") {
       writer.uint32(34).string(message.memfilePath);
+    }
+    if (message.vmmDirtyLog !== false) {
+      writer.uint32(40).bool(message.vmmDirtyLog);
     }
     return writer;
   },
@@ -615,6 +628,14 @@ export const UffdExportDiffRequest: MessageFns<UffdExportDiffRequest> = {
             message.memfilePath = reader.string();
             continue;
           }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.vmmDirtyLog = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -649,6 +670,11 @@ export const UffdExportDiffRequest: MessageFns<UffdExportDiffRequest> = {
         : isSet(object.memfile_path)
         ? globalThis.String(object.memfile_path)
         : "",
+      vmmDirtyLog: isSet(object.vmmDirtyLog)
+        ? globalThis.Boolean(object.vmmDirtyLog)
+        : isSet(object.vmm_dirty_log)
+        ? globalThis.Boolean(object.vmm_dirty_log)
+        : false,
     };
   },
 
@@ -666,6 +692,9 @@ export const UffdExportDiffRequest: MessageFns<UffdExportDiffRequest> = {
     if (message.memfilePath !== "") {
       obj.memfilePath = message.memfilePath;
     }
+    if (message.vmmDirtyLog !== false) {
+      obj.vmmDirtyLog = message.vmmDirtyLog;
+    }
     return obj;
   },
 
@@ -678,6 +707,7 @@ export const UffdExportDiffRequest: MessageFns<UffdExportDiffRequest> = {
     message.newBuildId = object.newBuildId ?? "";
     message.diffPath = object.diffPath ?? "";
     message.memfilePath = object.memfilePath ?? "";
+    message.vmmDirtyLog = object.vmmDirtyLog ?? false;
     return message;
   },
 };
