@@ -138,8 +138,9 @@ export function localServicePlan(layout: LocalNodeLayout): ServiceSpec[] {
       name: 'proxy',
       args: [
         'serve',
+        // Loopback like the SandboxService: sandboxes without a token would be open to the LAN.
         '--listen',
-        `0.0.0.0:${layout.proxyPort}`,
+        `127.0.0.1:${layout.proxyPort}`,
         '--domain',
         layout.proxyDomain,
         '--control-socket',

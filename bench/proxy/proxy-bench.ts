@@ -1,0 +1,214 @@
+/**
+ * bench/proxy/run.sh: wrk direct, through our proxy and through nginx, against one server in a
+ * sandbox's guest network, on a whole node (apps/proxy/test/proxy-node.ts) in a throwaway
+ * namespace. Rounds alternate the three targets so drift on a shared machine hits each alike.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { parseArgs } from 'node:util';
+import { unary } from '#grpc';
+import type { SandboxConfig } from '#proto/orchestrator';
+import { HTTP_PORT, PROXY_PORT, ProxyNode } from '../../apps/proxy/test/proxy-node.js';
+
+const NGINX_PORT = 5100;
+
+const benchSandbox: SandboxConfig = {
+  templateId: 'base',
+  buildId: '',
+  kernelVersion: 'vmlinux-6.1',
+  firecrackerVersion: 'v1.10',
+  hugePages: false,
+  sandboxId: 'bench',
+  envVars: {},
+  metadata: {},
+  envdVersion: '0.2.0',
+  vcpu: 1,
+  ramMb: 128,
+  teamId: 'bench',
+  maxSandboxLength: 1,
+  totalDiskSizeMb: 0,
+  snapshot: false,
+  baseTemplateId: 'base',
+};
+
+interface WrkResult {
+  requestsPerSecond: number;
+  p50Ms: number;
+  p99Ms: number;
+  errors: string;
+}
+
+function parseWrk(out: string): WrkResult {
+  const ms = (label: string) => {
+    const m = new RegExp(`^\\s*${label}%\\s+([\\d.]+)(us|ms|s)\\s*$`, 'm').exec(out);
+    if (!m) throw new Error(`wrk output has no ${label}% latency:\n${out}`);
+    const v = Number(m[1]);
+    return m[2] === 'us' ? v / 1000 : m[2] === 's' ? v * 1000 : v;
+  };
+  const rps = /Requests\/sec:\s+([\d.]+)/.exec(out);
+  if (!rps) throw new Error(`wrk output has no Requests/sec:\n${out}`);
+  const errors = [/Socket errors:.*$/m.exec(out)?.[0], /Non-2xx or 3xx responses: \d+/.exec(out)?.[0]]
+    .filter(Boolean)
+    .join('; ');
+  return { requestsPerSecond: Number(rps[1]), p50Ms: ms('50'), p99Ms: ms('99'), errors };
+}
+
+function median(values: number[]): number {
+  const s = [...values].sort((a, b) => a - b);
+  const mid = Math.floor(s.length / 2);
+  return s.length % 2 ? s[mid]! : (s[mid - 1]! + s[mid]!) / 2;
+}
+
+async function main(): Promise<void> {
+  const { values } = parseArgs({
+    options: {
+      seconds: { type: 'string', default: '10' },
+      rounds: { type: 'string', default: '2' },
+      connections: { type: 'string', default: '32' },
+      threads: { type: 'string', default: '2' },
+      'body-bytes': { type: 'string', default: '1024' },
+      'nginx-workers': { type: 'string', default: '1' },
+    },
+  });
+  const seconds = Number(values.seconds);
+  const rounds = Number(values.rounds);
+  const path = `/download?bytes=${Number(values['body-bytes'])}`;
+  const work = await mkdtemp(join(tmpdir(), 'sbx-bench-proxy-'));
+  console.log('bench/proxy: starting a node (services, vmm-sim guest) and the proxy…');
+  const px = await ProxyNode.start('bp');
+  let nginx: ChildProcess | undefined;
+  try {
+    await unary(
+      px.node.client,
+      px.node.client.create,
+      { sandbox: benchSandbox, startTime: new Date(), endTime: new Date(Date.now() + 3_600_000) },
+      120_000,
+    );
+    const hostIp = (await px.node.footprint())['dns']!.find((r) => r.startsWith('bench='))!.split('=')[1]!;
+    await px.startGuestServers('bench');
+
+    // nginx as a plain reverse proxy: HTTP/1.1 and keep-alive to the upstream, no buffering
+    // changes, no cache, no access log (ours logs nothing per request either).
+    await writeFile(
+      join(work, 'nginx.conf'),
+      `worker_processes ${values['nginx-workers']};
+pid ${work}/nginx.pid;
+error_log ${work}/nginx-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path ${work}/body;
+  proxy_temp_path ${work}/proxy;
+  fastcgi_temp_path ${work}/fastcgi;
+  uwsgi_temp_path ${work}/uwsgi;
+  scgi_temp_path ${work}/scgi;
+  upstream guest { server ${hostIp}:${HTTP_PORT}; keepalive 128; }
+  server {
+    listen 127.0.0.1:${NGINX_PORT};
+    location / {
+      proxy_pass http://guest;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host $host;
+    }
+  }
+}
+`,
+    );
+    nginx = spawn(
+      'nsenter',
+      [`--net=/run/netns/${px.node.nodeNs}`, 'nginx', '-c', join(work, 'nginx.conf'), '-p', work, '-g', 'daemon off;'],
+      { stdio: ['ignore', 'inherit', 'inherit'], detached: true },
+    );
+    const host = `${HTTP_PORT}-bench.sbx.test`;
+    const targets = [
+      { name: 'direct', url: `http://${hostIp}:${HTTP_PORT}${path}`, header: [] as string[] },
+      { name: 'ours', url: `http://127.0.0.1:${PROXY_PORT}${path}`, header: ['-H', `Host: ${host}`] },
+      { name: 'nginx', url: `http://127.0.0.1:${NGINX_PORT}${path}`, header: [] as string[] },
+    ];
+    // Every target answers before the clock starts.
+    for (const t of targets) {
+      for (let i = 0; ; i++) {
+        const out = await px.node
+          .inNode('curl', ['-s', '-o', '/dev/null', '-w', '%{http_code}', ...t.header, t.url])
+          .catch(() => '');
+        if (out === '200') break;
+        if (i > 100) throw new Error(`${t.name} does not answer 200 at ${t.url}`);
+        await new Promise((r) => setTimeout(r, 100));
+      }
+    }
+    const results = new Map<string, WrkResult[]>(targets.map((t) => [t.name, []]));
+    for (let round = 1; round <= rounds; round++) {
+      for (const t of round % 2 ? targets : [...targets].reverse()) {
+        const out = await px.node.inNode('wrk', [
+          '--latency',
+          '-t',
+          String(values.threads),
+          '-c',
+          String(values.connections),
+          '-d',
+          `${seconds}s`,
+          ...t.header,
+          t.url,
+        ]);
+        const r = parseWrk(out);
+        results.get(t.name)!.push(r);
+        console.log(
+          `round ${round} ${t.name.padEnd(6)} ${r.requestsPerSecond.toFixed(0).padStart(7)} req/s  p50 ${r.p50Ms.toFixed(2)} ms  p99 ${r.p99Ms.toFixed(2)} ms${r.errors ? `  (${r.errors})` : ''}`,
+        );
+      }
+    }
+    const summary = (name: string) => {
+      const rs = results.get(name)!;
+      return {
+        rps: median(rs.map((r) => r.requestsPerSecond)),
+        p50: median(rs.map((r) => r.p50Ms)),
+        p99: median(rs.map((r) => r.p99Ms)),
+      };
+    };
+    const [direct, ours, peer] = ['direct', 'ours', 'nginx'].map(summary) as [
+      ReturnType<typeof summary>,
+      ReturnType<typeof summary>,
+      ReturnType<typeof summary>,
+    ];
+    console.log(
+      `\nwrk -t${values.threads} -c${values.connections} -d${seconds}s, ${values['body-bytes']} B bodies, ${rounds} rounds (medians), nginx worker_processes ${values['nginx-workers']}`,
+    );
+    console.log('target   req/s     p50 ms   p99 ms');
+    for (const [name, s] of [
+      ['direct', direct],
+      ['ours', ours],
+      ['nginx', peer],
+    ] as const) {
+      console.log(
+        `${name.padEnd(8)} ${s.rps.toFixed(0).padStart(7)}   ${s.p50.toFixed(2).padStart(6)}   ${s.p99.toFixed(2).padStart(6)}`,
+      );
+    }
+    console.log(`\nours / nginx requests/s: ${(ours.rps / peer.rps).toFixed(2)}  (goal >= 1)`);
+    console.log(`ours / direct requests/s: ${(ours.rps / direct.rps).toFixed(2)}`);
+    console.log(
+      `added p99 over direct: ours ${(ours.p99 - direct.p99).toFixed(2)} ms, nginx ${(peer.p99 - direct.p99).toFixed(2)} ms  (goal <= 1 ms)`,
+    );
+  } finally {
+    if (nginx?.pid && nginx.exitCode === null && nginx.signalCode === null) {
+      try {
+        process.kill(-nginx.pid, 'SIGQUIT');
+      } catch {
+        // gone
+      }
+      await new Promise((r) => nginx!.once('exit', r));
+    }
+    await px.stop();
+    await rm(work, { recursive: true, force: true });
+  }
+}
+
+main().then(
+  () => process.exit(0),
+  (err: unknown) => {
+    console.error(err);
+    process.exit(1);
+  },
+);

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Ingress proxy benchmark: wrk against one HTTP server in a sandbox's guest (the VMM double's
+# guest network, behind the slot's real NAT) three ways in the same run: directly at the
+# sandbox's host IP, through our proxy (routing by Host), and through Debian's nginx configured
+# as a plain keep-alive reverse proxy to the same server. Prints requests/s and p99 latency for
+# each and the ratios (goal: ours >= nginx in requests/s, <= 1 ms added p99 over direct).
+# Needs root (network namespaces), wrk and nginx (scripts/system-packages.txt) and a build.
+#
+#   bash bench/proxy/run.sh [--seconds 10] [--rounds 2] [--connections 32] [--threads 2]
+#       [--body-bytes 1024] [--nginx-workers 1]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+case ${1:-} in -h|--help) sed -n '2,10p' "$0"; exit 0 ;; esac
+for tool in wrk nginx curl; do
+  command -v $tool >/dev/null || [[ -x /usr/sbin/$tool ]] || { echo "bench/proxy: $tool missing (scripts/system-packages.txt)" >&2; exit 1; }
+done
+[[ -f dist/bench/proxy/proxy-bench.js && -f dist/apps/proxy/src/main.js ]] || bash scripts/build.sh
+exec node --enable-source-maps dist/bench/proxy/proxy-bench.js "$@"
