@@ -116,7 +116,8 @@ async function prepareSocketPath(path: string): Promise<void> {
   await unlink(path);
 }
 
-function isListening(path: string): Promise<boolean> {
+/** Whether something accepts connections on the Unix socket `path` (a stale socket file does not). */
+export function isListening(path: string): Promise<boolean> {
   return new Promise((resolve) => {
     const socket = connect(path);
     socket.once('connect', () => {

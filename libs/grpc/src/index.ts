@@ -1,5 +1,6 @@
 export { HealthService, ServingStatus } from './health-service.js';
 export {
+  isListening,
   startGrpcServer,
   SocketInUse,
   type GrpcServerHandle,

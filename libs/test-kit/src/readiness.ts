@@ -1,6 +1,5 @@
 import { existsSync } from 'node:fs';
-import { createConnection } from 'node:net';
-import { waitForServing } from '#grpc';
+import { isListening, waitForServing } from '#grpc';
 import { eventually } from './eventually.js';
 import type { ServiceProcess } from './service-process.js';
 
@@ -15,7 +14,7 @@ export function grpcServing(socket: string): Readiness {
 /** Something accepts connections on the Unix socket (a stale socket file of a killed run does not count). */
 export function acceptsConnections(path: string): Readiness {
   return (_proc, timeoutMs) =>
-    eventually(() => existsSync(path) && accepts(path), { timeoutMs, what: `a listener on ${path}` });
+    eventually(() => existsSync(path) && isListening(path), { timeoutMs, what: `a listener on ${path}` });
 }
 
 /**
@@ -31,15 +30,4 @@ export function logLine(match: string | ((entry: Record<string, unknown>) => boo
   const found = (proc: ServiceProcess) =>
     typeof match === 'string' ? proc.logs.some((line) => line.includes(match)) : proc.findLog(match);
   return (proc, timeoutMs) => eventually(() => found(proc), { timeoutMs, what: 'the ready log line' });
-}
-
-function accepts(path: string): Promise<boolean> {
-  return new Promise((resolve) => {
-    const probe = createConnection(path);
-    probe.once('connect', () => {
-      probe.destroy();
-      resolve(true);
-    });
-    probe.once('error', () => resolve(false));
-  });
 }
