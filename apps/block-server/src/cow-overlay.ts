@@ -113,9 +113,10 @@ export class CowOverlay implements WritableBlocks {
   }
 
   /**
-   * nbdkit's cow filter answers the same: everything is supported whatever the base can do,
-   * FUA by a flush after the write, and multi-conn because every connection shares this one
-   * overlay, so a flush on any of them makes every acknowledged write durable.
+   * Like nbdkit's cow filter, whatever the base can do: writes, trim, flush, FUA (a flush after
+   * the write) and multi-conn, because every connection shares this one overlay, so a flush on
+   * any of them makes every acknowledged write durable. Zero too (nbdkit's filter emulates it
+   * with writes; here whole blocks flip to zero without storing anything).
    */
   capabilities(): BlockCapabilities {
     return { write: true, flush: true, trim: true, zero: true, fua: true, multiConn: true };
