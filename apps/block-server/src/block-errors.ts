@@ -1,26 +1,26 @@
+import { TypedError } from '#service-kit';
 /**
  * Typed errors of block-server. Each has a stable `code` and the facts; only the gRPC edge
- * (control-service.ts) maps them to status codes.
+ * maps them to status codes (the service kit's one table). Bad request fields are the kit's
+ * RequestInvalid.
  */
 
-export class DeviceNotFound extends Error {
+export class DeviceNotFound extends TypedError {
   readonly code = 'DEVICE_NOT_FOUND';
   constructor(readonly sandboxId: string) {
     super(`no block device for sandbox ${sandboxId}`);
-    this.name = 'DeviceNotFound';
   }
 }
 
-export class DeviceExists extends Error {
+export class DeviceExists extends TypedError {
   readonly code = 'DEVICE_EXISTS';
   constructor(readonly sandboxId: string) {
     super(`a block device for sandbox ${sandboxId} is already open`);
-    this.name = 'DeviceExists';
   }
 }
 
 /** Export waited for the device's clients to go away and they did not. */
-export class DeviceBusy extends Error {
+export class DeviceBusy extends TypedError {
   readonly code = 'DEVICE_BUSY';
   constructor(
     readonly sandboxId: string,
@@ -28,39 +28,24 @@ export class DeviceBusy extends Error {
     readonly waitedMs: number,
   ) {
     super(`device of sandbox ${sandboxId} still has ${connections} client(s) after ${waitedMs} ms`);
-    this.name = 'DeviceBusy';
   }
 }
 
 /** The device is being exported or closed; no new I/O or connections. */
-export class DeviceClosing extends Error {
+export class DeviceClosing extends TypedError {
   readonly code = 'DEVICE_CLOSING';
   constructor(readonly sandboxId: string) {
     super(`device of sandbox ${sandboxId} is closing`);
-    this.name = 'DeviceClosing';
   }
 }
 
 /** A persisted overlay state file cannot be used (wrong size, torn, another device's). */
-export class OverlayStateInvalid extends Error {
+export class OverlayStateInvalid extends TypedError {
   readonly code = 'OVERLAY_STATE_INVALID';
   constructor(
     readonly path: string,
     readonly problem: string,
   ) {
     super(`overlay state ${path} invalid: ${problem}`);
-    this.name = 'OverlayStateInvalid';
-  }
-}
-
-/** A request's arguments are unusable (ids, paths). */
-export class BlockRequestInvalid extends Error {
-  readonly code = 'BLOCK_REQUEST_INVALID';
-  constructor(
-    readonly field: string,
-    readonly problem: string,
-  ) {
-    super(`${field}: ${problem}`);
-    this.name = 'BlockRequestInvalid';
   }
 }

@@ -24,7 +24,7 @@ export class BlockMetrics {
     // eslint-disable-next-line @typescript-eslint/no-this-alias
     const metrics = this;
     this.requests = new Counter({
-      name: 'sbx_nbd_requests_total',
+      name: 'sbx_block_server_nbd_requests_total',
       help: 'NBD requests answered, by command and result (ok or errno number)',
       labelNames: ['command', 'result'],
       registers: [registry],
@@ -33,21 +33,25 @@ export class BlockMetrics {
       },
     });
     this.bytes = new Counter({
-      name: 'sbx_nbd_bytes_total',
+      name: 'sbx_block_server_nbd_bytes_total',
       help: 'Payload bytes read and written through NBD',
       labelNames: ['command'],
       registers: [registry],
     });
     this.latency = new Histogram({
-      name: 'sbx_nbd_request_seconds',
+      name: 'sbx_block_server_nbd_request_seconds',
       help: 'Time from a request being parsed to its reply being queued (sampled, at most 4096 per scrape)',
       labelNames: ['command'],
       buckets: [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1],
       registers: [registry],
     });
-    this.devices = new Gauge({ name: 'sbx_block_devices', help: 'Open copy-on-write devices', registers: [registry] });
+    this.devices = new Gauge({
+      name: 'sbx_block_server_devices',
+      help: 'Open copy-on-write devices',
+      registers: [registry],
+    });
     this.connections = new Gauge({
-      name: 'sbx_nbd_connections',
+      name: 'sbx_block_server_nbd_connections',
       help: 'Connected NBD clients',
       registers: [registry],
       collect() {
@@ -57,7 +61,7 @@ export class BlockMetrics {
       },
     });
     this.exports = new Counter({
-      name: 'sbx_block_exports_total',
+      name: 'sbx_block_server_exports_total',
       help: 'Dirty-block exports, by result',
       labelNames: ['result'],
       registers: [registry],

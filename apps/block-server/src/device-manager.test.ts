@@ -53,10 +53,10 @@ describe('DeviceManager over a local image', () => {
   it('refuses relative base paths, unsafe ids and a second open of one sandbox', async () => {
     const m = manager();
     await expect(m.open({ sandboxId: 'a', basePath: 'base.img' })).rejects.toMatchObject({
-      code: 'BLOCK_REQUEST_INVALID',
+      code: 'REQUEST_INVALID',
     });
     await expect(m.open({ sandboxId: 'a/b', basePath: image })).rejects.toMatchObject({
-      code: 'BLOCK_REQUEST_INVALID',
+      code: 'REQUEST_INVALID',
     });
     await expect(m.open({ sandboxId: 'a', buildId: newBuildId() })).rejects.toMatchObject({ field: 'build_id' });
     await m.open({ sandboxId: 'a', basePath: image });

@@ -2,7 +2,8 @@ import { mkdir } from 'node:fs/promises';
 import { dirname, isAbsolute, join } from 'node:path';
 import { sandboxLogger, type Logger } from '#logging';
 import { normalizeBuildId, type BuildStore, type ReadableBlocks } from '#storage';
-import { BlockRequestInvalid, DeviceClosing, DeviceExists, DeviceNotFound } from './block-errors.js';
+import { describeFailures, RequestInvalid, TeardownStack } from '#service-kit';
+import { DeviceClosing, DeviceExists, DeviceNotFound } from './block-errors.js';
 import type { BlockMetrics } from './block-metrics.js';
 import { BlockDevice, type DeviceStats, type KernelAttachment } from './block-device.js';
 import {
@@ -82,64 +83,59 @@ export class DeviceManager {
     const sandboxId = checkSandboxId(request.sandboxId);
     if (this.devices.has(sandboxId) || this.busy.has(sandboxId)) throw new DeviceExists(sandboxId);
     this.busy.add(sandboxId);
+    const log = sandboxLogger(this.options.logger, sandboxId);
+    const taken = new TeardownStack();
     try {
       let buildId = '';
       if (request.basePath) {
-        if (!isAbsolute(request.basePath)) throw new BlockRequestInvalid('base_path', 'must be an absolute path');
+        if (!isAbsolute(request.basePath)) throw new RequestInvalid('base_path', 'must be an absolute path');
       } else {
-        if (!request.buildId) throw new BlockRequestInvalid('build_id', 'a build id or a base path is required');
+        if (!request.buildId) throw new RequestInvalid('build_id', 'a build id or a base path is required');
         try {
           buildId = normalizeBuildId(request.buildId);
         } catch (err) {
-          throw new BlockRequestInvalid('build_id', (err as Error).message);
+          throw new RequestInvalid('build_id', (err as Error).message);
         }
-        if (!this.options.builds)
-          throw new BlockRequestInvalid('build_id', 'no bucket configured (--bucket / SBX_BUCKET)');
+        if (!this.options.builds) throw new RequestInvalid('build_id', 'no bucket configured (--bucket / SBX_BUCKET)');
       }
       const socketPath = join(this.options.nbdDir, `${sandboxId}.sock`);
       // sun_path holds 108 bytes including the NUL.
       if (Buffer.byteLength(socketPath) > 107) {
-        throw new BlockRequestInvalid('sandbox_id', `NBD socket path ${socketPath} is longer than 107 bytes`);
+        throw new RequestInvalid('sandbox_id', `NBD socket path ${socketPath} is longer than 107 bytes`);
       }
       const base = await this.openBase({ buildId, basePath: request.basePath });
-      let record: DeviceRecord;
-      let device: BlockDevice;
-      try {
-        record = {
-          version: 1,
-          sandboxId,
-          buildId,
-          ...(request.basePath ? { basePath: request.basePath } : {}),
-          socketPath,
-          exportName: request.exportName || sandboxId,
-          size: base.blocks.size,
-          blockSize: base.blockSize,
-          createdAt: new Date().toISOString(),
-        };
-        // The record goes down before anything serves, so a crash from here on is recoverable.
-        await writeDeviceRecord(this.options.dataDir, record);
-        device = await BlockDevice.open(this.deviceOptions(record, base));
-      } catch (err) {
-        await base.release();
-        await removeDeviceDir(this.options.dataDir, sandboxId);
-        throw err;
-      }
-      try {
-        if (request.attachKernel && this.options.kernel?.available) {
-          device.kernel = await this.options.kernel.attach(device);
-          await writeDeviceRecord(this.options.dataDir, { ...record, kernelIndex: device.kernel.index });
-        }
-      } catch (err) {
-        await device.destroy();
-        throw err;
+      taken.push('base', () => base.release());
+      const record: DeviceRecord = {
+        version: 1,
+        sandboxId,
+        buildId,
+        ...(request.basePath ? { basePath: request.basePath } : {}),
+        socketPath,
+        exportName: request.exportName || sandboxId,
+        size: base.blocks.size,
+        blockSize: base.blockSize,
+        createdAt: new Date().toISOString(),
+      };
+      // The record goes down before anything serves, so a crash from here on is recoverable.
+      taken.push('record', () => removeDeviceDir(this.options.dataDir, sandboxId));
+      await writeDeviceRecord(this.options.dataDir, record);
+      const device = await BlockDevice.open(this.deviceOptions(record, base));
+      // The device owns the base and its directory from here: destroying it gives both back.
+      taken.forget('record');
+      taken.forget('base');
+      taken.push('device', () => device.destroy());
+      if (request.attachKernel && this.options.kernel?.available) {
+        device.kernel = await this.options.kernel.attach(device);
+        await writeDeviceRecord(this.options.dataDir, { ...record, kernelIndex: device.kernel.index });
       }
       this.devices.set(sandboxId, device);
       this.options.metrics?.devices.set(this.devices.size);
-      sandboxLogger(this.options.logger, sandboxId).info(
-        { buildId, socketPath: record.socketPath, size: record.size, devicePath: device.kernel?.path },
-        'device opened',
-      );
+      log.info({ buildId, socketPath, size: record.size, devicePath: device.kernel?.path }, 'device opened');
       return device;
+    } catch (err) {
+      const failures = await taken.unwind();
+      if (failures.length) log.warn({ rollback: describeFailures(failures) }, 'open failed; rollback incomplete');
+      throw err;
     } finally {
       this.busy.delete(sandboxId);
     }
@@ -156,9 +152,9 @@ export class DeviceManager {
     try {
       buildId = normalizeBuildId(newBuildId);
     } catch (err) {
-      throw new BlockRequestInvalid('new_build_id', (err as Error).message);
+      throw new RequestInvalid('new_build_id', (err as Error).message);
     }
-    if (!isAbsolute(diffPath)) throw new BlockRequestInvalid('diff_path', 'must be an absolute path');
+    if (!isAbsolute(diffPath)) throw new RequestInvalid('diff_path', 'must be an absolute path');
     if (this.busy.has(sandboxId)) throw new DeviceClosing(sandboxId);
     this.busy.add(sandboxId);
     const log = sandboxLogger(this.options.logger, sandboxId);
@@ -265,7 +261,7 @@ export class DeviceManager {
       const file = await ImageFile.open(source.basePath, { syncReads: this.options.syncReads ?? false });
       return { blocks: file, blockSize: 4096, release: () => file.close() };
     }
-    if (!this.options.builds) throw new BlockRequestInvalid('build_id', 'no bucket configured (--bucket / SBX_BUCKET)');
+    if (!this.options.builds) throw new RequestInvalid('build_id', 'no bucket configured (--bucket / SBX_BUCKET)');
     const { header, file } = await this.options.builds.openBuildFile(source.buildId, 'rootfs.ext4');
     return { blocks: file, blockSize: header.metadata.blockSize, release: () => file.close() };
   }
@@ -273,7 +269,7 @@ export class DeviceManager {
 
 function checkSandboxId(sandboxId: string): string {
   if (!SANDBOX_ID_PATTERN.test(sandboxId) || sandboxId.includes('..')) {
-    throw new BlockRequestInvalid('sandbox_id', `${JSON.stringify(sandboxId.slice(0, 64))} is not a safe name`);
+    throw new RequestInvalid('sandbox_id', `${JSON.stringify(sandboxId.slice(0, 64))} is not a safe name`);
   }
   return sandboxId;
 }

@@ -1,24 +1,23 @@
 import { readdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import { TypedError } from '#service-kit';
 
 /** No /dev/nbdX is free (all taken by us or busy in the kernel). */
-export class NoFreeNbdDevice extends Error {
+export class NoFreeNbdDevice extends TypedError {
   readonly code = 'NO_FREE_NBD_DEVICE';
   constructor(readonly maxDevices: number) {
     super(`no free /dev/nbd device among ${maxDevices}`);
-    this.name = 'NoFreeNbdDevice';
   }
 }
 
 /** A device we were asked to give back is still in use; retry after its users are gone. */
-export class NbdDeviceInUse extends Error {
+export class NbdDeviceInUse extends TypedError {
   readonly code = 'NBD_DEVICE_IN_USE';
   constructor(
     readonly index: number,
     readonly reason: string,
   ) {
     super(`/dev/nbd${index} still in use: ${reason}`);
-    this.name = 'NbdDeviceInUse';
   }
 }
 

@@ -3,26 +3,44 @@ import { z } from 'zod';
 /** `./sbx block-server serve` (service mode): flags `--foo-bar`, env `SBX_BLOCK_SERVER_FOO_BAR`. */
 export const serviceConfigSchema = z.object({
   controlSocket: z.string().min(1).default('/run/sbx/block-server.sock'),
-  /** Device state and overlays; must outlive the process for restart survival. */
-  dataDir: z.string().min(1).default('/var/lib/sbx/block-server'),
-  /** Where per-device NBD sockets are created. Default: `<data-dir>/nbd`. */
-  nbdDir: z.string().min(1).optional(),
-  /** Builds: a local directory or `gs://bucket` (falls back to SBX_BUCKET). */
-  bucket: z.string().min(1).optional(),
-  /** Chunk cache of build data fetched from the bucket (falls back to SBX_CACHE_DIR). */
-  cacheDir: z.string().min(1).optional(),
-  /**
-   * How local files (local-bucket builds, overlays) are read: sync is fastest from the page
-   * cache but stalls the event loop on a cache miss; async goes through the libuv pool.
-   */
-  readMode: z.enum(['sync', 'async']).default('sync'),
-  metricsPort: z.coerce.number().int().min(0).max(65535).default(9462),
-  /** auto: attach /dev/nbdX when asked and the kernel has NBD; off: never. */
-  kernelAttach: z.enum(['auto', 'off']).default('auto'),
-  /** How long export waits for the device's clients to go away. */
-  releaseTimeoutMs: z.coerce.number().int().min(0).max(600_000).default(10_000),
-  /** NBD socket permissions (0600 owner only; 0660 owner and group). */
-  nbdSocketMode: z.enum(['0600', '0660']).default('0600'),
+  dataDir: z
+    .string()
+    .min(1)
+    .default('/var/lib/sbx/block-server')
+    .describe('device state and overlays; must outlive the process for restart survival'),
+  nbdDir: z.string().min(1).optional().describe('where per-device NBD sockets are made (default <data-dir>/nbd)'),
+  bucket: z
+    .string()
+    .min(1)
+    .optional()
+    .describe('builds: a local directory or gs://bucket')
+    .meta({ aliases: ['SBX_BUCKET'] }),
+  gcsEndpoint: z
+    .string()
+    .url()
+    .optional()
+    .describe("a GCS JSON API endpoint other than Google's (fake-gcs-server, a gateway), unauthenticated")
+    .meta({ aliases: ['SBX_GCS_ENDPOINT'] }),
+  cacheDir: z
+    .string()
+    .min(1)
+    .optional()
+    .describe('local builds and the chunk cache of bucket data (default <data-dir>/cache)')
+    .meta({ aliases: ['SBX_CACHE_DIR'] }),
+  readMode: z
+    .enum(['sync', 'async'])
+    .default('sync')
+    .describe('local files: sync pread (fast from the page cache, stalls the loop on a miss) or the libuv pool'),
+  metricsPort: z.coerce.number().int().min(0).max(65535).default(9462).describe('Prometheus port, 0 = off'),
+  kernelAttach: z.enum(['auto', 'off']).default('auto').describe('attach /dev/nbdX when asked and the kernel has NBD'),
+  releaseTimeoutMs: z.coerce
+    .number()
+    .int()
+    .min(0)
+    .max(600_000)
+    .default(10_000)
+    .describe("how long export waits for the device's clients to go away"),
+  nbdSocketMode: z.enum(['0600', '0660']).default('0600').describe('NBD socket permissions'),
   logLevel: z.enum(['trace', 'debug', 'info', 'warn', 'error']).default('info'),
 });
 

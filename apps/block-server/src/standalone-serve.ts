@@ -2,6 +2,8 @@ import { mkdtemp, readdir, realpath, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Logger } from '#logging';
+import { startMetricsServer } from '#metrics';
+import { startOrRollback, stopWith, TeardownStack, type RunningService } from '#service-kit';
 import { BlockMetrics } from './block-metrics.js';
 import { CowOverlay } from './cow-overlay.js';
 import { ImageFile } from './image-file.js';
@@ -9,37 +11,23 @@ import { singleExport } from './nbd-export.js';
 import { NbdServer } from './nbd-server.js';
 import type { StandaloneConfig } from './standalone-config.js';
 
-export interface StandaloneHandle {
-  server: NbdServer;
-  overlay: CowOverlay;
-  close(): Promise<void>;
-}
-
 /**
- * One copy-on-write export of a local image over NBD: file → overlay → NBD server. With
- * `--overlay`, the overlay directory outlives the process, so a restart reopens it with every
- * write that was flushed; without, a temporary overlay is removed at shutdown.
+ * One copy-on-write export of a local image over NBD: file → overlay → NBD server, and its
+ * metrics. With `--overlay`, the overlay directory outlives the process, so a restart reopens it
+ * with every write that was flushed; without, a temporary overlay is removed at shutdown.
  */
-export async function serveImage(
-  config: StandaloneConfig,
-  logger: Logger,
-  metrics?: BlockMetrics,
-): Promise<StandaloneHandle> {
-  const taken: Array<() => Promise<void>> = [];
-  const release = async (): Promise<void> => {
-    for (const undo of taken.reverse()) await undo().catch((err: unknown) => logger.warn({ err }, 'release failed'));
-    taken.length = 0;
-  };
-  try {
+export function serveImage(config: StandaloneConfig, logger: Logger): Promise<RunningService> {
+  return startOrRollback(new TeardownStack(), logger, async (stack) => {
+    const metrics = new BlockMetrics();
     const basePath = await realpath(config.base);
     const syncReads = config.readMode === 'sync';
     const base = await ImageFile.open(basePath, { syncReads });
-    taken.push(() => base.close());
+    stack.push('base', () => base.close());
     let overlayDir = config.overlay;
     if (!overlayDir) {
       await removeOrphanedOverlays(logger);
       const temporary = await mkdtemp(join(tmpdir(), `${TEMP_PREFIX}${process.pid}-`));
-      taken.push(() => rm(temporary, { recursive: true, force: true }));
+      stack.push('temporary overlay', () => rm(temporary, { recursive: true, force: true }));
       overlayDir = temporary;
     }
     const overlay = await CowOverlay.open({
@@ -49,12 +37,16 @@ export async function serveImage(
       identity: `file:${basePath}:${base.size}`,
       syncReads,
     });
-    taken.push(() => overlay.close());
+    stack.push('overlay', () => overlay.close());
+    // Everything acknowledged stays durable across a clean stop as across a crash.
+    stack.push('final flush', () =>
+      overlay.flush().catch((err: unknown) => logger.warn({ err }, 'final flush failed')),
+    );
     const reopened = overlay.written.count + overlay.zeroed.count;
     const server = await NbdServer.listen({
       socketPath: config.socket,
       logger,
-      ...(metrics ? { observer: metrics.observer } : {}),
+      observer: metrics.observer,
       exports: singleExport({
         name: config.exportName,
         blocks: overlay,
@@ -62,10 +54,12 @@ export async function serveImage(
         description: `cow over ${basePath}`,
       }),
     });
-    taken.push(() => server.close());
-    const connections = (): number => server.connectionCount;
-    metrics?.connectionSources.add(connections);
-    taken.push(async () => void metrics?.connectionSources.delete(connections));
+    stack.push('nbd server', () => server.close());
+    metrics.connectionSources.add(() => server.connectionCount);
+    if (config.metricsPort > 0) {
+      const metricsServer = await startMetricsServer(metrics.registry, '127.0.0.1', config.metricsPort);
+      stack.push('metrics', () => metricsServer.close());
+    }
     logger.info(
       {
         base: basePath,
@@ -77,20 +71,8 @@ export async function serveImage(
       },
       'serving copy-on-write export',
     );
-    return {
-      server,
-      overlay,
-      close: async () => {
-        // Everything acknowledged stays durable across a clean stop as across a crash.
-        await server.close();
-        await overlay.flush().catch((err: unknown) => logger.warn({ err }, 'final flush failed'));
-        await release();
-      },
-    };
-  } catch (err) {
-    await release();
-    throw err;
-  }
+    return { stop: stopWith(stack) };
+  });
 }
 
 const TEMP_PREFIX = 'sbx-block-overlay-';

@@ -164,8 +164,8 @@ describe('block-server service over its control socket', () => {
     expect(stats.zeroedBlocks).toBe(4);
 
     const metrics = await (await fetch(`http://127.0.0.1:${metricsPort}/metrics`)).text();
-    expect(metrics).toMatch(/sbx_nbd_requests_total\{[^}]*command="write"[^}]*result="ok"[^}]*\} [1-9]/);
-    expect(metrics).toMatch(/sbx_block_devices\{[^}]*\} 1/);
+    expect(metrics).toMatch(/sbx_block_server_nbd_requests_total\{[^}]*command="write"[^}]*result="ok"[^}]*\} [1-9]/);
+    expect(metrics).toMatch(/sbx_block_server_devices\{[^}]*\} 1/);
 
     const finalImage = join(dir, 'final.img');
     await run('nbdcopy', [uri, finalImage]);
