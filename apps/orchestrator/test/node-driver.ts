@@ -2,6 +2,7 @@ import type { Redis } from 'ioredis';
 import { expect } from 'vitest';
 import { unary } from '#grpc';
 import type { SandboxConfig } from '#proto/orchestrator';
+import { eventually } from '#test-kit';
 import type { NodeUnderTest } from './node-under-test.js';
 
 /** What a sandbox leaves behind on the node; compared with a baseline after it is gone. */
@@ -29,18 +30,8 @@ export function sandboxConfig(id: string, extra: Partial<SandboxConfig> = {}): S
   };
 }
 
-/** Retries `check` (assertions) until it passes or `timeoutMs` runs out: cleanup is asynchronous. */
-export async function eventually(check: () => Promise<void>, timeoutMs = 20_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    try {
-      return await check();
-    } catch (err) {
-      if (Date.now() > deadline) throw err;
-    }
-    await new Promise((r) => setTimeout(r, 250));
-  }
-}
+/** Teardown across the node is asynchronous: checks of what is left are retried this long. */
+const SETTLE = { timeoutMs: 30_000, intervalMs: 250 };
 
 /**
  * Drives a NodeUnderTest through SandboxService only, and reads the lifecycle events and
@@ -63,18 +54,14 @@ export class NodeDriver {
 
   /** Creates the sandbox; resolves to its host IP (from its DNS record). */
   async create(id: string, extra: Partial<SandboxConfig> = {}): Promise<string> {
+    // A failed create shows the services' logs (the test kit prints them for a failed test).
     const { node } = this;
-    try {
-      await unary(
-        node.client,
-        node.client.create,
-        { sandbox: sandboxConfig(id, extra), startTime: new Date(), endTime: new Date(Date.now() + 3_600_000) },
-        120_000,
-      );
-    } catch (err) {
-      console.warn(node.logs('orchestrator').slice(-30).join('\n'));
-      throw err;
-    }
+    await unary(
+      node.client,
+      node.client.create,
+      { sandbox: sandboxConfig(id, extra), startTime: new Date(), endTime: new Date(Date.now() + 3_600_000) },
+      120_000,
+    );
     const record = (await node.footprint())['dns']!.find((r) => r.startsWith(`${id}=`));
     return record?.split('=')[1] ?? '';
   }
@@ -108,17 +95,8 @@ export class NodeDriver {
   }
 
   /** Polls until none of `ids` is listed any more (the orchestrator noticed and cleaned up). */
-  async waitUntilGone(ids: string[], timeoutMs = 30_000): Promise<void> {
-    const deadline = Date.now() + timeoutMs;
-    for (;;) {
-      const listed = (await this.listIds()).filter((id) => ids.includes(id));
-      if (listed.length === 0) return;
-      if (Date.now() > deadline) {
-        console.warn(this.node.logs('orchestrator').slice(-30).join('\n'));
-        throw new Error(`still listed after ${timeoutMs} ms: ${listed.join(', ')}`);
-      }
-      await new Promise((r) => setTimeout(r, 250));
-    }
+  async waitUntilGone(ids: string[]): Promise<void> {
+    await eventually(async () => expect((await this.listIds()).filter((id) => ids.includes(id))).toEqual([]), SETTLE);
   }
 
   /** Everything sandboxes took is back to the baseline (polled: teardown is asynchronous). */
@@ -128,7 +106,7 @@ export class NodeDriver {
       for (const key of FOOTPRINT_KEYS) expect(after[key], key).toEqual(this.baseline[key]);
       // Slots went back to net-agent's pool: every slot namespace is one net-agent accounts for.
       expect(after['namespaces']!.length).toBe(Number(after['agentSlots']![0]));
-    });
+    }, SETTLE);
   }
 
   /** Each sandbox gone from List, with one `failed` event naming the service, its catalogue entry gone. */
@@ -141,6 +119,6 @@ export class NodeDriver {
         expect(failed[0]!['step']).toBe(service);
         expect(await this.redis.exists(`sbx:sandbox:${id}`), `${id}: catalogue entry removed`).toBe(0);
       }
-    });
+    }, SETTLE);
   }
 }

@@ -1,6 +1,9 @@
 import { randomBytes } from 'node:crypto';
+import { readFile } from 'node:fs/promises';
+import { join } from 'node:path';
 import type { Redis } from 'ioredis';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { eventually } from '#test-kit';
 import { NodeDriver } from './node-driver.js';
 import { missingPieces, NodeUnderTest } from './node-under-test.js';
 import { startRedis, type RedisUnderTest } from './redis-server.js';
@@ -45,14 +48,14 @@ describe.skipIf(missing !== undefined)('independent restarts (all five services 
     await node.restartService('dns', 'SIGKILL');
     await d.pause(paused, crypto.randomUUID());
     // dns keeps records in memory: the orchestrator puts back those of running sandboxes.
-    const deadline = Date.now() + 20_000;
-    let records: string[] = [];
-    while (Date.now() < deadline) {
-      records = (await node.footprint())['dns']!;
-      if (records.includes(`${kept}=${ip}`)) break;
-      await new Promise((r) => setTimeout(r, 250));
-    }
-    expect(records).toContain(`${kept}=${ip}`);
+    const records = await eventually(
+      async () => {
+        const now = (await node.footprint())['dns']!;
+        expect(now).toContain(`${kept}=${ip}`);
+        return now;
+      },
+      { timeoutMs: 20_000, intervalMs: 250 },
+    );
     expect(records).not.toContain(`${paused}=${pausedIp}`);
     await d.remove(kept);
     expect((await node.footprint())['dns']).not.toContain(`${kept}=${ip}`);
@@ -96,7 +99,12 @@ describe.skipIf(missing !== undefined)('independent restarts (all five services 
     await node.restartService('block-server', 'SIGKILL', false);
     // Sent into the outage: the drive waits for the server, as the kernel's nbd client would.
     const waiting = node.readDisk(ips[0]!, 2 * 1024 * 1024, data[0]!.length);
-    await new Promise((r) => setTimeout(r, 1500));
+    // The VMM says so when a request finds the connection gone; only then is the read waiting.
+    const vmmLog = join(node.dataDir, 'sandboxes', ids[0]!, 'vmm.stdout.log');
+    await eventually(async () => (await readFile(vmmLog, 'utf8')).includes('NBD connection lost; reconnecting'), {
+      timeoutMs: 20_000,
+      what: 'the drive to wait for block-server',
+    });
     await node.startService('block-server');
 
     expect((await waiting).equals(data[0]!), 'read sent during the outage').toBe(true);

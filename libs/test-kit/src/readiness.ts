@@ -28,6 +28,6 @@ export function fileExists(path: string): Readiness {
 /** The service logged a JSON line `match` accepts (e.g. the port it bound), or a line containing the text `match`. */
 export function logLine(match: string | ((entry: Record<string, unknown>) => boolean)): Readiness {
   const found = (proc: ServiceProcess) =>
-    typeof match === 'string' ? proc.logs.some((line) => line.includes(match)) : proc.findLog(match);
+    typeof match === 'string' ? proc.logs.some((line) => line.includes(match)) : proc.findLog(match) !== undefined;
   return (proc, timeoutMs) => eventually(() => found(proc), { timeoutMs, what: 'the ready log line' });
 }
