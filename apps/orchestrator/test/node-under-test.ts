@@ -6,30 +6,20 @@
  * test drives the orchestrator only through its gRPC API on its control socket, and reaches
  * guests (the vmm-sim double's envd and test endpoints) at their host IPs inside the node.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { mkdir, readdir, readFile, readlink, rm } from 'node:fs/promises';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { dial, unary, waitForServing } from '#grpc';
+import { dial, unary } from '#grpc';
 import { SandboxServiceClient } from '#proto/orchestrator';
 import { BlockServerClient } from '#proto/sbx/block';
 import { DnsClient } from '#proto/sbx/dns';
 import { NetAgentClient } from '#proto/sbx/net';
 import { UffdServerClient } from '#proto/sbx/uffd';
+import { grpcServing, repoRoot, ServiceProcess } from '#test-kit';
 
-/** The checkout: found upwards from this module, which runs from source (tests) or dist/ (bench). */
-function findRepo(): string {
-  let dir = fileURLToPath(new URL('.', import.meta.url));
-  for (let i = 0; i < 8; i++) {
-    if (existsSync(join(dir, 'sbx')) && existsSync(join(dir, 'package.json'))) return dir;
-    dir = join(dir, '..');
-  }
-  throw new Error('cannot find the repository root (./sbx) above ' + import.meta.url);
-}
-
-export const REPO = findRepo();
-const SBX = join(REPO, 'sbx');
+/** The checkout, for harnesses built on this one (apps/proxy); new code takes repoRoot from #test-kit. */
+export const REPO = repoRoot;
 
 export interface Output {
   code: number | null;
@@ -77,19 +67,10 @@ export function missingPieces(): string | undefined {
     'apps/dns/src/main',
     'tools/vmm-sim/src/main',
   ]) {
-    if (!existsSync(join(REPO, 'dist', `${m}.js`))) missing.push(`dist/${m}.js (run npm run build)`);
+    if (!existsSync(join(repoRoot, 'dist', `${m}.js`))) missing.push(`dist/${m}.js (run npm run build)`);
   }
   if (process.getuid?.() !== 0) missing.push('root (network namespaces)');
   return missing.length ? missing.join(', ') : undefined;
-}
-
-interface Service {
-  name: string;
-  child: ChildProcess;
-  logs: string[];
-  exited: Promise<number | null>;
-  /** How it was started, so it can be started again the same way. */
-  start: { args: string[]; socket: string; env: Record<string, string> };
 }
 
 export interface NodeOptions {
@@ -118,7 +99,8 @@ export class NodeUnderTest {
   /** Every instance's control socket; the first is `sockets.uffd` / `sockets.block`. */
   readonly uffdSockets: string[];
   readonly blockSockets: string[];
-  readonly services = new Map<string, Service>();
+  /** By the harness's name (`uffd-server#1` for a second instance); a stopped one stays until started again. */
+  readonly services = new Map<string, ServiceProcess>();
   client!: SandboxServiceClient;
 
   private constructor(
@@ -321,10 +303,7 @@ export class NodeUnderTest {
 
   /** SIGKILL: the orchestrator dies with sandboxes running, as in a crash. */
   async killOrchestrator(): Promise<void> {
-    const s = this.services.get('orchestrator');
-    if (!s) return;
-    s.child.kill('SIGKILL');
-    await s.exited;
+    await this.services.get('orchestrator')?.kill();
     this.services.delete('orchestrator');
   }
 
@@ -335,16 +314,15 @@ export class NodeUnderTest {
   async restartService(name: string, signal: 'SIGTERM' | 'SIGKILL', startAgain = true): Promise<void> {
     const s = this.services.get(name);
     if (!s) throw new Error(`no service ${name} to restart`);
-    s.child.kill(signal);
-    await s.exited;
-    if (startAgain) await this.startService(name, s.start);
+    await s.stop(signal);
+    if (startAgain) await this.startService(name);
   }
 
-  /** Starts a service stopped by restartService(name, signal, false) again. */
-  async startService(name: string, start?: Service['start']): Promise<void> {
-    const how = start ?? this.services.get(name)?.start;
-    if (!how) throw new Error(`no service ${name} to start`);
-    await this.spawnService(name, how.args, how.socket, how.env);
+  /** Starts a service stopped by restartService(name, signal, false) again, with the same arguments. */
+  async startService(name: string): Promise<void> {
+    const s = this.services.get(name);
+    if (!s) throw new Error(`no service ${name} to start`);
+    this.services.set(name, await s.restart());
   }
 
   private async spawnService(
@@ -354,35 +332,19 @@ export class NodeUnderTest {
     env: Record<string, string> = {},
     timeoutMs = 30_000,
   ): Promise<void> {
-    // `uffd-server#1` is a second instance of the `uffd-server` command.
-    const command = name.split('#')[0]!;
-    const child = spawn('nsenter', [`--net=/run/netns/${this.nodeNs}`, SBX, command, ...args], {
-      stdio: ['ignore', 'pipe', 'pipe'],
-      cwd: REPO,
-      env: { ...process.env, ...env, LOG_LEVEL: 'info' },
+    const service = await ServiceProcess.start({
+      name,
+      // `uffd-server#1` is a second instance of the `uffd-server` command.
+      args: [name.split('#')[0]!, ...args],
+      wrapper: ['nsenter', `--net=/run/netns/${this.nodeNs}`],
+      env: { ...env, LOG_LEVEL: 'info' },
+      // Its own process group: a stop that times out takes down what the service left running.
       detached: true,
+      ready: grpcServing(socket),
+      readyTimeoutMs: timeoutMs,
+      stopTimeoutMs: 15_000,
     });
-    const logs: string[] = [];
-    // Whole lines only: a chunk may end in the middle of one.
-    const collector = () => {
-      let partial = '';
-      return (d: Buffer) => {
-        const lines = (partial + d.toString()).split('\n');
-        partial = lines.pop() ?? '';
-        logs.push(...lines.filter(Boolean));
-        if (logs.length > 4000) logs.splice(0, logs.length - 2000);
-      };
-    };
-    child.stdout!.on('data', collector());
-    child.stderr!.on('data', collector());
-    const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
-    this.services.set(name, { name, child, logs, exited, start: { args, socket, env } });
-    await Promise.race([
-      waitForServing(socket, timeoutMs),
-      exited.then((code) => {
-        throw new Error(`${name} exited ${code} while starting:\n${logs.slice(-40).join('\n')}`);
-      }),
-    ]);
+    this.services.set(name, service);
   }
 
   logs(name: string): string[] {
@@ -510,7 +472,7 @@ export class NodeUnderTest {
 
   /** The node process behind `nsenter … ./sbx orchestrator` (nsenter and the script exec into it). */
   async orchestratorPid(): Promise<number | undefined> {
-    return this.services.get('orchestrator')?.child.pid;
+    return this.services.get('orchestrator')?.pid;
   }
 
   async stop(): Promise<void> {
@@ -520,20 +482,7 @@ export class NodeUnderTest {
       (a, b) => rank.indexOf(a.split('#')[0]!) - rank.indexOf(b.split('#')[0]!),
     );
     for (const name of order) {
-      const s = this.services.get(name);
-      if (!s) continue;
-      s.child.kill('SIGTERM');
-      const done = await Promise.race([
-        s.exited.then(() => true),
-        new Promise((r) => setTimeout(() => r(false), 15_000)),
-      ]);
-      if (!done) {
-        try {
-          process.kill(-s.child.pid!, 'SIGKILL');
-        } catch {
-          // already gone
-        }
-      }
+      await this.services.get(name)?.stop();
       this.services.delete(name);
     }
     // VMMs a crashed orchestrator left (its own shutdown kills the rest), by pid.
