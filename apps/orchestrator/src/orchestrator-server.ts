@@ -115,13 +115,10 @@ export async function startOrchestrator(config: OrchestratorConfig, logger: Logg
       vmRootfsDir: config.vmRootfsDir,
       socketDir,
     },
-    services,
-    vmm,
-    envd,
+    node: { services, vmm, envd },
     builds,
     templates,
-    events,
-    states,
+    records: { states, events },
     logger,
   });
 

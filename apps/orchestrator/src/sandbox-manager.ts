@@ -52,14 +52,13 @@ export interface ManagerSettings {
 
 export interface SandboxManagerOptions {
   settings: ManagerSettings;
-  services: NodeServices;
-  vmm: VmmLauncher;
-  envd: EnvdClient;
-  /** Every build read and written: resolve, stage a pause, commit it in place, upload it. */
+  /** What a sandbox runs on: the node's services, the VMM, envd in the guest. */
+  node: { services: NodeServices; vmm: VmmLauncher; envd: EnvdClient };
+  /** What sandboxes start from and pause into: every build read and written, templates. */
   builds: BuildStore;
   templates: TemplateCatalogue;
-  events: LifecycleEvents;
-  states: SandboxStateStore;
+  /** What is kept about sandboxes: state files, catalogue entries and lifecycle events. */
+  records: { states: SandboxStateStore; events: LifecycleEvents };
   logger: Logger;
 }
 
@@ -128,8 +127,8 @@ export class SandboxManager {
     const sbx = this.get(sandboxId);
     if (sbx.phase !== 'running') throw new SandboxBusy(sandboxId, sbx.phase, 'update');
     sbx.endTime = endTime;
-    await this.o.states.save(sbx.toState());
-    await this.o.events.publish(this.catalogueEntry(sbx));
+    await this.o.records.states.save(sbx.toState());
+    await this.o.records.events.publish(this.catalogueEntry(sbx));
     sbx.log.info({ endTime: endTime.toISOString() }, 'sandbox end time updated');
   }
 
@@ -161,7 +160,7 @@ export class SandboxManager {
       // uffd-server too: no wait for its upload.
       const build = await this.resolveBuild(buildId);
       mark(step);
-      const dir = await this.o.states.create(id);
+      const dir = await this.o.records.states.create(id);
       sbx = new Sandbox({
         id,
         config: { ...config, buildId },
@@ -171,18 +170,18 @@ export class SandboxManager {
         dir,
         log,
       });
-      sbx.teardown.push('files', () => this.o.states.remove(id));
+      sbx.teardown.push('files', () => this.o.records.states.remove(id));
       this.sandboxes.set(id, sbx);
-      await this.o.states.save(sbx.toState());
+      await this.o.records.states.save(sbx.toState());
       await this.startSandbox(sbx, (s) => (step = s), mark);
       step = 'set dns';
-      await this.o.services.names.set(id, sbx.hostIp);
+      await this.o.node.services.names.set(id, sbx.hostIp);
       sbx.dnsIp = sbx.hostIp;
       const dnsIp = sbx.hostIp;
-      sbx.teardown.push('dns', () => this.o.services.names.remove(id, dnsIp));
+      sbx.teardown.push('dns', () => this.o.node.services.names.remove(id, dnsIp));
       mark(step);
       sbx.phase = 'running';
-      await this.o.states.save(sbx.toState());
+      await this.o.records.states.save(sbx.toState());
       timings['total'] = performance.now() - t0;
       this.lastCreateTimings = timings;
     } catch (error) {
@@ -194,12 +193,12 @@ export class SandboxManager {
       }
       const failed = new SandboxStepFailed(id, 'create', step, error, describeFailures(failures));
       log.error({ step, err: failed.message }, 'sandbox create failed; rolled back');
-      await this.o.events.event('failed', id, { step, error: failed.message });
+      await this.o.records.events.event('failed', id, { step, error: failed.message });
       throw failed;
     }
-    await this.o.events.publish(this.catalogueEntry(sbx));
-    await this.o.events.event(config.snapshot ? 'resumed' : 'created', id, { buildId: sbx.build.buildId });
-    sbx.startPolling(this.o.envd, this.o.settings.healthIntervalMs, this.o.settings.metricsIntervalMs);
+    await this.o.records.events.publish(this.catalogueEntry(sbx));
+    await this.o.records.events.event(config.snapshot ? 'resumed' : 'created', id, { buildId: sbx.build.buildId });
+    sbx.startPolling(this.o.node.envd, this.o.settings.healthIntervalMs, this.o.settings.metricsIntervalMs);
     this.watchExit(sbx);
     log.info({ buildId: sbx.build.buildId, hostIp: sbx.hostIp, steps: rounded(timings) }, 'sandbox created');
     return sbx;
@@ -207,9 +206,9 @@ export class SandboxManager {
 
   /** Steps 2–6 of Create: slot, device, memory, VMM (snapshot load, resume, MMDS), envd init. */
   private async startSandbox(sbx: Sandbox, at: (step: string) => void, mark: (step: string) => void): Promise<void> {
-    const { slots, devices, memory } = this.o.services;
+    const { slots, devices, memory } = this.o.node.services;
     const id = sbx.id;
-    const save = () => this.o.states.save(sbx.toState());
+    const save = () => this.o.records.states.save(sbx.toState());
 
     at('acquire network slot');
     const slot = await slots.acquire(id);
@@ -241,7 +240,7 @@ export class SandboxManager {
 
     at('start vmm');
     const rootfsTarget = sbx.device.devicePath || sbx.device.socketPath;
-    const vmm = await this.o.vmm.launch(
+    const vmm = await this.o.node.vmm.launch(
       {
         sandboxId: id,
         apiSocket: sockets.api,
@@ -282,7 +281,7 @@ export class SandboxManager {
     });
     mark('set mmds');
     at('init envd');
-    await this.o.envd.init(slot.hostIp, sbx.config.envVars ?? {}, this.o.settings.envdTimeoutMs);
+    await this.o.node.envd.init(slot.hostIp, sbx.config.envVars ?? {}, this.o.settings.envdTimeoutMs);
     mark('init envd');
   }
 
@@ -300,12 +299,12 @@ export class SandboxManager {
   private async stop(sbx: Sandbox, reason: string): Promise<void> {
     sbx.phase = 'stopping';
     sbx.stopPolling();
-    await this.o.states.save(sbx.toState()).catch(() => undefined);
-    await this.o.events.unpublish(sbx.id);
+    await this.o.records.states.save(sbx.toState()).catch(() => undefined);
+    await this.o.records.events.unpublish(sbx.id);
     const failures = await sbx.teardown.unwind();
     this.sandboxes.delete(sbx.id);
     if (failures.length) sbx.log.error({ problems: describeFailures(failures) }, 'sandbox teardown had problems');
-    await this.o.events.event('killed', sbx.id, { reason });
+    await this.o.records.events.event('killed', sbx.id, { reason });
     sbx.log.info({ reason }, 'sandbox stopped');
   }
 
@@ -329,7 +328,7 @@ export class SandboxManager {
   }
 
   private async pauseNow(sbx: Sandbox, newBuildId: string, templateId: string): Promise<SnapshotBuild> {
-    const { memory, devices, names } = this.o.services;
+    const { memory, devices, names } = this.o.node.services;
     const id = sbx.id;
     const vmm = sbx.vmm!;
     const timings: StepTimings = {};
@@ -346,10 +345,10 @@ export class SandboxManager {
     let staging: string | undefined;
     try {
       sbx.stopPolling();
-      await this.o.states.save(sbx.toState());
+      await this.o.records.states.save(sbx.toState());
       if (sbx.dnsIp) await names.remove(id, sbx.dnsIp);
       sbx.teardown.forget('dns');
-      await this.o.events.unpublish(id);
+      await this.o.records.events.unpublish(id);
       mark(step);
       step = 'pause vm';
       await vmm.api.setState('Paused');
@@ -422,7 +421,7 @@ export class SandboxManager {
       timings['total'] = performance.now() - t0;
       this.lastPauseTimings = timings;
       this.o.builds.startUpload(newBuildId);
-      await this.o.events.event('paused', id, {
+      await this.o.records.events.event('paused', id, {
         buildId: newBuildId,
         templateId,
         generation: String(memHeader.metadata.generation),
@@ -449,9 +448,9 @@ export class SandboxManager {
           if (!sbx.teardown.has('dns')) sbx.teardown.push('dns', () => names.remove(id, ip));
         }
         sbx.phase = 'running';
-        await this.o.states.save(sbx.toState()).catch(() => undefined);
-        await this.o.events.publish(this.catalogueEntry(sbx));
-        sbx.startPolling(this.o.envd, this.o.settings.healthIntervalMs, this.o.settings.metricsIntervalMs);
+        await this.o.records.states.save(sbx.toState()).catch(() => undefined);
+        await this.o.records.events.publish(this.catalogueEntry(sbx));
+        sbx.startPolling(this.o.node.envd, this.o.settings.healthIntervalMs, this.o.settings.metricsIntervalMs);
         throw new SandboxStepFailed(id, 'pause', step, error);
       }
       // Past StopSourcing a fault gets a zero page: the sandbox cannot safely run on.
@@ -459,7 +458,7 @@ export class SandboxManager {
       this.sandboxes.delete(id);
       const failed = new SandboxStepFailed(id, 'pause', step, error, describeFailures(failures));
       sbx.log.error({ step, err: failed.message }, 'sandbox pause failed; sandbox removed');
-      await this.o.events.event('failed', id, { step, error: failed.message });
+      await this.o.records.events.event('failed', id, { step, error: failed.message });
       throw failed;
     }
   }
@@ -493,11 +492,11 @@ export class SandboxManager {
     sbx.log.error({ step, err: error }, 'sandbox cannot go on; cleaning it up');
     sbx.phase = 'stopping';
     sbx.stopPolling();
-    await this.o.events.unpublish(sbx.id);
+    await this.o.records.events.unpublish(sbx.id);
     const failures = await sbx.teardown.unwind();
     this.sandboxes.delete(sbx.id);
     if (failures.length) sbx.log.error({ problems: describeFailures(failures) }, 'sandbox teardown had problems');
-    await this.o.events.event('failed', sbx.id, { step, error });
+    await this.o.records.events.event('failed', sbx.id, { step, error });
   }
 
   /** Kills (or pauses, with auto_pause) every running sandbox past its end time. */
@@ -521,7 +520,7 @@ export class SandboxManager {
   /** Adds a sandbox found running by the restart reconciler. */
   adopt(sbx: Sandbox): void {
     this.sandboxes.set(sbx.id, sbx);
-    sbx.startPolling(this.o.envd, this.o.settings.healthIntervalMs, this.o.settings.metricsIntervalMs);
+    sbx.startPolling(this.o.node.envd, this.o.settings.healthIntervalMs, this.o.settings.metricsIntervalMs);
     this.watchExit(sbx);
   }
 

@@ -410,13 +410,10 @@ describe.skipIf(missing !== undefined)('create failure points, the rest real', (
         vmRootfsDir: node.vmRootfsDir,
         socketDir: join(root, 's'),
       },
-      services: o.services ?? services,
-      vmm: o.vmm ?? new ProcessVmmLauncher(chooseVmmCommand({})),
-      envd,
+      node: { services: o.services ?? services, vmm: o.vmm ?? new ProcessVmmLauncher(chooseVmmCommand({})), envd },
       builds,
       templates,
-      events: new NoLifecycleEvents(),
-      states: new SandboxStateStore(join(root, 'sandboxes')),
+      records: { states: new SandboxStateStore(join(root, 'sandboxes')), events: new NoLifecycleEvents() },
       logger,
     });
     return manager;

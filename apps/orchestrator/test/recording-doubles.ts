@@ -305,13 +305,10 @@ export async function makeHarness(root: string, generationCap = 3): Promise<Harn
       vmRootfsDir: join(root, 'fc'),
       socketDir: join(root, 's'),
     },
-    services: node,
-    vmm,
-    envd,
+    node: { services: node, vmm, envd },
     builds,
     templates,
-    events,
-    states: new SandboxStateStore(join(root, 'data', 'sandboxes')),
+    records: { states: new SandboxStateStore(join(root, 'data', 'sandboxes')), events },
     logger,
   });
   return {
