@@ -1,11 +1,12 @@
-import { mkdirSync, mkdtempSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { dial, unary } from '#grpc';
+import { unary } from '#grpc';
 import { UffdServerClient } from '#proto/sbx/uffd';
-import { acceptsConnections, eventually, grpcServing, ServiceProcess } from '#test-kit';
+import { eventually, ServiceProcess } from '#test-kit';
 import { holdings, type Holdings } from './holdings.js';
+import { startNbdExport, startUffdServer } from './peer-services.js';
 import { httpRequest, VmmSimProcess, pickGuestPort } from './vmm-sim-process.js';
 
 // Must-show: killing the VMM at any point leaves nothing on the uffd-server and block-server
@@ -52,31 +53,11 @@ beforeAll(async () => {
   await template.stop();
 
   const nbdSock = join(dir, 'nbd.sock');
-  blockServer = await ServiceProcess.start({
-    args: ['block-server', 'serve', '--base', join(dir, 'rootfs.ext4'), '--socket', nbdSock],
-    ready: acceptsConnections(nbdSock),
-  });
+  blockServer = await startNbdExport(join(dir, 'rootfs.ext4'), nbdSock);
   rmSync(link);
   symlinkSync(nbdSock, link);
 
-  const ctl = join(dir, 'uffd-ctl.sock');
-  mkdirSync(join(dir, 'bucket'));
-  uffdServer = await ServiceProcess.start({
-    args: [
-      'uffd-server',
-      'serve',
-      '--control-socket',
-      ctl,
-      '--bucket',
-      join(dir, 'bucket'),
-      '--cache-dir',
-      join(dir, 'cache'),
-      '--metrics-port',
-      '0',
-    ],
-    ready: grpcServing(ctl),
-  });
-  client = dial(UffdServerClient, ctl);
+  ({ service: uffdServer, client } = await startUffdServer(dir));
   await unary(client, client.list, {});
   uffdBaseline = holdings(uffdServer.pid);
   blockBaseline = holdings(blockServer.pid);
@@ -128,7 +109,7 @@ async function expectPeersClean(id: string, vmm: VmmSimProcess): Promise<void> {
   const state = await eventually(
     async () => {
       const s = await unary(client, client.stats, { sandboxId: id });
-      return s.state === 'peer-gone' || s.state === 'failed' ? s.state : undefined;
+      return s.state === 'peer-gone' || s.state === 'failed' ? s.state : false;
     },
     { what: 'uffd-server to notice the VMM is gone' },
   );
@@ -160,7 +141,7 @@ describe('killing the VMM leaves nothing on the uffd-server and block-server sid
     await eventually(
       async () => {
         const s = await unary(client, client.stats, { sandboxId: id });
-        return Number(s.faults) > 0 ? true : undefined;
+        return Number(s.faults) > 0;
       },
       { what: 'faults to be served' },
     );

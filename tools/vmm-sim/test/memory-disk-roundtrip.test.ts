@@ -3,7 +3,8 @@ import { mkdtempSync, readFileSync, rmSync, symlinkSync, unlinkSync, writeFileSy
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeAll, afterAll, describe, expect, it } from 'vitest';
-import { acceptsConnections, fileExists, ServiceProcess } from '#test-kit';
+import { fileExists, ServiceProcess } from '#test-kit';
+import { startNbdExport } from './peer-services.js';
 import { httpBytes, httpRequest, VmmSimProcess, pickGuestPort } from './vmm-sim-process.js';
 
 // Must-show: the double against a running uffd-server and block-server, no orchestrator.
@@ -78,19 +79,7 @@ describe.each([
     // 2. The rootfs now comes from the block-server: the recorded path points at its NBD socket,
     //    as the orchestrator's private mount namespace makes it point at the sandbox's device.
     const nbdSock = join(dir, `${tag}-nbd.sock`);
-    const block = await ServiceProcess.start({
-      args: [
-        'block-server',
-        'serve',
-        '--base',
-        join(dir, 'rootfs.ext4'),
-        '--socket',
-        nbdSock,
-        '--overlay',
-        join(dir, `${tag}-overlay`),
-      ],
-      ready: acceptsConnections(nbdSock),
-    });
+    const block = await startNbdExport(join(dir, 'rootfs.ext4'), nbdSock, ['--overlay', join(dir, `${tag}-overlay`)]);
     cleanup.push(() => block.stop('SIGTERM'));
     unlinkSync(link);
     symlinkSync(nbdSock, link);

@@ -1,11 +1,12 @@
 import { randomBytes, randomUUID } from 'node:crypto';
-import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { dial, unary } from '#grpc';
+import { unary } from '#grpc';
 import { UffdServerClient } from '#proto/sbx/uffd';
-import { grpcServing, ServiceProcess } from '#test-kit';
+import { ServiceProcess } from '#test-kit';
+import { startUffdServer } from './peer-services.js';
 import { httpRequest, VmmSimProcess, pickGuestPort } from './vmm-sim-process.js';
 
 // The pause sequence of DESIGN.md §3 between the double and the uffd-server service: load
@@ -37,24 +38,7 @@ beforeAll(async () => {
   snap0 = { snapshot_path: join(dir, 'template.snap'), mem_file_path: join(dir, 'template.mem') };
   await template.ok('PUT', '/snapshot/create', snap0);
   await template.stop();
-  const ctl = join(dir, 'uffd-ctl.sock');
-  mkdirSync(join(dir, 'bucket'));
-  uffdServer = await ServiceProcess.start({
-    args: [
-      'uffd-server',
-      'serve',
-      '--control-socket',
-      ctl,
-      '--bucket',
-      join(dir, 'bucket'),
-      '--cache-dir',
-      join(dir, 'cache'),
-      '--metrics-port',
-      '0',
-    ],
-    ready: grpcServing(ctl),
-  });
-  client = dial(UffdServerClient, ctl);
+  ({ service: uffdServer, client } = await startUffdServer(dir));
 }, 60_000);
 
 afterEach(async () => {

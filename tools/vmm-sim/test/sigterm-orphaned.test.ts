@@ -1,10 +1,10 @@
-import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { dial, unary } from '#grpc';
-import { UffdServerClient } from '#proto/sbx/uffd';
-import { acceptsConnections, eventually, grpcServing, ServiceProcess } from '#test-kit';
+import { unary } from '#grpc';
+import { eventually } from '#test-kit';
+import { startNbdExport, startUffdServer } from './peer-services.js';
 import { httpRequest, pickGuestPort, VmmSimProcess } from './vmm-sim-process.js';
 
 // A VMM whose peers died under it (the uffd-server and block-server stopped at the same moment
@@ -52,32 +52,12 @@ function threadWaits(pid: number): string[] {
 describe('vmm-sim whose peers are gone', () => {
   it('ends on SIGTERM with its vCPU frozen in a fault and its NBD server gone', async () => {
     const nbdSock = join(dir, 'nbd.sock');
-    const blockServer = await ServiceProcess.start({
-      args: ['block-server', 'serve', '--base', join(dir, 'rootfs.ext4'), '--socket', nbdSock],
-      ready: acceptsConnections(nbdSock),
-    });
-    const ctl = join(dir, 'uffd-ctl.sock');
-    mkdirSync(join(dir, 'bucket'), { recursive: true });
-    const uffdServer = await ServiceProcess.start({
-      args: [
-        'uffd-server',
-        'serve',
-        '--control-socket',
-        ctl,
-        '--bucket',
-        join(dir, 'bucket'),
-        '--cache-dir',
-        join(dir, 'cache'),
-        '--metrics-port',
-        '0',
-      ],
-      ready: grpcServing(ctl),
-    });
+    const blockServer = await startNbdExport(join(dir, 'rootfs.ext4'), nbdSock);
+    const { service: uffdServer, client } = await startUffdServer(dir);
     rmSync(join(dir, 'rootfs.link'));
     symlinkSync(nbdSock, join(dir, 'rootfs.link'));
     let vmm: VmmSimProcess | undefined;
     try {
-      const client = dial(UffdServerClient, ctl);
       const socketPath = join(dir, 'orphan-uffd.sock');
       await unary(client, client.prepare, {
         sandboxId: 'orphan',
@@ -104,7 +84,7 @@ describe('vmm-sim whose peers are gone', () => {
         (err: Error) => err,
       );
       const pid = vmm.pid;
-      await eventually(() => (threadWaits(pid).some((w) => w.includes('userfault')) ? true : undefined), {
+      await eventually(() => threadWaits(pid).some((w) => w.includes('userfault')), {
         what: 'the vCPU to wait in a userfault',
       });
       await vmm.stop('SIGTERM');

@@ -123,7 +123,7 @@ describe('guest network in a slot', () => {
     expect(guestStatus('/health')).toBe('204');
     await killed.stop('SIGKILL');
     // The kernel tears the guest namespace down asynchronously; the veth pair goes with it.
-    await eventually(() => (tap0() === undefined ? true : undefined), { what: 'the veth pair to go' });
+    await eventually(() => tap0() === undefined, { what: 'the veth pair to go' });
     expect(links().map((l) => l.ifname)).toEqual(['lo']);
     const next = await bootInSlot('c');
     expect(guestStatus('/health')).toBe('204');
@@ -138,7 +138,7 @@ describe('guest network in a slot', () => {
     expect(tap0()?.linkinfo?.info_kind).toBe('veth');
     expect(guestStatus('/health')).toBe('204');
     await vmm.stop('SIGKILL');
-    await eventually(() => (tap0() === undefined ? true : undefined), { what: 'the veth pair to go' });
+    await eventually(() => tap0() === undefined, { what: 'the veth pair to go' });
     // Put the slot back for whoever runs next.
     const next = await bootInSlot('e');
     expect(await next.stop('SIGTERM')).toBe(0);
