@@ -2,6 +2,7 @@ import { mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { eventually } from '#test-kit';
 import { newBuildId } from '../src/build-id.js';
 import { BuildStore, UPLOAD_ORDER, type BuildStoreOptions, type UploadEvent } from '../src/build-store.js';
 import { GcsBackend } from '../src/gcs-backend.js';
@@ -192,7 +193,7 @@ describe('BuildStore uploads', () => {
     });
     const upload = writer.uploadBuild(id);
     const elsewhere = makeStore(backend, 'other');
-    while (!(await backend.exists(`${id}/memfile.header`))) await new Promise((r) => setTimeout(r, 5));
+    await eventually(() => backend.exists(`${id}/memfile.header`), { intervalMs: 5 });
     // data and headers are there, the snapfile is not: another node does not take the build
     expect(await elsewhere.exists(id)).toBe(false);
     await expect(elsewhere.resolveSnapshot(id)).rejects.toBeInstanceOf(BuildNotFound);
