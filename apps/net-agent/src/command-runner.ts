@@ -1,6 +1,7 @@
 import { spawn, type ChildProcess } from 'node:child_process';
+import { TypedError } from '#service-kit';
 
-export class CommandFailed extends Error {
+export class CommandFailed extends TypedError {
   readonly code = 'COMMAND_FAILED';
   constructor(
     readonly command: string,
@@ -9,7 +10,6 @@ export class CommandFailed extends Error {
     readonly where?: string,
   ) {
     super(`${command}${where ? ` in ${where}` : ''} failed (exit ${exitCode}): ${stderr.trim().slice(0, 2000)}`);
-    this.name = 'CommandFailed';
   }
 }
 

@@ -1,6 +1,7 @@
+import { TypedError } from '#service-kit';
 /** IPv4 addresses as unsigned 32-bit numbers, and CIDR blocks: parsing is strict, a bad value is an error. */
 
-export class Ipv4Invalid extends Error {
+export class Ipv4Invalid extends TypedError {
   readonly code = 'IPV4_INVALID';
   constructor(readonly value: string) {
     super(`not an IPv4 address or CIDR block: ${JSON.stringify(value)}`);

@@ -1,6 +1,7 @@
 import { closeSync, openSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { addAddress, addDefaultRoute, linkUp, parseAcks } from './rtnetlink-codec.js';
+import { TypedError } from '#service-kit';
 
 /**
  * Configures links inside the calling thread's network namespace with direct syscalls
@@ -58,14 +59,13 @@ function load(): Libc {
   return libc;
 }
 
-export class NamespaceSetupFailed extends Error {
+export class NamespaceSetupFailed extends TypedError {
   readonly code = 'NAMESPACE_SETUP_FAILED';
   constructor(
     readonly step: string,
     readonly errno: number,
   ) {
     super(`${step} failed (errno ${errno})`);
-    this.name = 'NamespaceSetupFailed';
   }
 }
 

@@ -18,8 +18,7 @@ export const netAgentConfigSchema = z
   .object({
     controlSocket: z.string().min(1).default('/run/sbx/net-agent.sock'),
     metricsHost: z.string().default('127.0.0.1'),
-    /** 0 turns the metrics endpoint off. */
-    metricsPort: count(0, 65535).default(9463),
+    metricsPort: count(0, 65535).default(9463).describe('Prometheus port, 0 = off'),
     logLevel: z.enum(['trace', 'debug', 'info', 'warn', 'error']).default('info'),
     nodeId: z
       .string()
@@ -30,20 +29,29 @@ export const netAgentConfigSchema = z
           .slice(0, 128) || 'node',
       ),
 
-    /** Where slot reservations live: `memory` for a single node, `consul` for a cluster. */
-    reservation: z.enum(['memory', 'consul']).default('memory'),
-    /** Consul HTTP address (`http://host:port`); CONSUL_HTTP_ADDR is used when this is not set. */
-    consulAddr: z.string().optional(),
-    consulToken: z.string().optional(),
-    /** Prefix before `{nodeId}/{slotIdx}`; empty (the default) gives the seed's key layout. */
+    reservation: z
+      .enum(['memory', 'consul'])
+      .default('memory')
+      .describe('where slot reservations live: `memory` for a single node, `consul` for a cluster'),
+    consulAddr: z
+      .string()
+      .optional()
+      .describe('Consul HTTP address (http://host:port)')
+      .meta({ aliases: ['CONSUL_HTTP_ADDR'] }),
+    consulToken: z
+      .string()
+      .optional()
+      .meta({ aliases: ['CONSUL_HTTP_TOKEN'] }),
     consulPrefix: z
       .string()
       .regex(/^([A-Za-z0-9_.-]+\/)*$/, 'expected empty or path segments ending with /')
-      .default(''),
+      .default('')
+      .describe("KV prefix before {nodeId}/{slotIdx}; empty gives the seed's layout"),
     consulTimeoutMs: count(50, 60_000).default(2000),
 
-    /** Slots are numbered firstSlot .. firstSlot + slotCount - 1. */
-    firstSlot: count(0, 1 << 20).default(1),
+    firstSlot: count(0, 1 << 20)
+      .default(1)
+      .describe('slots are numbered first-slot .. first-slot + slot-count - 1'),
     slotCount: count(1, 1 << 20).default(16_000),
     namespacePrefix: namePrefix.default('ns-'),
     hostVethPrefix: namePrefix.default('veth-'),
@@ -52,34 +60,47 @@ export const netAgentConfigSchema = z
     tapIp: ipv4.default('169.254.0.22'),
     tapPrefix: count(1, 31).default(30),
     guestIp: ipv4.default('169.254.0.21'),
-    /** Each slot takes a /31 of this block for its veth pair (host side even, namespace side odd). */
-    vethCidr: cidr.default('10.12.0.0/16'),
-    /** Each slot's host IP (how the node reaches the sandbox) is one address of this block. */
-    hostCidr: cidr.default('10.11.0.0/16'),
-    /** The interface traffic leaves the node by; empty = the interface of the default route. */
-    uplink: z.union([z.literal(''), ifname]).default(''),
+    vethCidr: cidr
+      .default('10.12.0.0/16')
+      .describe('each slot takes a /31 of this block for its veth pair (host side even, namespace side odd)'),
+    hostCidr: cidr
+      .default('10.11.0.0/16')
+      .describe("each slot's host IP (how the node reaches the sandbox) is one address of this block"),
+    uplink: z
+      .union([z.literal(''), ifname])
+      .default('')
+      .describe('the interface traffic leaves the node by; empty = the interface of the default route'),
     blockedRanges: z.array(cidr).default(['10.0.0.0/8', '172.16.0.0/12', '192.168.0.0/16', '169.254.0.0/16']),
     metadataAddress: ipv4.default('169.254.169.254'),
-    /** nftables table in the node's namespace (forwarding, masquerade) and in each slot's namespace (NAT, egress). */
-    hostTable: nftName.default('sbx_net'),
+    hostTable: nftName
+      .default('sbx_net')
+      .describe(
+        "nftables table in the node's namespace (forwarding, masquerade) and in each slot's namespace (NAT, egress)",
+      ),
     slotTable: nftName.default('sbx_slot'),
-    /** Interface group used to delete a batch of host veths in one kernel operation. */
-    removalGroup: count(1, 0x7fffffff).default(0x5b1),
-    /** How a slot namespace's links are set up: direct rtnetlink from the agent (fast) or `ip -batch`. */
-    namespaceSetup: z.enum(['netlink', 'ip']).default('netlink'),
-    /** nftables transactions through libnftables in the agent (fast) or one `nft -f` process each. */
-    nftMode: z.enum(['library', 'process']).default('library'),
-    /** Set net.ipv4.ip_forward=1 in the agent's namespace at start (the node must forward for slots). */
-    enableForwarding: flag.default(true),
+    removalGroup: count(1, 0x7fffffff)
+      .default(0x5b1)
+      .describe('interface group used to delete a batch of host veths in one kernel operation'),
+    namespaceSetup: z
+      .enum(['netlink', 'ip'])
+      .default('netlink')
+      .describe("How a slot namespace's links are set up: direct rtnetlink from the agent (fast) or `ip -batch`"),
+    nftMode: z
+      .enum(['library', 'process'])
+      .default('library')
+      .describe('nftables transactions through libnftables in the agent (fast) or one `nft -f` process each'),
+    enableForwarding: flag
+      .default(true)
+      .describe("Set net.ipv4.ip_forward=1 in the agent's namespace at start (the node must forward for slots)"),
 
     poolNewSize: count(0, 10_000).default(32),
     poolReusedSize: count(0, 10_000).default(100),
-    /** Slots created together in one batch (one host ip/nft transaction, namespaces configured in parallel). */
-    createBatch: count(1, 1024).default(16),
+    createBatch: count(1, 1024)
+      .default(16)
+      .describe('slots created together in one batch (one host ip/nft transaction, namespaces configured in parallel)'),
     refillBackoffMinMs: count(1, 600_000).default(100),
     refillBackoffMaxMs: count(1, 600_000).default(10_000),
-    /** How long Acquire waits for a slot when none is ready. */
-    acquireTimeoutMs: count(0, 600_000).default(5000),
+    acquireTimeoutMs: count(0, 600_000).default(5000).describe('how long Acquire waits for a slot when none is ready'),
   })
   .superRefine((cfg, ctx) => {
     const maxIdx = cfg.firstSlot + cfg.slotCount - 1;
@@ -119,14 +140,7 @@ export const netAgentConfigSchema = z
 export type NetAgentConfig = z.infer<typeof netAgentConfigSchema>;
 
 export function loadNetAgentConfig(source: ConfigSource = {}): NetAgentConfig {
-  const env = source.env ?? process.env;
-  // Consul's own convention: operators already export CONSUL_HTTP_ADDR / CONSUL_HTTP_TOKEN on nodes.
-  const withConsulEnv: NodeJS.ProcessEnv = {
-    ...env,
-    SBX_NET_AGENT_CONSUL_ADDR: env['SBX_NET_AGENT_CONSUL_ADDR'] || env['CONSUL_HTTP_ADDR'],
-    SBX_NET_AGENT_CONSUL_TOKEN: env['SBX_NET_AGENT_CONSUL_TOKEN'] || env['CONSUL_HTTP_TOKEN'],
-  };
-  return loadConfig('net-agent', netAgentConfigSchema, 'SBX_NET_AGENT_', { argv: source.argv, env: withConsulEnv });
+  return loadConfig('net-agent', netAgentConfigSchema, 'SBX_NET_AGENT_', source);
 }
 
 function isValid(parse: () => unknown): boolean {

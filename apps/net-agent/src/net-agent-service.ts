@@ -1,27 +1,8 @@
-import { status, type ServiceError } from '@grpc/grpc-js';
 import type { Logger } from '#logging';
 import type { NetAgentServer, NetSlot, NetStats } from '#proto/sbx/net';
 import type { NetAgentMetrics } from './net-agent-metrics.js';
-import {
-  PoolStopped,
-  SlotNotInUse,
-  SlotNotOwned,
-  SlotPoolExhausted,
-  type PoolSlot,
-  type SlotPool,
-} from './slot-pool.js';
-import { SlotIndexInvalid } from './slot-layout.js';
-
-export class RequestInvalid extends Error {
-  readonly code = 'REQUEST_INVALID';
-  constructor(
-    readonly field: string,
-    reason: string,
-  ) {
-    super(`${field}: ${reason}`);
-    this.name = 'RequestInvalid';
-  }
-}
+import { RequestInvalid, unaryHandlers } from '#service-kit';
+import type { PoolSlot, SlotPool } from './slot-pool.js';
 
 const SANDBOX_ID = /^[A-Za-z0-9_.-]{1,128}$/;
 
@@ -43,20 +24,6 @@ export function toNetSlot(slot: PoolSlot): NetSlot {
   };
 }
 
-/** The one place where our errors become gRPC status codes; the message names the step. */
-export function toServiceError(method: string, err: unknown): Partial<ServiceError> {
-  const message = `net-agent ${method}: ${(err as Error)?.message ?? String(err)}`;
-  if (err instanceof RequestInvalid || err instanceof SlotIndexInvalid)
-    return { code: status.INVALID_ARGUMENT, details: message };
-  if (err instanceof SlotPoolExhausted) return { code: status.RESOURCE_EXHAUSTED, details: message };
-  if (err instanceof SlotNotInUse) return { code: status.NOT_FOUND, details: message };
-  if (err instanceof SlotNotOwned) return { code: status.FAILED_PRECONDITION, details: message };
-  if (err instanceof PoolStopped) return { code: status.UNAVAILABLE, details: message };
-  const code = (err as { code?: string }).code;
-  if (code === 'RESERVATION_UNAVAILABLE') return { code: status.UNAVAILABLE, details: message };
-  return { code: status.INTERNAL, details: message };
-}
-
 export function createNetAgentService(options: {
   pool: SlotPool;
   logger: Logger;
@@ -67,74 +34,41 @@ export function createNetAgentService(options: {
 }): NetAgentServer {
   const { pool, logger, metrics } = options;
   const done = (method: string, result: string) => metrics.requests.inc({ method, result });
+  const handle = unaryHandlers({
+    logger,
+    onError: (method, err) => done(method, err instanceof RequestInvalid ? 'invalid' : 'error'),
+  });
+  const checkSandboxId = (sandboxId: string) => {
+    if (!SANDBOX_ID.test(sandboxId)) throw new RequestInvalid('sandbox_id', 'expected 1-128 characters [A-Za-z0-9_.-]');
+  };
   return {
-    acquire(call, callback) {
+    acquire: handle('acquire', ({ sandboxId }) => {
       const started = performance.now();
-      const sandboxId = call.request.sandboxId;
-      if (!SANDBOX_ID.test(sandboxId)) {
-        done('acquire', 'invalid');
-        callback(
-          toServiceError('acquire', new RequestInvalid('sandbox_id', 'expected 1-128 characters [A-Za-z0-9_.-]')),
-        );
-        return;
-      }
-      // The common case (a slot is ready) answers synchronously, without a promise hop.
-      let ready: PoolSlot | undefined;
-      try {
-        ready = pool.tryAcquire(sandboxId);
-      } catch (err) {
-        done('acquire', 'error');
-        callback(toServiceError('acquire', err));
-        return;
-      }
-      if (ready) {
+      checkSandboxId(sandboxId);
+      const answer = (slot: PoolSlot, result: string) => {
         metrics.acquireSeconds.observe((performance.now() - started) / 1000);
-        done('acquire', 'ok');
-        logger.debug({ sandboxId, slot: ready.spec.idx }, 'slot acquired');
-        callback(null, toNetSlot(ready));
-        return;
-      }
-      pool.acquire(sandboxId).then(
-        (slot) => {
-          metrics.acquireSeconds.observe((performance.now() - started) / 1000);
-          done('acquire', 'waited');
-          callback(null, toNetSlot(slot));
-        },
-        (err: unknown) => {
-          done('acquire', 'error');
-          logger.warn({ sandboxId, err }, 'acquire failed');
-          callback(toServiceError('acquire', err));
-        },
-      );
-    },
-    release(call, callback) {
-      const { idx, sandboxId, reuse } = call.request;
-      if (sandboxId && !SANDBOX_ID.test(sandboxId)) {
-        done('release', 'invalid');
-        callback(
-          toServiceError('release', new RequestInvalid('sandbox_id', 'expected 1-128 characters [A-Za-z0-9_.-]')),
-        );
-        return;
-      }
-      pool.release(idx, sandboxId, reuse).then(
-        () => {
-          done('release', 'ok');
-          callback(null, {});
-        },
-        (err: unknown) => {
-          done('release', 'error');
-          logger.warn({ sandboxId, slot: idx, err }, 'release failed');
-          callback(toServiceError('release', err));
-        },
-      );
-    },
-    list(_call, callback) {
+        done('acquire', result);
+        logger.debug({ sandboxId, slot: slot.spec.idx }, 'slot acquired');
+        return toNetSlot(slot);
+      };
+      // The common case (a slot is ready) answers synchronously, without a promise hop.
+      const ready = pool.tryAcquire(sandboxId);
+      return ready ? answer(ready, 'ok') : pool.acquire(sandboxId).then((slot) => answer(slot, 'waited'));
+    }),
+    release: handle('release', async ({ idx, sandboxId, reuse }) => {
+      if (sandboxId) checkSandboxId(sandboxId);
+      await pool.release(idx, sandboxId, reuse);
+      done('release', 'ok');
+      return {};
+    }),
+    list: handle('list', () => {
       done('list', 'ok');
-      callback(null, { slots: pool.list().map(toNetSlot) });
-    },
-    stats(_call, callback) {
+      return { slots: pool.list().map(toNetSlot) };
+    }),
+    stats: handle('stats', (): NetStats => {
       const s = pool.stats();
-      const out: NetStats = {
+      done('stats', 'ok');
+      return {
         readyNew: s.readyNew,
         readyReused: s.readyReused,
         inUse: s.inUse,
@@ -148,8 +82,6 @@ export function createNetAgentService(options: {
         uplink: options.uplink,
         nodeId: options.nodeId,
       };
-      done('stats', 'ok');
-      callback(null, out);
-    },
+    }),
   };
 }

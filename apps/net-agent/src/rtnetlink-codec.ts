@@ -4,6 +4,7 @@
  * Pure functions: encoding and decoding only, no sockets.
  */
 import { parseIpv4 } from './ipv4.js';
+import { TypedError } from '#service-kit';
 
 export const NLMSG_ERROR = 2;
 export const RTM_NEWLINK = 16;
@@ -26,14 +27,13 @@ const RT_SCOPE_UNIVERSE = 0;
 const RTN_UNICAST = 1;
 const NLMSG_HDRLEN = 16;
 
-export class NetlinkMessageInvalid extends Error {
+export class NetlinkMessageInvalid extends TypedError {
   readonly code = 'NETLINK_MESSAGE_INVALID';
   constructor(
     readonly offset: number,
     reason: string,
   ) {
     super(`malformed netlink message at byte ${offset}: ${reason}`);
-    this.name = 'NetlinkMessageInvalid';
   }
 }
 

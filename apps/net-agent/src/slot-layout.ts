@@ -1,5 +1,6 @@
 import type { NetAgentConfig } from './net-agent-config.js';
 import { formatIpv4, parseCidr, parseIpv4 } from './ipv4.js';
+import { TypedError } from '#service-kit';
 
 /** Every name and address of one slot, derived from its index (DESIGN §5). */
 export interface SlotSpec {
@@ -19,7 +20,7 @@ export interface SlotSpec {
   hostIp: string;
 }
 
-export class SlotIndexInvalid extends Error {
+export class SlotIndexInvalid extends TypedError {
   readonly code = 'SLOT_INDEX_INVALID';
   constructor(
     readonly idx: number,
@@ -27,7 +28,6 @@ export class SlotIndexInvalid extends Error {
     readonly last: number,
   ) {
     super(`slot index ${idx} is outside ${first}..${last}`);
-    this.name = 'SlotIndexInvalid';
   }
 }
 

@@ -16,11 +16,12 @@ import {
   namespaceRuleset,
   type SlotRulesConfig,
 } from './slot-scripts.js';
+import { TypedError } from '#service-kit';
 
 /** Where `ip netns add` registers named namespaces (iproute2's NETNS_RUN_DIR). */
 export const NETNS_DIR = '/run/netns';
 
-export class SlotCreateFailed extends Error {
+export class SlotCreateFailed extends TypedError {
   readonly code = 'SLOT_CREATE_FAILED';
   constructor(
     readonly slots: number[],
@@ -28,37 +29,33 @@ export class SlotCreateFailed extends Error {
     override readonly cause: unknown,
   ) {
     super(`creating slots ${summarize(slots)} failed at ${step}: ${(cause as Error)?.message ?? String(cause)}`);
-    this.name = 'SlotCreateFailed';
   }
 }
 
-export class SlotRemoveFailed extends Error {
+export class SlotRemoveFailed extends TypedError {
   readonly code = 'SLOT_REMOVE_FAILED';
   constructor(
     readonly slots: number[],
     readonly leftovers: string[],
   ) {
     super(`removing slots ${summarize(slots)} left ${leftovers.slice(0, 20).join(', ')}`);
-    this.name = 'SlotRemoveFailed';
   }
 }
 
-export class NamespaceLinksFailed extends Error {
+export class NamespaceLinksFailed extends TypedError {
   readonly code = 'NAMESPACE_LINKS_FAILED';
   constructor(
     readonly namespace: string,
     override readonly cause: unknown,
   ) {
     super(`setting up links in ${namespace}: ${(cause as Error)?.message ?? String(cause)}`);
-    this.name = 'NamespaceLinksFailed';
   }
 }
 
-export class UplinkNotFound extends Error {
+export class UplinkNotFound extends TypedError {
   readonly code = 'UPLINK_NOT_FOUND';
   constructor(readonly detail: string) {
     super(`cannot find the uplink interface: ${detail}; set --uplink`);
-    this.name = 'UplinkNotFound';
   }
 }
 

@@ -2,27 +2,26 @@ import type { Logger } from '#logging';
 import type { SlotLayout, SlotSpec } from './slot-layout.js';
 import type { SlotNetwork } from './slot-network.js';
 import type { ReservedSlot, SlotReservation } from './slot-reservation.js';
+import { TypedError } from '#service-kit';
 
-export class SlotPoolExhausted extends Error {
+export class SlotPoolExhausted extends TypedError {
   readonly code = 'SLOT_POOL_EXHAUSTED';
   constructor(
     readonly waitedMs: number,
     readonly lastError: string | undefined,
   ) {
     super(`no ready network slot after ${waitedMs} ms` + (lastError ? `; slot creation is failing: ${lastError}` : ''));
-    this.name = 'SlotPoolExhausted';
   }
 }
 
-export class SlotNotInUse extends Error {
+export class SlotNotInUse extends TypedError {
   readonly code = 'SLOT_NOT_IN_USE';
   constructor(readonly idx: number) {
     super(`slot ${idx} is not in use by any sandbox`);
-    this.name = 'SlotNotInUse';
   }
 }
 
-export class SlotNotOwned extends Error {
+export class SlotNotOwned extends TypedError {
   readonly code = 'SLOT_NOT_OWNED';
   constructor(
     readonly idx: number,
@@ -30,15 +29,13 @@ export class SlotNotOwned extends Error {
     readonly owner: string,
   ) {
     super(`slot ${idx} belongs to sandbox ${owner}, not ${sandboxId}`);
-    this.name = 'SlotNotOwned';
   }
 }
 
-export class PoolStopped extends Error {
+export class PoolStopped extends TypedError {
   readonly code = 'POOL_STOPPED';
   constructor() {
     super('the slot pool is shutting down');
-    this.name = 'PoolStopped';
   }
 }
 

@@ -1,3 +1,4 @@
+import { TypedError } from '#service-kit';
 /** A slot index held in the reservation store. */
 export interface ReservedSlot {
   idx: number;
@@ -29,18 +30,17 @@ export interface SlotReservation {
   close(): void;
 }
 
-export class SlotsExhausted extends Error {
+export class SlotsExhausted extends TypedError {
   readonly code = 'SLOTS_EXHAUSTED';
   constructor(
     readonly store: string,
     readonly slotCount: number,
   ) {
     super(`no free slot index in ${store} (all ${slotCount} taken)`);
-    this.name = 'SlotsExhausted';
   }
 }
 
-export class ReservationUnavailable extends Error {
+export class ReservationUnavailable extends TypedError {
   readonly code = 'RESERVATION_UNAVAILABLE';
   constructor(
     readonly store: string,
@@ -48,29 +48,26 @@ export class ReservationUnavailable extends Error {
     override readonly cause: unknown,
   ) {
     super(`slot reservation store ${store} unavailable during ${operation}: ${describe(cause)}`);
-    this.name = 'ReservationUnavailable';
   }
 }
 
-export class SlotAlreadyReleased extends Error {
+export class SlotAlreadyReleased extends TypedError {
   readonly code = 'SLOT_ALREADY_RELEASED';
   constructor(
     readonly idx: number,
     readonly key: string,
   ) {
     super(`slot ${idx} (${key}) was already released`);
-    this.name = 'SlotAlreadyReleased';
   }
 }
 
-export class SlotReallocated extends Error {
+export class SlotReallocated extends TypedError {
   readonly code = 'SLOT_REALLOCATED';
   constructor(
     readonly idx: number,
     readonly key: string,
   ) {
     super(`slot ${idx} (${key}) changed since it was read: someone else holds it now`);
-    this.name = 'SlotReallocated';
   }
 }
 

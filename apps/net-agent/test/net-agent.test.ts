@@ -107,8 +107,8 @@ describe.skipIf(!isRoot)('net-agent in a throwaway node namespace', () => {
       '-c',
       'import urllib.request; print(urllib.request.urlopen("http://127.0.0.1:19463/metrics", timeout=5).read().decode())',
     ]);
-    expect(metrics).toMatch(/net_agent_slots_in_use\{service="net-agent"\} 1/);
-    expect(metrics).toMatch(/net_agent_requests_total\{method="acquire",result="invalid",service="net-agent"\} 2/);
+    expect(metrics).toMatch(/sbx_net_agent_slots_in_use\{service="net-agent"\} 1/);
+    expect(metrics).toMatch(/sbx_net_agent_requests_total\{method="acquire",result="invalid",service="net-agent"\} 2/);
     await agent.release(slot.idx, 'owner', true);
     expect((await agent.stats()).readyReused).toBe(1);
     expect(await agent.stop()).toBe(0);
