@@ -13,6 +13,9 @@ import { reconcile, type ReconcileResult } from './reconcile.js';
 import { SlotLayout } from './slot-layout.js';
 import { SlotNetwork } from './slot-network.js';
 import { SlotPool } from './slot-pool.js';
+import { markSlotOwner } from './slot-owner.js';
+import { repairSlot } from './slot-repair.js';
+import type { SlotSpec } from './slot-layout.js';
 import type { SlotReservation } from './slot-reservation.js';
 
 export function main(argv: string[]): Promise<number> {
@@ -39,6 +42,7 @@ interface Parts {
   reservation: SlotReservation;
   network: SlotNetwork;
   /** Puts back what a slot lost (adopted at start, or given back for reuse). */
+  repair: (spec: SlotSpec) => Promise<string[]>;
 }
 
 async function assemble(config: NetAgentConfig, logger: Logger): Promise<Parts> {
@@ -74,7 +78,16 @@ async function assemble(config: NetAgentConfig, logger: Logger): Promise<Parts> 
     { uplink, reservation: reservation.kind, slots: `${layout.first}..${layout.last}` },
     'slot network ready',
   );
-  return { layout, reservation, network };
+  const repair = (spec: SlotSpec) =>
+    repairSlot(spec, {
+      rules: {
+        slotTable: config.slotTable,
+        blockedRanges: config.blockedRanges,
+        metadataAddress: config.metadataAddress,
+      },
+      hostTable: config.hostTable,
+    });
+  return { layout, reservation, network, repair };
 }
 
 /** Reconcile, retrying while the reservation store is down (it logs why each time). */
@@ -136,6 +149,8 @@ function serve(config: NetAgentConfig, logger: Logger, signal: AbortSignal): Pro
       backoffMinMs: config.refillBackoffMinMs,
       backoffMaxMs: config.refillBackoffMaxMs,
       acquireTimeoutMs: config.acquireTimeoutMs,
+      markOwner: markSlotOwner,
+      repair: parts.repair,
       logger,
       onCreated: (count, ms) => {
         for (let i = 0; i < count; i++) metrics.createSecondsPerSlot.observe(ms / count / 1000);

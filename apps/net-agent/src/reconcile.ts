@@ -1,12 +1,15 @@
 import type { Logger } from '#logging';
 import type { PoolSlot } from './slot-pool.js';
-import type { SlotLayout } from './slot-layout.js';
+import type { SlotLayout, SlotSpec } from './slot-layout.js';
 import type { SlotNetwork } from './slot-network.js';
 import type { ReservedSlot, SlotReservation } from './slot-reservation.js';
+import { readSlotOwners } from './slot-owner.js';
 
 export interface ReconcileResult {
-  /** Slots whose namespace a process still runs in: kept, as in use. */
+  /** Slots a sandbox holds (marked with its id, or a process runs in the namespace): kept, as in use. */
   adopted: PoolSlot[];
+  /** Adopted slots that had lost a piece, and what was put back. */
+  repaired: Array<{ idx: number; fixed: string[] }>;
   /** Leftover slots (namespace and/or host veth) removed from the node. */
   removed: number;
   /** Reservations of this node that no slot backs any more, released. */
@@ -18,35 +21,50 @@ export interface ReconcileResult {
  * Start-up clean-up after a crashed run. Everything on the node that follows our naming and
  * that no process uses is removed in one batch (one `ip -batch`, one group delete: seconds for
  * thousands, where removing them one by one took E2B 20-30 minutes, e2b-dev/infra#3615);
- * reservations held for this node without a live slot are released; slots still in use are
- * adopted with their reservation.
+ * reservations held for this node without a live slot are released; slots a sandbox holds (its
+ * id on the slot, or a process in its namespace) are adopted with their reservation, and what
+ * they lost (a veth, the tap, rules) is put back.
  */
 export async function reconcile(options: {
   network: SlotNetwork;
   reservation: SlotReservation;
   layout: SlotLayout;
   logger: Logger;
+  /** Puts back what an adopted slot lost; without it, slots are adopted as found. */
+  repair?: (spec: SlotSpec) => Promise<string[]>;
 }): Promise<ReconcileResult> {
   const { network, reservation, layout, logger } = options;
   const started = performance.now();
   const scan = await network.scan(true);
+  const owners = await readSlotOwners(layout);
   const held = new Map((await reservation.held()).map((r) => [r.idx, r]));
 
   const adopted: PoolSlot[] = [];
-  for (const idx of scan.inUse) {
-    // A namespace with a process but no host veth cannot carry traffic: not worth adopting.
-    if (!scan.hostVeths.has(idx)) continue;
+  const repaired: Array<{ idx: number; fixed: string[] }> = [];
+  const holding = new Set(scan.inUse);
+  for (const idx of owners.keys()) if (scan.namespaces.has(idx)) holding.add(idx);
+  for (const idx of [...holding].sort((a, b) => a - b)) {
     let reserved: ReservedSlot | undefined = held.get(idx);
     if (!reserved && (await reservation.claim(idx))) reserved = { idx, key: reservation.keyOf(idx) };
     if (!reserved) {
       logger.error({ slot: idx }, 'slot in use on this node but reserved by someone else: left alone');
       continue;
     }
-    adopted.push({ spec: layout.slot(idx), reserved, sandboxId: '' });
+    const spec = layout.slot(idx);
+    try {
+      const fixed = (await options.repair?.(spec)) ?? [];
+      if (fixed.length) {
+        repaired.push({ idx, fixed });
+        logger.warn({ slot: idx, sandboxId: owners.get(idx), fixed }, 'adopted slot was incomplete: repaired');
+      }
+    } catch (err) {
+      logger.error({ err, slot: idx, sandboxId: owners.get(idx) }, 'adopted slot could not be repaired');
+    }
+    adopted.push({ spec, reserved, sandboxId: owners.get(idx) ?? '' });
   }
   const keep = new Set(adopted.map((s) => s.spec.idx));
   // Slots in use but not adoptable (reserved elsewhere) are left alone too.
-  for (const idx of scan.inUse) keep.add(idx);
+  for (const idx of holding) keep.add(idx);
 
   const leftovers = new Set<number>();
   for (const idx of scan.namespaces.keys()) if (!keep.has(idx)) leftovers.add(idx);
@@ -70,9 +88,15 @@ export async function reconcile(options: {
       else logger.warn({ err: r.reason }, 'releasing a stale reservation failed');
     }
   }
-  const result = { adopted, removed: specs.length, released, ms: Math.round(performance.now() - started) };
+  const result = { adopted, repaired, removed: specs.length, released, ms: Math.round(performance.now() - started) };
   logger.info(
-    { adopted: adopted.map((s) => s.spec.idx), removed: result.removed, released, ms: result.ms },
+    {
+      adopted: adopted.map((s) => s.spec.idx),
+      repaired: repaired.map((r) => r.idx),
+      removed: result.removed,
+      released,
+      ms: result.ms,
+    },
     'reconciled leftovers',
   );
   return result;

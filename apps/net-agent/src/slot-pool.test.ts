@@ -91,7 +91,8 @@ describe('SlotPool', () => {
     expect(pool.list().map((s) => s.spec.idx)).toEqual([slot!.spec.idx]);
     open();
     await pool.shutdown();
-    expect(net.live.size).toBe(0);
+    // The slot in use stays with its sandbox.
+    expect([...net.live.keys()]).toEqual([slot!.spec.idx]);
   });
 
   it('reuses given-back slots first, up to the reused size, and removes the rest', async () => {
@@ -107,7 +108,33 @@ describe('SlotPool', () => {
     expect(net.live.has(taken[2]!.spec.idx)).toBe(false);
     expect((await pool.acquire('d')).spec.idx).toBe(taken[1]!.spec.idx);
     await pool.shutdown();
-    expect(net.live.size).toBe(0);
+    expect([...net.live.keys()]).toEqual([taken[1]!.spec.idx]);
+  });
+
+  it('marks each slot with its sandbox, and reuses a given-back slot only once it is whole again', async () => {
+    const net = new FakeNetwork();
+    const marks = new Map<number, string>();
+    let broken = new Set<number>();
+    const pool = makePool(net, undefined, {
+      markOwner: async (spec: SlotSpec, sandboxId: string) => void marks.set(spec.idx, sandboxId),
+      repair: async (spec: SlotSpec) => {
+        if (broken.has(spec.idx)) throw new Error('tap cannot be made');
+        return [];
+      },
+    });
+    pool.start();
+    const a = await pool.acquire('a');
+    const b = await pool.acquire('b');
+    await until(() => marks.get(a.spec.idx) === 'a' && marks.get(b.spec.idx) === 'b');
+    await pool.release(a.spec.idx, 'a', true);
+    expect(marks.get(a.spec.idx)).toBe('');
+    broken = new Set([b.spec.idx]);
+    await pool.release(b.spec.idx, 'b', true);
+    // The whole one is ready again; the one that could not be repaired is gone.
+    expect(pool.stats().readyReused).toBe(1);
+    expect(net.live.has(a.spec.idx)).toBe(true);
+    expect(net.live.has(b.spec.idx)).toBe(false);
+    await pool.shutdown();
   });
 
   it('checks ownership on release', async () => {
@@ -155,16 +182,17 @@ describe('SlotPool', () => {
     await pool.shutdown();
   });
 
-  it('shutdown removes ready and in-use slots and refuses new work', async () => {
+  it('shutdown removes the ready slots, leaves the ones in use to their sandboxes, and refuses new work', async () => {
     const net = new FakeNetwork();
     const reservation = new MemorySlotReservation(1, 64);
     const pool = makePool(net, reservation);
     pool.start();
-    await pool.acquire('a');
+    const used = await pool.acquire('a');
     await until(() => pool.stats().readyNew === 4);
     await pool.shutdown();
-    expect(net.live.size).toBe(0);
-    expect(await reservation.held()).toEqual([]);
+    expect([...net.live.keys()]).toEqual([used.spec.idx]);
+    expect((await reservation.held()).map((r) => r.idx)).toEqual([used.spec.idx]);
+    expect(pool.list().map((s) => s.sandboxId)).toEqual(['a']);
     await expect(pool.acquire('late')).rejects.toBeInstanceOf(PoolStopped);
   });
 });

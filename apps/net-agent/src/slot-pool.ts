@@ -59,6 +59,10 @@ export interface SlotPoolOptions {
   logger: Logger;
   /** Called after each created batch with its size and duration (for metrics). */
   onCreated?: (count: number, ms: number) => void;
+  /** Records on the slot which sandbox holds it ('' when it is ready again), for a restarted agent. */
+  markOwner?: (spec: SlotSpec, sandboxId: string) => Promise<void>;
+  /** Puts back what a slot given back for reuse lost (the tap, after a VMM SIGKILL); throws when it cannot. */
+  repair?: (spec: SlotSpec) => Promise<string[]>;
 }
 
 export interface PoolStats {
@@ -155,6 +159,11 @@ export class SlotPool {
     this.inUse.delete(idx);
     slot.sandboxId = '';
     if (reuse && !this.stopped && this.readyReused.length < this.options.reusedSize) {
+      // Checked again after the wait: a shutdown meanwhile has already emptied the ready pool.
+      if (!(await this.reusable(slot)) || this.stopped) {
+        await this.remove(slot);
+        return;
+      }
       const waiter = this.waiters.shift();
       if (waiter) this.deliver(waiter, slot);
       else this.readyReused.push(slot);
@@ -178,7 +187,11 @@ export class SlotPool {
     };
   }
 
-  /** Stops refilling and removes every slot this agent holds, ready or in use. */
+  /**
+   * Stops refilling and removes the ready slots. Slots in use stay as they are (namespace,
+   * links, rules, reservation, owner mark), so their sandboxes keep their network and the next
+   * run of the agent adopts them.
+   */
   async shutdown(): Promise<void> {
     this.stopped = true;
     for (const waiter of this.waiters.splice(0)) {
@@ -188,8 +201,13 @@ export class SlotPool {
     this.kick();
     this.interruptSleep?.();
     await this.loop;
-    const all = [...this.readyNew.splice(0), ...this.readyReused.splice(0), ...this.inUse.values()];
-    this.inUse.clear();
+    const all = [...this.readyNew.splice(0), ...this.readyReused.splice(0)];
+    if (this.inUse.size) {
+      this.options.logger.info(
+        { slots: [...this.inUse.keys()].slice(0, 50), count: this.inUse.size },
+        'slots in use left to their sandboxes, for the next run to adopt',
+      );
+    }
     const results = await Promise.allSettled(all.map((slot) => this.remove(slot)));
     await this.retryPendingReleases();
     const failed = results.filter((r) => r.status === 'rejected').length;
@@ -203,7 +221,28 @@ export class SlotPool {
   private handOut(slot: PoolSlot, sandboxId: string): PoolSlot {
     slot.sandboxId = sandboxId;
     this.inUse.set(slot.spec.idx, slot);
+    // Off the acquire path: a mark a moment late costs only the window before a VMM runs in
+    // the slot, which the in-use scan covers from then on.
+    this.options
+      .markOwner?.(slot.spec, sandboxId)
+      .catch((err: unknown) =>
+        this.options.logger.warn({ err, slot: slot.spec.idx, sandboxId }, 'marking the slot owner failed'),
+      );
     return slot;
+  }
+
+  /** A slot goes back to the ready pool only whole: what it lost is put back, or it is removed. */
+  private async reusable(slot: PoolSlot): Promise<boolean> {
+    try {
+      const fixed = (await this.options.repair?.(slot.spec)) ?? [];
+      if (fixed.length)
+        this.options.logger.warn({ slot: slot.spec.idx, fixed }, 'slot given back incomplete: repaired');
+      await this.options.markOwner?.(slot.spec, '');
+      return true;
+    } catch (err) {
+      this.options.logger.warn({ err, slot: slot.spec.idx }, 'slot given back cannot be repaired: removing it');
+      return false;
+    }
   }
 
   private deliver(waiter: Waiter, slot: PoolSlot): void {

@@ -140,7 +140,7 @@ describe.skipIf(!isRoot)('net-agent in a throwaway node namespace', () => {
     const slots = await Promise.all(Array.from({ length: 200 }, (_, i) => agent.acquire(`sbx-${i}`)));
     expect(new Set(slots.map((s) => s.idx)).size).toBe(200);
     expect(new Set(slots.map((s) => s.hostIp)).size).toBe(200);
-    // Half removed at once, a quarter kept for reuse, the rest still in use at shutdown.
+    // Half removed at once, a quarter kept for reuse, the rest still in use at the agent's stop.
     await Promise.all(slots.slice(0, 100).map((s, i) => agent.release(s.idx, `sbx-${i}`)));
     await Promise.all(slots.slice(100, 150).map((s, i) => agent.release(s.idx, `sbx-${100 + i}`, true)));
     const mid = await agent.stats();
@@ -151,7 +151,16 @@ describe.skipIf(!isRoot)('net-agent in a throwaway node namespace', () => {
     await agent.waitFor((s) => s.readyNew === 200, 60_000);
     expect(await openFds(agent)).toEqual(fdsAtStart);
 
+    // The 50 in use stay with their sandboxes (namespaces, links, keys) for the next run to adopt.
     expect(await agent.stop()).toBe(0);
+    const inUse = slots.slice(150);
+    expect(await node.slotNamespaces()).toEqual(inUse.map((s) => s.namespace).sort());
+    expect(consul.keys(`${node.prefix}/`).sort()).toEqual(inUse.map((s) => `${node.prefix}/${s.idx}`).sort());
+    const next = await startAgent(['--reservation', 'consul', '--consul-addr', consul.address, '--pool-new-size', '0']);
+    const adopted = await next.list();
+    expect(adopted.map((s) => s.sandboxId).sort()).toEqual(inUse.map((_, i) => `sbx-${150 + i}`).sort());
+    await Promise.all(inUse.map((s, i) => next.release(s.idx, `sbx-${150 + i}`)));
+    expect(await next.stop()).toBe(0);
     const after = await node.snapshot();
     expect(after).toEqual(before);
     expect(consul.keys(`${node.prefix}/`)).toEqual([]);
@@ -192,18 +201,24 @@ describe.skipIf(!isRoot)('net-agent in a throwaway node namespace', () => {
     const reconciled = second.logs
       .map((l) => JSON.parse(l) as Record<string, unknown>)
       .find((l) => l['msg'] === 'reconciled leftovers');
-    expect(reconciled?.['adopted']).toEqual([used.idx]);
-    expect(reconciled?.['removed']).toBe(1000 + 5);
+    // Both slots handed out are kept: one has its VMM, the other is marked with its sandbox.
+    expect(reconciled?.['adopted']).toEqual([used.idx, dropped.idx].sort((a, b) => a - b));
+    expect(reconciled?.['removed']).toBe(1000 + 4);
     expect(Number(reconciled?.['ms'])).toBeGreaterThan(0);
     console.info(
       `reconcile removed ${String(reconciled?.['removed'])} leftover slots in ${String(reconciled?.['ms'])} ms`,
     );
 
     const listed = await second.list();
-    expect(listed.map((s) => s.idx)).toEqual([used.idx]);
+    expect(listed.map((s) => [s.idx, s.sandboxId])).toEqual(
+      [
+        [used.idx, 'survivor'],
+        [dropped.idx, 'lost'],
+      ].sort((a, b) => Number(a[0]) - Number(b[0])),
+    );
     const namespaces = await node.slotNamespaces();
     expect(namespaces).toContain(used.namespace);
-    expect(namespaces).not.toContain(dropped.namespace);
+    expect(namespaces).toContain(dropped.namespace);
     // Each leftover key is released, or (random reservation) taken afresh by the new agent.
     for (const key of leftoverKeys) {
       const value = consul.value(key);
@@ -218,6 +233,8 @@ describe.skipIf(!isRoot)('net-agent in a throwaway node namespace', () => {
 
     vmm.kill('SIGKILL');
     await second.release(used.idx, '');
+    // The orchestrator gives back what a sandbox it lost held (its restart reconcile does).
+    await second.release(dropped.idx, 'lost');
     expect(await second.stop()).toBe(0);
     expect(await node.snapshot()).toEqual(before);
     expect(consul.keys(`${node.prefix}/`)).toEqual([]);
@@ -275,6 +292,9 @@ describe.skipIf(!isRoot)('net-agent in a throwaway node namespace', () => {
       expect(all.map((i) => `shared-node/${i}`).sort()).toEqual(keys);
       const lastErrors = [(await a.stats()).lastError, (await b.stats()).lastError].join(' ');
       expect(lastErrors).toMatch(/no free slot index/);
+      // Slots still in use at a stop stay with their sandboxes: give them back first.
+      await Promise.all(slotsA.map((s, i) => a.release(s.idx, `a-${i}`)));
+      await Promise.all(slotsB.map((s, i) => b.release(s.idx, `b-${i}`)));
       expect(await a.stop()).toBe(0);
       expect(await b.stop()).toBe(0);
       expect(consul.keys('shared-node/')).toEqual([]);
