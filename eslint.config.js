@@ -42,9 +42,9 @@ export default tseslint.config(
     },
   },
   {
-    // The test kit (spawning services, polling) is for tests only; production code never imports it.
+    // The test kit (spawning services, polling) and the test peers are for tests only; production code never imports them.
     files: ['apps/*/src/**/*.ts', 'libs/*/src/**/*.ts', 'tools/*/src/**/*.ts', 'native/src/**/*.ts'],
-    ignores: ['**/*.test.ts', 'libs/test-kit/**'],
+    ignores: ['**/*.test.ts', 'libs/test-kit/**', 'libs/test-peers/**'],
     rules: {
       'no-restricted-imports': [
         'error',

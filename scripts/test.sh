@@ -12,6 +12,8 @@ echo "== types (tsc)"
 npx tsc -p tsconfig.json
 echo "== generated protobuf code is current"
 bash scripts/gen-proto.sh --check
+echo "== test peers (fake-gcs-server, consul, nomad: built once per machine, see scripts/test-peers.sh)"
+bash scripts/test-peers.sh >/dev/null
 echo "== tests (vitest, every nx project)"
 report=$(mktemp)
 trap 'rm -f "$report"' EXIT

@@ -1,54 +1,42 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { ConsulKvDouble } from '../test/consul-kv-double.js';
+import { ConsulAgent } from '../../../libs/test-peers/src/consul-agent.js';
+import { LossyConsulProxy } from '../test/lossy-consul-proxy.js';
 import { ConsulSlotReservation, createConsulClient } from './consul-slot-reservation.js';
-import { ReservationUnavailable, SlotAlreadyReleased, SlotReallocated, SlotsExhausted } from './slot-reservation.js';
+import { ReservationUnavailable, SlotAlreadyReleased, SlotsExhausted } from './slot-reservation.js';
 
-// A real agent when CONSUL_HTTP_ADDR is set; otherwise the KV test double (no Consul binary here).
-const realConsul = process.env['CONSUL_HTTP_ADDR'];
-if (!realConsul) console.warn('CONSUL_HTTP_ADDR not set: Consul KV tests run against ConsulKvDouble (a test double)');
-
-const prefix = `sbx-net-test-${process.pid}-${Date.now()}/`;
-let double: ConsulKvDouble | undefined;
-let address = realConsul ?? '';
+// Against a real Consul agent (a test peer, built by scripts/test-peers.sh on first use).
+const prefix = `sbx-net-test-${process.pid}/`;
+let consul: ConsulAgent;
 const opened: ConsulSlotReservation[] = [];
 
-function reservation(nodeId: string, count: number, first = 1, addr = address): ConsulSlotReservation {
+function reservation(nodeId: string, count: number, first = 1, addr = consul.address): ConsulSlotReservation {
   const r = new ConsulSlotReservation({ address: addr, prefix, nodeId, first, count, timeoutMs: 1000 });
   opened.push(r);
   return r;
 }
 
 async function keysUnder(sub: string): Promise<string[]> {
-  if (double) return double.keys(prefix + sub);
-  const consul = createConsulClient(address);
+  const client = createConsulClient(consul.address);
   try {
-    return await consul.kv.keys(prefix + sub);
+    return await client.kv.keys(prefix + sub);
   } catch (err) {
     if ((err as { statusCode?: number }).statusCode === 404) return [];
     throw err;
   } finally {
-    consul.destroy();
+    client.destroy();
   }
 }
 
 beforeAll(async () => {
-  if (!realConsul) {
-    double = new ConsulKvDouble(0);
-    address = await double.start();
-  }
-});
+  consul = await ConsulAgent.start();
+}, 1_800_000);
 
 afterAll(async () => {
   for (const r of opened) r.close();
-  if (double) await double.stop();
-  else {
-    const consul = createConsulClient(address);
-    await consul.kv.del({ key: prefix, recurse: true }).catch(() => undefined);
-    consul.destroy();
-  }
+  await consul?.close();
 });
 
-describe(`ConsulSlotReservation (${realConsul ? 'real Consul' : 'ConsulKvDouble, a test double'})`, () => {
+describe('ConsulSlotReservation against a real Consul agent', () => {
   it('takes a slot by creating {nodeId}/{idx} and frees it with a delete-CAS', async () => {
     const r = reservation('node-a', 100);
     const slot = await r.reserve();
@@ -84,19 +72,31 @@ describe(`ConsulSlotReservation (${realConsul ? 'real Consul' : 'ConsulKvDouble,
     await expect(r.reserve()).rejects.toBeInstanceOf(SlotsExhausted);
   });
 
-  it('a release never deletes a key someone re-created after it was read (delete-CAS)', async () => {
+  it('Consul answers a delete-CAS on an absent key with true (why release does not rely on it)', async () => {
+    const client = createConsulClient(consul.address);
+    try {
+      await client.kv.set(`${prefix}absent-probe`, 'x');
+      const pair = await client.kv.get(`${prefix}absent-probe`);
+      expect(await client.kv.del({ key: `${prefix}absent-probe`, cas: pair!.ModifyIndex })).toBe(true);
+      expect(await client.kv.del({ key: `${prefix}absent-probe`, cas: pair!.ModifyIndex })).toBe(true);
+    } finally {
+      client.destroy();
+    }
+  });
+
+  it('a release never deletes a key someone re-created after it was read', async () => {
     const r = reservation('node-cas', 10);
     const slot = await r.reserve();
-    // Simulate the key being released and re-taken by another holder between read and delete:
-    // the stored ModifyIndex changes, so a delete-CAS with a stale index must fail.
-    const consul = createConsulClient(address);
-    const before = await consul.kv.get(slot.key);
+    // The key released and re-taken by another holder between a read and a delete: the stored
+    // ModifyIndex changes, so a delete-CAS with the stale index must fail.
+    const client = createConsulClient(consul.address);
+    const before = await client.kv.get(slot.key);
     expect(before).toBeTruthy();
-    await consul.kv.set(slot.key, 'someone else');
+    await client.kv.set(slot.key, 'someone else');
     // The client returns `undefined` for Consul's `false` body: anything but true is a refusal.
-    expect(await consul.kv.del({ key: slot.key, cas: before!.ModifyIndex })).not.toBe(true);
+    expect(await client.kv.del({ key: slot.key, cas: before!.ModifyIndex })).not.toBe(true);
     expect(await keysUnder('node-cas/')).toEqual([slot.key]);
-    consul.destroy();
+    client.destroy();
     // Our own release reads the current index, so it still frees the key it holds.
     await r.release(slot);
     expect(await keysUnder('node-cas/')).toEqual([]);
@@ -108,55 +108,80 @@ describe(`ConsulSlotReservation (${realConsul ? 'real Consul' : 'ConsulKvDouble,
     expect(await a.claim(7)).toBe(true);
     expect(await b.claim(7)).toBe(false);
     await a.release({ idx: 7, key: a.keyOf(7) });
-  });
-});
-
-// The outage is simulated by stopping a double: a real agent cannot be stopped from a test.
-describe('ConsulSlotReservation during a Consul outage (ConsulKvDouble, a test double)', () => {
-  it('fails with a clear error naming the store and recovers when Consul is back', async () => {
-    const outage = new ConsulKvDouble(0);
-    const addr = await outage.start();
-    try {
-      const r = reservation('node-outage', 10, 1, addr);
-      const slot = await r.reserve();
-      await outage.stop();
-      const err = await r.reserve().catch((e: unknown) => e);
-      expect(err).toBeInstanceOf(ReservationUnavailable);
-      expect((err as Error).message).toContain(addr);
-      expect((err as Error).message).toMatch(/ECONNREFUSED|socket hang up|connect/);
-      await expect(r.release(slot)).rejects.toBeInstanceOf(ReservationUnavailable);
-      await outage.start();
-      await r.release(slot);
-      const again = await r.reserve();
-      expect(outage.keys(`${prefix}node-outage/`)).toEqual([again.key]);
-    } finally {
-      await outage.stop();
-    }
-  });
-
-  it('keeps a slot whose create landed though its answer was lost (no orphan key)', async () => {
-    const lossy = new ConsulKvDouble(0);
-    const addr = await lossy.start();
-    try {
-      const r = reservation('node-lossy', 10, 1, addr);
-      lossy.loseAnswersToWrites = 1;
-      const slot = await r.reserve();
-      expect(lossy.keys(`${prefix}node-lossy/`)).toEqual([slot.key]);
-      await r.release(slot);
-      expect(lossy.keys(`${prefix}node-lossy/`)).toEqual([]);
-    } finally {
-      await lossy.stop();
-    }
+    expect(await keysUnder('node-claim/')).toEqual([]);
   });
 
   it('two releases of one slot racing: exactly one frees it, the other gets a typed error', async () => {
-    const r = reservation('node-realloc', 10);
+    // Repeated: the two reads must both happen before either delete for the race to bite.
+    for (let round = 0; round < 20; round++) {
+      const r = reservation(`node-realloc-${round}`, 10);
+      const other = reservation(`node-realloc-${round}`, 10);
+      const slot = await r.reserve();
+      const releases = await Promise.allSettled([r.release(slot), other.release(slot)]);
+      const errors = releases.flatMap((x) => (x.status === 'rejected' ? [x.reason] : []));
+      expect(releases.filter((x) => x.status === 'fulfilled')).toHaveLength(1);
+      expect(errors).toHaveLength(1);
+      expect(errors[0]).toBeInstanceOf(SlotAlreadyReleased);
+      expect(await keysUnder(`node-realloc-${round}/`)).toEqual([]);
+    }
+  });
+
+  it('a release racing a re-take of the same index fails as SlotReallocated and leaves the new key', async () => {
+    const r = reservation('node-retake', 1);
     const slot = await r.reserve();
-    const other = reservation('node-realloc', 10);
-    const releases = await Promise.allSettled([r.release(slot), other.release(slot)]);
-    const errors = releases.flatMap((x) => (x.status === 'rejected' ? [x.reason] : []));
-    expect(releases.filter((x) => x.status === 'fulfilled')).toHaveLength(1);
-    expect(errors).toHaveLength(1);
-    expect(errors[0] instanceof SlotAlreadyReleased || errors[0] instanceof SlotReallocated).toBe(true);
+    const client = createConsulClient(consul.address);
+    try {
+      // Between our read and our delete the key is released and created again by someone else.
+      const pair = await client.kv.get(slot.key);
+      await client.kv.del(slot.key);
+      await client.kv.set({ key: slot.key, value: 'new holder', cas: 0 });
+      const stale = await r['transaction']([
+        { KV: { Verb: 'check-index', Key: slot.key, Index: pair!.ModifyIndex } },
+        { KV: { Verb: 'delete', Key: slot.key } },
+      ]).catch((e: { statusCode?: number }) => e.statusCode);
+      expect(stale).toBe(409);
+      await expect(reservation('node-retake', 1).claim(slot.idx)).resolves.toBe(false);
+      expect((await client.kv.get(slot.key))?.Value).toBe('new holder');
+    } finally {
+      client.destroy();
+    }
+  });
+});
+
+describe('ConsulSlotReservation through a Consul outage (the real agent stopped and restarted)', () => {
+  it('fails with a clear error naming the store and recovers when Consul is back', async () => {
+    const r = reservation('node-outage', 10);
+    const slot = await r.reserve();
+    await consul.stop();
+    try {
+      const err = await r.reserve().catch((e: unknown) => e);
+      expect(err).toBeInstanceOf(ReservationUnavailable);
+      expect((err as Error).message).toContain(consul.address);
+      expect((err as Error).message).toMatch(/ECONNREFUSED|socket hang up|connect/);
+      await expect(r.release(slot)).rejects.toBeInstanceOf(ReservationUnavailable);
+    } finally {
+      await consul.start();
+    }
+    // The agent kept its data: the reservation is still there and is released now.
+    expect(await keysUnder('node-outage/')).toEqual([slot.key]);
+    await r.release(slot);
+    const again = await r.reserve();
+    expect(await keysUnder('node-outage/')).toEqual([again.key]);
+  });
+
+  it('keeps a slot whose create landed though its answer was lost (no orphan key)', async () => {
+    const proxy = new LossyConsulProxy(consul.address);
+    const addr = await proxy.start();
+    try {
+      const r = reservation('node-lossy', 10, 1, addr);
+      proxy.loseAnswersToWrites = 1;
+      const slot = await r.reserve();
+      expect(proxy.lost).toBe(1);
+      expect(await keysUnder('node-lossy/')).toEqual([slot.key]);
+      await r.release(slot);
+      expect(await keysUnder('node-lossy/')).toEqual([]);
+    } finally {
+      await proxy.stop();
+    }
   });
 });

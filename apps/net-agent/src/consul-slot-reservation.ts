@@ -30,8 +30,9 @@ export interface ConsulSlotReservationOptions {
 /**
  * Slot reservation in Consul KV, after the seed's storage_kv.go: a slot is taken by creating its
  * key with `?cas=0` (create-only: fails when the key exists), first at random indexes, then by
- * walking the free indexes of a key listing; it is released by deleting the key with `?cas=`
- * the ModifyIndex read just before, so a key someone else re-created is never deleted.
+ * walking the free indexes of a key listing; it is released by deleting the key only if it still
+ * has the ModifyIndex read just before (a check-index + delete transaction), so a key someone else
+ * re-created is never deleted and of two releases of one slot exactly one succeeds.
  */
 export class ConsulSlotReservation implements SlotReservation {
   readonly kind = 'consul';
@@ -75,8 +76,26 @@ export class ConsulSlotReservation implements SlotReservation {
   async release(slot: ReservedSlot): Promise<void> {
     const pair = await this.call('read', () => this.consul.kv.get(slot.key));
     if (!pair) throw new SlotAlreadyReleased(slot.idx, slot.key);
-    const deleted = await this.call('delete-cas', () => this.consul.kv.del({ key: slot.key, cas: pair.ModifyIndex }));
-    if (deleted !== true) throw new SlotReallocated(slot.idx, slot.key);
+    // Not a plain `DELETE ?cas=N`: Consul answers it `true` when the key is already gone (its
+    // delete-CAS counts an absent key as deleted), so of two releases racing on one read both
+    // would succeed. A transaction whose first step checks the key still exists at that index
+    // deletes it only then, and fails (409) otherwise.
+    const deleted = await this.call('delete-cas', () =>
+      this.transaction([
+        { KV: { Verb: 'check-index', Key: slot.key, Index: pair.ModifyIndex } },
+        { KV: { Verb: 'delete', Key: slot.key } },
+      ]).then(
+        () => true,
+        (err: unknown) => {
+          if ((err as { statusCode?: number }).statusCode === 409) return false;
+          throw err;
+        },
+      ),
+    );
+    if (deleted) return;
+    const now = await this.call('read', () => this.consul.kv.get(slot.key));
+    if (!now) throw new SlotAlreadyReleased(slot.idx, slot.key);
+    throw new SlotReallocated(slot.idx, slot.key);
   }
 
   async held(): Promise<ReservedSlot[]> {
@@ -114,6 +133,12 @@ export class ConsulSlotReservation implements SlotReservation {
       if (pair?.Value === value) return true;
       throw new ReservationUnavailable(this.store, 'create-cas', err);
     }
+  }
+
+  /** `PUT /v1/txn` with Consul's own operation shape (the client's typings describe another). */
+  private transaction(operations: Array<{ KV: { Verb: string; Key: string; Index?: number } }>): Promise<unknown> {
+    const create = this.consul.transaction.create as unknown as (ops: unknown[]) => Promise<unknown>;
+    return create.call(this.consul.transaction, operations);
   }
 
   private async listKeys(): Promise<string[]> {

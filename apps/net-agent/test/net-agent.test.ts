@@ -9,7 +9,9 @@ import { status, type ServiceError } from '@grpc/grpc-js';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { NetSlot } from '#proto/sbx/net';
 import { AgentProcess, REPO } from './agent-process.js';
-import { ConsulKvDouble } from './consul-kv-double.js';
+import { ConsulAgent } from '../../../libs/test-peers/src/consul-agent.js';
+import { peerBinary } from '../../../libs/test-peers/src/peer-binary.js';
+import { createConsulClient } from '../src/consul-slot-reservation.js';
 import { INTERNET_IP, METADATA_IP, NodeNamespace, PRIVATE_IP, UPLINK_NODE_IP } from './node-namespace.js';
 
 const isRoot = process.getuid?.() === 0;
@@ -18,7 +20,7 @@ if (!isRoot) console.warn('net-agent integration tests need root (network namesp
 let node: NodeNamespace;
 let dir: string;
 const agents: AgentProcess[] = [];
-const doubles: ConsulKvDouble[] = [];
+const consuls: ConsulAgent[] = [];
 
 let agentCount = 0;
 
@@ -28,12 +30,34 @@ async function startAgent(args: string[], name = `net${++agentCount}`): Promise<
   return agent;
 }
 
-async function startConsul(name: string): Promise<ConsulKvDouble> {
+/** A real Consul agent (a test peer); net-agent reaches it at `socketAddress`. */
+async function startConsul(name: string): Promise<ConsulAgent> {
   // A Unix socket: the agent runs in the node namespace, where the test's loopback is not reachable.
-  const double = new ConsulKvDouble(join(dir, `${name}.consul.sock`));
-  await double.start();
-  doubles.push(double);
-  return double;
+  const consul = await ConsulAgent.start({ unixSocket: join(dir, `${name}.consul.sock`) });
+  consuls.push(consul);
+  return consul;
+}
+
+async function kvKeys(consul: ConsulAgent, prefix: string): Promise<string[]> {
+  const client = createConsulClient(consul.address);
+  try {
+    return (await client.kv.keys(prefix)).sort();
+  } catch (err) {
+    if ((err as { statusCode?: number }).statusCode === 404) return [];
+    throw err;
+  } finally {
+    client.destroy();
+  }
+}
+
+async function kvValue(consul: ConsulAgent, key: string): Promise<string | undefined> {
+  const client = createConsulClient(consul.address);
+  try {
+    const pair = (await client.kv.get(key)) as { Value: string | null } | undefined;
+    return pair ? (pair.Value ?? '') : undefined;
+  } finally {
+    client.destroy();
+  }
 }
 
 function grpcCode(err: unknown): number | undefined {
@@ -42,13 +66,15 @@ function grpcCode(err: unknown): number | undefined {
 
 beforeAll(async () => {
   if (!isRoot) return;
+  // Builds the Consul test peer on a machine that does not have it yet (minutes, once).
+  peerBinary('consul');
   dir = await mkdtemp(join(tmpdir(), 'net-agent-test-'));
   node = await NodeNamespace.create();
-});
+}, 1_800_000);
 
 afterAll(async () => {
   for (const agent of agents) agent.kill();
-  for (const double of doubles) await double.stop();
+  for (const consul of consuls) await consul.close();
   if (node) await node.cleanup();
   if (dir) await rm(dir, { recursive: true, force: true });
 });
@@ -121,7 +147,7 @@ describe.skipIf(!isRoot)('net-agent in a throwaway node namespace', () => {
       '--reservation',
       'consul',
       '--consul-addr',
-      consul.address,
+      consul.socketAddress,
       '--pool-new-size',
       '200',
       '--pool-reused-size',
@@ -131,7 +157,7 @@ describe.skipIf(!isRoot)('net-agent in a throwaway node namespace', () => {
     ]);
     await agent.waitFor((s) => s.readyNew === 200, 60_000);
     const fdsAtStart = await openFds(agent);
-    expect(consul.keys(`${node.prefix}/`)).toHaveLength(200);
+    expect(await kvKeys(consul, `${node.prefix}/`)).toHaveLength(200);
     expect(await node.slotNamespaces()).toHaveLength(200);
     const during = await node.snapshot();
     expect(during.links.filter((l) => l.startsWith('veth-'))).toHaveLength(200);
@@ -155,21 +181,28 @@ describe.skipIf(!isRoot)('net-agent in a throwaway node namespace', () => {
     expect(await agent.stop()).toBe(0);
     const inUse = slots.slice(150);
     expect(await node.slotNamespaces()).toEqual(inUse.map((s) => s.namespace).sort());
-    expect(consul.keys(`${node.prefix}/`).sort()).toEqual(inUse.map((s) => `${node.prefix}/${s.idx}`).sort());
-    const next = await startAgent(['--reservation', 'consul', '--consul-addr', consul.address, '--pool-new-size', '0']);
+    expect(await kvKeys(consul, `${node.prefix}/`)).toEqual(inUse.map((s) => `${node.prefix}/${s.idx}`).sort());
+    const next = await startAgent([
+      '--reservation',
+      'consul',
+      '--consul-addr',
+      consul.socketAddress,
+      '--pool-new-size',
+      '0',
+    ]);
     const adopted = await next.list();
     expect(adopted.map((s) => s.sandboxId).sort()).toEqual(inUse.map((_, i) => `sbx-${150 + i}`).sort());
     await Promise.all(inUse.map((s, i) => next.release(s.idx, `sbx-${150 + i}`)));
     expect(await next.stop()).toBe(0);
     const after = await node.snapshot();
     expect(after).toEqual(before);
-    expect(consul.keys(`${node.prefix}/`)).toEqual([]);
+    expect(await kvKeys(consul, `${node.prefix}/`)).toEqual([]);
   });
 
   it('reconciles after a crash: leftovers removed fast, a slot still in use adopted', async () => {
     const consul = await startConsul('reconcile');
     const before = await node.snapshot();
-    const args = ['--reservation', 'consul', '--consul-addr', consul.address, '--pool-new-size', '4'];
+    const args = ['--reservation', 'consul', '--consul-addr', consul.socketAddress, '--pool-new-size', '4'];
     const first = await startAgent(args, 'crash1');
     const used = await first.acquire('survivor');
     const dropped = await first.acquire('lost');
@@ -221,11 +254,13 @@ describe.skipIf(!isRoot)('net-agent in a throwaway node namespace', () => {
     expect(namespaces).toContain(dropped.namespace);
     // Each leftover key is released, or (random reservation) taken afresh by the new agent.
     for (const key of leftoverKeys) {
-      const value = consul.value(key);
+      const value = await kvValue(consul, key);
       if (value !== undefined) expect((JSON.parse(value) as { pid: number }).pid).toBe(second.child.pid);
     }
-    expect(leftoverKeys.filter((k) => consul.value(k) === undefined).length).toBeGreaterThan(90);
-    expect(consul.keys(`${node.prefix}/${used.idx}`)).toEqual([`${node.prefix}/${used.idx}`]);
+    const released = [];
+    for (const k of leftoverKeys) if ((await kvValue(consul, k)) === undefined) released.push(k);
+    expect(released.length).toBeGreaterThan(90);
+    expect(await kvKeys(consul, `${node.prefix}/${used.idx}`)).toEqual([`${node.prefix}/${used.idx}`]);
     // The adopted slot still routes: its host route and rules were kept.
     const guest = await node.attachGuest(used);
     await node.startServer(guest, used.guestIp, 49983, 'adopted');
@@ -237,7 +272,7 @@ describe.skipIf(!isRoot)('net-agent in a throwaway node namespace', () => {
     await second.release(dropped.idx, 'lost');
     expect(await second.stop()).toBe(0);
     expect(await node.snapshot()).toEqual(before);
-    expect(consul.keys(`${node.prefix}/`)).toEqual([]);
+    expect(await kvKeys(consul, `${node.prefix}/`)).toEqual([]);
   });
 
   it('`net-agent cleanup` removes leftovers once and exits', async () => {
@@ -270,7 +305,7 @@ describe.skipIf(!isRoot)('net-agent in a throwaway node namespace', () => {
     const consul = await startConsul('race');
     const other = await NodeNamespace.create('b');
     try {
-      const args = ['--reservation', 'consul', '--consul-addr', consul.address, '--node-id', 'shared-node'];
+      const args = ['--reservation', 'consul', '--consul-addr', consul.socketAddress, '--node-id', 'shared-node'];
       const sized = [...args, '--slot-count', '50', '--pool-new-size', '30', '--create-batch', '10'];
       const [a, b] = await Promise.all([
         startAgent(sized, 'race-a'),
@@ -279,7 +314,7 @@ describe.skipIf(!isRoot)('net-agent in a throwaway node namespace', () => {
       // 60 wanted, 50 exist: between them they fill all 50, each index once, and the loser of
       // the last ones reports exhaustion instead of sharing.
       await a.waitFor(async () => (await a.stats()).readyNew + (await b.stats()).readyNew === 50);
-      const keys = consul.keys('shared-node/');
+      const keys = await kvKeys(consul, 'shared-node/');
       expect(keys).toHaveLength(50);
       const slotsA = await Promise.all(
         Array.from({ length: (await a.stats()).readyNew }, (_, i) => a.acquire(`a-${i}`)),
@@ -297,7 +332,7 @@ describe.skipIf(!isRoot)('net-agent in a throwaway node namespace', () => {
       await Promise.all(slotsB.map((s, i) => b.release(s.idx, `b-${i}`)));
       expect(await a.stop()).toBe(0);
       expect(await b.stop()).toBe(0);
-      expect(consul.keys('shared-node/')).toEqual([]);
+      expect(await kvKeys(consul, 'shared-node/')).toEqual([]);
     } finally {
       await other.cleanup();
     }
@@ -309,7 +344,7 @@ describe.skipIf(!isRoot)('net-agent in a throwaway node namespace', () => {
       '--reservation',
       'consul',
       '--consul-addr',
-      consul.address,
+      consul.socketAddress,
       '--pool-new-size',
       '2',
       '--acquire-timeout-ms',
@@ -326,7 +361,7 @@ describe.skipIf(!isRoot)('net-agent in a throwaway node namespace', () => {
     const err = await agent.acquire('during-3').catch((e: unknown) => e);
     expect(grpcCode(err)).toBe(status.RESOURCE_EXHAUSTED);
     expect((err as Error).message).toMatch(/unavailable/);
-    expect((err as Error).message).toContain(consul.address);
+    expect((err as Error).message).toContain(consul.socketAddress);
     // A release while Consul is down removes the network now and the key once Consul is back.
     await agent.release(a.idx, 'during-1');
     expect((await agent.stats()).pendingReleases).toBe(1);
@@ -334,11 +369,11 @@ describe.skipIf(!isRoot)('net-agent in a throwaway node namespace', () => {
     await consul.start();
     await agent.waitFor((s) => s.readyNew === 2 && s.pendingReleases === 0 && s.lastError === '', 15_000);
     const c = await agent.acquire('after');
-    expect(consul.keys(`${node.prefix}/${a.idx}`)).toEqual(a.idx === c.idx ? [`${node.prefix}/${a.idx}`] : []);
+    expect(await kvKeys(consul, `${node.prefix}/${a.idx}`)).toEqual(a.idx === c.idx ? [`${node.prefix}/${a.idx}`] : []);
     await agent.release(b.idx, 'during-2');
     await agent.release(c.idx, 'after');
     expect(await agent.stop()).toBe(0);
-    expect(consul.keys(`${node.prefix}/`)).toEqual([]);
+    expect(await kvKeys(consul, `${node.prefix}/`)).toEqual([]);
   });
 });
 
@@ -371,8 +406,7 @@ function expectedNamespaceState(slot: NetSlot) {
 
 /** Writes reservation keys the way a crashed agent would have left them. */
 const AgentKeys = {
-  async put(consul: ConsulKvDouble, base: string, idx: number[]): Promise<string[]> {
-    const { createConsulClient } = await import('../src/consul-slot-reservation.js');
+  async put(consul: ConsulAgent, base: string, idx: number[]): Promise<string[]> {
     const client = createConsulClient(consul.address);
     try {
       for (const i of idx) await client.kv.set({ key: `${base}${i}`, value: '{}', cas: 0 });

@@ -1,7 +1,7 @@
 import { execFileSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
-import { dirname, join } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { join } from 'node:path';
+import { repoRoot } from '#test-kit';
 
 export type PeerName = 'fake-gcs-server' | 'consul' | 'nomad';
 
@@ -15,7 +15,7 @@ const found = new Map<PeerName, string>();
 export function peerBinary(name: PeerName): string {
   const known = found.get(name);
   if (known) return known;
-  const script = join(repoRoot(), 'scripts', 'test-peers.sh');
+  const script = join(repoRoot, 'scripts', 'test-peers.sh');
   let out: string;
   try {
     // stderr goes to the test output: a first build reports its progress there.
@@ -36,14 +36,4 @@ export function peerBinary(name: PeerName): string {
   if (!path || !existsSync(path)) throw new Error(`scripts/test-peers.sh ${name} printed no binary path: ${out}`);
   found.set(name, path);
   return path;
-}
-
-function repoRoot(): string {
-  let dir = dirname(fileURLToPath(import.meta.url));
-  while (!existsSync(join(dir, 'scripts', 'test-peers.sh'))) {
-    const parent = dirname(dir);
-    if (parent === dir) throw new Error(`cannot find scripts/test-peers.sh above ${import.meta.url}`);
-    dir = parent;
-  }
-  return dir;
 }

@@ -6,6 +6,8 @@ export interface PeerProcessOptions {
   args: string[];
   env?: NodeJS.ProcessEnv;
   cwd?: string;
+  /** Run inside this network namespace (`/run/netns/<name>`, through nsenter). */
+  netns?: string;
 }
 
 /**
@@ -19,7 +21,10 @@ export class PeerProcess {
   private exitCode: number | null | undefined;
 
   constructor(readonly options: PeerProcessOptions) {
-    this.child = spawn(options.binary, options.args, {
+    const [file, args] = options.netns
+      ? ['nsenter', [`--net=/run/netns/${options.netns}`, '--', options.binary, ...options.args]]
+      : [options.binary, options.args];
+    this.child = spawn(file, args, {
       env: options.env ?? process.env,
       cwd: options.cwd,
       stdio: ['ignore', 'pipe', 'pipe'],
