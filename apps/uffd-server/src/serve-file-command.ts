@@ -1,17 +1,13 @@
-import { describeConfig, loadConfig } from '#config';
-import { createLogger, sandboxLogger } from '#logging';
+import { sandboxLogger, type Logger } from '#logging';
 import { SandboxMemory } from './sandbox-memory.js';
 import { SourceView } from './source-view.js';
-import { serveFileConfigSchema } from './uffd-server-config.js';
+import type { ServeFileConfig } from './uffd-server-config.js';
 
 /**
  * `serve-file`: one Firecracker-style handshake on --socket, served from a local memory file
  * until the peer goes away (exit 0), or until serving fails (exit 1). SIGTERM stops it (exit 0).
  */
-export async function serveFile(argv: string[]): Promise<number> {
-  const config = loadConfig('uffd-server', serveFileConfigSchema, 'SBX_UFFD_SERVER_', { argv });
-  const logger = createLogger({ service: 'uffd-server', level: config.logLevel });
-  logger.info({ config: describeConfig(config), mode: 'serve-file' }, 'uffd-server starting');
+export async function serveFile(config: ServeFileConfig, logger: Logger, signal: AbortSignal): Promise<number> {
   const source = SourceView.ofFile(config.memfile);
   let finish: (code: number) => void = () => undefined;
   const done = new Promise<number>((resolve) => (finish = resolve));
@@ -29,12 +25,8 @@ export async function serveFile(argv: string[]): Promise<number> {
     onEnded: (s) => finish(s.state === 'peer-gone' ? 0 : 1),
   });
   logger.info({ socket: config.socket, memorySize: source.size }, 'listening for the uffd handshake');
-  const onSignal = () => finish(0);
-  process.once('SIGTERM', onSignal);
-  process.once('SIGINT', onSignal);
+  signal.addEventListener('abort', () => finish(0), { once: true });
   const code = await done;
-  process.off('SIGTERM', onSignal);
-  process.off('SIGINT', onSignal);
   const stats = sandbox.stats();
   logger.info(
     {

@@ -1,92 +1,110 @@
-import { Counter, Gauge, type Registry } from 'prom-client';
+import { Counter, Gauge, Histogram, type Registry } from 'prom-client';
 import type { SandboxRegistry } from './sandbox-registry.js';
 import type { SandboxStats } from './sandbox-memory.js';
 
+const PAGE_4K = 4096;
+
+/** Totals of one sandbox at the last scrape; latency counts per bucket bound (µs). */
+interface Seen {
+  faults: number;
+  bytes: number;
+  prefetch: number;
+  wp: number;
+  latency: number[];
+}
+
 /**
- * Prometheus metrics of uffd-server. Fault counters live in the native engines; they are read
- * at scrape time (per-sandbox deltas folded into process-wide counters, so stopped sandboxes
+ * Fault service time in seconds, from the native engines' bucket counts (they keep no sum, so
+ * the histogram has buckets and a count but no `_sum`).
+ */
+class FaultSeconds extends Histogram {
+  /** Faults per bucket bound in µs (not cumulative), over every sandbox ever served. */
+  readonly perBound = new Map<number, number>();
+
+  override async get(): Promise<Awaited<ReturnType<Histogram['get']>>> {
+    const name = 'sbx_uffd_server_fault_seconds';
+    let running = 0;
+    const values = [...this.perBound.keys()]
+      .sort((a, b) => a - b)
+      .map((bound) => {
+        running += this.perBound.get(bound)!;
+        const le = bound >= Number.MAX_SAFE_INTEGER ? '+Inf' : bound / 1e6;
+        return { labels: { le }, value: running, metricName: `${name}_bucket` };
+      });
+    if (values.at(-1)?.labels.le !== '+Inf')
+      values.push({ labels: { le: '+Inf' }, value: running, metricName: `${name}_bucket` });
+    return {
+      name,
+      help: 'Fault service time (no _sum: the engines count per bucket only)',
+      type: 'histogram',
+      values: [...values, { labels: {} as { le: number }, value: running, metricName: `${name}_count` }],
+      aggregator: 'sum',
+    } as unknown as Awaited<ReturnType<Histogram['get']>>;
+  }
+}
+
+/**
+ * Prometheus metrics of uffd-server. Fault counts live in the native engines; at scrape time each
+ * sandbox's growth since the last scrape is added to process-wide counters (so stopped sandboxes
  * still count).
  */
 export class UffdMetrics {
   readonly handshakeFailures: Counter<'problem'>;
   readonly sandboxesEnded: Counter<'state'>;
-  private readonly seen = new Map<string, { faults: number; bytes: number; prefetch: number; wp: number }>();
-  private readonly counters: { faults: Counter; bytes: Counter; prefetch: Counter; wp: Counter };
+  private readonly seen = new Map<string, Seen>();
+  private readonly faults: Counter;
+  private readonly bytes: Counter;
+  private readonly prefetch: Counter;
+  private readonly wp: Counter;
+  private readonly latency: FaultSeconds;
 
   constructor(registry: Registry, sandboxes: () => SandboxRegistry | undefined) {
-    this.handshakeFailures = new Counter({
-      name: 'uffd_handshake_failures_total',
-      help: 'Handshakes refused, by problem',
-      labelNames: ['problem'],
-      registers: [registry],
+    const counter = (what: string, help: string, labelNames: string[] = [], collect?: () => void) =>
+      new Counter({ name: `sbx_uffd_server_${what}`, help, labelNames, registers: [registry], collect });
+    // The first metric scraped folds every sandbox in, so the others read this scrape's totals.
+    this.faults = counter('faults_total', 'Page faults served', [], () => {
+      const list = sandboxes()?.list() ?? [];
+      bySandboxState.reset();
+      for (const s of list) {
+        bySandboxState.inc({ state: s.state });
+        this.fold(s);
+      }
     });
-    this.sandboxesEnded = new Counter({
-      name: 'uffd_sandboxes_ended_total',
-      help: 'Sandboxes whose serving ended on its own, by state (peer-gone, failed)',
-      labelNames: ['state'],
-      registers: [registry],
-    });
-    const faults = new Counter({ name: 'uffd_faults_total', help: 'Page faults served', registers: [registry] });
-    const bytes = new Counter({
-      name: 'uffd_bytes_served_total',
-      help: 'Bytes installed with UFFDIO_COPY',
-      registers: [registry],
-    });
-    const prefetch = new Counter({
-      name: 'uffd_prefetch_pages_total',
-      help: '4 KiB units installed ahead of a fault',
-      registers: [registry],
-    });
-    const wp = new Counter({
-      name: 'uffd_wp_faults_total',
-      help: 'Synchronous write-protect faults',
-      registers: [registry],
-    });
-    this.counters = { faults, bytes, prefetch, wp };
-    const latency = new Gauge({
-      name: 'uffd_fault_latency_us_bucket',
-      help: 'Fault service time, cumulative counts per upper bound in microseconds (live sandboxes)',
-      labelNames: ['le'],
-      registers: [registry],
-    });
+    this.bytes = counter('served_bytes_total', 'Bytes installed with UFFDIO_COPY');
+    this.prefetch = counter('prefetch_bytes_total', 'Bytes installed ahead of a fault');
+    this.wp = counter('wp_faults_total', 'Synchronous write-protect faults');
+    this.handshakeFailures = counter('handshake_failures_total', 'Handshakes refused, by problem', ['problem']);
+    this.sandboxesEnded = counter(
+      'sandboxes_ended_total',
+      'Sandboxes whose serving ended on its own, by state (peer-gone, failed)',
+      ['state'],
+    ) as Counter<'state'>;
+    this.latency = new FaultSeconds({ name: 'sbx_uffd_server_fault_seconds', help: 'fault', registers: [registry] });
     const bySandboxState = new Gauge({
-      name: 'uffd_sandboxes',
+      name: 'sbx_uffd_server_sandboxes',
       help: 'Sandboxes by state',
       labelNames: ['state'],
       registers: [registry],
-      collect: () => {
-        const list = sandboxes()?.list() ?? [];
-        bySandboxState.reset();
-        latency.reset();
-        const cumulative = new Map<string, number>();
-        for (const s of list) {
-          bySandboxState.inc({ state: s.state });
-          this.fold(s);
-          let running = 0;
-          (s.latencyBoundsUs ?? []).forEach((bound, i) => {
-            running += s.latencyCounts?.[i] ?? 0;
-            const le = bound >= Number.MAX_SAFE_INTEGER ? '+Inf' : String(bound);
-            cumulative.set(le, (cumulative.get(le) ?? 0) + running);
-          });
-        }
-        for (const [le, v] of cumulative) latency.set({ le }, v);
-      },
     });
   }
 
   private fold(s: SandboxStats): void {
-    const { faults, bytes, prefetch, wp } = this.counters;
-    const prev = this.seen.get(s.sandboxId) ?? { faults: 0, bytes: 0, prefetch: 0, wp: 0 };
-    const now = {
+    const prev = this.seen.get(s.sandboxId) ?? { faults: 0, bytes: 0, prefetch: 0, wp: 0, latency: [] };
+    const now: Seen = {
       faults: s.faults ?? 0,
       bytes: s.bytesServed ?? 0,
-      prefetch: s.prefetchPages4k ?? 0,
+      prefetch: (s.prefetchPages4k ?? 0) * PAGE_4K,
       wp: s.wpFaults ?? 0,
+      latency: s.latencyCounts ?? [],
     };
-    faults.inc(Math.max(0, now.faults - prev.faults));
-    bytes.inc(Math.max(0, now.bytes - prev.bytes));
-    prefetch.inc(Math.max(0, now.prefetch - prev.prefetch));
-    wp.inc(Math.max(0, now.wp - prev.wp));
+    this.faults.inc(Math.max(0, now.faults - prev.faults));
+    this.bytes.inc(Math.max(0, now.bytes - prev.bytes));
+    this.prefetch.inc(Math.max(0, now.prefetch - prev.prefetch));
+    this.wp.inc(Math.max(0, now.wp - prev.wp));
+    (s.latencyBoundsUs ?? []).forEach((bound, i) => {
+      const grown = Math.max(0, (now.latency[i] ?? 0) - (prev.latency[i] ?? 0));
+      this.latency.perBound.set(bound, (this.latency.perBound.get(bound) ?? 0) + grown);
+    });
     this.seen.set(s.sandboxId, now);
   }
 

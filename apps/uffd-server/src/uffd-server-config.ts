@@ -7,31 +7,52 @@ export const uffdServerConfigSchema = z.object({
   controlSocket: z.string().min(1).default('/run/sbx/uffd-server.sock'),
   socketMode: z.enum(['0600', '0660']).default('0600'),
   metricsHost: z.string().default('127.0.0.1'),
-  /** Prometheus port; 0 turns the endpoint off. */
-  metricsPort: z.coerce.number().int().min(0).max(65535).default(9461),
-  /** Where builds live: a local directory or gs://bucket (shared setting SBX_BUCKET). */
-  bucket: z.string().default(''),
-  /** Local build directory and caches (shared setting SBX_CACHE_DIR): builds in {cacheDir}/builds/{id}/. */
-  cacheDir: z.string().default('/var/lib/sbx/cache'),
-  /** Bytes installed around a fault (the aligned window holding it); 0 = only the faulted page. */
-  prefetchBytes: size.default(2 * 1024 * 1024),
-  /** Prefetch windows copied ahead of a sequential stream of faults (0 = off: on 2 loaded cores it cost more than it saved). */
-  readaheadWindows: z.coerce.number().int().min(0).max(64).default(0),
+  metricsPort: z.coerce.number().int().min(0).max(65535).default(9461).describe('Prometheus port, 0 = off'),
+  bucket: z
+    .string()
+    .default('')
+    .describe('builds: a local directory or gs://bucket')
+    .meta({ aliases: ['SBX_BUCKET'] }),
+  gcsEndpoint: z
+    .string()
+    .url()
+    .optional()
+    .describe("a GCS JSON API endpoint other than Google's (fake-gcs-server, a gateway), unauthenticated")
+    .meta({ aliases: ['SBX_GCS_ENDPOINT'] }),
+  cacheDir: z
+    .string()
+    .default('/var/lib/sbx/cache')
+    .describe('local builds ({cache-dir}/builds/{id}) and chunk caches')
+    .meta({ aliases: ['SBX_CACHE_DIR'] }),
+  prefetchBytes: size
+    .default(2 * 1024 * 1024)
+    .describe('bytes installed around a fault (its aligned window); 0 = the page only'),
+  readaheadWindows: z.coerce
+    .number()
+    .int()
+    .min(0)
+    .max(64)
+    .default(0)
+    .describe('prefetch windows copied ahead of sequential faults (0: on 2 loaded cores it cost more than it saved)'),
   /**
-   * Prefetch also when the uffd has no write-protect (upstream Firecracker). On by default: the
-   * orchestrator takes the written pages from Firecracker's Diff snapshot (KVM's dirty log), so
-   * prefetched pages stay out of the diff. Turn it off where pauses export every present page
-   * (orchestrator --pause-memory-diff present): every prefetched page would land in the diff.
+   * On by default: the orchestrator takes the written pages from Firecracker's Diff snapshot
+   * (KVM's dirty log), so prefetched pages stay out of the diff. Turn it off where pauses export
+   * every present page (orchestrator --pause-memory-diff present).
    */
   prefetchWithoutTracking: z
     .enum(['true', 'false'])
     .default('true')
+    .describe('prefetch also when the uffd has no write-protect (upstream Firecracker)')
     .transform((v) => v === 'true'),
-  /** Native serving threads per sandbox. */
-  threadsPerSandbox: z.coerce.number().int().min(1).max(16).default(2),
+  threadsPerSandbox: z.coerce.number().int().min(1).max(16).default(2).describe('native serving threads per sandbox'),
   handshakeTimeoutMs: z.coerce.number().int().positive().default(60_000),
-  /** Attempts (first included) of a transient source fetch while the fault waits. */
-  fetchAttempts: z.coerce.number().int().min(1).max(20).default(5),
+  fetchAttempts: z.coerce
+    .number()
+    .int()
+    .min(1)
+    .max(20)
+    .default(5)
+    .describe('attempts (first included) of a transient source fetch while the fault waits'),
   fetchRetryDelayMs: z.coerce.number().int().min(1).default(100),
   maxSandboxes: z.coerce.number().int().positive().default(512),
   logLevel: z.string().default('info'),
@@ -41,8 +62,8 @@ export type UffdServerConfig = z.infer<typeof uffdServerConfigSchema>;
 
 /** `serve-file`: one Firecracker-style handshake over a local memory file. */
 export const serveFileConfigSchema = z.object({
-  memfile: z.string().min(1),
-  socket: z.string().min(1),
+  memfile: z.string().min(1).describe('the memory file to serve'),
+  socket: z.string().min(1).describe('where to take the handshake'),
   pageSize: z.coerce
     .number()
     .int()

@@ -1,7 +1,3 @@
-import { status, type ServiceError, type sendUnaryData, type ServerUnaryCall } from '@grpc/grpc-js';
-import { BuildIdInvalid, BuildNotFound, HeaderInvalid, ObjectNotFound } from '#storage';
-import { HandshakeInvalid } from '#uffd';
-import { SyscallError } from '#native';
 import type {
   UffdExportDiffResponse,
   UffdListResponse,
@@ -12,45 +8,9 @@ import type {
   UffdStopSourcingResponse,
 } from '#proto/sbx/uffd';
 import type { Logger } from '#logging';
+import { unaryHandlers } from '#service-kit';
 import type { SandboxRegistry } from './sandbox-registry.js';
 import type { SandboxStats } from './sandbox-memory.js';
-import { InvalidState, RequestInvalid, SandboxExists, SandboxNotFound, SourceInvalid } from './uffd-server-errors.js';
-
-/** The gRPC edge: the only place errors become status codes; the message names the step. */
-function toStatus(step: string, err: unknown): Partial<ServiceError> {
-  const message = `${step}: ${(err as Error).message ?? String(err)}`;
-  let code = status.INTERNAL;
-  if (err instanceof SandboxNotFound || err instanceof BuildNotFound || err instanceof ObjectNotFound)
-    code = status.NOT_FOUND;
-  else if (err instanceof SandboxExists) code = status.ALREADY_EXISTS;
-  else if (err instanceof InvalidState) code = status.FAILED_PRECONDITION;
-  else if (
-    err instanceof RequestInvalid ||
-    err instanceof BuildIdInvalid ||
-    err instanceof HandshakeInvalid ||
-    err instanceof HeaderInvalid ||
-    err instanceof SourceInvalid
-  )
-    code = status.INVALID_ARGUMENT;
-  else if (err instanceof SyscallError && err.code === 'ENOENT') code = status.NOT_FOUND;
-  else if ((err as NodeJS.ErrnoException).code === 'ENOENT') code = status.NOT_FOUND;
-  return { code, message, details: message };
-}
-
-function handle<Req, Res>(logger: Logger, step: string, fn: (req: Req) => Promise<Res> | Res) {
-  return (call: ServerUnaryCall<Req, Res>, callback: sendUnaryData<Res>): void => {
-    Promise.resolve()
-      .then(() => fn(call.request))
-      .then(
-        (res) => callback(null, res),
-        (err: unknown) => {
-          const st = toStatus(step, err);
-          logger.warn({ step, code: st.code, err: st.message }, 'control request failed');
-          callback(st as ServiceError, null);
-        },
-      );
-  };
-}
 
 export function statsMessage(s: SandboxStats): UffdSandboxStats {
   return {
@@ -77,8 +37,9 @@ export function statsMessage(s: SandboxStats): UffdSandboxStats {
 }
 
 export function uffdServiceImplementation(registry: SandboxRegistry, logger: Logger): UffdServerServer {
+  const handle = unaryHandlers({ logger });
   return {
-    prepare: handle(logger, 'prepare', async (req): Promise<UffdPrepareResponse> => {
+    prepare: handle('prepare', async (req): Promise<UffdPrepareResponse> => {
       const r = await registry.prepare({
         sandboxId: req.sandboxId,
         socketPath: req.socketPath,
@@ -89,16 +50,17 @@ export function uffdServiceImplementation(registry: SandboxRegistry, logger: Log
       });
       return { socketPath: r.socketPath, memorySize: r.memorySize, pageSize: r.pageSize };
     }),
-    stopSourcing: handle(logger, 'stop sourcing', (req): UffdStopSourcingResponse => ({
+    stopSourcing: handle('stop sourcing', (req): UffdStopSourcingResponse => ({
       pagesPresent: registry.stopSourcing(req.sandboxId),
     })),
-    exportDiff: handle(logger, 'export diff', async (req): Promise<UffdExportDiffResponse> => {
+    exportDiff: handle('export diff', async (req): Promise<UffdExportDiffResponse> => {
       const r = await registry.exportDiff(
         req.sandboxId,
         req.newBuildId,
         req.diffPath,
         req.memfilePath || undefined,
         req.vmmDirtyLog,
+        req.keepServing,
       );
       return {
         mappings: r.mappings,
@@ -110,11 +72,11 @@ export function uffdServiceImplementation(registry: SandboxRegistry, logger: Log
         tracking: r.tracking,
       };
     }),
-    stop: handle(logger, 'stop', async (req): Promise<UffdStopResponse> => {
+    stop: handle('stop', async (req): Promise<UffdStopResponse> => {
       await registry.stop(req.sandboxId);
       return {};
     }),
-    stats: handle(logger, 'stats', (req): UffdSandboxStats => statsMessage(registry.stats(req.sandboxId))),
-    list: handle(logger, 'list', (): UffdListResponse => ({ sandboxes: registry.list().map(statsMessage) })),
+    stats: handle('stats', (req): UffdSandboxStats => statsMessage(registry.stats(req.sandboxId))),
+    list: handle('list', (): UffdListResponse => ({ sandboxes: registry.list().map(statsMessage) })),
   };
 }

@@ -37,10 +37,10 @@ describe('uffd-server as a service: health, metrics, hugetlb guests, clean SIGTE
     expect(await peer.command(`check ${memfile} 0 ${SIZE}`)).toBe('ok');
 
     const metrics = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
-    const faults = Number(/^uffd_faults_total(?:\{[^}]*\})? (\d+)/m.exec(metrics)?.[1] ?? -1);
+    const faults = Number(/^sbx_uffd_server_faults_total(?:\{[^}]*\})? (\d+)/m.exec(metrics)?.[1] ?? -1);
     expect(faults).toBeGreaterThan(0);
-    expect(metrics).toMatch(/uffd_bytes_served_total(\{[^}]*\})? 4194304/);
-    expect(metrics).toMatch(/uffd_sandboxes\{[^}]*state="listening"[^}]*\} 1/);
+    expect(metrics).toMatch(/sbx_uffd_server_served_bytes_total(\{[^}]*\})? 4194304/);
+    expect(metrics).toMatch(/sbx_uffd_server_sandboxes\{[^}]*state="listening"[^}]*\} 1/);
 
     // A sandbox that comes and goes between two scrapes still counts: its last faults are
     // folded in when it stops, and its per-sandbox state is dropped.
@@ -53,7 +53,7 @@ describe('uffd-server as a service: health, metrics, hugetlb guests, clean SIGTE
     await late.exit();
     await server.stop('late');
     const afterLate = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
-    expect(afterLate).toMatch(/uffd_bytes_served_total(\{[^}]*\})? 8388608/);
+    expect(afterLate).toMatch(/sbx_uffd_server_served_bytes_total(\{[^}]*\})? 8388608/);
 
     expect(existsSync(waitingSocket)).toBe(true);
     expect(await server.shutdown()).toBe(0);
