@@ -4,7 +4,7 @@
  * namespace. Rounds alternate the three targets so drift on a shared machine hits each alike.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
@@ -25,16 +25,33 @@ const benchSandbox: SandboxConfig = {
   metadata: {},
   envdVersion: '0.2.0',
   vcpu: 1,
-  ramMb: 128,
+  ramMb: 0,
   teamId: 'bench',
   maxSandboxLength: 1,
   totalDiskSizeMb: 0,
   snapshot: false,
   baseTemplateId: 'base',
+  executionId: '',
+  volumeMounts: [],
 };
+
+/** CPU seconds (user + system) used so far by every process in process group `pgid`. */
+async function groupCpuSeconds(pgid: number): Promise<number> {
+  let ticks = 0;
+  for (const e of await readdir('/proc')) {
+    if (!/^\d+$/.test(e)) continue;
+    const stat = await readFile(`/proc/${e}/stat`, 'utf8').catch(() => '');
+    // Fields after the command (which may hold spaces): state is field 3, pgrp 5, utime 14, stime 15.
+    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    if (Number(f[2]) === pgid) ticks += Number(f[11]) + Number(f[12]);
+  }
+  return ticks / 100;
+}
 
 interface WrkResult {
   requestsPerSecond: number;
+  /** CPU the proxy in front used per request, in µs (0 for direct). */
+  cpuUsPerRequest?: number;
   p50Ms: number;
   p99Ms: number;
   errors: string;
@@ -123,10 +140,16 @@ http {
       { stdio: ['ignore', 'inherit', 'inherit'], detached: true },
     );
     const host = `${HTTP_PORT}-bench.sbx.test`;
+    // The proxy runs detached (its own process group): ./sbx execs node, nsenter execs ./sbx.
     const targets = [
-      { name: 'direct', url: `http://${hostIp}:${HTTP_PORT}${path}`, header: [] as string[] },
-      { name: 'ours', url: `http://127.0.0.1:${PROXY_PORT}${path}`, header: ['-H', `Host: ${host}`] },
-      { name: 'nginx', url: `http://127.0.0.1:${NGINX_PORT}${path}`, header: [] as string[] },
+      { name: 'direct', url: `http://${hostIp}:${HTTP_PORT}${path}`, header: [] as string[], pgid: 0 },
+      {
+        name: 'ours',
+        url: `http://127.0.0.1:${PROXY_PORT}${path}`,
+        header: ['-H', `Host: ${host}`],
+        pgid: px.proxy!.child.pid!,
+      },
+      { name: 'nginx', url: `http://127.0.0.1:${NGINX_PORT}${path}`, header: [] as string[], pgid: nginx.pid! },
     ];
     // Every target answers before the clock starts.
     for (const t of targets) {
@@ -142,6 +165,7 @@ http {
     const results = new Map<string, WrkResult[]>(targets.map((t) => [t.name, []]));
     for (let round = 1; round <= rounds; round++) {
       for (const t of round % 2 ? targets : [...targets].reverse()) {
+        const cpuBefore = t.pgid ? await groupCpuSeconds(t.pgid) : 0;
         const out = await px.node.inNode('wrk', [
           '--latency',
           '-t',
@@ -154,9 +178,14 @@ http {
           t.url,
         ]);
         const r = parseWrk(out);
+        if (t.pgid) {
+          const requests = r.requestsPerSecond * seconds;
+          r.cpuUsPerRequest = (((await groupCpuSeconds(t.pgid)) - cpuBefore) * 1e6) / requests;
+        }
         results.get(t.name)!.push(r);
+        const cpu = r.cpuUsPerRequest !== undefined ? `  cpu ${r.cpuUsPerRequest.toFixed(0)} µs/req` : '';
         console.log(
-          `round ${round} ${t.name.padEnd(6)} ${r.requestsPerSecond.toFixed(0).padStart(7)} req/s  p50 ${r.p50Ms.toFixed(2)} ms  p99 ${r.p99Ms.toFixed(2)} ms${r.errors ? `  (${r.errors})` : ''}`,
+          `round ${round} ${t.name.padEnd(6)} ${r.requestsPerSecond.toFixed(0).padStart(7)} req/s  p50 ${r.p50Ms.toFixed(2)} ms  p99 ${r.p99Ms.toFixed(2)} ms${cpu}${r.errors ? `  (${r.errors})` : ''}`,
         );
       }
     }
@@ -166,6 +195,7 @@ http {
         rps: median(rs.map((r) => r.requestsPerSecond)),
         p50: median(rs.map((r) => r.p50Ms)),
         p99: median(rs.map((r) => r.p99Ms)),
+        cpu: median(rs.map((r) => r.cpuUsPerRequest ?? 0)),
       };
     };
     const [direct, ours, peer] = ['direct', 'ours', 'nginx'].map(summary) as [
@@ -176,7 +206,7 @@ http {
     console.log(
       `\nwrk -t${values.threads} -c${values.connections} -d${seconds}s, ${values['body-bytes']} B bodies, ${rounds} rounds (medians), nginx worker_processes ${values['nginx-workers']}`,
     );
-    console.log('target   req/s     p50 ms   p99 ms');
+    console.log('target   req/s     p50 ms   p99 ms   proxy cpu µs/req');
     for (const [name, s] of [
       ['direct', direct],
       ['ours', ours],
@@ -188,6 +218,7 @@ http {
     }
     console.log(`\nours / nginx requests/s: ${(ours.rps / peer.rps).toFixed(2)}  (goal >= 1)`);
     console.log(`ours / direct requests/s: ${(ours.rps / direct.rps).toFixed(2)}`);
+    console.log(`proxy CPU per request, ours / nginx: ${(ours.cpu / peer.cpu).toFixed(2)}`);
     console.log(
       `added p99 over direct: ours ${(ours.p99 - direct.p99).toFixed(2)} ms, nginx ${(peer.p99 - direct.p99).toFixed(2)} ms  (goal <= 1 ms)`,
     );

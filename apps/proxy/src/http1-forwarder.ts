@@ -39,7 +39,13 @@ export class Http1Forwarder {
   readonly agent: Agent;
 
   constructor(private readonly o: Http1ForwarderOptions) {
-    this.agent = new Agent({ keepAlive: true, maxFreeSockets: o.maxIdleUpstreamSockets, scheduling: 'lifo' });
+    // noDelay reaches net.createConnection: a request head must not wait on Nagle behind the last ACK.
+    this.agent = new Agent({
+      keepAlive: true,
+      maxFreeSockets: o.maxIdleUpstreamSockets,
+      scheduling: 'lifo',
+      noDelay: true,
+    } as ConstructorParameters<typeof Agent>[0]);
   }
 
   /** Idle pooled connections to an address whose sandbox left (its IP may go to another one). */
