@@ -30,6 +30,9 @@ flags:
   --envd-timeout-ms <ms>         envd /init retry budget (default 10000)
   --service-watch-interval-ms <ms>  how often uffd/block instances are asked what they still hold;
                                  sandboxes one lost are failed and cleaned up (default 2000, 0 = off)
+  --vmm-cgroup auto|off|<dir>    a cgroup v2 of its own for each VMM, outside the orchestrator's, so a
+                                 restart that kills the orchestrator's cgroup (Nomad) spares them
+                                 (default auto: <cgroup2 mount>/sbx-vmm when mounted)
   --shutdown-sandboxes kill|keep on SIGTERM kill sandboxes, or keep them for the next run to adopt
   --sample-template true|false   build the sample template 'base' when missing (default true)
   --metrics-port <port>          Prometheus on 127.0.0.1 (default 9460, 0 = off)

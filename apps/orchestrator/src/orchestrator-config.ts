@@ -33,6 +33,12 @@ export const orchestratorConfigSchema = z
     sbxBin: z.string().optional(),
     /** Where the rootfs path recorded in snapfiles lives: `{vmRootfsDir}/{baseBuildId}/rootfs.ext4`. */
     vmRootfsDir: z.string().min(1).default('/run/sbx/fc-rootfs'),
+    /**
+     * A cgroup (v2) of its own for each VMM, outside the orchestrator's, so that a restart that
+     * kills the orchestrator's whole cgroup (Nomad) spares the VMMs: `auto` (under the cgroup2
+     * mount's `sbx-vmm/` when there is one), `off`, or the parent directory to use.
+     */
+    vmmCgroup: z.string().min(1).default('auto'),
     /** On SIGTERM: kill the running sandboxes, or keep them for the next run to adopt. */
     shutdownSandboxes: z.enum(['kill', 'keep']).default('kill'),
     metricsPort: int(0, 65535).default(9460),

@@ -28,6 +28,7 @@ import { templateAdminService } from './template-admin-service.js';
 import { buildTemplate } from './template-builder.js';
 import { TemplateCatalogue } from './template-catalogue.js';
 import { chooseVmmCommand, ProcessVmmLauncher } from './vmm-launcher.js';
+import { VmmCgroups } from './vmm-cgroups.js';
 
 export interface RunningOrchestrator {
   manager: SandboxManager;
@@ -74,7 +75,11 @@ export async function startOrchestrator(config: OrchestratorConfig, logger: Logg
     },
     config.stepTimeoutMs,
   );
-  const vmm = new ProcessVmmLauncher(vmmCommand);
+  const vmm = new ProcessVmmLauncher(
+    vmmCommand,
+    undefined,
+    VmmCgroups.choose(config.vmmCgroup, config.dataDir, logger),
+  );
   const envd = new HttpEnvdClient(config.envdPort);
   // The only writer of {cacheDir}/builds and the only uploader (libs/storage/README.md).
   const builds = new BuildStore({

@@ -7,17 +7,20 @@ import type { Logger } from '#logging';
 import { FirecrackerApi } from './firecracker-api.js';
 import { VmmExited } from './orchestrator-errors.js';
 import { isSameProcess, processStartTicks, type ProcessIdentity } from './process-identity.js';
+import type { VmmCgroups } from './vmm-cgroups.js';
 import { VmmLogTail } from './vmm-log-tail.js';
 
 /**
  * Starts the VMM like the seed's fc/process.go start script: in a private mount namespace
  * where the rootfs path recorded in the snapfile at template-build time is a symlink to this
  * sandbox's device (or NBD socket), inside the slot's network namespace. The chain
- * unshare → sh → ip netns exec → vmm only execs, so the spawned pid is the VMM's pid.
+ * unshare → sh → ip netns exec → vmm only execs, so the spawned pid is the VMM's pid; it first
+ * moves itself into the VMM's own cgroup, when it has one (vmm-cgroups.ts).
  */
 const START_SCRIPT = [
   'set -e',
-  'link=$1; target=$2; ns=$3; shift 3',
+  'link=$1; target=$2; ns=$3; cgroup=$4; shift 4',
+  'if [ -n "$cgroup" ]; then echo $$ > "$cgroup/cgroup.procs"; fi',
   'mount --make-rprivate /',
   'dir=$(dirname "$link")',
   'mkdir -p "$dir"',
@@ -98,16 +101,26 @@ export class ProcessVmmLauncher implements VmmLauncher {
   readonly description: string;
   readonly isDouble: boolean;
 
+  /** Once per run, before the first launch: cgroups of VMMs that ended while no orchestrator watched. */
+  private swept: Promise<unknown> | undefined;
+
   constructor(
     private readonly command: VmmCommand,
     private readonly startTimeoutMs = 10_000,
+    /** A cgroup of its own for each VMM, outside ours (so a Nomad restart of ours spares them). */
+    private readonly cgroups?: VmmCgroups,
   ) {
     this.description = command.description;
     this.isDouble = command.isDouble;
   }
 
   async launch(spec: VmmLaunchSpec, logger: Logger): Promise<VmmHandle> {
-    const stdout = await open(spec.stdoutPath, 'a');
+    if (this.cgroups) await (this.swept ??= this.cgroups.sweep());
+    const cgroup = await this.cgroups?.create(spec.sandboxId);
+    const stdout = await open(spec.stdoutPath, 'a').catch(async (err: unknown) => {
+      if (cgroup) await this.cgroups!.remove(cgroup);
+      throw err;
+    });
     const stderr = await open(spec.stderrPath, 'a');
     let child;
     try {
@@ -125,6 +138,7 @@ export class ProcessVmmLauncher implements VmmLauncher {
           spec.rootfsLinkPath,
           spec.rootfsTarget,
           spec.namespace,
+          cgroup ?? '',
           ...this.command.argv,
           '--api-sock',
           spec.apiSocket,
@@ -139,6 +153,7 @@ export class ProcessVmmLauncher implements VmmLauncher {
     const pid = child.pid;
     if (pid === undefined) {
       const error = await new Promise<Error>((res) => child.once('error', res));
+      if (cgroup) await this.cgroups!.remove(cgroup);
       throw new VmmExited(spec.sandboxId, `could not be started: ${error.message}`);
     }
     child.unref();
@@ -150,6 +165,7 @@ export class ProcessVmmLauncher implements VmmLauncher {
       });
     });
     const startTicks = (await processStartTicks(pid)) ?? 0;
+    if (cgroup) void exited.then(() => this.cgroups!.remove(cgroup));
     const handle = this.handle(
       spec.sandboxId,
       { pid, startTicks },
@@ -157,7 +173,7 @@ export class ProcessVmmLauncher implements VmmLauncher {
       exited,
       () => exitedHow === undefined,
       logger,
-      spec,
+      { ...spec, cgroup },
     );
     const api = handle.api;
     const deadline = Date.now() + this.startTimeoutMs;
@@ -184,6 +200,7 @@ export class ProcessVmmLauncher implements VmmLauncher {
     logger: Logger,
   ): Promise<VmmHandle | undefined> {
     if (!(await isSameProcess(record))) return undefined;
+    const cgroup = await this.cgroups?.of(record.pid);
     let gone = false;
     const exited = new Promise<string>((res) => {
       const timer = setInterval(() => {
@@ -191,6 +208,7 @@ export class ProcessVmmLauncher implements VmmLauncher {
           if (alive) return;
           gone = true;
           clearInterval(timer);
+          if (cgroup) void this.cgroups!.remove(cgroup);
           res('exited (adopted process)');
         });
       }, 500);
@@ -207,6 +225,7 @@ export class ProcessVmmLauncher implements VmmLauncher {
         stdoutPath: record.stdoutPath,
         stderrPath: record.stderrPath,
         adopted: true,
+        cgroup,
       },
     );
   }
@@ -218,7 +237,7 @@ export class ProcessVmmLauncher implements VmmLauncher {
     exited: Promise<string>,
     alive: () => boolean,
     logger: Logger,
-    logs: { stdoutPath: string; stderrPath: string; adopted?: boolean },
+    logs: { stdoutPath: string; stderrPath: string; adopted?: boolean; cgroup?: string | undefined },
   ): VmmHandle {
     const out = new VmmLogTail(logs.stdoutPath, logger, 'stdout');
     const err = new VmmLogTail(logs.stderrPath, logger, 'stderr');
@@ -237,6 +256,8 @@ export class ProcessVmmLauncher implements VmmLauncher {
       isAlive: alive,
       kill: async () => {
         if (!alive()) return;
+        // Everything the VMM started goes with it; the process group kill below covers a kernel without cgroup.kill.
+        if (logs.cgroup) await this.cgroups?.kill(logs.cgroup);
         for (const target of [-identity.pid, identity.pid]) {
           try {
             process.kill(target, 'SIGKILL');

@@ -1,5 +1,6 @@
 import { randomBytes } from 'node:crypto';
-import { readFile } from 'node:fs/promises';
+import { existsSync } from 'node:fs';
+import { mkdir, readFile, rmdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Redis } from 'ioredis';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -136,6 +137,51 @@ describe.skipIf(missing !== undefined)('independent restarts (all five services 
     await node.writeMemory(ip, 6 * 1024 * 1024, mem);
     expect((await node.readMemory(ip, 6 * 1024 * 1024, mem.length)).equals(mem)).toBe(true);
     await d.remove('mem-after');
+  });
+
+  it('orchestrator killed the way Nomad stops a task (every process in its cgroup): VMMs, in cgroups of their own, live on and are adopted', async ({
+    skip,
+  }) => {
+    const mount = (await readFile('/proc/mounts', 'utf8'))
+      .split('\n')
+      .map((l) => l.split(' '))
+      .find((f) => f[2] === 'cgroup2')?.[1];
+    if (!mount) skip('no cgroup v2 mount');
+    // Nomad runs each task in a cgroup of its own and stops it by killing everything in it.
+    const task = join(mount!, `sbx-test-task-${process.pid}`);
+    await mkdir(task);
+    try {
+      await writeFile(join(task, 'cgroup.procs'), String(await node.orchestratorPid()));
+      const id = 'cg-kept';
+      const vmmsBefore = new Set((await node.vmmPids()).map((p) => p.pid));
+      const ip = await d.create(id);
+      const vmm = (await node.vmmPids()).find((p) => !vmmsBefore.has(p.pid))!.pid;
+      const mem = randomBytes(16 * 1024);
+      await node.writeMemory(ip, 2 * 1024 * 1024, mem);
+      const vmmCgroup = (await readFile(`/proc/${vmm}/cgroup`, 'utf8')).split('\n').find((l) => l.startsWith('0::'));
+      expect(vmmCgroup).toMatch(/^0::\/sbx-vmm\//);
+
+      await writeFile(join(task, 'cgroup.kill'), '1');
+      await eventually(async () => expect((await readFile(join(task, 'cgroup.procs'), 'utf8')).trim()).toBe(''), {
+        timeoutMs: 10_000,
+      });
+      expect(() => process.kill(vmm, 0), 'the VMM outlives the orchestrator task').not.toThrow();
+
+      await node.killOrchestrator();
+      await node.startOrchestrator();
+      expect(await d.listIds()).toContain(id);
+      expect((await node.readMemory(ip, 2 * 1024 * 1024, mem.length)).equals(mem), 'memory').toBe(true);
+      await d.remove(id);
+      await d.expectFootprintBack();
+      // The VMM's own cgroup went with it.
+      expect(existsSync(join(mount!, vmmCgroup!.slice(3)))).toBe(false);
+    } finally {
+      // Whatever a failed run left in the task's cgroup goes back to the root one, so it can go.
+      for (const pid of (await readFile(join(task, 'cgroup.procs'), 'utf8').catch(() => '')).split('\n')) {
+        if (pid) await writeFile(join(mount!, 'cgroup.procs'), pid).catch(() => undefined);
+      }
+      await rmdir(task).catch(() => undefined);
+    }
   });
 
   it('uffd-server SIGKILL, still down: its sandboxes are failed and cleaned up without it', async () => {
