@@ -1,0 +1,124 @@
+import { readdir, readFile, readlink } from 'node:fs/promises';
+import type { Redis } from 'ioredis';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { NodeDriver } from './node-driver.js';
+import { missingPieces, NodeUnderTest } from './node-under-test.js';
+import { startRedis, type RedisUnderTest } from './redis-server.js';
+
+/*
+ * Soak: create → delete cycles of one sandbox through SandboxService, on the whole node (five
+ * services + vmm-sim). What every service holds (fds, mappings, memory) and what the node holds
+ * (namespaces, links, rules, devices, files, processes) is counted after the first 10 cycles
+ * and again at the end: it must not grow. `npm test` runs a short version; `npm run soak` runs
+ * 1,000 cycles (SBX_SOAK_CYCLES) and prints the figures.
+ */
+
+const CYCLES = Number(process.env['SBX_SOAK_CYCLES'] ?? 20);
+const WARM = 10;
+const missing = missingPieces();
+if (missing) console.warn(`soak suite skipped: missing ${missing}`);
+
+let node: NodeUnderTest;
+let redis: RedisUnderTest | undefined;
+let reader: Redis;
+let d: NodeDriver;
+
+beforeAll(async () => {
+  if (missing) return;
+  redis = await startRedis({ unixSocket: `/tmp/or-redis-soak-${process.pid}.sock` });
+  reader = redis.connect();
+  node = await NodeUnderTest.start({ tag: 'k', redisUrl: redis.url });
+  d = new NodeDriver(node, reader);
+  await d.warmUp();
+}, 180_000);
+
+afterAll(async () => {
+  await node?.stop();
+  reader?.disconnect();
+  await redis?.stop();
+}, 120_000);
+
+/** Per service process: open fds, mappings and resident memory (KiB). */
+async function serviceCounts(): Promise<Record<string, { fds: number; maps: number; rssKiB: number }>> {
+  const out: Record<string, { fds: number; maps: number; rssKiB: number }> = {};
+  for (const [name, service] of node.services) {
+    const pid = service.pid;
+    const fds = (await readdir(`/proc/${pid}/fd`).catch(() => [] as string[])).length;
+    const maps = (await readFile(`/proc/${pid}/maps`, 'utf8').catch(() => '')).split('\n').filter(Boolean).length;
+    const rss = /VmRSS:\s+(\d+)/.exec(await readFile(`/proc/${pid}/status`, 'utf8').catch(() => ''));
+    out[name] = { fds, maps, rssKiB: Number(rss?.[1] ?? 0) };
+  }
+  return out;
+}
+
+/** What the node holds: slot namespaces, links, routes, rules, NBD devices, sandbox files, VMMs, processes. */
+async function nodeCounts(): Promise<Record<string, number>> {
+  const f = await node.footprint();
+  let processes = 0;
+  for (const pid of await readdir('/proc')) {
+    if (!/^\d+$/.test(pid)) continue;
+    const cmdline = await readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '');
+    // Everything started for this node names its directory (sockets, data) on its command line.
+    if (cmdline.includes(node.root)) processes++;
+  }
+  const pidOf = node.services.get('orchestrator')?.pid;
+  const sockets = pidOf
+    ? (
+        await Promise.all(
+          (await readdir(`/proc/${pidOf}/fd`).catch(() => [] as string[])).map((fd) =>
+            readlink(`/proc/${pidOf}/fd/${fd}`).catch(() => ''),
+          ),
+        )
+      ).filter((t) => t.startsWith('socket:')).length
+    : 0;
+  return {
+    namespaces: f['namespaces']!.length,
+    links: f['links']!.length,
+    routes: f['routes']!.length,
+    rules: f['rules']!.length,
+    devices: f['devices']!.length,
+    uffdServings: f['uffd']!.length,
+    dnsRecords: f['dns']!.length,
+    sandboxFiles: f['sandboxDirs']!.length + f['sockets']!.length,
+    vmms: f['vmmProcesses']!.length,
+    processes,
+    orchestratorSockets: sockets,
+  };
+}
+
+describe.skipIf(missing !== undefined)('soak', () => {
+  it(`${CYCLES} create → delete cycles leave every count where it was after the first ${WARM}`, async () => {
+    let early: { node: Record<string, number>; services: Awaited<ReturnType<typeof serviceCounts>> } | undefined;
+    for (let i = 1; i <= CYCLES; i++) {
+      const id = `soak-${i}`;
+      await d.create(id);
+      await d.remove(id);
+      if (i === WARM) {
+        await d.expectFootprintBack();
+        early = { node: await nodeCounts(), services: await serviceCounts() };
+      }
+    }
+    await d.expectFootprintBack();
+    const late = { node: await nodeCounts(), services: await serviceCounts() };
+    const rows = [
+      ...Object.keys(late.node).map((k) => [`node ${k}`, early!.node[k], late.node[k]]),
+      ...Object.entries(late.services).flatMap(([name, now]) =>
+        (Object.keys(now) as (keyof typeof now)[]).map((k) => [`${name} ${k}`, early!.services[name]?.[k], now[k]]),
+      ),
+    ];
+    console.info(
+      `soak: ${CYCLES} cycles; after ${WARM} → at the end\n` +
+        rows.map(([what, a, b]) => `  ${String(what).padEnd(32)} ${String(a).padStart(8)} → ${b}`).join('\n'),
+    );
+    // What must be exactly as it was: the node's resources and every service's fds.
+    expect(late.node).toEqual(early!.node);
+    for (const [name, now] of Object.entries(late.services))
+      expect(now.fds, `${name} fds`).toBe(early!.services[name]!.fds);
+    // Mappings and memory move with the JavaScript heap: a leak of one per cycle would show as
+    // hundreds over a long run, a heap settling shows as a few.
+    for (const [name, now] of Object.entries(late.services)) {
+      expect(now.maps, `${name} mappings`).toBeLessThan(early!.services[name]!.maps + 64);
+      expect(now.rssKiB, `${name} resident memory`).toBeLessThan(early!.services[name]!.rssKiB * 1.5 + 32 * 1024);
+    }
+  }, 3_600_000);
+});
