@@ -1,31 +1,26 @@
 /** The real net-agent process, started inside a test's node namespace and driven over its socket. */
-import { spawn, type ChildProcess } from 'node:child_process';
-import { fileURLToPath } from 'node:url';
-import { dial, unary, waitForServing } from '#grpc';
+import type { ChildProcess } from 'node:child_process';
+import { dial, unary } from '#grpc';
 import { NetAgentClient, type NetSlot, type NetStats } from '#proto/sbx/net';
+import { eventually, grpcServing, repoRoot, ServiceProcess } from '#test-kit';
 import type { NodeNamespace } from './node-namespace.js';
 
-export const REPO = fileURLToPath(new URL('../../../', import.meta.url));
+/** The checkout, with a trailing slash (`${REPO}sbx`). */
+export const REPO = `${repoRoot}/`;
 
 export class AgentProcess {
-  readonly logs: string[] = [];
   readonly client: NetAgentClient;
-  private exited: Promise<number | null>;
 
   private constructor(
-    readonly child: ChildProcess,
+    readonly service: ServiceProcess,
     readonly socket: string,
   ) {
     this.client = dial(NetAgentClient, socket);
-    this.exited = new Promise((resolve) => child.once('exit', (code, signal) => resolve(code ?? (signal ? -1 : null))));
   }
 
   static async start(node: NodeNamespace, socket: string, args: string[]): Promise<AgentProcess> {
-    const child = spawn(
-      'nsenter',
-      [
-        `--net=${node.nsPath(node.node)}`,
-        `${REPO}sbx`,
+    const service = await ServiceProcess.start({
+      args: [
         'net-agent',
         'serve',
         '--control-socket',
@@ -38,24 +33,20 @@ export class AgentProcess {
         node.prefix,
         ...args,
       ],
-      { stdio: ['ignore', 'pipe', 'pipe'], cwd: REPO },
-    );
-    const agent = new AgentProcess(child, socket);
-    const collect = (d: Buffer) => agent.logs.push(...d.toString().split('\n').filter(Boolean));
-    child.stdout!.on('data', collect);
-    child.stderr!.on('data', collect);
-    try {
-      await Promise.race([
-        waitForServing(socket, 30_000),
-        agent.exited.then((code) => {
-          throw new Error(`net-agent exited ${code} during start:\n${agent.logs.join('\n')}`);
-        }),
-      ]);
-    } catch (err) {
-      agent.kill();
-      throw err;
-    }
-    return agent;
+      wrapper: ['nsenter', `--net=${node.nsPath(node.node)}`],
+      ready: grpcServing(socket),
+      // Its SIGTERM removes every slot namespace it made: hundreds take a while.
+      stopTimeoutMs: 60_000,
+    });
+    return new AgentProcess(service, socket);
+  }
+
+  get child(): ChildProcess {
+    return this.service.child;
+  }
+
+  get logs(): string[] {
+    return this.service.logs;
   }
 
   acquire(sandboxId: string): Promise<NetSlot> {
@@ -75,32 +66,31 @@ export class AgentProcess {
   }
 
   /** Polls stats until `ok` holds (slot creation runs in the background). */
-  async waitFor(ok: (s: NetStats) => boolean | Promise<boolean>, timeoutMs = 30_000): Promise<NetStats> {
-    const deadline = Date.now() + timeoutMs;
-    let last: NetStats | undefined;
-    while (Date.now() < deadline) {
-      last = await this.stats();
-      if (await ok(last)) return last;
-      await new Promise((r) => setTimeout(r, 50));
-    }
-    throw new Error(`condition not reached in ${timeoutMs} ms; last stats ${JSON.stringify(last)}`);
+  waitFor(ok: (s: NetStats) => boolean | Promise<boolean>, timeoutMs = 30_000): Promise<NetStats> {
+    return eventually(
+      async () => {
+        const stats = await this.stats();
+        if (await ok(stats)) return stats;
+        throw new Error(`condition not reached in ${timeoutMs} ms; last stats ${JSON.stringify(stats)}`);
+      },
+      { timeoutMs },
+    );
   }
 
   /** SIGTERM and wait: the agent removes everything it made before it exits. */
-  async stop(): Promise<number | null> {
+  stop(): Promise<number | null> {
     this.client.close();
-    if (this.child.exitCode === null && this.child.signalCode === null) this.child.kill('SIGTERM');
-    return this.exited;
+    return this.service.stop();
   }
 
   /** A crash: nothing is cleaned up. */
   async crash(): Promise<void> {
-    this.kill();
-    await this.exited;
+    this.client.close();
+    await this.service.kill();
   }
 
   kill(): void {
     this.client.close();
-    if (this.child.exitCode === null && this.child.signalCode === null) this.child.kill('SIGKILL');
+    void this.service.kill();
   }
 }
