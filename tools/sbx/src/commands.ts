@@ -48,14 +48,14 @@ export const commands: CommandEntry[] = [
     module: 'libs/storage/src/inspect-header-command',
   },
   {
-    name: 'node',
-    summary: 'run the whole node locally: node up [--data-dir] [--grpc-port] [--demo]',
-    module: 'tools/sbx/src/node/node-command',
-  },
-  {
     name: 'inspect-data',
     summary: "which blocks of a build's memfile or rootfs hold data: --build <id> --kind memfile|rootfs",
     module: 'tools/sbx/src/cli/inspect-data-command',
+  },
+  {
+    name: 'node',
+    summary: 'run the whole node locally: node up [--data-dir] [--grpc-port] [--demo]',
+    module: 'tools/sbx/src/node/node-command',
   },
   {
     name: 'health',

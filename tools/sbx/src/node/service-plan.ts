@@ -30,10 +30,10 @@ export interface LocalNodeLayout {
 export function localLayout(dataDir: string, grpcPort: number, proxyPort = 5007): LocalNodeLayout {
   return {
     dataDir,
+    grpcHost: '127.0.0.1',
     grpcPort,
     runDir: join(dataDir, 'run'),
     bucketDir: join(dataDir, 'bucket'),
-    grpcHost: '127.0.0.1',
     cacheDir: join(dataDir, 'cache'),
     logDir: join(dataDir, 'logs'),
     proxyPort,
@@ -110,14 +110,14 @@ export function localServicePlan(layout: LocalNodeLayout): ServiceSpec[] {
       name: 'orchestrator',
       args: [
         'serve',
+        '--grpc-host',
+        layout.grpcHost,
         '--grpc-port',
         String(layout.grpcPort),
         '--control-socket',
         sock('orchestrator'),
         '--data-dir',
         join(layout.dataDir, 'orchestrator'),
-        '--grpc-host',
-        layout.grpcHost,
         '--dns-socket',
         sock('dns'),
         // Recorded in the snapfiles of templates built here, so it lives with the node's data.
@@ -149,7 +149,7 @@ export function localServicePlan(layout: LocalNodeLayout): ServiceSpec[] {
         sock('orchestrator'),
       ],
       healthTarget: sock('proxy'),
-      // Starts without the orchestrator (it waits for its routes), but its routes come from there.
+      // Not needed to start (it waits for the orchestrator's routes), but its routes come from there.
       dependsOn: ['orchestrator'],
     },
   ];
