@@ -4,7 +4,7 @@
 # the real services and the vmm-sim double. Needs root (network namespaces) and a build.
 #
 #   bash bench/orchestrator/run.sh [--sizes 256,1024] [--creates 20] [--pauses 3]
-#       [--modes upstream-diff,upstream-diff-noprefetch,upstream-present,wp-async]
+#       [--modes upstream-diff,upstream-diff-noprefetch,upstream-present,wp-async] [--read-percent 0]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 case ${1:-} in -h|--help) sed -n '2,7p' "$0"; exit 0 ;; esac
