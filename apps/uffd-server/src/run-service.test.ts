@@ -15,8 +15,12 @@ afterEach(async () => {
   for (const c of cleanups.splice(0).reverse()) await c();
 });
 
-const listen = (server: Server, ...at: [string] | [number, string]) =>
-  new Promise<void>((resolve, reject) => server.once('error', reject).listen(...at, () => resolve()));
+const listen = (server: Server, at: string | number, host = '127.0.0.1') =>
+  new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    if (typeof at === 'string') server.listen(at, () => resolve());
+    else server.listen(at, host, () => resolve());
+  });
 
 describe('startUffdServer', () => {
   it('closes its metrics port again when the control socket is taken', async () => {
@@ -32,7 +36,7 @@ describe('startUffdServer', () => {
     });
     await expect(startUffdServer(config, logger)).rejects.toBeInstanceOf(SocketInUse);
     const probe = createServer();
-    await listen(probe, config.metricsPort, '127.0.0.1');
+    await listen(probe, config.metricsPort);
     await new Promise((resolve) => probe.close(resolve));
   });
 });

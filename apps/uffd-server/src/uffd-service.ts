@@ -60,7 +60,6 @@ export function uffdServiceImplementation(registry: SandboxRegistry, logger: Log
         req.diffPath,
         req.memfilePath || undefined,
         req.vmmDirtyLog,
-        req.keepServing,
       );
       return {
         mappings: r.mappings,
