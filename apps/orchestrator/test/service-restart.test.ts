@@ -184,6 +184,22 @@ describe.skipIf(missing !== undefined)('independent restarts (all five services 
     }
   });
 
+  it('net-agent SIGTERM and start, then SIGKILL and start: the sandbox keeps its network, stays usable, and is removed cleanly', async () => {
+    const id = 'net-kept';
+    const ip = await d.create(id);
+    const mem = randomBytes(16 * 1024);
+    // Reached at its host IP: through the slot's veth, NAT rules and the guest link.
+    await node.writeMemory(ip, 1024 * 1024, mem);
+    for (const signal of ['SIGTERM', 'SIGKILL'] as const) {
+      await node.restartService('net-agent', signal);
+      expect((await node.readMemory(ip, 1024 * 1024, mem.length)).equals(mem), `after net-agent ${signal}`).toBe(true);
+      expect(await d.listIds()).toContain(id);
+      expect((await node.footprint())['slotsInUse']!.some((s) => s.endsWith(`:${id}`))).toBe(true);
+    }
+    await d.remove(id);
+    await d.expectFootprintBack();
+  });
+
   it('uffd-server SIGKILL, still down: its sandboxes are failed and cleaned up without it', async () => {
     const id = 'mem-kill';
     const ip = await d.create(id);
