@@ -9,41 +9,74 @@ export const orchestratorConfigSchema = z
   .object({
     grpcHost: z.string().min(1).default('0.0.0.0'),
     grpcPort: int(0, 65535).default(5008),
-    /** Control socket for local tools (same SandboxService); empty = off. */
-    controlSocket: z.string().default('/run/sbx/orchestrator.sock'),
+    controlSocket: z
+      .string()
+      .default('/run/sbx/orchestrator.sock')
+      .describe('control socket for local tools (same SandboxService); empty = off'),
     dataDir: z.string().min(1).default('/var/lib/sbx/orchestrator'),
-    /** A local directory or gs://bucket (shared SBX_BUCKET). */
-    bucket: z.string().min(1).default('/var/lib/sbx/bucket'),
+    bucket: z
+      .string()
+      .min(1)
+      .default('/var/lib/sbx/bucket')
+      .describe('a local directory or gs://bucket (shared SBX_BUCKET)')
+      .meta({ aliases: ['SBX_BUCKET'] }),
     /**
      * Another GCS JSON API endpoint than Google's for a gs:// bucket (fake-gcs-server, a private
      * gateway), e.g. http://127.0.0.1:4443; requests to it are not authenticated (shared SBX_GCS_ENDPOINT).
      */
-    gcsEndpoint: z.string().url().optional(),
-    /** Local build cache (shared SBX_CACHE_DIR). */
-    cacheDir: z.string().min(1).default('/var/lib/sbx/cache'),
-    /** One or more uffd-server instances (repeat the flag, or comma-separated in env). */
-    uffdServerSockets: z.array(z.string().min(1)).min(1).default(['/run/sbx/uffd-server.sock']),
+    gcsEndpoint: z
+      .string()
+      .url()
+      .optional()
+      .meta({ aliases: ['SBX_GCS_ENDPOINT'] }),
+    cacheDir: z
+      .string()
+      .min(1)
+      .default('/var/lib/sbx/cache')
+      .describe('local build cache (shared SBX_CACHE_DIR)')
+      .meta({ aliases: ['SBX_CACHE_DIR'] }),
+    uffdServerSockets: z
+      .array(z.string().min(1))
+      .min(1)
+      .default(['/run/sbx/uffd-server.sock'])
+      .describe('one or more uffd-server instances (repeat the flag, or comma-separated in env)'),
     blockServerSockets: z.array(z.string().min(1)).min(1).default(['/run/sbx/block-server.sock']),
     netAgentSocket: z.string().min(1).default('/run/sbx/net-agent.sock'),
     dnsSocket: z.string().min(1).default('/run/sbx/dns.sock'),
-    /** Real Firecracker; used only together with a kernel. */
-    firecrackerBin: z.string().optional(),
-    kernelPath: z.string().optional(),
-    /** The sbx launcher whose `vmm-sim` stands in for Firecracker when none is configured. */
-    sbxBin: z.string().optional(),
-    /** Where the rootfs path recorded in snapfiles lives: `{vmRootfsDir}/{baseBuildId}/rootfs.ext4`. */
-    vmRootfsDir: z.string().min(1).default('/run/sbx/fc-rootfs'),
+    firecrackerBin: z
+      .string()
+      .optional()
+      .describe('real Firecracker; used only together with a kernel')
+      .meta({ aliases: ['FIRECRACKER_BIN'] }),
+    kernelPath: z
+      .string()
+      .optional()
+      .meta({ aliases: ['FIRECRACKER_KERNEL'] }),
+    sbxBin: z
+      .string()
+      .optional()
+      .describe('the sbx launcher whose `vmm-sim` stands in for Firecracker when none is configured'),
+    vmRootfsDir: z
+      .string()
+      .min(1)
+      .default('/run/sbx/fc-rootfs')
+      .describe('where the rootfs path recorded in snapfiles lives: `{vmRootfsDir}/{baseBuildId}/rootfs.ext4`'),
     /**
      * A cgroup (v2) of its own for each VMM, outside the orchestrator's, so that a restart that
      * kills the orchestrator's whole cgroup (Nomad) spares the VMMs: `auto` (under the cgroup2
      * mount's `sbx-vmm/` when there is one), `off`, or the parent directory to use.
      */
     vmmCgroup: z.string().min(1).default('auto'),
-    /** On SIGTERM: kill the running sandboxes, or keep them for the next run to adopt. */
-    shutdownSandboxes: z.enum(['kill', 'keep']).default('kill'),
+    shutdownSandboxes: z
+      .enum(['kill', 'keep'])
+      .default('kill')
+      .describe('on SIGTERM: kill the running sandboxes, or keep them for the next run to adopt'),
     metricsPort: int(0, 65535).default(9460),
     nodeId: z.string().min(1).default(hostname()),
-    redisUrl: z.string().optional(),
+    redisUrl: z
+      .string()
+      .optional()
+      .meta({ aliases: ['REDIS_URL'] }),
     redisStream: z.string().min(1).default('sbx:events'),
     redisPrefix: z.string().min(1).default('sbx:sandbox:'),
     minVcpu: int(1, 256).default(1),
@@ -55,8 +88,11 @@ export const orchestratorConfigSchema = z
     envdPort: int(1, 65535).default(49983),
     healthIntervalMs: int(0, 3_600_000).default(20_000),
     metricsIntervalMs: int(0, 3_600_000).default(10_000),
-    /** How often every uffd-server/block-server instance is asked which sandboxes it still holds (0 = never). */
-    serviceWatchIntervalMs: int(0, 3_600_000).default(2000),
+    serviceWatchIntervalMs: int(0, 3_600_000)
+      .default(2000)
+      .describe(
+        'how often every uffd-server/block-server instance is asked which sandboxes it still holds (0 = never)',
+      ),
     endTimeCheckMs: int(50, 60_000).default(1000),
     pauseParallelism: int(1, 256).default(8),
     generationCap: int(1, 1000).default(10),
@@ -72,8 +108,7 @@ export const orchestratorConfigSchema = z
     uploadRetries: int(0, 100).default(5),
     uploadBackoffMs: int(1, 600_000).default(1000),
     stepTimeoutMs: int(100, 600_000).default(30_000),
-    /** Size of the scratch rootfs image of the sample template `base`. */
-    sampleRootfsMb: int(4, 4096).default(16),
+    sampleRootfsMb: int(4, 4096).default(16).describe('size of the scratch rootfs image of the sample template `base`'),
     sampleMemoryMb: int(4, 8192).default(64),
     /** Build the sample template `base` at start when the catalogue has none. */
     sampleTemplate: z
@@ -89,24 +124,7 @@ export type OrchestratorConfig = z.infer<typeof orchestratorConfigSchema>;
 
 export const ORCHESTRATOR_ENV_PREFIX = 'SBX_ORCHESTRATOR_';
 
-/**
- * Loads the configuration. The node-wide names (SBX_BUCKET, SBX_GCS_ENDPOINT, SBX_CACHE_DIR, REDIS_URL,
- * FIRECRACKER_BIN, FIRECRACKER_KERNEL) are read as fallbacks for the prefixed ones.
- */
+/** Loads the configuration (node-wide names such as SBX_BUCKET are the schema's aliases). */
 export function loadOrchestratorConfig(argv: string[], env: NodeJS.ProcessEnv = process.env): OrchestratorConfig {
-  const shared: Record<string, string | undefined> = {
-    BUCKET: env['SBX_BUCKET'],
-    CACHE_DIR: env['SBX_CACHE_DIR'],
-    GCS_ENDPOINT: env['SBX_GCS_ENDPOINT'],
-    REDIS_URL: env['REDIS_URL'],
-    FIRECRACKER_BIN: env['FIRECRACKER_BIN'],
-    KERNEL_PATH: env['FIRECRACKER_KERNEL'],
-  };
-  const merged: NodeJS.ProcessEnv = { ...env };
-  for (const [key, value] of Object.entries(shared)) {
-    const name = ORCHESTRATOR_ENV_PREFIX + key;
-    if (value !== undefined && value !== '' && (merged[name] === undefined || merged[name] === ''))
-      merged[name] = value;
-  }
-  return loadConfig('orchestrator', orchestratorConfigSchema, ORCHESTRATOR_ENV_PREFIX, { argv, env: merged });
+  return loadConfig('orchestrator', orchestratorConfigSchema, ORCHESTRATOR_ENV_PREFIX, { argv, env });
 }

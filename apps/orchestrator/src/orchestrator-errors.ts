@@ -1,38 +1,28 @@
+import { TypedError } from '#service-kit';
 /**
  * Typed errors of the orchestrator. Each has a stable `code` and the facts that explain it;
- * only the gRPC edge (sandbox-service.ts) maps them to status codes.
+ * only the gRPC edge maps them to status codes (the service kit's one table).
  */
 
-/** A request field that breaks its rule (unsafe id, vCPU out of bounds, missing field). */
-export class RequestInvalid extends Error {
-  readonly code = 'REQUEST_INVALID';
-  constructor(
-    readonly field: string,
-    readonly reason: string,
-  ) {
-    super(`invalid ${field}: ${reason}`);
-    this.name = 'RequestInvalid';
-  }
-}
+/** A request field that breaks its rule: the kit's one RequestInvalid. */
+export { RequestInvalid } from '#service-kit';
 
-export class SandboxNotFound extends Error {
+export class SandboxNotFound extends TypedError {
   readonly code = 'SANDBOX_NOT_FOUND';
   constructor(readonly sandboxId: string) {
     super(`sandbox '${sandboxId}' not found`);
-    this.name = 'SandboxNotFound';
   }
 }
 
-export class SandboxExists extends Error {
+export class SandboxExists extends TypedError {
   readonly code = 'SANDBOX_EXISTS';
   constructor(readonly sandboxId: string) {
     super(`sandbox '${sandboxId}' already exists on this node`);
-    this.name = 'SandboxExists';
   }
 }
 
 /** The sandbox exists but is in a state the operation cannot run in (e.g. pausing twice). */
-export class SandboxBusy extends Error {
+export class SandboxBusy extends TypedError {
   readonly code = 'SANDBOX_BUSY';
   constructor(
     readonly sandboxId: string,
@@ -40,52 +30,47 @@ export class SandboxBusy extends Error {
     readonly operation: string,
   ) {
     super(`sandbox '${sandboxId}' is ${state}; cannot ${operation}`);
-    this.name = 'SandboxBusy';
   }
 }
 
-export class TemplateNotFound extends Error {
+export class TemplateNotFound extends TypedError {
   readonly code = 'TEMPLATE_NOT_FOUND';
   constructor(readonly templateId: string) {
     super(`template '${templateId}' not found`);
-    this.name = 'TemplateNotFound';
   }
 }
 
 /** `template create` for an id that exists (without replace) or is being built right now. */
-export class TemplateExists extends Error {
+export class TemplateExists extends TypedError {
   readonly code = 'TEMPLATE_EXISTS';
   constructor(
     readonly templateId: string,
     readonly detail: string,
   ) {
     super(`template '${templateId}' ${detail}`);
-    this.name = 'TemplateExists';
   }
 }
 
 /** A build id that is neither in the local cache nor in the bucket, or lacks a file it needs. */
-export class BuildUnavailable extends Error {
+export class BuildUnavailable extends TypedError {
   readonly code = 'BUILD_UNAVAILABLE';
   constructor(
     readonly buildId: string,
     readonly reason: string,
   ) {
     super(`build '${buildId}' not found: ${reason}`);
-    this.name = 'BuildUnavailable';
   }
 }
 
-export class BuildExists extends Error {
+export class BuildExists extends TypedError {
   readonly code = 'BUILD_EXISTS';
   constructor(readonly buildId: string) {
     super(`build '${buildId}' already exists`);
-    this.name = 'BuildExists';
   }
 }
 
 /** One step of a sandbox flow failed; everything taken before it has been given back. */
-export class SandboxStepFailed extends Error {
+export class SandboxStepFailed extends TypedError {
   readonly code = 'SANDBOX_STEP_FAILED';
   constructor(
     readonly sandboxId: string,
@@ -97,24 +82,22 @@ export class SandboxStepFailed extends Error {
     const why = cause instanceof Error ? cause.message : String(cause);
     const rollback = rollbackErrors.length ? ` (rollback problems: ${rollbackErrors.join('; ')})` : '';
     super(`${flow} sandbox '${sandboxId}': step '${step}' failed: ${why}${rollback}`);
-    this.name = 'SandboxStepFailed';
   }
 }
 
 /** The node is at its sandbox limit, or the pause queue did not free up in time. */
-export class CapacityExhausted extends Error {
+export class CapacityExhausted extends TypedError {
   readonly code = 'CAPACITY_EXHAUSTED';
   constructor(
     readonly what: string,
     readonly limit: number,
   ) {
     super(`${what} at its limit (${limit})`);
-    this.name = 'CapacityExhausted';
   }
 }
 
 /** A Firecracker API call answered with an error status. */
-export class VmmApiError extends Error {
+export class VmmApiError extends TypedError {
   readonly code = 'VMM_API_ERROR';
   constructor(
     readonly method: string,
@@ -123,24 +106,22 @@ export class VmmApiError extends Error {
     readonly faultMessage: string,
   ) {
     super(`${method} ${path} → ${status}: ${faultMessage}`);
-    this.name = 'VmmApiError';
   }
 }
 
 /** The VMM process exited (or never opened its API socket). */
-export class VmmExited extends Error {
+export class VmmExited extends TypedError {
   readonly code = 'VMM_EXITED';
   constructor(
     readonly sandboxId: string,
     readonly detail: string,
   ) {
     super(`vmm of sandbox '${sandboxId}' ${detail}`);
-    this.name = 'VmmExited';
   }
 }
 
 /** envd did not answer /init with 204 within the envd timeout. */
-export class EnvdInitTimeout extends Error {
+export class EnvdInitTimeout extends TypedError {
   readonly code = 'ENVD_INIT_TIMEOUT';
   constructor(
     readonly address: string,
@@ -148,14 +129,12 @@ export class EnvdInitTimeout extends Error {
     readonly lastError: string,
   ) {
     super(`envd at ${address} not ready after ${timeoutMs} ms: ${lastError}`);
-    this.name = 'EnvdInitTimeout';
   }
 }
 
-export class OrchestratorStopping extends Error {
+export class OrchestratorStopping extends TypedError {
   readonly code = 'ORCHESTRATOR_STOPPING';
   constructor() {
     super('orchestrator is shutting down');
-    this.name = 'OrchestratorStopping';
   }
 }

@@ -1,10 +1,10 @@
 import { mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Gauge } from 'prom-client';
-import { describeConfig } from '#config';
-import { startGrpcServer, type GrpcServerHandle } from '#grpc';
+import { startGrpcServer } from '#grpc';
 import type { Logger } from '#logging';
-import { createRegistry, startMetricsServer, type MetricsServer } from '#metrics';
+import { createRegistry, startMetricsServer } from '#metrics';
+import { startOrRollback, stopWith, TeardownStack } from '#service-kit';
 import { BuildStore, openBackend, type UploadEvent } from '#storage';
 import { SandboxServiceService } from '#proto/orchestrator';
 import { RoutingService } from '#proto/sbx/routing';
@@ -37,9 +37,16 @@ export interface RunningOrchestrator {
   stop(): Promise<void>;
 }
 
-/** Wires the orchestrator from its configuration: reconcile, sample template, gRPC, metrics. */
-export async function startOrchestrator(config: OrchestratorConfig, logger: Logger): Promise<RunningOrchestrator> {
-  logger.info({ config: describeConfig(config) }, 'orchestrator starting');
+/**
+ * Wires the orchestrator from its configuration: reconcile, sample template, gRPC, metrics. Each
+ * part is pushed on one teardown stack as it starts: stop unwinds it, and so does a start that
+ * fails half-way (keeping adopted sandboxes running for the next start).
+ */
+export function startOrchestrator(config: OrchestratorConfig, logger: Logger): Promise<RunningOrchestrator> {
+  return startOrRollback(new TeardownStack(), logger, (stack) => start(config, logger, stack));
+}
+
+async function start(config: OrchestratorConfig, logger: Logger, stack: TeardownStack): Promise<RunningOrchestrator> {
   const vmmCommand = chooseVmmCommand(config);
   if (vmmCommand.isDouble) {
     logger.warn(
@@ -75,6 +82,8 @@ export async function startOrchestrator(config: OrchestratorConfig, logger: Logg
     },
     config.stepTimeoutMs,
   );
+  stack.push('service clients', async () => services.close());
+  stack.push('catalogue', () => events.close());
   const vmm = new ProcessVmmLauncher(
     vmmCommand,
     undefined,
@@ -103,6 +112,7 @@ export async function startOrchestrator(config: OrchestratorConfig, logger: Logg
       else if (e.kind === 'failed') logger.error({ buildId: e.buildId, err: e.error.message }, 'build upload gave up');
     },
   });
+  stack.push('build store', () => builds.close()); // waits for uploads in flight
   const templates = new TemplateCatalogue(join(config.dataDir, 'templates.json'));
   await templates.load();
   const states = new SandboxStateStore(join(config.dataDir, 'sandboxes'));
@@ -126,6 +136,9 @@ export async function startOrchestrator(config: OrchestratorConfig, logger: Logg
     records: { states, events },
     logger,
   });
+
+  let serving = false;
+  stack.push('sandboxes', () => manager.shutdown(serving ? config.shutdownSandboxes : 'keep'));
 
   const reconcile = await reconcileOnStart({
     manager,
@@ -156,32 +169,6 @@ export async function startOrchestrator(config: OrchestratorConfig, logger: Logg
     );
   }
   manager.startEndTimeEnforcement();
-  const lossWatch = new ServiceLossWatch({
-    intervalMs: config.serviceWatchIntervalMs,
-    running: () => [...manager.sandboxes.values()].filter((s) => s.phase === 'running').map((s) => s.id),
-    survey: () => surveyInstances(services.uffdPlacement, services.blockPlacement, config.stepTimeoutMs),
-    fail: async ({ sandboxId, service, reason }) => {
-      const sbx = manager.sandboxes.get(sandboxId);
-      if (sbx) await manager.fail(sbx, service, reason);
-    },
-    logger,
-  });
-  lossWatch.start();
-  // A running sandbox holds a name while its teardown stack holds the matching removal.
-  const named = (s: { phase: string; dnsIp: string | undefined; teardown: { has(step: string): boolean } }) =>
-    s.phase === 'running' && s.dnsIp !== undefined && s.teardown.has('dns');
-  const dnsKeeper = new DnsRecordKeeper({
-    intervalMs: config.serviceWatchIntervalMs,
-    names: services.names,
-    expected: () =>
-      [...manager.sandboxes.values()].filter(named).map((s) => ({ sandboxId: s.id, ip: s.dnsIp as string })),
-    stillExpected: ({ sandboxId, ip }) => {
-      const s = manager.sandboxes.get(sandboxId);
-      return s !== undefined && named(s) && s.dnsIp === ip;
-    },
-    logger,
-  });
-  dnsKeeper.start();
 
   const registry = createRegistry('orchestrator');
   new Gauge({
@@ -203,8 +190,10 @@ export async function startOrchestrator(config: OrchestratorConfig, logger: Logg
       this.set(builds.uploadCounts().failed);
     },
   });
-  const metrics: MetricsServer | undefined =
-    config.metricsPort > 0 ? await startMetricsServer(registry, '127.0.0.1', config.metricsPort) : undefined;
+  if (config.metricsPort > 0) {
+    const metrics = await startMetricsServer(registry, '127.0.0.1', config.metricsPort);
+    stack.push('metrics', () => metrics.close());
+  }
 
   const implementation = sandboxService({
     manager,
@@ -214,11 +203,8 @@ export async function startOrchestrator(config: OrchestratorConfig, logger: Logg
     logger,
   });
   const served = [{ name: 'SandboxService', definition: SandboxServiceService, implementation }];
-  const grpc: GrpcServerHandle = await startGrpcServer({
-    address: `${config.grpcHost}:${config.grpcPort}`,
-    services: served,
-    logger,
-  });
+  const grpc = await startGrpcServer({ address: `${config.grpcHost}:${config.grpcPort}`, services: served, logger });
+  stack.push('grpc', () => grpc.shutdown(5000));
   // The template admin API is internal: only on the control socket, not on the public port.
   const templateAdmin = templateAdminService({
     templates,
@@ -240,6 +226,7 @@ export async function startOrchestrator(config: OrchestratorConfig, logger: Logg
     defaultMemoryMb: Math.min(Math.max(config.sampleMemoryMb, config.minRamMb), config.maxRamMb),
     logger,
   });
+  stack.push('template builds', () => templateAdmin.stop());
   const adminService = {
     name: 'sbx.v1.TemplateAdmin',
     definition: TemplateAdminService,
@@ -254,30 +241,44 @@ export async function startOrchestrator(config: OrchestratorConfig, logger: Logg
       logger,
     }),
   };
-  const control: GrpcServerHandle | undefined = config.controlSocket
-    ? await startGrpcServer({
-        address: `unix://${config.controlSocket}`,
-        services: [...served, adminService, routing],
-        logger,
-      })
-    : undefined;
+  if (config.controlSocket) {
+    const control = await startGrpcServer({
+      address: `unix://${config.controlSocket}`,
+      services: [...served, adminService, routing],
+      logger,
+    });
+    stack.push('control socket', () => control.shutdown(1000));
+  }
+  const lossWatch = new ServiceLossWatch({
+    intervalMs: config.serviceWatchIntervalMs,
+    running: () => [...manager.sandboxes.values()].filter((s) => s.phase === 'running').map((s) => s.id),
+    survey: () => surveyInstances(services.uffdPlacement, services.blockPlacement, config.stepTimeoutMs),
+    fail: async ({ sandboxId, service, reason }) => {
+      const sbx = manager.sandboxes.get(sandboxId);
+      if (sbx) await manager.fail(sbx, service, reason);
+    },
+    logger,
+  });
+  lossWatch.start();
+  stack.push('service loss watch', () => lossWatch.stop());
+  // A running sandbox holds a name while its teardown stack holds the matching removal.
+  const named = (s: { phase: string; dnsIp: string | undefined; teardown: { has(step: string): boolean } }) =>
+    s.phase === 'running' && s.dnsIp !== undefined && s.teardown.has('dns');
+  const dnsKeeper = new DnsRecordKeeper({
+    intervalMs: config.serviceWatchIntervalMs,
+    names: services.names,
+    expected: () =>
+      [...manager.sandboxes.values()].filter(named).map((s) => ({ sandboxId: s.id, ip: s.dnsIp as string })),
+    stillExpected: ({ sandboxId, ip }) => {
+      const s = manager.sandboxes.get(sandboxId);
+      return s !== undefined && named(s) && s.dnsIp === ip;
+    },
+    logger,
+  });
+  dnsKeeper.start();
+  stack.push('dns record keeper', () => dnsKeeper.stop());
   logger.info({ address: grpc.address, vmm: vmmCommand.description, adopted: reconcile.adopted.length }, 'serving');
 
-  return {
-    manager,
-    grpcAddress: grpc.address,
-    reconcile,
-    async stop() {
-      await lossWatch.stop();
-      await dnsKeeper.stop();
-      await grpc.shutdown(5000);
-      await templateAdmin.stop();
-      await control?.shutdown(1000);
-      await manager.shutdown(config.shutdownSandboxes);
-      await builds.close(); // waits for uploads in flight
-      await metrics?.close();
-      await events.close();
-      services.close();
-    },
-  };
+  serving = true;
+  return { manager, grpcAddress: grpc.address, reconcile, stop: stopWith(stack) };
 }

@@ -8,7 +8,7 @@ import type {
   WatchRoutesRequest,
 } from '#proto/sbx/routing';
 import type { AutoResume } from './auto-resume.js';
-import { toServiceError } from './grpc-status.js';
+import { toServiceError } from '#service-kit';
 import { checkSafeName } from './request-validation.js';
 import type { RouteFeed } from './route-feed.js';
 
@@ -42,7 +42,7 @@ export function routingService(options: { feed: RouteFeed; resume: AutoResume; l
         .then(
           (route) => callback(null, route),
           (err: unknown) => {
-            const e = toServiceError(err);
+            const e = toServiceError('resume', err);
             logger.info({ sandboxId, code: e.code, err: e.details }, 'route resume refused');
             callback(e, null);
           },

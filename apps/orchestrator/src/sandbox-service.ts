@@ -1,5 +1,5 @@
-import type { handleUnaryCall, sendUnaryData, ServerUnaryCall } from '@grpc/grpc-js';
 import type { Logger } from '#logging';
+import { unaryHandlers } from '#service-kit';
 import type {
   RunningSandbox,
   SandboxConfig,
@@ -10,7 +10,6 @@ import type {
   SandboxServiceServer,
 } from '#proto/orchestrator';
 import type { Empty } from '#proto/google/protobuf/empty';
-import { toServiceError } from './grpc-status.js';
 import { RequestInvalid } from './orchestrator-errors.js';
 import {
   checkBuildId,
@@ -36,18 +35,7 @@ export function sandboxService(options: {
 }): SandboxServiceServer {
   const { manager, builds, bounds, clientId, logger } = options;
 
-  function handle<Req, Res>(name: string, fn: (req: Req) => Promise<Res>): handleUnaryCall<Req, Res> {
-    return (call: ServerUnaryCall<Req, Res>, callback: sendUnaryData<Res>) => {
-      fn(call.request).then(
-        (res) => callback(null, res),
-        (err: unknown) => {
-          const e = toServiceError(err);
-          logger.warn({ rpc: name, code: e.code, err: e.details }, 'rpc failed');
-          callback(e, null);
-        },
-      );
-    };
-  }
+  const handle = unaryHandlers({ logger });
 
   return {
     create: handle('Create', async (req: SandboxCreateRequest): Promise<SandboxCreateResponse> => {

@@ -1,12 +1,12 @@
 import type { ServerWritableStream } from '@grpc/grpc-js';
 import type { Logger } from '#logging';
+import { toServiceError } from '#service-kit';
 import type {
   CreateTemplateEvent,
   CreateTemplateRequest,
   TemplateAdminServer,
   TemplateInfo,
 } from '#proto/sbx/templates';
-import { toServiceError } from './grpc-status.js';
 import { OrchestratorStopping, TemplateExists } from './orchestrator-errors.js';
 import type { ResourceBounds } from './request-validation.js';
 import { TEMPLATE_BUILD_STEPS, type TemplateBuildRequest } from './template-builder.js';
@@ -92,7 +92,7 @@ export function templateAdminService(o: TemplateAdminOptions): TemplateAdmin {
             return;
           }
           o.logger.warn({ templateId: call.request.templateId, err }, 'template build failed');
-          call.emit('error', toServiceError(err));
+          call.emit('error', toServiceError('create template', err));
         },
       );
     },
