@@ -1,5 +1,6 @@
 import { describe, expect, it } from 'vitest';
-import { metricNameProblems } from '#metrics';
+import { Counter, Gauge, Histogram } from 'prom-client';
+import { createRegistry, MetricNameInvalid, metricNameProblems } from '#metrics';
 
 describe('metric names', () => {
   it('takes sbx_<service>_<what>_<unit> in base units, with _total for counters only', () => {
@@ -12,6 +13,15 @@ describe('metric names', () => {
     expect(metricNameProblems('net-agent', 'sbx_net_agent_requests', 'counter')[0]).toMatch(/every counter/);
     expect(metricNameProblems('uffd-server', 'sbx_uffd_server_fault_latency_us', 'histogram').join()).toMatch(
       /base units.*seconds or bytes/,
+    );
+  });
+
+  it('refuses a badly named metric when it is registered', () => {
+    const registry = createRegistry('net-agent');
+    new Counter({ name: 'sbx_net_agent_requests_total', help: 'ok', registers: [registry] });
+    new Histogram({ name: 'sbx_net_agent_acquire_seconds', help: 'ok', registers: [registry] });
+    expect(() => new Gauge({ name: 'net_agent_slots_created_total', help: 'bad', registers: [registry] })).toThrow(
+      MetricNameInvalid,
     );
   });
 });

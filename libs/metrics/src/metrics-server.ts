@@ -1,5 +1,6 @@
 import { createServer, type Server } from 'node:http';
-import { collectDefaultMetrics, Registry } from 'prom-client';
+import { collectDefaultMetrics, Counter, Histogram, Registry, Summary, type Metric } from 'prom-client';
+import { metricNameProblems } from './metric-names.js';
 
 export interface MetricsServer {
   readonly registry: Registry;
@@ -8,9 +9,37 @@ export interface MetricsServer {
   close(): Promise<void>;
 }
 
-/** A Prometheus registry with process metrics, labelled with the service name. */
+/** Raised when a service registers a metric whose name breaks the scheme (metric-names.ts). */
+export class MetricNameInvalid extends Error {
+  readonly code = 'METRIC_NAME_INVALID';
+  constructor(readonly problems: string[]) {
+    super(problems.join('; '));
+    this.name = 'MetricNameInvalid';
+  }
+}
+
+/**
+ * A Prometheus registry with process metrics, labelled with the service name. It refuses a
+ * metric named against the scheme at registration, so a wrong name fails the first start.
+ */
 export function createRegistry(service: string): Registry {
-  const registry = new Registry();
+  const registry = new (class extends Registry {
+    override registerMetric(metric: Metric): void {
+      // prom-client registers from its base constructor, before the subclass sets `type`.
+      const type =
+        metric instanceof Counter
+          ? 'counter'
+          : metric instanceof Histogram
+            ? 'histogram'
+            : metric instanceof Summary
+              ? 'summary'
+              : 'gauge';
+      const { name } = metric as unknown as { name: string };
+      const problems = metricNameProblems(service, name, type);
+      if (problems.length) throw new MetricNameInvalid(problems);
+      super.registerMetric(metric);
+    }
+  })();
   registry.setDefaultLabels({ service });
   collectDefaultMetrics({ register: registry });
   return registry;
