@@ -3,7 +3,8 @@ import { expect } from 'vitest';
 import { unary } from '#grpc';
 import type { SandboxConfig } from '#proto/orchestrator';
 import { eventually } from '#test-kit';
-import type { NodeUnderTest } from './node-under-test.js';
+import { NodeUnderTest, type NodeOptions } from './node-under-test.js';
+import { startRedis, type RedisUnderTest } from './redis-server.js';
 
 /** What a sandbox leaves behind on the node; compared with a baseline after it is gone. */
 export const FOOTPRINT_KEYS = ['slotsInUse', 'devices', 'uffd', 'dns', 'vmmProcesses', 'sandboxDirs', 'sockets'];
@@ -43,7 +44,35 @@ export class NodeDriver {
   constructor(
     readonly node: NodeUnderTest,
     private readonly redis: Redis,
+    private readonly redisServer?: RedisUnderTest,
   ) {}
+
+  /**
+   * A whole node publishing to its own redis-server (on a Unix socket: the orchestrator runs in
+   * the node's network namespace), warmed up, for one test file; stop() takes all of it down.
+   */
+  static async start(options: Omit<NodeOptions, 'redisUrl'>): Promise<NodeDriver> {
+    const redisServer = await startRedis({ unixSocket: `/tmp/${options.tag}-redis-${process.pid}.sock` });
+    const reader = redisServer.connect();
+    let node: NodeUnderTest | undefined;
+    try {
+      node = await NodeUnderTest.start({ ...options, redisUrl: redisServer.url });
+      const driver = new NodeDriver(node, reader, redisServer);
+      await driver.warmUp();
+      return driver;
+    } catch (err) {
+      await node?.stop();
+      reader.disconnect();
+      await redisServer.stop();
+      throw err;
+    }
+  }
+
+  async stop(): Promise<void> {
+    await this.node.stop();
+    this.redis.disconnect();
+    await this.redisServer?.stop();
+  }
 
   /** Creates and deletes one sandbox (the orchestrator's channels open), then records the baseline. */
   async warmUp(): Promise<void> {

@@ -8,6 +8,7 @@ import { unary } from '#grpc';
 import type { SandboxConfig } from '#proto/orchestrator';
 import { createLogger } from '#logging';
 import { BuildStore, decodeHeader, encodeHeader, LocalBackend, NIL_UUID } from '#storage';
+import { eventually } from '#test-kit';
 import type { EnvdClient } from '../src/envd-client.js';
 import { GrpcNodeServices } from '../src/grpc-node-services.js';
 import { NoLifecycleEvents } from '../src/lifecycle-events.js';
@@ -238,17 +239,17 @@ describe.skipIf(missing !== undefined)('orchestrator end to end (all five servic
     const soon = new Date(Date.now() + 500);
     await unary(node.client, node.client.update, { sandboxId: 'short-1', endTime: soon }, 10_000);
     await unary(node.client, node.client.update, { sandboxId: 'auto-1', endTime: soon }, 10_000);
-    for (let i = 0; i < 100 && (await listIds()).some((id) => id === 'short-1' || id === 'auto-1'); i++) {
-      await new Promise((r) => setTimeout(r, 200));
-    }
-    expect(await listIds()).not.toContain('short-1');
-    expect(await listIds()).not.toContain('auto-1');
+    const ended = { timeoutMs: 20_000, intervalMs: 200 };
+    await eventually(
+      async () => expect((await listIds()).filter((id) => id === 'short-1' || id === 'auto-1')).toEqual([]),
+      ended,
+    );
     // A pause leaves the list at its first step (DESIGN.md §3) and publishes `paused` once the
     // build exists, so the event can trail the list by the length of the pause.
-    const settled = async () => (await events('short-1')).length >= 2 && (await events('auto-1')).length >= 2;
-    for (let i = 0; i < 100 && !(await settled()); i++) await new Promise((r) => setTimeout(r, 200));
-    expect(await events('short-1')).toEqual(['created', 'killed']);
-    expect(await events('auto-1')).toEqual(['created', 'paused']);
+    await eventually(async () => {
+      expect(await events('short-1')).toEqual(['created', 'killed']);
+      expect(await events('auto-1')).toEqual(['created', 'paused']);
+    }, ended);
     const entries = await reader.xrange('sbx:events', '-', '+');
     const paused = entries
       .map(([, f]) => Object.fromEntries(f.flatMap((v, i) => (i % 2 ? [] : [[v, f[i + 1]!]]))))
@@ -336,13 +337,13 @@ describe.skipIf(missing !== undefined)('orchestrator end to end (all five servic
       60_000,
     ).catch(() => undefined);
     const statePath = join(node.dataDir, 'sandboxes', 'half-1', 'state.json');
-    let caught = false;
-    for (let i = 0; i < 2000 && !caught; i++) {
-      const state = await readFile(statePath, 'utf8').catch(() => '');
-      caught = state.includes('"slot"') && state.includes('"phase":"creating"');
-      if (!caught) await new Promise((r) => setTimeout(r, 2));
-    }
-    expect(caught, 'the create was caught half-way (slot taken, still creating)').toBe(true);
+    await eventually(
+      async () => {
+        const state = await readFile(statePath, 'utf8').catch(() => '');
+        return state.includes('"slot"') && state.includes('"phase":"creating"');
+      },
+      { timeoutMs: 10_000, intervalMs: 2, what: 'the create caught half-way (slot taken, still creating)' },
+    );
     await node.killOrchestrator();
     await half;
     await node.startOrchestrator();

@@ -2,12 +2,10 @@ import { randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { mkdir, readFile, rmdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import type { Redis } from 'ioredis';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { eventually } from '#test-kit';
 import { NodeDriver } from './node-driver.js';
 import { missingPieces, NodeUnderTest } from './node-under-test.js';
-import { startRedis, type RedisUnderTest } from './redis-server.js';
 
 /*
  * issue 9's "independent restarts": with sandboxes running, block-server or uffd-server alone
@@ -21,24 +19,15 @@ const missing = missingPieces();
 if (missing) console.warn(`service restart suite skipped: missing ${missing}`);
 
 let node: NodeUnderTest;
-let redis: RedisUnderTest | undefined;
-let reader: Redis;
 let d: NodeDriver;
 
 beforeAll(async () => {
   if (missing) return;
-  redis = await startRedis({ unixSocket: `/tmp/or-redis-${process.pid}.sock` });
-  reader = redis.connect();
-  node = await NodeUnderTest.start({ tag: 'r', redisUrl: redis.url });
-  d = new NodeDriver(node, reader);
-  await d.warmUp();
+  d = await NodeDriver.start({ tag: 'r' });
+  node = d.node;
 }, 180_000);
 
-afterAll(async () => {
-  await node?.stop();
-  reader?.disconnect();
-  await redis?.stop();
-}, 120_000);
+afterAll(() => d?.stop(), 120_000);
 
 describe.skipIf(missing !== undefined)('independent restarts (all five services + vmm-sim)', () => {
   it('dns SIGKILL and start: running sandboxes get their names back, a paused one does not', async () => {

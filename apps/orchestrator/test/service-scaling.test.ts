@@ -1,14 +1,12 @@
 import { randomBytes } from 'node:crypto';
 import { rm } from 'node:fs/promises';
 import { join } from 'node:path';
-import type { Redis } from 'ioredis';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { dial, unary } from '#grpc';
 import { BlockServerClient } from '#proto/sbx/block';
 import { UffdServerClient } from '#proto/sbx/uffd';
 import { NodeDriver } from './node-driver.js';
 import { missingPieces, NodeUnderTest } from './node-under-test.js';
-import { startRedis, type RedisUnderTest } from './redis-server.js';
 
 /*
  * issue 9's "independent scaling": two uffd-server and two block-server instances on one node.
@@ -21,24 +19,15 @@ const missing = missingPieces();
 if (missing) console.warn(`service scaling suite skipped: missing ${missing}`);
 
 let node: NodeUnderTest;
-let redis: RedisUnderTest | undefined;
-let reader: Redis;
 let d: NodeDriver;
 
 beforeAll(async () => {
   if (missing) return;
-  redis = await startRedis({ unixSocket: `/tmp/os-redis-${process.pid}.sock` });
-  reader = redis.connect();
-  node = await NodeUnderTest.start({ tag: 's', redisUrl: redis.url, uffdInstances: 2, blockInstances: 2 });
-  d = new NodeDriver(node, reader);
-  await d.warmUp();
+  d = await NodeDriver.start({ tag: 's', uffdInstances: 2, blockInstances: 2 });
+  node = d.node;
 }, 180_000);
 
-afterAll(async () => {
-  await node?.stop();
-  reader?.disconnect();
-  await redis?.stop();
-}, 120_000);
+afterAll(() => d?.stop(), 120_000);
 
 /** Which sandboxes each instance holds, from the instances' own List. */
 async function holdings(service: 'uffd' | 'block'): Promise<string[][]> {
