@@ -83,6 +83,8 @@ describe('serde_json as Firecracker reads request bodies', () => {
 
   it('refuses unknown fields and mistyped numbers with positions', () => {
     expect(error('{"stat":"Paused"}', VM)).toBe('unknown field `stat`, expected `state` at line 1 column 7');
+    expect(error('{"toString":"Paused"}', VM)).toBe('unknown field `toString`, expected `state` at line 1 column 11');
+    expect(deserialize(Buffer.from('{"__proto__":[1]}'), VALUE)).toEqual(JSON.parse('{"__proto__":[1]}'));
     const u8: Shape = { type: 'struct', name: 'M', fields: { n: { shape: { type: 'uint', name: 'u8' } } } };
     expect(error('{"n": 300}', u8)).toBe('invalid value: integer `300`, expected u8 at line 1 column 9');
     expect(error('{"n": -1}', u8)).toBe('invalid value: integer `-1`, expected u8 at line 1 column 8');

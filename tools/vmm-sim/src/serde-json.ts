@@ -441,15 +441,16 @@ class Reader {
           for (let first = true; ; first = false) {
             const key = this.nextKey(first);
             if (key === undefined) break;
-            const field = shape.fields[key];
+            // Own keys only: a body's "toString" or "__proto__" is just an unknown field.
+            const field = Object.hasOwn(shape.fields, key) ? shape.fields[key] : undefined;
             if (!field) throw this.error(`unknown field \`${key}\`, ${oneOf(names, 'fields')}`);
-            if (key in out) throw new Unpositioned(`duplicate field \`${key}\``);
+            if (Object.hasOwn(out, key)) throw new Unpositioned(`duplicate field \`${key}\``);
             this.colon();
             out[key] = this.fieldValue(field);
           }
           for (const name of names) {
             const field = shape.fields[name];
-            if (!(name in out) && !field?.absent) throw new Unpositioned(`missing field \`${name}\``);
+            if (!Object.hasOwn(out, name) && !field?.absent) throw new Unpositioned(`missing field \`${name}\``);
           }
         } catch (err) {
           problem = err;
@@ -547,7 +548,13 @@ class Reader {
             const key = this.nextKey(first);
             if (key === undefined) break;
             this.colon();
-            out[key] = this.any();
+            // A key named "__proto__" is data, not the object's prototype (as in JSON.parse).
+            Object.defineProperty(out, key, {
+              value: this.any(),
+              enumerable: true,
+              writable: true,
+              configurable: true,
+            });
           }
           this.endMap();
           return out;
