@@ -53,6 +53,9 @@ export class ProtocolListener {
       sockets.add(socket);
       socket.once('close', () => sockets.delete(socket));
       socket.on('error', () => undefined);
+      // A connection that never sends its first bytes would otherwise be held for ever.
+      const silent = () => socket.destroy();
+      socket.setTimeout(o.idleTimeoutMs, silent);
       let seen: Buffer = Buffer.alloc(0);
       const onData = (chunk: Buffer) => {
         seen = seen.length ? Buffer.concat([seen, chunk]) : chunk;
@@ -60,6 +63,8 @@ export class ProtocolListener {
         const couldBeH2 = seen.subarray(0, n).equals(H2_PREFACE.subarray(0, n));
         if (couldBeH2 && seen.length < H2_PREFACE.length) return;
         socket.off('data', onData);
+        socket.off('timeout', silent);
+        socket.setTimeout(0);
         socket.pause();
         socket.unshift(seen);
         const protocol = couldBeH2 ? 'h2' : 'http1';
