@@ -122,6 +122,7 @@ job "sbx-block-server" {
           meta {
             socket       = "${group.value}"
             metrics_path = "/metrics"
+            metrics_prefix = "sbx_block_server_"
           }
 
           # grpc.health.v1 on the control socket itself: Consul's grpc check needs TCP, and this

@@ -115,6 +115,7 @@ job "sbx-dns" {
         meta {
           socket       = "/run/sbx/dns.sock"
           metrics_path = "/metrics"
+          metrics_prefix = "sbx_dns_"
         }
 
         check {

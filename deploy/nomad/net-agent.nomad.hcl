@@ -122,6 +122,7 @@ job "sbx-net-agent" {
         meta {
           socket       = "/run/sbx/net-agent.sock"
           metrics_path = "/metrics"
+          metrics_prefix = "sbx_net_agent_"
         }
 
         check {

@@ -158,6 +158,7 @@ job "sbx-orchestrator" {
         tags = ["sbx", "metrics"]
         meta {
           metrics_path = "/metrics"
+          metrics_prefix = "sbx_orchestrator_"
         }
 
         check {

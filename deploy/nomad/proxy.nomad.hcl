@@ -123,6 +123,7 @@ job "sbx-proxy" {
         meta {
           socket       = "/run/sbx/proxy.sock"
           metrics_path = "/metrics"
+          metrics_prefix = "sbx_proxy_"
         }
 
         check {

@@ -118,6 +118,7 @@ job "sbx-uffd-server" {
           meta {
             socket       = "${group.value}"
             metrics_path = "/metrics"
+            metrics_prefix = "sbx_uffd_server_"
           }
 
           # grpc.health.v1 on the control socket itself: Consul's grpc check needs TCP, and this

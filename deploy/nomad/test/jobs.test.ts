@@ -6,6 +6,7 @@ import { commands } from '../../../tools/sbx/src/commands.js';
 import { auditInterpolations } from './interpolation-audit.js';
 import { durationMs, loadJob, parseHclFile, type GroupSpec, type JobSpec } from './nomad-job.js';
 import { flagValue, nodeServices, sharedVarFile, type NodeService } from './node-services.js';
+import { metricPrefix } from '#metrics';
 
 const launcherNames = new Set(commands.map((c) => c.name));
 // A Nomad client caps kill_timeout at its max_kill_timeout, 30s unless the operator raised it.
@@ -111,6 +112,8 @@ describe.each(nodeServices)('$service job', (svc: NodeService) => {
       expect(portLabels(group)).toContain(metrics!.port);
       expect(flagValue(task.args, '--metrics-port')).toBe(`\${NOMAD_PORT_${metrics!.port}}`);
       expect(metrics!.meta['metrics_path']).toBe('/metrics');
+      // Scrapers keep the service's own metrics by this prefix (libs/metrics/src/metric-names.ts).
+      expect(metrics!.meta['metrics_prefix']).toBe(metricPrefix(svc.service));
       // Consul must advertise the address the endpoint is bound to: the port's host address when the
       // job binds it there, else the services' default, loopback.
       const host = flagValue(task.args, '--metrics-host');
