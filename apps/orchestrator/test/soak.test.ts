@@ -1,7 +1,9 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { readdir, readFile, readlink } from 'node:fs/promises';
+import { join } from 'node:path';
 import type { Redis } from 'ioredis';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { decodeHeader, NIL_UUID } from '#storage';
 import { NodeDriver } from './node-driver.js';
 import { missingPieces, NodeUnderTest } from './node-under-test.js';
 import { startRedis, type RedisUnderTest } from './redis-server.js';
@@ -13,11 +15,15 @@ import { startRedis, type RedisUnderTest } from './redis-server.js';
  * and again at the end: it must not grow. Chaos: sandboxes write checksummed memory and disk
  * while each service in turn is killed with SIGKILL and started again; every acknowledged byte
  * must read back. `npm test` runs short versions; `npm run soak` runs 1,000 cycles
- * (SBX_SOAK_CYCLES) and 20 sandboxes (SBX_SOAK_SANDBOXES) and prints the figures.
+ * (SBX_SOAK_CYCLES), 20 sandboxes (SBX_SOAK_SANDBOXES) and a 100-generation pause → resume
+ * chain (SBX_SOAK_GENERATIONS) and prints the figures.
  */
 
 const CYCLES = Number(process.env['SBX_SOAK_CYCLES'] ?? 20);
 const SANDBOXES = Number(process.env['SBX_SOAK_SANDBOXES'] ?? 3);
+const GENERATIONS = Number(process.env['SBX_SOAK_GENERATIONS'] ?? 6);
+/** Low, so that even the short chain crosses it and is compacted again and again. */
+const CAP = 3;
 const WARM = 10;
 const missing = missingPieces();
 if (missing) console.warn(`soak suite skipped: missing ${missing}`);
@@ -31,7 +37,7 @@ beforeAll(async () => {
   if (missing) return;
   redis = await startRedis({ unixSocket: `/tmp/or-redis-soak-${process.pid}.sock` });
   reader = redis.connect();
-  node = await NodeUnderTest.start({ tag: 'k', redisUrl: redis.url });
+  node = await NodeUnderTest.start({ tag: 'k', redisUrl: redis.url, generationCap: CAP });
   d = new NodeDriver(node, reader);
   await d.warmUp();
 }, 180_000);
@@ -178,6 +184,53 @@ describe.skipIf(missing !== undefined)('soak', () => {
       `chaos: ${SANDBOXES} sandboxes, ${kills.length + 1} SIGKILLs (${kills.join(', ')}, uffd-server), ` +
         `${written.length} acknowledged writes, ${checked} bytes checked, 0 lost; ` +
         `uffd-server's sandboxes failed cleanly, nothing left behind`,
+    );
+  }, 3_600_000);
+
+  it(`a ${GENERATIONS}-generation pause → resume chain reads back byte for byte at every generation, compacted past the cap`, async () => {
+    const id = 'chain';
+    let ip = await d.create(id);
+    // What memory and disk must hold: later writes overwrite earlier ones at the same offsets.
+    const memory = new Map<number, Buffer>();
+    const disk = new Map<number, Buffer>();
+    let checked = 0;
+    const verify = async (gen: number) => {
+      for (const [offset, data] of memory) {
+        expect((await node.readMemory(ip, offset, data.length)).equals(data), `memory at ${offset}, gen ${gen}`).toBe(
+          true,
+        );
+        checked += data.length;
+      }
+      for (const [offset, data] of disk) {
+        expect((await node.readDisk(ip, offset, data.length)).equals(data), `disk at ${offset}, gen ${gen}`).toBe(true);
+        checked += data.length;
+      }
+    };
+    for (let gen = 1; gen <= GENERATIONS; gen++) {
+      const mem = randomBytes(16 * 1024);
+      const blk = randomBytes(32 * 1024);
+      const memOffset = 1024 * 1024 + (gen % 16) * mem.length;
+      const diskOffset = 1024 * 1024 + (gen % 24) * blk.length;
+      await node.writeMemory(ip, memOffset, mem);
+      await node.writeDisk(ip, diskOffset, blk);
+      memory.set(memOffset, mem);
+      disk.set(diskOffset, blk);
+      const buildId = crypto.randomUUID();
+      await d.pause(id, buildId);
+      for (const file of ['memfile.header', 'rootfs.ext4.header']) {
+        const header = decodeHeader(await readFile(join(node.cacheDir, 'builds', buildId, file)));
+        expect(header.metadata.generation).toBe(gen);
+        const layers = new Set(header.mappings.filter((m) => m.buildId !== NIL_UUID).map((m) => m.buildId)).size;
+        expect(layers, `${file} layers at gen ${gen}`).toBeLessThanOrEqual(CAP);
+      }
+      ip = await d.create(id, { snapshot: true, buildId });
+      await verify(gen);
+    }
+    await d.remove(id);
+    await d.expectFootprintBack();
+    console.info(
+      `chain: ${GENERATIONS} generations, ${Math.max(0, GENERATIONS - CAP)} pauses past the cap of ${CAP} ` +
+        `(every header at most ${CAP} layers), ${checked} bytes checked byte for byte, 0 differ`,
     );
   }, 3_600_000);
 });
