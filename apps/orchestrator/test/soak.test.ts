@@ -19,9 +19,9 @@ import { startRedis, type RedisUnderTest } from './redis-server.js';
  * chain (SBX_SOAK_GENERATIONS) and prints the figures.
  */
 
-const CYCLES = Number(process.env['SBX_SOAK_CYCLES'] ?? 20);
-const SANDBOXES = Number(process.env['SBX_SOAK_SANDBOXES'] ?? 3);
-const GENERATIONS = Number(process.env['SBX_SOAK_GENERATIONS'] ?? 6);
+const CYCLES = Number(process.env['SBX_SOAK_CYCLES'] ?? 15);
+const SANDBOXES = Number(process.env['SBX_SOAK_SANDBOXES'] ?? 2);
+const GENERATIONS = Number(process.env['SBX_SOAK_GENERATIONS'] ?? 5);
 /** Low, so that even the short chain crosses it and is compacted again and again. */
 const CAP = 3;
 const WARM = 10;
