@@ -99,7 +99,9 @@ export async function reconcileOnStart(o: ReconcilerOptions): Promise<ReconcileR
   const keep = new Set([...adopted].flatMap((id) => Object.values(o.manager.socketPaths(id))));
   for (const name of await readdir(o.socketDir).catch(() => [] as string[])) {
     const path = join(o.socketDir, name);
-    if (!keep.has(path)) await rm(path, { force: true });
+    // Directories too: the work dir of a template build the previous run died in (EISDIR made
+    // every later start fail, a crash loop under Nomad when the first start raced net-agent).
+    if (!keep.has(path)) await rm(path, { force: true, recursive: true });
   }
   await o.builds.discardStaged();
   o.logger.info(report, 'restart reconcile done');

@@ -89,6 +89,17 @@ export interface NodeOptions {
    * behind a fault-injecting proxy that listens inside it); default a local directory.
    */
   storage?: (node: NodeUnderTest) => Promise<{ bucket: string; env: Record<string, string> }>;
+  /** Run in this existing namespace (a machine several nodes share) instead of one of its own. */
+  machineNs?: string;
+  /** DNS listen address (default 127.0.0.4:53): nodes sharing a machine need one each. */
+  dnsListen?: string;
+  /** More net-agent flags, after the defaults (Consul reservation, slot range, names of a shared machine). */
+  netAgentArgs?: string[];
+  /**
+   * Where snapfiles record the rootfs (`--vm-rootfs-dir`): nodes that resume each other's
+   * snapshots must use the same path, as every node of a cluster does (default /run/sbx/fc-rootfs).
+   */
+  vmRootfsDir?: string;
 }
 
 export class NodeUnderTest {
@@ -108,7 +119,7 @@ export class NodeUnderTest {
     readonly options: NodeOptions,
   ) {
     this.root = `/tmp/${prefix}`;
-    this.nodeNs = `${prefix}node`;
+    this.nodeNs = options.machineNs ?? `${prefix}node`;
     this.slotPrefix = `${prefix}s-`;
     const r = join(this.root, 'r');
     this.sockets = {
@@ -143,7 +154,7 @@ export class NodeUnderTest {
     return join(this.root, 'cache');
   }
   get vmRootfsDir(): string {
-    return `/run/${this.prefix}fc`;
+    return this.options.vmRootfsDir ?? `/run/${this.prefix}fc`;
   }
 
   static async start(options: NodeOptions): Promise<NodeUnderTest> {
@@ -162,6 +173,12 @@ export class NodeUnderTest {
     await this.cleanupNamespaces();
     await rm(this.root, { recursive: true, force: true });
     await mkdir(join(this.root, 'r'), { recursive: true });
+    if (!this.options.machineNs) await this.createNodeNamespace();
+    this.storageSetUp = await this.options.storage?.(this);
+    await this.setUpServices();
+  }
+
+  private async createNodeNamespace(): Promise<void> {
     await mustRun('ip', ['netns', 'add', this.nodeNs]);
     await mustRun('ip', ['netns', 'add', `${this.prefix}inet`]);
     // The uplink: a veth whose peer sits in an "internet" namespace this test also owns.
@@ -177,12 +194,22 @@ export class NodeUnderTest {
         '',
       ].join('\n'),
     );
-    this.storageSetUp = await this.options.storage?.(this);
+  }
+
+  private async setUpServices(): Promise<void> {
     const storage = { SBX_BUCKET: this.bucket, SBX_CACHE_DIR: this.cacheDir, ...this.storageSetUp?.env };
     await Promise.all([
       this.spawnService(
         'dns',
-        ['serve', '--listen', '127.0.0.4:53', '--control-socket', this.sockets.dns, '--metrics-port', '0'],
+        [
+          'serve',
+          '--listen',
+          this.options.dnsListen ?? '127.0.0.4:53',
+          '--control-socket',
+          this.sockets.dns,
+          '--metrics-port',
+          '0',
+        ],
         this.sockets.dns,
       ),
       this.spawnService(
@@ -205,6 +232,7 @@ export class NodeUnderTest {
           '4',
           '--pool-reused-size',
           '8',
+          ...(this.options.netAgentArgs ?? []),
         ],
         this.sockets.net,
       ),
