@@ -219,7 +219,7 @@ describe.skipIf(missing !== undefined)('ingress proxy through a whole node', () 
 
   it('restarting the proxy drops in-flight connections, serves new ones at once, leaves sandboxes alone', async () => {
     const before = { ids: await driver.listIds(), vmms: await px.node.vmmPids() };
-    const inFlight = px.curlInFlight(['-o', '/dev/null', url(HTTP_PORT, 'web', '/drip?ms=50&bytes=67108864')]);
+    const inFlight = await px.curlInFlight(['-o', '/dev/null', url(HTTP_PORT, 'web', '/drip?ms=50&bytes=67108864')]);
     await eventually(
       async () => {
         const metrics = await px.node.inNode('curl', ['-s', 'http://127.0.0.1:9465/metrics']);
@@ -241,7 +241,7 @@ describe.skipIf(missing !== undefined)('ingress proxy through a whole node', () 
     const size = 24 * 1024 * 1024;
     const file = join(work, 'through-restart.bin');
     // About 6 s of data at 64 KiB / 16 ms: the orchestrator is killed and started meanwhile.
-    const download = px.curlInFlight(['-o', file, url(HTTP_PORT, 'web', `/drip?ms=16&bytes=${size}`)]);
+    const download = await px.curlInFlight(['-o', file, url(HTTP_PORT, 'web', `/drip?ms=16&bytes=${size}`)]);
     const ws = px.webSocketEcho(`ws://${WS_PORT}-web.sbx.test/`, 5000);
     const opened = px.proxyLogs.filter((l) => l.includes('route table received')).length;
     await px.node.killOrchestrator();
