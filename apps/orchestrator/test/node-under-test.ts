@@ -18,9 +18,6 @@ import { NetAgentClient } from '#proto/sbx/net';
 import { UffdServerClient } from '#proto/sbx/uffd';
 import { grpcServing, repoRoot, ServiceProcess } from '#test-kit';
 
-/** The checkout, for harnesses built on this one (apps/proxy); new code takes repoRoot from #test-kit. */
-export const REPO = repoRoot;
-
 export interface Output {
   code: number | null;
   stdout: string;
