@@ -48,7 +48,8 @@ export default tseslint.config(
     rules: {
       'no-restricted-imports': [
         'error',
-        { patterns: [{ group: ['#test-kit'], message: 'libs/test-kit is for tests only' }] },
+        // `paths`, not `patterns`: a pattern starting with # is a gitignore comment and matches nothing.
+        { paths: [{ name: '#test-kit', message: 'libs/test-kit is for tests only' }] },
       ],
     },
   },
