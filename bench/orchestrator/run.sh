@@ -5,6 +5,7 @@
 #
 #   bash bench/orchestrator/run.sh [--sizes 256,1024] [--creates 20] [--pauses 3]
 #       [--modes upstream-diff,upstream-diff-noprefetch,upstream-present,wp-async] [--read-percent 0]
+#       [--vmm-pool 2]   (VMMs started ahead; 0 = every create starts its own)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 case ${1:-} in -h|--help) sed -n '2,7p' "$0"; exit 0 ;; esac

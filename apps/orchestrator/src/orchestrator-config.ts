@@ -95,6 +95,11 @@ export const orchestratorConfigSchema = z
       ),
     endTimeCheckMs: int(50, 60_000).default(1000),
     pauseParallelism: int(1, 256).default(8),
+    vmmPoolSize: int(0, 64)
+      .default(2)
+      .describe(
+        'VMMs started ahead, each waiting in a network slot of its own, so a create does not wait for a process start (0 = off)',
+      ),
     generationCap: int(1, 1000).default(10),
     /**
      * Where a pause takes the written pages from when the uffd has no write-protect (upstream

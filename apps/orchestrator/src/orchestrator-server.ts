@@ -29,6 +29,7 @@ import { buildTemplate } from './template-builder.js';
 import { TemplateCatalogue } from './template-catalogue.js';
 import { chooseVmmCommand, ProcessVmmLauncher } from './vmm-launcher.js';
 import { VmmCgroups } from './vmm-cgroups.js';
+import { VmmPool } from './vmm-pool.js';
 
 export interface RunningOrchestrator {
   manager: SandboxManager;
@@ -90,6 +91,15 @@ async function start(config: OrchestratorConfig, logger: Logger, stack: Teardown
     VmmCgroups.choose(config.vmmCgroup, config.dataDir, logger),
   );
   const envd = new HttpEnvdClient(config.envdPort);
+  const vmmPool = new VmmPool({
+    size: config.vmmPoolSize,
+    launcher: vmm,
+    slots: services.slots,
+    socketDir,
+    logDir: join(config.dataDir, 'vmm-pool'),
+    vmRootfsDir: config.vmRootfsDir,
+    logger: logger.child({ component: 'vmm-pool' }),
+  });
   // The only writer of {cacheDir}/builds and the only uploader (libs/storage/README.md).
   const builds = new BuildStore({
     backend: openBackend(config.bucket, config.gcsEndpoint ? { apiEndpoint: config.gcsEndpoint } : {}),
@@ -130,7 +140,7 @@ async function start(config: OrchestratorConfig, logger: Logger, stack: Teardown
       vmRootfsDir: config.vmRootfsDir,
       socketDir,
     },
-    node: { services, vmm, envd },
+    node: { services, vmm, envd, vmmPool },
     builds,
     templates,
     records: { states, events },
@@ -139,6 +149,8 @@ async function start(config: OrchestratorConfig, logger: Logger, stack: Teardown
 
   let serving = false;
   stack.push('sandboxes', () => manager.shutdown(serving ? config.shutdownSandboxes : 'keep'));
+  // Waiting VMMs and their slots go in every mode: nothing of theirs is a sandbox to keep.
+  stack.push('vmm pool', () => vmmPool.close());
 
   const reconcile = await reconcileOnStart({
     manager,
@@ -169,6 +181,8 @@ async function start(config: OrchestratorConfig, logger: Logger, stack: Teardown
     );
   }
   manager.startEndTimeEnforcement();
+  // After the reconcile, which kills every VMM on the socket dir that no adopted sandbox owns.
+  vmmPool.start();
 
   const registry = createRegistry('orchestrator');
   new Gauge({

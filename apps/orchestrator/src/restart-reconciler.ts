@@ -70,9 +70,11 @@ export async function reconcileOnStart(o: ReconcilerOptions): Promise<ReconcileR
     await o.events.event('failed', sandboxId, { step: 'restart', error: 'not adoptable after orchestrator restart' });
   }
 
-  // What the services hold for sandboxes no state file knows of.
+  // What the services hold for sandboxes no state file knows of. A slot is the sandbox's by
+  // index: one that came with a pooled VMM (vmm-pool.ts) keeps the pool's owner name.
+  const adoptedSlots = new Set([...adopted].map((id) => o.manager.sandboxes.get(id)?.slot?.idx));
   for (const slot of slots) {
-    if (slot.sandboxId && !adopted.has(slot.sandboxId)) {
+    if (slot.sandboxId && !adopted.has(slot.sandboxId) && !adoptedSlots.has(slot.idx)) {
       report.orphans.push(`slot ${slot.idx} (${slot.sandboxId})`);
       await o.services.slots.release(slot, true).catch(() => undefined);
     }
@@ -96,7 +98,7 @@ export async function reconcileOnStart(o: ReconcilerOptions): Promise<ReconcileR
     }
   }
   report.orphans.push(...(await killStrayVmms(o.socketDir, o.manager, adopted)));
-  const keep = new Set([...adopted].flatMap((id) => Object.values(o.manager.socketPaths(id))));
+  const keep = new Set([...adopted].flatMap((id) => [...Object.values(o.manager.socketPaths(id)), apiSocketOf(o, id)]));
   for (const name of await readdir(o.socketDir).catch(() => [] as string[])) {
     const path = join(o.socketDir, name);
     // Directories too: the work dir of a template build the previous run died in (EISDIR made
@@ -119,7 +121,8 @@ async function adoptable(
 ): Promise<string | undefined> {
   if (state.phase !== 'running') return `was ${state.phase} when the orchestrator stopped`;
   if (!state.vmm || !state.slot) return 'incomplete state';
-  if (!found.slots.some((s) => s.sandboxId === state.sandboxId && s.idx === state.slot!.idx)) return 'slot gone';
+  const slot = state.slot;
+  if (!found.slots.some((s) => s.sandboxId === slot.sandboxId && s.idx === slot.idx)) return 'slot gone';
   if (!found.devices.some((d) => d.sandboxId === state.sandboxId)) return 'device gone';
   const serving = found.servings.find((s) => s.sandboxId === state.sandboxId);
   if (!serving) return 'uffd serving gone';
@@ -158,7 +161,7 @@ async function adopt(o: ReconcilerOptions, state: SandboxStateFile, log: Logger)
   sbx.vmm = vmm;
   sbx.teardown.push('vmm', async () => {
     await vmm.kill();
-    await rm(sockets.api, { force: true });
+    await rm(vmm.apiSocket, { force: true });
   });
   // The record may have been lost with a DNS restart; setting it again is harmless.
   await names.set(id, slot.hostIp);
@@ -180,6 +183,11 @@ async function adopt(o: ReconcilerOptions, state: SandboxStateFile, log: Logger)
   log.info({ pid: vmm.pid }, 'sandbox adopted after restart');
 }
 
+/** A pooled VMM's API socket is named after the pool, not the sandbox. */
+function apiSocketOf(o: ReconcilerOptions, sandboxId: string): string {
+  return o.manager.sandboxes.get(sandboxId)?.vmm?.apiSocket ?? o.manager.socketPaths(sandboxId).api;
+}
+
 async function cleanUp(o: ReconcilerOptions, sandboxId: string, state: SandboxStateFile | undefined): Promise<void> {
   const { slots, devices, memory, names } = o.services;
   if (state?.vmm) {
@@ -192,13 +200,16 @@ async function cleanUp(o: ReconcilerOptions, sandboxId: string, state: SandboxSt
   if (state?.slot) await slots.release(state.slot, true).catch(() => undefined);
   const sockets = o.manager.socketPaths(sandboxId);
   await rm(sockets.api, { force: true });
+  if (state?.vmm?.apiSocket) await rm(state.vmm.apiSocket, { force: true });
   await rm(sockets.uffd, { force: true });
   await o.states.remove(sandboxId);
 }
 
 /** VMM processes serving an API socket in our socket dir that no adopted sandbox owns. */
 async function killStrayVmms(socketDir: string, manager: SandboxManager, adopted: Set<string>): Promise<string[]> {
-  const owned = new Set([...adopted].map((id) => manager.socketPaths(id).api));
+  const owned = new Set(
+    [...adopted].map((id) => manager.sandboxes.get(id)?.vmm?.apiSocket ?? manager.socketPaths(id).api),
+  );
   const killed: string[] = [];
   for (const entry of await readdir('/proc').catch(() => [] as string[])) {
     const pid = Number(entry);

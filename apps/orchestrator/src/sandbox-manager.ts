@@ -32,7 +32,8 @@ import { Sandbox } from './sandbox.js';
 import type { SandboxStateStore } from './sandbox-state-store.js';
 import type { TemplateCatalogue } from './template-catalogue.js';
 import { describeFailures } from '#service-kit';
-import type { VmmLauncher } from './vmm-launcher.js';
+import type { VmmHandle, VmmLauncher } from './vmm-launcher.js';
+import type { VmmPool } from './vmm-pool.js';
 
 export interface ManagerSettings {
   nodeId: string;
@@ -53,7 +54,7 @@ export interface ManagerSettings {
 export interface SandboxManagerOptions {
   settings: ManagerSettings;
   /** What a sandbox runs on: the node's services, the VMM, envd in the guest. */
-  node: { services: NodeServices; vmm: VmmLauncher; envd: EnvdClient };
+  node: { services: NodeServices; vmm: VmmLauncher; envd: EnvdClient; vmmPool?: VmmPool };
   /** What sandboxes start from and pause into: every build read and written, templates. */
   builds: BuildStore;
   templates: TemplateCatalogue;
@@ -209,23 +210,38 @@ export class SandboxManager {
     const { slots, devices, memory } = this.o.node.services;
     const id = sbx.id;
     const save = () => this.o.records.states.save(sbx.toState());
-
-    at('acquire network slot');
-    const slot = await slots.acquire(id);
-    sbx.slot = slot;
-    sbx.teardown.push('slot', () => slots.release(slot, true));
-    await save();
-    mark('acquire network slot');
-
-    at('open rootfs device');
-    sbx.teardown.push('device', () => devices.close(id));
-    sbx.device = await devices.open(id, sbx.build.buildId);
-    await save();
-    mark('open rootfs device');
-
-    at('prepare uffd');
     const sockets = this.socketPaths(id);
-    await mkdir(this.o.settings.socketDir, { recursive: true });
+    const killVmm = (vmm: VmmHandle) => async () => {
+      await vmm.kill();
+      await rm(vmm.apiSocket, { force: true });
+    };
+
+    // A VMM started ahead in a slot of its own (vmm-pool.ts) brings the slot with it.
+    const pooled = this.o.node.vmmPool?.take();
+    if (pooled) {
+      at('take pooled vmm');
+      sbx.slot = pooled.slot;
+      sbx.teardown.push('slot', () => slots.release(pooled.slot, true));
+      sbx.vmm = pooled.vmm;
+      sbx.teardown.push('vmm', killVmm(pooled.vmm));
+      await pooled.vmm.handOver({
+        stdoutPath: join(sbx.dir, 'vmm.stdout.log'),
+        stderrPath: join(sbx.dir, 'vmm.stderr.log'),
+        logger: sbx.log,
+      });
+      mark('take pooled vmm');
+    } else {
+      at('acquire network slot');
+      const slot = await slots.acquire(id);
+      sbx.slot = slot;
+      sbx.teardown.push('slot', () => slots.release(slot, true));
+      mark('acquire network slot');
+    }
+    const slot = sbx.slot;
+
+    // Device and memory do not depend on each other: both at once.
+    at('open rootfs device and prepare uffd');
+    sbx.teardown.push('device', () => devices.close(id));
     sbx.teardown.push('uffd', async () => {
       try {
         await memory.stop(id);
@@ -233,32 +249,55 @@ export class SandboxManager {
         await rm(sockets.uffd, { force: true });
       }
     });
-    await memory.prepare(id, sockets.uffd, sbx.build.buildId);
+    const [device, uffd] = await Promise.allSettled([
+      devices.open(id, sbx.build.buildId),
+      mkdir(this.o.settings.socketDir, { recursive: true }).then(() =>
+        memory.prepare(id, sockets.uffd, sbx.build.buildId),
+      ),
+    ]);
+    if (device.status === 'rejected') {
+      at('open rootfs device');
+      throw device.reason;
+    }
+    if (uffd.status === 'rejected') {
+      at('prepare uffd');
+      throw uffd.reason;
+    }
+    sbx.device = device.value;
     sbx.memorySocket = sockets.uffd;
     await save();
-    mark('prepare uffd');
+    mark('open rootfs device and prepare uffd');
 
-    at('start vmm');
     const rootfsTarget = sbx.device.devicePath || sbx.device.socketPath;
-    const vmm = await this.o.node.vmm.launch(
-      {
-        sandboxId: id,
-        apiSocket: sockets.api,
-        rootfsLinkPath: this.rootfsLinkPath(sbx.build.rootfsHeader),
-        rootfsTarget,
-        namespace: slot.namespace,
-        stdoutPath: join(sbx.dir, 'vmm.stdout.log'),
-        stderrPath: join(sbx.dir, 'vmm.stderr.log'),
-      },
-      sbx.log,
-    );
-    sbx.vmm = vmm;
-    sbx.teardown.push('vmm', async () => {
-      await vmm.kill();
-      await rm(sockets.api, { force: true });
-    });
-    await save();
-    mark('start vmm');
+    const rootfsLinkPath = this.rootfsLinkPath(sbx.build.rootfsHeader);
+    let vmm: VmmHandle;
+    if (pooled) {
+      at('link rootfs');
+      await pooled.vmm.linkRootfs(rootfsLinkPath, rootfsTarget);
+      vmm = pooled.vmm;
+      // The VMM now uses the device and the uffd: it goes before them on teardown.
+      sbx.teardown.forget('vmm');
+      sbx.teardown.push('vmm', killVmm(vmm));
+      mark('link rootfs');
+    } else {
+      at('start vmm');
+      vmm = await this.o.node.vmm.launch(
+        {
+          sandboxId: id,
+          apiSocket: sockets.api,
+          rootfsLinkPath,
+          rootfsTarget,
+          namespace: slot.namespace,
+          stdoutPath: join(sbx.dir, 'vmm.stdout.log'),
+          stderrPath: join(sbx.dir, 'vmm.stderr.log'),
+        },
+        sbx.log,
+      );
+      sbx.vmm = vmm;
+      sbx.teardown.push('vmm', killVmm(vmm));
+      await save();
+      mark('start vmm');
+    }
 
     at('load snapshot');
     await vmm.api.loadSnapshot({

@@ -1,7 +1,7 @@
 import { spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
-import { open } from 'node:fs/promises';
-import { dirname, join, resolve } from 'node:path';
+import { mkdir, open, rename, symlink } from 'node:fs/promises';
+import { dirname, isAbsolute, join, relative, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { Logger } from '#logging';
 import { FirecrackerApi } from './firecracker-api.js';
@@ -22,10 +22,12 @@ const START_SCRIPT = [
   'link=$1; target=$2; ns=$3; cgroup=$4; shift 4',
   'if [ -n "$cgroup" ]; then echo $$ > "$cgroup/cgroup.procs"; fi',
   'mount --make-rprivate /',
-  'dir=$(dirname "$link")',
+  // Without a target (a VMM started ahead, vmm-pool.ts) $link is the directory to cover;
+  // the link is made later from outside, through /proc/{pid}/root (linkRootfs).
+  'if [ -n "$target" ]; then dir=$(dirname "$link"); else dir=$link; fi',
   'mkdir -p "$dir"',
   'mount -t tmpfs -o size=64k,mode=0755 tmpfs "$dir"',
-  'ln -s "$target" "$link"',
+  'if [ -n "$target" ]; then ln -s "$target" "$link"; fi',
   'if [ -n "$ns" ]; then exec ip netns exec "$ns" "$@"; else exec "$@"; fi',
 ].join('\n');
 
@@ -54,11 +56,29 @@ export interface VmmHandle {
   kill(): Promise<void>;
 }
 
+/** A VMM started ahead of any sandbox (vmm-pool.ts): no rootfs link yet. */
+export interface IdleVmmLaunchSpec extends Omit<VmmLaunchSpec, 'rootfsLinkPath' | 'rootfsTarget'> {
+  /** Covered by an empty tmpfs in the VMM's private mount namespace; linkRootfs fills it. */
+  rootfsDir: string;
+}
+
+export interface IdleVmmHandle extends VmmHandle {
+  /**
+   * Makes `linkPath` (under the launch's rootfsDir) a symlink to `target` in the VMM's own
+   * mount namespace, reached through /proc/{pid}/root: no process to start.
+   */
+  linkRootfs(linkPath: string, target: string): Promise<void>;
+  /** Moves its log files to the sandbox's and follows them with the sandbox's logger. */
+  handOver(o: { stdoutPath: string; stderrPath: string; logger: Logger }): Promise<void>;
+}
+
 export interface VmmLauncher {
   /** What runs: 'firecracker <path>' or 'vmm-sim (test double)'. */
   readonly description: string;
   readonly isDouble: boolean;
   launch(spec: VmmLaunchSpec, logger: Logger): Promise<VmmHandle>;
+  /** Starts a VMM that waits on its API socket for a sandbox not known yet; absent = no pool. */
+  launchIdle?(spec: IdleVmmLaunchSpec, logger: Logger): Promise<IdleVmmHandle>;
   /** Re-attaches to a VMM started by a previous orchestrator run, if it is still the same process. */
   adopt(
     record: ProcessIdentity & { apiSocket: string; stdoutPath: string; stderrPath: string },
@@ -114,7 +134,15 @@ export class ProcessVmmLauncher implements VmmLauncher {
     this.isDouble = command.isDouble;
   }
 
-  async launch(spec: VmmLaunchSpec, logger: Logger): Promise<VmmHandle> {
+  launch(spec: VmmLaunchSpec, logger: Logger): Promise<VmmHandle> {
+    return this.start(spec, undefined, logger);
+  }
+
+  launchIdle(spec: IdleVmmLaunchSpec, logger: Logger): Promise<IdleVmmHandle> {
+    return this.start({ ...spec, rootfsLinkPath: spec.rootfsDir, rootfsTarget: '' }, spec.rootfsDir, logger);
+  }
+
+  private async start(spec: VmmLaunchSpec, rootfsDir: string | undefined, logger: Logger): Promise<IdleVmmHandle> {
     if (this.cgroups) await (this.swept ??= this.cgroups.sweep());
     const cgroup = await this.cgroups?.create(spec.sandboxId);
     const stdout = await open(spec.stdoutPath, 'a').catch(async (err: unknown) => {
@@ -173,7 +201,7 @@ export class ProcessVmmLauncher implements VmmLauncher {
       exited,
       () => exitedHow === undefined,
       logger,
-      { ...spec, cgroup },
+      { ...spec, cgroup, rootfsDir },
     );
     const api = handle.api;
     const deadline = Date.now() + this.startTimeoutMs;
@@ -237,15 +265,25 @@ export class ProcessVmmLauncher implements VmmLauncher {
     exited: Promise<string>,
     alive: () => boolean,
     logger: Logger,
-    logs: { stdoutPath: string; stderrPath: string; adopted?: boolean; cgroup?: string | undefined },
-  ): VmmHandle {
-    const out = new VmmLogTail(logs.stdoutPath, logger, 'stdout');
-    const err = new VmmLogTail(logs.stderrPath, logger, 'stderr');
+    logs: {
+      stdoutPath: string;
+      stderrPath: string;
+      adopted?: boolean;
+      cgroup?: string | undefined;
+      /** Launched idle: the directory linkRootfs may fill. */
+      rootfsDir?: string | undefined;
+    },
+  ): IdleVmmHandle {
+    let out = new VmmLogTail(logs.stdoutPath, logger, 'stdout');
+    let err = new VmmLogTail(logs.stderrPath, logger, 'stderr');
     out.start(logs.adopted);
     err.start(logs.adopted);
+    let owner = { sandboxId, logger };
+    let ended = false;
     void exited.then(async (how) => {
+      ended = true;
       await Promise.all([out.stop(), err.stop()]);
-      logger.info({ pid: identity.pid, how, sandboxId }, 'vmm process ended');
+      owner.logger.info({ pid: identity.pid, how, sandboxId: owner.sandboxId }, 'vmm process ended');
     });
     return {
       pid: identity.pid,
@@ -254,6 +292,31 @@ export class ProcessVmmLauncher implements VmmLauncher {
       api: new FirecrackerApi(apiSocket),
       exited,
       isAlive: alive,
+      linkRootfs: async (linkPath: string, target: string) => {
+        const inside = logs.rootfsDir === undefined ? '..' : relative(logs.rootfsDir, linkPath);
+        if (!isAbsolute(linkPath) || inside === '' || inside.startsWith('..') || isAbsolute(inside)) {
+          throw new Error(
+            `rootfs link ${linkPath} is not under the VMM's rootfs directory ${logs.rootfsDir ?? '(none)'}`,
+          );
+        }
+        if (!alive()) throw new VmmExited(owner.sandboxId, 'exited before its rootfs was linked');
+        const path = `/proc/${identity.pid}/root${linkPath}`;
+        await mkdir(dirname(path), { recursive: true });
+        await symlink(target, path);
+      },
+      handOver: async (to) => {
+        await Promise.all([out.stop(), err.stop()]);
+        await rename(logs.stdoutPath, to.stdoutPath);
+        await rename(logs.stderrPath, to.stderrPath);
+        logs.stdoutPath = to.stdoutPath;
+        logs.stderrPath = to.stderrPath;
+        owner = { sandboxId: to.logger.bindings()['sandboxId'] as string, logger: to.logger };
+        out = new VmmLogTail(to.stdoutPath, to.logger, 'stdout');
+        err = new VmmLogTail(to.stderrPath, to.logger, 'stderr');
+        if (ended) return;
+        out.start(true);
+        err.start(true);
+      },
       kill: async () => {
         if (!alive()) return;
         // Everything the VMM started goes with it; the process group kill below covers a kernel without cgroup.kill.

@@ -97,6 +97,8 @@ export interface NodeOptions {
    * snapshots must use the same path, as every node of a cluster does (default /run/sbx/fc-rootfs).
    */
   vmRootfsDir?: string;
+  /** VMMs started ahead (default 0: the suites that count processes and slots see only sandboxes'). */
+  vmmPoolSize?: number;
 }
 
 export class NodeUnderTest {
@@ -315,6 +317,8 @@ export class NodeUnderTest {
       String(o.sampleRootfsMb ?? 8),
       '--sample-memory-mb',
       String(o.sampleMemoryMb ?? 16),
+      '--vmm-pool-size',
+      String(o.vmmPoolSize ?? 0),
       ...(o.redisUrl ? ['--redis-url', o.redisUrl] : []),
     ];
   }
