@@ -168,7 +168,7 @@ export class Http1Forwarder {
     const t = target;
     this.o.resolver.resolve(t, rawHeader(req.rawHeaders, TOKEN_HEADER)).then((route) => {
       if (client.destroyed) return;
-      const upstream = connect({ host: route.hostIp, port: t.port });
+      const upstream = connect({ host: route.hostIp, port: t.port, allowHalfOpen: true });
       const timer = setTimeout(() => {
         const err = new Error('connect timeout') as NodeJS.ErrnoException;
         err.code = 'CONNECT_TIMEOUT';
@@ -179,12 +179,18 @@ export class Http1Forwarder {
         fail(err);
       };
       upstream.once('error', onConnectError);
-      client.once('close', () => upstream.destroy());
+      // A side that closes without ending takes the other with it; a clean end goes through
+      // pipe() so that what is still queued (a WebSocket close frame) is written first.
+      client.once('close', () => {
+        if (!upstream.writableEnded) upstream.destroy();
+      });
       upstream.once('connect', () => {
         clearTimeout(timer);
         upstream.off('error', onConnectError);
         upstream.on('error', () => client.destroy());
-        upstream.once('close', () => client.destroy());
+        upstream.once('close', () => {
+          if (!client.writableEnded) client.destroy();
+        });
         upstream.setNoDelay(true);
         const headers = forwardRequestHeaders(req.rawHeaders, {
           maskHost: route.maskRequestHost,

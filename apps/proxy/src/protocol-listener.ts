@@ -49,7 +49,8 @@ export class ProtocolListener {
     h2.setTimeout(o.idleTimeoutMs);
 
     const sockets = new Set<Socket>();
-    const server = createServer({ noDelay: true, pauseOnConnect: false }, (socket) => {
+    // Half-open as node:http's own servers are: a client may send its request, then FIN, then read.
+    const server = createServer({ noDelay: true, allowHalfOpen: true }, (socket) => {
       sockets.add(socket);
       socket.once('close', () => sockets.delete(socket));
       socket.on('error', () => undefined);

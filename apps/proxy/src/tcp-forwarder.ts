@@ -32,7 +32,8 @@ export class TcpForwarder {
     const { sandboxId, port } = o.forward;
     const log = o.logger.child({ sandboxId, port, listenPort: o.forward.listenPort });
     const sockets = new Set<Socket>();
-    const server = createServer({ noDelay: true, pauseOnConnect: true }, (client) => {
+    // Half-open: one side's FIN is passed on while bytes still flow the other way.
+    const server = createServer({ noDelay: true, pauseOnConnect: true, allowHalfOpen: true }, (client) => {
       sockets.add(client);
       client.once('close', () => sockets.delete(client));
       client.on('error', () => undefined);
@@ -44,7 +45,7 @@ export class TcpForwarder {
       };
       o.resolver.resolve({ sandboxId, port }, undefined).then((route) => {
         if (client.destroyed) return;
-        const upstream = connect({ host: route.hostIp, port, noDelay: true });
+        const upstream = connect({ host: route.hostIp, port, noDelay: true, allowHalfOpen: true });
         const timer = setTimeout(
           () => upstream.destroy(Object.assign(new Error('connect timeout'), { code: 'CONNECT_TIMEOUT' })),
           o.connectTimeoutMs,
@@ -53,12 +54,18 @@ export class TcpForwarder {
           clearTimeout(timer);
           refuse(err);
         });
-        client.once('close', () => upstream.destroy());
+        // A side that closes without ending (reset, error) takes the other with it; a clean end
+        // reaches the other side through pipe() and lets what is still queued be written first.
+        client.once('close', () => {
+          if (!upstream.writableEnded) upstream.destroy();
+        });
         upstream.once('connect', () => {
           clearTimeout(timer);
           upstream.removeAllListeners('error');
           upstream.on('error', () => client.destroy());
-          upstream.once('close', () => client.destroy());
+          upstream.once('close', () => {
+            if (!client.writableEnded) client.destroy();
+          });
           o.metrics.requests.inc({ protocol: 'tcp', result: 'ok' });
           o.metrics.connections.inc({ protocol: 'tcp' });
           client.once('close', () => o.metrics.connections.dec({ protocol: 'tcp' }));
