@@ -1,10 +1,13 @@
-import { createHash, randomBytes } from 'node:crypto';
+import { createHash, randomBytes, randomUUID } from 'node:crypto';
 import { copyFileSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { reserveHugePages, type HugePageReservation } from '#test-kit';
 import { fileExists, ServiceProcess } from '#test-kit';
+import { unary } from '#grpc';
+import { UffdExportDiffRequest } from '#proto/sbx/uffd';
+import { startUffdServer } from './peer-services.js';
 import { httpRequest, VmmSimProcess, pickGuestPort } from './vmm-sim-process.js';
 
 // 2 MiB guest pages: the test reserves the hugetlb pages it needs (vm.nr_hugepages, as root)
@@ -25,6 +28,9 @@ afterAll(() => {
   reservation?.release();
   if (dir) rmSync(dir, { recursive: true, force: true });
 });
+
+/** The last snapshot of the first test, for the second. */
+let latest: { snap: string; mem: string; memory: Buffer } | undefined;
 
 function sha256(b: Uint8Array): string {
   return createHash('sha256').update(b).digest('hex');
@@ -92,6 +98,7 @@ describe('2 MiB guest pages (upstream Firecracker mode)', () => {
         await uffd.stop('SIGKILL');
       }
     }
+    latest = { ...parent, memory };
     const file = await VmmSimProcess.start(join(dir, 'c.sock'), ['--guest-listen', `127.0.0.1:${pickGuestPort()}`]);
     try {
       // Firecracker maps no hugetlbfs snapshot from a file: only the uffd backend restores it.
@@ -102,6 +109,75 @@ describe('2 MiB guest pages (upstream Firecracker mode)', () => {
       expect(refused.status).toBe(400);
     } finally {
       await file.stop('SIGKILL');
+    }
+  });
+
+  it('pauses through the uffd-server service: the diff is the 2 MiB pages in the Diff snapshot, merged it reads back exactly', async () => {
+    expect(latest).toBeDefined();
+    const { snap, mem } = latest!;
+    const memory = Buffer.from(latest!.memory);
+    const { service, client } = await startUffdServer(dir);
+    const port = pickGuestPort();
+    const vm = await VmmSimProcess.start(join(dir, 'svc.sock'), ['--guest-listen', `127.0.0.1:${port}`]);
+    const guest = { host: '127.0.0.1', port };
+    try {
+      const socketPath = join(dir, 'svc-uffd.sock');
+      await unary(client, client.prepare, {
+        sandboxId: 'huge',
+        socketPath,
+        buildId: '',
+        pageSize: HUGE,
+        prefetchBytes: 0,
+        memfilePath: mem,
+      });
+      await vm.ok('PUT', '/snapshot/load', {
+        snapshot_path: snap,
+        mem_backend: { backend_type: 'Uffd', backend_path: socketPath },
+        enable_diff_snapshots: true,
+        resume_vm: true,
+      });
+      // Read all, write into huge pages 3 and 20.
+      const hash = await httpRequest(guest, 'GET', `/_test/memory/hash?offset=0&length=${MEM_MIB << 20}`);
+      expect((hash.body as { sha256: string }).sha256).toBe(sha256(memory));
+      for (const offset of [3 * HUGE + 77, 20 * HUGE + HUGE - 4096]) {
+        const data = randomBytes(4096);
+        await httpRequest(guest, 'POST', '/_test/memory/write', { offset, dataBase64: data.toString('base64') });
+        data.copy(memory, offset);
+      }
+      await vm.ok('PATCH', '/vm', { state: 'Paused' });
+      await unary(client, client.stopSourcing, { sandboxId: 'huge' });
+      const paused = { snapshot_path: join(dir, 'svc.snap'), mem_file_path: join(dir, 'svc.diff-snap') };
+      await vm.ok('PUT', '/snapshot/create', { snapshot_type: 'Diff', ...paused });
+      // fromPartial: fields this test does not care about keep their defaults.
+      const exported = await unary(
+        client,
+        client.exportDiff,
+        UffdExportDiffRequest.fromPartial({
+          sandboxId: 'huge',
+          newBuildId: randomUUID(),
+          diffPath: join(dir, 'svc.diff'),
+          memfilePath: paused.mem_file_path,
+          vmmDirtyLog: true,
+        }),
+      );
+      expect(exported.tracking).toBe('vmm-dirty-log');
+      expect(exported.pageSize).toBe(HUGE);
+      // Pages 3 and 20, and page 0 (the VMM's write at load, unless it is all zeros).
+      const expectedPages = [0, 3, 20].filter((p) => memory.subarray(p * HUGE, (p + 1) * HUGE).some((b) => b !== 0));
+      expect(Number(exported.dirtyPages)).toBe(expectedPages.length);
+      // Merged over the parent (as the orchestrator's header merge does), the bytes are the guest's.
+      const merged = Buffer.from(readFileSync(mem));
+      const diff = readFileSync(join(dir, 'svc.diff'));
+      for (const m of exported.mappings) {
+        if (m.buildId === '00000000-0000-0000-0000-000000000000') merged.fill(0, m.offset, m.offset + m.length);
+        else diff.copy(merged, m.offset, m.buildStorageOffset, m.buildStorageOffset + m.length);
+      }
+      expect(sha256(merged)).toBe(sha256(memory));
+      await unary(client, client.stop, { sandboxId: 'huge' });
+    } finally {
+      await vm.stop('SIGKILL');
+      client.close();
+      await service.stop('SIGTERM');
     }
   });
 });
