@@ -1,6 +1,6 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { readFileSync } from 'node:fs';
-import { mkdir, readdir, readFile, rmdir, writeFile } from 'node:fs/promises';
+import { mkdir, readdir, readFile, rmdir, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Logger } from '#logging';
 
@@ -90,6 +90,9 @@ export class VmmCgroups {
     let removed = 0;
     for (const name of await readdir(this.root).catch(() => [] as string[])) {
       const path = join(this.root, name);
+      // A fresh one may be waiting for its VMM to move in (the start script does it at once).
+      const made = await stat(path).catch(() => undefined);
+      if (!made?.isDirectory() || Date.now() - made.mtimeMs < FRESH_MS) continue;
       const procs = await readFile(join(path, 'cgroup.procs'), 'utf8').catch(() => undefined);
       if (procs === undefined || procs.trim()) continue;
       await this.remove(path);
@@ -98,6 +101,8 @@ export class VmmCgroups {
     return removed;
   }
 }
+
+const FRESH_MS = 60_000;
 
 /**
  * rmdir, retried while the kernel still holds the cgroup (EBUSY: for a moment after its last

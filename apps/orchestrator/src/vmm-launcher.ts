@@ -132,6 +132,8 @@ export class ProcessVmmLauncher implements VmmLauncher {
   ) {
     this.description = command.description;
     this.isDouble = command.isDouble;
+    // Cgroups of VMMs killed without a handle (strays at a restart) are empty: swept now and then.
+    if (cgroups) setInterval(() => void cgroups.sweep(), 30_000).unref();
   }
 
   launch(spec: VmmLaunchSpec, logger: Logger): Promise<VmmHandle> {
@@ -334,6 +336,8 @@ export class ProcessVmmLauncher implements VmmLauncher {
           await new Promise((r) => setTimeout(r, 10));
         }
         await Promise.race([exited, new Promise((r) => setTimeout(r, 2000))]);
+        // Whoever waits on kill() finds the VMM's cgroup gone too (an adopted VMM has no exit event).
+        if (logs.cgroup) await this.cgroups?.remove(logs.cgroup);
       },
     };
   }
