@@ -139,6 +139,23 @@ export class BlockDevice {
     }
   }
 
+  /**
+   * Checkpoint: the VM is paused, so no new writes arrive; flush what the overlay holds and
+   * write its dirty blocks while clients stay connected. The overlay keeps every block written
+   * since open, so the next export holds these blocks again (correct over the new build, not
+   * minimal).
+   */
+  async exportServing(buildId: string, diffPath: string): Promise<ExportedDiff> {
+    if (this.state !== 'serving') throw new DeviceClosing(this.sandboxId);
+    this.state = 'exporting';
+    try {
+      await this.overlay.flush();
+      return await exportDiff({ source: this.overlay, buildId, diffPath });
+    } finally {
+      this.state = 'serving';
+    }
+  }
+
   /** Deletes the device: clients dropped, kernel device disconnected, overlay and state removed. */
   async destroy(): Promise<void> {
     if (this.state === 'closed') return;

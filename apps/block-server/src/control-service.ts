@@ -26,7 +26,7 @@ export function blockServerImplementation(manager: DeviceManager, logger: Logger
       ),
     ),
     export: handle('export device', async (req) => {
-      const result = await manager.export(req.sandboxId, req.newBuildId, req.diffPath);
+      const result = await manager.export(req.sandboxId, req.newBuildId, req.diffPath, req.keepServing);
       return {
         mappings: result.mappings,
         diffSize: result.diffSize,

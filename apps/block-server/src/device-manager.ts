@@ -141,11 +141,15 @@ export class DeviceManager {
     }
   }
 
-  /** Pause step 4, then the device is closed and its cache removed. */
+  /**
+   * Pause step 4, then the device is closed and its cache removed. With keepServing (a
+   * checkpoint) the dirty blocks are written as they are now and the device serves on.
+   */
   async export(
     sandboxId: string,
     newBuildId: string,
     diffPath: string,
+    keepServing = false,
   ): Promise<ExportedDiff & { device: DeviceRecord }> {
     const device = this.get(sandboxId);
     let buildId: string;
@@ -161,6 +165,15 @@ export class DeviceManager {
     try {
       await mkdir(dirname(diffPath), { recursive: true });
       const started = performance.now();
+      if (keepServing) {
+        const snapshot = await device.exportServing(buildId, diffPath);
+        this.options.metrics?.exports.inc({ result: 'ok' });
+        log.info(
+          { buildId, diffPath, storedBlocks: snapshot.storedBlocks, ms: Math.round(performance.now() - started) },
+          'device exported; serving on',
+        );
+        return { ...snapshot, device: device.record };
+      }
       const result = await device.export(buildId, diffPath, this.options.releaseTimeoutMs);
       this.devices.delete(sandboxId);
       this.options.metrics?.devices.set(this.devices.size);

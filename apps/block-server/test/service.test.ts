@@ -173,7 +173,12 @@ describe('block-server service over its control socket', () => {
 
     const newId = newBuildId();
     const diffPath = join(bucket, newId, 'rootfs.ext4');
-    const exported = await unary(client, client.export, { sandboxId: 'sbx-export', newBuildId: newId, diffPath });
+    const exported = await unary(client, client.export, {
+      sandboxId: 'sbx-export',
+      newBuildId: newId,
+      diffPath,
+      keepServing: false,
+    });
     expect(exported).toMatchObject({ blockSize: BS, size: SIZE, dirtyBlocks: 3 + 3 });
     const diff = await readFile(diffPath);
     expect(diff.length).toBe(exported.diffSize);
@@ -208,6 +213,7 @@ describe('block-server service over its control socket', () => {
         sandboxId: 'sbx-busy',
         newBuildId: newBuildId(),
         diffPath: join(dir, 'busy.diff'),
+        keepServing: false,
       }).catch((e: unknown) => e);
       expect(grpcCode(err)).toBe(status.FAILED_PRECONDITION);
       expect((err as ServiceError).details).toMatch(/export device: .*still has 1 client/);
@@ -240,7 +246,14 @@ describe('block-server service over its control socket', () => {
     ).toBe(status.NOT_FOUND);
     expect(await codeOf(unary(client, client.stats, { sandboxId: 'nope' }))).toBe(status.NOT_FOUND);
     expect(
-      await codeOf(unary(client, client.export, { sandboxId: 'nope', newBuildId: newBuildId(), diffPath: '/tmp/x' })),
+      await codeOf(
+        unary(client, client.export, {
+          sandboxId: 'nope',
+          newBuildId: newBuildId(),
+          diffPath: '/tmp/x',
+          keepServing: false,
+        }),
+      ),
     ).toBe(status.NOT_FOUND);
     await unary(client, client.open, { sandboxId: 'sbx-dup', buildId: baseId, attachKernel: false });
     expect(
@@ -281,7 +294,12 @@ describe('block-server service over its control socket', () => {
     const final = await readFile(finalImage);
     const newId = newBuildId();
     const diffPath = join(bucket, newId, 'rootfs.ext4');
-    const exported = await unary(client, client.export, { sandboxId: 'sbx-restart', newBuildId: newId, diffPath });
+    const exported = await unary(client, client.export, {
+      sandboxId: 'sbx-restart',
+      newBuildId: newId,
+      diffPath,
+      keepServing: false,
+    });
     expect(exported.dirtyBlocks).toBeGreaterThanOrEqual(Math.min(lastFlushed, SIZE / BS));
     expect((await readMerged(newId, await readFile(diffPath), exported.mappings)).equals(final)).toBe(true);
     expect(existsSync(join(dataDir, 'devices', 'sbx-restart'))).toBe(false);

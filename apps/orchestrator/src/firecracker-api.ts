@@ -57,6 +57,15 @@ export class FirecrackerApi {
     return this.call('PUT', '/mmds', metadata).then(() => undefined);
   }
 
+  /** `GET /vm/config`'s machine config: after a snapshot load, the restored machine's. */
+  async machineConfig(): Promise<{ vcpuCount: number; memSizeMib: number } | undefined> {
+    const body = (await this.call('GET', '/vm/config', undefined)) as
+      { 'machine-config'?: { vcpu_count?: unknown; mem_size_mib?: unknown } } | undefined;
+    const machine = body?.['machine-config'];
+    if (typeof machine?.vcpu_count !== 'number' || typeof machine.mem_size_mib !== 'number') return undefined;
+    return { vcpuCount: machine.vcpu_count, memSizeMib: machine.mem_size_mib };
+  }
+
   /** Firecracker's `GET /`: instance id, state ("Running", "Paused", "Not started"). */
   async describe(): Promise<{ id?: string; state?: string }> {
     const body = await this.call('GET', '/', undefined);

@@ -90,9 +90,9 @@ export class GrpcNodeServices implements NodeServices {
           unary(c, c.open, BlockOpenRequest.fromPartial({ sandboxId, buildId, attachKernel: true }), long),
         );
       },
-      export: (sandboxId, newBuildId, diffPath): Promise<BlockExportResponse> => {
+      export: (sandboxId, newBuildId, diffPath, keepServing = false): Promise<BlockExportResponse> => {
         const c = blocks.of(sandboxId);
-        return throughRestart(() => unary(c, c.export, { sandboxId, newBuildId, diffPath }, long));
+        return throughRestart(() => unary(c, c.export, { sandboxId, newBuildId, diffPath, keepServing }, long));
       },
       close: async (sandboxId) => {
         const c = blocks.of(sandboxId);
@@ -121,9 +121,16 @@ export class GrpcNodeServices implements NodeServices {
         const c = uffds.of(sandboxId);
         await unary(c, c.stopSourcing, { sandboxId }, timeoutMs);
       },
-      exportDiff: (sandboxId, newBuildId, diffPath, memfilePath, vmmDirtyLog): Promise<UffdExportDiffResponse> => {
+      exportDiff: (
+        sandboxId,
+        newBuildId,
+        diffPath,
+        memfilePath,
+        vmmDirtyLog,
+        keepServing = false,
+      ): Promise<UffdExportDiffResponse> => {
         const c = uffds.of(sandboxId);
-        return unary(c, c.exportDiff, { sandboxId, newBuildId, diffPath, memfilePath, vmmDirtyLog }, long);
+        return unary(c, c.exportDiff, { sandboxId, newBuildId, diffPath, memfilePath, vmmDirtyLog, keepServing }, long);
       },
       stop: async (sandboxId) => {
         const c = uffds.of(sandboxId);

@@ -1,7 +1,7 @@
 import { Redis } from 'ioredis';
 import type { Logger } from '#logging';
 
-export type LifecycleEventType = 'created' | 'resumed' | 'paused' | 'killed' | 'failed';
+export type LifecycleEventType = 'created' | 'resumed' | 'paused' | 'checkpointed' | 'killed' | 'failed';
 
 /** The catalogue entry of one running sandbox: where it runs and until when. */
 export interface CatalogueEntry {

@@ -18,7 +18,8 @@ export interface SlotProvider {
 /** block-server: copy-on-write rootfs devices served over NBD. */
 export interface DeviceProvider {
   open(sandboxId: string, buildId: string): Promise<BlockDevice>;
-  export(sandboxId: string, newBuildId: string, diffPath: string): Promise<BlockExportResponse>;
+  /** keepServing: a checkpoint's export; the device serves on (else it is finished). */
+  export(sandboxId: string, newBuildId: string, diffPath: string, keepServing?: boolean): Promise<BlockExportResponse>;
   close(sandboxId: string): Promise<void>;
   list(): Promise<BlockDevice[]>;
 }
@@ -41,6 +42,8 @@ export interface MemoryProvider {
     memfilePath: string,
     /** memfilePath is Firecracker's Diff snapshot: its pages are the written ones (KVM's dirty log). */
     vmmDirtyLog: boolean,
+    /** A checkpoint's export: no StopSourcing before it, the sandbox is served on. */
+    keepServing?: boolean,
   ): Promise<UffdExportDiffResponse>;
   stop(sandboxId: string): Promise<void>;
   list(): Promise<MemoryServing[]>;

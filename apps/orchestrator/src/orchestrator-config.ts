@@ -84,6 +84,12 @@ export const orchestratorConfigSchema = z
     minRamMb: int(16, 1 << 20).default(128),
     maxRamMb: int(16, 1 << 20).default(8192),
     maxSandboxes: int(1, 100_000).default(512),
+    /**
+     * Sandboxes starting (create or resume, until envd answers) at once (E2B: 3). A resume waits
+     * for a turn up to startWaitMs; a fresh create is refused at once (RESOURCE_EXHAUSTED).
+     */
+    maxStartingSandboxes: int(1, 1000).default(3),
+    startWaitMs: int(0, 600_000).default(15_000),
     envdTimeoutMs: int(100, 600_000).default(10_000),
     envdPort: int(1, 65535).default(49983),
     healthIntervalMs: int(0, 3_600_000).default(20_000),

@@ -7,6 +7,33 @@ import { TypedError } from '#service-kit';
 /** A request field that breaks its rule: the kit's one RequestInvalid. */
 export { RequestInvalid } from '#service-kit';
 
+/** A request field this node does not serve (E2B's volume mounts): refused, never ignored. */
+export class FieldNotServed extends TypedError {
+  readonly code = 'FIELD_NOT_SERVED';
+  constructor(
+    readonly field: string,
+    readonly reason: string,
+  ) {
+    super(`${field} is not served by this node: ${reason}`);
+  }
+}
+
+/** A create or resume asking for other vCPUs or memory than the snapshot was taken with. */
+export class ResourcesMismatch extends TypedError {
+  readonly code = 'RESOURCES_MISMATCH';
+  constructor(
+    readonly field: string,
+    readonly requested: number,
+    readonly build: number,
+    readonly buildId: string,
+  ) {
+    super(
+      `invalid ${field}: ${requested} requested, but build '${buildId}' was snapshotted with ${build} ` +
+        "(a snapshot fixes vCPUs and memory; 0 takes the build's)",
+    );
+  }
+}
+
 export class SandboxNotFound extends TypedError {
   readonly code = 'SANDBOX_NOT_FOUND';
   constructor(readonly sandboxId: string) {
@@ -74,7 +101,7 @@ export class SandboxStepFailed extends TypedError {
   readonly code = 'SANDBOX_STEP_FAILED';
   constructor(
     readonly sandboxId: string,
-    readonly flow: 'create' | 'pause' | 'delete' | 'adopt',
+    readonly flow: 'create' | 'pause' | 'checkpoint' | 'delete' | 'adopt',
     readonly step: string,
     override readonly cause: unknown,
     readonly rollbackErrors: string[] = [],
@@ -85,7 +112,10 @@ export class SandboxStepFailed extends TypedError {
   }
 }
 
-/** The node is at its sandbox limit, or the pause queue did not free up in time. */
+/**
+ * The node is at a limit: sandboxes running, sandboxes starting at once (a resume waited its
+ * bound for a turn, a fresh create does not wait), or the pause queue.
+ */
 export class CapacityExhausted extends TypedError {
   readonly code = 'CAPACITY_EXHAUSTED';
   constructor(

@@ -25,6 +25,8 @@ import type { Sandbox } from './sandbox.js';
 import { sandboxService } from './sandbox-service.js';
 import { SandboxStateStore } from './sandbox-state-store.js';
 import { templateAdminService } from './template-admin-service.js';
+import { admissionService } from './admission-service.js';
+import { AdmissionService } from '#proto/sbx/admission';
 import { buildTemplate } from './template-builder.js';
 import { TemplateCatalogue } from './template-catalogue.js';
 import { chooseVmmCommand, ProcessVmmLauncher } from './vmm-launcher.js';
@@ -130,6 +132,8 @@ async function start(config: OrchestratorConfig, logger: Logger, stack: Teardown
     settings: {
       nodeId: config.nodeId,
       maxSandboxes: config.maxSandboxes,
+      maxStartingSandboxes: config.maxStartingSandboxes,
+      startWaitMs: config.startWaitMs,
       envdTimeoutMs: config.envdTimeoutMs,
       healthIntervalMs: config.healthIntervalMs,
       metricsIntervalMs: config.metricsIntervalMs,
@@ -258,7 +262,16 @@ async function start(config: OrchestratorConfig, logger: Logger, stack: Teardown
   if (config.controlSocket) {
     const control = await startGrpcServer({
       address: `unix://${config.controlSocket}`,
-      services: [...served, adminService, routing],
+      services: [
+        ...served,
+        adminService,
+        routing,
+        {
+          name: 'sbx.v1.Admission',
+          definition: AdmissionService,
+          implementation: admissionService({ manager, logger }),
+        },
+      ],
       logger,
     });
     stack.push('control socket', () => control.shutdown(1000));

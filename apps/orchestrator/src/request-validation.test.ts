@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import type { SandboxConfig } from '#proto/orchestrator';
-import { RequestInvalid } from './orchestrator-errors.js';
+import { FieldNotServed, RequestInvalid } from './orchestrator-errors.js';
 import { checkSandboxConfig } from './request-validation.js';
 
 const bounds = { minVcpu: 1, maxVcpu: 8, minRamMb: 64, maxRamMb: 8192 };
@@ -34,11 +34,14 @@ describe('checkSandboxConfig: ingress and auto-resume (E2B fields 22 and 24)', (
       [{ network: { ingress: { trafficAccessToken: 'x'.repeat(513) } } }, 'traffic_access_token'],
       [{ network: { ingress: { maskRequestHost: 'evil\r\nX-Injected: 1' } } }, 'mask_request_host'],
       [{ autoResume: { policy: 'sometimes' } }, 'auto_resume.policy'],
-      [{ network: { egress: { allowedCidrs: ['10.0.0.0/8'], deniedCidrs: [], allowedDomains: [] } } }, 'egress'],
     ];
     for (const [extra, field] of cases) {
       expect(() => checkSandboxConfig(base(extra), bounds)).toThrow(RequestInvalid);
       expect(() => checkSandboxConfig(base(extra), bounds)).toThrow(field);
     }
+    // Not served yet (UNIMPLEMENTED at the edge): refused, never silently dropped.
+    const egress = base({ network: { egress: { allowedCidrs: ['10.0.0.0/8'], deniedCidrs: [], allowedDomains: [] } } });
+    expect(() => checkSandboxConfig(egress, bounds)).toThrow(FieldNotServed);
+    expect(() => checkSandboxConfig(egress, bounds)).toThrow('sandbox.network.egress');
   });
 });

@@ -1,6 +1,6 @@
 import { isBuildId } from '#storage';
-import type { SandboxConfig } from '#proto/orchestrator';
-import { RequestInvalid } from './orchestrator-errors.js';
+import type { SandboxConfig, SandboxNetworkEgressConfig } from '#proto/orchestrator';
+import { FieldNotServed, RequestInvalid } from './orchestrator-errors.js';
 
 /** Sandbox, template and alias ids end up in paths, socket names and Redis keys. */
 const SAFE_NAME = /^[A-Za-z0-9][A-Za-z0-9_-]*$/;
@@ -42,11 +42,22 @@ export function checkSandboxConfig(config: SandboxConfig | undefined, bounds: Re
   if (config.teamId && config.teamId.length > 128) throw new RequestInvalid('sandbox.team_id', 'longer than 128');
   const buildId = config.buildId ? checkBuildId('sandbox.build_id', config.buildId) : '';
   if (config.snapshot && !buildId) throw new RequestInvalid('sandbox.build_id', 'required when snapshot is true');
-  if (!Number.isInteger(config.vcpu) || config.vcpu < bounds.minVcpu || config.vcpu > bounds.maxVcpu) {
+  // 0 = unset: taken from the build (a snapshot fixes both); anything else must match it.
+  if (
+    !Number.isInteger(config.vcpu) ||
+    (config.vcpu !== 0 && (config.vcpu < bounds.minVcpu || config.vcpu > bounds.maxVcpu))
+  ) {
     throw new RequestInvalid('sandbox.vcpu', `${config.vcpu} is outside [${bounds.minVcpu}, ${bounds.maxVcpu}]`);
   }
-  if (!Number.isInteger(config.ramMb) || config.ramMb < bounds.minRamMb || config.ramMb > bounds.maxRamMb) {
+  if (
+    !Number.isInteger(config.ramMb) ||
+    (config.ramMb !== 0 && (config.ramMb < bounds.minRamMb || config.ramMb > bounds.maxRamMb))
+  ) {
     throw new RequestInvalid('sandbox.ram_mb', `${config.ramMb} is outside [${bounds.minRamMb}, ${bounds.maxRamMb}]`);
+  }
+  const mounts = config.volumeMounts ?? [];
+  if (mounts.length > 0) {
+    throw new FieldNotServed('sandbox.volumeMounts', `${mounts.length} mount(s) asked; this node has no volumes`);
   }
   if (config.totalDiskSizeMb < 0) throw new RequestInvalid('sandbox.total_disk_size_mb', 'negative');
   if (config.maxSandboxLength < 0) throw new RequestInvalid('sandbox.max_sandbox_length', 'negative');
@@ -70,10 +81,7 @@ export function checkSandboxConfig(config: SandboxConfig | undefined, bounds: Re
 
 /** Ingress settings end up in HTTP headers: printable ASCII only. Egress rules are not served yet. */
 function checkNetworkConfig(config: SandboxConfig): void {
-  const egress = config.network?.egress;
-  if (egress && egress.allowedCidrs.length + egress.deniedCidrs.length + egress.allowedDomains.length > 0) {
-    throw new RequestInvalid('sandbox.network.egress', 'egress rules are not served by this node yet');
-  }
+  checkEgressServed('sandbox.', config.network?.egress, config.allowInternetAccess);
   const ingress = config.network?.ingress;
   const token = ingress?.trafficAccessToken;
   if (token !== undefined && token !== '' && !/^[\x21-\x7e]{1,512}$/.test(token)) {
@@ -82,6 +90,23 @@ function checkNetworkConfig(config: SandboxConfig): void {
   const host = ingress?.maskRequestHost;
   if (host !== undefined && host !== '' && !/^[A-Za-z0-9._~:[\]-]{1,255}$/.test(host)) {
     throw new RequestInvalid('sandbox.network.ingress.mask_request_host', 'not a host name (host or host:port)');
+  }
+}
+
+/**
+ * Egress rules and allow_internet_access=false are refused (UNIMPLEMENTED, naming the field) until
+ * the net-agent applies them: a sandbox must never run with a policy it asked for silently dropped.
+ */
+export function checkEgressServed(
+  prefix: string,
+  egress: SandboxNetworkEgressConfig | undefined,
+  allowInternetAccess: boolean | undefined,
+): void {
+  if (egress && egress.allowedCidrs.length + egress.deniedCidrs.length + egress.allowedDomains.length > 0) {
+    throw new FieldNotServed(`${prefix}network.egress`, 'egress rules are not applied by this node yet');
+  }
+  if (allowInternetAccess === false) {
+    throw new FieldNotServed(`${prefix}allow_internet_access`, 'denying internet access is not applied yet');
   }
 }
 

@@ -23,12 +23,14 @@ import {
   BuildUnavailable,
   CapacityExhausted,
   OrchestratorStopping,
+  ResourcesMismatch,
   SandboxBusy,
   SandboxExists,
   SandboxNotFound,
   SandboxStepFailed,
 } from './orchestrator-errors.js';
 import { Sandbox } from './sandbox.js';
+import { StartAdmission } from './start-admission.js';
 import type { SandboxStateStore } from './sandbox-state-store.js';
 import type { TemplateCatalogue } from './template-catalogue.js';
 import { describeFailures } from '#service-kit';
@@ -38,6 +40,9 @@ import type { VmmPool } from './vmm-pool.js';
 export interface ManagerSettings {
   nodeId: string;
   maxSandboxes: number;
+  /** Sandboxes starting at once (E2B: 3); a resume waits up to startWaitMs for a turn. */
+  maxStartingSandboxes?: number;
+  startWaitMs?: number;
   envdTimeoutMs: number;
   healthIntervalMs: number;
   metricsIntervalMs: number;
@@ -86,13 +91,17 @@ export type StepTimings = Record<string, number>;
 export class SandboxManager {
   readonly sandboxes = new Map<string, Sandbox>();
   private readonly pauseQueue: BoundedQueue;
+  readonly admission: StartAdmission;
   private endTimer: NodeJS.Timeout | undefined;
   private stopping = false;
   lastCreateTimings: StepTimings = {};
   lastPauseTimings: StepTimings = {};
+  /** Of the last checkpoint, with guestPaused: from the VM pausing to its resuming (ms). */
+  lastCheckpointTimings: StepTimings = {};
 
   constructor(private readonly o: SandboxManagerOptions) {
     this.pauseQueue = new BoundedQueue(o.settings.pauseParallelism);
+    this.admission = new StartAdmission(o.settings.maxStartingSandboxes ?? 3, o.settings.startWaitMs ?? 15_000);
   }
 
   get settings(): ManagerSettings {
@@ -127,6 +136,7 @@ export class SandboxManager {
   async update(sandboxId: string, endTime: Date): Promise<void> {
     const sbx = this.get(sandboxId);
     if (sbx.phase !== 'running') throw new SandboxBusy(sandboxId, sbx.phase, 'update');
+    if (sbx.checkpointing) throw new SandboxBusy(sandboxId, 'checkpointing', 'update');
     sbx.endTime = endTime;
     await this.o.records.states.save(sbx.toState());
     await this.o.records.events.publish(this.catalogueEntry(sbx));
@@ -145,6 +155,7 @@ export class SandboxManager {
     // Reserve the id before the first await so a concurrent duplicate is refused.
     const placeholder = { phase: 'creating' } as Sandbox;
     this.sandboxes.set(id, placeholder);
+    let admitted: (() => void) | undefined;
     const timings: StepTimings = {};
     let step = 'resolve build';
     let sbx: Sandbox | undefined;
@@ -160,11 +171,15 @@ export class SandboxManager {
       // A build paused on this node is read from {cacheDir}/builds at once, by block-server and
       // uffd-server too: no wait for its upload.
       const build = await this.resolveBuild(buildId);
+      const ramMb = memoryOfBuild(build, config.ramMb);
+      mark(step);
+      step = 'admission';
+      admitted = await this.admission.enter(config.snapshot ? 'resume' : 'create');
       mark(step);
       const dir = await this.o.records.states.create(id);
       sbx = new Sandbox({
         id,
-        config: { ...config, buildId },
+        config: { ...config, buildId, ramMb },
         build,
         startTime: request.startTime,
         endTime: request.endTime,
@@ -185,11 +200,18 @@ export class SandboxManager {
       await this.o.records.states.save(sbx.toState());
       timings['total'] = performance.now() - t0;
       this.lastCreateTimings = timings;
+      admitted?.();
     } catch (error) {
+      admitted?.();
       const failures = sbx ? await sbx.teardown.unwind() : [];
       if (this.sandboxes.get(id) === sbx || this.sandboxes.get(id) === placeholder) this.sandboxes.delete(id);
       if (!sbx) {
         // Failed before the sandbox had anything (unknown template or build): a plain error.
+        throw error;
+      }
+      // The request's fault, found once the VMM read the snapshot: INVALID_ARGUMENT, not a failure.
+      if (error instanceof ResourcesMismatch) {
+        log.warn({ err: error.message }, 'sandbox create refused; rolled back');
         throw error;
       }
       const failed = new SandboxStepFailed(id, 'create', step, error, describeFailures(failures));
@@ -306,6 +328,7 @@ export class SandboxManager {
       enableDiffSnapshots: true,
       resumeVm: false,
     });
+    await this.checkVcpus(sbx, vmm);
     mark('load snapshot');
     at('resume vm');
     await vmm.api.setState('Resumed');
@@ -324,6 +347,166 @@ export class SandboxManager {
     mark('init envd');
   }
 
+  /**
+   * The vCPUs are in the VM state (the snapfile), which only the VMM reads: asked of it after the
+   * load, before the guest runs. A VMM that does not say (older Firecracker) leaves the request as is.
+   */
+  private async checkVcpus(sbx: Sandbox, vmm: VmmHandle): Promise<void> {
+    const machine = await vmm.api.machineConfig().catch(() => undefined);
+    if (!machine) return;
+    const requested = sbx.config.vcpu;
+    if (requested !== 0 && requested !== machine.vcpuCount) {
+      throw new ResourcesMismatch('sandbox.vcpu', requested, machine.vcpuCount, sbx.build.buildId);
+    }
+    sbx.config.vcpu = machine.vcpuCount;
+  }
+
+  /**
+   * Snapshots a running sandbox into a new build and keeps it running (E2B's Checkpoint). E2B
+   * pauses, snapshots, stops the VM and resumes a new one from the build; here the same VM is
+   * resumed in place as soon as its state is on disk: the guest is paused only for the VM
+   * snapshot (a Diff: KVM's dirty log, which the snapshot resets, so the next pause or
+   * checkpoint writes only what changed since) and the disk export. The memory diff is
+   * exported from the snapshot file while the guest runs on. Answers once the build is uploaded.
+   */
+  async checkpoint(sandboxId: string, newBuildId: string): Promise<SnapshotBuild> {
+    if (this.stopping) throw new OrchestratorStopping();
+    const sbx = this.get(sandboxId);
+    if (sbx.phase !== 'running') throw new SandboxBusy(sandboxId, sbx.phase, 'checkpoint');
+    if (sbx.checkpointing) throw new SandboxBusy(sandboxId, 'checkpointing', 'checkpoint');
+    if (await this.o.builds.exists(newBuildId)) throw new BuildExists(newBuildId);
+    sbx.checkpointing = true;
+    try {
+      return await this.pauseQueue.run(() => this.checkpointNow(sbx, newBuildId));
+    } finally {
+      sbx.checkpointing = false;
+    }
+  }
+
+  private async checkpointNow(sbx: Sandbox, newBuildId: string): Promise<SnapshotBuild> {
+    const { memory, devices } = this.o.node.services;
+    const id = sbx.id;
+    const vmm = sbx.vmm!;
+    const timings: StepTimings = {};
+    const t0 = performance.now();
+    let last = t0;
+    const mark = (name: string) => {
+      const now = performance.now();
+      timings[name] = now - last;
+      last = now;
+    };
+    let step = 'pause vm';
+    let staging: string | undefined;
+    let paused = false;
+    let pausedAt: number;
+    const snapshotMemfile = join(sbx.dir, 'memfile.checkpoint');
+    try {
+      const tracking = await memory.tracking(id).catch(() => 'unknown');
+      // With write-protect the uffd-server's tracking is not reset by a checkpoint: the VMM's
+      // dirty log (a Diff) is the record that restarts; a 2 MiB guest keeps Full + present pages.
+      const vmmDirtyLog =
+        !sbx.config.hugePages && (tracking.startsWith('wp') || this.o.settings.pauseMemoryDiff === 'vmm-dirty-log');
+      await rm(snapshotMemfile, { force: true });
+      staging = await this.o.builds.stageBuild(newBuildId);
+      pausedAt = performance.now();
+      await vmm.api.setState('Paused');
+      paused = true;
+      mark(step);
+      step = 'create snapshot';
+      await vmm.api.createSnapshot({
+        type: vmmDirtyLog ? 'Diff' : 'Full',
+        snapshotPath: join(staging, 'snapfile'),
+        memFilePath: snapshotMemfile,
+      });
+      mark(step);
+      step = 'export rootfs diff';
+      // While paused: the overlay must not change under the export.
+      const disk = await devices.export(id, newBuildId, join(staging, 'rootfs.ext4'), true);
+      mark(step);
+      let mem: Awaited<ReturnType<typeof memory.exportDiff>> | undefined;
+      if (tracking.startsWith('wp')) {
+        // Firecracker shared a memfd: the export reads live memory, so it too runs while paused.
+        step = 'export memory diff';
+        mem = await memory.exportDiff(id, newBuildId, join(staging, 'memfile'), snapshotMemfile, vmmDirtyLog, true);
+        mark(step);
+      }
+      step = 'resume vm';
+      await vmm.api.setState('Resumed');
+      paused = false;
+      const guestPausedMs = performance.now() - pausedAt;
+      mark(step);
+      if (!mem) {
+        step = 'export memory diff';
+        mem = await memory.exportDiff(id, newBuildId, join(staging, 'memfile'), snapshotMemfile, vmmDirtyLog, true);
+        mark(step);
+      }
+      await rm(snapshotMemfile, { force: true });
+      step = 'write headers';
+      let memHeader = nextHeader(sbx.build.memfileHeader, newBuildId, mem.mappings);
+      let rootHeader = nextHeader(sbx.build.rootfsHeader, newBuildId, disk.mappings);
+      if (
+        layerCount(memHeader) > this.o.settings.generationCap ||
+        layerCount(rootHeader) > this.o.settings.generationCap
+      ) {
+        memHeader = await compactLayers(memHeader, staging, 'memfile', this.o.builds);
+        rootHeader = await compactLayers(rootHeader, staging, 'rootfs.ext4', this.o.builds);
+      }
+      mark(step);
+      step = 'register build';
+      await this.o.builds.commitBuild(newBuildId, { memfile: memHeader, 'rootfs.ext4': rootHeader });
+      staging = undefined;
+      const build: SnapshotBuild = {
+        buildId: newBuildId,
+        snapfilePath: join(this.o.builds.localDir(newBuildId), 'snapfile'),
+        memfileHeader: memHeader,
+        rootfsHeader: rootHeader,
+      };
+      // The next pause or checkpoint is a diff over this build.
+      sbx.build = build;
+      await this.o.records.states.save(sbx.toState());
+      mark(step);
+      step = 'upload build';
+      await this.o.builds.uploadBuild(newBuildId);
+      mark(step);
+      timings['total'] = performance.now() - t0;
+      this.lastCheckpointTimings = { ...timings, guestPaused: guestPausedMs };
+      await this.o.records.events.event('checkpointed', id, {
+        buildId: newBuildId,
+        generation: String(memHeader.metadata.generation),
+      });
+      sbx.log.info(
+        {
+          buildId: newBuildId,
+          guestPausedMs: Math.round(guestPausedMs * 100) / 100,
+          memoryDiff: { tracking: mem.tracking, pages: mem.dirtyPages, bytes: mem.diffSize },
+          diskDiffBytes: disk.diffSize,
+          steps: rounded(timings),
+        },
+        'sandbox checkpointed',
+      );
+      return build;
+    } catch (error) {
+      await rm(snapshotMemfile, { force: true }).catch(() => undefined);
+      if (staging) await this.o.builds.discardBuild(newBuildId).catch(() => undefined);
+      if (paused && vmm.isAlive()) await vmm.api.setState('Resumed').catch(() => undefined);
+      throw new SandboxStepFailed(id, 'checkpoint', step, error);
+    }
+  }
+
+  admissionStatus() {
+    const running = [...this.sandboxes.values()].filter((s) => s.phase === 'running' && s.config);
+    return {
+      starting: this.admission.starting,
+      waitingToStart: this.admission.waiting,
+      maxStarting: this.admission.limit,
+      startWaitMs: this.admission.waitMs,
+      sandboxes: this.sandboxes.size,
+      maxSandboxes: this.o.settings.maxSandboxes,
+      runningVcpus: running.reduce((n, s) => n + s.config.vcpu, 0),
+      runningRamMb: running.reduce((n, s) => n + s.config.ramMb, 0),
+    };
+  }
+
   rootfsLinkPath(rootfsHeader: Header): string {
     return join(this.o.settings.vmRootfsDir, rootfsHeader.metadata.baseBuildId, 'rootfs.ext4');
   }
@@ -331,6 +514,7 @@ export class SandboxManager {
   async delete(sandboxId: string, reason: 'killed' | 'expired' = 'killed'): Promise<void> {
     const sbx = this.get(sandboxId);
     if (sbx.phase !== 'running') throw new SandboxBusy(sandboxId, sbx.phase, 'delete');
+    if (sbx.checkpointing) throw new SandboxBusy(sandboxId, 'checkpointing', 'delete');
     await this.stop(sbx, reason);
   }
 
@@ -361,6 +545,7 @@ export class SandboxManager {
     if (this.stopping) throw new OrchestratorStopping();
     const sbx = this.get(sandboxId);
     if (sbx.phase !== 'running') throw new SandboxBusy(sandboxId, sbx.phase, 'pause');
+    if (sbx.checkpointing) throw new SandboxBusy(sandboxId, 'checkpointing', 'pause');
     if (await this.o.builds.exists(newBuildId)) throw new BuildExists(newBuildId);
     sbx.phase = 'pausing';
     return this.pauseQueue.run(() => this.pauseNow(sbx, newBuildId, templateId ?? sbx.config.templateId));
@@ -541,7 +726,7 @@ export class SandboxManager {
   /** Kills (or pauses, with auto_pause) every running sandbox past its end time. */
   async enforceEndTimes(now = Date.now()): Promise<void> {
     for (const sbx of [...this.sandboxes.values()]) {
-      if (sbx.phase !== 'running' || sbx.endTime.getTime() > now) continue;
+      if (sbx.phase !== 'running' || sbx.checkpointing || sbx.endTime.getTime() > now) continue;
       try {
         if (sbx.config.autoPause) {
           sbx.log.info('end time reached; auto-pausing');
@@ -572,6 +757,18 @@ export class SandboxManager {
       await Promise.allSettled(all.filter((s) => s.phase === 'running').map((s) => this.stop(s, 'node shutdown')));
     }
   }
+}
+
+/**
+ * A snapshot fixes the guest's memory: its size is the memfile's. A request's ram_mb must equal
+ * it (wrenn: snapshot templates lock memory to the baked-in value); 0 takes it.
+ */
+function memoryOfBuild(build: SnapshotBuild, requestedMb: number): number {
+  const mb = Math.ceil(build.memfileHeader.metadata.size / 2 ** 20);
+  if (requestedMb !== 0 && requestedMb !== mb) {
+    throw new ResourcesMismatch('sandbox.ram_mb', requestedMb, mb, build.buildId);
+  }
+  return mb;
 }
 
 /** Step timings in ms with two decimals, for the log line each create and pause ends with. */

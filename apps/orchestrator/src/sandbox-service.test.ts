@@ -4,6 +4,7 @@ import { join } from 'node:path';
 import { status, type ServiceError } from '@grpc/grpc-js';
 import fc from 'fast-check';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { eventually } from '#test-kit';
 import { dial, startGrpcServer, unary, waitForServing, type GrpcServerHandle } from '#grpc';
 import { SandboxServiceClient, SandboxServiceService, type SandboxConfig } from '#proto/orchestrator';
 import { BASE, config, logger, makeHarness, type Harness } from '../test/recording-doubles.js';
@@ -98,7 +99,7 @@ describe('SandboxService edge', () => {
     ['too long', { sandboxId: 'a'.repeat(64) }, 'sandbox.sandbox_id'],
     ['empty', { sandboxId: '' }, 'sandbox.sandbox_id'],
     ['template traversal', { templateId: '../etc' }, 'sandbox.template_id'],
-    ['vcpu 0', { sandboxId: 'v0', vcpu: 0 }, 'sandbox.vcpu'],
+    ['vcpu negative', { sandboxId: 'v0', vcpu: -1 }, 'sandbox.vcpu'],
     ['vcpu too many', { sandboxId: 'v9', vcpu: 9 }, 'sandbox.vcpu'],
     ['ram too small', { sandboxId: 'r1', ramMb: 1 }, 'sandbox.ram_mb'],
     ['ram too big', { sandboxId: 'r2', ramMb: 1 << 20 }, 'sandbox.ram_mb'],
@@ -119,13 +120,14 @@ describe('SandboxService edge', () => {
     expect((await failure(create({ sandboxId: 't2' }, new Date(Date.now() - 1000)))).details).toContain('end_time');
   });
 
-  it('answers NOT_FOUND naming an unknown template or build', async () => {
+  it('answers NOT_FOUND naming an unknown template, FAILED_PRECONDITION naming a build not in storage', async () => {
     const t = await failure(create({ sandboxId: 'nt', templateId: 'no-such-template' }));
     expect(t.code).toBe(status.NOT_FOUND);
     expect(t.details).toContain('no-such-template');
     const missing = '22222222-2222-4222-8222-222222222222';
     const b = await failure(create({ sandboxId: 'nb', buildId: missing, snapshot: true }));
-    expect(b.code).toBe(status.NOT_FOUND);
+    // E2B's control plane retries a FAILED_PRECONDITION later (the build may be still uploading).
+    expect(b.code).toBe(status.FAILED_PRECONDITION);
     expect(b.details).toContain(missing);
     expect(h.node.slotsInUse.size).toBe(0);
   });
@@ -161,6 +163,73 @@ describe('SandboxService edge', () => {
     expect(noEnd.code).toBe(status.INVALID_ARGUMENT);
   });
 
+  it('refuses fields it does not serve with UNIMPLEMENTED naming them', async () => {
+    const mount = await failure(
+      create({ sandboxId: 'vm1', volumeMounts: [{ id: 'v', path: '/data', type: 'nfs', name: 'data' }] }),
+    );
+    expect(mount.code).toBe(status.UNIMPLEMENTED);
+    expect(mount.details).toContain('sandbox.volumeMounts');
+    const noNet = await failure(create({ sandboxId: 'vm2', allowInternetAccess: false }));
+    expect(noNet.code).toBe(status.UNIMPLEMENTED);
+    expect(noNet.details).toContain('sandbox.allow_internet_access');
+    await create({ sandboxId: 'vm3', allowInternetAccess: true });
+    const live = await failure(
+      unary(
+        client,
+        client.update,
+        {
+          sandboxId: 'vm3',
+          endTime: hour(),
+          egress: { allowedCidrs: [], deniedCidrs: ['10.0.0.0/8'], allowedDomains: [] },
+        },
+        5000,
+      ),
+    );
+    expect(live.code).toBe(status.UNIMPLEMENTED);
+    expect(live.details).toContain('network.egress');
+    await unary(client, client.delete, { sandboxId: 'vm3' }, 5000);
+    expect(h.node.slotsInUse.size).toBe(0);
+  });
+
+  it('takes vCPUs and memory from the build, refuses others naming both values', async () => {
+    // The base build's memfile is 8 pages (rounds up to 1 MiB); its VM state has 1 vCPU.
+    const ram = await failure(create({ sandboxId: 'res1', ramMb: 1024 }));
+    expect(ram.code).toBe(status.INVALID_ARGUMENT);
+    expect(ram.details).toContain('sandbox.ram_mb');
+    expect(ram.details).toMatch(/1024 requested.*snapshotted with 1\b/);
+    const cpu = await failure(create({ sandboxId: 'res2', vcpu: 4, ramMb: 0 }));
+    expect(cpu.code).toBe(status.INVALID_ARGUMENT);
+    expect(cpu.details).toMatch(/sandbox\.vcpu: 4 requested.*snapshotted with 1\b/);
+    expect(h.node.slotsInUse.size).toBe(0);
+    expect(h.vmm.running.size).toBe(0);
+    await create({ sandboxId: 'res3', vcpu: 0, ramMb: 0 });
+    const listed = (await unary(client, client.list, {}, 5000)).sandboxes.find((s) => s.config?.sandboxId === 'res3');
+    expect({ vcpu: listed?.config?.vcpu, ramMb: listed?.config?.ramMb }).toEqual({ vcpu: 1, ramMb: 1 });
+    await unary(client, client.delete, { sandboxId: 'res3' }, 5000);
+  });
+
+  it('admits 3 starting at once: a fresh create is refused at once, a resume waits for a turn', async () => {
+    await create({ sandboxId: 'adm-src' });
+    const paused = crypto.randomUUID();
+    await unary(client, client.pause, { sandboxId: 'adm-src', templateId: 'base', buildId: paused }, 5000);
+    let release!: () => void;
+    h.envd.hold = new Promise<void>((r) => (release = r));
+    const starting = ['adm-1', 'adm-2', 'adm-3'].map((sandboxId) => create({ sandboxId }));
+    await eventually(() => h.manager.admission.starting === 3);
+    const refused = await failure(create({ sandboxId: 'adm-4' }));
+    expect(refused.code).toBe(status.RESOURCE_EXHAUSTED);
+    expect(refused.details).toContain('sandboxes starting at once at its limit (3)');
+    const resume = create({ sandboxId: 'adm-resumed', buildId: paused, snapshot: true });
+    await eventually(() => h.manager.admission.waiting === 1);
+    h.envd.hold = undefined;
+    release();
+    await Promise.all([...starting, resume]);
+    const ids = (await unary(client, client.list, {}, 5000)).sandboxes.map((s) => s.config?.sandboxId).sort();
+    expect(ids).toEqual(['adm-1', 'adm-2', 'adm-3', 'adm-resumed']);
+    expect(h.manager.admission.starting).toBe(0);
+    for (const sandboxId of ids) await unary(client, client.delete, { sandboxId: sandboxId! }, 5000);
+  });
+
   it('survives random requests and keeps serving', async () => {
     await fc.assert(
       fc.asyncProperty(
@@ -177,7 +246,13 @@ describe('SandboxService edge', () => {
             () => status.OK,
             (e: ServiceError) => e.code,
           );
-          expect([status.OK, status.INVALID_ARGUMENT, status.NOT_FOUND, status.ALREADY_EXISTS]).toContain(code);
+          expect([
+            status.OK,
+            status.INVALID_ARGUMENT,
+            status.NOT_FOUND,
+            status.FAILED_PRECONDITION,
+            status.ALREADY_EXISTS,
+          ]).toContain(code);
         },
       ),
       { numRuns: 60 },

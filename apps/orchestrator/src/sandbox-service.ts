@@ -2,6 +2,7 @@ import type { Logger } from '#logging';
 import { unaryHandlers } from '#service-kit';
 import type {
   RunningSandbox,
+  SandboxCheckpointResponse,
   SandboxConfig,
   SandboxCreateRequest,
   SandboxCreateResponse,
@@ -13,6 +14,7 @@ import type { Empty } from '#proto/google/protobuf/empty';
 import { RequestInvalid } from './orchestrator-errors.js';
 import {
   checkBuildId,
+  checkEgressServed,
   checkSafeName,
   checkSandboxConfig,
   checkTimes,
@@ -46,6 +48,7 @@ export function sandboxService(options: {
     }),
     update: handle('Update', async (req): Promise<Empty> => {
       checkSafeName('sandbox_id', req.sandboxId);
+      checkEgressServed('', req.egress, req.allowInternetAccess);
       if (!req.endTime || Number.isNaN(req.endTime.getTime())) throw new RequestInvalid('end_time', 'missing');
       await manager.update(req.sandboxId, req.endTime);
       return {};
@@ -68,6 +71,12 @@ export function sandboxService(options: {
       if (req.templateId) checkSafeName('template_id', req.templateId);
       const buildId = checkBuildId('build_id', req.buildId);
       await manager.pause(req.sandboxId, buildId, req.templateId || undefined);
+      return {};
+    }),
+    checkpoint: handle('Checkpoint', async (req): Promise<SandboxCheckpointResponse> => {
+      checkSafeName('sandbox_id', req.sandboxId);
+      const buildId = checkBuildId('build_id', req.buildId);
+      await manager.checkpoint(req.sandboxId, buildId);
       return {};
     }),
     listCachedBuilds: handle('ListCachedBuilds', async (): Promise<SandboxListCachedBuildsResponse> => ({

@@ -23,8 +23,10 @@ export class Sandbox {
 
   readonly id: string;
   readonly config: SandboxConfig;
-  /** What it was started from. */
-  readonly build: SnapshotBuild;
+  /** What it was started from, or its last checkpoint: the parent of its next pause. */
+  build: SnapshotBuild;
+  /** A checkpoint is under way: it stays listed and running, but other changes wait. */
+  checkpointing = false;
   readonly startTime: Date;
   endTime: Date;
   /** Its state file and VMM logs. */

@@ -41,12 +41,14 @@ function sandboxConfig(id: string, buildId = ''): SandboxConfig {
     metadata: {},
     envdVersion: '0.2.0',
     vcpu: 1,
-    ramMb: 128,
+    ramMb: 0,
     teamId: 'team-e2e',
     maxSandboxLength: 1,
     totalDiskSizeMb: 0,
     snapshot: buildId !== '',
     baseTemplateId: 'base',
+    executionId: '',
+    volumeMounts: [],
   };
 }
 

@@ -21,12 +21,14 @@ export function sandboxConfig(id: string, extra: Partial<SandboxConfig> = {}): S
     metadata: {},
     envdVersion: '0.2.0',
     vcpu: 1,
-    ramMb: 128,
+    ramMb: 0,
     teamId: 'team-restart',
     maxSandboxLength: 1,
     totalDiskSizeMb: 0,
     snapshot: false,
     baseTemplateId: 'base',
+    executionId: '',
+    volumeMounts: [],
     ...extra,
   };
 }

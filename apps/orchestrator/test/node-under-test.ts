@@ -99,6 +99,11 @@ export interface NodeOptions {
   vmRootfsDir?: string;
   /** VMMs started ahead (default 0: the suites that count processes and slots see only sandboxes'). */
   vmmPoolSize?: number;
+  /**
+   * Sandboxes starting at once (default 64: suites create many in parallel; the admission limit
+   * itself, default 3, has its own tests).
+   */
+  maxStartingSandboxes?: number;
 }
 
 export class NodeUnderTest {
@@ -319,6 +324,8 @@ export class NodeUnderTest {
       String(o.sampleMemoryMb ?? 16),
       '--vmm-pool-size',
       String(o.vmmPoolSize ?? 0),
+      '--max-starting-sandboxes',
+      String(o.maxStartingSandboxes ?? 64),
       ...(o.redisUrl ? ['--redis-url', o.redisUrl] : []),
     ];
   }

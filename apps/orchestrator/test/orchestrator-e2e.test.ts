@@ -61,12 +61,14 @@ function sandboxConfig(id: string, extra: Partial<SandboxConfig> = {}): SandboxC
     metadata: {},
     envdVersion: '0.2.0',
     vcpu: 1,
-    ramMb: 128,
+    ramMb: 0,
     teamId: 'team-e2e',
     maxSandboxLength: 1,
     totalDiskSizeMb: 0,
     snapshot: false,
     baseTemplateId: 'base',
+    executionId: '',
+    volumeMounts: [],
     ...extra,
   };
 }

@@ -180,6 +180,8 @@ export class RecordingVmm implements VmmLauncher {
         await writeFile(c.snapshotPath, 'snapfile');
       },
       describe: async () => ({ state: 'Running' }),
+      // The restored machine, as GET /vm/config reports it: the snapshots here are of 1 vCPU.
+      machineConfig: async () => ({ vcpuCount: 1, memSizeMib: 1 }),
     } as unknown as FirecrackerApi;
     return {
       pid: 1,
@@ -243,12 +245,14 @@ export function config(id: string, extra: Partial<SandboxConfig> = {}): SandboxC
     metadata: {},
     envdVersion: '0.2.0',
     vcpu: 1,
-    ramMb: 128,
+    ramMb: 0,
     teamId: 'team',
     maxSandboxLength: 1,
     totalDiskSizeMb: 0,
     snapshot: false,
     baseTemplateId: '',
+    executionId: '',
+    volumeMounts: [],
     ...extra,
   };
 }
@@ -264,7 +268,8 @@ export interface Harness {
   events: RecordingEvents;
   manager: SandboxManager;
   builds: BuildStore;
-  envd: { fails: boolean };
+  /** fails: /init times out; hold: /init answers only once it settles (a sandbox kept starting). */
+  envd: { fails: boolean; hold?: Promise<void> };
   close(): Promise<void>;
 }
 
@@ -275,9 +280,10 @@ export async function makeHarness(root: string, generationCap = 3): Promise<Harn
   const node = new RecordingNode();
   const vmm = new RecordingVmm(node);
   const events = new RecordingEvents();
-  const envdState = { fails: false };
+  const envdState: Harness['envd'] = { fails: false };
   const envd: EnvdClient = {
     init: async (ip, _env, timeoutMs) => {
+      if (envdState.hold) await envdState.hold;
       if (envdState.fails) throw new EnvdInitTimeout(`${ip}:49983`, timeoutMs, 'connection refused');
     },
     health: async () => true,

@@ -413,9 +413,12 @@ export class SandboxMemory {
     diffPath: string,
     memfilePath: string | undefined,
     vmmDirtyLog = false,
+    keepServing = false,
   ): Promise<ExportResult> {
     const hs = this.requireHandshake('export');
-    if (!this.dirtyPages)
+    if (keepServing && this.stateValue !== 'serving')
+      throw new InvalidState(this.sandboxId, this.stateValue, 'a checkpoint export needs a sandbox being served');
+    if (!keepServing && !this.dirtyPages)
       throw new InvalidState(this.sandboxId, this.stateValue, 'stop sourcing before exporting the diff');
     const memfd = hs.memfd !== undefined && hs.memfd >= 0 ? hs.memfd : undefined;
     const from =
@@ -427,8 +430,16 @@ export class SandboxMemory {
     if (!from)
       throw new InvalidState(this.sandboxId, this.stateValue, 'no memfd was shared and no memory file path given');
     const pageSize = hs.regions[0]!.pageSize;
-    let pages = this.dirtyPages;
+    let pages = this.dirtyPages ?? [];
     let tracking: ExportResult['tracking'] = this.trackingMode as TrackingMode;
+    // A checkpoint leaves the server as it is (serving, its tracking untouched): the written
+    // pages come from the VMM's Diff (KVM's dirty log, which that snapshot reset), or else
+    // every page present now, and the pages given back so far (they read as zeros).
+    if (keepServing) this.droppedPages = this.pagesGivenBack();
+    if (keepServing && !vmmDirtyLog) {
+      pages = this.pagesPresentNow(pageSize);
+      tracking = 'present';
+    }
     if (vmmDirtyLog) {
       if (!memfilePath)
         throw new InvalidState(this.sandboxId, this.stateValue, "the VMM's dirty log needs the Diff snapshot's path");
@@ -451,7 +462,7 @@ export class SandboxMemory {
         diffSize: result.diffSize,
         from: from.kind,
         tracking,
-        ...(vmmDirtyLog ? { serverTrackedPages: this.dirtyPages.length } : {}),
+        ...(vmmDirtyLog && this.dirtyPages ? { serverTrackedPages: this.dirtyPages.length } : {}),
       },
       'memory diff exported',
     );
@@ -464,6 +475,24 @@ export class SandboxMemory {
       memorySize: this.o.source.size,
       tracking,
     };
+  }
+
+  private pagesGivenBack(): number[] {
+    const pageSize = this.hs!.regions[0]!.pageSize;
+    const perPage = pageSize / SERVE_UNIT;
+    const dirty = this.engine!.copyMap(MAP_DIRTY, 0, this.unitCount());
+    const pages = new Set<number>();
+    for (let u = 0; u < dirty.length; u++) if (dirty[u]! & 2) pages.add(Math.floor(u / perPage));
+    return [...pages].sort((a, b) => a - b);
+  }
+
+  private pagesPresentNow(pageSize: number): number[] {
+    const perPage = pageSize / SERVE_UNIT;
+    const present = this.engine!.copyMap(MAP_PRESENT, 0, this.unitCount());
+    const pages = new Set(this.droppedPages);
+    for (let u = 0; u < present.length; u++)
+      if (present[u] === 1 || present[u] === 2) pages.add(Math.floor(u / perPage));
+    return [...pages].sort((a, b) => a - b);
   }
 
   /**

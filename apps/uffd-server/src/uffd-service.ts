@@ -60,6 +60,7 @@ export function uffdServiceImplementation(registry: SandboxRegistry, logger: Log
         req.diffPath,
         req.memfilePath || undefined,
         req.vmmDirtyLog,
+        req.keepServing,
       );
       return {
         mappings: r.mappings,

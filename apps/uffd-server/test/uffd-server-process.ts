@@ -68,7 +68,7 @@ export class UffdServerProcess {
     return unary(
       this.client,
       this.client.exportDiff,
-      { sandboxId, newBuildId, diffPath, memfilePath, vmmDirtyLog },
+      { sandboxId, newBuildId, diffPath, memfilePath, vmmDirtyLog, keepServing: false },
       60_000,
     );
   }

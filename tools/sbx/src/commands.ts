@@ -66,6 +66,18 @@ export const commands: CommandEntry[] = [
   { name: 'list', summary: 'list running sandboxes', module: cli, exportName: 'listMain' },
   { name: 'pause', summary: 'pause a sandbox into a new build', module: cli, exportName: 'pauseMain' },
   { name: 'resume', summary: 'resume a paused sandbox from its build', module: cli, exportName: 'resumeMain' },
+  {
+    name: 'checkpoint',
+    summary: 'snapshot a running sandbox into a new build; it keeps running',
+    module: cli,
+    exportName: 'checkpointMain',
+  },
+  {
+    name: 'update',
+    summary: "replace a running sandbox's egress policy: update <id> --egress-allow …",
+    module: cli,
+    exportName: 'updateMain',
+  },
   { name: 'kill', summary: 'kill a sandbox', module: cli, exportName: 'killMain' },
   { name: 'set-timeout', summary: "change a sandbox's end time", module: cli, exportName: 'setTimeoutMain' },
   {

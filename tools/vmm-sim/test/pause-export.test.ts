@@ -159,6 +159,7 @@ describe.each([
       diffPath,
       memfilePath: memfd && !vmmDirtyLog ? '' : snap.mem_file_path,
       vmmDirtyLog,
+      keepServing: false,
     });
     expect(exported.tracking).toBe(tracking);
     if (exact) {

@@ -49,13 +49,16 @@ export interface SandboxConfig {
   autoPause?:
     | boolean
     | undefined;
-  /**
-   * 19–21 and 23 (envd_access_token, execution_id, allow_internet_access, volumeMounts) are
-   * E2B's; left out until served, so the numbers stay reserved for them.
-   */
+  /** E2B's numbers and types from here on (wire-compatible with their current file). */
+  envdAccessToken?: string | undefined;
+  executionId: string;
+  /** Unset = allowed (E2B: optional only for backwards compatibility). */
+  allowInternetAccess?: boolean | undefined;
   network?:
     | SandboxNetworkConfig
     | undefined;
+  /** Not served by this node: a request with any mount is refused with UNIMPLEMENTED. */
+  volumeMounts: SandboxVolumeMount[];
   /** Auto-resume policy for paused sandboxes. */
   autoResume?: SandboxAutoResumeConfig | undefined;
 }
@@ -73,6 +76,13 @@ export interface SandboxConfig_MetadataEntry {
 export interface SandboxAutoResumeConfig {
   /** E2B's values: "off", "any". "any" lets the node's ingress proxy resume the sandbox on a request. */
   policy: string;
+}
+
+export interface SandboxVolumeMount {
+  id: string;
+  path: string;
+  type: string;
+  name: string;
 }
 
 export interface SandboxNetworkConfig {
@@ -102,12 +112,21 @@ export interface SandboxCreateRequest {
 }
 
 export interface SandboxCreateResponse {
+  /** This node's id (the orchestrator's --node-id), as in RunningSandbox.client_id. */
   clientId: string;
 }
 
 export interface SandboxUpdateRequest {
   sandboxId: string;
-  endTime: Date | undefined;
+  endTime:
+    | Date
+    | undefined;
+  /**
+   * Ours (not in E2B's file): a new egress policy for the running sandbox, applied at once.
+   * Unset = unchanged. Numbers from 100 up stay clear of any E2B addition.
+   */
+  egress?: SandboxNetworkEgressConfig | undefined;
+  allowInternetAccess?: boolean | undefined;
 }
 
 export interface SandboxDeleteRequest {
@@ -118,6 +137,15 @@ export interface SandboxPauseRequest {
   sandboxId: string;
   templateId: string;
   buildId: string;
+}
+
+export interface SandboxCheckpointRequest {
+  sandboxId: string;
+  /** The new build the snapshot is written to; the sandbox keeps running on it. */
+  buildId: string;
+}
+
+export interface SandboxCheckpointResponse {
 }
 
 export interface RunningSandbox {
@@ -160,7 +188,11 @@ function createBaseSandboxConfig(): SandboxConfig {
     snapshot: false,
     baseTemplateId: "",
     autoPause: undefined,
+    envdAccessToken: undefined,
+    executionId: "",
+    allowInternetAccess: undefined,
     network: undefined,
+    volumeMounts: [],
     autoResume: undefined,
   };
 }
@@ -221,8 +253,20 @@ export const SandboxConfig: MessageFns<SandboxConfig> = {
     if (message.autoPause !== undefined) {
       writer.uint32(144).bool(message.autoPause);
     }
+    if (message.envdAccessToken !== undefined) {
+      writer.uint32(154).string(message.envdAccessToken);
+    }
+    if (message.executionId !== "") {
+      writer.uint32(162).string(message.executionId);
+    }
+    if (message.allowInternetAccess !== undefined) {
+      writer.uint32(168).bool(message.allowInternetAccess);
+    }
     if (message.network !== undefined) {
       SandboxNetworkConfig.encode(message.network, writer.uint32(178).fork()).join();
+    }
+    for (const v of message.volumeMounts) {
+      SandboxVolumeMount.encode(v!, writer.uint32(186).fork()).join();
     }
     if (message.autoResume !== undefined) {
       SandboxAutoResumeConfig.encode(message.autoResume, writer.uint32(194).fork()).join();
@@ -393,12 +437,44 @@ export const SandboxConfig: MessageFns<SandboxConfig> = {
             message.autoPause = reader.bool();
             continue;
           }
+          case 19: {
+            if (tag !== 154) {
+              break;
+            }
+
+            message.envdAccessToken = reader.string();
+            continue;
+          }
+          case 20: {
+            if (tag !== 162) {
+              break;
+            }
+
+            message.executionId = reader.string();
+            continue;
+          }
+          case 21: {
+            if (tag !== 168) {
+              break;
+            }
+
+            message.allowInternetAccess = reader.bool();
+            continue;
+          }
           case 22: {
             if (tag !== 178) {
               break;
             }
 
             message.network = SandboxNetworkConfig.decode(reader, reader.uint32());
+            continue;
+          }
+          case 23: {
+            if (tag !== 186) {
+              break;
+            }
+
+            message.volumeMounts.push(SandboxVolumeMount.decode(reader, reader.uint32()));
             continue;
           }
           case 24: {
@@ -532,7 +608,25 @@ export const SandboxConfig: MessageFns<SandboxConfig> = {
         : isSet(object.auto_pause)
         ? globalThis.Boolean(object.auto_pause)
         : undefined,
+      envdAccessToken: isSet(object.envdAccessToken)
+        ? globalThis.String(object.envdAccessToken)
+        : isSet(object.envd_access_token)
+        ? globalThis.String(object.envd_access_token)
+        : undefined,
+      executionId: isSet(object.executionId)
+        ? globalThis.String(object.executionId)
+        : isSet(object.execution_id)
+        ? globalThis.String(object.execution_id)
+        : "",
+      allowInternetAccess: isSet(object.allowInternetAccess)
+        ? globalThis.Boolean(object.allowInternetAccess)
+        : isSet(object.allow_internet_access)
+        ? globalThis.Boolean(object.allow_internet_access)
+        : undefined,
       network: isSet(object.network) ? SandboxNetworkConfig.fromJSON(object.network) : undefined,
+      volumeMounts: globalThis.Array.isArray(object?.volumeMounts)
+        ? object.volumeMounts.map((e: any) => SandboxVolumeMount.fromJSON(e))
+        : [],
       autoResume: isSet(object.autoResume)
         ? SandboxAutoResumeConfig.fromJSON(object.autoResume)
         : isSet(object.auto_resume)
@@ -609,8 +703,20 @@ export const SandboxConfig: MessageFns<SandboxConfig> = {
     if (message.autoPause !== undefined) {
       obj.autoPause = message.autoPause;
     }
+    if (message.envdAccessToken !== undefined) {
+      obj.envdAccessToken = message.envdAccessToken;
+    }
+    if (message.executionId !== "") {
+      obj.executionId = message.executionId;
+    }
+    if (message.allowInternetAccess !== undefined) {
+      obj.allowInternetAccess = message.allowInternetAccess;
+    }
     if (message.network !== undefined) {
       obj.network = SandboxNetworkConfig.toJSON(message.network);
+    }
+    if (message.volumeMounts?.length) {
+      obj.volumeMounts = message.volumeMounts.map((e) => SandboxVolumeMount.toJSON(e));
     }
     if (message.autoResume !== undefined) {
       obj.autoResume = SandboxAutoResumeConfig.toJSON(message.autoResume);
@@ -657,9 +763,13 @@ export const SandboxConfig: MessageFns<SandboxConfig> = {
     message.snapshot = object.snapshot ?? false;
     message.baseTemplateId = object.baseTemplateId ?? "";
     message.autoPause = object.autoPause ?? undefined;
+    message.envdAccessToken = object.envdAccessToken ?? undefined;
+    message.executionId = object.executionId ?? "";
+    message.allowInternetAccess = object.allowInternetAccess ?? undefined;
     message.network = (object.network !== undefined && object.network !== null)
       ? SandboxNetworkConfig.fromPartial(object.network)
       : undefined;
+    message.volumeMounts = object.volumeMounts?.map((e) => SandboxVolumeMount.fromPartial(e)) || [];
     message.autoResume = (object.autoResume !== undefined && object.autoResume !== null)
       ? SandboxAutoResumeConfig.fromPartial(object.autoResume)
       : undefined;
@@ -900,6 +1010,123 @@ export const SandboxAutoResumeConfig: MessageFns<SandboxAutoResumeConfig> = {
   fromPartial(object: DeepPartial<SandboxAutoResumeConfig>): SandboxAutoResumeConfig {
     const message = createBaseSandboxAutoResumeConfig();
     message.policy = object.policy ?? "";
+    return message;
+  },
+};
+
+function createBaseSandboxVolumeMount(): SandboxVolumeMount {
+  return { id: "", path: "", type: "", name: "" };
+}
+
+export const SandboxVolumeMount: MessageFns<SandboxVolumeMount> = {
+  encode(message: SandboxVolumeMount, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.id !== "") {
+      writer.uint32(10).string(message.id);
+    }
+    if (message.path !== "") {
+      writer.uint32(18).string(message.path);
+    }
+    if (message.type !== "") {
+      writer.uint32(26).string(message.type);
+    }
+    if (message.name !== "") {
+      writer.uint32(34).string(message.name);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SandboxVolumeMount {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSandboxVolumeMount();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.id = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.path = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.type = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.name = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SandboxVolumeMount {
+    return {
+      id: isSet(object.id) ? globalThis.String(object.id) : "",
+      path: isSet(object.path) ? globalThis.String(object.path) : "",
+      type: isSet(object.type) ? globalThis.String(object.type) : "",
+      name: isSet(object.name) ? globalThis.String(object.name) : "",
+    };
+  },
+
+  toJSON(message: SandboxVolumeMount): unknown {
+    const obj: any = {};
+    if (message.id !== "") {
+      obj.id = message.id;
+    }
+    if (message.path !== "") {
+      obj.path = message.path;
+    }
+    if (message.type !== "") {
+      obj.type = message.type;
+    }
+    if (message.name !== "") {
+      obj.name = message.name;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<SandboxVolumeMount>): SandboxVolumeMount {
+    return SandboxVolumeMount.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<SandboxVolumeMount>): SandboxVolumeMount {
+    const message = createBaseSandboxVolumeMount();
+    message.id = object.id ?? "";
+    message.path = object.path ?? "";
+    message.type = object.type ?? "";
+    message.name = object.name ?? "";
     return message;
   },
 };
@@ -1384,7 +1611,7 @@ export const SandboxCreateResponse: MessageFns<SandboxCreateResponse> = {
 };
 
 function createBaseSandboxUpdateRequest(): SandboxUpdateRequest {
-  return { sandboxId: "", endTime: undefined };
+  return { sandboxId: "", endTime: undefined, egress: undefined, allowInternetAccess: undefined };
 }
 
 export const SandboxUpdateRequest: MessageFns<SandboxUpdateRequest> = {
@@ -1394,6 +1621,12 @@ export const SandboxUpdateRequest: MessageFns<SandboxUpdateRequest> = {
     }
     if (message.endTime !== undefined) {
       Timestamp.encode(toTimestamp(message.endTime), writer.uint32(18).fork()).join();
+    }
+    if (message.egress !== undefined) {
+      SandboxNetworkEgressConfig.encode(message.egress, writer.uint32(802).fork()).join();
+    }
+    if (message.allowInternetAccess !== undefined) {
+      writer.uint32(808).bool(message.allowInternetAccess);
     }
     return writer;
   },
@@ -1427,6 +1660,22 @@ export const SandboxUpdateRequest: MessageFns<SandboxUpdateRequest> = {
             message.endTime = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
             continue;
           }
+          case 100: {
+            if (tag !== 802) {
+              break;
+            }
+
+            message.egress = SandboxNetworkEgressConfig.decode(reader, reader.uint32());
+            continue;
+          }
+          case 101: {
+            if (tag !== 808) {
+              break;
+            }
+
+            message.allowInternetAccess = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1451,6 +1700,12 @@ export const SandboxUpdateRequest: MessageFns<SandboxUpdateRequest> = {
         : isSet(object.end_time)
         ? fromJsonTimestamp(object.end_time)
         : undefined,
+      egress: isSet(object.egress) ? SandboxNetworkEgressConfig.fromJSON(object.egress) : undefined,
+      allowInternetAccess: isSet(object.allowInternetAccess)
+        ? globalThis.Boolean(object.allowInternetAccess)
+        : isSet(object.allow_internet_access)
+        ? globalThis.Boolean(object.allow_internet_access)
+        : undefined,
     };
   },
 
@@ -1462,6 +1717,12 @@ export const SandboxUpdateRequest: MessageFns<SandboxUpdateRequest> = {
     if (message.endTime !== undefined) {
       obj.endTime = message.endTime.toISOString();
     }
+    if (message.egress !== undefined) {
+      obj.egress = SandboxNetworkEgressConfig.toJSON(message.egress);
+    }
+    if (message.allowInternetAccess !== undefined) {
+      obj.allowInternetAccess = message.allowInternetAccess;
+    }
     return obj;
   },
 
@@ -1472,6 +1733,10 @@ export const SandboxUpdateRequest: MessageFns<SandboxUpdateRequest> = {
     const message = createBaseSandboxUpdateRequest();
     message.sandboxId = object.sandboxId ?? "";
     message.endTime = object.endTime ?? undefined;
+    message.egress = (object.egress !== undefined && object.egress !== null)
+      ? SandboxNetworkEgressConfig.fromPartial(object.egress)
+      : undefined;
+    message.allowInternetAccess = object.allowInternetAccess ?? undefined;
     return message;
   },
 };
@@ -1658,6 +1923,151 @@ export const SandboxPauseRequest: MessageFns<SandboxPauseRequest> = {
     message.sandboxId = object.sandboxId ?? "";
     message.templateId = object.templateId ?? "";
     message.buildId = object.buildId ?? "";
+    return message;
+  },
+};
+
+function createBaseSandboxCheckpointRequest(): SandboxCheckpointRequest {
+  return { sandboxId: "", buildId: "" };
+}
+
+export const SandboxCheckpointRequest: MessageFns<SandboxCheckpointRequest> = {
+  encode(message: SandboxCheckpointRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.sandboxId !== "") {
+      writer.uint32(10).string(message.sandboxId);
+    }
+    if (message.buildId !== "") {
+      writer.uint32(26).string(message.buildId);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SandboxCheckpointRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSandboxCheckpointRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.sandboxId = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.buildId = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SandboxCheckpointRequest {
+    return {
+      sandboxId: isSet(object.sandboxId)
+        ? globalThis.String(object.sandboxId)
+        : isSet(object.sandbox_id)
+        ? globalThis.String(object.sandbox_id)
+        : "",
+      buildId: isSet(object.buildId)
+        ? globalThis.String(object.buildId)
+        : isSet(object.build_id)
+        ? globalThis.String(object.build_id)
+        : "",
+    };
+  },
+
+  toJSON(message: SandboxCheckpointRequest): unknown {
+    const obj: any = {};
+    if (message.sandboxId !== "") {
+      obj.sandboxId = message.sandboxId;
+    }
+    if (message.buildId !== "") {
+      obj.buildId = message.buildId;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<SandboxCheckpointRequest>): SandboxCheckpointRequest {
+    return SandboxCheckpointRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<SandboxCheckpointRequest>): SandboxCheckpointRequest {
+    const message = createBaseSandboxCheckpointRequest();
+    message.sandboxId = object.sandboxId ?? "";
+    message.buildId = object.buildId ?? "";
+    return message;
+  },
+};
+
+function createBaseSandboxCheckpointResponse(): SandboxCheckpointResponse {
+  return {};
+}
+
+export const SandboxCheckpointResponse: MessageFns<SandboxCheckpointResponse> = {
+  encode(_: SandboxCheckpointResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SandboxCheckpointResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSandboxCheckpointResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(_: any): SandboxCheckpointResponse {
+    return {};
+  },
+
+  toJSON(_: SandboxCheckpointResponse): unknown {
+    const obj: any = {};
+    return obj;
+  },
+
+  create(base?: DeepPartial<SandboxCheckpointResponse>): SandboxCheckpointResponse {
+    return SandboxCheckpointResponse.fromPartial(base ?? {});
+  },
+  fromPartial(_: DeepPartial<SandboxCheckpointResponse>): SandboxCheckpointResponse {
+    const message = createBaseSandboxCheckpointResponse();
     return message;
   },
 };
@@ -2076,6 +2486,17 @@ export const SandboxServiceService = {
     responseSerialize: (value: Empty): Buffer => Buffer.from(Empty.encode(value).finish()),
     responseDeserialize: (value: Buffer): Empty => Empty.decode(value),
   },
+  checkpoint: {
+    path: "/SandboxService/Checkpoint" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: SandboxCheckpointRequest): Buffer =>
+      Buffer.from(SandboxCheckpointRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): SandboxCheckpointRequest => SandboxCheckpointRequest.decode(value),
+    responseSerialize: (value: SandboxCheckpointResponse): Buffer =>
+      Buffer.from(SandboxCheckpointResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): SandboxCheckpointResponse => SandboxCheckpointResponse.decode(value),
+  },
   listCachedBuilds: {
     path: "/SandboxService/ListCachedBuilds" as const,
     requestStream: false as const,
@@ -2095,6 +2516,7 @@ export interface SandboxServiceServer extends UntypedServiceImplementation {
   list: handleUnaryCall<Empty, SandboxListResponse>;
   delete: handleUnaryCall<SandboxDeleteRequest, Empty>;
   pause: handleUnaryCall<SandboxPauseRequest, Empty>;
+  checkpoint: handleUnaryCall<SandboxCheckpointRequest, SandboxCheckpointResponse>;
   listCachedBuilds: handleUnaryCall<Empty, SandboxListCachedBuildsResponse>;
 }
 
@@ -2167,6 +2589,21 @@ export interface SandboxServiceClient extends Client {
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: Empty) => void,
+  ): ClientUnaryCall;
+  checkpoint(
+    request: SandboxCheckpointRequest,
+    callback: (error: ServiceError | null, response: SandboxCheckpointResponse) => void,
+  ): ClientUnaryCall;
+  checkpoint(
+    request: SandboxCheckpointRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: SandboxCheckpointResponse) => void,
+  ): ClientUnaryCall;
+  checkpoint(
+    request: SandboxCheckpointRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: SandboxCheckpointResponse) => void,
   ): ClientUnaryCall;
   listCachedBuilds(
     request: Empty,

@@ -1,7 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { dial, unary } from '#grpc';
-import { SandboxServiceClient, type SandboxConfig } from '#proto/orchestrator';
+import { SandboxServiceClient, type SandboxConfig, type SandboxNetworkEgressConfig } from '#proto/orchestrator';
 import { printObject, printRows } from './output-format.js';
 import { resolveGrpcAddress } from './node-target.js';
 
@@ -49,9 +49,43 @@ function positional(positionals: string[], name: string, usage: string): string 
   return value;
 }
 
-const createUsage = `usage: ./sbx create [--template base] [--build <buildId>] [--id <sandboxId>] [--vcpu 1] [--ram-mb 128]
+const egressHelp = `  --egress-allow <cidr[:port[-port]]|name|*.name>  allowed outbound (repeat; a name is a domain rule)
+  --egress-deny <cidr[:port[-port]]>             denied outbound (repeat); an allow match wins
+  --no-internet                                  no outbound at all (allow_internet_access = false)`;
+
+const createUsage = `usage: ./sbx create [--template base] [--build <buildId>] [--id <sandboxId>] [--vcpu N] [--ram-mb N]
                   [--timeout <seconds>] [--env KEY=VALUE]... [--auto-pause]
+                  [--egress-allow <rule>]... [--egress-deny <rule>]... [--no-internet]
+--vcpu and --ram-mb default to 0: the build's own (a snapshot fixes both; other values are refused).
+${egressHelp}
 ${targetHelp}`;
+
+const egressOptions = {
+  'egress-allow': { type: 'string', multiple: true, default: [] },
+  'egress-deny': { type: 'string', multiple: true, default: [] },
+  'no-internet': { type: 'boolean', default: false },
+} as const satisfies ParseArgsConfig['options'];
+
+/** The egress flags as E2B's fields: an address rule goes to the CIDR lists, a name to the domains. */
+function egressOf(v: Values): { egress?: SandboxNetworkEgressConfig; allowInternetAccess?: boolean } {
+  const allow = v['egress-allow'] as string[];
+  const deny = v['egress-deny'] as string[];
+  const isAddress = (rule: string) => /^[0-9.:/[\]-]+$/.test(rule) && /[0-9]/.test(rule);
+  const named = deny.filter((r) => !isAddress(r));
+  if (named.length) throw new Error(`--egress-deny takes addresses or CIDRs (with optional ports), got "${named[0]}"`);
+  const egress =
+    allow.length + deny.length > 0
+      ? {
+          allowedCidrs: allow.filter(isAddress),
+          deniedCidrs: deny,
+          allowedDomains: allow.filter((r) => !isAddress(r)),
+        }
+      : undefined;
+  return {
+    ...(egress ? { egress } : {}),
+    ...(v['no-internet'] ? { allowInternetAccess: false } : {}),
+  };
+}
 
 export async function createMain(argv: string[]): Promise<number> {
   const args = parse(
@@ -60,11 +94,12 @@ export async function createMain(argv: string[]): Promise<number> {
       template: { type: 'string', default: 'base' },
       build: { type: 'string', default: '' },
       id: { type: 'string' },
-      vcpu: { type: 'string', default: '1' },
-      'ram-mb': { type: 'string', default: '128' },
+      vcpu: { type: 'string', default: '0' },
+      'ram-mb': { type: 'string', default: '0' },
       timeout: { type: 'string', default: '3600' },
       env: { type: 'string', multiple: true, default: [] },
       'auto-pause': { type: 'boolean', default: false },
+      ...egressOptions,
     },
     createUsage,
   );
@@ -87,6 +122,9 @@ export async function createMain(argv: string[]): Promise<number> {
     envVars,
     autoPause: v['auto-pause'] as boolean,
   });
+  const { egress, allowInternetAccess } = egressOf(v);
+  if (egress) config.network = { egress };
+  if (allowInternetAccess !== undefined) config.allowInternetAccess = allowInternetAccess;
   const started = performance.now();
   const res = await withClient(v, (c) =>
     unary(c, c.create, { sandbox: config, startTime: new Date(), endTime: endTime(Number(v['timeout'])) }, 120_000),
@@ -153,8 +191,8 @@ export async function resumeMain(argv: string[]): Promise<number> {
     {
       build: { type: 'string' },
       template: { type: 'string', default: 'base' },
-      vcpu: { type: 'string', default: '1' },
-      'ram-mb': { type: 'string', default: '128' },
+      vcpu: { type: 'string', default: '0' },
+      'ram-mb': { type: 'string', default: '0' },
       timeout: { type: 'string', default: '3600' },
     },
     resumeUsage,
@@ -180,6 +218,49 @@ export async function resumeMain(argv: string[]): Promise<number> {
     { sandboxId, buildId, clientId: res.clientId, ms: Math.round(performance.now() - started) },
     v['json'] as boolean,
   );
+  return 0;
+}
+
+const checkpointUsage = `usage: ./sbx checkpoint <sandboxId> [--build <newBuildId>]
+Snapshots the running sandbox into a new build (a fresh UUID unless --build is given) and prints
+it once uploaded; the sandbox keeps running. ./sbx resume <otherId> --build <that id> starts a copy.
+${targetHelp}`;
+
+export async function checkpointMain(argv: string[]): Promise<number> {
+  const args = parse(argv, { build: { type: 'string' } }, checkpointUsage);
+  if (!args) return 0;
+  const sandboxId = positional(args.positionals, 'sandboxId', checkpointUsage);
+  const buildId = (args.values['build'] as string | undefined) ?? randomUUID();
+  const started = performance.now();
+  await withClient(args.values, (c) => unary(c, c.checkpoint, { sandboxId, buildId }, 300_000));
+  printObject({ sandboxId, buildId, ms: Math.round(performance.now() - started) }, args.values['json'] as boolean);
+  return 0;
+}
+
+const updateUsage = `usage: ./sbx update <sandboxId> [--egress-allow <rule>]... [--egress-deny <rule>]... [--no-internet]
+Replaces the running sandbox's egress policy (applied at once; connections it now forbids are cut).
+${egressHelp}
+${targetHelp}`;
+
+export async function updateMain(argv: string[]): Promise<number> {
+  const args = parse(argv, { ...egressOptions, timeout: { type: 'string' } }, updateUsage);
+  if (!args) return 0;
+  const sandboxId = positional(args.positionals, 'sandboxId', updateUsage);
+  const { egress, allowInternetAccess } = egressOf(args.values);
+  const policy = {
+    // An update replaces the whole policy: no rule flags = no rules.
+    egress: egress ?? { allowedCidrs: [], deniedCidrs: [], allowedDomains: [] },
+    allowInternetAccess: allowInternetAccess ?? true,
+  };
+  await withClient(args.values, async (c) => {
+    // E2B's Update always carries the end time: keep the current one unless --timeout says otherwise.
+    const timeout = args.values['timeout'] as string | undefined;
+    const current = (await unary(c, c.list, {})).sandboxes.find((s) => s.config?.sandboxId === sandboxId);
+    const end = timeout !== undefined ? endTime(Number(timeout)) : current?.endTime;
+    if (!end) throw new Error(`sandbox '${sandboxId}' is not running on this node`);
+    await unary(c, c.update, { sandboxId, endTime: end, ...policy });
+  });
+  printObject({ sandboxId, ...policy }, args.values['json'] as boolean);
   return 0;
 }
 
@@ -241,13 +322,15 @@ function sandboxConfig(fields: Partial<SandboxConfig> & { sandboxId: string; tem
     envVars: fields.envVars ?? {},
     metadata: fields.metadata ?? {},
     envdVersion: '',
-    vcpu: fields.vcpu ?? 1,
-    ramMb: fields.ramMb ?? 128,
+    vcpu: fields.vcpu ?? 0,
+    ramMb: fields.ramMb ?? 0,
     teamId: '',
     maxSandboxLength: 24,
     totalDiskSizeMb: 0,
     snapshot: fields.snapshot ?? false,
     baseTemplateId: fields.templateId,
     autoPause: fields.autoPause ?? false,
+    executionId: '',
+    volumeMounts: [],
   };
 }

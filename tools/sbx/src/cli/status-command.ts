@@ -3,6 +3,7 @@ import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { dial, unary } from '#grpc';
 import { SandboxServiceClient } from '#proto/orchestrator';
+import { AdmissionClient } from '#proto/sbx/admission';
 import { BlockServerClient } from '#proto/sbx/block';
 import { NetAgentClient } from '#proto/sbx/net';
 import { UffdServerClient } from '#proto/sbx/uffd';
@@ -11,8 +12,9 @@ import { printObject } from './output-format.js';
 
 const usage = `usage: ./sbx status [--data-dir <dir>] [--interval-ms 1000] [--json]
 
-The local node at a glance: sandboxes, network slots free and used, build cache use, and
-page-fault and NBD request rates (sampled over --interval-ms).`;
+The local node at a glance: sandboxes and the admission limits (starting at once, running),
+network slots free and used, build cache use, and page-fault and NBD request rates (sampled
+over --interval-ms).`;
 
 interface Sample {
   at: number;
@@ -47,6 +49,7 @@ export async function main(argv: string[]): Promise<number> {
     return path;
   };
   const orchestrator = dial(SandboxServiceClient, socket('orchestrator'));
+  const admission = dial(AdmissionClient, socket('orchestrator'));
   const net = dial(NetAgentClient, socket('net-agent'));
   const uffd = dial(UffdServerClient, socket('uffd-server'));
   const block = dial(BlockServerClient, socket('block-server'));
@@ -69,18 +72,26 @@ export async function main(argv: string[]): Promise<number> {
     };
     const first = await sample();
     await new Promise((r) => setTimeout(r, Number(values['interval-ms'])));
-    const [second, sandboxes, slots, builds, cacheBytes] = await Promise.all([
+    const [second, sandboxes, slots, builds, cacheBytes, limits] = await Promise.all([
       sample(),
       unary(orchestrator, orchestrator.list, {}),
       unary(net, net.stats, {}),
       unary(orchestrator, orchestrator.listCachedBuilds, {}),
       diskUsage(join(dataDir, 'cache')),
+      unary(admission, admission.status, {}),
     ]);
     const seconds = (second.at - first.at) / 1000;
     const rate = (a: number, b: number) => Math.max(0, (b - a) / seconds);
     printObject(
       {
         sandboxes: sandboxes.sandboxes.length,
+        sandboxesLimit: limits.maxSandboxes,
+        starting: limits.starting,
+        startingLimit: limits.maxStarting,
+        waitingToStart: limits.waitingToStart,
+        resumeWaitMs: limits.startWaitMs,
+        runningVcpus: limits.runningVcpus,
+        runningRamMb: limits.runningRamMb,
         slotsReady: slots.readyNew + slots.readyReused,
         slotsInUse: slots.inUse,
         slotReservation: slots.reservation,
@@ -97,7 +108,7 @@ export async function main(argv: string[]): Promise<number> {
     );
     return 0;
   } finally {
-    for (const c of [orchestrator, net, uffd, block]) c.close();
+    for (const c of [orchestrator, admission, net, uffd, block]) c.close();
   }
 }
 

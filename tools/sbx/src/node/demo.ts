@@ -31,12 +31,14 @@ export async function runDemo(options: { layout: LocalNodeLayout; logger: Logger
     metadata: { origin: 'npm start' },
     envdVersion: '',
     vcpu: 1,
-    ramMb: 128,
+    ramMb: 0,
     teamId: 'local',
     maxSandboxLength: 1,
     totalDiskSizeMb: 0,
     snapshot,
     baseTemplateId: 'base',
+    executionId: '',
+    volumeMounts: [],
     autoPause: false,
   });
   const timed = async (step: string, run: () => Promise<unknown>): Promise<number> => {

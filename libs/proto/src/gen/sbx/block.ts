@@ -49,6 +49,11 @@ export interface BlockExportRequest {
   sandboxId: string;
   newBuildId: string;
   diffPath: string;
+  /**
+   * Checkpoint: export the dirty blocks as they are now (the VM is paused, its client stays
+   * connected) and keep serving; the caller does not close the device afterwards.
+   */
+  keepServing: boolean;
 }
 
 export interface BlockExportResponse {
@@ -391,7 +396,7 @@ export const BlockDevice: MessageFns<BlockDevice> = {
 };
 
 function createBaseBlockExportRequest(): BlockExportRequest {
-  return { sandboxId: "", newBuildId: "", diffPath: "" };
+  return { sandboxId: "", newBuildId: "", diffPath: "", keepServing: false };
 }
 
 export const BlockExportRequest: MessageFns<BlockExportRequest> = {
@@ -404,6 +409,9 @@ export const BlockExportRequest: MessageFns<BlockExportRequest> = {
     }
     if (message.diffPath !== "") {
       writer.uint32(26).string(message.diffPath);
+    }
+    if (message.keepServing !== false) {
+      writer.uint32(32).bool(message.keepServing);
     }
     return writer;
   },
@@ -445,6 +453,14 @@ export const BlockExportRequest: MessageFns<BlockExportRequest> = {
             message.diffPath = reader.string();
             continue;
           }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.keepServing = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -474,6 +490,11 @@ export const BlockExportRequest: MessageFns<BlockExportRequest> = {
         : isSet(object.diff_path)
         ? globalThis.String(object.diff_path)
         : "",
+      keepServing: isSet(object.keepServing)
+        ? globalThis.Boolean(object.keepServing)
+        : isSet(object.keep_serving)
+        ? globalThis.Boolean(object.keep_serving)
+        : false,
     };
   },
 
@@ -488,6 +509,9 @@ export const BlockExportRequest: MessageFns<BlockExportRequest> = {
     if (message.diffPath !== "") {
       obj.diffPath = message.diffPath;
     }
+    if (message.keepServing !== false) {
+      obj.keepServing = message.keepServing;
+    }
     return obj;
   },
 
@@ -499,6 +523,7 @@ export const BlockExportRequest: MessageFns<BlockExportRequest> = {
     message.sandboxId = object.sandboxId ?? "";
     message.newBuildId = object.newBuildId ?? "";
     message.diffPath = object.diffPath ?? "";
+    message.keepServing = object.keepServing ?? false;
     return message;
   },
 };

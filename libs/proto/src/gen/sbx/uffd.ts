@@ -70,6 +70,11 @@ export interface UffdExportDiffRequest {
    * without uffd write-protect it knows only which pages are present.
    */
   vmmDirtyLog: boolean;
+  /**
+   * Checkpoint: the sandbox runs on after this export (no StopSourcing before it). The pages
+   * are those of the Diff snapshot (vmm_dirty_log) or every page present now.
+   */
+  keepServing: boolean;
 }
 
 export interface UffdExportDiffResponse {
@@ -560,7 +565,7 @@ export const UffdStopSourcingResponse: MessageFns<UffdStopSourcingResponse> = {
 };
 
 function createBaseUffdExportDiffRequest(): UffdExportDiffRequest {
-  return { sandboxId: "", newBuildId: "", diffPath: "", memfilePath: "", vmmDirtyLog: false };
+  return { sandboxId: "", newBuildId: "", diffPath: "", memfilePath: "", vmmDirtyLog: false, keepServing: false };
 }
 
 export const UffdExportDiffRequest: MessageFns<UffdExportDiffRequest> = {
@@ -579,6 +584,9 @@ export const UffdExportDiffRequest: MessageFns<UffdExportDiffRequest> = {
     }
     if (message.vmmDirtyLog !== false) {
       writer.uint32(40).bool(message.vmmDirtyLog);
+    }
+    if (message.keepServing !== false) {
+      writer.uint32(48).bool(message.keepServing);
     }
     return writer;
   },
@@ -636,6 +644,14 @@ export const UffdExportDiffRequest: MessageFns<UffdExportDiffRequest> = {
             message.vmmDirtyLog = reader.bool();
             continue;
           }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.keepServing = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -675,6 +691,11 @@ export const UffdExportDiffRequest: MessageFns<UffdExportDiffRequest> = {
         : isSet(object.vmm_dirty_log)
         ? globalThis.Boolean(object.vmm_dirty_log)
         : false,
+      keepServing: isSet(object.keepServing)
+        ? globalThis.Boolean(object.keepServing)
+        : isSet(object.keep_serving)
+        ? globalThis.Boolean(object.keep_serving)
+        : false,
     };
   },
 
@@ -695,6 +716,9 @@ export const UffdExportDiffRequest: MessageFns<UffdExportDiffRequest> = {
     if (message.vmmDirtyLog !== false) {
       obj.vmmDirtyLog = message.vmmDirtyLog;
     }
+    if (message.keepServing !== false) {
+      obj.keepServing = message.keepServing;
+    }
     return obj;
   },
 
@@ -708,6 +732,7 @@ export const UffdExportDiffRequest: MessageFns<UffdExportDiffRequest> = {
     message.diffPath = object.diffPath ?? "";
     message.memfilePath = object.memfilePath ?? "";
     message.vmmDirtyLog = object.vmmDirtyLog ?? false;
+    message.keepServing = object.keepServing ?? false;
     return message;
   },
 };

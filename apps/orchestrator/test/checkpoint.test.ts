@@ -1,0 +1,125 @@
+import { randomBytes, randomUUID } from 'node:crypto';
+import { readFile, readdir } from 'node:fs/promises';
+import { join } from 'node:path';
+import { status, type ServiceError } from '@grpc/grpc-js';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { dial, unary } from '#grpc';
+import { UffdServerClient } from '#proto/sbx/uffd';
+import { decodeHeader } from '#storage';
+import { NodeDriver } from './node-driver.js';
+import { missingPieces } from './node-under-test.js';
+
+/*
+ * Checkpoint over a whole node (real uffd-server, block-server, net-agent, dns, the VMM double):
+ * the sandbox keeps running on the same VMM with its memory and disk as they were, the build is
+ * in the bucket when the call answers, it resumes byte-exact as another sandbox, and the next
+ * checkpoint holds only what changed since the last one.
+ */
+
+const missing = missingPieces();
+const MiB = 1 << 20;
+
+describe.skipIf(missing !== undefined)('Checkpoint', () => {
+  let d: NodeDriver;
+
+  beforeAll(async () => {
+    d = await NodeDriver.start({ tag: 'ckpt', sampleMemoryMb: 16 });
+  }, 240_000);
+
+  afterAll(async () => {
+    await d?.stop();
+  }, 120_000);
+
+  const checkpoint = (sandboxId: string, buildId: string) =>
+    unary(d.node.client, d.node.client.checkpoint, { sandboxId, buildId }, 120_000);
+
+  async function faultsOf(sandboxId: string): Promise<number> {
+    const c = dial(UffdServerClient, d.node.sockets.uffd);
+    try {
+      return (await unary(c, c.stats, { sandboxId }, 5000)).faults;
+    } finally {
+      c.close();
+    }
+  }
+
+  /** Bytes of guest memory the build itself stores (its own layer), from its header in the bucket. */
+  async function ownMemory(buildId: string) {
+    const header = decodeHeader(await readFile(join(d.node.bucket, buildId, 'memfile.header')));
+    const own = header.mappings.filter((m) => m.buildId === buildId);
+    const holds = (from: number, length: number) =>
+      own.some((m) => m.offset < from + length && from < m.offset + m.length);
+    return { bytes: own.reduce((n, m) => n + m.length, 0), holds };
+  }
+
+  it('keeps the sandbox running as it was; the uploaded build resumes byte-exact elsewhere', async () => {
+    const ip = await d.create('ck-1');
+    const memory = randomBytes(256 * 1024);
+    const disk = randomBytes(64 * 1024);
+    await d.node.writeMemory(ip, 4 * MiB, memory);
+    await d.node.writeDisk(ip, 2 * MiB, disk);
+    const vmms = (await d.node.footprint())['vmmProcesses'];
+    const faults = await faultsOf('ck-1');
+    expect(faults).toBeGreaterThan(0);
+
+    const first = randomUUID();
+    await checkpoint('ck-1', first);
+
+    // Uploaded when the call answers: the snapfile (written last) is in the bucket.
+    expect((await readdir(join(d.node.bucket, first))).sort()).toEqual(
+      ['memfile', 'memfile.header', 'rootfs.ext4', 'rootfs.ext4.header', 'snapfile'].sort(),
+    );
+    // The same sandbox on the same VMM process, memory and disk unchanged, counters going on.
+    expect(await d.listIds()).toContain('ck-1');
+    expect((await d.node.footprint())['vmmProcesses']).toEqual(vmms);
+    expect((await d.node.readMemory(ip, 4 * MiB, memory.length)).equals(memory)).toBe(true);
+    expect((await d.node.readDisk(ip, 2 * MiB, disk.length)).equals(disk)).toBe(true);
+    expect(await faultsOf('ck-1')).toBeGreaterThanOrEqual(faults);
+    expect(await d.eventTypes('ck-1')).toContain('checkpointed');
+
+    // Written after the checkpoint: in the running sandbox only.
+    const later = randomBytes(128 * 1024);
+    await d.node.writeMemory(ip, 8 * MiB, later);
+    await d.node.writeDisk(ip, 2 * MiB, Buffer.alloc(disk.length, 7));
+
+    const copyIp = await d.create('ck-copy', { buildId: first, snapshot: true });
+    expect((await d.node.readMemory(copyIp, 4 * MiB, memory.length)).equals(memory)).toBe(true);
+    expect((await d.node.readDisk(copyIp, 2 * MiB, disk.length)).equals(disk)).toBe(true);
+    expect((await d.node.readMemory(copyIp, 8 * MiB, later.length)).equals(later)).toBe(false);
+
+    // Dirty tracking restarted: the second checkpoint stores what was written since the first
+    // (the 128 KiB at 8 MiB, and the few pages the guest touches on its own), not the 256 KiB before.
+    const second = randomUUID();
+    await checkpoint('ck-1', second);
+    const own = await ownMemory(second);
+    expect(own.holds(8 * MiB, later.length)).toBe(true);
+    expect(own.holds(4 * MiB, memory.length)).toBe(false);
+    expect(own.bytes).toBeLessThan(memory.length + later.length);
+    const copy2Ip = await d.create('ck-copy2', { buildId: second, snapshot: true });
+    expect((await d.node.readMemory(copy2Ip, 4 * MiB, memory.length)).equals(memory)).toBe(true);
+    expect((await d.node.readMemory(copy2Ip, 8 * MiB, later.length)).equals(later)).toBe(true);
+
+    // Pause after checkpoints: a diff over the last one, still exact.
+    const paused = randomUUID();
+    await d.pause('ck-1', paused);
+    const resumedIp = await d.create('ck-1', { buildId: paused, snapshot: true });
+    expect((await d.node.readMemory(resumedIp, 4 * MiB, memory.length)).equals(memory)).toBe(true);
+    expect((await d.node.readMemory(resumedIp, 8 * MiB, later.length)).equals(later)).toBe(true);
+    expect((await d.node.readDisk(resumedIp, 2 * MiB, disk.length)).equals(Buffer.alloc(disk.length, 7))).toBe(true);
+
+    for (const id of ['ck-1', 'ck-copy', 'ck-copy2']) await d.remove(id);
+    await d.expectFootprintBack();
+  }, 300_000);
+
+  it('refuses a checkpoint of an unknown sandbox and into an existing build', async () => {
+    const unknown = await checkpoint('ck-ghost', randomUUID()).catch((e: ServiceError) => e);
+    expect((unknown as ServiceError).code).toBe(status.NOT_FOUND);
+    await d.create('ck-2');
+    const build = randomUUID();
+    await checkpoint('ck-2', build);
+    const again = await checkpoint('ck-2', build).catch((e: ServiceError) => e);
+    expect((again as ServiceError).code).toBe(status.ALREADY_EXISTS);
+    expect(await d.listIds()).toContain('ck-2');
+    await d.remove('ck-2');
+    await d.expectFootprintBack();
+  }, 120_000);
+});
