@@ -2,11 +2,8 @@
 import type { ChildProcess } from 'node:child_process';
 import { dial, unary } from '#grpc';
 import { NetAgentClient, type NetSlot, type NetStats } from '#proto/sbx/net';
-import { eventually, grpcServing, repoRoot, ServiceProcess } from '#test-kit';
+import { eventually, grpcServing, ServiceProcess } from '#test-kit';
 import type { NodeNamespace } from './node-namespace.js';
-
-/** The checkout, with a trailing slash (`${REPO}sbx`). */
-export const REPO = `${repoRoot}/`;
 
 export class AgentProcess {
   readonly client: NetAgentClient;

@@ -2,13 +2,14 @@
  * net-agent end to end: the real process in a throwaway node namespace (see node-namespace.ts),
  * driven only through its control socket. Traffic goes only to addresses this test creates.
  */
-import { mkdtemp, readdir, readlink, rm } from 'node:fs/promises';
+import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { status, type ServiceError } from '@grpc/grpc-js';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { NetSlot } from '#proto/sbx/net';
-import { AgentProcess, REPO } from './agent-process.js';
+import { openFds, sbx } from '#test-kit';
+import { AgentProcess } from './agent-process.js';
 import { ConsulAgent } from '../../../libs/test-peers/src/consul-agent.js';
 import { peerBinary } from '../../../libs/test-peers/src/peer-binary.js';
 import { createConsulClient } from '../src/consul-slot-reservation.js';
@@ -156,7 +157,7 @@ describe.skipIf(!isRoot)('net-agent in a throwaway node namespace', () => {
       '50',
     ]);
     await agent.waitFor((s) => s.readyNew === 200, 60_000);
-    const fdsAtStart = await openFds(agent);
+    const fdsAtStart = agentFds(agent);
     expect(await kvKeys(consul, `${node.prefix}/`)).toHaveLength(200);
     expect(await node.slotNamespaces()).toHaveLength(200);
     const during = await node.snapshot();
@@ -175,7 +176,7 @@ describe.skipIf(!isRoot)('net-agent in a throwaway node namespace', () => {
     expect(mid.removed).toBe(100);
     // The refill makes 200 new ones again; a full create/remove cycle must not leave fds behind.
     await agent.waitFor((s) => s.readyNew === 200, 60_000);
-    expect(await openFds(agent)).toEqual(fdsAtStart);
+    expect(agentFds(agent)).toEqual(fdsAtStart);
 
     // The 50 in use stay with their sandboxes (namespaces, links, keys) for the next run to adopt.
     expect(await agent.stop()).toBe(0);
@@ -289,7 +290,7 @@ describe.skipIf(!isRoot)('net-agent in a throwaway node namespace', () => {
         )
         .join(''),
     );
-    const out = await node.mustExec(node.node, `${REPO}sbx`, [
+    const out = await node.mustExec(node.node, sbx, [
       'net-agent',
       'cleanup',
       '--namespace-prefix',
@@ -378,14 +379,10 @@ describe.skipIf(!isRoot)('net-agent in a throwaway node namespace', () => {
 });
 
 /** The agent's open file descriptors, by what they point at (sockets and pipes by kind only). */
-async function openFds(agent: AgentProcess): Promise<string[]> {
-  const dirPath = `/proc/${agent.child.pid}/fd`;
-  const out: string[] = [];
-  for (const fd of await readdir(dirPath)) {
-    const target = await readlink(`${dirPath}/${fd}`).catch(() => 'gone');
-    out.push(target.replace(/\[\d+\]$/, '[]'));
-  }
-  return out.sort();
+function agentFds(agent: AgentProcess): string[] {
+  return openFds(agent.service.pid)
+    .map((target) => target.replace(/\[\d+\]$/, '[]'))
+    .sort();
 }
 
 /** What both set-up paths (rtnetlink in the agent, or ip -batch) must leave in a slot's namespace. */

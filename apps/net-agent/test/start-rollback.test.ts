@@ -8,7 +8,7 @@ import { createServer, type Server } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { REPO } from './agent-process.js';
+import { sbx } from '#test-kit';
 import { NodeNamespace, run } from './node-namespace.js';
 
 const isRoot = process.getuid?.() === 0;
@@ -35,7 +35,7 @@ describe.skipIf(!isRoot)('net-agent start', () => {
     const before = await node.snapshot();
     const out = await run('nsenter', [
       `--net=${node.nsPath(node.node)}`,
-      `${REPO}sbx`,
+      sbx,
       'net-agent',
       'serve',
       ...['--control-socket', join(dir, 'taken.sock'), '--metrics-port', '0', '--pool-new-size', '4'],
