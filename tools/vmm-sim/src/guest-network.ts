@@ -49,7 +49,28 @@ export class GuestNetwork {
   ) {}
 
   static async attach(options: GuestNetworkOptions): Promise<GuestNetwork> {
+    return GuestNetwork.attachOver(await recordTap(options.tapName), options);
+  }
+
+  /** Like attach, but only over a tap that is there now (undefined when there is none). */
+  static async attachExisting(options: GuestNetworkOptions): Promise<GuestNetwork | undefined> {
     const tap = await recordTap(options.tapName);
+    return tap.existed ? GuestNetwork.attachOver(tap, options) : undefined;
+  }
+
+  /** Whether this is the link `options` asks for (same tap, slot side and guest address). */
+  matches(options: Omit<GuestNetworkOptions, 'logger'>): boolean {
+    const o = this.options;
+    return (
+      !this.closed &&
+      o.tapName === options.tapName &&
+      o.tapCidr === options.tapCidr &&
+      o.guestAddress === options.guestAddress &&
+      o.guestPrefixLength === options.guestPrefixLength
+    );
+  }
+
+  private static async attachOver(tap: TapRecord, options: GuestNetworkOptions): Promise<GuestNetwork> {
     if (tap.existed && tap.kind !== 'tun' && tap.kind !== 'veth') {
       throw new VmmFailure('TAP_UNEXPECTED', `${options.tapName} is a ${tap.kind ?? 'plain'} link, not a tap`, {
         tap: options.tapName,

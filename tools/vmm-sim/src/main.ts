@@ -3,6 +3,7 @@ import { ConfigInvalid, describeConfig, loadConfig } from '#config';
 import { createLogger, type Logger } from '#logging';
 import { ApiServer } from './api-server.js';
 import { GuestMemory } from './guest-memory.js';
+import { PreparedNetwork } from './prepared-network.js';
 import type { MicrovmSettings } from './microvm.js';
 import { VMM_VERSION, VmmController } from './vmm-controller.js';
 
@@ -30,6 +31,7 @@ const schema = z.object({
   e2bForkWriteProtect: z.enum(['async', 'sync', 'off']).default('off'),
   uffdPageSizeField: z.enum(['both', 'page_size', 'page_size_kib']).default('both'),
   nbdExportName: z.string().default(''),
+  prepareTap: z.string().default('tap0'),
   logLevel: z.enum(['trace', 'debug', 'info', 'warn', 'error']).default('info'),
 });
 
@@ -55,6 +57,9 @@ options (env SBX_VMM_SIM_<NAME>):
                                 track writes
   --uffd-page-size-field <f>    both | page_size | page_size_kib (older Firecracker) (default both)
   --nbd-export-name <name>      export to ask for when a drive is an NBD socket (default "")
+  --prepare-tap <name>          when this tap is in the VMM's namespace at start, plumb the guest link
+                                over it while waiting for a load, so the load finds it ready (default
+                                tap0; "" = plumb at load only)
   --log-level <level>           pino level (default info)
   --version                     print the Firecracker version this double answers as
 `;
@@ -109,6 +114,16 @@ export async function main(argv: string[]): Promise<number | void> {
     uffdWriteProtect: config.e2bForkWriteProtect,
     uffdPageSizeSpelling: config.uffdPageSizeField,
     nbdExportName: config.nbdExportName,
+    preparedNetwork:
+      config.guestListen || !config.prepareTap
+        ? undefined
+        : PreparedNetwork.start({
+            tapName: config.prepareTap,
+            tapCidr: config.tapCidr,
+            guestAddress: config.guestAddress,
+            guestPrefixLength: config.guestPrefixLength,
+            logger,
+          }),
   };
   const controller = new VmmController(settings, config.id);
   let stopping: Promise<void> | undefined;
@@ -118,6 +133,9 @@ export async function main(argv: string[]): Promise<number | void> {
       controller.abandonLoad();
       await running.api?.close().catch((err: unknown) => logger.error({ err }, 'closing the API socket failed'));
       await controller.shutdown();
+      await settings.preparedNetwork
+        ?.close()
+        .catch((err: unknown) => logger.error({ err }, 'putting the prepared tap back failed'));
     })();
     return stopping;
   };

@@ -7,6 +7,7 @@ import { EnvdServer, type GuestView } from './envd-server.js';
 import { openGuestDisk, type GuestDisk } from './guest-disk.js';
 import { GuestMemory, type MemoryBacking, type PageSizeSpelling, type WriteProtectMode } from './guest-memory.js';
 import { GuestNetwork } from './guest-network.js';
+import type { PreparedNetwork } from './prepared-network.js';
 import {
   SNAPFILE_FORMAT,
   SNAPFILE_VERSION,
@@ -32,6 +33,8 @@ export interface MicrovmSettings {
   uffdWriteProtect: WriteProtectMode;
   uffdPageSizeSpelling: PageSizeSpelling;
   nbdExportName: string;
+  /** The guest link plumbed while the VMM waited for a load (prepared-network.ts). */
+  preparedNetwork?: PreparedNetwork | undefined;
 }
 
 export interface BootResources {
@@ -232,13 +235,14 @@ export class Microvm implements GuestView {
       let network: GuestNetwork | undefined;
       const nic = this.config.networkInterfaces[0];
       if (!this.settings.guestListen && nic) {
-        network = await GuestNetwork.attach({
+        const wanted = {
           tapName: nic.hostDevName,
           tapCidr: this.settings.tapCidr,
           guestAddress: this.config.guestNetwork.address,
           guestPrefixLength: this.config.guestNetwork.prefixLength,
           logger,
-        });
+        };
+        network = (await this.settings.preparedNetwork?.take(wanted)) ?? (await GuestNetwork.attach(wanted));
         const attached = network;
         this.teardown.push({ what: 'network', release: () => attached.close() });
       }
