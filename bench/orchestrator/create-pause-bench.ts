@@ -17,6 +17,8 @@
  *                      installed is exported (E2B's behaviour); prefetch off (it would land in the diff)
  *   wp-async           the double as E2B's Firecracker fork: uffd WP_ASYNC, PAGEMAP_SCAN
  */
+import { readdir } from 'node:fs/promises';
+import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { unary } from '#grpc';
 import type { SandboxConfig } from '#proto/orchestrator';
@@ -129,10 +131,14 @@ async function benchSize(
   // the figure is a create at a rate the pool keeps up with; a burst beyond it starts its own.
   const poolRefilled = async () => {
     const deadline = Date.now() + 60_000;
-    while ((await node.vmmProcesses()).filter((s) => s.includes('/vmm-pool-')).length < vmmPool) {
+    // A waiting VMM's API socket exists once it listens; the pool takes it a moment later.
+    const listening = async () =>
+      (await readdir(join(node.dataDir, 's'))).filter((f) => f.startsWith('vmm-pool-') && f.endsWith('.api.sock'));
+    while ((await listening()).length < vmmPool) {
       if (Date.now() > deadline) throw new Error('the VMM pool did not refill within 60 s');
       await new Promise((r) => setTimeout(r, 50));
     }
+    await new Promise((r) => setTimeout(r, 200));
   };
   try {
     const client = node.client;

@@ -1,22 +1,28 @@
+import { watch, type FSWatcher } from 'node:fs';
 import { open, type FileHandle } from 'node:fs/promises';
 import type { Logger } from '#logging';
 
 /**
  * Follows a VMM's stdout or stderr file into the sandbox's logger. The VMM writes to a file,
  * not a pipe, so it outlives an orchestrator crash without dying of SIGPIPE and the restarted
- * orchestrator picks the log up where the file is.
+ * orchestrator picks the log up where the file is. It reads when the file changes (inotify),
+ * not on a timer: a node with hundreds of quiet VMMs must not open hundreds of files a second.
+ * A slow timer stays as a safety net (a watch that could not be set, or a moved file).
  */
 export class VmmLogTail {
   private position = 0;
   private partial = '';
   private timer: NodeJS.Timeout | undefined;
-  private reading = false;
+  private watcher: FSWatcher | undefined;
+  /** The read running now; a change seen meanwhile reads again after it. */
+  private current: Promise<void> | undefined;
+  private again = false;
 
   constructor(
     private readonly path: string,
     private readonly logger: Logger,
     private readonly stream: 'stdout' | 'stderr',
-    private readonly intervalMs = 300,
+    private readonly intervalMs = 5000,
   ) {}
 
   start(fromEnd = false): void {
@@ -31,20 +37,44 @@ export class VmmLogTail {
     }
     this.timer = setInterval(() => void this.poll(), this.intervalMs);
     this.timer.unref();
+    try {
+      this.watcher = watch(this.path, { persistent: false }, () => void this.poll());
+      this.watcher.on('error', () => this.unwatch());
+    } catch {
+      // No file yet, or no inotify: the timer alone.
+    }
+  }
+
+  private unwatch(): void {
+    this.watcher?.close();
+    this.watcher = undefined;
   }
 
   /** Reads what is left and stops. */
   async stop(): Promise<void> {
     if (this.timer) clearInterval(this.timer);
     this.timer = undefined;
+    this.unwatch();
+    await this.current;
     await this.poll();
     if (this.partial) this.emit(this.partial);
     this.partial = '';
   }
 
-  private async poll(): Promise<void> {
-    if (this.reading) return;
-    this.reading = true;
+  private poll(): Promise<void> {
+    if (this.current) {
+      this.again = true;
+      return this.current;
+    }
+    this.again = false;
+    this.current = this.read().finally(() => {
+      this.current = undefined;
+      if (this.again && this.timer) void this.poll();
+    });
+    return this.current;
+  }
+
+  private async read(): Promise<void> {
     let fh: FileHandle | undefined;
     try {
       fh = await open(this.path, 'r');
@@ -62,7 +92,6 @@ export class VmmLogTail {
       // The file is gone once the sandbox directory is removed; nothing more to follow.
     } finally {
       await fh?.close().catch(() => undefined);
-      this.reading = false;
     }
   }
 
