@@ -1,5 +1,13 @@
 import { z } from 'zod';
 
+/** How local files are read; shared with the standalone mode. */
+export const readMode = z
+  .enum(['sync', 'async'])
+  .default('sync')
+  .describe('local files: sync pread (fast from the page cache, stalls the loop on a miss) or the libuv pool');
+export const port = z.coerce.number().int().min(0).max(65535);
+export const logLevel = z.enum(['trace', 'debug', 'info', 'warn', 'error']).default('info');
+
 /** `./sbx block-server serve` (service mode): flags `--foo-bar`, env `SBX_BLOCK_SERVER_FOO_BAR`. */
 export const serviceConfigSchema = z.object({
   controlSocket: z.string().min(1).default('/run/sbx/block-server.sock'),
@@ -27,11 +35,8 @@ export const serviceConfigSchema = z.object({
     .optional()
     .describe('local builds and the chunk cache of bucket data (default <data-dir>/cache)')
     .meta({ aliases: ['SBX_CACHE_DIR'] }),
-  readMode: z
-    .enum(['sync', 'async'])
-    .default('sync')
-    .describe('local files: sync pread (fast from the page cache, stalls the loop on a miss) or the libuv pool'),
-  metricsPort: z.coerce.number().int().min(0).max(65535).default(9462).describe('Prometheus port, 0 = off'),
+  readMode,
+  metricsPort: port.default(9462).describe('Prometheus port, 0 = off'),
   kernelAttach: z.enum(['auto', 'off']).default('auto').describe('attach /dev/nbdX when asked and the kernel has NBD'),
   releaseTimeoutMs: z.coerce
     .number()
@@ -41,7 +46,7 @@ export const serviceConfigSchema = z.object({
     .default(10_000)
     .describe("how long export waits for the device's clients to go away"),
   nbdSocketMode: z.enum(['0600', '0660']).default('0600').describe('NBD socket permissions'),
-  logLevel: z.enum(['trace', 'debug', 'info', 'warn', 'error']).default('info'),
+  logLevel,
 });
 
 export type ServiceConfig = z.infer<typeof serviceConfigSchema>;

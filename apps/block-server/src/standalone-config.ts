@@ -1,4 +1,5 @@
 import { z } from 'zod';
+import { logLevel, port, readMode } from './service-config.js';
 
 /** `./sbx block-server serve --base <image> --socket <path> ...`: one export of a local image. */
 export const standaloneConfigSchema = z.object({
@@ -13,12 +14,9 @@ export const standaloneConfigSchema = z.object({
     ),
   exportName: z.string().max(4096).default(''),
   blockSize: z.coerce.number().int().positive().multipleOf(512).default(4096),
-  readMode: z
-    .enum(['sync', 'async'])
-    .default('sync')
-    .describe('local files: sync pread (fast from the page cache, stalls the loop on a miss) or the libuv pool'),
-  metricsPort: z.coerce.number().int().min(0).max(65535).default(0).describe('Prometheus port, 0 = off'),
-  logLevel: z.enum(['trace', 'debug', 'info', 'warn', 'error']).default('info'),
+  readMode,
+  metricsPort: port.default(0).describe('Prometheus port, 0 = off'),
+  logLevel,
 });
 
 export type StandaloneConfig = z.infer<typeof standaloneConfigSchema>;

@@ -1,13 +1,26 @@
 import { z } from 'zod';
 
-const size = z.coerce.number().int().nonnegative();
+const int = (min: number, max = Number.MAX_SAFE_INTEGER) => z.coerce.number().int().min(min).max(max);
+const flag = (value: 'true' | 'false') =>
+  z
+    .enum(['true', 'false'])
+    .default(value)
+    .transform((v) => v === 'true');
+const prefetchBytes = int(0)
+  .default(2 * 1024 * 1024)
+  .describe('bytes installed around a fault (its aligned window); 0 = the page only');
+const readaheadWindows = int(0, 64)
+  .default(0)
+  .describe('prefetch windows copied ahead of sequential faults (0: on 2 loaded cores it cost more than it saved)');
+const threads = int(1, 16).default(2).describe('native serving threads per sandbox');
+const logLevel = z.string().default('info');
 
 /** The one configuration schema of uffd-server (flags `--foo-bar`, env `SBX_UFFD_SERVER_FOO_BAR`). */
 export const uffdServerConfigSchema = z.object({
   controlSocket: z.string().min(1).default('/run/sbx/uffd-server.sock'),
   socketMode: z.enum(['0600', '0660']).default('0600'),
   metricsHost: z.string().default('127.0.0.1'),
-  metricsPort: z.coerce.number().int().min(0).max(65535).default(9461).describe('Prometheus port, 0 = off'),
+  metricsPort: int(0, 65535).default(9461).describe('Prometheus port, 0 = off'),
   bucket: z
     .string()
     .default('')
@@ -24,38 +37,18 @@ export const uffdServerConfigSchema = z.object({
     .default('/var/lib/sbx/cache')
     .describe('local builds ({cache-dir}/builds/{id}) and chunk caches')
     .meta({ aliases: ['SBX_CACHE_DIR'] }),
-  prefetchBytes: size
-    .default(2 * 1024 * 1024)
-    .describe('bytes installed around a fault (its aligned window); 0 = the page only'),
-  readaheadWindows: z.coerce
-    .number()
-    .int()
-    .min(0)
-    .max(64)
-    .default(0)
-    .describe('prefetch windows copied ahead of sequential faults (0: on 2 loaded cores it cost more than it saved)'),
-  /**
-   * On by default: the orchestrator takes the written pages from Firecracker's Diff snapshot
-   * (KVM's dirty log), so prefetched pages stay out of the diff. Turn it off where pauses export
-   * every present page (orchestrator --pause-memory-diff present).
-   */
-  prefetchWithoutTracking: z
-    .enum(['true', 'false'])
-    .default('true')
-    .describe('prefetch also when the uffd has no write-protect (upstream Firecracker)')
-    .transform((v) => v === 'true'),
-  threadsPerSandbox: z.coerce.number().int().min(1).max(16).default(2).describe('native serving threads per sandbox'),
-  handshakeTimeoutMs: z.coerce.number().int().positive().default(60_000),
-  fetchAttempts: z.coerce
-    .number()
-    .int()
-    .min(1)
-    .max(20)
-    .default(5)
-    .describe('attempts (first included) of a transient source fetch while the fault waits'),
-  fetchRetryDelayMs: z.coerce.number().int().min(1).default(100),
-  maxSandboxes: z.coerce.number().int().positive().default(512),
-  logLevel: z.string().default('info'),
+  prefetchBytes,
+  readaheadWindows,
+  // On by default: the orchestrator takes the written pages from Firecracker's Diff snapshot
+  // (KVM's dirty log), so prefetched pages stay out of the diff. Turn it off where pauses export
+  // every present page (orchestrator --pause-memory-diff present).
+  prefetchWithoutTracking: flag('true').describe('prefetch also when the uffd has no write-protect'),
+  threadsPerSandbox: threads,
+  handshakeTimeoutMs: int(1).default(60_000),
+  fetchAttempts: int(1, 20).default(5).describe('attempts (first included) of a source fetch while the fault waits'),
+  fetchRetryDelayMs: int(1).default(100),
+  maxSandboxes: int(1).default(512),
+  logLevel,
 });
 
 export type UffdServerConfig = z.infer<typeof uffdServerConfigSchema>;
@@ -69,14 +62,11 @@ export const serveFileConfigSchema = z.object({
     .int()
     .refine((v) => v === 4096 || v === 2097152, 'page size must be 4096 or 2097152')
     .default(4096),
-  prefetchBytes: size.default(2 * 1024 * 1024),
-  readaheadWindows: z.coerce.number().int().min(0).max(64).default(0),
-  prefetchWithoutTracking: z
-    .enum(['true', 'false'])
-    .default('false')
-    .transform((v) => v === 'true'),
-  threads: z.coerce.number().int().min(1).max(16).default(2),
-  logLevel: z.string().default('info'),
+  prefetchBytes,
+  readaheadWindows,
+  prefetchWithoutTracking: flag('false'),
+  threads,
+  logLevel,
 });
 
 export type ServeFileConfig = z.infer<typeof serveFileConfigSchema>;

@@ -35,11 +35,9 @@ export async function serviceMain(service: string, argv: string[], commands: Ser
       .map((c) =>
         [
           `usage: ./sbx ${service} ${c.name} ${c.synopsis ?? '[flags]'}`,
-          '',
-          indent(c.about),
-          '',
+          c.about.replace(/^(?=.)/gm, '  '),
           describeFlags(c.schema, envPrefix),
-        ].join('\n'),
+        ].join('\n\n'),
       )
       .join('\n\n');
   const [name, ...rest] = argv;
@@ -76,20 +74,10 @@ export async function serviceMain(service: string, argv: string[], commands: Ser
     const running = await started.catch(() => undefined);
     if (typeof running === 'object') await running.stop();
   });
-  let running: RunningService | number;
-  try {
-    running = await started;
-  } catch (err) {
-    if (abort.signal.aborted) return new Promise<number>(() => undefined);
-    throw err;
-  }
+  // A start a signal interrupted is rolled back; the signal handler then exits the process.
+  const running = await started.catch((err: unknown) =>
+    abort.signal.aborted ? new Promise<never>(() => undefined) : Promise.reject(err),
+  );
   // A service serves until a signal: onShutdownSignals exits the process once it has stopped.
   return typeof running === 'number' ? running : new Promise<number>(() => undefined);
-}
-
-function indent(text: string): string {
-  return text
-    .split('\n')
-    .map((line) => (line ? `  ${line}` : line))
-    .join('\n');
 }
