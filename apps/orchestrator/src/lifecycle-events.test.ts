@@ -18,7 +18,13 @@ afterAll(async () => {
 
 describe('RedisLifecycleEvents', () => {
   it('publishes and removes catalogue entries and appends events to the stream', async () => {
-    const events = new RedisLifecycleEvents(redis.url, 'node-7', 'sbx:sandbox:', 'sbx:events', logger);
+    const events = new RedisLifecycleEvents({
+      url: redis.url,
+      nodeId: 'node-7',
+      prefix: 'sbx:sandbox:',
+      stream: 'sbx:events',
+      logger,
+    });
     const reader = redis.connect();
     try {
       const start = new Date('2026-01-01T00:00:00Z');
@@ -58,7 +64,13 @@ describe('RedisLifecycleEvents', () => {
   });
 
   it('does not fail a sandbox operation when Redis is down', async () => {
-    const events = new RedisLifecycleEvents('redis://127.0.0.1:1', 'node-7', 'p:', 's', logger);
+    const events = new RedisLifecycleEvents({
+      url: 'redis://127.0.0.1:1',
+      nodeId: 'node-7',
+      prefix: 'p:',
+      stream: 's',
+      logger,
+    });
     await expect(events.event('created', 's2')).resolves.toBeUndefined();
     await events.close();
   });

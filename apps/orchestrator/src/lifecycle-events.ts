@@ -38,14 +38,14 @@ export class NoLifecycleEvents implements LifecycleEvents {
 export class RedisLifecycleEvents implements LifecycleEvents {
   private readonly redis: Redis;
 
-  constructor(
-    url: string,
-    private readonly nodeId: string,
-    private readonly prefix: string,
-    private readonly stream: string,
-    private readonly logger: Logger,
-  ) {
-    this.redis = new Redis(url, { lazyConnect: false, maxRetriesPerRequest: 2, enableOfflineQueue: true });
+  private readonly nodeId: string;
+  private readonly prefix: string;
+  private readonly stream: string;
+  private readonly logger: Logger;
+
+  constructor(options: { url: string; nodeId: string; prefix: string; stream: string; logger: Logger }) {
+    ({ nodeId: this.nodeId, prefix: this.prefix, stream: this.stream, logger: this.logger } = options);
+    this.redis = new Redis(options.url, { lazyConnect: false, maxRetriesPerRequest: 2, enableOfflineQueue: true });
     this.redis.on('error', (err: Error) => this.logger.warn({ err: err.message }, 'redis error'));
   }
 

@@ -64,7 +64,13 @@ async function start(config: OrchestratorConfig, logger: Logger, stack: Teardown
   if (!config.bucket.startsWith('gs://')) await mkdir(config.bucket, { recursive: true });
 
   const catalogue: LifecycleEvents = config.redisUrl
-    ? new RedisLifecycleEvents(config.redisUrl, config.nodeId, config.redisPrefix, config.redisStream, logger)
+    ? new RedisLifecycleEvents({
+        url: config.redisUrl,
+        nodeId: config.nodeId,
+        prefix: config.redisPrefix,
+        stream: config.redisStream,
+        logger,
+      })
     : new NoLifecycleEvents();
   // The ingress proxy's routes follow the catalogue (routing-service.ts on the control socket).
   const paused = new PausedSandboxes(join(config.dataDir, 'paused-sandboxes.json'));
