@@ -1,8 +1,10 @@
 import type { Logger } from '#logging';
-import type { NetAgentServer, NetSlot, NetStats } from '#proto/sbx/net';
+import type { NetAgentServer, NetEgressPolicy, NetSlot, NetStats } from '#proto/sbx/net';
+import { isOpenPolicy, parseEgressPolicy, type EgressPolicy } from './egress-policy.js';
+import { applyEgress, OPEN_POLICY } from './slot-egress.js';
 import type { NetAgentMetrics } from './net-agent-metrics.js';
 import { RequestInvalid, unaryHandlers } from '#service-kit';
-import type { PoolSlot, SlotPool } from './slot-pool.js';
+import { SlotNotInUse, SlotNotOwned, type PoolSlot, type SlotPool } from './slot-pool.js';
 
 const SANDBOX_ID = /^[A-Za-z0-9_.-]{1,128}$/;
 
@@ -31,7 +33,12 @@ export function createNetAgentService(options: {
   reservation: string;
   uplink: string;
   nodeId: string;
+  /** Installs a slot's egress table; tests without namespaces pass a double. */
+  applyEgress?: (slot: PoolSlot, policy: EgressPolicy) => Promise<void>;
 }): NetAgentServer {
+  const install = options.applyEgress ?? ((slot: PoolSlot, policy: EgressPolicy) => applyEgress(slot.spec, policy));
+  const egressOf = (egress: NetEgressPolicy | undefined, prefix: string) =>
+    parseEgressPolicy(egress ?? { denyInternet: false, allowedCidrs: [], deniedCidrs: [], allowedDomains: [] }, prefix);
   const { pool, logger, metrics } = options;
   const done = (method: string, result: string) => metrics.requests.inc({ method, result });
   const handle = unaryHandlers({
@@ -42,22 +49,66 @@ export function createNetAgentService(options: {
     if (!SANDBOX_ID.test(sandboxId)) throw new RequestInvalid('sandbox_id', 'expected 1-128 characters [A-Za-z0-9_.-]');
   };
   return {
-    acquire: handle('acquire', ({ sandboxId }) => {
+    acquire: handle('acquire', ({ sandboxId, egress }) => {
       const started = performance.now();
       checkSandboxId(sandboxId);
+      const policy = egressOf(egress, 'egress.');
       const answer = (slot: PoolSlot, result: string) => {
         metrics.acquireSeconds.observe((performance.now() - started) / 1000);
         done('acquire', result);
         logger.debug({ sandboxId, slot: slot.spec.idx }, 'slot acquired');
         return toNetSlot(slot);
       };
-      // The common case (a slot is ready) answers synchronously, without a promise hop.
+      // A slot with a policy is handed out only once the policy holds; if it cannot be
+      // installed the slot is removed (its rules are in an unknown state) and the error returned.
+      const withPolicy = async (slot: PoolSlot, result: string) => {
+        try {
+          await install(slot, policy);
+        } catch (err) {
+          await pool.release(slot.spec.idx, sandboxId, false).catch((releaseErr: unknown) => {
+            logger.error(
+              { err: releaseErr, sandboxId, slot: slot.spec.idx },
+              'releasing a slot after a failed egress policy',
+            );
+          });
+          throw err;
+        }
+        logger.info({ sandboxId, slot: slot.spec.idx }, 'egress policy installed');
+        return answer(slot, result);
+      };
+      const open = isOpenPolicy(policy);
+      // The common case (a slot is ready, no policy) answers synchronously, without a promise hop.
       const ready = pool.tryAcquire(sandboxId);
-      return ready ? answer(ready, 'ok') : pool.acquire(sandboxId).then((slot) => answer(slot, 'waited'));
+      if (ready) return open ? answer(ready, 'ok') : withPolicy(ready, 'ok');
+      return pool.acquire(sandboxId).then((slot) => (open ? answer(slot, 'waited') : withPolicy(slot, 'waited')));
+    }),
+    setEgress: handle('setEgress', async ({ idx, sandboxId, egress }) => {
+      checkSandboxId(sandboxId);
+      const policy = egressOf(egress, 'egress.');
+      const slot = pool.list().find((s) => s.spec.idx === idx);
+      if (!slot) throw new SlotNotInUse(idx);
+      if (slot.sandboxId && slot.sandboxId !== sandboxId) throw new SlotNotOwned(idx, sandboxId, slot.sandboxId);
+      await install(slot, policy);
+      logger.info({ sandboxId, slot: idx, open: isOpenPolicy(policy) }, 'egress policy replaced');
+      done('setEgress', 'ok');
+      return {};
     }),
     release: handle('release', async ({ idx, sandboxId, reuse }) => {
       if (sandboxId) checkSandboxId(sandboxId);
-      await pool.release(idx, sandboxId, reuse);
+      const slot = reuse ? pool.list().find((s) => s.spec.idx === idx) : undefined;
+      // A reused slot must not carry its last sandbox's policy to the next one; unconditional,
+      // as slots adopted after a restart may have one nobody here remembers.
+      let keep = reuse;
+      if (slot && (!sandboxId || !slot.sandboxId || slot.sandboxId === sandboxId)) {
+        keep = await install(slot, OPEN_POLICY).then(
+          () => true,
+          (err: unknown) => {
+            logger.warn({ err, sandboxId, slot: idx }, 'clearing the egress policy failed: slot removed, not reused');
+            return false;
+          },
+        );
+      }
+      await pool.release(idx, sandboxId, keep);
       done('release', 'ok');
       return {};
     }),

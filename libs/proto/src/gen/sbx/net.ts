@@ -25,8 +25,33 @@ export const protobufFileName = "sbx/net.proto";
 
 /** Control API of net-agent, served on its control Unix socket. */
 
+/**
+ * A sandbox's egress policy: an allowed match wins, then a denied match refuses, otherwise
+ * allowed (or refused when deny_internet). Private, link-local and metadata ranges are always
+ * refused. Entries: a.b.c.d[/n][:port[-port]].
+ */
+export interface NetEgressPolicy {
+  denyInternet: boolean;
+  allowedCidrs: string[];
+  deniedCidrs: string[];
+  /** Refused with INVALID_ARGUMENT until the transparent proxy serves them. */
+  allowedDomains: string[];
+}
+
+export interface NetSetEgressRequest {
+  idx: number;
+  /** Must be the slot's holder. */
+  sandboxId: string;
+  egress: NetEgressPolicy | undefined;
+}
+
+export interface NetSetEgressResponse {
+}
+
 export interface NetAcquireRequest {
   sandboxId: string;
+  /** Applied before the slot is handed out; unset = everything outside the always-denied ranges. */
+  egress?: NetEgressPolicy | undefined;
 }
 
 export interface NetSlot {
@@ -83,14 +108,309 @@ export interface NetStats {
   nodeId: string;
 }
 
+function createBaseNetEgressPolicy(): NetEgressPolicy {
+  return { denyInternet: false, allowedCidrs: [], deniedCidrs: [], allowedDomains: [] };
+}
+
+export const NetEgressPolicy: MessageFns<NetEgressPolicy> = {
+  encode(message: NetEgressPolicy, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.denyInternet !== false) {
+      writer.uint32(8).bool(message.denyInternet);
+    }
+    for (const v of message.allowedCidrs) {
+      writer.uint32(18).string(v!);
+    }
+    for (const v of message.deniedCidrs) {
+      writer.uint32(26).string(v!);
+    }
+    for (const v of message.allowedDomains) {
+      writer.uint32(34).string(v!);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): NetEgressPolicy {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseNetEgressPolicy();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.denyInternet = reader.bool();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.allowedCidrs.push(reader.string());
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.deniedCidrs.push(reader.string());
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.allowedDomains.push(reader.string());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): NetEgressPolicy {
+    return {
+      denyInternet: isSet(object.denyInternet)
+        ? globalThis.Boolean(object.denyInternet)
+        : isSet(object.deny_internet)
+        ? globalThis.Boolean(object.deny_internet)
+        : false,
+      allowedCidrs: globalThis.Array.isArray(object?.allowedCidrs)
+        ? object.allowedCidrs.map((e: any) => globalThis.String(e))
+        : globalThis.Array.isArray(object?.allowed_cidrs)
+        ? object.allowed_cidrs.map((e: any) => globalThis.String(e))
+        : [],
+      deniedCidrs: globalThis.Array.isArray(object?.deniedCidrs)
+        ? object.deniedCidrs.map((e: any) => globalThis.String(e))
+        : globalThis.Array.isArray(object?.denied_cidrs)
+        ? object.denied_cidrs.map((e: any) => globalThis.String(e))
+        : [],
+      allowedDomains: globalThis.Array.isArray(object?.allowedDomains)
+        ? object.allowedDomains.map((e: any) => globalThis.String(e))
+        : globalThis.Array.isArray(object?.allowed_domains)
+        ? object.allowed_domains.map((e: any) => globalThis.String(e))
+        : [],
+    };
+  },
+
+  toJSON(message: NetEgressPolicy): unknown {
+    const obj: any = {};
+    if (message.denyInternet !== false) {
+      obj.denyInternet = message.denyInternet;
+    }
+    if (message.allowedCidrs?.length) {
+      obj.allowedCidrs = message.allowedCidrs;
+    }
+    if (message.deniedCidrs?.length) {
+      obj.deniedCidrs = message.deniedCidrs;
+    }
+    if (message.allowedDomains?.length) {
+      obj.allowedDomains = message.allowedDomains;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<NetEgressPolicy>): NetEgressPolicy {
+    return NetEgressPolicy.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<NetEgressPolicy>): NetEgressPolicy {
+    const message = createBaseNetEgressPolicy();
+    message.denyInternet = object.denyInternet ?? false;
+    message.allowedCidrs = object.allowedCidrs?.map((e) => e) || [];
+    message.deniedCidrs = object.deniedCidrs?.map((e) => e) || [];
+    message.allowedDomains = object.allowedDomains?.map((e) => e) || [];
+    return message;
+  },
+};
+
+function createBaseNetSetEgressRequest(): NetSetEgressRequest {
+  return { idx: 0, sandboxId: "", egress: undefined };
+}
+
+export const NetSetEgressRequest: MessageFns<NetSetEgressRequest> = {
+  encode(message: NetSetEgressRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.idx !== 0) {
+      writer.uint32(8).uint32(message.idx);
+    }
+    if (message.sandboxId !== "") {
+      writer.uint32(18).string(message.sandboxId);
+    }
+    if (message.egress !== undefined) {
+      NetEgressPolicy.encode(message.egress, writer.uint32(26).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): NetSetEgressRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseNetSetEgressRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.idx = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.sandboxId = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.egress = NetEgressPolicy.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): NetSetEgressRequest {
+    return {
+      idx: isSet(object.idx) ? globalThis.Number(object.idx) : 0,
+      sandboxId: isSet(object.sandboxId)
+        ? globalThis.String(object.sandboxId)
+        : isSet(object.sandbox_id)
+        ? globalThis.String(object.sandbox_id)
+        : "",
+      egress: isSet(object.egress) ? NetEgressPolicy.fromJSON(object.egress) : undefined,
+    };
+  },
+
+  toJSON(message: NetSetEgressRequest): unknown {
+    const obj: any = {};
+    if (message.idx !== 0) {
+      obj.idx = Math.round(message.idx);
+    }
+    if (message.sandboxId !== "") {
+      obj.sandboxId = message.sandboxId;
+    }
+    if (message.egress !== undefined) {
+      obj.egress = NetEgressPolicy.toJSON(message.egress);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<NetSetEgressRequest>): NetSetEgressRequest {
+    return NetSetEgressRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<NetSetEgressRequest>): NetSetEgressRequest {
+    const message = createBaseNetSetEgressRequest();
+    message.idx = object.idx ?? 0;
+    message.sandboxId = object.sandboxId ?? "";
+    message.egress = (object.egress !== undefined && object.egress !== null)
+      ? NetEgressPolicy.fromPartial(object.egress)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseNetSetEgressResponse(): NetSetEgressResponse {
+  return {};
+}
+
+export const NetSetEgressResponse: MessageFns<NetSetEgressResponse> = {
+  encode(_: NetSetEgressResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): NetSetEgressResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseNetSetEgressResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(_: any): NetSetEgressResponse {
+    return {};
+  },
+
+  toJSON(_: NetSetEgressResponse): unknown {
+    const obj: any = {};
+    return obj;
+  },
+
+  create(base?: DeepPartial<NetSetEgressResponse>): NetSetEgressResponse {
+    return NetSetEgressResponse.fromPartial(base ?? {});
+  },
+  fromPartial(_: DeepPartial<NetSetEgressResponse>): NetSetEgressResponse {
+    const message = createBaseNetSetEgressResponse();
+    return message;
+  },
+};
+
 function createBaseNetAcquireRequest(): NetAcquireRequest {
-  return { sandboxId: "" };
+  return { sandboxId: "", egress: undefined };
 }
 
 export const NetAcquireRequest: MessageFns<NetAcquireRequest> = {
   encode(message: NetAcquireRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.sandboxId !== "") {
       writer.uint32(10).string(message.sandboxId);
+    }
+    if (message.egress !== undefined) {
+      NetEgressPolicy.encode(message.egress, writer.uint32(18).fork()).join();
     }
     return writer;
   },
@@ -116,6 +436,14 @@ export const NetAcquireRequest: MessageFns<NetAcquireRequest> = {
             message.sandboxId = reader.string();
             continue;
           }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.egress = NetEgressPolicy.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -135,6 +463,7 @@ export const NetAcquireRequest: MessageFns<NetAcquireRequest> = {
         : isSet(object.sandbox_id)
         ? globalThis.String(object.sandbox_id)
         : "",
+      egress: isSet(object.egress) ? NetEgressPolicy.fromJSON(object.egress) : undefined,
     };
   },
 
@@ -142,6 +471,9 @@ export const NetAcquireRequest: MessageFns<NetAcquireRequest> = {
     const obj: any = {};
     if (message.sandboxId !== "") {
       obj.sandboxId = message.sandboxId;
+    }
+    if (message.egress !== undefined) {
+      obj.egress = NetEgressPolicy.toJSON(message.egress);
     }
     return obj;
   },
@@ -152,6 +484,9 @@ export const NetAcquireRequest: MessageFns<NetAcquireRequest> = {
   fromPartial(object: DeepPartial<NetAcquireRequest>): NetAcquireRequest {
     const message = createBaseNetAcquireRequest();
     message.sandboxId = object.sandboxId ?? "";
+    message.egress = (object.egress !== undefined && object.egress !== null)
+      ? NetEgressPolicy.fromPartial(object.egress)
+      : undefined;
     return message;
   },
 };
@@ -1111,6 +1446,17 @@ export const NetAgentService = {
     responseSerialize: (value: NetStats): Buffer => Buffer.from(NetStats.encode(value).finish()),
     responseDeserialize: (value: Buffer): NetStats => NetStats.decode(value),
   },
+  /** Replace an acquired slot's egress policy in one transaction; connections it now forbids are cut. */
+  setEgress: {
+    path: "/sbx.v1.NetAgent/SetEgress" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: NetSetEgressRequest): Buffer => Buffer.from(NetSetEgressRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): NetSetEgressRequest => NetSetEgressRequest.decode(value),
+    responseSerialize: (value: NetSetEgressResponse): Buffer =>
+      Buffer.from(NetSetEgressResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): NetSetEgressResponse => NetSetEgressResponse.decode(value),
+  },
 } as const;
 
 export interface NetAgentServer extends UntypedServiceImplementation {
@@ -1119,6 +1465,8 @@ export interface NetAgentServer extends UntypedServiceImplementation {
   release: handleUnaryCall<NetReleaseRequest, NetReleaseResponse>;
   list: handleUnaryCall<NetListRequest, NetListResponse>;
   stats: handleUnaryCall<NetStatsRequest, NetStats>;
+  /** Replace an acquired slot's egress policy in one transaction; connections it now forbids are cut. */
+  setEgress: handleUnaryCall<NetSetEgressRequest, NetSetEgressResponse>;
 }
 
 export interface NetAgentClient extends Client {
@@ -1179,6 +1527,22 @@ export interface NetAgentClient extends Client {
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: NetStats) => void,
+  ): ClientUnaryCall;
+  /** Replace an acquired slot's egress policy in one transaction; connections it now forbids are cut. */
+  setEgress(
+    request: NetSetEgressRequest,
+    callback: (error: ServiceError | null, response: NetSetEgressResponse) => void,
+  ): ClientUnaryCall;
+  setEgress(
+    request: NetSetEgressRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: NetSetEgressResponse) => void,
+  ): ClientUnaryCall;
+  setEgress(
+    request: NetSetEgressRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: NetSetEgressResponse) => void,
   ): ClientUnaryCall;
 }
 
