@@ -87,6 +87,7 @@ async function main(): Promise<void> {
       threads: { type: 'string', default: '2' },
       'body-bytes': { type: 'string', default: '1024' },
       'nginx-workers': { type: 'string', default: '1' },
+      'proxy-workers': { type: 'string', default: '1' },
     },
   });
   const seconds = Number(values.seconds);
@@ -94,7 +95,7 @@ async function main(): Promise<void> {
   const path = `/download?bytes=${Number(values['body-bytes'])}`;
   const work = await mkdtemp(join(tmpdir(), 'sbx-bench-proxy-'));
   console.log('bench/proxy: starting a node (services, vmm-sim guest) and the proxy…');
-  const px = await ProxyNode.start('bp');
+  const px = await ProxyNode.start('bp', ['--workers', String(values['proxy-workers'])]);
   let nginx: ChildProcess | undefined;
   try {
     await unary(
@@ -204,7 +205,7 @@ http {
       ReturnType<typeof summary>,
     ];
     console.log(
-      `\nwrk -t${values.threads} -c${values.connections} -d${seconds}s, ${values['body-bytes']} B bodies, ${rounds} rounds (medians), nginx worker_processes ${values['nginx-workers']}`,
+      `\nwrk -t${values.threads} -c${values.connections} -d${seconds}s, ${values['body-bytes']} B bodies, ${rounds} rounds (medians), nginx worker_processes ${values['nginx-workers']}, proxy --workers ${values['proxy-workers']}`,
     );
     console.log('target   req/s     p50 ms   p99 ms   proxy cpu µs/req');
     for (const [name, s] of [

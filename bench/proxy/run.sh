@@ -7,7 +7,7 @@
 # Needs root (network namespaces), wrk and nginx (scripts/system-packages.txt) and a build.
 #
 #   bash bench/proxy/run.sh [--seconds 10] [--rounds 2] [--connections 32] [--threads 2]
-#       [--body-bytes 1024] [--nginx-workers 1]
+#       [--body-bytes 1024] [--nginx-workers 1] [--proxy-workers 1]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 case ${1:-} in -h|--help) sed -n '2,10p' "$0"; exit 0 ;; esac

@@ -1,8 +1,10 @@
+import cluster from 'node:cluster';
 import { ConfigInvalid, describeConfig, loadConfig } from '#config';
 import { onShutdownSignals } from '#grpc';
 import { createLogger } from '#logging';
 import { proxyConfigSchema } from './proxy-config.js';
 import { startProxy } from './proxy-service.js';
+import { startProxyWorkers, WORKER_READY } from './worker-cluster.js';
 
 const USAGE = `usage: ./sbx proxy serve [options]
 
@@ -24,6 +26,7 @@ options (each also read from the environment as SBX_PROXY_<NAME>):
   --resume-timeout-ms <ms>            wait for a sandbox to resume or start (default 60000)
   --max-idle-upstream-sockets <n>     idle keep-alive connections per sandbox port (default 128)
   --client-idle-timeout-ms <ms>       close idle client connections (default 620000)
+  --workers <n>                       processes sharing the client port (default 1)
   --metrics-port <port>               Prometheus metrics on 127.0.0.1, 0 = off (default 9465)
   --log-level <level>                 pino level (default info)
 
@@ -54,9 +57,19 @@ export async function main(argv: string[]): Promise<number> {
     throw err;
   }
   const logger = createLogger({ service: 'proxy', level: config.logLevel });
-  logger.info({ config: describeConfig(config) }, 'proxy starting');
-  const proxy = await startProxy(config, logger);
-  onShutdownSignals(logger, () => proxy.stop());
+  if (cluster.isWorker) {
+    const proxy = await startProxy(config, logger, true);
+    onShutdownSignals(logger, () => proxy.stop());
+    process.send?.(WORKER_READY);
+  } else if (config.workers > 1) {
+    logger.info({ config: describeConfig(config) }, 'proxy starting');
+    const workers = await startProxyWorkers(config, logger);
+    onShutdownSignals(logger, () => workers.stop());
+  } else {
+    logger.info({ config: describeConfig(config) }, 'proxy starting');
+    const proxy = await startProxy(config, logger);
+    onShutdownSignals(logger, () => proxy.stop());
+  }
   // Serve until a signal: onShutdownSignals exits the process once everything is closed.
   return new Promise<number>(() => undefined);
 }

@@ -58,6 +58,8 @@ export const proxyConfigSchema = z.object({
   maxIdleUpstreamSockets: int(0, 10_000).default(128),
   /** Client connections idle this long are closed (a WebSocket or h2 stream in use is not idle). */
   clientIdleTimeoutMs: int(1000, 3_600_000).default(620_000),
+  /** Processes sharing the client port (node:cluster); 1 = this process serves alone. */
+  workers: int(1, 256).default(1),
   /** Prometheus metrics on 127.0.0.1; 0 = off. */
   metricsPort: int(0, 65535).default(9465),
   metricsHost: z.string().default('127.0.0.1'),

@@ -41,6 +41,8 @@ export class ProxyMetrics {
       name: 'sbx_proxy_routes',
       help: 'Sandboxes in the route table by state',
       labelNames: ['state'],
+      // With --workers each holds the same table: the node has what one of them has.
+      aggregator: 'max',
       registers,
       collect() {
         for (const [state, n] of Object.entries(table.countByState())) this.set({ state }, n);
@@ -48,7 +50,8 @@ export class ProxyMetrics {
     });
     new Gauge({
       name: 'sbx_proxy_route_watch_connected',
-      help: '1 while the route watch stream from the orchestrator is open',
+      help: "1 while the route watch stream from the orchestrator is open (every worker's, with --workers)",
+      aggregator: 'min',
       registers,
       collect() {
         this.set(watchConnected() ? 1 : 0);

@@ -1,5 +1,6 @@
 import { startGrpcServer } from '#grpc';
 import type { Logger } from '#logging';
+import { AggregatorRegistry } from 'prom-client';
 import { createRegistry, startMetricsServer } from '#metrics';
 import { H2Forwarder } from './h2-forwarder.js';
 import { Http1Forwarder } from './http1-forwarder.js';
@@ -28,7 +29,12 @@ export interface RunningProxy {
  * Starts the ingress proxy: route watch, listeners, control socket, metrics. When a step
  * fails, what was already started is closed before the error is thrown.
  */
-export async function startProxy(config: ProxyConfig, logger: Logger): Promise<RunningProxy> {
+export async function startProxy(
+  config: ProxyConfig,
+  logger: Logger,
+  /** A worker of several (worker-cluster.ts): the primary serves the control socket and metrics. */
+  clusterWorker = false,
+): Promise<RunningProxy> {
   const teardown: (() => Promise<void> | void)[] = [];
   const unwind = async () => {
     while (teardown.length) {
@@ -88,13 +94,17 @@ export async function startProxy(config: ProxyConfig, logger: Logger): Promise<R
     }
 
     let controlSocket: string | undefined;
-    if (config.controlSocket !== 'none') {
+    if (config.controlSocket !== 'none' && !clusterWorker) {
       const grpc = await startGrpcServer({ address: `unix://${config.controlSocket}`, services: [], logger });
       controlSocket = grpc.address;
       teardown.push(() => grpc.shutdown(2000));
     }
     let metricsPort: number | undefined;
-    if (registry) {
+    if (registry && clusterWorker) {
+      AggregatorRegistry.setRegistries(registry);
+      // prom-client answers the primary's metric requests only once an instance exists here.
+      new AggregatorRegistry();
+    } else if (registry) {
       const server = await startMetricsServer(registry, config.metricsHost, config.metricsPort);
       metricsPort = server.port;
       teardown.push(() => server.close());

@@ -48,11 +48,15 @@ export class ProxyNode {
   private readonly proxies: ServiceProcess[] = [];
   private readonly guests: ServiceProcess[] = [];
 
-  private constructor(readonly node: NodeUnderTest) {}
+  private constructor(
+    readonly node: NodeUnderTest,
+    /** More `proxy serve` flags (the bench's --workers). */
+    private readonly proxyArgs: string[],
+  ) {}
 
-  static async start(tag: string): Promise<ProxyNode> {
+  static async start(tag: string, proxyArgs: string[] = []): Promise<ProxyNode> {
     const node = await NodeUnderTest.start({ tag, envdTimeoutMs: 20_000 });
-    const p = new ProxyNode(node);
+    const p = new ProxyNode(node, proxyArgs);
     try {
       await p.startProxy();
     } catch (err) {
@@ -83,6 +87,7 @@ export class ProxyNode {
         'sbx.test',
         '--resume-timeout-ms',
         '60000',
+        ...this.proxyArgs,
       ],
       wrapper: ['nsenter', `--net=/run/netns/${this.node.nodeNs}`],
       detached: true,
