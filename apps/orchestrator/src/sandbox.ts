@@ -4,6 +4,7 @@ import type { SandboxConfig } from '#proto/orchestrator';
 import type { BlockDevice } from '#proto/sbx/block';
 import type { NetSlot } from '#proto/sbx/net';
 import type { EnvdClient, EnvdMetrics } from './envd-client.js';
+import { pollingRound } from './polling-round.js';
 import type { SandboxPhase, SandboxStateFile } from './sandbox-state-store.js';
 import { TeardownStack } from '#service-kit';
 import type { VmmHandle } from './vmm-launcher.js';
@@ -19,7 +20,8 @@ export class Sandbox {
   dnsIp: string | undefined;
   healthy = true;
   lastMetrics: EnvdMetrics | undefined;
-  private pollers: NodeJS.Timeout[] = [];
+  /** Takes it out of the node's polling rounds. */
+  private pollers: (() => void)[] = [];
 
   readonly id: string;
   readonly config: SandboxConfig;
@@ -81,35 +83,38 @@ export class Sandbox {
     };
   }
 
-  /** envd health (GET /health → 204) and metrics (GET /metrics) polling, like the seed's checks.go. */
+  /**
+   * envd health (GET /health → 204) and metrics (GET /metrics) polling, like the seed's
+   * checks.go, in the node's shared rounds (polling-round.ts) rather than timers of its own.
+   */
   startPolling(envd: EnvdClient, healthMs: number, metricsMs: number): void {
     this.stopPolling();
     const hostIp = this.hostIp;
     if (healthMs > 0) {
-      const t = setInterval(() => {
-        void envd.health(hostIp).then((ok) => {
-          if (ok !== this.healthy) this.log[ok ? 'info' : 'warn']({ healthy: ok }, 'sandbox health changed');
-          this.healthy = ok;
-        });
-      }, healthMs);
-      t.unref();
-      this.pollers.push(t);
+      this.pollers.push(
+        pollingRound(healthMs).add(() =>
+          envd.health(hostIp).then((ok) => {
+            if (ok !== this.healthy) this.log[ok ? 'info' : 'warn']({ healthy: ok }, 'sandbox health changed');
+            this.healthy = ok;
+          }),
+        ),
+      );
     }
     if (metricsMs > 0) {
-      const t = setInterval(() => {
-        void envd.metrics(hostIp).then((m) => {
-          if (!m) return;
-          this.lastMetrics = m;
-          this.log.debug({ metrics: m }, 'sandbox metrics');
-        });
-      }, metricsMs);
-      t.unref();
-      this.pollers.push(t);
+      this.pollers.push(
+        pollingRound(metricsMs).add(() =>
+          envd.metrics(hostIp).then((m) => {
+            if (!m) return;
+            this.lastMetrics = m;
+            this.log.debug({ metrics: m }, 'sandbox metrics');
+          }),
+        ),
+      );
     }
   }
 
   stopPolling(): void {
-    for (const t of this.pollers) clearInterval(t);
+    for (const leave of this.pollers) leave();
     this.pollers = [];
   }
 }
