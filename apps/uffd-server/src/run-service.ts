@@ -34,17 +34,17 @@ export function startUffdServer(config: UffdServerConfig, logger: Logger): Promi
     const promRegistry = createRegistry('uffd-server');
     const holder: { registry?: SandboxRegistry } = {};
     const metrics = new UffdMetrics(promRegistry, () => holder.registry);
-    const registry = new SandboxRegistry(
-      config,
-      store,
+    const registry = new SandboxRegistry({
+      settings: config,
+      builds: store,
       logger,
-      (s) => {
+      onEnded: (s) => {
         metrics.sandboxesEnded.inc({ state: s.state });
         const problem = /invalid UFFD handshake \((\w+)\)/.exec(s.error)?.[1];
         if (problem) metrics.handshakeFailures.inc({ problem });
       },
-      (final) => metrics.forget(final),
-    );
+      onStopped: (final) => metrics.forget(final),
+    });
     holder.registry = registry;
     stack.push('sandboxes', () => registry.shutdown());
     if (config.metricsPort > 0) {

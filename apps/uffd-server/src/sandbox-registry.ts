@@ -38,15 +38,25 @@ export class SandboxRegistry {
   /** Ids being prepared (resolving layers), so a duplicate is refused before it maps anything. */
   private readonly preparing = new Set<string>();
 
-  constructor(
-    private readonly settings: RegistrySettings,
+  private readonly settings: RegistrySettings;
+  private readonly builds: BuildStore;
+  private readonly logger: Logger;
+  private readonly onEnded?: (s: SandboxMemory) => void;
+  private readonly onStopped?: (final: SandboxStats) => void;
+
+  constructor(options: {
+    settings: RegistrySettings;
     /** Builds' memory layers (local builds first, then the bucket). */
-    private readonly builds: BuildStore,
-    private readonly logger: Logger,
-    private readonly onEnded?: (s: SandboxMemory) => void,
+    builds: BuildStore;
+    logger: Logger;
+    onEnded?: (s: SandboxMemory) => void;
     /** Called with a stopped sandbox's final counts, after which it is gone from here. */
-    private readonly onStopped?: (final: SandboxStats) => void,
-  ) {}
+    onStopped?: (final: SandboxStats) => void;
+  }) {
+    ({ settings: this.settings, builds: this.builds, logger: this.logger } = options);
+    this.onEnded = options.onEnded;
+    this.onStopped = options.onStopped;
+  }
 
   async prepare(req: PrepareRequest): Promise<{ socketPath: string; memorySize: number; pageSize: number }> {
     if (!SANDBOX_ID.test(req.sandboxId)) throw new RequestInvalid('sandbox_id', `"${req.sandboxId}" is not a safe id`);
