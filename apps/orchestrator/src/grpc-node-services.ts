@@ -128,9 +128,15 @@ export class GrpcNodeServices implements NodeServices {
         memfilePath,
         vmmDirtyLog,
         keepServing = false,
+        dedup = false,
       ): Promise<UffdExportDiffResponse> => {
         const c = uffds.of(sandboxId);
-        return unary(c, c.exportDiff, { sandboxId, newBuildId, diffPath, memfilePath, vmmDirtyLog, keepServing }, long);
+        return unary(
+          c,
+          c.exportDiff,
+          { sandboxId, newBuildId, diffPath, memfilePath, vmmDirtyLog, keepServing, dedup },
+          long,
+        );
       },
       stop: async (sandboxId) => {
         const c = uffds.of(sandboxId);

@@ -44,6 +44,8 @@ export interface MemoryProvider {
     vmmDirtyLog: boolean,
     /** A checkpoint's export: no StopSourcing before it, the sandbox is served on. */
     keepServing?: boolean,
+    /** Leave pages equal to the served build's to it (only when that build is the new one's parent). */
+    dedup?: boolean,
   ): Promise<UffdExportDiffResponse>;
   stop(sandboxId: string): Promise<void>;
   list(): Promise<MemoryServing[]>;

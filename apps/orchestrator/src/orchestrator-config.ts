@@ -115,6 +115,14 @@ export const orchestratorConfigSchema = z
      * uffd-server's own tracking is used either way.
      */
     pauseMemoryDiff: z.enum(['vmm-dirty-log', 'present']).default('vmm-dirty-log'),
+    /**
+     * A written page equal to what the parent build holds is left to the parent, not stored
+     * again (E2B's block/dedup.go); zero pages stay nil either way.
+     */
+    pauseDedup: z
+      .enum(['true', 'false'])
+      .default('true')
+      .transform((v) => v === 'true'),
     buildCacheTtlMs: int(1000, 7 * 24 * 3_600_000).default(3_600_000),
     uploadRetries: int(0, 100).default(5),
     uploadBackoffMs: int(1, 600_000).default(1000),

@@ -147,6 +147,7 @@ async function start(config: OrchestratorConfig, logger: Logger, stack: Teardown
       pauseParallelism: config.pauseParallelism,
       generationCap: config.generationCap,
       pauseMemoryDiff: config.pauseMemoryDiff,
+      pauseDedup: config.pauseDedup,
       vmRootfsDir: config.vmRootfsDir,
       socketDir,
     },

@@ -51,6 +51,8 @@ export interface ManagerSettings {
   generationCap: number;
   /** Without uffd write-protect: written pages from Firecracker's Diff snapshot, or every present page. */
   pauseMemoryDiff: 'vmm-dirty-log' | 'present';
+  /** Leave written pages equal to the parent's to it (default true). */
+  pauseDedup?: boolean;
   vmRootfsDir: string;
   /** Where API and uffd sockets go (kept short: a Unix socket path has 108 bytes). */
   socketDir: string;
@@ -427,7 +429,15 @@ export class SandboxManager {
       if (tracking.startsWith('wp')) {
         // Firecracker shared a memfd: the export reads live memory, so it too runs while paused.
         step = 'export memory diff';
-        mem = await memory.exportDiff(id, newBuildId, join(staging, 'memfile'), snapshotMemfile, vmmDirtyLog, true);
+        mem = await memory.exportDiff(
+          id,
+          newBuildId,
+          join(staging, 'memfile'),
+          snapshotMemfile,
+          vmmDirtyLog,
+          true,
+          this.dedupAgainst(sbx),
+        );
         mark(step);
       }
       step = 'resume vm';
@@ -437,7 +447,15 @@ export class SandboxManager {
       mark(step);
       if (!mem) {
         step = 'export memory diff';
-        mem = await memory.exportDiff(id, newBuildId, join(staging, 'memfile'), snapshotMemfile, vmmDirtyLog, true);
+        mem = await memory.exportDiff(
+          id,
+          newBuildId,
+          join(staging, 'memfile'),
+          snapshotMemfile,
+          vmmDirtyLog,
+          true,
+          this.dedupAgainst(sbx),
+        );
         mark(step);
       }
       await rm(snapshotMemfile, { force: true });
@@ -478,7 +496,12 @@ export class SandboxManager {
         {
           buildId: newBuildId,
           guestPausedMs: Math.round(guestPausedMs * 100) / 100,
-          memoryDiff: { tracking: mem.tracking, pages: mem.dirtyPages, bytes: mem.diffSize },
+          memoryDiff: {
+            tracking: mem.tracking,
+            pages: mem.dirtyPages,
+            dedupedPages: mem.dedupedPages,
+            bytes: mem.diffSize,
+          },
           diskDiffBytes: disk.diffSize,
           steps: rounded(timings),
         },
@@ -491,6 +514,14 @@ export class SandboxManager {
       if (paused && vmm.isAlive()) await vmm.api.setState('Resumed').catch(() => undefined);
       throw new SandboxStepFailed(id, 'checkpoint', step, error);
     }
+  }
+
+  /**
+   * The uffd-server compares with the build it serves the sandbox from: that is the new build's
+   * parent until the first checkpoint, after which the parent is the checkpoint (not served).
+   */
+  private dedupAgainst(sbx: Sandbox): boolean {
+    return (this.o.settings.pauseDedup ?? true) && sbx.build.buildId === sbx.config.buildId;
   }
 
   admissionStatus() {
@@ -603,7 +634,15 @@ export class SandboxManager {
       });
       mark(step);
       step = 'export memory diff';
-      const mem = await memory.exportDiff(id, newBuildId, join(staging, 'memfile'), fullMemfile, vmmDirtyLog);
+      const mem = await memory.exportDiff(
+        id,
+        newBuildId,
+        join(staging, 'memfile'),
+        fullMemfile,
+        vmmDirtyLog,
+        false,
+        this.dedupAgainst(sbx),
+      );
       await rm(fullMemfile, { force: true });
       mark(step);
       step = 'stop vmm';
@@ -655,7 +694,13 @@ export class SandboxManager {
           buildId: newBuildId,
           generation: memHeader.metadata.generation,
           snapshotType,
-          memoryDiff: { tracking: mem.tracking, pages: mem.dirtyPages, zeroPages: mem.zeroPages, bytes: mem.diffSize },
+          memoryDiff: {
+            tracking: mem.tracking,
+            pages: mem.dirtyPages,
+            zeroPages: mem.zeroPages,
+            dedupedPages: mem.dedupedPages,
+            bytes: mem.diffSize,
+          },
           steps: rounded(timings),
         },
         'sandbox paused',

@@ -42,9 +42,9 @@ describe.skipIf(missing !== undefined)('Checkpoint', () => {
     }
   }
 
-  /** Bytes of guest memory the build itself stores (its own layer), from its header in the bucket. */
+  /** Guest memory the build itself stores (its own layer), from its header in the node's build cache. */
   async function ownMemory(buildId: string) {
-    const header = decodeHeader(await readFile(join(d.node.bucket, buildId, 'memfile.header')));
+    const header = decodeHeader(await readFile(join(d.node.cacheDir, 'builds', buildId, 'memfile.header')));
     const own = header.mappings.filter((m) => m.buildId === buildId);
     const holds = (from: number, length: number) =>
       own.some((m) => m.offset < from + length && from < m.offset + m.length);
@@ -109,6 +109,28 @@ describe.skipIf(missing !== undefined)('Checkpoint', () => {
     for (const id of ['ck-1', 'ck-copy', 'ck-copy2']) await d.remove(id);
     await d.expectFootprintBack();
   }, 300_000);
+
+  it('a pause that rewrites what its parent holds leaves those pages to the parent', async () => {
+    const ip = await d.create('dd-1');
+    const same = randomBytes(512 * 1024);
+    await d.node.writeMemory(ip, 4 * MiB, same);
+    const parent = randomUUID();
+    await d.pause('dd-1', parent);
+    const resumedIp = await d.create('dd-1', { buildId: parent, snapshot: true });
+    await d.node.writeMemory(resumedIp, 4 * MiB, same); // identical bytes: written, not changed
+    const changed = randomBytes(64 * 1024);
+    await d.node.writeMemory(resumedIp, 8 * MiB, changed);
+    const child = randomUUID();
+    await d.pause('dd-1', child);
+    const own = await ownMemory(child);
+    expect(own.holds(4 * MiB, same.length)).toBe(false);
+    expect(own.holds(8 * MiB, changed.length)).toBe(true);
+    const againIp = await d.create('dd-1', { buildId: child, snapshot: true });
+    expect((await d.node.readMemory(againIp, 4 * MiB, same.length)).equals(same)).toBe(true);
+    expect((await d.node.readMemory(againIp, 8 * MiB, changed.length)).equals(changed)).toBe(true);
+    await d.remove('dd-1');
+    await d.expectFootprintBack();
+  }, 180_000);
 
   it('refuses a checkpoint of an unknown sandbox and into an existing build', async () => {
     const unknown = await checkpoint('ck-ghost', randomUUID()).catch((e: ServiceError) => e);

@@ -46,6 +46,47 @@ describe('exportDiff', () => {
     validateMappings(mergeMappings(baseMappings(memory.length, randomUUID()), r.mappings), memory.length, page);
   });
 
+  it('leaves pages equal to the parent to it, stores the rest, keeps zero pages nil', async () => {
+    const page = 4096;
+    const parent = randomBytes(8 * page);
+    const memory = Buffer.from(parent);
+    memory.fill(0x11, 2 * page, 3 * page); // changed
+    memory.fill(0, 5 * page, 6 * page); // zeroed
+    memory.fill(0x22, 7 * page, 8 * page); // changed
+    const path = join(dir, 'memfile');
+    writeFileSync(path, memory);
+    const build = randomUUID();
+    const diffPath = join(dir, 'diff');
+    const reads: [number, number][] = [];
+    const r = await exportDiff({
+      pages: [0, 1, 2, 3, 5, 7], // 0, 1 and 3 rewritten with what the parent holds
+      pageSize: page,
+      memorySize: memory.length,
+      from: { kind: 'path', path },
+      diffPath,
+      buildId: build,
+      parent: async (offset, into) => {
+        reads.push([offset, into.length]);
+        into.set(parent.subarray(offset, offset + into.length));
+      },
+    });
+    expect({ stored: r.storedPages, zero: r.zeroPages, deduped: r.dedupedPages }).toEqual({
+      stored: 2,
+      zero: 1,
+      deduped: 3,
+    });
+    expect(
+      readFileSync(diffPath).equals(Buffer.concat([memory.subarray(2 * page, 3 * page), memory.subarray(7 * page)])),
+    ).toBe(true);
+    expect(r.mappings).toEqual([
+      { offset: 2 * page, length: page, buildId: build, buildStorageOffset: 0 },
+      { offset: 5 * page, length: page, buildId: NIL_UUID, buildStorageOffset: 0 },
+      { offset: 7 * page, length: page, buildId: build, buildStorageOffset: page },
+    ]);
+    // The merged header reads like the memory: parent where equal, the diff where not.
+    expect(reads.length).toBeGreaterThan(0);
+  });
+
   it('reads from a memfd and handles runs longer than its read buffer', async () => {
     const page = 4096;
     const pages = 5000; // ~20 MiB: more than one 16 MiB run

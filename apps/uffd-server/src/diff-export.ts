@@ -16,6 +16,12 @@ export interface DiffExportOptions {
   from: MemoryBytes;
   diffPath: string;
   buildId: string;
+  /**
+   * What the parent build holds (E2B's block/dedup.go): a page equal to it is neither stored nor
+   * mapped, so the merged header keeps the parent's mapping for it. Only when the parent is the
+   * build these bytes were served from.
+   */
+  parent?: (offset: number, into: Uint8Array) => Promise<void>;
 }
 
 export interface DiffExport {
@@ -24,6 +30,8 @@ export interface DiffExport {
   diffSize: number;
   storedPages: number;
   zeroPages: number;
+  /** Pages equal to the parent's: left to it. */
+  dedupedPages: number;
 }
 
 const RUN_BYTES = 16 * 1024 * 1024;
@@ -44,9 +52,11 @@ export async function exportDiff(o: DiffExportOptions): Promise<DiffExport> {
   const out = await open(o.diffPath, 'w', 0o600);
   const stored: number[] = [];
   const zeros: number[] = [];
+  let deduped = 0;
   let diffSize = 0;
   try {
     const buffer = Buffer.allocUnsafe(Math.max(RUN_BYTES, o.pageSize));
+    const parentBytes = o.parent ? Buffer.allocUnsafe(buffer.length) : undefined;
     let i = 0;
     while (i < o.pages.length) {
       // A run of consecutive pages, read at once.
@@ -70,11 +80,19 @@ export async function exportDiff(o: DiffExportOptions): Promise<DiffExport> {
           throw new RangeError(`memory ends at ${offset + done}, before page ${first + Math.floor(done / o.pageSize)}`);
         done += n;
       }
+      if (o.parent && parentBytes) await o.parent(offset, parentBytes.subarray(0, length));
       // Stored pages of the run go out in one write.
       let pendingStart = -1;
       for (let k = 0; k <= count; k++) {
-        const zero = k < count && isZero(buffer.subarray(k * o.pageSize, (k + 1) * o.pageSize));
-        if (k < count && !zero) {
+        const page = buffer.subarray(k * o.pageSize, Math.min((k + 1) * o.pageSize, length));
+        const zero = k < count && isZero(page);
+        const same =
+          k < count &&
+          !zero &&
+          parentBytes !== undefined &&
+          page.equals(parentBytes.subarray(k * o.pageSize, Math.min((k + 1) * o.pageSize, length)));
+        if (same) deduped++;
+        if (k < count && !zero && !same) {
           if (pendingStart < 0) pendingStart = k;
           stored.push(first + k);
           continue;
@@ -98,5 +116,5 @@ export async function exportDiff(o: DiffExportOptions): Promise<DiffExport> {
     ...createMappings(stored, o.pageSize, o.buildId, o.memorySize),
     ...createMappings(zeros, o.pageSize, NIL_UUID, o.memorySize).map((m) => ({ ...m, buildStorageOffset: 0 })),
   ].sort((a, b) => a.offset - b.offset);
-  return { mappings, diffSize, storedPages: stored.length, zeroPages: zeros.length };
+  return { mappings, diffSize, storedPages: stored.length, zeroPages: zeros.length, dedupedPages: deduped };
 }

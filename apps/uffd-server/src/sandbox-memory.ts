@@ -45,6 +45,8 @@ export interface ExportResult {
   diffSize: number;
   dirtyPages: number;
   zeroPages: number;
+  /** Written pages equal to what the build served holds: left to it, not stored. */
+  dedupedPages: number;
   pageSize: number;
   memorySize: number;
   /** `vmm-dirty-log`: the pages came from Firecracker's Diff snapshot, not from this server's tracking. */
@@ -414,6 +416,7 @@ export class SandboxMemory {
     memfilePath: string | undefined,
     vmmDirtyLog = false,
     keepServing = false,
+    dedup = false,
   ): Promise<ExportResult> {
     const hs = this.requireHandshake('export');
     if (keepServing && this.stateValue !== 'serving')
@@ -453,12 +456,14 @@ export class SandboxMemory {
       from,
       diffPath,
       buildId,
+      ...(dedup ? { parent: (offset: number, into: Uint8Array) => this.o.source.read(offset, into) } : {}),
     });
     this.log.info(
       {
         buildId,
         storedPages: result.storedPages,
         zeroPages: result.zeroPages,
+        dedupedPages: result.dedupedPages,
         diffSize: result.diffSize,
         from: from.kind,
         tracking,
@@ -471,6 +476,7 @@ export class SandboxMemory {
       diffSize: result.diffSize,
       dirtyPages: result.storedPages,
       zeroPages: result.zeroPages,
+      dedupedPages: result.dedupedPages,
       pageSize,
       memorySize: this.o.source.size,
       tracking,

@@ -137,12 +137,13 @@ export class SandboxRegistry {
     memfilePath: string | undefined,
     vmmDirtyLog = false,
     keepServing = false,
+    dedup = false,
   ): Promise<ExportResult> {
     if (!isAbsolute(diffPath)) throw new RequestInvalid('diff_path', 'must be absolute');
     if (memfilePath && !isAbsolute(memfilePath)) throw new RequestInvalid('memfile_path', 'must be absolute');
     if (vmmDirtyLog && !memfilePath)
       throw new RequestInvalid('memfile_path', "required with vmm_dirty_log (the VMM's Diff snapshot)");
-    return this.get(sandboxId).exportDiff(buildId, diffPath, memfilePath, vmmDirtyLog, keepServing);
+    return this.get(sandboxId).exportDiff(buildId, diffPath, memfilePath, vmmDirtyLog, keepServing, dedup);
   }
 
   async stop(sandboxId: string): Promise<void> {

@@ -1,6 +1,16 @@
 import { closeSync, fstatSync, openSync } from 'node:fs';
 import type { CachedFile, LayeredFile, RetryObserver } from '#storage';
-import { MAP_FIXED, MAP_PRIVATE, MAP_NORESERVE, mapAnonymous, mmap, munmap, PROT_READ, PROT_WRITE } from '#native';
+import {
+  copyFromAddress,
+  MAP_FIXED,
+  MAP_PRIVATE,
+  MAP_NORESERVE,
+  mapAnonymous,
+  mmap,
+  munmap,
+  PROT_READ,
+  PROT_WRITE,
+} from '#native';
 import { SourceInvalid } from './uffd-server-errors.js';
 
 /** What the view maps: a layer's file, or zeros (no file). */
@@ -135,6 +145,15 @@ export class SourceView {
   }
 
   /** Unmaps the view (the engine must be stopped first). Idempotent. */
+  /** What the build holds at `offset` (fetched first when not here yet), into `into`. */
+  async read(offset: number, into: Uint8Array): Promise<void> {
+    if (offset < 0 || offset + into.length > this.size) {
+      throw new RangeError(`[${offset}, ${offset + into.length}) is outside the memory file (${this.size} bytes)`);
+    }
+    await this.ensure(offset, into.length);
+    copyFromAddress(into, this.address + offset, into.length);
+  }
+
   close(): void {
     if (this.closed) return;
     this.closed = true;

@@ -61,12 +61,14 @@ export function uffdServiceImplementation(registry: SandboxRegistry, logger: Log
         req.memfilePath || undefined,
         req.vmmDirtyLog,
         req.keepServing,
+        req.dedup,
       );
       return {
         mappings: r.mappings,
         diffSize: r.diffSize,
         dirtyPages: r.dirtyPages,
         zeroPages: r.zeroPages,
+        dedupedPages: r.dedupedPages,
         pageSize: r.pageSize,
         memorySize: r.memorySize,
         tracking: r.tracking,

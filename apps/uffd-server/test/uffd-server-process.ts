@@ -68,7 +68,7 @@ export class UffdServerProcess {
     return unary(
       this.client,
       this.client.exportDiff,
-      { sandboxId, newBuildId, diffPath, memfilePath, vmmDirtyLog, keepServing: false },
+      { sandboxId, newBuildId, diffPath, memfilePath, vmmDirtyLog, keepServing: false, dedup: false },
       60_000,
     );
   }

@@ -160,6 +160,7 @@ describe.each([
       memfilePath: memfd && !vmmDirtyLog ? '' : snap.mem_file_path,
       vmmDirtyLog,
       keepServing: false,
+      dedup: false,
     });
     expect(exported.tracking).toBe(tracking);
     if (exact) {

@@ -75,6 +75,12 @@ export interface UffdExportDiffRequest {
    * are those of the Diff snapshot (vmm_dirty_log) or every page present now.
    */
   keepServing: boolean;
+  /**
+   * A written page equal to what the served build holds is left to it (neither stored nor
+   * mapped: the merged header keeps the parent's mapping). Only when the new build's parent is
+   * the build this sandbox is served from (no checkpoint since it started).
+   */
+  dedup: boolean;
 }
 
 export interface UffdExportDiffResponse {
@@ -89,6 +95,8 @@ export interface UffdExportDiffResponse {
    * (Firecracker's Diff snapshot).
    */
   tracking: string;
+  /** Written pages equal to the parent's, left to it (dedup). */
+  dedupedPages: number;
 }
 
 export interface UffdStopResponse {
@@ -565,7 +573,15 @@ export const UffdStopSourcingResponse: MessageFns<UffdStopSourcingResponse> = {
 };
 
 function createBaseUffdExportDiffRequest(): UffdExportDiffRequest {
-  return { sandboxId: "", newBuildId: "", diffPath: "", memfilePath: "", vmmDirtyLog: false, keepServing: false };
+  return {
+    sandboxId: "",
+    newBuildId: "",
+    diffPath: "",
+    memfilePath: "",
+    vmmDirtyLog: false,
+    keepServing: false,
+    dedup: false,
+  };
 }
 
 export const UffdExportDiffRequest: MessageFns<UffdExportDiffRequest> = {
@@ -587,6 +603,9 @@ export const UffdExportDiffRequest: MessageFns<UffdExportDiffRequest> = {
     }
     if (message.keepServing !== false) {
       writer.uint32(48).bool(message.keepServing);
+    }
+    if (message.dedup !== false) {
+      writer.uint32(56).bool(message.dedup);
     }
     return writer;
   },
@@ -652,6 +671,14 @@ export const UffdExportDiffRequest: MessageFns<UffdExportDiffRequest> = {
             message.keepServing = reader.bool();
             continue;
           }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.dedup = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -696,6 +723,7 @@ export const UffdExportDiffRequest: MessageFns<UffdExportDiffRequest> = {
         : isSet(object.keep_serving)
         ? globalThis.Boolean(object.keep_serving)
         : false,
+      dedup: isSet(object.dedup) ? globalThis.Boolean(object.dedup) : false,
     };
   },
 
@@ -719,6 +747,9 @@ export const UffdExportDiffRequest: MessageFns<UffdExportDiffRequest> = {
     if (message.keepServing !== false) {
       obj.keepServing = message.keepServing;
     }
+    if (message.dedup !== false) {
+      obj.dedup = message.dedup;
+    }
     return obj;
   },
 
@@ -733,12 +764,22 @@ export const UffdExportDiffRequest: MessageFns<UffdExportDiffRequest> = {
     message.memfilePath = object.memfilePath ?? "";
     message.vmmDirtyLog = object.vmmDirtyLog ?? false;
     message.keepServing = object.keepServing ?? false;
+    message.dedup = object.dedup ?? false;
     return message;
   },
 };
 
 function createBaseUffdExportDiffResponse(): UffdExportDiffResponse {
-  return { mappings: [], diffSize: 0, dirtyPages: 0, zeroPages: 0, pageSize: 0, memorySize: 0, tracking: "" };
+  return {
+    mappings: [],
+    diffSize: 0,
+    dirtyPages: 0,
+    zeroPages: 0,
+    pageSize: 0,
+    memorySize: 0,
+    tracking: "",
+    dedupedPages: 0,
+  };
 }
 
 export const UffdExportDiffResponse: MessageFns<UffdExportDiffResponse> = {
@@ -763,6 +804,9 @@ export const UffdExportDiffResponse: MessageFns<UffdExportDiffResponse> = {
     }
     if (message.tracking !== "") {
       writer.uint32(58).string(message.tracking);
+    }
+    if (message.dedupedPages !== 0) {
+      writer.uint32(64).uint64(message.dedupedPages);
     }
     return writer;
   },
@@ -836,6 +880,14 @@ export const UffdExportDiffResponse: MessageFns<UffdExportDiffResponse> = {
             message.tracking = reader.string();
             continue;
           }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.dedupedPages = longToNumber(reader.uint64());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -879,6 +931,11 @@ export const UffdExportDiffResponse: MessageFns<UffdExportDiffResponse> = {
         ? globalThis.Number(object.memory_size)
         : 0,
       tracking: isSet(object.tracking) ? globalThis.String(object.tracking) : "",
+      dedupedPages: isSet(object.dedupedPages)
+        ? globalThis.Number(object.dedupedPages)
+        : isSet(object.deduped_pages)
+        ? globalThis.Number(object.deduped_pages)
+        : 0,
     };
   },
 
@@ -905,6 +962,9 @@ export const UffdExportDiffResponse: MessageFns<UffdExportDiffResponse> = {
     if (message.tracking !== "") {
       obj.tracking = message.tracking;
     }
+    if (message.dedupedPages !== 0) {
+      obj.dedupedPages = Math.round(message.dedupedPages);
+    }
     return obj;
   },
 
@@ -920,6 +980,7 @@ export const UffdExportDiffResponse: MessageFns<UffdExportDiffResponse> = {
     message.pageSize = object.pageSize ?? 0;
     message.memorySize = object.memorySize ?? 0;
     message.tracking = object.tracking ?? "";
+    message.dedupedPages = object.dedupedPages ?? 0;
     return message;
   },
 };
