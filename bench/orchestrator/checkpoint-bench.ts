@@ -124,6 +124,22 @@ export async function main(argv: string[]): Promise<number> {
       `E2B-style checkpoint (pause, then resume a new VM from the build): guest away ${(performance.now() - t0).toFixed(0)} ms`,
     );
     await unary(client, client.delete, { sandboxId: 'ck' }, 60_000);
+
+    // Deduplicated pauses: a guest that rewrites identical data (the same 10 % its parent holds).
+    await create('dd');
+    const ddIp = await ipOf('dd');
+    await fill(ddIp, 3);
+    const parent = crypto.randomUUID();
+    await unary(client, client.pause, { sandboxId: 'dd', templateId: 'base', buildId: parent }, 300_000);
+    await create('dd', parent);
+    await fill(await ipOf('dd'), 3);
+    await unary(client, client.pause, { sandboxId: 'dd', templateId: 'base', buildId: crypto.randomUUID() }, 300_000);
+    const paused = logOf(node, 'sandbox paused', 'dd');
+    const d = paused['memoryDiff'] as { bytes: number; pages: number; dedupedPages?: number } | undefined;
+    const page = 4096;
+    console.log(
+      `pause after rewriting ${(written / 2 ** 20).toFixed(0)} MiB of identical data: memory diff ${((d?.bytes ?? 0) / 2 ** 20).toFixed(2)} MiB with dedup, ${(((d?.bytes ?? 0) + (d?.dedupedPages ?? 0) * page) / 2 ** 20).toFixed(2)} MiB without (${d?.dedupedPages ?? '?'} pages left to the parent)`,
+    );
   } finally {
     await node.stop();
   }
