@@ -77,7 +77,10 @@ export class GrpcNodeServices implements NodeServices {
     // Exports and prepares may move large files; give them more time than quick lookups.
     const long = timeoutMs * 4;
     this.slots = {
-      acquire: (sandboxId) => unary(net, net.acquire, { sandboxId }, timeoutMs),
+      acquire: (sandboxId, egress) => unary(net, net.acquire, { sandboxId, egress }, timeoutMs),
+      setEgress: async (slot, egress) => {
+        await unary(net, net.setEgress, { idx: slot.idx, sandboxId: slot.sandboxId, egress }, timeoutMs);
+      },
       release: async (slot: NetSlot, reuse) => {
         await unary(net, net.release, { idx: slot.idx, sandboxId: slot.sandboxId, reuse }, timeoutMs);
       },

@@ -1,5 +1,5 @@
 import type { BlockDevice, BlockExportResponse } from '#proto/sbx/block';
-import type { NetSlot } from '#proto/sbx/net';
+import type { NetEgressPolicy, NetSlot } from '#proto/sbx/net';
 import type { UffdExportDiffResponse, UffdPrepareResponse } from '#proto/sbx/uffd';
 
 /**
@@ -10,7 +10,10 @@ import type { UffdExportDiffResponse, UffdPrepareResponse } from '#proto/sbx/uff
 
 /** net-agent: network slots. */
 export interface SlotProvider {
-  acquire(sandboxId: string): Promise<NetSlot>;
+  /** egress: the sandbox's policy, in force before the slot is handed out. */
+  acquire(sandboxId: string, egress?: NetEgressPolicy): Promise<NetSlot>;
+  /** Replaces a held slot's egress policy at once (undefined = open); cuts what it now forbids. */
+  setEgress(slot: NetSlot, egress: NetEgressPolicy | undefined): Promise<void>;
   release(slot: NetSlot, reuse: boolean): Promise<void>;
   list(): Promise<NetSlot[]>;
 }

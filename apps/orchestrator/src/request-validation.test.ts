@@ -28,7 +28,7 @@ describe('checkSandboxConfig: ingress and auto-resume (E2B fields 22 and 24)', (
     expect(() => checkSandboxConfig(base({ autoResume: { policy: 'off' } }), bounds)).not.toThrow();
   });
 
-  it('refuses what cannot go in a header, an unknown policy, and egress rules it does not serve, naming the field', () => {
+  it('refuses what cannot go in a header, an unknown policy, and domain rules it does not serve, naming the field', () => {
     const cases: [Partial<SandboxConfig>, string][] = [
       [{ network: { ingress: { trafficAccessToken: 'has space' } } }, 'traffic_access_token'],
       [{ network: { ingress: { trafficAccessToken: 'x'.repeat(513) } } }, 'traffic_access_token'],
@@ -39,9 +39,14 @@ describe('checkSandboxConfig: ingress and auto-resume (E2B fields 22 and 24)', (
       expect(() => checkSandboxConfig(base(extra), bounds)).toThrow(RequestInvalid);
       expect(() => checkSandboxConfig(base(extra), bounds)).toThrow(field);
     }
-    // Not served yet (UNIMPLEMENTED at the edge): refused, never silently dropped.
-    const egress = base({ network: { egress: { allowedCidrs: ['10.0.0.0/8'], deniedCidrs: [], allowedDomains: [] } } });
-    expect(() => checkSandboxConfig(egress, bounds)).toThrow(FieldNotServed);
-    expect(() => checkSandboxConfig(egress, bounds)).toThrow('sandbox.network.egress');
+    // Domain rules are not served yet (UNIMPLEMENTED at the edge): refused, never silently dropped.
+    const names = base({ network: { egress: { allowedCidrs: [], deniedCidrs: [], allowedDomains: ['*.x.com'] } } });
+    expect(() => checkSandboxConfig(names, bounds)).toThrow(FieldNotServed);
+    expect(() => checkSandboxConfig(names, bounds)).toThrow('sandbox.network.egress.allowed_domains');
+    const cidrs = base({
+      allowInternetAccess: false,
+      network: { egress: { allowedCidrs: ['1.1.1.1:53'], deniedCidrs: ['10.0.0.0/8'], allowedDomains: [] } },
+    });
+    expect(() => checkSandboxConfig(cidrs, bounds)).not.toThrow();
   });
 });

@@ -94,19 +94,20 @@ function checkNetworkConfig(config: SandboxConfig): void {
 }
 
 /**
- * Egress rules and allow_internet_access=false are refused (UNIMPLEMENTED, naming the field) until
- * the net-agent applies them: a sandbox must never run with a policy it asked for silently dropped.
+ * CIDR rules and allow_internet_access are applied by net-agent (which checks each entry);
+ * domain rules need the transparent proxy, not built yet, so they are refused (UNIMPLEMENTED,
+ * naming the field): a sandbox must never run with a policy it asked for silently dropped.
  */
 export function checkEgressServed(
   prefix: string,
   egress: SandboxNetworkEgressConfig | undefined,
-  allowInternetAccess: boolean | undefined,
+  _allowInternetAccess: boolean | undefined,
 ): void {
-  if (egress && egress.allowedCidrs.length + egress.deniedCidrs.length + egress.allowedDomains.length > 0) {
-    throw new FieldNotServed(`${prefix}network.egress`, 'egress rules are not applied by this node yet');
-  }
-  if (allowInternetAccess === false) {
-    throw new FieldNotServed(`${prefix}allow_internet_access`, 'denying internet access is not applied yet');
+  if (egress && egress.allowedDomains.length > 0) {
+    throw new FieldNotServed(
+      `${prefix}network.egress.allowed_domains`,
+      'domain rules are not applied by this node yet',
+    );
   }
 }
 

@@ -11,7 +11,7 @@ import {
   type SnapshotBuild,
 } from '#storage';
 import { sandboxLogger, type Logger } from '#logging';
-import type { SandboxConfig } from '#proto/orchestrator';
+import type { SandboxConfig, SandboxNetworkEgressConfig } from '#proto/orchestrator';
 import type { BuildMapping as WireMapping } from '#proto/sbx/mapping';
 import { BoundedQueue } from './bounded-queue.js';
 import type { EnvdClient } from './envd-client.js';
@@ -36,6 +36,7 @@ import type { TemplateCatalogue } from './template-catalogue.js';
 import { describeFailures } from '#service-kit';
 import type { VmmHandle, VmmLauncher } from './vmm-launcher.js';
 import type { VmmPool } from './vmm-pool.js';
+import { netEgressPolicy } from './sandbox-egress.js';
 
 export interface ManagerSettings {
   nodeId: string;
@@ -68,6 +69,12 @@ export interface SandboxManagerOptions {
   /** What is kept about sandboxes: state files, catalogue entries and lifecycle events. */
   records: { states: SandboxStateStore; events: LifecycleEvents };
   logger: Logger;
+}
+
+/** An Update's egress fields (E2B's SandboxUpdateRequest): unset = unchanged. */
+export interface EgressChange {
+  allowInternetAccess?: boolean;
+  egress?: SandboxNetworkEgressConfig;
 }
 
 export interface CreateRequest {
@@ -135,14 +142,26 @@ export class SandboxManager {
     return sbx;
   }
 
-  async update(sandboxId: string, endTime: Date): Promise<void> {
+  /**
+   * New end time and/or egress policy. A policy change replaces the sandbox's whole egress
+   * (what the request leaves unset is kept) and holds in the slot before this answers.
+   */
+  async update(sandboxId: string, endTime: Date | undefined, change: EgressChange = {}): Promise<void> {
     const sbx = this.get(sandboxId);
     if (sbx.phase !== 'running') throw new SandboxBusy(sandboxId, sbx.phase, 'update');
     if (sbx.checkpointing) throw new SandboxBusy(sandboxId, 'checkpointing', 'update');
-    sbx.endTime = endTime;
+    if (change.egress !== undefined || change.allowInternetAccess !== undefined) {
+      const allowInternetAccess = change.allowInternetAccess ?? sbx.config.allowInternetAccess;
+      const egress = change.egress ?? sbx.config.network?.egress;
+      if (sbx.slot) await this.o.node.services.slots.setEgress(sbx.slot, netEgressPolicy(allowInternetAccess, egress));
+      sbx.config.allowInternetAccess = allowInternetAccess;
+      sbx.config.network = { ...sbx.config.network, egress };
+      sbx.log.info({ allowInternetAccess, egress }, 'sandbox egress policy updated');
+    }
+    if (endTime) sbx.endTime = endTime;
     await this.o.records.states.save(sbx.toState());
     await this.o.records.events.publish(this.catalogueEntry(sbx));
-    sbx.log.info({ endTime: endTime.toISOString() }, 'sandbox end time updated');
+    if (endTime) sbx.log.info({ endTime: endTime.toISOString() }, 'sandbox end time updated');
   }
 
   async create(request: CreateRequest): Promise<Sandbox> {
@@ -246,6 +265,8 @@ export class SandboxManager {
       at('take pooled vmm');
       sbx.slot = pooled.slot;
       sbx.teardown.push('slot', () => slots.release(pooled.slot, true));
+      const egress = netEgressPolicy(sbx.config.allowInternetAccess, sbx.config.network?.egress);
+      if (egress) await slots.setEgress(pooled.slot, egress);
       sbx.vmm = pooled.vmm;
       sbx.teardown.push('vmm', killVmm(pooled.vmm));
       await pooled.vmm.handOver({
@@ -256,7 +277,7 @@ export class SandboxManager {
       mark('take pooled vmm');
     } else {
       at('acquire network slot');
-      const slot = await slots.acquire(id);
+      const slot = await slots.acquire(id, netEgressPolicy(sbx.config.allowInternetAccess, sbx.config.network?.egress));
       sbx.slot = slot;
       sbx.teardown.push('slot', () => slots.release(slot, true));
       mark('acquire network slot');

@@ -169,26 +169,56 @@ describe('SandboxService edge', () => {
     );
     expect(mount.code).toBe(status.UNIMPLEMENTED);
     expect(mount.details).toContain('sandbox.volumeMounts');
-    const noNet = await failure(create({ sandboxId: 'vm2', allowInternetAccess: false }));
-    expect(noNet.code).toBe(status.UNIMPLEMENTED);
-    expect(noNet.details).toContain('sandbox.allow_internet_access');
-    await create({ sandboxId: 'vm3', allowInternetAccess: true });
-    const live = await failure(
+    const names = await failure(
+      create({
+        sandboxId: 'vm2',
+        network: { egress: { allowedCidrs: [], deniedCidrs: [], allowedDomains: ['x.com'] } },
+      }),
+    );
+    expect(names.code).toBe(status.UNIMPLEMENTED);
+    expect(names.details).toContain('sandbox.network.egress.allowed_domains');
+    expect(h.node.slotsInUse.size).toBe(0);
+  });
+
+  it('passes the egress policy to net-agent at create and on Update, keeping what an Update leaves unset', async () => {
+    await create({ sandboxId: 'eg1', allowInternetAccess: true });
+    await create({
+      sandboxId: 'eg2',
+      allowInternetAccess: false,
+      network: { egress: { allowedCidrs: ['1.1.1.1:53'], deniedCidrs: [], allowedDomains: [] } },
+    });
+    const idx2 = h.node.slotsInUse.get('eg2')!.idx;
+    // No policy asked for: none applied. eg2's applies before its slot is handed out.
+    expect(h.node.egressSets).toEqual([
+      { idx: idx2, egress: { denyInternet: true, allowedCidrs: ['1.1.1.1:53'], deniedCidrs: [], allowedDomains: [] } },
+    ]);
+    // An Update with only an egress change (no end time) replaces the rules, keeps allow_internet_access.
+    const deny = { allowedCidrs: [], deniedCidrs: ['8.8.8.0/24:443'], allowedDomains: [] };
+    await unary(client, client.update, { sandboxId: 'eg2', endTime: undefined, egress: deny }, 5000);
+    expect(h.node.egressSets.at(-1)).toEqual({ idx: idx2, egress: { denyInternet: true, ...deny } });
+    await unary(client, client.update, { sandboxId: 'eg2', endTime: undefined, allowInternetAccess: true }, 5000);
+    expect(h.node.egressSets.at(-1)).toEqual({ idx: idx2, egress: { denyInternet: false, ...deny } });
+    const listed = (await unary(client, client.list, {}, 5000)).sandboxes.find((s) => s.config?.sandboxId === 'eg2');
+    expect(listed?.config?.allowInternetAccess).toBe(true);
+    expect(listed?.config?.network?.egress?.deniedCidrs).toEqual(['8.8.8.0/24:443']);
+    // Back to nothing: the slot's policy is removed (undefined = open).
+    await unary(
+      client,
+      client.update,
+      { sandboxId: 'eg2', endTime: undefined, egress: { allowedCidrs: [], deniedCidrs: [], allowedDomains: [] } },
+      5000,
+    );
+    expect(h.node.egressSets.at(-1)).toEqual({ idx: idx2, egress: undefined });
+    const names = await failure(
       unary(
         client,
         client.update,
-        {
-          sandboxId: 'vm3',
-          endTime: hour(),
-          egress: { allowedCidrs: [], deniedCidrs: ['10.0.0.0/8'], allowedDomains: [] },
-        },
+        { sandboxId: 'eg1', endTime: hour(), egress: { allowedCidrs: [], deniedCidrs: [], allowedDomains: ['*'] } },
         5000,
       ),
     );
-    expect(live.code).toBe(status.UNIMPLEMENTED);
-    expect(live.details).toContain('network.egress');
-    await unary(client, client.delete, { sandboxId: 'vm3' }, 5000);
-    expect(h.node.slotsInUse.size).toBe(0);
+    expect(names.code).toBe(status.UNIMPLEMENTED);
+    for (const id of ['eg1', 'eg2']) await unary(client, client.delete, { sandboxId: id }, 5000);
   });
 
   it('takes vCPUs and memory from the build, refuses others naming both values', async () => {

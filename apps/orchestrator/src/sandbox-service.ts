@@ -49,8 +49,14 @@ export function sandboxService(options: {
     update: handle('Update', async (req): Promise<Empty> => {
       checkSafeName('sandbox_id', req.sandboxId);
       checkEgressServed('', req.egress, req.allowInternetAccess);
-      if (!req.endTime || Number.isNaN(req.endTime.getTime())) throw new RequestInvalid('end_time', 'missing');
-      await manager.update(req.sandboxId, req.endTime);
+      const egressChange = req.egress !== undefined || req.allowInternetAccess !== undefined;
+      // An Update may change only the egress policy; otherwise it is the end time.
+      if (req.endTime ? Number.isNaN(req.endTime.getTime()) : !egressChange)
+        throw new RequestInvalid('end_time', 'missing');
+      await manager.update(req.sandboxId, req.endTime, {
+        egress: req.egress,
+        allowInternetAccess: req.allowInternetAccess,
+      });
       return {};
     }),
     list: handle('List', async (): Promise<SandboxListResponse> => ({

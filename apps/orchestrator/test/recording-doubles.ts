@@ -4,7 +4,7 @@ import { createLogger } from '#logging';
 import { baseMappings, BuildStore, encodeHeader, LocalBackend, type Header } from '#storage';
 import type { SandboxConfig } from '#proto/orchestrator';
 import { BlockDevice, BlockExportResponse } from '#proto/sbx/block';
-import { NetSlot } from '#proto/sbx/net';
+import { NetSlot, type NetEgressPolicy } from '#proto/sbx/net';
 import { UffdExportDiffResponse, UffdPrepareResponse } from '#proto/sbx/uffd';
 import type { EnvdClient } from '../src/envd-client.js';
 import type { FirecrackerApi } from '../src/firecracker-api.js';
@@ -53,10 +53,17 @@ export class RecordingNode implements NodeServices {
     if (this.failAt === step) throw new Error(`injected failure at ${step}`);
   }
 
+  /** Every SetEgress the orchestrator made, in order. */
+  readonly egressSets: Array<{ idx: number; egress: NetEgressPolicy | undefined }> = [];
+
   slots = {
-    acquire: async (sandboxId: string): Promise<NetSlot> => {
+    setEgress: async (slot: NetSlot, egress: NetEgressPolicy | undefined): Promise<void> => {
+      this.egressSets.push({ idx: slot.idx, egress });
+    },
+    acquire: async (sandboxId: string, egress?: NetEgressPolicy): Promise<NetSlot> => {
       this.check('acquire');
       const idx = this.nextIdx++;
+      if (egress) this.egressSets.push({ idx, egress });
       const slot = NetSlot.fromPartial({
         idx,
         sandboxId,

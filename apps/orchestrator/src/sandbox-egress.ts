@@ -1,0 +1,22 @@
+/**
+ * A sandbox's egress policy as E2B's API carries it (`allow_internet_access`, `network.egress`),
+ * turned into what net-agent applies in the sandbox's slot. Entries are checked by net-agent
+ * (INVALID_ARGUMENT naming the entry); domain rules are refused before that, as not served.
+ */
+import type { SandboxNetworkEgressConfig } from '#proto/orchestrator';
+import type { NetEgressPolicy } from '#proto/sbx/net';
+
+/** Undefined when the sandbox asks for nothing beyond the always-denied ranges. */
+export function netEgressPolicy(
+  allowInternetAccess: boolean | undefined,
+  egress: SandboxNetworkEgressConfig | undefined,
+): NetEgressPolicy | undefined {
+  const policy: NetEgressPolicy = {
+    denyInternet: allowInternetAccess === false,
+    allowedCidrs: egress?.allowedCidrs ?? [],
+    deniedCidrs: egress?.deniedCidrs ?? [],
+    allowedDomains: egress?.allowedDomains ?? [],
+  };
+  const empty = policy.allowedCidrs.length + policy.deniedCidrs.length + policy.allowedDomains.length === 0;
+  return empty && !policy.denyInternet ? undefined : policy;
+}
