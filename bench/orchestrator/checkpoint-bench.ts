@@ -41,13 +41,17 @@ function pct(values: number[], p: number): number {
   return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))] ?? NaN;
 }
 
-/** The last log line `msg` of the orchestrator about `id`, parsed. */
-function logOf(node: NodeUnderTest, msg: string, id: string): Record<string, unknown> {
-  for (const line of [...node.logs('orchestrator')].reverse()) {
-    if (line.includes(`"msg":"${msg}"`) && line.includes(`"sandboxId":"${id}"`))
-      return JSON.parse(line) as Record<string, unknown>;
+/** The orchestrator's log line `msg` about build `buildId`, parsed (logs arrive through a pipe: waits). */
+async function logOf(node: NodeUnderTest, msg: string, buildId: string): Promise<Record<string, unknown>> {
+  const deadline = Date.now() + 10_000;
+  for (;;) {
+    for (const line of [...node.logs('orchestrator')].reverse()) {
+      if (line.includes(`"msg":"${msg}"`) && line.includes(`"buildId":"${buildId}"`))
+        return JSON.parse(line) as Record<string, unknown>;
+    }
+    if (Date.now() > deadline) throw new Error(`no '${msg}' log line for build ${buildId}`);
+    await new Promise((r) => setTimeout(r, 50));
   }
-  return {};
 }
 
 export async function main(argv: string[]): Promise<number> {
@@ -86,9 +90,10 @@ export async function main(argv: string[]): Promise<number> {
     for (let i = 0; i < rounds; i++) {
       await fill(ip, i + 1);
       const t0 = performance.now();
-      await unary(client, client.checkpoint, { sandboxId: 'ck', buildId: crypto.randomUUID() }, 300_000);
+      const buildId = crypto.randomUUID();
+      await unary(client, client.checkpoint, { sandboxId: 'ck', buildId }, 300_000);
       total.push(performance.now() - t0);
-      const line = logOf(node, 'sandbox checkpointed', 'ck');
+      const line = await logOf(node, 'sandbox checkpointed', buildId);
       guestPaused.push(Number(line['guestPausedMs']));
       steps.push((line['steps'] ?? {}) as Record<string, number>);
       const diff = line['memoryDiff'] as { bytes?: number } | undefined;
@@ -133,8 +138,9 @@ export async function main(argv: string[]): Promise<number> {
     await unary(client, client.pause, { sandboxId: 'dd', templateId: 'base', buildId: parent }, 300_000);
     await create('dd', parent);
     await fill(await ipOf('dd'), 3);
-    await unary(client, client.pause, { sandboxId: 'dd', templateId: 'base', buildId: crypto.randomUUID() }, 300_000);
-    const paused = logOf(node, 'sandbox paused', 'dd');
+    const child = crypto.randomUUID();
+    await unary(client, client.pause, { sandboxId: 'dd', templateId: 'base', buildId: child }, 300_000);
+    const paused = await logOf(node, 'sandbox paused', child);
     const d = paused['memoryDiff'] as { bytes: number; pages: number; dedupedPages?: number } | undefined;
     const page = 4096;
     console.log(
