@@ -139,6 +139,26 @@ describe.skipIf(!built || !isRoot)('./sbx node up --demo (npm start)', () => {
       await sh(sbx, ['status', '--json', '--data-dir', dataDir, '--interval-ms', '200']),
     ) as Record<string, number>;
     expect(status['sandboxes']).toBe(1);
+    // The admission limits (E2B's defaults) and what the running sandbox really has.
+    expect({ starting: status['startingLimit'], running: status['sandboxesLimit'] }).toEqual({
+      starting: 3,
+      running: 512,
+    });
+    const demo = (list as { sandboxId: string; vcpu?: number; ramMb?: number }[]).find((s) => s.sandboxId === demoId);
+    expect({ vcpus: status['runningVcpus'], ramMb: status['runningRamMb'] }).toEqual({
+      vcpus: demo?.vcpu,
+      ramMb: demo?.ramMb,
+    });
+    expect(demo?.ramMb).toBeGreaterThan(0);
+    // A checkpoint through the CLI: a new build, the sandbox still running.
+    const checkpoint = JSON.parse(await sh(sbx, ['checkpoint', demoId, '--json', '--data-dir', dataDir])) as {
+      buildId: string;
+    };
+    expect(checkpoint.buildId).toMatch(/^[0-9a-f-]{36}$/);
+    const stillRunning = JSON.parse(await sh(sbx, ['list', '--json', '--data-dir', dataDir])) as {
+      sandboxId: string;
+    }[];
+    expect(stillRunning.map((s) => s.sandboxId)).toContain(demoId);
     expect(status['slotsInUse']).toBe(1);
     expect(status['memorySandboxes']).toBe(1);
     expect(status['nbdDevices']).toBe(1);
