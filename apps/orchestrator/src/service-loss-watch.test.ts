@@ -1,5 +1,6 @@
 import { describe, expect, it } from 'vitest';
-import { lostSandboxes, type InstanceView, type ServiceSurvey } from './service-loss-watch.js';
+import { pino } from 'pino';
+import { lostSandboxes, ServiceLossWatch, type InstanceView, type ServiceSurvey } from './service-loss-watch.js';
 
 const serving = (entries: [string, string][]): InstanceView => ({ reachable: true, sandboxes: new Map(entries) });
 
@@ -64,5 +65,44 @@ describe('lostSandboxes', () => {
   it('concludes nothing from an instance that answered slowly or oddly', () => {
     const unknown: InstanceView = { reachable: 'unknown', error: 'deadline exceeded' };
     expect(lostSandboxes(['a', 'b'], survey([unknown, unknown], [unknown, unknown], owners))).toEqual([]);
+  });
+});
+
+describe('ServiceLossWatch', () => {
+  it('waits out a uffd-server restart: unreachable within the grace fails nothing, back and serving keeps it', async () => {
+    const down: InstanceView = { reachable: false, error: 'connect ECONNREFUSED' };
+    let memory: InstanceView = down;
+    const failed: string[] = [];
+    const watch = new ServiceLossWatch({
+      intervalMs: 0,
+      running: () => ['a'],
+      survey: () => Promise.resolve(survey([memory], [serving([['a', '']])], { a: [0, 0] })),
+      fail: (l) => Promise.resolve(void failed.push(`${l.sandboxId}: ${l.reason}`)),
+      logger: pino({ level: 'silent' }),
+      memoryDownGraceMs: 60_000,
+    });
+    expect(await watch.check()).toEqual([]);
+    memory = serving([['a', 'serving']]);
+    expect(await watch.check()).toEqual([]);
+    memory = down;
+    expect(await watch.check()).toEqual([]);
+    expect(failed).toEqual([]);
+  });
+
+  it('fails the sandboxes of a uffd-server unreachable for longer than the grace', async () => {
+    const failed: string[] = [];
+    const watch = new ServiceLossWatch({
+      intervalMs: 0,
+      running: () => ['a'],
+      survey: () =>
+        Promise.resolve(
+          survey([{ reachable: false, error: 'connect ECONNREFUSED' }], [serving([['a', '']])], { a: [0, 0] }),
+        ),
+      fail: (l) => Promise.resolve(void failed.push(l.reason)),
+      logger: pino({ level: 'silent' }),
+      memoryDownGraceMs: 0,
+    });
+    await watch.check();
+    expect(failed).toEqual(['uffd-server #0 unreachable (connect ECONNREFUSED)']);
   });
 });

@@ -9,9 +9,10 @@ import type { Placement } from './instance-placement.js';
  * Noticing that a uffd-server or block-server instance lost a running sandbox's state, so the
  * sandbox is failed cleanly instead of left half-alive (README "Service restarts").
  *
- * - uffd-server holds the userfaultfd in its process: once that instance is gone (its socket
- *   refuses: UNAVAILABLE) or answers without the sandbox (restarted), the guest's next fault
- *   on a page never served would hang for ever. Its state `failed` is just as final.
+ * - uffd-server: the VMM keeps its userfaultfd, and a restarted instance takes it back and
+ *   lists the sandbox again (a fault waits meanwhile). An unreachable instance is waited for
+ *   `memoryDownGraceMs`, then its sandboxes are failed (nobody may ever serve their faults); one
+ *   that answers without the sandbox (not taken back) has lost it. `failed` is just as final.
  * - block-server keeps devices on disk and reopens them on restart, and the VMM's drive
  *   reconnects to the device socket: an unreachable instance is waited for. Only an instance
  *   that answers without the sandbox's device has lost it.
@@ -123,12 +124,19 @@ export interface ServiceLossWatchOptions {
   /** Fails the sandbox (full cleanup, `failed` event); a no-op if it is no longer running. */
   fail(lost: LostSandbox): Promise<void>;
   logger: Logger;
+  /** How long an unreachable uffd-server instance is waited for (a restart) before its sandboxes are failed. */
+  memoryDownGraceMs?: number;
 }
+
+/** A supervisor or Nomad restarts a killed uffd-server within seconds. */
+const MEMORY_DOWN_GRACE_MS = 10_000;
 
 /** Surveys the instances every `intervalMs` (one round at a time) and fails what was lost. */
 export class ServiceLossWatch {
   private timer: NodeJS.Timeout | undefined;
   private round: Promise<unknown> | undefined;
+  /** When each uffd-server instance was first seen unreachable (since its last answer). */
+  private readonly memoryDownSince = new Map<number, number>();
 
   constructor(private readonly o: ServiceLossWatchOptions) {}
 
@@ -145,13 +153,29 @@ export class ServiceLossWatch {
     if (running.length === 0) return [];
     let lost: LostSandbox[];
     try {
-      lost = lostSandboxes(running, await this.o.survey());
+      lost = lostSandboxes(running, this.withinGrace(await this.o.survey()));
     } catch (err) {
       this.o.logger.warn({ err: (err as Error).message }, 'service survey failed');
       return [];
     }
     await Promise.all(lost.map((l) => this.o.fail(l)));
     return lost;
+  }
+
+  /** An instance unreachable for less than the grace is treated as not known this round. */
+  private withinGrace(survey: ServiceSurvey): ServiceSurvey {
+    const grace = this.o.memoryDownGraceMs ?? MEMORY_DOWN_GRACE_MS;
+    const now = Date.now();
+    const memory = survey.memory.map((view, i): InstanceView => {
+      if (view.reachable !== false) {
+        if (view.reachable === true) this.memoryDownSince.delete(i);
+        return view;
+      }
+      const since = this.memoryDownSince.get(i) ?? now;
+      this.memoryDownSince.set(i, since);
+      return now - since >= grace ? view : { reachable: 'unknown', error: view.error };
+    });
+    return { ...survey, memory };
   }
 
   async stop(): Promise<void> {

@@ -104,4 +104,29 @@ describe.skipIf(missing !== undefined)('orchestrator end to end, VMM double as E
     }
     await unary(node.client, node.client.delete, { sandboxId: id }, 60_000);
   });
+
+  it('uffd-server SIGKILL and start: the pages written before it stay tracked (page tables), the pause exports them', async () => {
+    const id = 'fork-restart';
+    const ip = await create(id);
+    const before = { offset: 2 * 1024 * 1024, data: randomBytes(64 * 1024) };
+    await node.writeMemory(ip, before.offset, before.data);
+    // Read-only pages served before the kill: present, not written, so not in the diff.
+    await node.readMemory(ip, 5 * 1024 * 1024, 64 * 1024);
+
+    await node.restartService('uffd-server', 'SIGKILL');
+    const after = { offset: 7 * 1024 * 1024, data: randomBytes(32 * 1024) };
+    await node.writeMemory(ip, after.offset, after.data);
+
+    const buildId = crypto.randomUUID();
+    await unary(node.client, node.client.pause, { sandboxId: id, templateId: 'base', buildId }, 120_000);
+    const ip2 = await create(id, buildId);
+    for (const w of [before, after])
+      expect((await node.readMemory(ip2, w.offset, w.data.length)).equals(w.data)).toBe(true);
+    const [diff] = pausedMemoryDiffs(id);
+    expect(diff!.tracking).toBe('wp-async');
+    // 16 + 8 written pages and the VMM's load write; the 16 pages only read stay out.
+    expect(diff!.pages).toBeGreaterThanOrEqual(24);
+    expect(diff!.pages).toBeLessThanOrEqual(28);
+    await unary(node.client, node.client.delete, { sandboxId: id }, 60_000);
+  });
 });

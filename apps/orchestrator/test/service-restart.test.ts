@@ -11,8 +11,10 @@ import { missingPieces, NodeUnderTest } from './node-under-test.js';
  * issue 9's "independent restarts": with sandboxes running, block-server or uffd-server alone
  * is stopped (SIGTERM, as Nomad would, or SIGKILL) and started again. block-server keeps its
  * devices and the VMM's drive reconnects: the sandbox stays usable, byte for byte. uffd-server
- * takes the userfaultfd with it: its sandboxes are failed (`failed` event) and everything they
- * held is given back. Driven through SandboxService; guests reached through vmm-sim's endpoints.
+ * takes each sandbox's userfaultfd back from its VMM (which keeps it open, as Firecracker does)
+ * and serves on; faults raised while it is down wait. One that stays down has its sandboxes
+ * failed (`failed` event) and everything they held given back. Driven through SandboxService;
+ * guests reached through vmm-sim's endpoints.
  */
 
 const missing = missingPieces();
@@ -112,13 +114,23 @@ describe.skipIf(missing !== undefined)('independent restarts (all five services 
     await d.expectFootprintBack();
   });
 
-  it('uffd-server SIGTERM and start: its sandboxes are failed and fully cleaned up; new ones run', async () => {
+  it('uffd-server SIGTERM and start: its sandboxes are taken back and served on; new ones run', async () => {
     const ids = ['mem-term-1', 'mem-term-2'];
     const ips = await Promise.all(ids.map((id) => d.create(id)));
-    await Promise.all(ips.map((ip) => node.writeMemory(ip, 0, randomBytes(4096))));
+    const before = ips.map(() => randomBytes(4096));
+    await Promise.all(ips.map((ip, i) => node.writeMemory(ip, 0, before[i]!)));
 
     await node.restartService('uffd-server', 'SIGTERM');
-    await d.expectFailed(ids, 'uffd-server');
+    for (const [i, ip] of ips.entries()) {
+      // A page never touched before the restart: its fault is served by the new process.
+      const after = randomBytes(8192);
+      await node.writeMemory(ip, 9 * 1024 * 1024, after);
+      expect((await node.readMemory(ip, 0, 4096)).equals(before[i]!), 'written before').toBe(true);
+      expect((await node.readMemory(ip, 9 * 1024 * 1024, after.length)).equals(after), 'written after').toBe(true);
+    }
+    expect(node.logs('uffd-server').join('\n')).toMatch(/sandbox taken back after a restart/);
+    await Promise.all(ids.map((id) => d.remove(id)));
+    for (const id of ids) expect(await d.eventTypes(id)).toEqual(['created', 'killed']);
     await d.expectFootprintBack();
 
     const ip = await d.create('mem-after');
@@ -186,6 +198,36 @@ describe.skipIf(missing !== undefined)('independent restarts (all five services 
       expect((await node.footprint())['slotsInUse']!.some((s) => s.endsWith(`:${id}`))).toBe(true);
     }
     await d.remove(id);
+    await d.expectFootprintBack();
+  });
+
+  it('uffd-server SIGKILL under a sandbox that keeps touching memory, then start: it carries on; its pause resumes byte-exact', async () => {
+    const id = 'mem-kill-back';
+    const ip = await d.create(id);
+    const chunk = 64 * 1024;
+    // Each write lands on pages not served yet (256 KiB apart), so each one faults.
+    const written: Array<{ offset: number; data: Buffer }> = [];
+    let killed: Promise<void> | undefined;
+    for (let i = 0; i < 16; i++) {
+      const w = { offset: 4 * 1024 * 1024 + i * 256 * 1024, data: randomBytes(chunk) };
+      // Writes 4.. are sent while the uffd-server is dead or starting: their faults wait.
+      if (i === 4) killed = node.restartService('uffd-server', 'SIGKILL');
+      await node.writeMemory(ip, w.offset, w.data);
+      written.push(w);
+    }
+    await killed;
+    for (const w of written)
+      expect((await node.readMemory(ip, w.offset, chunk)).equals(w.data), `@${w.offset}`).toBe(true);
+    expect(await d.listIds()).toContain(id);
+
+    // The next pause exports a diff from the new process (default mode: the VMM's Diff snapshot).
+    const buildId = crypto.randomUUID();
+    await d.pause(id, buildId);
+    const ip2 = await d.create(id, { snapshot: true, buildId });
+    for (const w of written)
+      expect((await node.readMemory(ip2, w.offset, chunk)).equals(w.data), `@${w.offset}`).toBe(true);
+    await d.remove(id);
+    expect(await d.eventTypes(id)).toEqual(['created', 'paused', 'resumed', 'killed']);
     await d.expectFootprintBack();
   });
 

@@ -5,6 +5,7 @@ import { UffdServerService } from '#proto/sbx/uffd';
 import { startOrRollback, stopWith, TeardownStack, type RunningService } from '#service-kit';
 import { BuildStore, openBackend } from '#storage';
 import { SandboxRegistry } from './sandbox-registry.js';
+import { SandboxRecords } from './sandbox-record.js';
 import type { UffdServerConfig } from './uffd-server-config.js';
 import { UffdMetrics } from './uffd-metrics.js';
 import { uffdServiceImplementation } from './uffd-service.js';
@@ -44,9 +45,13 @@ export function startUffdServer(config: UffdServerConfig, logger: Logger): Promi
         if (problem) metrics.handshakeFailures.inc({ problem });
       },
       onStopped: (final) => metrics.forget(final),
+      records: new SandboxRecords(config.stateDir || `${config.controlSocket}.sandboxes`),
     });
     holder.registry = registry;
     stack.push('sandboxes', () => registry.shutdown());
+    // Before the control API answers: the orchestrator then sees the taken-back sandboxes listed.
+    const restart = await registry.adopt();
+    if (restart.adopted.length || restart.dropped.length) logger.info(restart, 'sandboxes of the previous process');
     if (config.metricsPort > 0) {
       const metricsServer = await startMetricsServer(promRegistry, config.metricsHost, config.metricsPort);
       stack.push('metrics', () => metricsServer.close());

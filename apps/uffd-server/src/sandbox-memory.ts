@@ -38,6 +38,10 @@ export interface SandboxMemoryOptions {
   logger: Logger;
   /** Told when serving ends on its own (peer gone, failure): metrics, serve-file's exit. */
   onEnded?: (sandbox: SandboxMemory) => void;
+  /** Told once faults are served after a handshake (what a restarted server needs is recorded then). */
+  onServing?: (sandbox: SandboxMemory, hs: ReceivedHandshake, tracking: TrackingMode) => void;
+  /** A handshake taken by an earlier uffd-server process (fds taken back from the VMM): serve at once. */
+  adopted?: ReceivedHandshake;
 }
 
 export interface ExportResult {
@@ -102,6 +106,11 @@ export class SandboxMemory {
     this.sandboxId = options.sandboxId;
     this.socketPath = options.socketPath;
     this.log = options.logger;
+    if (options.adopted) {
+      this.served = Promise.resolve();
+      this.startServing(options.adopted);
+      return;
+    }
     this.listener = new HandshakeListener(options.socketPath, {
       memorySize: options.source.size,
       ...(options.pageSize ? { pageSize: options.pageSize } : {}),
@@ -154,6 +163,8 @@ export class SandboxMemory {
         }
       }
       this.trackingMode = mode;
+      // Pages the earlier process installed are in the VMM's page tables, not in this engine's map.
+      if (this.o.adopted) this.adoptedPresent = this.pagesInstalledBefore(hs);
       try {
         if (hs.peerPid) this.pidfd = pidfdOpen(hs.peerPid);
       } catch {
@@ -189,13 +200,53 @@ export class SandboxMemory {
           tracking: mode,
           ...(probe.reason ? { trackingNote: probe.reason } : {}),
           prefetchBytes: prefetch,
+          ...(this.adoptedPresent ? { installedBefore: this.adoptedPresent.reduce((n, v) => n + v, 0) } : {}),
         },
-        'uffd handshake accepted, serving faults',
+        this.o.adopted
+          ? 'uffd taken back from the VMM, serving faults again'
+          : 'uffd handshake accepted, serving faults',
       );
+      if (!this.o.adopted) this.o.onServing?.(this, hs, mode);
     } catch (err) {
       this.failWith(`cannot serve: ${(err as Error).message}`, {});
     }
   }
+
+  /**
+   * Serve units present in the VMM's page tables (PAGEMAP_SCAN): under MISSING registration only
+   * this server puts pages there, so these are the ones an earlier process installed.
+   */
+  private pagesInstalledBefore(hs: ReceivedHandshake): Uint8Array {
+    const units = new Uint8Array(this.unitCount());
+    const fd = openSync(`/proc/${hs.peerPid}/pagemap`, 'r');
+    try {
+      for (const r of hs.regions) {
+        const ranges = pagemapScan(fd, r.base, r.base + r.size, {
+          flags: 0,
+          categoryMask: PageCategory.PRESENT,
+          returnMask: PageCategory.PRESENT,
+        });
+        for (const range of ranges) {
+          const from = r.offset + (range.start - r.base);
+          const to = r.offset + (range.end - r.base);
+          for (let u = from / SERVE_UNIT; u < Math.ceil(to / SERVE_UNIT); u++) units[u] = 1;
+        }
+      }
+    } finally {
+      closeSync(fd);
+    }
+    return units;
+  }
+
+  /** The engine's present map, with what an earlier process installed (adopted sandboxes). */
+  private presentMapNow(): Uint8Array {
+    const present = this.engine!.copyMap(MAP_PRESENT, 0, this.unitCount());
+    const before = this.adoptedPresent;
+    if (before) for (let u = 0; u < present.length; u++) if (before[u] && present[u] !== 2) present[u] = 1;
+    return present;
+  }
+
+  private adoptedPresent: Uint8Array | undefined;
 
   private drainEvents(): void {
     const engine = this.engine;
@@ -293,8 +344,7 @@ export class SandboxMemory {
 
   /** Remembers what was present, for a sandbox whose serving ends before a stop-sourcing. */
   private snapshotPresentOnly(): void {
-    const present = this.engine?.copyMap(MAP_PRESENT, 0, this.unitCount());
-    if (present) this.presentMap = present;
+    if (this.engine) this.presentMap = this.presentMapNow();
   }
 
   private presentMap: Uint8Array | undefined;
@@ -325,7 +375,7 @@ export class SandboxMemory {
     const engine = this.engine!;
     engine.stopSourcing();
     const units = this.unitCount();
-    const present = engine.copyMap(MAP_PRESENT, 0, units);
+    const present = this.presentMapNow();
     this.presentMap = present;
     const pageSize = hs.regions[0]!.pageSize;
     const perPage = pageSize / SERVE_UNIT;
@@ -494,7 +544,7 @@ export class SandboxMemory {
 
   private pagesPresentNow(pageSize: number): number[] {
     const perPage = pageSize / SERVE_UNIT;
-    const present = this.engine!.copyMap(MAP_PRESENT, 0, this.unitCount());
+    const present = this.presentMapNow();
     const pages = new Set(this.droppedPages);
     for (let u = 0; u < present.length; u++)
       if (present[u] === 1 || present[u] === 2) pages.add(Math.floor(u / perPage));

@@ -1,9 +1,12 @@
 import { isAbsolute } from 'node:path';
 import { sandboxLogger, type Logger } from '#logging';
+import { fdNumberIn, pidfdGetfd, pidfdOpen, close } from '#native';
 import { PAGE_2M, PAGE_4K } from '#uffd';
 import type { BuildStore } from '#storage';
 import { SandboxMemory, type ExportResult, type SandboxStats } from './sandbox-memory.js';
 import { SourceView } from './source-view.js';
+import type { ReceivedHandshake } from './handshake-listener.js';
+import { processStartTime, type SandboxRecord, type SandboxRecords } from './sandbox-record.js';
 import { RequestInvalid, SandboxExists, SandboxNotFound, SourceInvalid } from './uffd-server-errors.js';
 
 export interface PrepareRequest {
@@ -43,6 +46,7 @@ export class SandboxRegistry {
   private readonly logger: Logger;
   private readonly onEnded?: (s: SandboxMemory) => void;
   private readonly onStopped?: (final: SandboxStats) => void;
+  private readonly records?: SandboxRecords;
 
   constructor(options: {
     settings: RegistrySettings;
@@ -52,7 +56,10 @@ export class SandboxRegistry {
     onEnded?: (s: SandboxMemory) => void;
     /** Called with a stopped sandbox's final counts, after which it is gone from here. */
     onStopped?: (final: SandboxStats) => void;
+    /** Where each served sandbox is recorded, so a restarted process serves it on (see adopt). */
+    records?: SandboxRecords;
   }) {
+    this.records = options.records;
     ({ settings: this.settings, builds: this.builds, logger: this.logger } = options);
     this.onEnded = options.onEnded;
     this.onStopped = options.onStopped;
@@ -92,19 +99,27 @@ export class SandboxRegistry {
         source = SourceView.ofFile(req.memfilePath!);
       }
       const log = sandboxLogger(this.logger, req.sandboxId);
+      const prefetchBytes = req.prefetchBytes || this.settings.prefetchBytes;
       const sandbox = new SandboxMemory({
         sandboxId: req.sandboxId,
         socketPath: req.socketPath,
         source,
         pageSize,
         ...(blockSize ? { blockSize } : {}),
-        prefetchBytes: req.prefetchBytes || this.settings.prefetchBytes,
+        prefetchBytes,
         readaheadWindows: this.settings.readaheadWindows,
         prefetchWithoutTracking: this.settings.prefetchWithoutTracking,
         threads: this.settings.threadsPerSandbox,
         handshakeTimeoutMs: this.settings.handshakeTimeoutMs,
         logger: log,
-        ...(this.onEnded ? { onEnded: this.onEnded } : {}),
+        onEnded: (s) => this.ended(s),
+        onServing: (s, hs, tracking) =>
+          this.record(s, hs, tracking, {
+            ...(req.buildId ? { buildId: req.buildId } : { memfilePath: req.memfilePath! }),
+            ...(pageSize ? { pageSize } : {}),
+            ...(blockSize ? { blockSize } : {}),
+            prefetchBytes,
+          }),
       });
       this.sandboxes.set(req.sandboxId, sandbox);
       log.info(
@@ -117,6 +132,138 @@ export class SandboxRegistry {
       throw err;
     } finally {
       this.preparing.delete(req.sandboxId);
+    }
+  }
+
+  private ended(s: SandboxMemory): void {
+    this.records?.remove(s.sandboxId);
+    this.onEnded?.(s);
+  }
+
+  /** Records a sandbox now served, with the VMM's fd numbers of its uffd and memfd (kcmp). */
+  private record(
+    s: SandboxMemory,
+    hs: ReceivedHandshake,
+    tracking: SandboxRecord['tracking'],
+    source: Pick<SandboxRecord, 'buildId' | 'memfilePath' | 'pageSize' | 'blockSize' | 'prefetchBytes'>,
+  ): void {
+    if (!this.records) return;
+    const log = sandboxLogger(this.logger, s.sandboxId);
+    const startTime = hs.peerPid ? processStartTime(hs.peerPid) : undefined;
+    const uffdFd = hs.peerPid ? fdNumberIn(hs.peerPid, hs.uffd) : undefined;
+    const memfdFd = hs.peerPid && hs.memfd !== undefined ? fdNumberIn(hs.peerPid, hs.memfd) : undefined;
+    if (
+      !hs.peerPid ||
+      startTime === undefined ||
+      uffdFd === undefined ||
+      (hs.memfd !== undefined && memfdFd === undefined)
+    ) {
+      log.warn(
+        { peerPid: hs.peerPid },
+        'the VMM does not hold its uffd (or memfd) open: a restart of this server will fail the sandbox',
+      );
+      return;
+    }
+    try {
+      this.records.write({
+        version: 1,
+        sandboxId: s.sandboxId,
+        socketPath: s.socketPath,
+        ...source,
+        peerPid: hs.peerPid,
+        peerStartTime: startTime,
+        uffdFd,
+        ...(memfdFd !== undefined ? { memfdFd } : {}),
+        regions: hs.regions,
+        tracking,
+      });
+    } catch (err) {
+      log.warn({ err: (err as Error).message }, 'cannot record the sandbox: a restart of this server will fail it');
+    }
+  }
+
+  /**
+   * At start, before the control API answers: serves again every sandbox an earlier process of
+   * this instance recorded whose VMM still runs, taking its uffd (and memfd) back from the VMM.
+   * Faults raised meanwhile waited in the uffd and are served now. Write-protect faults tracked
+   * in the old process (wp-sync) are lost with it: such a sandbox is not taken back (the
+   * orchestrator then fails it, as for any sandbox this instance does not list).
+   */
+  async adopt(): Promise<{ adopted: string[]; dropped: Array<{ sandboxId: string; reason: string }> }> {
+    const adopted: string[] = [];
+    const dropped: Array<{ sandboxId: string; reason: string }> = [];
+    if (!this.records) return { adopted, dropped };
+    for (const r of this.records.readAll()) {
+      if (!('sandboxId' in r)) {
+        dropped.push({ sandboxId: r.file, reason: r.error });
+        continue;
+      }
+      const log = sandboxLogger(this.logger, r.sandboxId);
+      try {
+        await this.adoptOne(r, log);
+        adopted.push(r.sandboxId);
+        log.info({ peerPid: r.peerPid, tracking: r.tracking }, 'sandbox taken back after a restart');
+      } catch (err) {
+        this.records.remove(r.sandboxId);
+        const reason = (err as Error).message;
+        dropped.push({ sandboxId: r.sandboxId, reason });
+        log.warn({ peerPid: r.peerPid, reason }, 'sandbox not taken back after a restart (the orchestrator fails it)');
+      }
+    }
+    return { adopted, dropped };
+  }
+
+  private async adoptOne(r: SandboxRecord, log: Logger): Promise<void> {
+    if (r.tracking === 'wp-sync')
+      throw new Error('wp-sync: the written pages were tracked in the earlier process and are lost with it');
+    if (processStartTime(r.peerPid) !== r.peerStartTime) throw new Error(`the VMM (pid ${r.peerPid}) is gone`);
+    const fds: number[] = [];
+    let source: SourceView | undefined;
+    try {
+      const pidfd = pidfdOpen(r.peerPid);
+      fds.push(pidfd);
+      const uffd = pidfdGetfd(pidfd, r.uffdFd);
+      fds.push(uffd);
+      const memfd = r.memfdFd !== undefined ? pidfdGetfd(pidfd, r.memfdFd) : undefined;
+      if (memfd !== undefined) fds.push(memfd);
+      source = r.buildId
+        ? await SourceView.ofLayers((await this.builds.openBuildFile(r.buildId, 'memfile')).file)
+        : SourceView.ofFile(r.memfilePath!);
+      const hs: ReceivedHandshake = {
+        regions: r.regions,
+        pageSizeKey: 'page_size', // how the VMM spelled it no longer matters once taken
+        hasMemfd: memfd !== undefined,
+        uffd,
+        memfd,
+        connection: -1,
+        peerPid: r.peerPid,
+      };
+      const sandbox = new SandboxMemory({
+        sandboxId: r.sandboxId,
+        socketPath: r.socketPath,
+        source,
+        pageSize: r.pageSize,
+        ...(r.blockSize ? { blockSize: r.blockSize } : {}),
+        prefetchBytes: r.prefetchBytes,
+        readaheadWindows: this.settings.readaheadWindows,
+        prefetchWithoutTracking: this.settings.prefetchWithoutTracking,
+        threads: this.settings.threadsPerSandbox,
+        handshakeTimeoutMs: undefined,
+        logger: log,
+        onEnded: (s) => this.ended(s),
+        adopted: hs,
+      });
+      close(pidfd);
+      fds.length = 0; // the sandbox owns uffd and memfd now
+      if (sandbox.state !== 'serving') {
+        await sandbox.stop();
+        throw new Error(`cannot serve: ${sandbox.error}`);
+      }
+      this.sandboxes.set(r.sandboxId, sandbox);
+    } catch (err) {
+      for (const fd of fds) close(fd);
+      if (fds.length) source?.close();
+      throw err;
     }
   }
 
@@ -149,6 +296,7 @@ export class SandboxRegistry {
   async stop(sandboxId: string): Promise<void> {
     const s = this.get(sandboxId);
     this.sandboxes.delete(sandboxId);
+    this.records?.remove(sandboxId);
     try {
       await s.stop();
     } finally {
@@ -168,9 +316,21 @@ export class SandboxRegistry {
     return this.sandboxes.size;
   }
 
-  /** Stops every sandbox (service shutdown). */
+  /**
+   * Stops serving every sandbox (service shutdown). Records stay: the VMMs keep their uffds, and
+   * the next start of this instance serves them on (a fault waits until then).
+   */
   async shutdown(): Promise<void> {
-    const all = [...this.sandboxes.keys()];
-    await Promise.allSettled(all.map((id) => this.stop(id)));
+    const all = [...this.sandboxes.values()];
+    this.sandboxes.clear();
+    await Promise.allSettled(
+      all.map(async (s) => {
+        try {
+          await s.stop();
+        } finally {
+          this.onStopped?.(s.stats());
+        }
+      }),
+    );
   }
 }

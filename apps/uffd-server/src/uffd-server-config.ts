@@ -48,6 +48,10 @@ export const uffdServerConfigSchema = z.object({
   fetchAttempts: int(1, 20).default(5).describe('attempts (first included) of a source fetch while the fault waits'),
   fetchRetryDelayMs: int(1).default(100),
   maxSandboxes: int(1).default(512),
+  stateDir: z
+    .string()
+    .default('')
+    .describe('where served sandboxes are recorded for a restart to take back (default {control-socket}.sandboxes)'),
   logLevel,
 });
 
