@@ -17,7 +17,7 @@
  *                      installed is exported (E2B's behaviour); prefetch off (it would land in the diff)
  *   wp-async           the double as E2B's Firecracker fork: uffd WP_ASYNC, PAGEMAP_SCAN
  */
-import { readdir } from 'node:fs/promises';
+import { readdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { unary } from '#grpc';
@@ -131,14 +131,18 @@ async function benchSize(
   // the figure is a create at a rate the pool keeps up with; a burst beyond it starts its own.
   const poolRefilled = async () => {
     const deadline = Date.now() + 60_000;
-    // A waiting VMM's API socket exists once it listens; the pool takes it a moment later.
-    const listening = async () =>
-      (await readdir(join(node.dataDir, 's'))).filter((f) => f.startsWith('vmm-pool-') && f.endsWith('.api.sock'));
-    while ((await listening()).length < vmmPool) {
+    // A waiting VMM has answered the pool's GET / (its log says so): the pool holds it.
+    const answered = async () => {
+      const dir = join(node.dataDir, 'vmm-pool');
+      const logs = (await readdir(dir).catch(() => [] as string[])).filter((f) => f.endsWith('.stdout.log'));
+      const texts = await Promise.all(logs.map((f) => readFile(join(dir, f), 'utf8').catch(() => '')));
+      return texts.filter((t) => t.includes('"method":"GET","path":"/"')).length;
+    };
+    while ((await answered()) < vmmPool) {
       if (Date.now() > deadline) throw new Error('the VMM pool did not refill within 60 s');
       await new Promise((r) => setTimeout(r, 50));
     }
-    await new Promise((r) => setTimeout(r, 200));
+    await new Promise((r) => setTimeout(r, 100));
   };
   try {
     const client = node.client;
@@ -194,8 +198,12 @@ async function benchSize(
     console.log(
       `  orchestration overhead (all but the VMM's steps): p50 ${pct(overhead, 50).toFixed(2)} ms  p99 ${pct(overhead, 99).toFixed(2)} ms  (goal ≤ 10 ms p50)`,
     );
-    const pooled = createSteps.filter((s) => 'take pooled vmm' in s).length;
-    console.log(`  ${pooled} of ${creates} creates took a VMM from the pool (size ${vmmPool})`);
+    const pooledMs = createMs.filter((_, i) => 'take pooled vmm' in createSteps[i]!);
+    console.log(`  ${pooledMs.length} of ${creates} creates took a VMM from the pool (size ${vmmPool})`);
+    if (pooledMs.length > 0 && pooledMs.length < creates)
+      console.log(
+        `  of these: p50 ${pct(pooledMs, 50).toFixed(1)} ms  p99 ${pct(pooledMs, 99).toFixed(1)} ms (the others started their own VMM)`,
+      );
     console.log('  steps (orchestrator-side timings):\n' + shares(createSteps));
 
     const pauseMs: number[] = [];
