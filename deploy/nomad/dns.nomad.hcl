@@ -90,14 +90,20 @@ job "sbx-dns" {
       # nomad/jobs/sbx-dns (zone -> SBX_DNS_ZONE). Both optional. noop: restart the task to apply.
       template {
         destination = "secrets/sbx.env"
-        env         = true
+        env         = false
         change_mode = "noop"
         data        = <<-EOT
-          {{- if nomadVarExists "nomad/jobs" }}{{ range $k, $v := nomadVar "nomad/jobs" }}
-          SBX_{{ $k | toUpper }}={{ $v.Value | toJSON }}{{ end }}{{ end }}
-          {{- if nomadVarExists "nomad/jobs/sbx-dns" }}{{ range $k, $v := nomadVar "nomad/jobs/sbx-dns" }}
-          SBX_DNS_{{ $k | toUpper }}={{ $v.Value | toJSON }}{{ end }}{{ end }}
+          {{- if nomadVarExists "nomad/jobs" }}{{ with nomadVar "nomad/jobs" }}{{ range $k, $v := . }}
+          SBX_{{ $k | toUpper }}={{ $v.Value | toJSON }}{{ end }}{{ end }}{{ end }}
+          {{- if nomadVarExists "nomad/jobs/sbx-dns" }}{{ with nomadVar "nomad/jobs/sbx-dns" }}{{ range $k, $v := . }}
+          SBX_DNS_{{ $k | toUpper }}={{ $v.Value | toJSON }}{{ end }}{{ end }}{{ end }}
         EOT
+      }
+
+      # The launcher reads the rendered file at every start (a restart after `nomad var put` too;
+      # `env = true` is read by Nomad once per allocation). tools/sbx/src/env-file.ts
+      env {
+        SBX_ENV_FILE = "${NOMAD_SECRETS_DIR}/sbx.env"
       }
 
       kill_signal  = "SIGTERM"
@@ -123,8 +129,10 @@ job "sbx-dns" {
           type     = "script"
           command  = "${var.sbx_root}/sbx"
           args     = ["health", "/run/sbx/dns.sock"]
-          interval = "10s"
-          timeout  = "5s"
+          # `sbx health` is a node process: about 1.5 s on an idle node, over 5 s on a loaded
+          # 2-core one (seen under Nomad: every script check timed out and check_restart looped).
+          interval = "15s"
+          timeout  = "10s"
 
           check_restart {
             limit = 3

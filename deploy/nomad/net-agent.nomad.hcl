@@ -97,14 +97,20 @@ job "sbx-net-agent" {
       # SBX_NET_AGENT_UPLINK). Both optional. noop: restart the task to apply a change.
       template {
         destination = "secrets/sbx.env"
-        env         = true
+        env         = false
         change_mode = "noop"
         data        = <<-EOT
-          {{- if nomadVarExists "nomad/jobs" }}{{ range $k, $v := nomadVar "nomad/jobs" }}
-          SBX_{{ $k | toUpper }}={{ $v.Value | toJSON }}{{ end }}{{ end }}
-          {{- if nomadVarExists "nomad/jobs/sbx-net-agent" }}{{ range $k, $v := nomadVar "nomad/jobs/sbx-net-agent" }}
-          SBX_NET_AGENT_{{ $k | toUpper }}={{ $v.Value | toJSON }}{{ end }}{{ end }}
+          {{- if nomadVarExists "nomad/jobs" }}{{ with nomadVar "nomad/jobs" }}{{ range $k, $v := . }}
+          SBX_{{ $k | toUpper }}={{ $v.Value | toJSON }}{{ end }}{{ end }}{{ end }}
+          {{- if nomadVarExists "nomad/jobs/sbx-net-agent" }}{{ with nomadVar "nomad/jobs/sbx-net-agent" }}{{ range $k, $v := . }}
+          SBX_NET_AGENT_{{ $k | toUpper }}={{ $v.Value | toJSON }}{{ end }}{{ end }}{{ end }}
         EOT
+      }
+
+      # The launcher reads the rendered file at every start (a restart after `nomad var put` too;
+      # `env = true` is read by Nomad once per allocation). tools/sbx/src/env-file.ts
+      env {
+        SBX_ENV_FILE = "${NOMAD_SECRETS_DIR}/sbx.env"
       }
 
       kill_signal  = "SIGTERM"
@@ -130,8 +136,10 @@ job "sbx-net-agent" {
           type     = "script"
           command  = "${var.sbx_root}/sbx"
           args     = ["health", "/run/sbx/net-agent.sock"]
-          interval = "10s"
-          timeout  = "5s"
+          # `sbx health` is a node process: about 1.5 s on an idle node, over 5 s on a loaded
+          # 2-core one (seen under Nomad: every script check timed out and check_restart looped).
+          interval = "15s"
+          timeout  = "10s"
 
           check_restart {
             limit = 3

@@ -95,7 +95,10 @@ job "sbx-orchestrator" {
       }
 
       # Lists go through the environment: the service splits SBX_ORCHESTRATOR_* lists on commas.
+      # SBX_ENV_FILE: the launcher reads the rendered template at every start (a restart after
+      # `nomad var put` too; `env = true` is read by Nomad once per allocation).
       env {
+        SBX_ENV_FILE                          = "${NOMAD_SECRETS_DIR}/sbx.env"
         SBX_ORCHESTRATOR_UFFD_SERVER_SOCKETS  = join(",", var.uffd_sockets)
         SBX_ORCHESTRATOR_BLOCK_SERVER_SOCKETS = join(",", var.block_sockets)
       }
@@ -107,13 +110,13 @@ job "sbx-orchestrator" {
       # to apply it.
       template {
         destination = "secrets/sbx.env"
-        env         = true
+        env         = false
         change_mode = "noop"
         data        = <<-EOT
-          {{- if nomadVarExists "nomad/jobs" }}{{ range $k, $v := nomadVar "nomad/jobs" }}
-          SBX_{{ $k | toUpper }}={{ $v.Value | toJSON }}{{ end }}{{ end }}
-          {{- if nomadVarExists "nomad/jobs/sbx-orchestrator" }}{{ range $k, $v := nomadVar "nomad/jobs/sbx-orchestrator" }}
-          SBX_ORCHESTRATOR_{{ $k | toUpper }}={{ $v.Value | toJSON }}{{ end }}{{ end }}
+          {{- if nomadVarExists "nomad/jobs" }}{{ with nomadVar "nomad/jobs" }}{{ range $k, $v := . }}
+          SBX_{{ $k | toUpper }}={{ $v.Value | toJSON }}{{ end }}{{ end }}{{ end }}
+          {{- if nomadVarExists "nomad/jobs/sbx-orchestrator" }}{{ with nomadVar "nomad/jobs/sbx-orchestrator" }}{{ range $k, $v := . }}
+          SBX_ORCHESTRATOR_{{ $k | toUpper }}={{ $v.Value | toJSON }}{{ end }}{{ end }}{{ end }}
         EOT
       }
 

@@ -98,7 +98,7 @@ job "sbx-proxy" {
       # to apply (a restart drops client connections only; sandboxes are not touched).
       template {
         destination = "secrets/sbx.env"
-        env         = true
+        env         = false
         change_mode = "noop"
         data        = <<-EOT
           {{- if nomadVarExists "nomad/jobs" }}{{ with nomadVar "nomad/jobs" }}{{ range $k, $v := . }}
@@ -106,6 +106,12 @@ job "sbx-proxy" {
           {{- if nomadVarExists "nomad/jobs/sbx-proxy" }}{{ with nomadVar "nomad/jobs/sbx-proxy" }}{{ range $k, $v := . }}
           SBX_PROXY_{{ $k | toUpper }}={{ $v.Value | toJSON }}{{ end }}{{ end }}{{ end }}
         EOT
+      }
+
+      # The launcher reads the rendered file at every start (a restart after `nomad var put` too;
+      # `env = true` is read by Nomad once per allocation). tools/sbx/src/env-file.ts
+      env {
+        SBX_ENV_FILE = "${NOMAD_SECRETS_DIR}/sbx.env"
       }
 
       kill_signal  = "SIGTERM"
@@ -131,8 +137,10 @@ job "sbx-proxy" {
           type     = "script"
           command  = "${var.sbx_root}/sbx"
           args     = ["health", "/run/sbx/proxy.sock"]
-          interval = "10s"
-          timeout  = "5s"
+          # `sbx health` is a node process: about 1.5 s on an idle node, over 5 s on a loaded
+          # 2-core one (seen under Nomad: every script check timed out and check_restart looped).
+          interval = "15s"
+          timeout  = "10s"
 
           check_restart {
             limit = 3

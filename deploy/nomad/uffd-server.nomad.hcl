@@ -93,14 +93,20 @@ job "sbx-uffd-server" {
         # memory server under running sandboxes; restart the task to apply it.
         template {
           destination = "secrets/sbx.env"
-          env         = true
+          env         = false
           change_mode = "noop"
           data        = <<-EOT
-            {{- if nomadVarExists "nomad/jobs" }}{{ range $k, $v := nomadVar "nomad/jobs" }}
-            SBX_{{ $k | toUpper }}={{ $v.Value | toJSON }}{{ end }}{{ end }}
-            {{- if nomadVarExists "nomad/jobs/sbx-uffd-server" }}{{ range $k, $v := nomadVar "nomad/jobs/sbx-uffd-server" }}
-            SBX_UFFD_SERVER_{{ $k | toUpper }}={{ $v.Value | toJSON }}{{ end }}{{ end }}
+            {{- if nomadVarExists "nomad/jobs" }}{{ with nomadVar "nomad/jobs" }}{{ range $k, $v := . }}
+            SBX_{{ $k | toUpper }}={{ $v.Value | toJSON }}{{ end }}{{ end }}{{ end }}
+            {{- if nomadVarExists "nomad/jobs/sbx-uffd-server" }}{{ with nomadVar "nomad/jobs/sbx-uffd-server" }}{{ range $k, $v := . }}
+            SBX_UFFD_SERVER_{{ $k | toUpper }}={{ $v.Value | toJSON }}{{ end }}{{ end }}{{ end }}
           EOT
+        }
+
+        # The launcher reads the rendered file at every start (a restart after `nomad var put` too;
+        # `env = true` is read by Nomad once per allocation). tools/sbx/src/env-file.ts
+        env {
+          SBX_ENV_FILE = "${NOMAD_SECRETS_DIR}/sbx.env"
         }
 
         kill_signal  = "SIGTERM"
@@ -128,8 +134,10 @@ job "sbx-uffd-server" {
             type     = "script"
             command  = "${var.sbx_root}/sbx"
             args     = ["health", "${group.value}"]
-            interval = "10s"
-            timeout  = "5s"
+            # `sbx health` is a node process: about 1.5 s on an idle node, over 5 s on a loaded
+            # 2-core one (seen under Nomad: every script check timed out and check_restart looped).
+            interval = "15s"
+            timeout  = "10s"
 
             check_restart {
               limit = 3

@@ -127,9 +127,13 @@ describe.each(nodeServices)('$service job', (svc: NodeService) => {
 
   it('reads settings from Nomad variables the task may read, into its own environment prefix', async () => {
     for (const task of tasks(await load())) {
-      const envTemplates = task.templates.filter((t) => t.env);
+      // The launcher reads the rendered file at every start (SBX_ENV_FILE): Nomad reads an
+      // `env = true` template once per allocation, so a restart would keep stale settings.
+      const envTemplates = task.templates.filter((t) => t.destination === 'secrets/sbx.env');
       expect(envTemplates).toHaveLength(1);
       const template = envTemplates[0]!;
+      expect(template.env).toBe(false);
+      expect(task.env['SBX_ENV_FILE']).toBe('${NOMAD_SECRETS_DIR}/sbx.env');
       // secrets/: not world-readable inside the allocation; noop: a changed setting must not
       // restart a node agent under running sandboxes by itself.
       expect(template.destination).toMatch(/^secrets\//);

@@ -1,5 +1,5 @@
-import { execFile } from 'node:child_process';
-import { existsSync } from 'node:fs';
+import { execFile, spawn } from 'node:child_process';
+import { existsSync, readlinkSync } from 'node:fs';
 import { mkdir, mkdtemp, rm, rmdir, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -30,6 +30,8 @@ export class NomadAgent {
   readonly address = 'http://127.0.0.1:4646';
   private process: PeerProcess | undefined;
   private readonly madeMountPoints: string[] = [];
+  /** The agent's mount namespace (`mnt:[inode]`): every task it started runs in it. */
+  mountNamespace = '';
 
   private constructor(
     readonly dir: string,
@@ -103,6 +105,11 @@ export class NomadAgent {
       env,
       netns: this.options.netns,
     });
+    const pid = this.process.child.pid;
+    await this.process.waitUntil('its own mount namespace', async () => {
+      this.mountNamespace = readlinkSync(`/proc/${pid}/ns/mnt`);
+      return this.mountNamespace !== readlinkSync('/proc/self/ns/mnt');
+    });
     await this.process.waitUntil(
       'a ready client node',
       async () => {
@@ -114,19 +121,27 @@ export class NomadAgent {
   }
 
   /** Runs the nomad CLI against this agent, in its network namespace; rejects on a non-zero exit. */
-  async cli(args: string[], timeoutMs = 120_000): Promise<{ stdout: string; stderr: string }> {
+  cli(args: string[], timeoutMs = 120_000): Promise<{ stdout: string; stderr: string }> {
     const env: NodeJS.ProcessEnv = { ...process.env, NOMAD_ADDR: this.address };
     delete env['AWS_CA_BUNDLE'];
-    try {
-      return await execFileAsync('nsenter', [`--net=/run/netns/${this.options.netns}`, '--', this.binary, ...args], {
+    return new Promise((resolve, reject) => {
+      // stdin closed: `nomad operator api` reads a request body from a stdin that is not a terminal.
+      const child = spawn('nsenter', [`--net=/run/netns/${this.options.netns}`, '--', this.binary, ...args], {
         env,
-        timeout: timeoutMs,
-        maxBuffer: 64 << 20,
+        stdio: ['ignore', 'pipe', 'pipe'],
       });
-    } catch (err) {
-      const e = err as { stderr?: string; stdout?: string; message: string };
-      throw new Error(`nomad ${args.join(' ')} failed: ${e.stderr || e.stdout || e.message}`, { cause: err });
-    }
+      let stdout = '';
+      let stderr = '';
+      child.stdout.setEncoding('utf8').on('data', (d: string) => (stdout += d));
+      child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d));
+      const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
+      child.once('error', reject);
+      child.once('close', (code, signal) => {
+        clearTimeout(timer);
+        if (code === 0) resolve({ stdout, stderr });
+        else reject(new Error(`nomad ${args.join(' ')} failed (${signal ?? code}): ${stderr || stdout}`));
+      });
+    });
   }
 
   /**
@@ -148,8 +163,11 @@ export class NomadAgent {
     return this.logs.slice(-lines).join('\n');
   }
 
+  /**
+   * Stops the agent. Tasks outlive a Nomad client that stops (raw_exec executors are detached):
+   * stop the jobs and wait for their allocations to complete first.
+   */
   async stop(): Promise<void> {
-    // SIGINT: the agent stops its client (tasks are left to the jobs being stopped first).
     await this.process?.stop(30_000);
   }
 

@@ -2,6 +2,7 @@ import { existsSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { commands } from './commands.js';
+import { loadEnvFile } from './env-file.js';
 
 // dist/tools/sbx/src/main.js → dist/
 const distRoot = resolve(dirname(fileURLToPath(import.meta.url)), '../../..');
@@ -13,6 +14,8 @@ function usage(): string {
 }
 
 async function run(argv: string[]): Promise<number> {
+  // Settings a Nomad template rendered for this start (SBX_ENV_FILE), before any command reads them.
+  loadEnvFile();
   const [name, ...rest] = argv;
   if (!name || name === '--help' || name === '-h' || name === 'help') {
     console.log(usage());
