@@ -70,8 +70,11 @@ export class VmmCgroups {
       this.logger.warn({ cgroup: path }, 'removing a VMM cgroup failed: processes still in it');
       return;
     }
-    // The node directory goes with its last VMM (another VMM's cgroup keeps it); the next launch makes it again.
-    await removeCgroup(this.root);
+    // The node directory goes with its last VMM; the next launch makes it again. While another
+    // VMM's cgroup is in it (a sandbox, a VMM waiting in the pool) rmdir answers EBUSY for as long
+    // as that VMM lives: not retried, or every kill would wait out removeCgroup's 2 s.
+    const others = (await readdir(this.root, { withFileTypes: true }).catch(() => [])).some((d) => d.isDirectory());
+    if (!others) await removeCgroup(this.root);
   }
 
   /** The cgroup of a running VMM when it is one of ours (an adopted VMM's). */
