@@ -66,11 +66,19 @@ function pct(values: number[], p: number): number {
   return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))] ?? NaN;
 }
 
-function stepsOf(node: NodeUnderTest, msg: string, id: string): Record<string, number> {
-  for (const line of [...node.logs('orchestrator')].reverse()) {
-    if (!line.includes(`"msg":"${msg}"`) || !line.includes(`"sandboxId":"${id}"`)) continue;
-    const steps = (JSON.parse(line) as { steps?: Record<string, number> }).steps;
-    if (steps) return steps;
+/** The steps of the `msg` line about `id`, waited for: the orchestrator's logs come through a pipe. */
+async function stepsOf(node: NodeUnderTest, msg: string, id: string): Promise<Record<string, number>> {
+  const deadline = Date.now() + 10_000;
+  while (Date.now() < deadline) {
+    const lines = node
+      .logs('orchestrator')
+      .filter((l) => l.includes(`"msg":"${msg}"`) && l.includes(`"sandboxId":"${id}"`));
+    // Each sandbox id is created and paused once per node: its line is the one.
+    if (lines.length > 0) {
+      const steps = (JSON.parse(lines[lines.length - 1]!) as { steps?: Record<string, number> }).steps;
+      if (steps) return steps;
+    }
+    await new Promise((r) => setTimeout(r, 20));
   }
   if (process.env['BENCH_DEBUG'])
     console.log(
@@ -184,7 +192,7 @@ async function benchSize(
       const t0 = performance.now();
       await create(id, source);
       createMs.push(performance.now() - t0);
-      createSteps.push(stepsOf(node, 'sandbox created', id));
+      createSteps.push(await stepsOf(node, 'sandbox created', id));
       await unary(client, client.delete, { sandboxId: id }, 60_000);
     }
     const overhead = createSteps.map((s) =>
@@ -230,7 +238,7 @@ async function benchSize(
       const t0 = performance.now();
       await unary(client, client.pause, { sandboxId: id, templateId: 'base', buildId: crypto.randomUUID() }, 300_000);
       pauseMs.push(performance.now() - t0);
-      pauseSteps.push(stepsOf(node, 'sandbox paused', id));
+      pauseSteps.push(await stepsOf(node, 'sandbox paused', id));
       const d = memoryDiffOf(node, id);
       if (d) diffs.push(d);
     }
