@@ -1,5 +1,5 @@
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
@@ -84,9 +84,17 @@ async function startFromJob(svc: NodeService, scratch: (dir: string) => Record<s
   const replaced = scratch(dir);
   const socket = replaced[svc.socketFlag]!;
   const args = withOptions(task, replaced, { '--metrics-host': '127.0.0.1', '--metrics-port': '0' });
+  // Nomad interpolates its runtime directories into the task's env and renders the templates
+  // into secrets/ before the start: do the same (the template renders empty without variables).
+  const secrets = join(dir, 'secrets');
+  mkdirSync(secrets);
+  writeFileSync(join(secrets, 'sbx.env'), '');
+  const env = Object.fromEntries(
+    Object.entries(task.env ?? {}).map(([k, v]) => [k, String(v).replaceAll('${NOMAD_SECRETS_DIR}', secrets)]),
+  );
   const child = spawn(task.command, args, {
     stdio: ['ignore', 'ignore', 'pipe'],
-    env: { PATH: process.env['PATH'], ...task.env },
+    env: { PATH: process.env['PATH'], ...env },
   });
   children.push(child);
   let stderr = '';
