@@ -44,9 +44,15 @@ export function sameOpenFile(fd: number, pid: number, otherFd: number): boolean 
   );
 }
 
-/** The number `pid` holds our open file `fd` under (found by kcmp over its fd table), or undefined. */
+/** The number `pid` holds our open file `fd` under (found by kcmp over its fd table), or undefined (also when `pid` is gone). */
 export function fdNumberIn(pid: number, fd: number): number | undefined {
-  for (const name of readdirSync(`/proc/${pid}/fd`)) {
+  let names: string[];
+  try {
+    names = readdirSync(`/proc/${pid}/fd`);
+  } catch {
+    return undefined; // the process is gone: it holds nothing
+  }
+  for (const name of names) {
     const n = Number(name);
     let target: string;
     try {
