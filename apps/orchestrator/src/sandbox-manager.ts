@@ -556,6 +556,8 @@ export class SandboxManager {
       maxSandboxes: this.o.settings.maxSandboxes,
       runningVcpus: running.reduce((n, s) => n + s.config.vcpu, 0),
       runningRamMb: running.reduce((n, s) => n + s.config.ramMb, 0),
+      vmmPoolWaiting: this.o.node.vmmPool?.waiting ?? 0,
+      vmmPoolSize: this.o.node.vmmPool?.enabled ? this.o.node.vmmPool.size : 0,
     };
   }
 

@@ -52,7 +52,12 @@ export class VmmPool {
     return this.o.size > 0 && this.o.launcher.launchIdle !== undefined;
   }
 
-  /** How many wait now (bench, tests). */
+  /** How many VMMs the pool keeps waiting. */
+  get size(): number {
+    return this.o.size;
+  }
+
+  /** How many wait now (status, bench, tests). */
   get waiting(): number {
     return this.ready.length;
   }

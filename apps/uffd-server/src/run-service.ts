@@ -35,6 +35,9 @@ export function startUffdServer(config: UffdServerConfig, logger: Logger): Promi
     const promRegistry = createRegistry('uffd-server');
     const holder: { registry?: SandboxRegistry } = {};
     const metrics = new UffdMetrics(promRegistry, () => holder.registry);
+    const records = new SandboxRecords(config.stateDir || `${config.controlSocket}.sandboxes`);
+    // Kept while a record is in it (the next run takes those sandboxes back); gone when empty.
+    stack.push('records', async () => records.removeIfEmpty());
     const registry = new SandboxRegistry({
       settings: config,
       builds: store,
@@ -45,7 +48,7 @@ export function startUffdServer(config: UffdServerConfig, logger: Logger): Promi
         if (problem) metrics.handshakeFailures.inc({ problem });
       },
       onStopped: (final) => metrics.forget(final),
-      records: new SandboxRecords(config.stateDir || `${config.controlSocket}.sandboxes`),
+      records,
     });
     holder.registry = registry;
     stack.push('sandboxes', () => registry.shutdown());

@@ -1,4 +1,4 @@
-import { mkdirSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readdirSync, readFileSync, renameSync, rmdirSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { GuestRegion } from '#uffd';
 import type { TrackingMode } from './tracking-mode.js';
@@ -56,6 +56,15 @@ export class SandboxRecords {
 
   remove(sandboxId: string): void {
     rmSync(this.path(sandboxId), { force: true });
+  }
+
+  /** Removes the directory when it holds no record (a clean stop with no sandbox left). */
+  removeIfEmpty(): void {
+    try {
+      rmdirSync(this.dir);
+    } catch {
+      // ENOTEMPTY: records for the next run; ENOENT: already gone
+    }
   }
 
   /** Every record left by an earlier process; unreadable ones are returned as errors and removed. */

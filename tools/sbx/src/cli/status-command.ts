@@ -94,6 +94,8 @@ export async function main(argv: string[]): Promise<number> {
         runningRamMb: limits.runningRamMb,
         slotsReady: slots.readyNew + slots.readyReused,
         slotsInUse: slots.inUse,
+        vmmPoolWaiting: limits.vmmPoolWaiting,
+        vmmPoolSize: limits.vmmPoolSize,
         slotReservation: slots.reservation,
         cachedBuilds: builds.builds.length,
         cacheMiB: Math.round(cacheBytes / 2 ** 20),

@@ -44,6 +44,9 @@ export interface AdmissionStatus {
   /** What the running sandboxes really have (their builds' values). */
   runningVcpus: number;
   runningRamMb: number;
+  /** VMMs started ahead and waiting for a create, each holding a network slot, and the pool's size. */
+  vmmPoolWaiting: number;
+  vmmPoolSize: number;
 }
 
 function createBaseAdmissionStatusRequest(): AdmissionStatusRequest {
@@ -108,6 +111,8 @@ function createBaseAdmissionStatus(): AdmissionStatus {
     maxSandboxes: 0,
     runningVcpus: 0,
     runningRamMb: 0,
+    vmmPoolWaiting: 0,
+    vmmPoolSize: 0,
   };
 }
 
@@ -136,6 +141,12 @@ export const AdmissionStatus: MessageFns<AdmissionStatus> = {
     }
     if (message.runningRamMb !== 0) {
       writer.uint32(64).uint64(message.runningRamMb);
+    }
+    if (message.vmmPoolWaiting !== 0) {
+      writer.uint32(72).uint32(message.vmmPoolWaiting);
+    }
+    if (message.vmmPoolSize !== 0) {
+      writer.uint32(80).uint32(message.vmmPoolSize);
     }
     return writer;
   },
@@ -217,6 +228,22 @@ export const AdmissionStatus: MessageFns<AdmissionStatus> = {
             message.runningRamMb = longToNumber(reader.uint64());
             continue;
           }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.vmmPoolWaiting = reader.uint32();
+            continue;
+          }
+          case 10: {
+            if (tag !== 80) {
+              break;
+            }
+
+            message.vmmPoolSize = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -263,6 +290,16 @@ export const AdmissionStatus: MessageFns<AdmissionStatus> = {
         : isSet(object.running_ram_mb)
         ? globalThis.Number(object.running_ram_mb)
         : 0,
+      vmmPoolWaiting: isSet(object.vmmPoolWaiting)
+        ? globalThis.Number(object.vmmPoolWaiting)
+        : isSet(object.vmm_pool_waiting)
+        ? globalThis.Number(object.vmm_pool_waiting)
+        : 0,
+      vmmPoolSize: isSet(object.vmmPoolSize)
+        ? globalThis.Number(object.vmmPoolSize)
+        : isSet(object.vmm_pool_size)
+        ? globalThis.Number(object.vmm_pool_size)
+        : 0,
     };
   },
 
@@ -292,6 +329,12 @@ export const AdmissionStatus: MessageFns<AdmissionStatus> = {
     if (message.runningRamMb !== 0) {
       obj.runningRamMb = Math.round(message.runningRamMb);
     }
+    if (message.vmmPoolWaiting !== 0) {
+      obj.vmmPoolWaiting = Math.round(message.vmmPoolWaiting);
+    }
+    if (message.vmmPoolSize !== 0) {
+      obj.vmmPoolSize = Math.round(message.vmmPoolSize);
+    }
     return obj;
   },
 
@@ -308,6 +351,8 @@ export const AdmissionStatus: MessageFns<AdmissionStatus> = {
     message.maxSandboxes = object.maxSandboxes ?? 0;
     message.runningVcpus = object.runningVcpus ?? 0;
     message.runningRamMb = object.runningRamMb ?? 0;
+    message.vmmPoolWaiting = object.vmmPoolWaiting ?? 0;
+    message.vmmPoolSize = object.vmmPoolSize ?? 0;
     return message;
   },
 };
