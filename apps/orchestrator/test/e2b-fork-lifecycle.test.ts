@@ -1,8 +1,8 @@
 import { randomBytes } from 'node:crypto';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { unary } from '#grpc';
-import type { SandboxConfig } from '#proto/orchestrator';
 import { missingPieces, NodeUnderTest } from './node-under-test.js';
+import { sandboxConfig } from './node-driver.js';
 
 /*
  * The end-to-end lifecycle with the VMM double in E2B's Firecracker-fork mode (uffd
@@ -29,34 +29,15 @@ afterAll(async () => {
   delete process.env['SBX_VMM_SIM_E2B_FORK_WRITE_PROTECT'];
 }, 120_000);
 
-function sandboxConfig(id: string, buildId = ''): SandboxConfig {
-  return {
-    templateId: 'base',
-    buildId,
-    kernelVersion: 'vmlinux-6.1',
-    firecrackerVersion: 'v1.10',
-    hugePages: false,
-    sandboxId: id,
-    envVars: {},
-    metadata: {},
-    envdVersion: '0.2.0',
-    vcpu: 1,
-    ramMb: 0,
-    teamId: 'team-e2e',
-    maxSandboxLength: 1,
-    totalDiskSizeMb: 0,
-    snapshot: buildId !== '',
-    baseTemplateId: 'base',
-    executionId: '',
-    volumeMounts: [],
-  };
-}
-
 async function create(id: string, buildId = ''): Promise<string> {
   await unary(
     node.client,
     node.client.create,
-    { sandbox: sandboxConfig(id, buildId), startTime: new Date(), endTime: new Date(Date.now() + 3_600_000) },
+    {
+      sandbox: sandboxConfig(id, { buildId, snapshot: buildId !== '' }),
+      startTime: new Date(),
+      endTime: new Date(Date.now() + 3_600_000),
+    },
     120_000,
   );
   const record = (await node.footprint())['dns']!.find((r) => r.startsWith(`${id}=`));

@@ -6,6 +6,7 @@ import { eventually } from '#test-kit';
 import { FakeGcsServer } from '../../../libs/test-peers/src/fake-gcs-server.js';
 import { GcsFaultProxy, type LoggedRequest } from '../../../libs/storage/test/gcs-fault-proxy.js';
 import { missingPieces, NodeUnderTest } from './node-under-test.js';
+import { sandboxConfig } from './node-driver.js';
 
 /*
  * DESIGN §3 Pause step 5: a resume on this node of a build paused a moment ago must not wait
@@ -43,32 +44,8 @@ afterAll(async () => {
   await fakeGcs?.stop();
 }, 120_000);
 
-function config(id: string, extra: Partial<SandboxConfig> = {}): SandboxConfig {
-  return {
-    templateId: 'base',
-    buildId: '',
-    kernelVersion: 'vmlinux-6.1',
-    firecrackerVersion: 'v1.10',
-    hugePages: false,
-    sandboxId: id,
-    envVars: {},
-    metadata: {},
-    envdVersion: '0.2.0',
-    vcpu: 1,
-    ramMb: 0,
-    teamId: 'team-e2e',
-    maxSandboxLength: 1,
-    totalDiskSizeMb: 0,
-    snapshot: false,
-    baseTemplateId: 'base',
-    executionId: '',
-    volumeMounts: [],
-    ...extra,
-  };
-}
-
 async function create(id: string, extra: Partial<SandboxConfig> = {}): Promise<string> {
-  const sandbox = config(id, extra);
+  const sandbox = sandboxConfig(id, extra);
   await unary(
     node.client,
     node.client.create,

@@ -11,13 +11,14 @@ import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { dial, unary } from '#grpc';
 import { eventually } from '#test-kit';
-import { SandboxConfig } from '#proto/orchestrator';
+import type { SandboxConfig } from '#proto/orchestrator';
 import { DnsClient } from '#proto/sbx/dns';
 import { ConsulAgent } from '../../../libs/test-peers/src/consul-agent.js';
 import { FakeGcsServer } from '../../../libs/test-peers/src/fake-gcs-server.js';
 import { MachineNamespace } from '../../../libs/test-peers/src/machine-namespace.js';
 import { peerBinary } from '../../../libs/test-peers/src/peer-binary.js';
 import { missingPieces, NodeUnderTest } from './node-under-test.js';
+import { sandboxConfig } from './node-driver.js';
 
 const execFileAsync = promisify(execFile);
 const missing = missingPieces();
@@ -61,35 +62,11 @@ function startNode(tag: 'a' | 'b', firstSlot: number, dnsListen: string): Promis
   });
 }
 
-function config(id: string, extra: Partial<SandboxConfig> = {}): SandboxConfig {
-  return SandboxConfig.fromPartial({
-    templateId: 'base',
-    buildId: '',
-    kernelVersion: 'vmlinux-6.1',
-    firecrackerVersion: 'v1.10',
-    hugePages: false,
-    sandboxId: id,
-    envVars: {},
-    metadata: {},
-    envdVersion: '0.2.0',
-    vcpu: 1,
-    ramMb: 0,
-    teamId: 'team-two-nodes',
-    maxSandboxLength: 1,
-    totalDiskSizeMb: 0,
-    snapshot: false,
-    baseTemplateId: 'base',
-    executionId: '',
-    volumeMounts: [],
-    ...extra,
-  });
-}
-
 async function create(node: NodeUnderTest, id: string, extra: Partial<SandboxConfig> = {}): Promise<string> {
   await unary(
     node.client,
     node.client.create,
-    { sandbox: config(id, extra), startTime: new Date(), endTime: new Date(Date.now() + 3_600_000) },
+    { sandbox: sandboxConfig(id, extra), startTime: new Date(), endTime: new Date(Date.now() + 3_600_000) },
     120_000,
   );
   const dns = dial(DnsClient, node.sockets.dns);

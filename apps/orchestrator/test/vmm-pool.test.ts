@@ -3,9 +3,10 @@ import { readdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { unary } from '#grpc';
-import { SandboxConfig } from '#proto/orchestrator';
+import type { SandboxConfig } from '#proto/orchestrator';
 import { eventually } from '#test-kit';
 import { missingPieces, NodeUnderTest } from './node-under-test.js';
+import { sandboxConfig } from './node-driver.js';
 
 /*
  * The VMM pool (vmm-pool.ts) on a whole node: dns, net-agent, block-server, uffd-server, the
@@ -27,28 +28,6 @@ beforeAll(async () => {
 afterAll(async () => {
   await node?.stop();
 }, 120_000);
-
-function sandboxConfig(id: string, extra: Partial<SandboxConfig> = {}): SandboxConfig {
-  return SandboxConfig.fromPartial({
-    templateId: 'base',
-    buildId: '',
-    kernelVersion: 'vmlinux-6.1',
-    firecrackerVersion: 'v1.10',
-    hugePages: false,
-    sandboxId: id,
-    envVars: {},
-    metadata: {},
-    envdVersion: '0.2.0',
-    vcpu: 1,
-    ramMb: 0, // the build's
-    teamId: 'team-pool',
-    maxSandboxLength: 1,
-    totalDiskSizeMb: 0,
-    snapshot: false,
-    baseTemplateId: 'base',
-    ...extra,
-  });
-}
 
 async function create(id: string, extra: Partial<SandboxConfig> = {}): Promise<string> {
   await unary(
