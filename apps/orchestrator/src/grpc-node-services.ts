@@ -124,22 +124,9 @@ export class GrpcNodeServices implements NodeServices {
         const c = uffds.of(sandboxId);
         await unary(c, c.stopSourcing, { sandboxId }, timeoutMs);
       },
-      exportDiff: (
-        sandboxId,
-        newBuildId,
-        diffPath,
-        memfilePath,
-        vmmDirtyLog,
-        keepServing = false,
-        dedup = false,
-      ): Promise<UffdExportDiffResponse> => {
-        const c = uffds.of(sandboxId);
-        return unary(
-          c,
-          c.exportDiff,
-          { sandboxId, newBuildId, diffPath, memfilePath, vmmDirtyLog, keepServing, dedup },
-          long,
-        );
+      exportDiff: (request): Promise<UffdExportDiffResponse> => {
+        const c = uffds.of(request.sandboxId);
+        return unary(c, c.exportDiff, { keepServing: false, dedup: false, ...request }, long);
       },
       stop: async (sandboxId) => {
         const c = uffds.of(sandboxId);

@@ -9,6 +9,20 @@ import type { UffdExportDiffResponse, UffdPrepareResponse } from '#proto/sbx/uff
  */
 
 /** net-agent: network slots. */
+/** What an ExportDiff of one sandbox's memory writes and from where. */
+export interface MemoryDiffExport {
+  sandboxId: string;
+  newBuildId: string;
+  diffPath: string;
+  memfilePath: string;
+  /** memfilePath is Firecracker's Diff snapshot: its pages are the written ones (KVM's dirty log). */
+  vmmDirtyLog: boolean;
+  /** A checkpoint's export: no StopSourcing before it, the sandbox is served on. */
+  keepServing?: boolean;
+  /** Leave pages equal to the served build's to it (only when that build is the new one's parent). */
+  dedup?: boolean;
+}
+
 export interface SlotProvider {
   /** egress: the sandbox's policy, in force before the slot is handed out. */
   acquire(sandboxId: string, egress?: NetEgressPolicy): Promise<NetSlot>;
@@ -38,18 +52,7 @@ export interface MemoryServing {
 export interface MemoryProvider {
   prepare(sandboxId: string, socketPath: string, buildId: string): Promise<UffdPrepareResponse>;
   stopSourcing(sandboxId: string): Promise<void>;
-  exportDiff(
-    sandboxId: string,
-    newBuildId: string,
-    diffPath: string,
-    memfilePath: string,
-    /** memfilePath is Firecracker's Diff snapshot: its pages are the written ones (KVM's dirty log). */
-    vmmDirtyLog: boolean,
-    /** A checkpoint's export: no StopSourcing before it, the sandbox is served on. */
-    keepServing?: boolean,
-    /** Leave pages equal to the served build's to it (only when that build is the new one's parent). */
-    dedup?: boolean,
-  ): Promise<UffdExportDiffResponse>;
+  exportDiff(request: MemoryDiffExport): Promise<UffdExportDiffResponse>;
   stop(sandboxId: string): Promise<void>;
   list(): Promise<MemoryServing[]>;
   /** How written pages are known: 'wp-async' / 'wp-sync' (exactly) or 'present' (every page served). */

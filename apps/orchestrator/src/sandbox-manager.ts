@@ -446,19 +446,22 @@ export class SandboxManager {
       // While paused: the overlay must not change under the export.
       const disk = await devices.export(id, newBuildId, join(staging, 'rootfs.ext4'), true);
       mark(step);
+      const memoryDiffPath = join(staging, 'memfile');
+      const exportMemory = () =>
+        memory.exportDiff({
+          sandboxId: id,
+          newBuildId,
+          diffPath: memoryDiffPath,
+          memfilePath: snapshotMemfile,
+          vmmDirtyLog,
+          keepServing: true,
+          dedup: this.dedupAgainst(sbx),
+        });
       let mem: Awaited<ReturnType<typeof memory.exportDiff>> | undefined;
       if (tracking.startsWith('wp')) {
         // Firecracker shared a memfd: the export reads live memory, so it too runs while paused.
         step = 'export memory diff';
-        mem = await memory.exportDiff(
-          id,
-          newBuildId,
-          join(staging, 'memfile'),
-          snapshotMemfile,
-          vmmDirtyLog,
-          true,
-          this.dedupAgainst(sbx),
-        );
+        mem = await exportMemory();
         mark(step);
       }
       step = 'resume vm';
@@ -468,38 +471,21 @@ export class SandboxManager {
       mark(step);
       if (!mem) {
         step = 'export memory diff';
-        mem = await memory.exportDiff(
-          id,
-          newBuildId,
-          join(staging, 'memfile'),
-          snapshotMemfile,
-          vmmDirtyLog,
-          true,
-          this.dedupAgainst(sbx),
-        );
+        mem = await exportMemory();
         mark(step);
       }
       await rm(snapshotMemfile, { force: true });
-      step = 'write headers';
-      let memHeader = nextHeader(sbx.build.memfileHeader, newBuildId, mem.mappings);
-      let rootHeader = nextHeader(sbx.build.rootfsHeader, newBuildId, disk.mappings);
-      if (
-        layerCount(memHeader) > this.o.settings.generationCap ||
-        layerCount(rootHeader) > this.o.settings.generationCap
-      ) {
-        memHeader = await compactLayers(memHeader, staging, 'memfile', this.o.builds);
-        rootHeader = await compactLayers(rootHeader, staging, 'rootfs.ext4', this.o.builds);
-      }
-      mark(step);
-      step = 'register build';
-      await this.o.builds.commitBuild(newBuildId, { memfile: memHeader, 'rootfs.ext4': rootHeader });
+      const build = await this.commitSnapshot(
+        sbx.build,
+        newBuildId,
+        staging,
+        { memory: mem.mappings, rootfs: disk.mappings },
+        {
+          begin: (s) => (step = s),
+          end: mark,
+        },
+      );
       staging = undefined;
-      const build: SnapshotBuild = {
-        buildId: newBuildId,
-        snapfilePath: join(this.o.builds.localDir(newBuildId), 'snapfile'),
-        memfileHeader: memHeader,
-        rootfsHeader: rootHeader,
-      };
       // The next pause or checkpoint is a diff over this build.
       sbx.build = build;
       await this.o.records.states.save(sbx.toState());
@@ -511,7 +497,7 @@ export class SandboxManager {
       this.lastCheckpointTimings = { ...timings, guestPaused: guestPausedMs };
       await this.o.records.events.event('checkpointed', id, {
         buildId: newBuildId,
-        generation: String(memHeader.metadata.generation),
+        generation: String(build.memfileHeader.metadata.generation),
       });
       sbx.log.info(
         {
@@ -558,6 +544,42 @@ export class SandboxManager {
       runningRamMb: running.reduce((n, s) => n + s.config.ramMb, 0),
       vmmPoolWaiting: this.o.node.vmmPool?.waiting ?? 0,
       vmmPoolSize: this.o.node.vmmPool?.enabled ? this.o.node.vmmPool.size : 0,
+    };
+  }
+
+  /**
+   * Steps 5–6 of Pause (and of Checkpoint): both diffs merged over the parent's headers, the
+   * layers compacted past the generation cap, the staged build committed in place in
+   * {cacheDir}/builds, where every service of the node reads it from now on.
+   */
+  private async commitSnapshot(
+    parent: SnapshotBuild,
+    newBuildId: string,
+    staging: string,
+    diffs: { memory: WireMapping[]; rootfs: WireMapping[] },
+    steps: { begin: (step: string) => void; end: (step: string) => void },
+  ): Promise<SnapshotBuild> {
+    steps.begin('write headers');
+    let memHeader = nextHeader(parent.memfileHeader, newBuildId, diffs.memory);
+    let rootHeader = nextHeader(parent.rootfsHeader, newBuildId, diffs.rootfs);
+    steps.end('write headers');
+    if (
+      layerCount(memHeader) > this.o.settings.generationCap ||
+      layerCount(rootHeader) > this.o.settings.generationCap
+    ) {
+      steps.begin('compact layers');
+      memHeader = await compactLayers(memHeader, staging, 'memfile', this.o.builds);
+      rootHeader = await compactLayers(rootHeader, staging, 'rootfs.ext4', this.o.builds);
+      steps.end('compact layers');
+    }
+    steps.begin('register build');
+    await this.o.builds.commitBuild(newBuildId, { memfile: memHeader, 'rootfs.ext4': rootHeader });
+    steps.end('register build');
+    return {
+      buildId: newBuildId,
+      snapfilePath: join(this.o.builds.localDir(newBuildId), 'snapfile'),
+      memfileHeader: memHeader,
+      rootfsHeader: rootHeader,
     };
   }
 
@@ -657,15 +679,14 @@ export class SandboxManager {
       });
       mark(step);
       step = 'export memory diff';
-      const mem = await memory.exportDiff(
-        id,
+      const mem = await memory.exportDiff({
+        sandboxId: id,
         newBuildId,
-        join(staging, 'memfile'),
-        fullMemfile,
+        diffPath: join(staging, 'memfile'),
+        memfilePath: fullMemfile,
         vmmDirtyLog,
-        false,
-        this.dedupAgainst(sbx),
-      );
+        dedup: this.dedupAgainst(sbx),
+      });
       await rm(fullMemfile, { force: true });
       mark(step);
       step = 'stop vmm';
@@ -674,31 +695,17 @@ export class SandboxManager {
       step = 'export rootfs diff';
       const disk = await devices.export(id, newBuildId, join(staging, 'rootfs.ext4'));
       mark(step);
-      step = 'write headers';
-      const parent = sbx.build;
-      let memHeader = nextHeader(parent.memfileHeader, newBuildId, mem.mappings);
-      let rootHeader = nextHeader(parent.rootfsHeader, newBuildId, disk.mappings);
-      mark(step);
-      if (
-        layerCount(memHeader) > this.o.settings.generationCap ||
-        layerCount(rootHeader) > this.o.settings.generationCap
-      ) {
-        step = 'compact layers';
-        memHeader = await compactLayers(memHeader, staging, 'memfile', this.o.builds);
-        rootHeader = await compactLayers(rootHeader, staging, 'rootfs.ext4', this.o.builds);
-        mark(step);
-      }
-      step = 'register build';
-      // In place in {cacheDir}/builds: readable by every service of the node from now on.
-      await this.o.builds.commitBuild(newBuildId, { memfile: memHeader, 'rootfs.ext4': rootHeader });
+      const build = await this.commitSnapshot(
+        sbx.build,
+        newBuildId,
+        staging,
+        { memory: mem.mappings, rootfs: disk.mappings },
+        {
+          begin: (s) => (step = s),
+          end: mark,
+        },
+      );
       staging = undefined;
-      const build: SnapshotBuild = {
-        buildId: newBuildId,
-        snapfilePath: join(this.o.builds.localDir(newBuildId), 'snapfile'),
-        memfileHeader: memHeader,
-        rootfsHeader: rootHeader,
-      };
-      mark(step);
       step = 'release resources';
       const failures = await sbx.teardown.unwind();
       this.sandboxes.delete(id);
@@ -710,12 +717,12 @@ export class SandboxManager {
       await this.o.records.events.event('paused', id, {
         buildId: newBuildId,
         templateId,
-        generation: String(memHeader.metadata.generation),
+        generation: String(build.memfileHeader.metadata.generation),
       });
       sbx.log.info(
         {
           buildId: newBuildId,
-          generation: memHeader.metadata.generation,
+          generation: build.memfileHeader.metadata.generation,
           snapshotType,
           memoryDiff: {
             tracking: mem.tracking,

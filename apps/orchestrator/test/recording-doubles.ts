@@ -9,7 +9,7 @@ import { UffdExportDiffResponse, UffdPrepareResponse } from '#proto/sbx/uffd';
 import type { EnvdClient } from '../src/envd-client.js';
 import type { FirecrackerApi } from '../src/firecracker-api.js';
 import type { CatalogueEntry, LifecycleEvents, LifecycleEventType } from '../src/lifecycle-events.js';
-import type { NodeServices } from '../src/node-services.js';
+import type { MemoryDiffExport, NodeServices } from '../src/node-services.js';
 import { EnvdInitTimeout, VmmApiError, VmmExited } from '../src/orchestrator-errors.js';
 import { SandboxManager } from '../src/sandbox-manager.js';
 import { SandboxStateStore } from '../src/sandbox-state-store.js';
@@ -125,7 +125,7 @@ export class RecordingNode implements NodeServices {
     },
     stopSourcing: async () => {},
     tracking: async () => 'present',
-    exportDiff: async (_id: string, newBuildId: string, diffPath: string): Promise<UffdExportDiffResponse> => {
+    exportDiff: async ({ newBuildId, diffPath }: MemoryDiffExport): Promise<UffdExportDiffResponse> => {
       this.check('exportDiff');
       // Each pause dirties page `exportPage` (with its own byte) and page 0.
       const page = (this.exportPage % (MEM_PAGES - 1)) + 1;
