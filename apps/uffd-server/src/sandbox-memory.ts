@@ -44,6 +44,20 @@ export interface SandboxMemoryOptions {
   adopted?: ReceivedHandshake;
 }
 
+/** One ExportDiff: where the diff goes, where the pages come from, and how it is taken. */
+export interface DiffExportRequest {
+  buildId: string;
+  diffPath: string;
+  /** The memory file the VMM wrote (none when a memfd is shared). */
+  memfilePath?: string | undefined;
+  /** memfilePath is the VMM's Diff snapshot taken with dirty tracking: its pages are the written ones. */
+  vmmDirtyLog?: boolean;
+  /** A checkpoint's export: the sandbox is served on, no StopSourcing before it. */
+  keepServing?: boolean;
+  /** Leave pages equal to the served build's to it. */
+  dedup?: boolean;
+}
+
 export interface ExportResult {
   mappings: BuildMapping[];
   diffSize: number;
@@ -460,14 +474,14 @@ export class SandboxMemory {
    * written since load (KVM's dirty log), and they replace what this server tracked (which,
    * without write-protect, is every page present). Pages the peer gave back are added either way.
    */
-  async exportDiff(
-    buildId: string,
-    diffPath: string,
-    memfilePath: string | undefined,
+  async exportDiff({
+    buildId,
+    diffPath,
+    memfilePath,
     vmmDirtyLog = false,
     keepServing = false,
     dedup = false,
-  ): Promise<ExportResult> {
+  }: DiffExportRequest): Promise<ExportResult> {
     const hs = this.requireHandshake('export');
     if (keepServing && this.stateValue !== 'serving')
       throw new InvalidState(this.sandboxId, this.stateValue, 'a checkpoint export needs a sandbox being served');

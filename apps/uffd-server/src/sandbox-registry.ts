@@ -3,7 +3,7 @@ import { sandboxLogger, type Logger } from '#logging';
 import { fdNumberIn, pidfdGetfd, pidfdOpen, close } from '#native';
 import { PAGE_2M, PAGE_4K } from '#uffd';
 import type { BuildStore } from '#storage';
-import { SandboxMemory, type ExportResult, type SandboxStats } from './sandbox-memory.js';
+import { SandboxMemory, type DiffExportRequest, type ExportResult, type SandboxStats } from './sandbox-memory.js';
 import { SourceView } from './source-view.js';
 import type { ReceivedHandshake } from './handshake-listener.js';
 import { processStartTime, type SandboxRecord, type SandboxRecords } from './sandbox-record.js';
@@ -277,20 +277,13 @@ export class SandboxRegistry {
     return this.get(sandboxId).stopSourcing();
   }
 
-  exportDiff(
-    sandboxId: string,
-    buildId: string,
-    diffPath: string,
-    memfilePath: string | undefined,
-    vmmDirtyLog = false,
-    keepServing = false,
-    dedup = false,
-  ): Promise<ExportResult> {
+  exportDiff(sandboxId: string, request: DiffExportRequest): Promise<ExportResult> {
+    const { diffPath, memfilePath, vmmDirtyLog } = request;
     if (!isAbsolute(diffPath)) throw new RequestInvalid('diff_path', 'must be absolute');
     if (memfilePath && !isAbsolute(memfilePath)) throw new RequestInvalid('memfile_path', 'must be absolute');
     if (vmmDirtyLog && !memfilePath)
       throw new RequestInvalid('memfile_path', "required with vmm_dirty_log (the VMM's Diff snapshot)");
-    return this.get(sandboxId).exportDiff(buildId, diffPath, memfilePath, vmmDirtyLog, keepServing, dedup);
+    return this.get(sandboxId).exportDiff(request);
   }
 
   async stop(sandboxId: string): Promise<void> {

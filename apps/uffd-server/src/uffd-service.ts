@@ -54,15 +54,14 @@ export function uffdServiceImplementation(registry: SandboxRegistry, logger: Log
       pagesPresent: registry.stopSourcing(req.sandboxId),
     })),
     exportDiff: handle('export diff', async (req): Promise<UffdExportDiffResponse> => {
-      const r = await registry.exportDiff(
-        req.sandboxId,
-        req.newBuildId,
-        req.diffPath,
-        req.memfilePath || undefined,
-        req.vmmDirtyLog,
-        req.keepServing,
-        req.dedup,
-      );
+      const r = await registry.exportDiff(req.sandboxId, {
+        buildId: req.newBuildId,
+        diffPath: req.diffPath,
+        memfilePath: req.memfilePath || undefined,
+        vmmDirtyLog: req.vmmDirtyLog,
+        keepServing: req.keepServing,
+        dedup: req.dedup,
+      });
       return {
         mappings: r.mappings,
         diffSize: r.diffSize,
