@@ -4,7 +4,7 @@ import type { Logger } from '#logging';
 import { startMetricsServer } from '#metrics';
 import { startOrRollback, stopWith, TeardownStack, type RunningService } from '#service-kit';
 import { BlockServerService } from '#proto/sbx/block';
-import { BuildStore, openBackend } from '#storage';
+import { BuildStore, openConfiguredBackend } from '#storage';
 import { BlockMetrics } from './block-metrics.js';
 import { blockServerImplementation } from './control-service.js';
 import { DeviceManager } from './device-manager.js';
@@ -23,7 +23,7 @@ export function startBlockServer(config: ServiceConfig, logger: Logger): Promise
       // Local builds ({cacheDir}/builds, a pause on this node) first, then the bucket.
       builds: new BuildStore({
         ...(config.bucket
-          ? { backend: openBackend(config.bucket, config.gcsEndpoint ? { apiEndpoint: config.gcsEndpoint } : {}) }
+          ? { backend: openConfiguredBackend({ bucket: config.bucket, gcsEndpoint: config.gcsEndpoint }) }
           : {}),
         cacheDir: config.cacheDir ?? join(config.dataDir, 'cache'),
         owner: 'block-server',

@@ -1,4 +1,5 @@
 import { z } from 'zod';
+import { gcsEndpointField } from '#storage';
 
 /** How local files are read; shared with the standalone mode. */
 export const readMode = z
@@ -23,12 +24,7 @@ export const serviceConfigSchema = z.object({
     .optional()
     .describe('builds: a local directory or gs://bucket')
     .meta({ aliases: ['SBX_BUCKET'] }),
-  gcsEndpoint: z
-    .string()
-    .url()
-    .optional()
-    .describe("a GCS JSON API endpoint other than Google's (fake-gcs-server, a gateway), unauthenticated")
-    .meta({ aliases: ['SBX_GCS_ENDPOINT'] }),
+  gcsEndpoint: gcsEndpointField,
   cacheDir: z
     .string()
     .min(1)

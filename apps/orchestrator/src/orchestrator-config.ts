@@ -1,5 +1,6 @@
 import { hostname } from 'node:os';
 import { z } from 'zod';
+import { gcsEndpointField } from '#storage';
 import { loadConfig } from '#config';
 
 const int = (min: number, max: number) => z.coerce.number().int().min(min).max(max);
@@ -20,15 +21,7 @@ export const orchestratorConfigSchema = z
       .default('/var/lib/sbx/bucket')
       .describe('a local directory or gs://bucket (shared SBX_BUCKET)')
       .meta({ aliases: ['SBX_BUCKET'] }),
-    /**
-     * Another GCS JSON API endpoint than Google's for a gs:// bucket (fake-gcs-server, a private
-     * gateway), e.g. http://127.0.0.1:4443; requests to it are not authenticated (shared SBX_GCS_ENDPOINT).
-     */
-    gcsEndpoint: z
-      .string()
-      .url()
-      .optional()
-      .meta({ aliases: ['SBX_GCS_ENDPOINT'] }),
+    gcsEndpoint: gcsEndpointField,
     cacheDir: z
       .string()
       .min(1)

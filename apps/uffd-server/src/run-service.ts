@@ -3,7 +3,7 @@ import type { Logger } from '#logging';
 import { createRegistry, startMetricsServer } from '#metrics';
 import { UffdServerService } from '#proto/sbx/uffd';
 import { startOrRollback, stopWith, TeardownStack, type RunningService } from '#service-kit';
-import { BuildStore, openBackend } from '#storage';
+import { BuildStore, openConfiguredBackend } from '#storage';
 import { SandboxRegistry } from './sandbox-registry.js';
 import { SandboxRecords } from './sandbox-record.js';
 import type { UffdServerConfig } from './uffd-server-config.js';
@@ -17,7 +17,7 @@ export function startUffdServer(config: UffdServerConfig, logger: Logger): Promi
     // bucket goes through chunk caches, the one layer that retries a fetch while a fault waits.
     const store = new BuildStore({
       ...(config.bucket
-        ? { backend: openBackend(config.bucket, config.gcsEndpoint ? { apiEndpoint: config.gcsEndpoint } : {}) }
+        ? { backend: openConfiguredBackend({ bucket: config.bucket, gcsEndpoint: config.gcsEndpoint }) }
         : {}),
       cacheDir: config.cacheDir,
       owner: 'uffd-server',

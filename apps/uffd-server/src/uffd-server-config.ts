@@ -1,4 +1,5 @@
 import { z } from 'zod';
+import { gcsEndpointField } from '#storage';
 
 const int = (min: number, max = Number.MAX_SAFE_INTEGER) => z.coerce.number().int().min(min).max(max);
 const flag = (value: 'true' | 'false') =>
@@ -26,12 +27,7 @@ export const uffdServerConfigSchema = z.object({
     .default('')
     .describe('builds: a local directory or gs://bucket')
     .meta({ aliases: ['SBX_BUCKET'] }),
-  gcsEndpoint: z
-    .string()
-    .url()
-    .optional()
-    .describe("a GCS JSON API endpoint other than Google's (fake-gcs-server, a gateway), unauthenticated")
-    .meta({ aliases: ['SBX_GCS_ENDPOINT'] }),
+  gcsEndpoint: gcsEndpointField,
   cacheDir: z
     .string()
     .default('/var/lib/sbx/cache')

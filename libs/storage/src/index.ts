@@ -40,6 +40,7 @@ export { LocalBackend } from './local-backend.js';
 export { GcsBackend } from './gcs-backend.js';
 export type { GcsBackendOptions } from './gcs-backend.js';
 export { openBackend } from './open-backend.js';
+export { gcsEndpointField, openConfiguredBackend, type BucketSettings } from './bucket-config.js';
 export {
   buildObjectPath,
   headerFileName,
