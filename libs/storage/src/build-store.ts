@@ -7,6 +7,7 @@ import { backendSource, ChunkCache } from './chunk-cache.js';
 import { FileBlocks } from './file-blocks.js';
 import { baseHeader, decodeHeader, encodeHeader, type Header } from './header-codec.js';
 import { LayeredFile } from './layered-file.js';
+import { decodePrefetch, encodePrefetch, PREFETCH_FILE, type PrefetchSet } from './prefetch-codec.js';
 import { LocalBackend } from './local-backend.js';
 import {
   BUILD_DATA_FILES,
@@ -72,14 +73,16 @@ export interface CachedBuild {
 
 /**
  * The bucket order of a build's files (libs/storage/README.md, "On-disk contracts"): data
- * first, headers next, the snapfile last. The snapfile marks a complete build: readers resolve
- * it before anything else, so a header they then read never points at data not yet uploaded.
+ * first, headers next, then the optional recorded prefetch set, the snapfile last. The snapfile
+ * marks a complete build: readers resolve it before anything else, so a header (or prefetch
+ * set) they then read never points at data not yet uploaded.
  */
 export const UPLOAD_ORDER: readonly BuildFileName[] = [
   'memfile',
   'rootfs.ext4',
   'memfile.header',
   'rootfs.ext4.header',
+  'memfile.prefetch',
   'snapfile',
 ];
 
@@ -245,6 +248,43 @@ export class BuildStore {
         ...(this.o.fetchRetry !== undefined ? { retry: this.o.fetchRetry } : {}),
       });
     });
+  }
+
+  /**
+   * The build's recorded prefetch set (`memfile.prefetch`), or undefined for a build without
+   * one (it is optional: older builds, templates). Throws PrefetchInvalid for a corrupt or
+   * truncated file: callers warn and resume without it, never fail on it. Not cached: it is
+   * read once per resume and small (4 bytes per block).
+   */
+  async readPrefetch(buildId: string): Promise<PrefetchSet | undefined> {
+    this.open();
+    const id = normalizeBuildId(buildId);
+    const local = await this.localBuild(id);
+    let bytes: Buffer | undefined;
+    if (local !== undefined) {
+      bytes = await readFile(path.join(local.dir, PREFETCH_FILE)).catch((err: unknown) => {
+        if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+        throw err;
+      });
+    } else {
+      const backend = this.bucket(id, PREFETCH_FILE);
+      bytes = await backend.read(buildObjectPath(id, PREFETCH_FILE)).catch((err: unknown) => {
+        if (err instanceof ObjectNotFound) return undefined;
+        throw err;
+      });
+    }
+    return bytes === undefined ? undefined : decodePrefetch(bytes);
+  }
+
+  /**
+   * Writes a prefetch set at `filePath` (a staged build's `memfile.prefetch`: the uffd-server
+   * writes it where the orchestrator says, like the memory diff), through a temporary file and
+   * a rename so a reader never sees half of it.
+   */
+  static async writePrefetch(filePath: string, set: PrefetchSet): Promise<void> {
+    const tmp = `${filePath}.tmp`;
+    await writeFile(tmp, encodePrefetch(set));
+    await rename(tmp, filePath);
   }
 
   /** Local path of a build's snapfile (from the bucket: downloaded into the cache once). */

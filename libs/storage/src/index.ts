@@ -8,6 +8,7 @@ export {
   StorageUnavailable,
   UploadFailed,
   StorageClosed,
+  PrefetchInvalid,
 } from './storage-errors.js';
 export type { HeaderProblemLocation } from './storage-errors.js';
 export { DirtyBitmap } from './dirty-bitmap.js';
@@ -32,6 +33,16 @@ export {
   HEADER_MAX_VERSION,
 } from './header-codec.js';
 export type { Header, HeaderMetadata, EncodeOptions } from './header-codec.js';
+export {
+  encodePrefetch,
+  decodePrefetch,
+  validatePrefetch,
+  PREFETCH_FILE,
+  PREFETCH_VERSION,
+  PREFETCH_HEADER_BYTES,
+  PREFETCH_ENTRY_BYTES,
+} from './prefetch-codec.js';
+export type { PrefetchSet } from './prefetch-codec.js';
 export { LayeredFile } from './layered-file.js';
 export type { BuildResolver, ReadSpan, MappedSpan, LayeredFileOptions } from './layered-file.js';
 export { MemoryBlocks } from './memory-blocks.js';

@@ -2,7 +2,8 @@ import { normalizeBuildId } from './build-id.js';
 
 /** A build's data files (DESIGN.md §2), with E2B's names. */
 export type BuildDataFile = 'memfile' | 'rootfs.ext4';
-export type BuildFileName = BuildDataFile | 'memfile.header' | 'rootfs.ext4.header' | 'snapfile';
+/** `memfile.prefetch` is optional: the recorded prefetch set (prefetch-codec.ts); older builds have none. */
+export type BuildFileName = BuildDataFile | 'memfile.header' | 'rootfs.ext4.header' | 'memfile.prefetch' | 'snapfile';
 
 export const BUILD_DATA_FILES: readonly BuildDataFile[] = ['memfile', 'rootfs.ext4'];
 export const BUILD_FILE_NAMES: readonly BuildFileName[] = [
@@ -10,6 +11,7 @@ export const BUILD_FILE_NAMES: readonly BuildFileName[] = [
   'memfile.header',
   'rootfs.ext4',
   'rootfs.ext4.header',
+  'memfile.prefetch',
   'snapfile',
 ];
 export const HEADER_SUFFIX = '.header';

@@ -103,3 +103,15 @@ export class StorageClosed extends Error {
     this.name = 'StorageClosed';
   }
 }
+
+/** A recorded prefetch set (`memfile.prefetch`) that must not be used; a resume goes on without it. */
+export class PrefetchInvalid extends Error {
+  readonly code = 'PREFETCH_INVALID';
+  constructor(
+    readonly problem: string,
+    readonly entryIndex?: number,
+  ) {
+    super(`prefetch set invalid: ${problem}`);
+    this.name = 'PrefetchInvalid';
+  }
+}

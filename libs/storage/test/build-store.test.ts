@@ -10,7 +10,8 @@ import { encodeHeader, type Header } from '../src/header-codec.js';
 import { LocalBackend } from '../src/local-backend.js';
 import { baseMappings, createMappings, mergeMappings } from '../src/mappings.js';
 import type { StorageBackend, UploadOptions } from '../src/storage-backend.js';
-import { BuildNotFound, StorageUnavailable, UploadFailed } from '../src/storage-errors.js';
+import { BuildNotFound, PrefetchInvalid, StorageUnavailable, UploadFailed } from '../src/storage-errors.js';
+import { PREFETCH_FILE, type PrefetchSet } from '../src/prefetch-codec.js';
 import { FakeGcsServer } from '../../test-peers/src/fake-gcs-server.js';
 
 const BLOCK = 4096;
@@ -68,12 +69,18 @@ async function pauseLocally(store: BuildStore, parent: Header, dirty: number[], 
   });
   await writeFile(path.join(dir, 'rootfs.ext4'), Buffer.concat(pieces));
   await writeFile(path.join(dir, 'snapfile'), `snapfile of ${id}`);
+  await BuildStore.writePrefetch(path.join(dir, PREFETCH_FILE), prefetchOf(dirty));
   const header: Header = {
     metadata: { ...parent.metadata, generation: parent.metadata.generation + 1, buildId: id },
     mappings: mergeMappings(parent.mappings, createMappings(dirty, BLOCK, id)),
   };
   await store.commitBuild(id, { 'rootfs.ext4': header });
   return { id, header };
+}
+
+/** The recorded prefetch set a pause of `dirty` stores with its build (here: the dirty blocks backwards). */
+function prefetchOf(dirty: number[]): PrefetchSet {
+  return { blockSize: BLOCK, size: SIZE, blocks: [...dirty].reverse() };
 }
 
 async function readAll(store: BuildStore, id: string): Promise<Buffer> {
@@ -133,6 +140,7 @@ for (const kind of ['local directory', 'GCS (fake-gcs-server)'] as const) {
         .map((e) => (e as { file: string }).file);
       expect([...new Set(order)]).toEqual(UPLOAD_ORDER.filter((f) => f !== 'memfile' && f !== 'memfile.header'));
       expect(await backend.read(`${g2.id}/rootfs.ext4.header`)).toEqual(encodeHeader(g2.header));
+      expect(await reader.readPrefetch(g2.id)).toEqual(prefetchOf([2, 3, 63]));
       await reader.close();
       await writer.close();
 
@@ -142,10 +150,40 @@ for (const kind of ['local directory', 'GCS (fake-gcs-server)'] as const) {
       expect((await other.listCachedBuilds()).map((b) => b.buildId).sort()).toEqual([baseId, g1.id, g2.id].sort());
       expect((await readFile(await other.fetchSnapfile(g2.id))).toString()).toBe(`snapfile of ${g2.id}`);
       expect(await other.readHeader(g2.id, 'rootfs.ext4')).toEqual(g2.header);
+      // the recorded prefetch set travels with the build; a build without one has none
+      expect(await other.readPrefetch(g2.id)).toEqual(prefetchOf([2, 3, 63]));
+      expect(await other.readPrefetch(baseId)).toBeUndefined();
       const cacheDir = path.join(work, 'other', 'remote', 'block-server');
       expect((await readdir(cacheDir)).length).toBe(3);
       await other.close();
       expect(await readdir(cacheDir)).toEqual([]);
+    });
+
+    it('a corrupt or truncated prefetch set is PrefetchInvalid, locally and from the bucket; the build still reads', async () => {
+      const backend = await bucket();
+      const writer = makeStore(backend, 'node', 'orchestrator');
+      const baseId = newBuildId();
+      await writeFile(path.join(work, 'base.ext4'), bytes(SIZE, 5));
+      await backend.upload(`${baseId}/rootfs.ext4`, path.join(work, 'base.ext4'));
+      const flat = bytes(SIZE, 5);
+      const g1 = await pauseLocally(writer, await writer.readHeader(baseId, 'rootfs.ext4'), [4, 5], flat, 3);
+      const file = path.join(writer.localDir(g1.id), PREFETCH_FILE);
+      const good = await readFile(file);
+      await writeFile(file, good.subarray(0, good.length - 2));
+      await expect(writer.readPrefetch(g1.id)).rejects.toSatisfy(
+        (e) => e instanceof PrefetchInvalid && /truncated/.test(e.message),
+      );
+      const flipped = Buffer.from(good);
+      flipped[good.length - 1]! ^= 0x40;
+      await writeFile(file, flipped);
+      await writer.uploadBuild(g1.id);
+      const other = makeStore(backend, 'other', 'uffd-server');
+      await expect(other.readPrefetch(g1.id)).rejects.toSatisfy(
+        (e) => e instanceof PrefetchInvalid && /checksum/.test(e.message),
+      );
+      expect((await readAll(other, g1.id)).equals(flat)).toBe(true);
+      await other.close();
+      await writer.close();
     });
 
     it('says which build is missing', async () => {
