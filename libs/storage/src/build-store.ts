@@ -4,6 +4,7 @@ import { BuildCache, type BuildCacheOptions } from './build-cache.js';
 import { NIL_UUID, normalizeBuildId } from './build-id.js';
 import type { CachedFile } from './cached-file.js';
 import { backendSource, ChunkCache } from './chunk-cache.js';
+import type { FetchPolicy } from './fetch-policy.js';
 import { FileBlocks } from './file-blocks.js';
 import { baseHeader, decodeHeader, encodeHeader, type Header } from './header-codec.js';
 import { LayeredFile } from './layered-file.js';
@@ -31,8 +32,10 @@ export interface BuildStoreOptions {
   cache?: Omit<BuildCacheOptions, 'cacheDir'>;
   /** Block size of a plain base build that has no header. Default 4096 for both files. */
   baseBlockSize?: Partial<Record<BuildDataFile, number>>;
-  /** Chunk size of the data caches. Default 4 MiB. */
+  /** Chunk size of the data caches. Default CHUNK_SIZE. */
   chunkSize?: number;
+  /** Concurrency, coalescing and read-ahead of the data caches' fetches. Default DEFAULT_FETCH_POLICY. */
+  fetch?: FetchPolicy;
   /** Retries of transient failures when fetching chunks: the one place reads are retried. */
   fetchRetry?: RetryPolicy;
   /** Retries of transient failures per uploaded file. */
@@ -246,6 +249,7 @@ export class BuildStore {
         cachePath: path.join(dir, file),
         ...(this.o.chunkSize !== undefined ? { chunkSize: this.o.chunkSize } : {}),
         ...(this.o.fetchRetry !== undefined ? { retry: this.o.fetchRetry } : {}),
+        ...(this.o.fetch !== undefined ? { fetch: this.o.fetch } : {}),
       });
     });
   }

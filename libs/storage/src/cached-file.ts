@@ -16,4 +16,9 @@ export interface CachedFile extends ReadableBlocks {
   ensure(offset: number, length: number, onRetry?: RetryObserver): Promise<void>;
   /** Bytes the file takes on disk (allocated blocks, not its apparent size). */
   diskUsage(): Promise<number>;
+  /**
+   * Fetches ranges before anyone reads them (a recorded prefetch set), behind what readers wait
+   * for; absent on files that are complete. Failures are counted, not thrown.
+   */
+  prefetch?(ranges: ReadonlyArray<{ offset: number; length: number }>): Promise<{ chunks: number; failed: number }>;
 }

@@ -58,10 +58,9 @@ describe('ChunkCache', () => {
     const whole = Buffer.alloc(data.length);
     await cache.readAt(whole, 0);
     expect(whole.equals(data)).toBe(true);
-    expect(cache.fetchCount).toBe(3);
+    // every byte came once (adjacent chunks may have shared a request), the short tail included
+    expect(cache.stats.bytesFetched).toBe(data.length);
     expect([...cache.present]).toEqual([0, 1, 2]);
-    // the last chunk is short: only the object's tail was asked for
-    expect(source.calls.get(8 * MiB)).toBe(1);
     await cache.close();
   });
 

@@ -51,7 +51,16 @@ export { LocalBackend } from './local-backend.js';
 export { GcsBackend } from './gcs-backend.js';
 export type { GcsBackendOptions } from './gcs-backend.js';
 export { openBackend } from './open-backend.js';
-export { gcsEndpointField, openConfiguredBackend, type BucketSettings } from './bucket-config.js';
+export { DelayedBackend } from './delayed-backend.js';
+export { DEFAULT_FETCH_POLICY, DEMAND_ONLY_FETCH_POLICY, type FetchPolicy } from './fetch-policy.js';
+export {
+  bucketFetchFields,
+  configuredFetch,
+  gcsEndpointField,
+  openConfiguredBackend,
+  type BucketSettings,
+  type FetchSettings,
+} from './bucket-config.js';
 export {
   buildObjectPath,
   headerFileName,
@@ -66,7 +75,7 @@ export type { RetryPolicy } from './retry-policy.js';
 export type { CachedFile, RetryObserver } from './cached-file.js';
 export { FileBlocks } from './file-blocks.js';
 export { ChunkCache, CHUNK_SIZE, backendSource } from './chunk-cache.js';
-export type { ChunkCacheOptions, ChunkSource } from './chunk-cache.js';
+export type { ChunkCacheOptions, ChunkCacheStats, ChunkSource } from './chunk-cache.js';
 export { BuildCache, BuildCacheEntry } from './build-cache.js';
 export type { BuildCacheOptions, BuildCacheEvent, CachedBuildInfo, DiskUsage } from './build-cache.js';
 export { BuildStore, UPLOAD_ORDER } from './build-store.js';

@@ -108,6 +108,38 @@ export class LayeredFile implements ReadableBlocks {
     return out;
   }
 
+  /**
+   * Fetches virtual ranges ahead of their readers (the build's recorded prefetch set, in the
+   * order given): each piece goes to the layer that holds it, zeros and complete layers cost
+   * nothing. Resolves when every piece arrived or failed; failures are counted, never thrown
+   * (a reader that needs the bytes fetches them again and fails on its own).
+   */
+  async prefetch(
+    ranges: ReadonlyArray<{ offset: number; length: number }>,
+  ): Promise<{ chunks: number; failed: number }> {
+    if (this.closed) throw new StorageClosed('layered file');
+    const byBuild = new Map<string, Array<{ offset: number; length: number }>>();
+    for (const r of ranges) {
+      for (const span of this.readSpans(r.offset, r.length)) {
+        if (span.zero) continue;
+        let list = byBuild.get(span.buildId);
+        if (list === undefined) byBuild.set(span.buildId, (list = []));
+        list.push({ offset: span.storageOffset, length: span.length });
+      }
+    }
+    const results = await Promise.all(
+      [...byBuild].map(async ([buildId, list]) => {
+        const file = await this.resolve(buildId);
+        const prefetch = (file as Partial<CachedFile>).prefetch;
+        return prefetch === undefined ? { chunks: 0, failed: 0 } : prefetch.call(file, list);
+      }),
+    );
+    return results.reduce((a, b) => ({ chunks: a.chunks + b.chunks, failed: a.failed + b.failed }), {
+      chunks: 0,
+      failed: 0,
+    });
+  }
+
   async readAt(target: Uint8Array, offset: number): Promise<void> {
     if (this.closed) throw new StorageClosed('layered file');
     checkRange(offset, target.length, this.size);
