@@ -43,14 +43,17 @@ function statusOf(error: unknown): number {
   return 500;
 }
 
-/** The same answer written on a raw socket (upgrade requests, h2c-less paths): a whole HTTP/1.1 response. */
-export function rawErrorResponse(error: unknown): string {
+/**
+ * The same answer as a whole HTTP/1.1 response for a raw socket; `close` says the connection
+ * ends after it (an upgrade refused), else it stays usable for the next request.
+ */
+export function rawErrorResponse(error: unknown, close = true): string {
   const { status, body } = errorResponse(error);
   return (
     `HTTP/1.1 ${status} ${REASONS[status] ?? 'Error'}\r\n` +
     'content-type: application/json\r\n' +
     `content-length: ${Buffer.byteLength(body)}\r\n` +
-    'connection: close\r\n\r\n' +
+    (close ? 'connection: close\r\n\r\n' : '\r\n') +
     body
   );
 }

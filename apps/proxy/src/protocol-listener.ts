@@ -1,4 +1,3 @@
-import { createServer as createHttpServer, type Server as HttpServer } from 'node:http';
 import { createServer as createH2Server, type Http2Server } from 'node:http2';
 import { createServer, type Server, type Socket } from 'node:net';
 import type { Logger } from '#logging';
@@ -27,22 +26,11 @@ export class ProtocolListener {
   private constructor(
     private readonly sockets: Set<Socket>,
     private readonly server: Server,
-    private readonly http1: HttpServer,
     private readonly h2: Http2Server,
     readonly port: number,
   ) {}
 
   static async start(o: ProtocolListenerOptions): Promise<ProtocolListener> {
-    const http1 = createHttpServer({ requestTimeout: 0, headersTimeout: 60_000, noDelay: true }, (req, res) =>
-      o.http1.handleRequest(req, res),
-    );
-    http1.keepAliveTimeout = o.idleTimeoutMs;
-    http1.on('upgrade', (req, socket, head) => o.http1.handleUpgrade(req, socket, head));
-    http1.on('clientError', (err: NodeJS.ErrnoException, socket) => {
-      if (socket.writable && err.code !== 'ECONNRESET') {
-        socket.end('HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n');
-      } else socket.destroy();
-    });
     const h2 = createH2Server({ settings: { enableConnectProtocol: false } });
     h2.on('stream', (stream, headers) => o.h2.handleStream(stream, headers, stream.session?.socket?.remoteAddress));
     h2.on('sessionError', () => undefined);
@@ -66,18 +54,18 @@ export class ProtocolListener {
         socket.off('data', onData);
         socket.off('timeout', silent);
         socket.setTimeout(0);
-        socket.pause();
-        socket.unshift(seen);
         const protocol = couldBeH2 ? 'h2' : 'http1';
         o.metrics.connections.inc({ protocol });
         socket.once('close', () => o.metrics.connections.dec({ protocol }));
         if (couldBeH2) {
+          socket.pause();
+          socket.unshift(seen);
           // The h2 session reads the socket's handle itself and picks up the unshifted bytes;
           // resuming the JS stream here would steal frames from it.
           h2.emit('connection', socket);
         } else {
-          http1.emit('connection', socket);
-          socket.resume();
+          // Our own HTTP/1.1 reader (http1-connection.ts) takes the bytes read so far as they are.
+          o.http1.handleConnection(socket, seen);
         }
       };
       socket.on('data', onData);
@@ -90,13 +78,7 @@ export class ProtocolListener {
       });
     });
     const address = server.address();
-    return new ProtocolListener(
-      sockets,
-      server,
-      http1,
-      h2,
-      typeof address === 'object' && address ? address.port : o.port,
-    );
+    return new ProtocolListener(sockets, server, h2, typeof address === 'object' && address ? address.port : o.port);
   }
 
   get openConnections(): number {
@@ -107,7 +89,6 @@ export class ProtocolListener {
   async close(): Promise<void> {
     const closed = new Promise<void>((resolve) => this.server.close(() => resolve()));
     for (const s of this.sockets) s.destroy();
-    this.http1.closeAllConnections();
     await closed;
   }
 }

@@ -59,7 +59,11 @@ export async function startProxy(
       onResume: (result) => metrics.resumes.inc({ result }),
     });
     const common = { resolver, metrics, logger, connectTimeoutMs: config.upstreamConnectTimeoutMs };
-    const http1 = new Http1Forwarder({ ...common, maxIdleUpstreamSockets: config.maxIdleUpstreamSockets });
+    const http1 = new Http1Forwarder({
+      ...common,
+      maxIdleUpstreamSockets: config.maxIdleUpstreamSockets,
+      idleTimeoutMs: config.clientIdleTimeoutMs,
+    });
     const h2 = new H2Forwarder(common);
     teardown.push(
       () => http1.close(),

@@ -28,6 +28,17 @@ export class RouteResolver {
 
   constructor(private readonly o: RouteResolverOptions) {}
 
+  /**
+   * The running route from the table alone, without a promise (the per-request path), or
+   * undefined when the orchestrator must be asked (resolve). Throws AccessDenied.
+   */
+  resolveNow(target: RouteTarget, token: string | undefined): SandboxRoute | undefined {
+    const known = this.o.table.get(target.sandboxId);
+    if (known?.state !== RouteState.ROUTE_STATE_RUNNING) return undefined;
+    this.checkToken(known, target, token);
+    return known;
+  }
+
   /** Resolves to a running route the request may use, or throws a ProxyError. */
   async resolve(target: RouteTarget, token: string | undefined): Promise<SandboxRoute> {
     const { sandboxId, port } = target;
