@@ -4,7 +4,7 @@ import type { Logger } from '#logging';
 import { startMetricsServer } from '#metrics';
 import { startOrRollback, stopWith, TeardownStack, type RunningService } from '#service-kit';
 import { BlockServerService } from '#proto/sbx/block';
-import { BuildStore, openConfiguredBackend } from '#storage';
+import { BuildStore, configuredFetch, openConfiguredBackend } from '#storage';
 import { BlockMetrics } from './block-metrics.js';
 import { blockServerImplementation } from './control-service.js';
 import { DeviceManager } from './device-manager.js';
@@ -22,9 +22,8 @@ export function startBlockServer(config: ServiceConfig, logger: Logger): Promise
       nbdDir: config.nbdDir ?? join(config.dataDir, 'nbd'),
       // Local builds ({cacheDir}/builds, a pause on this node) first, then the bucket.
       builds: new BuildStore({
-        ...(config.bucket
-          ? { backend: openConfiguredBackend({ bucket: config.bucket, gcsEndpoint: config.gcsEndpoint }) }
-          : {}),
+        ...(config.bucket ? { backend: openConfiguredBackend({ ...config, bucket: config.bucket }) } : {}),
+        ...configuredFetch(config),
         cacheDir: config.cacheDir ?? join(config.dataDir, 'cache'),
         owner: 'block-server',
       }),

@@ -1,5 +1,5 @@
 import { z } from 'zod';
-import { gcsEndpointField } from '#storage';
+import { bucketFetchFields, gcsEndpointField } from '#storage';
 
 /** How local files are read; shared with the standalone mode. */
 export const readMode = z
@@ -25,6 +25,7 @@ export const serviceConfigSchema = z.object({
     .describe('builds: a local directory or gs://bucket')
     .meta({ aliases: ['SBX_BUCKET'] }),
   gcsEndpoint: gcsEndpointField,
+  ...bucketFetchFields,
   cacheDir: z
     .string()
     .min(1)

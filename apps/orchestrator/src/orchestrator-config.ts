@@ -1,6 +1,6 @@
 import { hostname } from 'node:os';
 import { z } from 'zod';
-import { gcsEndpointField } from '#storage';
+import { bucketFetchFields, gcsEndpointField } from '#storage';
 import { loadConfig } from '#config';
 
 const int = (min: number, max: number) => z.coerce.number().int().min(min).max(max);
@@ -22,6 +22,7 @@ export const orchestratorConfigSchema = z
       .describe('a local directory or gs://bucket (shared SBX_BUCKET)')
       .meta({ aliases: ['SBX_BUCKET'] }),
     gcsEndpoint: gcsEndpointField,
+    ...bucketFetchFields,
     cacheDir: z
       .string()
       .min(1)

@@ -5,7 +5,7 @@ import { startGrpcServer } from '#grpc';
 import type { Logger } from '#logging';
 import { createRegistry, startMetricsServer } from '#metrics';
 import { startOrRollback, stopWith, TeardownStack } from '#service-kit';
-import { BuildStore, openConfiguredBackend, type UploadEvent } from '#storage';
+import { BuildStore, configuredFetch, openConfiguredBackend, type UploadEvent } from '#storage';
 import { SandboxServiceService } from '#proto/orchestrator';
 import { RoutingService } from '#proto/sbx/routing';
 import { TemplateAdminService } from '#proto/sbx/templates';
@@ -110,7 +110,8 @@ async function start(config: OrchestratorConfig, logger: Logger, stack: Teardown
   });
   // The only writer of {cacheDir}/builds and the only uploader (libs/storage/README.md).
   const builds = new BuildStore({
-    backend: openConfiguredBackend({ bucket: config.bucket, gcsEndpoint: config.gcsEndpoint }),
+    backend: openConfiguredBackend(config),
+    ...configuredFetch(config),
     cacheDir: config.cacheDir,
     owner: 'orchestrator',
     cache: { ttlMs: config.buildCacheTtlMs },

@@ -3,7 +3,7 @@ import type { Logger } from '#logging';
 import { createRegistry, startMetricsServer } from '#metrics';
 import { UffdServerService } from '#proto/sbx/uffd';
 import { startOrRollback, stopWith, TeardownStack, type RunningService } from '#service-kit';
-import { BuildStore, openConfiguredBackend } from '#storage';
+import { BuildStore, configuredFetch, openConfiguredBackend } from '#storage';
 import { SandboxRegistry } from './sandbox-registry.js';
 import { SandboxRecords } from './sandbox-record.js';
 import type { UffdServerConfig } from './uffd-server-config.js';
@@ -16,9 +16,8 @@ export function startUffdServer(config: UffdServerConfig, logger: Logger): Promi
     // Local builds ({cacheDir}/builds) and a local-directory bucket are mapped in place; a remote
     // bucket goes through chunk caches, the one layer that retries a fetch while a fault waits.
     const store = new BuildStore({
-      ...(config.bucket
-        ? { backend: openConfiguredBackend({ bucket: config.bucket, gcsEndpoint: config.gcsEndpoint }) }
-        : {}),
+      ...(config.bucket ? { backend: openConfiguredBackend(config) } : {}),
+      ...configuredFetch(config),
       cacheDir: config.cacheDir,
       owner: 'uffd-server',
       fetchRetry: {

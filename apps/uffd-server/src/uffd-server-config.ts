@@ -1,5 +1,5 @@
 import { z } from 'zod';
-import { gcsEndpointField } from '#storage';
+import { bucketFetchFields, gcsEndpointField } from '#storage';
 
 const int = (min: number, max = Number.MAX_SAFE_INTEGER) => z.coerce.number().int().min(min).max(max);
 const flag = (value: 'true' | 'false') =>
@@ -28,6 +28,7 @@ export const uffdServerConfigSchema = z.object({
     .describe('builds: a local directory or gs://bucket')
     .meta({ aliases: ['SBX_BUCKET'] }),
   gcsEndpoint: gcsEndpointField,
+  ...bucketFetchFields,
   cacheDir: z
     .string()
     .default('/var/lib/sbx/cache')
