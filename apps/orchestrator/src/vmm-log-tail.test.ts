@@ -1,7 +1,7 @@
-import { appendFile, mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { appendFile, mkdtemp, readdir, readlink, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
 import type { Logger } from '#logging';
 import { eventually } from '#test-kit';
 import { VmmLogTail } from './vmm-log-tail.js';
@@ -42,5 +42,56 @@ describe('VmmLogTail', () => {
     tail.start();
     await tail.stop();
     expect(lines).toEqual([]);
+  });
+
+  it('holds no timer and one inotify fd however many VMM logs it follows; unwatchable ones share one timer', async () => {
+    // Interval timers alive (unref'd ones are not in process.getActiveResourcesInfo()).
+    const live = new Set<unknown>();
+    const set = globalThis.setInterval;
+    const clear = globalThis.clearInterval;
+    vi.spyOn(globalThis, 'setInterval').mockImplementation(((...args: Parameters<typeof setInterval>) => {
+      const t = set(...args);
+      live.add(t);
+      return t;
+    }) as typeof setInterval);
+    vi.spyOn(globalThis, 'clearInterval').mockImplementation((t) => {
+      live.delete(t);
+      clear(t);
+    });
+    const timers = () => live.size;
+    const inotifyFds = async () => {
+      const targets = await Promise.all(
+        (await readdir('/proc/self/fd')).map((fd) => readlink(`/proc/self/fd/${fd}`).catch(() => '')),
+      );
+      return targets.filter((t) => t.includes('inotify')).length;
+    };
+    const { logger, lines } = recordingLogger();
+    const timersBefore = timers();
+    const tails: VmmLogTail[] = [];
+    for (let i = 0; i < 100; i++) {
+      const path = join(dir, `vmm${i}.stdout.log`);
+      await writeFile(path, '');
+      const tail = new VmmLogTail(path, logger, 'stdout', 3_600_000);
+      tail.start();
+      tails.push(tail);
+    }
+    expect(timers()).toBe(timersBefore);
+    expect(await inotifyFds()).toBeLessThanOrEqual(1);
+    await appendFile(join(dir, 'vmm42.stdout.log'), 'from vmm 42\n');
+    await eventually(() => lines.includes('from vmm 42'), { timeoutMs: 10_000, what: 'the line of one VMM' });
+
+    // Files not there yet: read by one shared round, whatever their number, until a watch can be set.
+    const waiting: VmmLogTail[] = [];
+    for (let i = 0; i < 50; i++) {
+      const tail = new VmmLogTail(join(dir, `late${i}.log`), logger, 'stderr', 50);
+      tail.start();
+      waiting.push(tail);
+    }
+    expect(timers()).toBe(timersBefore + 1);
+    await writeFile(join(dir, 'late7.log'), 'late line\n');
+    await eventually(() => lines.includes('late line'), { timeoutMs: 10_000, what: 'the late file read' });
+    await Promise.all([...tails, ...waiting].map((t) => t.stop()));
+    expect(timers()).toBe(timersBefore);
+    vi.restoreAllMocks();
   });
 });

@@ -1,18 +1,23 @@
 import { watch, type FSWatcher } from 'node:fs';
 import { open, type FileHandle } from 'node:fs/promises';
 import type { Logger } from '#logging';
+import { pollingRound } from './polling-round.js';
 
 /**
  * Follows a VMM's stdout or stderr file into the sandbox's logger. The VMM writes to a file,
  * not a pipe, so it outlives an orchestrator crash without dying of SIGPIPE and the restarted
  * orchestrator picks the log up where the file is. It reads when the file changes (inotify),
  * not on a timer: a node with hundreds of quiet VMMs must not open hundreds of files a second.
- * A slow timer stays as a safety net (a watch that could not be set, or a moved file).
+ * Only a tail whose watch could not be set (no file yet, watch failed) is read on a timer, and
+ * those share one round per interval (polling-round.ts): no timer per sandbox; it takes the
+ * watch as soon as it can.
  */
 export class VmmLogTail {
   private position = 0;
   private partial = '';
-  private timer: NodeJS.Timeout | undefined;
+  private started = false;
+  /** Leaves the shared round; set while this tail is read on the timer instead of a watch. */
+  private leaveRound: (() => void) | undefined;
   private watcher: FSWatcher | undefined;
   /** The read running now; a change seen meanwhile reads again after it. */
   private current: Promise<void> | undefined;
@@ -26,7 +31,8 @@ export class VmmLogTail {
   ) {}
 
   start(fromEnd = false): void {
-    if (this.timer) return;
+    if (this.started) return;
+    this.started = true;
     if (fromEnd) {
       void open(this.path, 'r')
         .then(async (fh) => {
@@ -35,13 +41,32 @@ export class VmmLogTail {
         })
         .catch(() => undefined);
     }
-    this.timer = setInterval(() => void this.poll(), this.intervalMs);
-    this.timer.unref();
+    if (!this.tryWatch()) this.leaveRound = pollingRound(this.intervalMs).add(() => this.roundPoll());
+    // What was written before the watch was set raises no notice: read it now.
+    else if (!fromEnd) void this.poll();
+  }
+
+  /** Follows the file on change notices; false when no watch could be set (no file yet, no inotify). */
+  private tryWatch(): boolean {
     try {
       this.watcher = watch(this.path, { persistent: false }, () => void this.poll());
-      this.watcher.on('error', () => this.unwatch());
+      this.watcher.on('error', () => {
+        this.unwatch();
+        if (this.started && !this.leaveRound)
+          this.leaveRound = pollingRound(this.intervalMs).add(() => this.roundPoll());
+      });
+      return true;
     } catch {
-      // No file yet, or no inotify: the timer alone.
+      return false;
+    }
+  }
+
+  /** A turn of the shared round: read, and move to a watch once one can be set. */
+  private async roundPoll(): Promise<void> {
+    await this.poll();
+    if (this.started && !this.watcher && this.tryWatch()) {
+      this.leaveRound?.();
+      this.leaveRound = undefined;
     }
   }
 
@@ -52,8 +77,9 @@ export class VmmLogTail {
 
   /** Reads what is left and stops. */
   async stop(): Promise<void> {
-    if (this.timer) clearInterval(this.timer);
-    this.timer = undefined;
+    this.started = false;
+    this.leaveRound?.();
+    this.leaveRound = undefined;
     this.unwatch();
     await this.current;
     await this.poll();
@@ -69,7 +95,7 @@ export class VmmLogTail {
     this.again = false;
     this.current = this.read().finally(() => {
       this.current = undefined;
-      if (this.again && this.timer) void this.poll();
+      if (this.again && this.started) void this.poll();
     });
     return this.current;
   }
