@@ -4,8 +4,14 @@
 # read at queue depth 32 and 1 MiB sequential read, then nbdcopy of the whole device.
 # Usage: bash bench/nbd/run.sh [image-size-MiB] [seconds-per-fio-run]
 # READ_MODE=async measures ours reading through the libuv pool instead of pread on the loop.
+# Then the disk export's dedup (dedup-bench.ts); alone: bash bench/nbd/run.sh dedup [--size-mib N ...]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+if [[ ${1:-} == dedup ]]; then
+  shift
+  [[ -f dist/bench/nbd/dedup-bench.js ]] || bash scripts/build.sh
+  exec node dist/bench/nbd/dedup-bench.js "$@"
+fi
 size_mib=${1:-512}
 seconds=${2:-10}
 for tool in fio nbdkit nbdcopy python3; do
@@ -73,3 +79,5 @@ for name, ours, kit, goal, fmt in rows:
     print(f"{name:34} {fmt.format(ours):>10} {fmt.format(kit):>10} {ratio:7.0%}  {g}")
 PY
 echo "(ours: --read-mode ${READ_MODE:-sync}; machine: $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg); shared with other work)"
+[[ -f dist/bench/nbd/dedup-bench.js ]] || bash scripts/build.sh
+node dist/bench/nbd/dedup-bench.js

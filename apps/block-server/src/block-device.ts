@@ -7,6 +7,7 @@ import type { BlockMetrics } from './block-metrics.js';
 import { CowOverlay } from './cow-overlay.js';
 import { deviceDir, removeDeviceDir, type DeviceRecord } from './device-record.js';
 import { exportDiff, type ExportedDiff } from './dirty-export.js';
+import type { ExportParent } from './export-parent.js';
 import { singleExport } from './nbd-export.js';
 import { NbdServer, type NbdServerCounts } from './nbd-server.js';
 
@@ -32,6 +33,14 @@ export interface BlockDeviceOptions {
   syncReads?: boolean;
 }
 
+/** What an export's mappings will be merged over. */
+export interface ExportBase {
+  /** The parent build ('' = the build the device was opened over). */
+  parentBuildId: string;
+  /** Its bytes, to deduplicate against; absent: no dedup. */
+  parent?: ExportParent;
+}
+
 export interface DeviceStats extends NbdServerCounts {
   /** Blocks with new bytes since the device was opened over its build. */
   dirtyBlocks: number;
@@ -54,6 +63,13 @@ export class BlockDevice {
   readonly overlay: CowOverlay;
   kernel: KernelAttachment | undefined;
   private state: 'serving' | 'exporting' | 'closed' = 'serving';
+  /**
+   * The build of this device's last checkpoint (keep-serving export), since which the overlay
+   * tracks changes anew. An export over it holds only those; over any other parent (the opened
+   * build, a checkpoint whose commit failed) every block changed since open, which is correct
+   * over all of them. In memory: after a restart the next export is a full one.
+   */
+  private checkpoint: string | undefined;
   private readonly options: BlockDeviceOptions;
 
   private readonly connectionSource = (): number => this.server.connectionCount;
@@ -100,6 +116,16 @@ export class BlockDevice {
     return this.record.sandboxId;
   }
 
+  /** What the overlay sits on (the opened build's layers, or a plain image). */
+  get base(): ReadableBlocks {
+    return this.options.base;
+  }
+
+  /** The build of the last checkpoint export, if any since open. */
+  get checkpointBuildId(): string | undefined {
+    return this.checkpoint;
+  }
+
   get serving(): boolean {
     return this.state === 'serving';
   }
@@ -110,7 +136,7 @@ export class BlockDevice {
    * On success the device is finished: the caller closes it. When clients do not let go in
    * time the device goes back to serving and DeviceBusy is thrown.
    */
-  async export(buildId: string, diffPath: string, releaseTimeoutMs: number): Promise<ExportedDiff> {
+  async export(buildId: string, diffPath: string, releaseTimeoutMs: number, base: ExportBase): Promise<ExportedDiff> {
     if (this.state !== 'serving') throw new DeviceClosing(this.sandboxId);
     this.state = 'exporting';
     const started = Date.now();
@@ -124,7 +150,7 @@ export class BlockDevice {
       if (!(await this.server.waitForIdle(releaseTimeoutMs))) {
         throw new DeviceBusy(this.sandboxId, this.server.connectionCount, Date.now() - started);
       }
-      return await exportDiff({ source: this.overlay, buildId, diffPath });
+      return await this.exportOver(base, buildId, diffPath);
     } catch (err) {
       this.state = 'serving';
       await this.server
@@ -141,18 +167,40 @@ export class BlockDevice {
 
   /**
    * Checkpoint: the VM is paused, so no new writes arrive; flush what the overlay holds and
-   * write its dirty blocks while clients stay connected. The overlay keeps every block written
-   * since open, so the next export holds these blocks again (correct over the new build, not
-   * minimal).
+   * write its dirty blocks while clients stay connected. Change tracking restarts here (as the
+   * memory's does), so the next export over this checkpoint holds only blocks changed after it.
    */
-  async exportServing(buildId: string, diffPath: string): Promise<ExportedDiff> {
+  async exportServing(buildId: string, diffPath: string, base: ExportBase): Promise<ExportedDiff> {
     if (this.state !== 'serving') throw new DeviceClosing(this.sandboxId);
     this.state = 'exporting';
     try {
       await this.overlay.flush();
-      return await exportDiff({ source: this.overlay, buildId, diffPath });
+      const result = await this.exportOver(base, buildId, diffPath);
+      this.checkpoint = buildId;
+      return result;
     } finally {
       this.state = 'serving';
+    }
+  }
+
+  /**
+   * The export itself: since the last checkpoint when the parent is that checkpoint, else every
+   * change since open. Tracking restarts either way; a failed export gives its set back.
+   */
+  private async exportOver(base: ExportBase, buildId: string, diffPath: string): Promise<ExportedDiff> {
+    const sinceCheckpoint = this.overlay.restartTracking();
+    const overCheckpoint = this.checkpoint !== undefined && base.parentBuildId === this.checkpoint;
+    try {
+      return await exportDiff({
+        source: this.overlay,
+        buildId,
+        diffPath,
+        ...(overCheckpoint ? { only: sinceCheckpoint } : {}),
+        ...(base.parent ? { parent: base.parent } : {}),
+      });
+    } catch (err) {
+      this.overlay.keepTracking(sinceCheckpoint);
+      throw err;
     }
   }
 

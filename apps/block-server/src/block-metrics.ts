@@ -13,6 +13,8 @@ export class BlockMetrics {
   readonly devices: Gauge;
   readonly connections: Gauge;
   readonly exports: Counter;
+  /** Blocks of successful exports: stored in the diff, nil (zero), or left to the parent (dedup). */
+  readonly exportBlocks: Counter;
   /** Each NBD server's live client count, summed at scrape time. */
   readonly connectionSources = new Set<() => number>();
   private readonly requests: Counter;
@@ -64,6 +66,12 @@ export class BlockMetrics {
       name: 'sbx_block_server_exports_total',
       help: 'Dirty-block exports, by result',
       labelNames: ['result'],
+      registers: [registry],
+    });
+    this.exportBlocks = new Counter({
+      name: 'sbx_block_server_export_blocks_total',
+      help: 'Blocks of dirty-block exports: stored, zero (nil mapping) or deduped (equal to the parent, left to it)',
+      labelNames: ['kind'],
       registers: [registry],
     });
   }

@@ -26,13 +26,19 @@ export function blockServerImplementation(manager: DeviceManager, logger: Logger
       ),
     ),
     export: handle('export device', async (req) => {
-      const result = await manager.export(req.sandboxId, req.newBuildId, req.diffPath, req.keepServing);
+      const result = await manager.export(req.sandboxId, req.newBuildId, req.diffPath, {
+        keepServing: req.keepServing,
+        parentBuildId: req.parentBuildId,
+        dedup: req.dedup,
+      });
       return {
         mappings: result.mappings,
         diffSize: result.diffSize,
         dirtyBlocks: result.storedBlocks,
         blockSize: result.device.blockSize,
         size: result.device.size,
+        dedupedBlocks: result.dedupedBlocks,
+        zeroBlocks: result.zeroBlocks,
       };
     }),
     closeDevice: handle('close device', async (req) => {

@@ -53,6 +53,11 @@ export class CowOverlay implements WritableBlocks {
   readonly written: DirtyBitmap;
   /** Blocks that read as zeros (trimmed or zero-written) without stored data. */
   readonly zeroed: DirtyBitmap;
+  /**
+   * Blocks written or zeroed since the last `restartTracking()` (a checkpoint), kept in memory
+   * only: after a restart it starts empty and the device's owner exports in full again.
+   */
+  private tracked: DirtyBitmap;
   private readonly base: ReadableBlocks;
   private readonly syncReads: boolean;
   /** The data file's fd: reads and writes use the callback API on it (FileHandle costs more per call). */
@@ -74,6 +79,7 @@ export class CowOverlay implements WritableBlocks {
     ({ base: this.base, dir: this.dir, syncReads: this.syncReads } = options);
     ({ size: this.size, blockSize: this.blockSize, written: this.written, zeroed: this.zeroed } = state);
     this.fd = file.fd;
+    this.tracked = new DirtyBitmap(this.written.blockCount);
   }
 
   /** Creates the overlay, or reopens the one a previous run left in `dir`. */
@@ -198,12 +204,28 @@ export class CowOverlay implements WritableBlocks {
       if (offset < firstFull * bs) partial.push([offset, firstFull * bs]);
       if (endFull * bs < end) partial.push([endFull * bs, end]);
       for (let b = firstFull; b < endFull; b++) {
+        this.tracked.set(b);
         this.zeroed.set(b);
         this.written.clear(b);
         this.changed.add(b);
       }
     }
     await Promise.all(partial.map(([from, to]) => this.writeAt(Buffer.alloc(to - from), from)));
+  }
+
+  /**
+   * Hands over the blocks written or zeroed since the previous call (or since open) and starts
+   * an empty set: a checkpoint exports the first and the next export only what follows.
+   */
+  restartTracking(): DirtyBitmap {
+    const taken = this.tracked;
+    this.tracked = new DirtyBitmap(taken.blockCount);
+    return taken;
+  }
+
+  /** Gives back a set `restartTracking` handed over, whose export failed: those blocks count as changed again. */
+  keepTracking(taken: DirtyBitmap): void {
+    this.tracked.union(taken);
   }
 
   /**
@@ -297,6 +319,8 @@ export class CowOverlay implements WritableBlocks {
 
   private markWritten(first: number, last: number): void {
     for (let b = first; b <= last; b++) {
+      // A rewrite of a block already written changes no map but does change its bytes.
+      this.tracked.set(b);
       if (!this.written.has(b)) {
         this.written.set(b);
         this.changed.add(b);

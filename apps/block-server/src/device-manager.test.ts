@@ -1,13 +1,22 @@
 import { execFile } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
-import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { createLogger } from '#logging';
-import { newBuildId } from '#storage';
+import { openFds } from '#test-kit';
+import {
+  BuildStore,
+  baseMappings,
+  encodeHeader,
+  mergeMappings,
+  newBuildId,
+  validateMappings,
+  type BuildMapping,
+} from '#storage';
 import { DeviceManager } from './device-manager.js';
 
 const run = promisify(execFile);
@@ -64,5 +73,128 @@ describe('DeviceManager over a local image', () => {
     await m.close('a');
     await expect(m.close('a')).rejects.toMatchObject({ code: 'DEVICE_NOT_FOUND' });
     await m.shutdown();
+  });
+});
+
+describe('checkpoint and pause exports over local builds', () => {
+  const BS = 4096;
+  let cacheDir: string;
+  let baseId: string;
+  let baseBytes: Buffer;
+
+  beforeEach(async () => {
+    cacheDir = join(dir, 'cache');
+    baseId = newBuildId();
+    baseBytes = randomBytes(SIZE);
+    await mkdir(join(cacheDir, 'builds', baseId), { recursive: true });
+    await writeFile(join(cacheDir, 'builds', baseId, 'rootfs.ext4'), baseBytes);
+  });
+
+  function buildManager(): DeviceManager {
+    return new DeviceManager({
+      dataDir: join(dir, 'data'),
+      nbdDir: join(dir, 'nbd'),
+      builds: new BuildStore({ cacheDir, owner: 'block-server' }),
+      logger,
+      releaseTimeoutMs: 1000,
+    });
+  }
+
+  /** Commits an exported diff as a local build the way the orchestrator does: diff + merged header. */
+  async function commit(id: string, parentMappings: BuildMapping[], diffMappings: BuildMapping[]) {
+    const mappings = mergeMappings(parentMappings, diffMappings);
+    validateMappings(mappings, SIZE, BS);
+    const header = {
+      metadata: { version: 3, blockSize: BS, size: SIZE, generation: 1, buildId: id, baseBuildId: baseId },
+      mappings,
+    };
+    await writeFile(join(cacheDir, 'builds', id, 'rootfs.ext4.header'), encodeHeader(header));
+    return mappings;
+  }
+
+  const fill = (blocks: number, byte: number) => Buffer.alloc(blocks * BS, byte);
+  const blocksOf = (mappings: BuildMapping[]) =>
+    mappings.flatMap((m) => Array.from({ length: m.length / BS }, (_, i) => m.offset / BS + i));
+
+  it('a checkpoint restarts disk tracking: the next pause holds only later blocks, deduplicated against the checkpoint, and reads back byte-exact', async () => {
+    const m = buildManager();
+    const device = await m.open({ sandboxId: 'cp-1', buildId: baseId });
+    await device.overlay.writeAt(fill(10, 0x11), 0); // 0..9
+    await device.overlay.writeAt(fill(10, 0x22), 20 * BS); // 20..29
+    await device.overlay.writeAt(Buffer.from(baseBytes.subarray(60 * BS, 62 * BS)), 60 * BS); // identical to the base
+
+    const cpId = newBuildId();
+    const cp = await m.export('cp-1', cpId, join(cacheDir, 'builds', cpId, 'rootfs.ext4'), {
+      keepServing: true,
+      parentBuildId: baseId,
+      dedup: true,
+    });
+    expect(cp).toMatchObject({ storedBlocks: 20, dedupedBlocks: 2, zeroBlocks: 0 });
+    const cpMappings = await commit(cpId, baseMappings(SIZE, baseId), cp.mappings);
+    expect(device.checkpointBuildId).toBe(cpId);
+
+    // After the checkpoint: new blocks, blocks 0..4 rewritten as the checkpoint holds them (but not
+    // as the base does), 20..21 written back to the base's bytes (which the checkpoint does not hold).
+    await device.overlay.writeAt(fill(5, 0x33), 40 * BS); // 40..44
+    await device.overlay.writeAt(fill(5, 0x11), 0); // 0..4
+    await device.overlay.writeAt(Buffer.from(baseBytes.subarray(20 * BS, 22 * BS)), 20 * BS);
+    await device.overlay.zeroAt(50 * BS, BS);
+    const expected = Buffer.alloc(SIZE);
+    await device.overlay.readAt(expected, 0);
+
+    const pauseId = newBuildId();
+    await mkdir(join(cacheDir, 'builds', pauseId));
+    const paused = await m.export('cp-1', pauseId, join(cacheDir, 'builds', pauseId, 'rootfs.ext4'), {
+      parentBuildId: cpId,
+      dedup: true,
+    });
+    // Only blocks written after the checkpoint; 5..9 and 22..29 (before it) are not exported again.
+    expect(paused).toMatchObject({ storedBlocks: 7, dedupedBlocks: 5, zeroBlocks: 1, diffSize: 7 * BS });
+    expect(blocksOf(paused.mappings)).toEqual([20, 21, 40, 41, 42, 43, 44, 50]);
+    await commit(pauseId, cpMappings, paused.mappings);
+    await m.shutdown();
+
+    // Read back through the layered stack: the new build over the checkpoint over the base.
+    const store = new BuildStore({ cacheDir, owner: 'reader' });
+    const { file } = await store.openBuildFile(pauseId, 'rootfs.ext4');
+    const readBack = Buffer.alloc(SIZE);
+    await file.readAt(readBack, 0);
+    expect(readBack.equals(expected)).toBe(true);
+    // The deduplicated blocks still point at the checkpoint's layer.
+    expect(file.readSpans(0, 5 * BS).map((s) => s.buildId)).toEqual([cpId]);
+    await file.close();
+    await store.close();
+    expect(openFds(process.pid).filter((t) => t.startsWith(`${dir}/`))).toEqual([]);
+  });
+
+  it('over a parent that is not the last checkpoint (its commit failed) the export holds every change since open', async () => {
+    const m = buildManager();
+    const device = await m.open({ sandboxId: 'cp-2', buildId: baseId });
+    await device.overlay.writeAt(fill(4, 0x44), 0); // 0..3
+    const cpId = newBuildId();
+    await m.export('cp-2', cpId, join(dir, 'cp', 'rootfs.ext4'), { keepServing: true, parentBuildId: baseId });
+    await device.overlay.writeAt(fill(1, 0x55), 8 * BS);
+    // Without a named parent, dedup against the opened build could be wrong now: refused.
+    await expect(m.export('cp-2', newBuildId(), join(dir, 'x', 'rootfs.ext4'), { dedup: true })).rejects.toMatchObject({
+      code: 'REQUEST_INVALID',
+      field: 'parent_build_id',
+    });
+    // The orchestrator still merges over the base (the checkpoint was never committed).
+    const again = await m.export('cp-2', newBuildId(), join(dir, 'p', 'rootfs.ext4'), { parentBuildId: baseId });
+    expect(blocksOf(again.mappings)).toEqual([0, 1, 2, 3, 8]);
+    await m.shutdown();
+  });
+
+  it('a parent build that cannot be read: exported without dedup, still complete', async () => {
+    const m = buildManager();
+    const device = await m.open({ sandboxId: 'cp-3', buildId: baseId });
+    await device.overlay.writeAt(Buffer.from(baseBytes.subarray(0, 2 * BS)), 0);
+    const result = await m.export('cp-3', newBuildId(), join(dir, 'p', 'rootfs.ext4'), {
+      parentBuildId: newBuildId(),
+      dedup: true,
+    });
+    expect(result).toMatchObject({ storedBlocks: 2, dedupedBlocks: 0 });
+    await m.shutdown();
+    expect(openFds(process.pid).filter((t) => t.startsWith(`${dir}/`))).toEqual([]);
   });
 });

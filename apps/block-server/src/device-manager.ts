@@ -14,6 +14,7 @@ import {
   type DeviceRecord,
 } from './device-record.js';
 import type { ExportedDiff } from './dirty-export.js';
+import { exportParent, type ExportParent } from './export-parent.js';
 import { ImageFile } from './image-file.js';
 
 /** Binds a device to a kernel /dev/nbdX (kernel-attach.ts), or reattaches after a restart. */
@@ -35,6 +36,18 @@ export interface DeviceManagerOptions {
   kernel?: KernelAttacher;
   /** Read overlays and local images on the event loop (see ImageFile.open). */
   syncReads?: boolean;
+}
+
+export interface ExportDeviceOptions {
+  /** A checkpoint: the dirty blocks are written as they are now and the device serves on. */
+  keepServing?: boolean;
+  /**
+   * The build the returned mappings will be merged over ('' = the build the device was opened
+   * over). Over the device's last checkpoint only blocks changed since it are exported.
+   */
+  parentBuildId?: string;
+  /** Leave written blocks equal to the parent's to it (E2B's block/dedup.go). */
+  dedup?: boolean;
 }
 
 export interface OpenDeviceRequest {
@@ -149,51 +162,56 @@ export class DeviceManager {
     sandboxId: string,
     newBuildId: string,
     diffPath: string,
-    keepServing = false,
+    options: ExportDeviceOptions = {},
   ): Promise<ExportedDiff & { device: DeviceRecord }> {
     const device = this.get(sandboxId);
-    let buildId: string;
-    try {
-      buildId = normalizeBuildId(newBuildId);
-    } catch (err) {
-      throw new RequestInvalid('new_build_id', (err as Error).message);
-    }
+    const buildId = checkBuildId('new_build_id', newBuildId);
+    const parentBuildId = options.parentBuildId ? checkBuildId('parent_build_id', options.parentBuildId) : '';
     if (!isAbsolute(diffPath)) throw new RequestInvalid('diff_path', 'must be an absolute path');
+    if (options.dedup && parentBuildId === '' && device.checkpointBuildId !== undefined) {
+      // The opened build is no longer what the caller merges over: comparing with it could leave a
+      // block to a parent that holds other bytes there.
+      throw new RequestInvalid(
+        'parent_build_id',
+        `the device was checkpointed into ${device.checkpointBuildId}: dedup needs the parent build named`,
+      );
+    }
     if (this.busy.has(sandboxId)) throw new DeviceClosing(sandboxId);
     this.busy.add(sandboxId);
     const log = sandboxLogger(this.options.logger, sandboxId);
+    let parent: { bytes: ExportParent; release(): Promise<void> } | undefined;
     try {
       await mkdir(dirname(diffPath), { recursive: true });
       const started = performance.now();
-      if (keepServing) {
-        const snapshot = await device.exportServing(buildId, diffPath);
-        this.options.metrics?.exports.inc({ result: 'ok' });
-        log.info(
-          { buildId, diffPath, storedBlocks: snapshot.storedBlocks, ms: Math.round(performance.now() - started) },
-          'device exported; serving on',
-        );
+      if (options.dedup) parent = await this.openParent(device, parentBuildId);
+      const base = { parentBuildId, ...(parent ? { parent: parent.bytes } : {}) };
+      const summary = (r: ExportedDiff) => ({
+        buildId,
+        parentBuildId: parentBuildId || device.record.buildId,
+        diffPath,
+        storedBlocks: r.storedBlocks,
+        zeroBlocks: r.zeroBlocks,
+        dedupedBlocks: r.dedupedBlocks,
+        ms: Math.round(performance.now() - started),
+      });
+      if (options.keepServing) {
+        const snapshot = await device.exportServing(buildId, diffPath, base);
+        this.countExport(snapshot);
+        log.info(summary(snapshot), 'device exported; serving on');
         return { ...snapshot, device: device.record };
       }
-      const result = await device.export(buildId, diffPath, this.options.releaseTimeoutMs);
+      const result = await device.export(buildId, diffPath, this.options.releaseTimeoutMs, base);
       this.devices.delete(sandboxId);
       this.options.metrics?.devices.set(this.devices.size);
       await device.destroy();
-      this.options.metrics?.exports.inc({ result: 'ok' });
-      log.info(
-        {
-          buildId,
-          diffPath,
-          storedBlocks: result.storedBlocks,
-          zeroBlocks: result.zeroBlocks,
-          ms: Math.round(performance.now() - started),
-        },
-        'device exported and closed',
-      );
+      this.countExport(result);
+      log.info(summary(result), 'device exported and closed');
       return { ...result, device: device.record };
     } catch (err) {
       this.options.metrics?.exports.inc({ result: 'error' });
       throw err;
     } finally {
+      await parent?.release();
       this.busy.delete(sandboxId);
     }
   }
@@ -227,6 +245,48 @@ export class DeviceManager {
       ),
     );
     await this.options.builds?.close();
+  }
+
+  private countExport(result: ExportedDiff): void {
+    const metrics = this.options.metrics;
+    if (!metrics) return;
+    metrics.exports.inc({ result: 'ok' });
+    metrics.exportBlocks.inc({ kind: 'stored' }, result.storedBlocks);
+    metrics.exportBlocks.inc({ kind: 'zero' }, result.zeroBlocks);
+    metrics.exportBlocks.inc({ kind: 'deduped' }, result.dedupedBlocks);
+  }
+
+  /**
+   * The parent to deduplicate against, read through its own layers: the device's base when the
+   * parent is the build it was opened over (already open), else that build from the store (a
+   * checkpoint of this device: committed on this node). When it cannot be opened the export goes
+   * on without dedup (still correct, only larger) and says so in the log.
+   */
+  private async openParent(
+    device: BlockDevice,
+    parentBuildId: string,
+  ): Promise<{ bytes: ExportParent; release(): Promise<void> } | undefined> {
+    const id = parentBuildId || device.record.buildId;
+    if (id === device.record.buildId) return { bytes: exportParent(id, device.base), release: async () => {} };
+    if (!this.options.builds) throw new RequestInvalid('parent_build_id', 'no build store to read the parent from');
+    try {
+      const { file } = await this.options.builds.openBuildFile(id, 'rootfs.ext4');
+      if (file.size !== device.record.size) {
+        await file.close();
+        throw new RequestInvalid(
+          'parent_build_id',
+          `its rootfs is ${file.size} bytes, the device ${device.record.size}`,
+        );
+      }
+      return { bytes: exportParent(id, file), release: () => file.close() };
+    } catch (err) {
+      if (err instanceof RequestInvalid) throw err;
+      sandboxLogger(this.options.logger, device.sandboxId).warn(
+        { err, parentBuildId: id },
+        'parent build unreadable: exporting without dedup',
+      );
+      return undefined;
+    }
   }
 
   private get(sandboxId: string): BlockDevice {
@@ -277,6 +337,14 @@ export class DeviceManager {
     if (!this.options.builds) throw new RequestInvalid('build_id', 'no bucket configured (--bucket / SBX_BUCKET)');
     const { header, file } = await this.options.builds.openBuildFile(source.buildId, 'rootfs.ext4');
     return { blocks: file, blockSize: header.metadata.blockSize, release: () => file.close() };
+  }
+}
+
+function checkBuildId(field: string, id: string): string {
+  try {
+    return normalizeBuildId(id);
+  } catch (err) {
+    throw new RequestInvalid(field, (err as Error).message);
   }
 }
 

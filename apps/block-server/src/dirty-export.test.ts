@@ -15,6 +15,7 @@ import {
 } from '#storage';
 import { CowOverlay } from './cow-overlay.js';
 import { exportDiff } from './dirty-export.js';
+import { exportParent } from './export-parent.js';
 
 const BS = 4096;
 let dir: string;
@@ -83,7 +84,146 @@ describe('exportDiff', () => {
       buildId: newBuildId(),
       diffPath: join(dir, 'd'),
     });
-    expect(result).toEqual({ mappings: [], diffSize: 0, storedBlocks: 0, zeroBlocks: 0 });
+    expect(result).toEqual({ mappings: [], diffSize: 0, storedBlocks: 0, zeroBlocks: 0, dedupedBlocks: 0 });
+    await device.close();
+  });
+
+  it('with dedup, blocks rewritten identical are left to the parent layers, zeros stay nil, and the new build reads back byte-exact', async () => {
+    const blocks = 512;
+    const size = blocks * BS;
+    // Two parent layers: G, a full image, and P over it (blocks 100..179 its own, 400.. nil).
+    const gId = newBuildId();
+    const pId = newBuildId();
+    const childId = newBuildId();
+    const gData = randomBytes(size);
+    const pDiff = randomBytes(80 * BS);
+    const pMappings = mergeMappings(baseMappings(size, gId), [
+      { offset: 100 * BS, length: 80 * BS, buildId: pId, buildStorageOffset: 0 },
+      { offset: 400 * BS, length: 112 * BS, buildId: NIL_UUID, buildStorageOffset: 0 },
+    ]);
+    const files = new Map<string, ReadableBlocks>([
+      [gId, new MemoryBlocks(gData)],
+      [pId, new MemoryBlocks(pDiff)],
+    ]);
+    const layered = (buildId: string, mappings: typeof pMappings): LayeredFile =>
+      new LayeredFile({
+        header: {
+          metadata: { version: 3, blockSize: BS, size, generation: 1, buildId, baseBuildId: gId },
+          mappings,
+        },
+        resolve: (id) => files.get(id)!,
+      });
+    const parent = layered(pId, pMappings);
+    const parentBytes = Buffer.alloc(size);
+    await parent.readAt(parentBytes, 0);
+
+    // A seeded random workload over the device opened on P.
+    let seed = 0x5eed;
+    const random = (n: number): number => {
+      seed = (seed * 1103515245 + 12345) & 0x7fffffff;
+      return (seed >>> 16) % n;
+    };
+    const device = await CowOverlay.open({ base: parent, dir: join(dir, 'o'), blockSize: BS });
+    const identical = new Set<number>();
+    const changed = new Set<number>();
+    const zeroed = new Set<number>();
+    for (let b = 0; b < blocks; b++) {
+      const at = b * BS;
+      const own = parentBytes.subarray(at, at + BS);
+      switch (random(6)) {
+        case 0: // untouched
+          break;
+        case 1: // the guest writes the bytes already there, whole block or a piece of it
+          if (random(2) === 0) await device.writeAt(Buffer.from(own), at);
+          else await device.writeAt(Buffer.from(own.subarray(100, 300)), at + 100);
+          (own.equals(Buffer.alloc(BS)) ? zeroed : identical).add(b);
+          break;
+        case 2:
+          await device.zeroAt(at, BS);
+          zeroed.add(b);
+          break;
+        case 3:
+          await device.writeAt(Buffer.alloc(BS), at);
+          zeroed.add(b);
+          break;
+        default: {
+          const bytes = randomBytes(random(2) === 0 ? BS : 512);
+          await device.writeAt(bytes, at + (bytes.length === BS ? 0 : 1024));
+          changed.add(b);
+        }
+      }
+    }
+    // Blocks 400.. are nil in P: identical rewrites there are zeros (nil), never a compare.
+    expect([...identical].some((b) => b >= 400)).toBe(false);
+    expect(identical.size).toBeGreaterThan(40);
+    expect(changed.size).toBeGreaterThan(40);
+    const parentReads: Array<[number, number]> = [];
+    const seen = exportParent(pId, parent);
+    const result = await exportDiff({
+      source: device,
+      buildId: childId,
+      diffPath: join(dir, 'dedup.diff'),
+      parent: {
+        ...seen,
+        readAt: (t, o) => {
+          parentReads.push([o, t.length]);
+          return seen.readAt(t, o);
+        },
+      },
+    });
+    expect(result).toMatchObject({
+      storedBlocks: changed.size,
+      zeroBlocks: zeroed.size,
+      dedupedBlocks: identical.size,
+      diffSize: changed.size * BS,
+    });
+    // The parent is read once per run of consecutive written blocks at most, never over its nil range.
+    const writtenRuns = [...device.written].filter((b) => b < 400 && !device.written.has(b - 1)).length;
+    expect(parentReads.length).toBeLessThanOrEqual(writtenRuns);
+    expect(parentReads.every(([o, n]) => o + n <= 400 * BS)).toBe(true);
+
+    const diff = await readFile(join(dir, 'dedup.diff'));
+    files.set(childId, new MemoryBlocks(diff));
+    const merged = mergeMappings(pMappings, result.mappings);
+    validateMappings(merged, size, BS);
+    const child = layered(childId, merged);
+    const expected = Buffer.alloc(size);
+    await device.readAt(expected, 0);
+    const readBack = Buffer.alloc(size);
+    await child.readAt(readBack, 0);
+    expect(readBack.equals(expected)).toBe(true);
+    // Identical blocks keep the parent's layer (G or P) in the new header; changed ones are the child's.
+    for (const b of identical) {
+      const [span] = child.readSpans(b * BS, BS);
+      expect(span!.buildId).toBe(b >= 100 && b < 180 ? pId : gId);
+    }
+    for (const b of changed) expect(child.readSpans(b * BS, BS)[0]!.buildId).toBe(childId);
+    for (const b of zeroed) expect(child.readSpans(b * BS, BS)[0]!.zero).toBe(true);
+
+    // The same export without dedup stores the identical blocks again.
+    const plain = await exportDiff({ source: device, buildId: childId, diffPath: join(dir, 'plain.diff') });
+    expect(plain.diffSize).toBe((changed.size + identical.size) * BS);
+    await device.close();
+  });
+
+  it('only: exports just the given blocks (a checkpoint set), over the parent', async () => {
+    const device = await CowOverlay.open({ base: new MemoryBlocks(randomBytes(16 * BS)), dir: join(dir, 'o') });
+    await device.writeAt(Buffer.alloc(2 * BS, 1), 2 * BS); // 2, 3: before the checkpoint
+    device.restartTracking();
+    await device.writeAt(Buffer.alloc(BS, 2), 3 * BS); // 3 again
+    await device.zeroAt(9 * BS, BS);
+    const result = await exportDiff({
+      source: device,
+      buildId: newBuildId(),
+      diffPath: join(dir, 'd'),
+      only: device.restartTracking(),
+    });
+    expect(result).toMatchObject({ storedBlocks: 1, zeroBlocks: 1, diffSize: BS });
+    expect(result.mappings.map((m) => [m.offset / BS, m.length / BS])).toEqual([
+      [3, 1],
+      [9, 1],
+    ]);
+    expect(await readFile(join(dir, 'd'))).toEqual(Buffer.alloc(BS, 2));
     await device.close();
   });
 });

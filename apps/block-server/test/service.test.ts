@@ -178,6 +178,8 @@ describe('block-server service over its control socket', () => {
       newBuildId: newId,
       diffPath,
       keepServing: false,
+      parentBuildId: '',
+      dedup: false,
     });
     expect(exported).toMatchObject({ blockSize: BS, size: SIZE, dirtyBlocks: 3 + 3 });
     const diff = await readFile(diffPath);
@@ -190,6 +192,41 @@ describe('block-server service over its control socket', () => {
     expect(existsSync(join(dataDir, 'devices', 'sbx-export'))).toBe(false);
     expect(existsSync(device.socketPath)).toBe(false);
     expect((await readFile(join(bucket, baseId, 'rootfs.ext4'))).equals(baseBytes)).toBe(true);
+  });
+
+  it('export with dedup: blocks a client rewrote with the bytes already there are left to the parent', async () => {
+    const device = await unary(client, client.open, { sandboxId: 'sbx-dedup', buildId: baseId, attachKernel: false });
+    const uri = `nbd+unix:///${device.exportName}?socket=${device.socketPath}`;
+    const same = join(dir, 'same.bin');
+    await writeFile(same, baseBytes.subarray(40 * BS, 48 * BS));
+    await run('qemu-io', [
+      '-f',
+      'raw',
+      '-c',
+      `write -s ${same} ${40 * BS} ${8 * BS}`, // what the build holds there already
+      '-c',
+      `write -P 0x43 ${60 * BS} ${2 * BS}`,
+      '-c',
+      'flush',
+      uri,
+    ]);
+    const final = Buffer.from(baseBytes);
+    final.fill(0x43, 60 * BS, 62 * BS);
+    const newId = newBuildId();
+    const diffPath = join(bucket, newId, 'rootfs.ext4');
+    const exported = await unary(client, client.export, {
+      sandboxId: 'sbx-dedup',
+      newBuildId: newId,
+      diffPath,
+      keepServing: false,
+      parentBuildId: baseId,
+      dedup: true,
+    });
+    expect(exported).toMatchObject({ dirtyBlocks: 2, dedupedBlocks: 8, zeroBlocks: 0, diffSize: 2 * BS });
+    expect(exported.mappings.map((m) => [m.offset / BS, m.length / BS])).toEqual([[60, 2]]);
+    expect((await readMerged(newId, await readFile(diffPath), exported.mappings)).equals(final)).toBe(true);
+    const metrics = await (await fetch(`http://127.0.0.1:${metricsPort}/metrics`)).text();
+    expect(metrics).toMatch(/sbx_block_server_export_blocks_total\{[^}]*kind="deduped"[^}]*\} 8/);
   });
 
   it('export waits for the device to be released: a client that stays gets DeviceBusy and the device keeps serving', async () => {
@@ -214,6 +251,8 @@ describe('block-server service over its control socket', () => {
         newBuildId: newBuildId(),
         diffPath: join(dir, 'busy.diff'),
         keepServing: false,
+        parentBuildId: '',
+        dedup: false,
       }).catch((e: unknown) => e);
       expect(grpcCode(err)).toBe(status.FAILED_PRECONDITION);
       expect((err as ServiceError).details).toMatch(/export device: .*still has 1 client/);
@@ -252,6 +291,8 @@ describe('block-server service over its control socket', () => {
           newBuildId: newBuildId(),
           diffPath: '/tmp/x',
           keepServing: false,
+          parentBuildId: '',
+          dedup: false,
         }),
       ),
     ).toBe(status.NOT_FOUND);
@@ -299,6 +340,8 @@ describe('block-server service over its control socket', () => {
       newBuildId: newId,
       diffPath,
       keepServing: false,
+      parentBuildId: '',
+      dedup: false,
     });
     expect(exported.dirtyBlocks).toBeGreaterThanOrEqual(Math.min(lastFlushed, SIZE / BS));
     expect((await readMerged(newId, await readFile(diffPath), exported.mappings)).equals(final)).toBe(true);

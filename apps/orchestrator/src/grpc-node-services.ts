@@ -93,9 +93,18 @@ export class GrpcNodeServices implements NodeServices {
           unary(c, c.open, BlockOpenRequest.fromPartial({ sandboxId, buildId, attachKernel: true }), long),
         );
       },
-      export: (sandboxId, newBuildId, diffPath, keepServing = false): Promise<BlockExportResponse> => {
+      export: (sandboxId, newBuildId, diffPath, how): Promise<BlockExportResponse> => {
         const c = blocks.of(sandboxId);
-        return throughRestart(() => unary(c, c.export, { sandboxId, newBuildId, diffPath, keepServing }, long));
+        const request = {
+          sandboxId,
+          newBuildId,
+          diffPath,
+          keepServing: false,
+          parentBuildId: '',
+          dedup: false,
+          ...how,
+        };
+        return throughRestart(() => unary(c, c.export, request, long));
       },
       close: async (sandboxId) => {
         const c = blocks.of(sandboxId);

@@ -32,11 +32,20 @@ export interface SlotProvider {
   list(): Promise<NetSlot[]>;
 }
 
+/** How a rootfs export is made: over which parent, deduplicated or not, and whether the device serves on. */
+export interface DiskDiffExport {
+  /** A checkpoint's export: the device serves on (else it is finished). */
+  keepServing?: boolean;
+  /** The build the diff's mappings are merged over (the sandbox's current build). */
+  parentBuildId: string;
+  /** Leave blocks equal to the parent's to it (`--pause-dedup`). */
+  dedup: boolean;
+}
+
 /** block-server: copy-on-write rootfs devices served over NBD. */
 export interface DeviceProvider {
   open(sandboxId: string, buildId: string): Promise<BlockDevice>;
-  /** keepServing: a checkpoint's export; the device serves on (else it is finished). */
-  export(sandboxId: string, newBuildId: string, diffPath: string, keepServing?: boolean): Promise<BlockExportResponse>;
+  export(sandboxId: string, newBuildId: string, diffPath: string, how?: DiskDiffExport): Promise<BlockExportResponse>;
   close(sandboxId: string): Promise<void>;
   list(): Promise<BlockDevice[]>;
 }

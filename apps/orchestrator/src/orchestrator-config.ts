@@ -110,8 +110,8 @@ export const orchestratorConfigSchema = z
      */
     pauseMemoryDiff: z.enum(['vmm-dirty-log', 'present']).default('vmm-dirty-log'),
     /**
-     * A written page equal to what the parent build holds is left to the parent, not stored
-     * again (E2B's block/dedup.go); zero pages stay nil either way.
+     * A written memory page or rootfs block equal to what the parent build holds is left to the
+     * parent, not stored again (E2B's block/dedup.go); zero pages and blocks stay nil either way.
      */
     pauseDedup: z
       .enum(['true', 'false'])

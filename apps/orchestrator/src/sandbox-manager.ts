@@ -444,7 +444,10 @@ export class SandboxManager {
       mark(step);
       step = 'export rootfs diff';
       // While paused: the overlay must not change under the export.
-      const disk = await devices.export(id, newBuildId, join(staging, 'rootfs.ext4'), true);
+      const disk = await devices.export(id, newBuildId, join(staging, 'rootfs.ext4'), {
+        keepServing: true,
+        ...this.diskDedup(sbx),
+      });
       mark(step);
       const memoryDiffPath = join(staging, 'memfile');
       const exportMemory = () =>
@@ -509,7 +512,7 @@ export class SandboxManager {
             dedupedPages: mem.dedupedPages,
             bytes: mem.diffSize,
           },
-          diskDiffBytes: disk.diffSize,
+          diskDiff: { blocks: disk.dirtyBlocks, dedupedBlocks: disk.dedupedBlocks, bytes: disk.diffSize },
           steps: rounded(timings),
         },
         'sandbox checkpointed',
@@ -529,6 +532,15 @@ export class SandboxManager {
    */
   private dedupAgainst(sbx: Sandbox): boolean {
     return (this.o.settings.pauseDedup ?? true) && sbx.build.buildId === sbx.config.buildId;
+  }
+
+  /**
+   * The block-server reads the parent build itself (its own layers, local after a checkpoint),
+   * so disk dedup holds after checkpoints too; it also exports only what changed since the
+   * checkpoint that parent is.
+   */
+  private diskDedup(sbx: Sandbox): { parentBuildId: string; dedup: boolean } {
+    return { parentBuildId: sbx.build.buildId, dedup: this.o.settings.pauseDedup ?? true };
   }
 
   admissionStatus() {
@@ -693,7 +705,7 @@ export class SandboxManager {
       await sbx.teardown.release('vmm');
       mark(step);
       step = 'export rootfs diff';
-      const disk = await devices.export(id, newBuildId, join(staging, 'rootfs.ext4'));
+      const disk = await devices.export(id, newBuildId, join(staging, 'rootfs.ext4'), this.diskDedup(sbx));
       mark(step);
       const build = await this.commitSnapshot(
         sbx.build,
@@ -730,6 +742,12 @@ export class SandboxManager {
             zeroPages: mem.zeroPages,
             dedupedPages: mem.dedupedPages,
             bytes: mem.diffSize,
+          },
+          diskDiff: {
+            blocks: disk.dirtyBlocks,
+            zeroBlocks: disk.zeroBlocks,
+            dedupedBlocks: disk.dedupedBlocks,
+            bytes: disk.diffSize,
           },
           steps: rounded(timings),
         },

@@ -54,6 +54,16 @@ export interface BlockExportRequest {
    * connected) and keep serving; the caller does not close the device afterwards.
    */
   keepServing: boolean;
+  /**
+   * The build the returned mappings will be merged over (empty: the build the device was opened
+   * over). Over the device's last checkpoint only blocks changed since it are exported.
+   */
+  parentBuildId: string;
+  /**
+   * Written blocks equal to what the parent holds are left to it, not stored (E2B's
+   * block/dedup.go); zero blocks stay nil mappings. After a checkpoint, parent_build_id is required.
+   */
+  dedup: boolean;
 }
 
 export interface BlockExportResponse {
@@ -62,6 +72,10 @@ export interface BlockExportResponse {
   dirtyBlocks: number;
   blockSize: number;
   size: number;
+  /** Written blocks equal to the parent's, left to it (dedup). */
+  dedupedBlocks: number;
+  /** Blocks exported as nil mappings (written with zeros or trimmed). */
+  zeroBlocks: number;
 }
 
 export interface BlockDeviceRef {
@@ -396,7 +410,7 @@ export const BlockDevice: MessageFns<BlockDevice> = {
 };
 
 function createBaseBlockExportRequest(): BlockExportRequest {
-  return { sandboxId: "", newBuildId: "", diffPath: "", keepServing: false };
+  return { sandboxId: "", newBuildId: "", diffPath: "", keepServing: false, parentBuildId: "", dedup: false };
 }
 
 export const BlockExportRequest: MessageFns<BlockExportRequest> = {
@@ -412,6 +426,12 @@ export const BlockExportRequest: MessageFns<BlockExportRequest> = {
     }
     if (message.keepServing !== false) {
       writer.uint32(32).bool(message.keepServing);
+    }
+    if (message.parentBuildId !== "") {
+      writer.uint32(42).string(message.parentBuildId);
+    }
+    if (message.dedup !== false) {
+      writer.uint32(48).bool(message.dedup);
     }
     return writer;
   },
@@ -461,6 +481,22 @@ export const BlockExportRequest: MessageFns<BlockExportRequest> = {
             message.keepServing = reader.bool();
             continue;
           }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.parentBuildId = reader.string();
+            continue;
+          }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.dedup = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -495,6 +531,12 @@ export const BlockExportRequest: MessageFns<BlockExportRequest> = {
         : isSet(object.keep_serving)
         ? globalThis.Boolean(object.keep_serving)
         : false,
+      parentBuildId: isSet(object.parentBuildId)
+        ? globalThis.String(object.parentBuildId)
+        : isSet(object.parent_build_id)
+        ? globalThis.String(object.parent_build_id)
+        : "",
+      dedup: isSet(object.dedup) ? globalThis.Boolean(object.dedup) : false,
     };
   },
 
@@ -512,6 +554,12 @@ export const BlockExportRequest: MessageFns<BlockExportRequest> = {
     if (message.keepServing !== false) {
       obj.keepServing = message.keepServing;
     }
+    if (message.parentBuildId !== "") {
+      obj.parentBuildId = message.parentBuildId;
+    }
+    if (message.dedup !== false) {
+      obj.dedup = message.dedup;
+    }
     return obj;
   },
 
@@ -524,12 +572,14 @@ export const BlockExportRequest: MessageFns<BlockExportRequest> = {
     message.newBuildId = object.newBuildId ?? "";
     message.diffPath = object.diffPath ?? "";
     message.keepServing = object.keepServing ?? false;
+    message.parentBuildId = object.parentBuildId ?? "";
+    message.dedup = object.dedup ?? false;
     return message;
   },
 };
 
 function createBaseBlockExportResponse(): BlockExportResponse {
-  return { mappings: [], diffSize: 0, dirtyBlocks: 0, blockSize: 0, size: 0 };
+  return { mappings: [], diffSize: 0, dirtyBlocks: 0, blockSize: 0, size: 0, dedupedBlocks: 0, zeroBlocks: 0 };
 }
 
 export const BlockExportResponse: MessageFns<BlockExportResponse> = {
@@ -548,6 +598,12 @@ export const BlockExportResponse: MessageFns<BlockExportResponse> = {
     }
     if (message.size !== 0) {
       writer.uint32(40).uint64(message.size);
+    }
+    if (message.dedupedBlocks !== 0) {
+      writer.uint32(48).uint64(message.dedupedBlocks);
+    }
+    if (message.zeroBlocks !== 0) {
+      writer.uint32(56).uint64(message.zeroBlocks);
     }
     return writer;
   },
@@ -605,6 +661,22 @@ export const BlockExportResponse: MessageFns<BlockExportResponse> = {
             message.size = longToNumber(reader.uint64());
             continue;
           }
+          case 6: {
+            if (tag !== 48) {
+              break;
+            }
+
+            message.dedupedBlocks = longToNumber(reader.uint64());
+            continue;
+          }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.zeroBlocks = longToNumber(reader.uint64());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -638,6 +710,16 @@ export const BlockExportResponse: MessageFns<BlockExportResponse> = {
         ? globalThis.Number(object.block_size)
         : 0,
       size: isSet(object.size) ? globalThis.Number(object.size) : 0,
+      dedupedBlocks: isSet(object.dedupedBlocks)
+        ? globalThis.Number(object.dedupedBlocks)
+        : isSet(object.deduped_blocks)
+        ? globalThis.Number(object.deduped_blocks)
+        : 0,
+      zeroBlocks: isSet(object.zeroBlocks)
+        ? globalThis.Number(object.zeroBlocks)
+        : isSet(object.zero_blocks)
+        ? globalThis.Number(object.zero_blocks)
+        : 0,
     };
   },
 
@@ -658,6 +740,12 @@ export const BlockExportResponse: MessageFns<BlockExportResponse> = {
     if (message.size !== 0) {
       obj.size = Math.round(message.size);
     }
+    if (message.dedupedBlocks !== 0) {
+      obj.dedupedBlocks = Math.round(message.dedupedBlocks);
+    }
+    if (message.zeroBlocks !== 0) {
+      obj.zeroBlocks = Math.round(message.zeroBlocks);
+    }
     return obj;
   },
 
@@ -671,6 +759,8 @@ export const BlockExportResponse: MessageFns<BlockExportResponse> = {
     message.dirtyBlocks = object.dirtyBlocks ?? 0;
     message.blockSize = object.blockSize ?? 0;
     message.size = object.size ?? 0;
+    message.dedupedBlocks = object.dedupedBlocks ?? 0;
+    message.zeroBlocks = object.zeroBlocks ?? 0;
     return message;
   },
 };
