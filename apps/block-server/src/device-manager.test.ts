@@ -185,6 +185,44 @@ describe('checkpoint and pause exports over local builds', () => {
     await m.shutdown();
   });
 
+  it('after a block-server restart the tracking since the checkpoint is gone: the export over it is a full one, deduplicated against it, exact', async () => {
+    const first = buildManager();
+    const device = await first.open({ sandboxId: 'cp-4', buildId: baseId });
+    await device.overlay.writeAt(fill(6, 0x66), 10 * BS); // 10..15, before the checkpoint
+    const cpId = newBuildId();
+    const cp = await first.export('cp-4', cpId, join(cacheDir, 'builds', cpId, 'rootfs.ext4'), {
+      keepServing: true,
+      parentBuildId: baseId,
+      dedup: true,
+    });
+    const cpMappings = await commit(cpId, baseMappings(SIZE, baseId), cp.mappings);
+    await device.overlay.writeAt(fill(1, 0x77), 30 * BS);
+    await device.overlay.flush();
+    await first.shutdown();
+
+    const second = buildManager();
+    expect((await second.restore()).reopened).toEqual(['cp-4']);
+    const pauseId = newBuildId();
+    const paused = await second.export('cp-4', pauseId, join(cacheDir, 'builds', pauseId, 'rootfs.ext4'), {
+      parentBuildId: cpId,
+      dedup: true,
+    });
+    // 10..15 are exported again (nothing says they were checkpointed) but equal the checkpoint's.
+    expect(paused).toMatchObject({ storedBlocks: 1, dedupedBlocks: 6, diffSize: BS });
+    await commit(pauseId, cpMappings, paused.mappings);
+    await second.shutdown();
+    const store = new BuildStore({ cacheDir, owner: 'reader' });
+    const { file } = await store.openBuildFile(pauseId, 'rootfs.ext4');
+    const expected = Buffer.from(baseBytes);
+    expected.fill(0x66, 10 * BS, 16 * BS);
+    expected.fill(0x77, 30 * BS, 31 * BS);
+    const readBack = Buffer.alloc(SIZE);
+    await file.readAt(readBack, 0);
+    expect(readBack.equals(expected)).toBe(true);
+    await file.close();
+    await store.close();
+  });
+
   it('a parent build that cannot be read: exported without dedup, still complete', async () => {
     const m = buildManager();
     const device = await m.open({ sandboxId: 'cp-3', buildId: baseId });
