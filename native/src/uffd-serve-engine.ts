@@ -14,6 +14,11 @@ const copyMap = sbx.func(
   'int64_t sbx_serve_copy_map(int64_t h, int which, uint64_t first, uint64_t count, uint8_t *out)',
 );
 const stop = sbx.func('int64_t sbx_serve_stop(int64_t h)');
+const prefetch = sbx.func(
+  'int64_t sbx_serve_prefetch(int64_t h, const uint32_t *blocks, uint64_t count, uint64_t block)',
+);
+const stopRecording = sbx.func('int64_t sbx_serve_stop_recording(int64_t h)');
+const recorded = sbx.func('int64_t sbx_serve_recorded(int64_t h, uint32_t *out, uint64_t cap)');
 const destroy = sbx.func('int64_t sbx_serve_destroy(int64_t h)');
 
 /** Bookkeeping unit of the engine (bytes of the memory file per map entry). */
@@ -64,6 +69,11 @@ export interface ServeEngineOptions {
   /** Answer write-protect faults and record the page as dirty (synchronous tracking). */
   syncWriteProtect: boolean;
   regions: ServeRegion[];
+  /**
+   * Record the blocks of this size the guest faults, first fault first, each once, until
+   * `stopRecording()` or stop-sourcing (recorded prefetch). Undefined: no recording.
+   */
+  recordBlockSize?: number;
 }
 
 export interface ServeEngineStats {
@@ -76,13 +86,21 @@ export interface ServeEngineStats {
   fetchRequests: number;
   fetchWaits: number;
   presentPages4k: number;
+  /** Faults served while recording (the start of the sandbox). */
+  recordFaults: number;
+  /** 4 KiB units the recorded-prefetch pass installed. */
+  passPages4k: number;
+  /** Pass entries found present already (a fault or a fault's window came first). */
+  passAlreadyPresent: number;
+  /** Pass entries dealt with so far. */
+  passDone: number;
   latencyBoundsUs: number[];
   latencyCounts: number[];
   failedCode: number;
   pendingFaults: number;
 }
 
-const STAT_SLOTS = 9;
+const STAT_SLOTS = 13;
 const HIST = 14;
 
 /**
@@ -110,6 +128,7 @@ export class ServeEngine {
       options.syncWriteProtect ? 1n : 0n,
       BigInt(options.regions.length),
       BigInt(options.readaheadWindows ?? 0),
+      BigInt(options.recordBlockSize ?? 0),
     ]);
     const regions = new BigUint64Array(options.regions.length * 4);
     options.regions.forEach((r, i) => {
@@ -166,6 +185,10 @@ export class ServeEngine {
       fetchRequests: s[6] ?? 0,
       fetchWaits: s[7] ?? 0,
       presentPages4k: s[8] ?? 0,
+      recordFaults: s[9] ?? 0,
+      passPages4k: s[10] ?? 0,
+      passAlreadyPresent: s[11] ?? 0,
+      passDone: s[12] ?? 0,
       latencyBoundsUs: s.slice(STAT_SLOTS, STAT_SLOTS + HIST),
       latencyCounts: s.slice(STAT_SLOTS + HIST, STAT_SLOTS + 2 * HIST),
       failedCode: s[STAT_SLOTS + 2 * HIST] ?? 0,
@@ -178,6 +201,32 @@ export class ServeEngine {
     const out = new Uint8Array(count);
     check('sbx_serve_copy_map', copyMap(this.handle, which, first, count, out));
     return out;
+  }
+
+  /**
+   * Starts the recorded-prefetch pass (after `start`): a thread that copies these blocks (index
+   * = memory-file offset / blockSize) in order while faults are served; faults always win.
+   */
+  startPrefetch(blocks: Uint32Array, blockSize: number): void {
+    check('sbx_serve_prefetch', prefetch(this.handle, blocks, blocks.length, blockSize));
+  }
+
+  /** Ends recording; what was recorded is kept (`recorded()`). */
+  stopRecording(): void {
+    stopRecording(this.handle);
+  }
+
+  recordedCount(): number {
+    return Number(recorded(this.handle, null, 0));
+  }
+
+  /** The blocks recorded so far, first fault first. */
+  recorded(): Uint32Array {
+    for (;;) {
+      const n = Number(recorded(this.handle, null, 0));
+      const out = new Uint32Array(n);
+      if (Number(recorded(this.handle, out, n)) === n) return out;
+    }
   }
 
   /** Stops and joins the serving threads (they exit within one poll wake-up). */

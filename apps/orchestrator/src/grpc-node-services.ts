@@ -133,9 +133,13 @@ export class GrpcNodeServices implements NodeServices {
         const c = uffds.of(sandboxId);
         await unary(c, c.stopSourcing, { sandboxId }, timeoutMs);
       },
+      stopRecording: async (sandboxId) => {
+        const c = uffds.of(sandboxId);
+        await unary(c, c.stopRecording, { sandboxId }, timeoutMs);
+      },
       exportDiff: (request): Promise<UffdExportDiffResponse> => {
         const c = uffds.of(request.sandboxId);
-        return unary(c, c.exportDiff, { keepServing: false, dedup: false, ...request }, long);
+        return unary(c, c.exportDiff, { keepServing: false, dedup: false, prefetchPath: '', ...request }, long);
       },
       stop: async (sandboxId) => {
         const c = uffds.of(sandboxId);

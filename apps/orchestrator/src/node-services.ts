@@ -21,6 +21,8 @@ export interface MemoryDiffExport {
   keepServing?: boolean;
   /** Leave pages equal to the served build's to it (only when that build is the new one's parent). */
   dedup?: boolean;
+  /** Where the uffd-server writes the recorded prefetch set (the staged build's memfile.prefetch). */
+  prefetchPath?: string;
 }
 
 export interface SlotProvider {
@@ -61,6 +63,8 @@ export interface MemoryServing {
 export interface MemoryProvider {
   prepare(sandboxId: string, socketPath: string, buildId: string): Promise<UffdPrepareResponse>;
   stopSourcing(sandboxId: string): Promise<void>;
+  /** The sandbox started (envd answered): its start's faults are recorded (recorded prefetch). */
+  stopRecording(sandboxId: string): Promise<void>;
   exportDiff(request: MemoryDiffExport): Promise<UffdExportDiffResponse>;
   stop(sandboxId: string): Promise<void>;
   list(): Promise<MemoryServing[]>;

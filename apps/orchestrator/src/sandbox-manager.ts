@@ -5,6 +5,7 @@ import {
   BuildNotFound,
   mergeMappings,
   NIL_UUID,
+  PREFETCH_FILE,
   type BuildMapping,
   type BuildStore,
   type Header,
@@ -368,6 +369,12 @@ export class SandboxManager {
     at('init envd');
     await this.o.node.envd.init(slot.hostIp, sbx.config.envVars ?? {}, this.o.settings.envdTimeoutMs);
     mark('init envd');
+    // Recorded prefetch: the start is over once envd answers; the faults recorded so far are the
+    // set the next pause or checkpoint stores. Off the create's path (the uffd-server also ends
+    // recording at a bounded time and at pause).
+    memory.stopRecording(id).catch((err: unknown) => {
+      sbx.log.warn({ err: (err as Error).message }, 'uffd-server did not stop recording the start');
+    });
   }
 
   /**
@@ -450,6 +457,7 @@ export class SandboxManager {
       });
       mark(step);
       const memoryDiffPath = join(staging, 'memfile');
+      const prefetchPath = join(staging, PREFETCH_FILE);
       const exportMemory = () =>
         memory.exportDiff({
           sandboxId: id,
@@ -459,6 +467,7 @@ export class SandboxManager {
           vmmDirtyLog,
           keepServing: true,
           dedup: this.dedupAgainst(sbx),
+          prefetchPath,
         });
       let mem: Awaited<ReturnType<typeof memory.exportDiff>> | undefined;
       if (tracking.startsWith('wp')) {
@@ -698,6 +707,7 @@ export class SandboxManager {
         memfilePath: fullMemfile,
         vmmDirtyLog,
         dedup: this.dedupAgainst(sbx),
+        prefetchPath: join(staging, PREFETCH_FILE),
       });
       await rm(fullMemfile, { force: true });
       mark(step);

@@ -124,6 +124,7 @@ export class RecordingNode implements NodeServices {
       return UffdPrepareResponse.fromPartial({ socketPath, memorySize: MEM_PAGES * PAGE });
     },
     stopSourcing: async () => {},
+    stopRecording: async () => {},
     tracking: async () => 'present',
     exportDiff: async ({ newBuildId, diffPath }: MemoryDiffExport): Promise<UffdExportDiffResponse> => {
       this.check('exportDiff');

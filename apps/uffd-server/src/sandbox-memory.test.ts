@@ -7,6 +7,7 @@ import { createLogger } from '#logging';
 import { UffdPeerProcess } from '#native';
 import { ChunkCache, StorageUnavailable, type ChunkSource } from '#storage';
 import { eventually } from '#test-kit';
+import { RecordedPrefetch } from './recorded-prefetch.js';
 import { SandboxMemory } from './sandbox-memory.js';
 import { SourceView } from './source-view.js';
 
@@ -54,7 +55,7 @@ describe('SandboxMemory with a remote source', () => {
     rmSync(dir, { recursive: true, force: true });
   });
 
-  async function start(source: FlakySource, attempts: number) {
+  async function start(source: FlakySource, attempts: number, prefetchSet?: number[]) {
     const cache = await ChunkCache.open({
       source,
       size: SIZE,
@@ -80,6 +81,17 @@ describe('SandboxMemory with a remote source', () => {
       handshakeTimeoutMs: 10_000,
       logger,
       onEnded: (s) => (ended = s),
+      ...(prefetchSet
+        ? {
+            recordedPrefetch: new RecordedPrefetch({
+              blockSize: 4096,
+              memorySize: SIZE,
+              recordMs: 60_000,
+              set: { blockSize: 4096, size: SIZE, blocks: prefetchSet },
+              logger,
+            }),
+          }
+        : {}),
     });
     cleanups.push(() => sandbox.stop());
     const peer = new UffdPeerProcess(['--socket', socketPath, '--size', String(SIZE), '--tracking', 'wp-async']);
@@ -99,6 +111,29 @@ describe('SandboxMemory with a remote source', () => {
     const zeros = join(dir, 'zeros');
     writeFileSync(zeros, Buffer.alloc(4096 * 16));
     expect(await peer.command(`check ${zeros} 0 ${4096 * 16}`)).toBe('ok');
+    await peer.exit();
+  });
+
+  it('the recorded-prefetch pass asks for what is not fetched yet, in its order, and the start then takes no fault', async () => {
+    const source = new FlakySource(bytes, 1);
+    // Pages in three chunks of the remote part, not in ascending order.
+    const set = [1500, 1501, 900, 40, 41, 1900];
+    const { sandbox, peer } = await start(source, 4, set);
+    await peer.ready();
+    await eventually(() => expect(sandbox.stats().recordedPrefetch).toMatchObject({ passDone: set.length }));
+    const st = sandbox.stats();
+    expect(st.recordedPrefetch).toMatchObject({
+      passPages4k: set.length,
+      passAlreadyPresent: 0,
+      setBlocks: set.length,
+    });
+    expect(st.fetchRetries).toBeGreaterThanOrEqual(1); // the pass waited through a failed fetch
+    for (const p of set) expect(await peer.command(`check ${memfile} ${p * 4096} 4096`)).toBe('ok');
+    expect(sandbox.stats()).toMatchObject({
+      faults: 0,
+      recordedPrefetch: { startFaults: 0, recordedBlocks: set.length },
+    });
+    expect(sandbox.stopRecording()).toMatchObject({ recording: false, recordedBlocks: set.length });
     await peer.exit();
   });
 

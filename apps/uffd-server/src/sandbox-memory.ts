@@ -17,6 +17,7 @@ import type { BuildMapping } from '#storage';
 import { exportDiff } from './diff-export.js';
 import { HandshakeListener, type ReceivedHandshake } from './handshake-listener.js';
 import type { SourceView } from './source-view.js';
+import type { RecordedPrefetch, RecordedPrefetchStats } from './recorded-prefetch.js';
 import { probeTracking, type TrackingMode } from './tracking-mode.js';
 import { InvalidState } from './uffd-server-errors.js';
 
@@ -42,6 +43,8 @@ export interface SandboxMemoryOptions {
   onServing?: (sandbox: SandboxMemory, hs: ReceivedHandshake, tracking: TrackingMode) => void;
   /** A handshake taken by an earlier uffd-server process (fds taken back from the VMM): serve at once. */
   adopted?: ReceivedHandshake;
+  /** Recorded prefetch: the build's set copied in, the start's faults recorded (not for adopted sandboxes). */
+  recordedPrefetch?: RecordedPrefetch;
 }
 
 /** One ExportDiff: where the diff goes, where the pages come from, and how it is taken. */
@@ -56,6 +59,8 @@ export interface DiffExportRequest {
   keepServing?: boolean;
   /** Leave pages equal to the served build's to it. */
   dedup?: boolean;
+  /** Write the recorded prefetch set here (the staged build's memfile.prefetch). */
+  prefetchPath?: string | undefined;
 }
 
 export interface ExportResult {
@@ -69,6 +74,8 @@ export interface ExportResult {
   memorySize: number;
   /** `vmm-dirty-log`: the pages came from Firecracker's Diff snapshot, not from this server's tracking. */
   tracking: TrackingMode | 'vmm-dirty-log';
+  /** Blocks written to prefetchPath (0: no set, no file). */
+  prefetchBlocks: number;
 }
 
 export interface SandboxStats extends Partial<ServeEngineStats> {
@@ -81,6 +88,7 @@ export interface SandboxStats extends Partial<ServeEngineStats> {
   pageSize: number;
   hasMemfd: boolean;
   peerPid: number;
+  recordedPrefetch: RecordedPrefetchStats | undefined;
 }
 
 const MAP_PRESENT = 0;
@@ -198,11 +206,15 @@ export class SandboxMemory {
         installWriteProtected: mode !== 'present',
         syncWriteProtect: mode === 'wp-sync',
         regions: hs.regions,
+        ...(this.o.recordedPrefetch?.recordBlockSize !== undefined
+          ? { recordBlockSize: this.o.recordedPrefetch.recordBlockSize }
+          : {}),
       });
       this.engine = engine;
       if (!this.o.source.allReady) for (const r of this.o.source.readyRanges()) engine.markReady(r.offset, r.length);
       this.engineWatch = watchReadable(engine.notifyFd, () => this.drainEvents());
       engine.start(this.o.threads);
+      this.o.recordedPrefetch?.attach(engine);
       this.stateValue = 'serving';
       this.log.info(
         {
@@ -332,6 +344,7 @@ export class SandboxMemory {
     this.listener = undefined;
     if (this.engine) {
       this.engine.stop();
+      this.o.recordedPrefetch?.detach();
       this.lastStats = this.engine.stats();
       if (!this.dirtyPages) this.snapshotPresentOnly();
       this.engineWatch?.close();
@@ -388,6 +401,7 @@ export class SandboxMemory {
       );
     const engine = this.engine!;
     engine.stopSourcing();
+    this.o.recordedPrefetch?.stopRecording('paused');
     const units = this.unitCount();
     const present = this.presentMapNow();
     this.presentMap = present;
@@ -481,6 +495,7 @@ export class SandboxMemory {
     vmmDirtyLog = false,
     keepServing = false,
     dedup = false,
+    prefetchPath,
   }: DiffExportRequest): Promise<ExportResult> {
     const hs = this.requireHandshake('export');
     if (keepServing && this.stateValue !== 'serving')
@@ -522,6 +537,8 @@ export class SandboxMemory {
       buildId,
       ...(dedup ? { parent: (offset: number, into: Uint8Array) => this.o.source.read(offset, into) } : {}),
     });
+    // The set this sandbox recorded while it started goes with the new build (E2B: at checkpoint).
+    const prefetchBlocks = prefetchPath ? ((await this.o.recordedPrefetch?.writeTo(prefetchPath)) ?? 0) : 0;
     this.log.info(
       {
         buildId,
@@ -532,6 +549,7 @@ export class SandboxMemory {
         from: from.kind,
         tracking,
         ...(vmmDirtyLog && this.dirtyPages ? { serverTrackedPages: this.dirtyPages.length } : {}),
+        prefetchBlocks,
       },
       'memory diff exported',
     );
@@ -544,7 +562,13 @@ export class SandboxMemory {
       pageSize,
       memorySize: this.o.source.size,
       tracking,
+      prefetchBlocks,
     };
+  }
+
+  /** The sandbox is up (envd answered): the start's faults are recorded; later ones are not. */
+  stopRecording(): RecordedPrefetchStats | undefined {
+    return this.o.recordedPrefetch?.stopRecording('sandbox started');
   }
 
   private pagesGivenBack(): number[] {
@@ -607,6 +631,7 @@ export class SandboxMemory {
       pageSize: this.hs?.regions[0]?.pageSize ?? this.o.pageSize ?? 0,
       hasMemfd: this.hs?.memfd !== undefined,
       peerPid: this.hs?.peerPid ?? 0,
+      recordedPrefetch: this.o.recordedPrefetch?.stats(),
     };
   }
 

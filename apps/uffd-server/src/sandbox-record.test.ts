@@ -72,6 +72,8 @@ describe('sandbox records', () => {
         threadsPerSandbox: 1,
         handshakeTimeoutMs: 1000,
         maxSandboxes: 8,
+        recordedPrefetch: true,
+        prefetchRecordMs: 30_000,
       },
       builds,
       logger: createLogger({ service: 'uffd-server-test', level: 'silent' }),

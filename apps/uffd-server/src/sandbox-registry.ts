@@ -2,8 +2,9 @@ import { isAbsolute } from 'node:path';
 import { sandboxLogger, type Logger } from '#logging';
 import { fdNumberIn, pidfdGetfd, pidfdOpen, close } from '#native';
 import { PAGE_2M, PAGE_4K } from '#uffd';
-import type { BuildStore } from '#storage';
+import { PrefetchInvalid, type BuildStore, type PrefetchSet } from '#storage';
 import { SandboxMemory, type DiffExportRequest, type ExportResult, type SandboxStats } from './sandbox-memory.js';
+import { RecordedPrefetch } from './recorded-prefetch.js';
 import { SourceView } from './source-view.js';
 import type { ReceivedHandshake } from './handshake-listener.js';
 import { processStartTime, type SandboxRecord, type SandboxRecords } from './sandbox-record.js';
@@ -29,6 +30,10 @@ export interface RegistrySettings {
   threadsPerSandbox: number;
   handshakeTimeoutMs: number;
   maxSandboxes: number;
+  /** Copy a build's recorded prefetch set in at resume, and record the start's faults. */
+  recordedPrefetch: boolean;
+  /** Longest recording after the handshake (the orchestrator ends it when envd answers). */
+  prefetchRecordMs: number;
 }
 
 const SANDBOX_ID = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
@@ -85,9 +90,26 @@ export class SandboxRegistry {
     try {
       const pageSize = req.pageSize || undefined;
       let blockSize: number | undefined;
+      let prefetchSet: PrefetchSet | undefined;
+      const log = sandboxLogger(this.logger, req.sandboxId);
       if (req.buildId) {
-        const { header, file } = await this.builds.openBuildFile(req.buildId, 'memfile');
+        const [{ header, file }, set] = await Promise.all([
+          this.builds.openBuildFile(req.buildId, 'memfile'),
+          this.settings.recordedPrefetch ? this.readPrefetch(req.buildId, log) : undefined,
+        ]);
         blockSize = header.metadata.blockSize;
+        if (set && (set.blockSize !== blockSize || set.size !== header.metadata.size)) {
+          log.warn(
+            {
+              buildId: req.buildId,
+              setBlockSize: set.blockSize,
+              setSize: set.size,
+              blockSize,
+              size: header.metadata.size,
+            },
+            'recorded prefetch set does not match the memfile header; resuming without it',
+          );
+        } else prefetchSet = set;
         // Diff mappings must stay aligned to the header's blocks: the page size is a multiple of them.
         if (pageSize !== undefined && pageSize % blockSize !== 0)
           throw new SourceInvalid(
@@ -98,8 +120,8 @@ export class SandboxRegistry {
       } else {
         source = SourceView.ofFile(req.memfilePath!);
       }
-      const log = sandboxLogger(this.logger, req.sandboxId);
       const prefetchBytes = req.prefetchBytes || this.settings.prefetchBytes;
+      const recordBlock = blockSize ?? pageSize ?? 4096;
       const sandbox = new SandboxMemory({
         sandboxId: req.sandboxId,
         socketPath: req.socketPath,
@@ -112,6 +134,13 @@ export class SandboxRegistry {
         threads: this.settings.threadsPerSandbox,
         handshakeTimeoutMs: this.settings.handshakeTimeoutMs,
         logger: log,
+        recordedPrefetch: new RecordedPrefetch({
+          blockSize: recordBlock,
+          memorySize: source.size,
+          recordMs: this.settings.recordedPrefetch ? this.settings.prefetchRecordMs : 0,
+          set: prefetchSet,
+          logger: log,
+        }),
         onEnded: (s) => this.ended(s),
         onServing: (s, hs, tracking) =>
           this.record(s, hs, tracking, {
@@ -132,6 +161,17 @@ export class SandboxRegistry {
       throw err;
     } finally {
       this.preparing.delete(req.sandboxId);
+    }
+  }
+
+  /** The build's recorded prefetch set; a corrupt one is warned about and left out, never fails the resume. */
+  private async readPrefetch(buildId: string, log: Logger): Promise<PrefetchSet | undefined> {
+    try {
+      return await this.builds.readPrefetch(buildId);
+    } catch (err) {
+      const problem = err instanceof PrefetchInvalid ? err.message : `cannot read it: ${(err as Error).message}`;
+      log.warn({ buildId, problem }, 'recorded prefetch set unusable; resuming without it');
+      return undefined;
     }
   }
 
@@ -278,12 +318,19 @@ export class SandboxRegistry {
   }
 
   exportDiff(sandboxId: string, request: DiffExportRequest): Promise<ExportResult> {
-    const { diffPath, memfilePath, vmmDirtyLog } = request;
+    const { diffPath, memfilePath, vmmDirtyLog, prefetchPath } = request;
     if (!isAbsolute(diffPath)) throw new RequestInvalid('diff_path', 'must be absolute');
+    if (prefetchPath && !isAbsolute(prefetchPath)) throw new RequestInvalid('prefetch_path', 'must be absolute');
     if (memfilePath && !isAbsolute(memfilePath)) throw new RequestInvalid('memfile_path', 'must be absolute');
     if (vmmDirtyLog && !memfilePath)
       throw new RequestInvalid('memfile_path', "required with vmm_dirty_log (the VMM's Diff snapshot)");
     return this.get(sandboxId).exportDiff(request);
+  }
+
+  stopRecording(sandboxId: string): SandboxStats {
+    const s = this.get(sandboxId);
+    s.stopRecording();
+    return s.stats();
   }
 
   async stop(sandboxId: string): Promise<void> {

@@ -10,6 +10,10 @@ interface Seen {
   bytes: number;
   prefetch: number;
   wp: number;
+  startFaults: number;
+  passPages: number;
+  passLate: number;
+  hits: number;
   latency: number[];
 }
 
@@ -56,6 +60,10 @@ export class UffdMetrics {
   private readonly bytes: Counter;
   private readonly prefetch: Counter;
   private readonly wp: Counter;
+  private readonly startFaults: Counter;
+  private readonly passPages: Counter;
+  private readonly passLate: Counter;
+  private readonly hits: Counter;
   private readonly latency: FaultSeconds;
 
   constructor(registry: Registry, sandboxes: () => SandboxRegistry | undefined) {
@@ -73,6 +81,22 @@ export class UffdMetrics {
     this.bytes = counter('served_bytes_total', 'Bytes installed with UFFDIO_COPY');
     this.prefetch = counter('prefetch_bytes_total', 'Bytes installed ahead of a fault');
     this.wp = counter('wp_faults_total', 'Synchronous write-protect faults');
+    this.startFaults = counter(
+      'start_faults_total',
+      "Faults served while a sandbox's start was recorded (recorded prefetch makes them few)",
+    );
+    this.passPages = counter(
+      'recorded_prefetch_pages_total',
+      "4 KiB pages copied in by the recorded-prefetch pass (a build's memfile.prefetch)",
+    );
+    this.passLate = counter(
+      'recorded_prefetch_late_total',
+      'Recorded-prefetch entries a fault (or its window) installed before the pass reached them',
+    );
+    this.hits = counter(
+      'prefetch_hits_total',
+      'Prefetched pages (window or recorded) the guest then wrote; known with write-protect tracking only (reads are invisible)',
+    );
     this.handshakeFailures = counter('handshake_failures_total', 'Handshakes refused, by problem', ['problem']);
     this.sandboxesEnded = counter(
       'sandboxes_ended_total',
@@ -89,18 +113,36 @@ export class UffdMetrics {
   }
 
   private fold(s: SandboxStats): void {
-    const prev = this.seen.get(s.sandboxId) ?? { faults: 0, bytes: 0, prefetch: 0, wp: 0, latency: [] };
+    const prev = this.seen.get(s.sandboxId) ?? {
+      faults: 0,
+      bytes: 0,
+      prefetch: 0,
+      wp: 0,
+      startFaults: 0,
+      passPages: 0,
+      passLate: 0,
+      hits: 0,
+      latency: [],
+    };
     const now: Seen = {
       faults: s.faults ?? 0,
       bytes: s.bytesServed ?? 0,
       prefetch: (s.prefetchPages4k ?? 0) * PAGE_4K,
       wp: s.wpFaults ?? 0,
+      startFaults: s.recordedPrefetch?.startFaults ?? 0,
+      passPages: s.recordedPrefetch?.passPages4k ?? 0,
+      passLate: s.recordedPrefetch?.passAlreadyPresent ?? 0,
+      hits: s.prefetchHits,
       latency: s.latencyCounts ?? [],
     };
     this.faults.inc(Math.max(0, now.faults - prev.faults));
     this.bytes.inc(Math.max(0, now.bytes - prev.bytes));
     this.prefetch.inc(Math.max(0, now.prefetch - prev.prefetch));
     this.wp.inc(Math.max(0, now.wp - prev.wp));
+    this.startFaults.inc(Math.max(0, now.startFaults - prev.startFaults));
+    this.passPages.inc(Math.max(0, now.passPages - prev.passPages));
+    this.passLate.inc(Math.max(0, now.passLate - prev.passLate));
+    this.hits.inc(Math.max(0, now.hits - prev.hits));
     (s.latencyBoundsUs ?? []).forEach((bound, i) => {
       const grown = Math.max(0, (now.latency[i] ?? 0) - (prev.latency[i] ?? 0));
       this.latency.perBound.set(bound, (this.latency.perBound.get(bound) ?? 0) + grown);

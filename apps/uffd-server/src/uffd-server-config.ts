@@ -45,6 +45,12 @@ export const uffdServerConfigSchema = z.object({
   fetchAttempts: int(1, 20).default(5).describe('attempts (first included) of a source fetch while the fault waits'),
   fetchRetryDelayMs: int(1).default(100),
   maxSandboxes: int(1).default(512),
+  recordedPrefetch: flag('true').describe(
+    "copy a build's recorded prefetch set (memfile.prefetch) in at resume and record the start's faults for the next build",
+  ),
+  prefetchRecordMs: int(1)
+    .default(30_000)
+    .describe('longest recording of the start (the orchestrator ends it sooner, once envd answers)'),
   stateDir: z
     .string()
     .default('')

@@ -33,6 +33,12 @@ export function statsMessage(s: SandboxStats): UffdSandboxStats {
     peerPid: s.peerPid,
     presentPages: s.presentPages4k ?? 0,
     eexist: s.eexist ?? 0,
+    startFaults: s.recordedPrefetch?.startFaults ?? 0,
+    recordedBlocks: s.recordedPrefetch?.recordedBlocks ?? 0,
+    recording: s.recordedPrefetch?.recording ?? false,
+    prefetchSetBlocks: s.recordedPrefetch?.setBlocks ?? 0,
+    recordedPrefetchPages: s.recordedPrefetch?.passPages4k ?? 0,
+    recordedPrefetchLate: s.recordedPrefetch?.passAlreadyPresent ?? 0,
   };
 }
 
@@ -61,6 +67,7 @@ export function uffdServiceImplementation(registry: SandboxRegistry, logger: Log
         vmmDirtyLog: req.vmmDirtyLog,
         keepServing: req.keepServing,
         dedup: req.dedup,
+        prefetchPath: req.prefetchPath || undefined,
       });
       return {
         mappings: r.mappings,
@@ -71,8 +78,12 @@ export function uffdServiceImplementation(registry: SandboxRegistry, logger: Log
         pageSize: r.pageSize,
         memorySize: r.memorySize,
         tracking: r.tracking,
+        prefetchBlocks: r.prefetchBlocks,
       };
     }),
+    stopRecording: handle('stop recording', (req): UffdSandboxStats =>
+      statsMessage(registry.stopRecording(req.sandboxId)),
+    ),
     stop: handle('stop', async (req): Promise<UffdStopResponse> => {
       await registry.stop(req.sandboxId);
       return {};

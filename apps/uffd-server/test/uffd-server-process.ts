@@ -68,7 +68,7 @@ export class UffdServerProcess {
     return unary(
       this.client,
       this.client.exportDiff,
-      { sandboxId, newBuildId, diffPath, memfilePath, vmmDirtyLog, keepServing: false, dedup: false },
+      { sandboxId, newBuildId, diffPath, memfilePath, vmmDirtyLog, keepServing: false, dedup: false, prefetchPath: '' },
       60_000,
     );
   }

@@ -12,6 +12,14 @@
  *               dropped it (UFFD_EVENT_REMOVE/UNMAP, e.g. a balloon): it reads as zeros from now on
  *               and differs from the source, so it belongs in the diff whatever the tracking mode
  *   ready[u]:   1 = source bytes are in the view (NULL when the whole view is ready)
+ *
+ * Recorded prefetch (issue 15): while `recording`, the first fault on each record block (the
+ * build's memory block) is appended to `rec_order`, in fault order; pages the prefetch pass
+ * installs are appended too, so the set a resumed sandbox records carries the one it was
+ * prefetched from (the guest's reads of prefetched pages are invisible to us). The prefetch pass
+ * is one more thread: it copies a recorded set's blocks in order while the serving threads
+ * answer faults; it runs at a lower priority and takes no lock a fault needs for long, so faults
+ * always win (a page a fault installed first is EEXIST/present and skipped).
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -24,7 +32,9 @@
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 #include <linux/userfaultfd.h>
@@ -60,6 +70,10 @@ enum {
   ST_FETCH_REQUESTS,
   ST_FETCH_WAITS,
   ST_PRESENT_UNITS,
+  ST_RECORD_FAULTS,  /* faults served while recording (the start's faults, recorded prefetch or not) */
+  ST_PASS_UNITS,     /* 4 KiB units the prefetch pass installed */
+  ST_PASS_PRESENT,   /* pass entries already present when it came (a fault or a window was first) */
+  ST_PASS_DONE,      /* entries the pass has dealt with */
   ST_COUNT
 };
 static const uint64_t hist_bounds_us[HIST_BUCKETS] = {5,    10,    25,    50,     100,    250,    500,
@@ -107,6 +121,18 @@ struct serve {
   size_t nevents, capevents, headevent;
   pthread_t threads[MAX_THREADS];
   int nthreads;
+  /* Recording (see the top). rec_block: bytes per record block; 0 = not recording. */
+  atomic_int recording;
+  uint64_t rec_block, rec_blocks, rec_count;
+  uint8_t *rec_seen;
+  uint32_t *rec_order;
+  /* The prefetch pass: its blocks (copied), its thread, and a condition it waits on for fetches. */
+  uint32_t *pf_blocks;
+  uint64_t pf_count, pf_block;
+  pthread_t pf_thread;
+  int pf_started;
+  pthread_mutex_t pf_run; /* held while the pass copies: stop_sourcing waits for the copy in flight */
+  pthread_cond_t pf_cond; /* signalled by mark_ready, stop_sourcing and stop (under lock) */
 };
 
 static uint64_t now_ns(void) {
@@ -192,7 +218,8 @@ static void mark(uint8_t *map, uint64_t off, uint64_t len, uint8_t v) {
  * Copies [addr, addr+len) from the view, which must all be absent and ready. Returns 0, or
  * -errno for a failure that ends serving. EEXIST pages (filled by a racing fault) are skipped.
  */
-static int copy_run(struct serve *s, struct region *r, uint64_t addr, uint64_t len, uint8_t how) {
+static int copy_run_counted(struct serve *s, struct region *r, uint64_t addr, uint64_t len, uint8_t how,
+                            uint64_t *installed) {
   while (len > 0) {
     uint64_t off = r->offset + (addr - r->base);
     int64_t n;
@@ -214,6 +241,7 @@ static int copy_run(struct serve *s, struct region *r, uint64_t addr, uint64_t l
       return -e;
     }
     mark(s->present, off, (uint64_t)n, how);
+    if (installed) *installed += (uint64_t)n;
     stat_add(s, ST_BYTES, (uint64_t)n);
     if (how == 2) stat_add(s, ST_PREFETCH_UNITS, (uint64_t)n / UNIT);
     stat_add(s, ST_PRESENT_UNITS, (uint64_t)n / UNIT);
@@ -221,6 +249,10 @@ static int copy_run(struct serve *s, struct region *r, uint64_t addr, uint64_t l
     len -= (uint64_t)n;
   }
   return 0;
+}
+
+static int copy_run(struct serve *s, struct region *r, uint64_t addr, uint64_t len, uint8_t how) {
+  return copy_run_counted(s, r, addr, len, how, NULL);
 }
 
 /* Zero page for a fault after sourcing stopped: the page was not present before the pause. */
@@ -352,6 +384,128 @@ static int read_ahead(struct serve *s, struct region *r, uint64_t page) {
 
 static int errno_means_peer_gone(int e) { return e == ESRCH || e == ENOENT; }
 
+/* Appends the record block holding memory-file offset `off` unless recorded before. */
+static void record_block(struct serve *s, uint64_t off) {
+  uint64_t b = off / s->rec_block;
+  if (b >= s->rec_blocks) return;
+  pthread_mutex_lock(&s->lock);
+  if (atomic_load(&s->recording) && !s->rec_seen[b]) {
+    s->rec_seen[b] = 1;
+    s->rec_order[s->rec_count++] = (uint32_t)b;
+  }
+  pthread_mutex_unlock(&s->lock);
+}
+
+static struct region *region_of_offset(struct serve *s, uint64_t off) {
+  for (int i = 0; i < s->nregions; i++) {
+    struct region *r = &s->regions[i];
+    if (off >= r->offset && off - r->offset < r->size) return r;
+  }
+  return NULL;
+}
+
+/* Asks JS for the source window holding `off` (the same window a fault there would ask for). */
+static void request_fetch(struct serve *s, struct region *r, uint64_t off) {
+  uint64_t win = s->prefetch_bytes > r->page_size ? s->prefetch_bytes : r->page_size;
+  uint64_t rel = off - r->offset;
+  uint64_t wstart = (rel / win) * win;
+  uint64_t wend = wstart + win > r->size ? r->size : wstart + win;
+  pthread_mutex_lock(&s->lock);
+  push_event_locked(s, EV_FETCH, (int64_t)(r->offset + wstart), (int64_t)(wend - wstart), (int64_t)off);
+  pthread_mutex_unlock(&s->lock);
+  stat_add(s, ST_FETCH_REQUESTS, 1);
+  notify(s);
+}
+
+#define PASS_RUN_MAX (256 * 1024ULL) /* bytes per UFFDIO_COPY of the pass: short, so faults interleave */
+#define PASS_FETCH_AHEAD 8           /* source windows asked for ahead of the pass */
+
+/*
+ * The prefetch pass: copies the recorded blocks in order. A page already present is skipped (a
+ * fault won). A page whose source bytes are not fetched yet asks JS for its window (and for the
+ * next few the pass will need) and waits for mark_ready; faults go on meanwhile.
+ */
+static void *prefetch_thread(void *arg) {
+  struct serve *s = arg;
+  /* Below the serving threads: on a loaded node a fault's thread gets the CPU first. */
+  setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), 10);
+  uint64_t asked_until = 0; /* entries [i, asked_until) had their fetch asked for */
+  for (uint64_t i = 0; i < s->pf_count; i++) {
+    if (!atomic_load(&s->running) || !atomic_load(&s->sourcing)) break;
+    uint64_t boff = (uint64_t)s->pf_blocks[i] * s->pf_block;
+    struct region *r = region_of_offset(s, boff);
+    if (!r) {
+      stat_add(s, ST_PASS_DONE, 1);
+      continue; /* not in guest memory (the set was recorded for the same size: a hole between regions) */
+    }
+    uint64_t off = r->offset + ((boff - r->offset) / r->page_size) * r->page_size;
+    if (s->present[off / UNIT] || (s->dirty[off / UNIT] & 2)) {
+      stat_add(s, ST_PASS_PRESENT, 1);
+      stat_add(s, ST_PASS_DONE, 1);
+      continue;
+    }
+    if (!is_ready(s, off, r->page_size)) {
+      if (asked_until <= i) {
+        uint64_t last_win = UINT64_MAX;
+        uint64_t asked = 0;
+        for (asked_until = i; asked_until < s->pf_count && asked < PASS_FETCH_AHEAD; asked_until++) {
+          uint64_t o = (uint64_t)s->pf_blocks[asked_until] * s->pf_block;
+          struct region *q = region_of_offset(s, o);
+          if (!q) continue;
+          uint64_t po = q->offset + ((o - q->offset) / q->page_size) * q->page_size;
+          uint64_t win = s->prefetch_bytes > q->page_size ? s->prefetch_bytes : q->page_size;
+          if (po / win == last_win || is_ready(s, po, q->page_size)) continue;
+          last_win = po / win;
+          request_fetch(s, q, po);
+          asked++;
+        }
+      }
+      pthread_mutex_lock(&s->lock);
+      while (atomic_load(&s->running) && atomic_load(&s->sourcing) && !is_ready(s, off, r->page_size)) {
+        struct timespec until;
+        clock_gettime(CLOCK_REALTIME, &until);
+        until.tv_nsec += 100 * 1000000L;
+        if (until.tv_nsec >= 1000000000L) {
+          until.tv_sec++;
+          until.tv_nsec -= 1000000000L;
+        }
+        pthread_cond_timedwait(&s->pf_cond, &s->lock, &until);
+      }
+      pthread_mutex_unlock(&s->lock);
+      i--; /* look at this entry again */
+      continue;
+    }
+    /* A run: this page and the following entries that continue it, absent and ready. */
+    uint64_t end = off + r->page_size;
+    uint64_t j = i + 1;
+    while (j < s->pf_count && end - off < PASS_RUN_MAX && end < r->offset + r->size) {
+      uint64_t o = (uint64_t)s->pf_blocks[j] * s->pf_block;
+      if (o < end || o >= end + r->page_size) break;
+      if (s->present[end / UNIT] || (s->dirty[end / UNIT] & 2) || !is_ready(s, end, r->page_size)) break;
+      end += r->page_size;
+      j++;
+    }
+    pthread_mutex_lock(&s->pf_run);
+    int rc = 0;
+    if (atomic_load(&s->sourcing)) {
+      uint64_t installed = 0;
+      rc = copy_run_counted(s, r, r->base + (off - r->offset), end - off, 2, &installed);
+      stat_add(s, ST_PASS_UNITS, installed / UNIT);
+      if (rc == 0 && atomic_load(&s->recording))
+        for (uint64_t o = off; o < end; o += r->page_size) record_block(s, o);
+    }
+    pthread_mutex_unlock(&s->pf_run);
+    if (rc < 0) {
+      if (errno_means_peer_gone(-rc)) peer_gone(s);
+      else fail(s, ERR_COPY, r->base + (off - r->offset), -rc);
+      break;
+    }
+    stat_add(s, ST_PASS_DONE, j - i);
+    i = j - 1;
+  }
+  return NULL;
+}
+
 /* Returns 0 when handled (or parked until fetched), <0 to stop serving. */
 static int handle_fault(struct serve *s, uint64_t addr, uint64_t flags, uint64_t since, int from_pending) {
   struct region *r = find_region(s, addr);
@@ -362,6 +516,10 @@ static int handle_fault(struct serve *s, uint64_t addr, uint64_t flags, uint64_t
   uint64_t page = r->base + ((addr - r->base) / r->page_size) * r->page_size;
   uint64_t off = r->offset + (page - r->base);
   if (!from_pending) stat_add(s, ST_FAULTS, 1);
+  if (!from_pending && !(flags & UFFD_PAGEFAULT_FLAG_WP) && atomic_load(&s->recording) && atomic_load(&s->sourcing)) {
+    stat_add(s, ST_RECORD_FAULTS, 1);
+    record_block(s, off);
+  }
 
   if (flags & UFFD_PAGEFAULT_FLAG_WP) {
     /* Synchronous write tracking: record the page, lift its protection, wake the writer. */
@@ -558,6 +716,11 @@ static void free_serve(struct serve *s) {
   if (s->zero) munmap(s->zero, s->zero_len);
   free(s->pend);
   free(s->events);
+  free(s->pf_blocks);
+  if (s->rec_seen) munmap(s->rec_seen, s->rec_blocks);
+  if (s->rec_order) munmap(s->rec_order, s->rec_blocks * sizeof(uint32_t));
+  pthread_cond_destroy(&s->pf_cond);
+  pthread_mutex_destroy(&s->pf_run);
   pthread_mutex_destroy(&s->lock);
   free(s);
 }
@@ -570,7 +733,8 @@ static uint8_t *map_bytes(uint64_t len) {
 /*
  * params (int64): [0] uffd, [1] peer fd (-1 none), [2] peer kind, [3] source view address,
  * [4] source size, [5] all ready, [6] prefetch bytes, [7] copy mode (UFFDIO_COPY_MODE_WP or 0),
- * [8] sync wp, [9] region count, [10] readahead windows (0 = off). regions: 4 u64 each (base, size, offset, page size), already
+ * [8] sync wp, [9] region count, [10] readahead windows (0 = off), [11] record block size (0 = do not
+ * record the start's faults). regions: 4 u64 each (base, size, offset, page size), already
  * validated by JS (libs/uffd) against the source size. Returns a handle or -errno.
  */
 int64_t sbx_serve_create(const int64_t *params, const uint64_t *regions) {
@@ -579,6 +743,8 @@ int64_t sbx_serve_create(const int64_t *params, const uint64_t *regions) {
   struct serve *s = calloc(1, sizeof(*s));
   if (!s) return -ENOMEM;
   pthread_mutex_init(&s->lock, NULL);
+  pthread_mutex_init(&s->pf_run, NULL);
+  pthread_cond_init(&s->pf_cond, NULL);
   s->stop_fd = s->wake_fd = s->notify_fd = -1;
   s->uffd = (int)params[0];
   s->peer_fd = (int)params[1];
@@ -609,6 +775,26 @@ int64_t sbx_serve_create(const int64_t *params, const uint64_t *regions) {
       !s->zero) {
     free_serve(s);
     return -ENOMEM;
+  }
+  uint64_t rec_block = (uint64_t)params[11];
+  if (rec_block) {
+    if (rec_block < UNIT || (rec_block & (rec_block - 1))) {
+      free_serve(s);
+      return -EINVAL;
+    }
+    s->rec_block = rec_block;
+    s->rec_blocks = (s->src_size + rec_block - 1) / rec_block;
+    if (s->rec_blocks > UINT32_MAX) {
+      free_serve(s);
+      return -EINVAL;
+    }
+    s->rec_seen = map_bytes(s->rec_blocks);
+    s->rec_order = (uint32_t *)map_bytes(s->rec_blocks * sizeof(uint32_t));
+    if (!s->rec_seen || !s->rec_order) {
+      free_serve(s);
+      return -ENOMEM;
+    }
+    atomic_store(&s->recording, 1);
   }
   atomic_store(&s->sourcing, 1);
   /* The uffd is shared with the peer; we only ever want non-blocking reads on it. */
@@ -669,6 +855,7 @@ int64_t sbx_serve_mark_ready(int64_t h, uint64_t off, uint64_t len) {
   if (off % UNIT || len % UNIT || off + len > s->units * UNIT) return -EINVAL;
   pthread_mutex_lock(&s->lock);
   mark(s->ready, off, len, 1);
+  pthread_cond_broadcast(&s->pf_cond);
   pthread_mutex_unlock(&s->lock);
   uint64_t one = 1;
   ssize_t r = write(s->wake_fd, &one, sizeof(one));
@@ -690,6 +877,13 @@ int64_t sbx_serve_fail(int64_t h, int code, uint64_t off, int err) {
 int64_t sbx_serve_stop_sourcing(int64_t h) {
   struct serve *s = (struct serve *)(uintptr_t)h;
   atomic_store(&s->sourcing, 0);
+  atomic_store(&s->recording, 0);
+  pthread_mutex_lock(&s->lock);
+  pthread_cond_broadcast(&s->pf_cond);
+  pthread_mutex_unlock(&s->lock);
+  /* A pass copy in flight finishes before the caller reads the present map. */
+  pthread_mutex_lock(&s->pf_run);
+  pthread_mutex_unlock(&s->pf_run);
   uint64_t one = 1;
   ssize_t r = write(s->wake_fd, &one, sizeof(one));
   (void)r;
@@ -730,9 +924,54 @@ int64_t sbx_serve_stop(int64_t h) {
   uint64_t one = 1;
   ssize_t r = write(s->stop_fd, &one, sizeof(one));
   (void)r;
+  pthread_mutex_lock(&s->lock);
+  pthread_cond_broadcast(&s->pf_cond);
+  pthread_mutex_unlock(&s->lock);
   for (int i = 0; i < s->nthreads; i++) pthread_join(s->threads[i], NULL);
   s->nthreads = 0;
+  if (s->pf_started) pthread_join(s->pf_thread, NULL);
+  s->pf_started = 0;
   return 0;
+}
+
+/*
+ * Starts the prefetch pass over `count` block indices of `block` bytes (copied; validated by JS
+ * against the memory size). Once per engine, after sbx_serve_start.
+ */
+int64_t sbx_serve_prefetch(int64_t h, const uint32_t *blocks, uint64_t count, uint64_t block) {
+  struct serve *s = (struct serve *)(uintptr_t)h;
+  if (s->pf_started || !atomic_load(&s->running)) return -EALREADY;
+  if (block < UNIT || (block & (block - 1))) return -EINVAL;
+  for (uint64_t i = 0; i < count; i++)
+    if ((uint64_t)blocks[i] * block >= s->src_size) return -EINVAL;
+  s->pf_blocks = malloc((count ? count : 1) * sizeof(uint32_t));
+  if (!s->pf_blocks) return -ENOMEM;
+  memcpy(s->pf_blocks, blocks, count * sizeof(uint32_t));
+  s->pf_count = count;
+  s->pf_block = block;
+  int r = pthread_create(&s->pf_thread, NULL, prefetch_thread, s);
+  if (r != 0) return -r;
+  s->pf_started = 1;
+  return 0;
+}
+
+/* Ends recording (the sandbox is up, or the bound passed); what was recorded is kept. */
+int64_t sbx_serve_stop_recording(int64_t h) {
+  struct serve *s = (struct serve *)(uintptr_t)h;
+  pthread_mutex_lock(&s->lock);
+  atomic_store(&s->recording, 0);
+  pthread_mutex_unlock(&s->lock);
+  return 0;
+}
+
+/* Copies up to `cap` recorded block indices into out; returns how many were recorded in all. */
+int64_t sbx_serve_recorded(int64_t h, uint32_t *out, uint64_t cap) {
+  struct serve *s = (struct serve *)(uintptr_t)h;
+  pthread_mutex_lock(&s->lock);
+  uint64_t n = s->rec_count;
+  if (out && cap) memcpy(out, s->rec_order, (n < cap ? n : cap) * sizeof(uint32_t));
+  pthread_mutex_unlock(&s->lock);
+  return (int64_t)n;
 }
 
 int64_t sbx_serve_destroy(int64_t h) {

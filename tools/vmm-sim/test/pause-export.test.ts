@@ -161,6 +161,7 @@ describe.each([
       vmmDirtyLog,
       keepServing: false,
       dedup: false,
+      prefetchPath: '',
     });
     expect(exported.tracking).toBe(tracking);
     if (exact) {

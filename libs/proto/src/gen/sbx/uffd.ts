@@ -81,6 +81,12 @@ export interface UffdExportDiffRequest {
    * the build this sandbox is served from (no checkpoint since it started).
    */
   dedup: boolean;
+  /**
+   * Write the recorded prefetch set (the blocks this sandbox faulted while it started, first
+   * fault first, plus the set it was resumed with) here: the staged build's memfile.prefetch
+   * (libs/storage prefetch-codec.ts). Empty: none written.
+   */
+  prefetchPath: string;
 }
 
 export interface UffdExportDiffResponse {
@@ -97,6 +103,8 @@ export interface UffdExportDiffResponse {
   tracking: string;
   /** Written pages equal to the parent's, left to it (dedup). */
   dedupedPages: number;
+  /** Blocks written to prefetch_path (0: nothing recorded, no file written). */
+  prefetchBlocks: number;
 }
 
 export interface UffdStopResponse {
@@ -131,6 +139,21 @@ export interface UffdSandboxStats {
   presentPages: number;
   /** UFFDIO_COPY found the page already there (a racing fault filled it). */
   eexist: number;
+  /**
+   * Recorded prefetch. Faults served while the start was recorded (what went through the fault
+   * path; far fewer on a resume with a recorded set).
+   */
+  startFaults: number;
+  /** Blocks recorded so far (the set the next pause or checkpoint stores), and whether recording runs. */
+  recordedBlocks: number;
+  recording: boolean;
+  /**
+   * Blocks of the build's recorded set, 4 KiB units the prefetch pass installed, and set entries
+   * a fault (or a fault's window) had installed before the pass reached them.
+   */
+  prefetchSetBlocks: number;
+  recordedPrefetchPages: number;
+  recordedPrefetchLate: number;
 }
 
 export interface UffdListRequest {
@@ -581,6 +604,7 @@ function createBaseUffdExportDiffRequest(): UffdExportDiffRequest {
     vmmDirtyLog: false,
     keepServing: false,
     dedup: false,
+    prefetchPath: "",
   };
 }
 
@@ -606,6 +630,9 @@ export const UffdExportDiffRequest: MessageFns<UffdExportDiffRequest> = {
     }
     if (message.dedup !== false) {
       writer.uint32(56).bool(message.dedup);
+    }
+    if (message.prefetchPath !== "") {
+      writer.uint32(66).string(message.prefetchPath);
     }
     return writer;
   },
@@ -679,6 +706,14 @@ export const UffdExportDiffRequest: MessageFns<UffdExportDiffRequest> = {
             message.dedup = reader.bool();
             continue;
           }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.prefetchPath = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -724,6 +759,11 @@ export const UffdExportDiffRequest: MessageFns<UffdExportDiffRequest> = {
         ? globalThis.Boolean(object.keep_serving)
         : false,
       dedup: isSet(object.dedup) ? globalThis.Boolean(object.dedup) : false,
+      prefetchPath: isSet(object.prefetchPath)
+        ? globalThis.String(object.prefetchPath)
+        : isSet(object.prefetch_path)
+        ? globalThis.String(object.prefetch_path)
+        : "",
     };
   },
 
@@ -750,6 +790,9 @@ export const UffdExportDiffRequest: MessageFns<UffdExportDiffRequest> = {
     if (message.dedup !== false) {
       obj.dedup = message.dedup;
     }
+    if (message.prefetchPath !== "") {
+      obj.prefetchPath = message.prefetchPath;
+    }
     return obj;
   },
 
@@ -765,6 +808,7 @@ export const UffdExportDiffRequest: MessageFns<UffdExportDiffRequest> = {
     message.vmmDirtyLog = object.vmmDirtyLog ?? false;
     message.keepServing = object.keepServing ?? false;
     message.dedup = object.dedup ?? false;
+    message.prefetchPath = object.prefetchPath ?? "";
     return message;
   },
 };
@@ -779,6 +823,7 @@ function createBaseUffdExportDiffResponse(): UffdExportDiffResponse {
     memorySize: 0,
     tracking: "",
     dedupedPages: 0,
+    prefetchBlocks: 0,
   };
 }
 
@@ -807,6 +852,9 @@ export const UffdExportDiffResponse: MessageFns<UffdExportDiffResponse> = {
     }
     if (message.dedupedPages !== 0) {
       writer.uint32(64).uint64(message.dedupedPages);
+    }
+    if (message.prefetchBlocks !== 0) {
+      writer.uint32(72).uint64(message.prefetchBlocks);
     }
     return writer;
   },
@@ -888,6 +936,14 @@ export const UffdExportDiffResponse: MessageFns<UffdExportDiffResponse> = {
             message.dedupedPages = longToNumber(reader.uint64());
             continue;
           }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.prefetchBlocks = longToNumber(reader.uint64());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -936,6 +992,11 @@ export const UffdExportDiffResponse: MessageFns<UffdExportDiffResponse> = {
         : isSet(object.deduped_pages)
         ? globalThis.Number(object.deduped_pages)
         : 0,
+      prefetchBlocks: isSet(object.prefetchBlocks)
+        ? globalThis.Number(object.prefetchBlocks)
+        : isSet(object.prefetch_blocks)
+        ? globalThis.Number(object.prefetch_blocks)
+        : 0,
     };
   },
 
@@ -965,6 +1026,9 @@ export const UffdExportDiffResponse: MessageFns<UffdExportDiffResponse> = {
     if (message.dedupedPages !== 0) {
       obj.dedupedPages = Math.round(message.dedupedPages);
     }
+    if (message.prefetchBlocks !== 0) {
+      obj.prefetchBlocks = Math.round(message.prefetchBlocks);
+    }
     return obj;
   },
 
@@ -981,6 +1045,7 @@ export const UffdExportDiffResponse: MessageFns<UffdExportDiffResponse> = {
     message.memorySize = object.memorySize ?? 0;
     message.tracking = object.tracking ?? "";
     message.dedupedPages = object.dedupedPages ?? 0;
+    message.prefetchBlocks = object.prefetchBlocks ?? 0;
     return message;
   },
 };
@@ -1058,6 +1123,12 @@ function createBaseUffdSandboxStats(): UffdSandboxStats {
     peerPid: 0,
     presentPages: 0,
     eexist: 0,
+    startFaults: 0,
+    recordedBlocks: 0,
+    recording: false,
+    prefetchSetBlocks: 0,
+    recordedPrefetchPages: 0,
+    recordedPrefetchLate: 0,
   };
 }
 
@@ -1127,6 +1198,24 @@ export const UffdSandboxStats: MessageFns<UffdSandboxStats> = {
     }
     if (message.eexist !== 0) {
       writer.uint32(152).uint64(message.eexist);
+    }
+    if (message.startFaults !== 0) {
+      writer.uint32(160).uint64(message.startFaults);
+    }
+    if (message.recordedBlocks !== 0) {
+      writer.uint32(168).uint64(message.recordedBlocks);
+    }
+    if (message.recording !== false) {
+      writer.uint32(176).bool(message.recording);
+    }
+    if (message.prefetchSetBlocks !== 0) {
+      writer.uint32(184).uint64(message.prefetchSetBlocks);
+    }
+    if (message.recordedPrefetchPages !== 0) {
+      writer.uint32(192).uint64(message.recordedPrefetchPages);
+    }
+    if (message.recordedPrefetchLate !== 0) {
+      writer.uint32(200).uint64(message.recordedPrefetchLate);
     }
     return writer;
   },
@@ -1316,6 +1405,54 @@ export const UffdSandboxStats: MessageFns<UffdSandboxStats> = {
             message.eexist = longToNumber(reader.uint64());
             continue;
           }
+          case 20: {
+            if (tag !== 160) {
+              break;
+            }
+
+            message.startFaults = longToNumber(reader.uint64());
+            continue;
+          }
+          case 21: {
+            if (tag !== 168) {
+              break;
+            }
+
+            message.recordedBlocks = longToNumber(reader.uint64());
+            continue;
+          }
+          case 22: {
+            if (tag !== 176) {
+              break;
+            }
+
+            message.recording = reader.bool();
+            continue;
+          }
+          case 23: {
+            if (tag !== 184) {
+              break;
+            }
+
+            message.prefetchSetBlocks = longToNumber(reader.uint64());
+            continue;
+          }
+          case 24: {
+            if (tag !== 192) {
+              break;
+            }
+
+            message.recordedPrefetchPages = longToNumber(reader.uint64());
+            continue;
+          }
+          case 25: {
+            if (tag !== 200) {
+              break;
+            }
+
+            message.recordedPrefetchLate = longToNumber(reader.uint64());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1405,6 +1542,32 @@ export const UffdSandboxStats: MessageFns<UffdSandboxStats> = {
         ? globalThis.Number(object.present_pages)
         : 0,
       eexist: isSet(object.eexist) ? globalThis.Number(object.eexist) : 0,
+      startFaults: isSet(object.startFaults)
+        ? globalThis.Number(object.startFaults)
+        : isSet(object.start_faults)
+        ? globalThis.Number(object.start_faults)
+        : 0,
+      recordedBlocks: isSet(object.recordedBlocks)
+        ? globalThis.Number(object.recordedBlocks)
+        : isSet(object.recorded_blocks)
+        ? globalThis.Number(object.recorded_blocks)
+        : 0,
+      recording: isSet(object.recording) ? globalThis.Boolean(object.recording) : false,
+      prefetchSetBlocks: isSet(object.prefetchSetBlocks)
+        ? globalThis.Number(object.prefetchSetBlocks)
+        : isSet(object.prefetch_set_blocks)
+        ? globalThis.Number(object.prefetch_set_blocks)
+        : 0,
+      recordedPrefetchPages: isSet(object.recordedPrefetchPages)
+        ? globalThis.Number(object.recordedPrefetchPages)
+        : isSet(object.recorded_prefetch_pages)
+        ? globalThis.Number(object.recorded_prefetch_pages)
+        : 0,
+      recordedPrefetchLate: isSet(object.recordedPrefetchLate)
+        ? globalThis.Number(object.recordedPrefetchLate)
+        : isSet(object.recorded_prefetch_late)
+        ? globalThis.Number(object.recorded_prefetch_late)
+        : 0,
     };
   },
 
@@ -1467,6 +1630,24 @@ export const UffdSandboxStats: MessageFns<UffdSandboxStats> = {
     if (message.eexist !== 0) {
       obj.eexist = Math.round(message.eexist);
     }
+    if (message.startFaults !== 0) {
+      obj.startFaults = Math.round(message.startFaults);
+    }
+    if (message.recordedBlocks !== 0) {
+      obj.recordedBlocks = Math.round(message.recordedBlocks);
+    }
+    if (message.recording !== false) {
+      obj.recording = message.recording;
+    }
+    if (message.prefetchSetBlocks !== 0) {
+      obj.prefetchSetBlocks = Math.round(message.prefetchSetBlocks);
+    }
+    if (message.recordedPrefetchPages !== 0) {
+      obj.recordedPrefetchPages = Math.round(message.recordedPrefetchPages);
+    }
+    if (message.recordedPrefetchLate !== 0) {
+      obj.recordedPrefetchLate = Math.round(message.recordedPrefetchLate);
+    }
     return obj;
   },
 
@@ -1494,6 +1675,12 @@ export const UffdSandboxStats: MessageFns<UffdSandboxStats> = {
     message.peerPid = object.peerPid ?? 0;
     message.presentPages = object.presentPages ?? 0;
     message.eexist = object.eexist ?? 0;
+    message.startFaults = object.startFaults ?? 0;
+    message.recordedBlocks = object.recordedBlocks ?? 0;
+    message.recording = object.recording ?? false;
+    message.prefetchSetBlocks = object.prefetchSetBlocks ?? 0;
+    message.recordedPrefetchPages = object.recordedPrefetchPages ?? 0;
+    message.recordedPrefetchLate = object.recordedPrefetchLate ?? 0;
     return message;
   },
 };
@@ -1666,6 +1853,19 @@ export const UffdServerService = {
     responseSerialize: (value: UffdStopResponse): Buffer => Buffer.from(UffdStopResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): UffdStopResponse => UffdStopResponse.decode(value),
   },
+  /**
+   * The sandbox has started (envd answered): stop recording the faults of its start (recorded
+   * prefetch; recording also ends at a bounded time and at StopSourcing). Answers its stats.
+   */
+  stopRecording: {
+    path: "/sbx.v1.UffdServer/StopRecording" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: UffdSandboxRef): Buffer => Buffer.from(UffdSandboxRef.encode(value).finish()),
+    requestDeserialize: (value: Buffer): UffdSandboxRef => UffdSandboxRef.decode(value),
+    responseSerialize: (value: UffdSandboxStats): Buffer => Buffer.from(UffdSandboxStats.encode(value).finish()),
+    responseDeserialize: (value: Buffer): UffdSandboxStats => UffdSandboxStats.decode(value),
+  },
   stats: {
     path: "/sbx.v1.UffdServer/Stats" as const,
     requestStream: false as const,
@@ -1695,6 +1895,11 @@ export interface UffdServerServer extends UntypedServiceImplementation {
   exportDiff: handleUnaryCall<UffdExportDiffRequest, UffdExportDiffResponse>;
   /** Stop serving and release everything the sandbox holds. */
   stop: handleUnaryCall<UffdSandboxRef, UffdStopResponse>;
+  /**
+   * The sandbox has started (envd answered): stop recording the faults of its start (recorded
+   * prefetch; recording also ends at a bounded time and at StopSourcing). Answers its stats.
+   */
+  stopRecording: handleUnaryCall<UffdSandboxRef, UffdSandboxStats>;
   stats: handleUnaryCall<UffdSandboxRef, UffdSandboxStats>;
   list: handleUnaryCall<UffdListRequest, UffdListResponse>;
 }
@@ -1763,6 +1968,25 @@ export interface UffdServerClient extends Client {
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: UffdStopResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * The sandbox has started (envd answered): stop recording the faults of its start (recorded
+   * prefetch; recording also ends at a bounded time and at StopSourcing). Answers its stats.
+   */
+  stopRecording(
+    request: UffdSandboxRef,
+    callback: (error: ServiceError | null, response: UffdSandboxStats) => void,
+  ): ClientUnaryCall;
+  stopRecording(
+    request: UffdSandboxRef,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: UffdSandboxStats) => void,
+  ): ClientUnaryCall;
+  stopRecording(
+    request: UffdSandboxRef,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: UffdSandboxStats) => void,
   ): ClientUnaryCall;
   stats(
     request: UffdSandboxRef,
