@@ -38,10 +38,15 @@ describe('egress rules', () => {
     expect(err?.message).toContain(why);
   });
 
-  it('bounds each list and refuses domain rules it cannot serve', () => {
+  it('bounds each list, domain rules included, and names a bad domain entry', () => {
     const many = Array.from({ length: MAX_EGRESS_ENTRIES + 1 }, () => '1.1.1.1');
     expect(() => parseEgressPolicy({ ...none, deniedCidrs: many })).toThrow(/at most 256/);
-    expect(() => parseEgressPolicy({ ...none, allowedDomains: ['example.com'] })).toThrow(/allowed_domains/);
+    const names = Array.from({ length: MAX_EGRESS_ENTRIES + 1 }, (_, i) => `n${i}.example.com`);
+    expect(() => parseEgressPolicy({ ...none, allowedDomains: names })).toThrow(/at most 256/);
+    expect(() => parseEgressPolicy({ ...none, allowedDomains: ['ok.com', 'bad name'] })).toThrow(
+      'egress.allowed_domains[1]',
+    );
+    expect(parseEgressPolicy({ ...none, allowedDomains: ['Example.COM.'] }).domains.entries).toEqual(['example.com']);
   });
 });
 
@@ -67,5 +72,16 @@ describe('egress ruleset', () => {
     expect(deny).toBeGreaterThan(allow);
     expect(all).toBeGreaterThan(deny);
     expect(text.startsWith('add table ip sbx_egress\ndelete table ip sbx_egress\ntable ip sbx_egress {')).toBe(true);
+  });
+
+  it('redirects the guest TCP to the proxy only when names can allow what addresses refuse', () => {
+    const redirect = 'iifname "tap0" meta l4proto tcp redirect to :15001';
+    const withNames = parseEgressPolicy({ ...none, denyInternet: true, allowedDomains: ['a.com'] });
+    expect(egressRuleset(spec, withNames, 15001)).toContain(redirect);
+    // Nothing denied: names change nothing, no table at all.
+    const open = parseEgressPolicy({ ...none, allowedDomains: ['a.com'] });
+    expect(egressRuleset(spec, open, 15001)).toBe('add table ip sbx_egress\ndelete table ip sbx_egress\n');
+    const cidrsOnly = parseEgressPolicy({ ...none, denyInternet: true, allowedCidrs: ['1.1.1.1'] });
+    expect(egressRuleset(spec, cidrsOnly, 15001)).not.toContain('redirect');
   });
 });

@@ -11,6 +11,7 @@
  * conntrack flush and no window where they still pass.
  */
 import { RequestInvalid } from '#service-kit';
+import { parseDomainRules, type DomainRules } from './domain-rules.js';
 import { formatCidr, parseCidr, type Cidr } from './ipv4.js';
 import type { SlotSpec } from './slot-layout.js';
 
@@ -35,6 +36,10 @@ export interface EgressPolicy {
   denyInternet: boolean;
   allow: EgressRule[];
   deny: EgressRule[];
+  /** Names a connection may ask for (TLS SNI / HTTP Host); judged by the egress proxy. */
+  domains: DomainRules;
+  /** What it was parsed from (kept with the slot so a restarted agent can serve it again). */
+  source: EgressPolicyInput;
 }
 
 const RULE = /^([0-9.]+(?:\/\d{1,2})?)(?::(\d{1,5})(?:-(\d{1,5}))?)?$/;
@@ -65,19 +70,40 @@ export function parseEgressPolicy(input: EgressPolicyInput, prefix = 'egress.'):
       throw new RequestInvalid(`${prefix}${name}`, `at most ${MAX_EGRESS_ENTRIES} entries (got ${entries.length})`);
     return entries.map((e, i) => parseEgressRule(`${prefix}${name}[${i}]`, e));
   };
-  if (input.allowedDomains.length)
-    // Names need the transparent proxy (not built yet); refusing beats silently allowing or denying.
-    throw new RequestInvalid(`${prefix}allowed_domains`, 'domain rules are not served by this node yet');
+  if (input.allowedDomains.length > MAX_EGRESS_ENTRIES) {
+    throw new RequestInvalid(
+      `${prefix}allowed_domains`,
+      `at most ${MAX_EGRESS_ENTRIES} entries (got ${input.allowedDomains.length})`,
+    );
+  }
   return {
     denyInternet: input.denyInternet,
     allow: list('allowed_cidrs', input.allowedCidrs),
     deny: list('denied_cidrs', input.deniedCidrs),
+    domains: parseDomainRules(`${prefix}allowed_domains`, input.allowedDomains),
+    source: {
+      denyInternet: input.denyInternet,
+      allowedCidrs: [...input.allowedCidrs],
+      deniedCidrs: [...input.deniedCidrs],
+      allowedDomains: [...input.allowedDomains],
+    },
   };
 }
 
-/** True when the policy lets everything through (then the slot needs no egress table). */
+/**
+ * True when the policy lets everything through (then the slot needs no egress table). Allowed
+ * names change nothing when nothing is denied.
+ */
 export function isOpenPolicy(p: EgressPolicy): boolean {
   return !p.denyInternet && p.deny.length === 0;
+}
+
+/**
+ * True when names can allow what addresses refuse: the guest's TCP then goes through the egress
+ * proxy, which reads the name each connection asks for.
+ */
+export function usesProxy(p: EgressPolicy): boolean {
+  return !isOpenPolicy(p) && p.domains.entries.length > 0;
 }
 
 function ruleMatch(r: EgressRule): string {
@@ -89,9 +115,13 @@ function ruleMatch(r: EgressRule): string {
 
 /**
  * One nft transaction replacing the slot's egress table (the `add`/`delete` make it work whether
- * or not a table is there); an open policy only deletes it.
+ * or not a table is there); an open policy only deletes it. With domain rules every new TCP
+ * connection from the guest, whatever its port, is redirected to the egress proxy listening on
+ * `proxyPort` in the slot namespace (it judges addresses and names itself, always-denied ranges
+ * included, since redirected connections never reach the forward hooks); the forward rules still
+ * judge everything else (UDP, ICMP) and TCP connections opened before the redirect existed.
  */
-export function egressRuleset(s: SlotSpec, p: EgressPolicy): string {
+export function egressRuleset(s: SlotSpec, p: EgressPolicy, proxyPort = 0): string {
   const lines = [`add table ip ${EGRESS_TABLE}`, `delete table ip ${EGRESS_TABLE}`];
   if (isOpenPolicy(p)) return lines.join('\n') + '\n';
   lines.push(
@@ -105,6 +135,14 @@ export function egressRuleset(s: SlotSpec, p: EgressPolicy): string {
     ...p.deny.map((r) => `    ${ruleMatch(r)} goto refuse`),
     ...(p.denyInternet ? ['    goto refuse'] : []),
     `  }`,
+    ...(usesProxy(p)
+      ? [
+          `  chain to_proxy {`,
+          `    type nat hook prerouting priority dstnat; policy accept;`,
+          `    iifname "${s.tapName}" meta l4proto tcp redirect to :${proxyPort}`,
+          `  }`,
+        ]
+      : []),
     `  chain refuse {`,
     // The guest learns at once (reset / unreachable) instead of waiting out its timeouts.
     `    iifname "${s.tapName}" meta l4proto tcp reject with tcp reset`,

@@ -3,7 +3,12 @@ import { startGrpcServer } from '#grpc';
 import type { Logger } from '#logging';
 import { createRegistry, startMetricsServer } from '#metrics';
 import { serviceMain, startOrRollback, stopWith, TeardownStack, type RunningService } from '#service-kit';
+import { NetnsSwitch } from '#native';
 import { NetAgentService } from '#proto/sbx/net';
+import { EgressProxy } from './egress-proxy.js';
+import { parseCidr, type Cidr } from './ipv4.js';
+import { createNameResolver } from './name-resolver.js';
+import { SlotEgress } from './slot-egress.js';
 import { ConsulSlotReservation } from './consul-slot-reservation.js';
 import { MemorySlotReservation } from './memory-slot-reservation.js';
 import { registerNetAgentMetrics } from './net-agent-metrics.js';
@@ -161,6 +166,32 @@ function serve(config: NetAgentConfig, logger: Logger, signal: AbortSignal): Pro
     pool.start();
     stack.push('slots', () => pool.shutdown());
 
+    const netns = new NetnsSwitch();
+    stack.push('netns switch', async () => netns.close());
+    const proxy = new EgressProxy({
+      port: config.egressProxyPort,
+      resolver: createNameResolver({
+        hostsFile: config.egressHostsFile || undefined,
+        dnsServers: config.egressDnsServers,
+        timeoutMs: config.egressDialTimeoutMs,
+      }),
+      alwaysDenied: alwaysDeniedRanges(config),
+      netns,
+      logger,
+      headTimeoutMs: config.egressHeadTimeoutMs,
+      dialTimeoutMs: config.egressDialTimeoutMs,
+      onConnection: (result) => metrics.egressConnections.inc({ result }),
+    });
+    // Proxied connections end with the process; adopted slots keep their policy (state files).
+    stack.push('egress proxy', async () => proxy.close());
+    const egress = new SlotEgress({
+      proxy,
+      proxyPort: config.egressProxyPort,
+      stateDir: config.egressStateDir,
+      logger,
+    });
+    await egress.adopt(result.adopted);
+
     const metricsServer =
       config.metricsPort > 0 ? await startMetricsServer(registry, config.metricsHost, config.metricsPort) : undefined;
     if (metricsServer) stack.push('metrics', () => metricsServer.close());
@@ -177,6 +208,7 @@ function serve(config: NetAgentConfig, logger: Logger, signal: AbortSignal): Pro
             reservation: reservation.kind,
             uplink: network.uplink,
             nodeId: config.nodeId,
+            egress,
           }),
         },
       ],
@@ -186,4 +218,21 @@ function serve(config: NetAgentConfig, logger: Logger, signal: AbortSignal): Pro
     logger.info({ socket: config.controlSocket, metricsPort: metricsServer?.port ?? 0 }, 'net-agent serving');
     return { stop: stopWith(stack) };
   });
+}
+
+/**
+ * What the egress proxy never dials, whatever a policy allows: the slot's always-denied ranges,
+ * the node's own slot blocks, and what only makes sense on the node itself (this network,
+ * loopback, multicast and reserved).
+ */
+function alwaysDeniedRanges(config: NetAgentConfig): Cidr[] {
+  return [
+    ...config.blockedRanges,
+    `${config.metadataAddress}/32`,
+    config.vethCidr,
+    config.hostCidr,
+    '0.0.0.0/8',
+    '127.0.0.0/8',
+    '224.0.0.0/3',
+  ].map(parseCidr);
 }

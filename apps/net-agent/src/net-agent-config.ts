@@ -93,6 +93,29 @@ export const netAgentConfigSchema = z
       .default(true)
       .describe("Set net.ipv4.ip_forward=1 in the agent's namespace at start (the node must forward for slots)"),
 
+    egressProxyPort: count(1, 65535)
+      .default(15001)
+      .describe(
+        "port of the egress proxy's listener inside each slot namespace whose policy has domain rules (the guest's TCP is redirected to it)",
+      ),
+    egressStateDir: z
+      .string()
+      .min(1)
+      .default('/run/sbx/net-agent-egress')
+      .describe('policies served by the egress proxy, one file per slot, so a restarted agent serves them again'),
+    egressHostsFile: z
+      .string()
+      .default('')
+      .describe('hosts file the egress proxy resolves allowed names with first (empty = none)'),
+    egressDnsServers: z
+      .array(z.string().min(1))
+      .default([])
+      .describe("DNS servers (ip or ip:port) for allowed names; empty = the node's resolver (getaddrinfo)"),
+    egressHeadTimeoutMs: count(100, 120_000)
+      .default(5000)
+      .describe('how long a connection refused by address may take to send its TLS hello or HTTP request'),
+    egressDialTimeoutMs: count(100, 120_000).default(10_000),
+
     poolNewSize: count(0, 10_000).default(32),
     poolReusedSize: count(0, 10_000).default(100),
     createBatch: count(1, 1024)

@@ -5,6 +5,7 @@ export interface NetAgentMetrics {
   acquireSeconds: Histogram;
   createSecondsPerSlot: Histogram;
   requests: Counter<'method' | 'result'>;
+  egressConnections: Counter<'result'>;
 }
 
 /** Pool counts are read from the pool at scrape time; latencies are observed as they happen. */
@@ -41,6 +42,12 @@ export function registerNetAgentMetrics(registry: Registry, pool: () => SlotPool
       name: 'sbx_net_agent_slot_create_seconds',
       help: 'Batch creation time divided by slots in the batch',
       buckets: [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1],
+      registers: [registry],
+    }),
+    egressConnections: new Counter({
+      name: 'sbx_net_agent_egress_proxy_connections_total',
+      help: 'Guest TCP connections judged by the egress proxy, allowed or refused',
+      labelNames: ['result'],
       registers: [registry],
     }),
     requests: new Counter({

@@ -1,7 +1,6 @@
 import type { Logger } from '#logging';
 import type { NetAgentServer, NetEgressPolicy, NetSlot, NetStats } from '#proto/sbx/net';
 import { isOpenPolicy, parseEgressPolicy, type EgressPolicy } from './egress-policy.js';
-import { applyEgress, OPEN_POLICY } from './slot-egress.js';
 import type { NetAgentMetrics } from './net-agent-metrics.js';
 import { RequestInvalid, unaryHandlers } from '#service-kit';
 import { SlotNotInUse, SlotNotOwned, type PoolSlot, type SlotPool } from './slot-pool.js';
@@ -33,10 +32,14 @@ export function createNetAgentService(options: {
   reservation: string;
   uplink: string;
   nodeId: string;
-  /** Installs a slot's egress table; tests without namespaces pass a double. */
-  applyEgress?: (slot: PoolSlot, policy: EgressPolicy) => Promise<void>;
+  /** Installs and removes slots' egress policies (slot-egress.ts). */
+  egress: {
+    install(spec: PoolSlot['spec'], sandboxId: string, policy: EgressPolicy): Promise<void>;
+    release(spec: PoolSlot['spec'], clearTable: boolean): Promise<void>;
+  };
 }): NetAgentServer {
-  const install = options.applyEgress ?? ((slot: PoolSlot, policy: EgressPolicy) => applyEgress(slot.spec, policy));
+  const install = (slot: PoolSlot, sandboxId: string, policy: EgressPolicy) =>
+    options.egress.install(slot.spec, sandboxId, policy);
   const egressOf = (egress: NetEgressPolicy | undefined, prefix: string) =>
     parseEgressPolicy(egress ?? { denyInternet: false, allowedCidrs: [], deniedCidrs: [], allowedDomains: [] }, prefix);
   const { pool, logger, metrics } = options;
@@ -63,8 +66,9 @@ export function createNetAgentService(options: {
       // installed the slot is removed (its rules are in an unknown state) and the error returned.
       const withPolicy = async (slot: PoolSlot, result: string) => {
         try {
-          await install(slot, policy);
+          await install(slot, sandboxId, policy);
         } catch (err) {
+          await options.egress.release(slot.spec, false).catch(() => undefined);
           await pool.release(slot.spec.idx, sandboxId, false).catch((releaseErr: unknown) => {
             logger.error(
               { err: releaseErr, sandboxId, slot: slot.spec.idx },
@@ -88,20 +92,24 @@ export function createNetAgentService(options: {
       const slot = pool.list().find((s) => s.spec.idx === idx);
       if (!slot) throw new SlotNotInUse(idx);
       if (slot.sandboxId && slot.sandboxId !== sandboxId) throw new SlotNotOwned(idx, sandboxId, slot.sandboxId);
-      await install(slot, policy);
-      logger.info({ sandboxId, slot: idx, open: isOpenPolicy(policy) }, 'egress policy replaced');
+      await install(slot, sandboxId, policy);
+      logger.info(
+        { sandboxId, slot: idx, open: isOpenPolicy(policy), domains: policy.domains.entries.length },
+        'egress policy replaced',
+      );
       done('setEgress', 'ok');
       return {};
     }),
     release: handle('release', async ({ idx, sandboxId, reuse }) => {
       if (sandboxId) checkSandboxId(sandboxId);
-      const slot = reuse ? pool.list().find((s) => s.spec.idx === idx) : undefined;
+      const slot = pool.list().find((s) => s.spec.idx === idx);
       // A reused slot must not carry its last sandbox's policy to the next one; unconditional,
-      // as slots adopted after a restart may have one nobody here remembers.
+      // as slots adopted after a restart may have one nobody here remembers. Its proxied
+      // connections end with it either way.
       let keep = reuse;
       if (slot && (!sandboxId || !slot.sandboxId || slot.sandboxId === sandboxId)) {
-        keep = await install(slot, OPEN_POLICY).then(
-          () => true,
+        keep = await options.egress.release(slot.spec, reuse).then(
+          () => reuse,
           (err: unknown) => {
             logger.warn({ err, sandboxId, slot: idx }, 'clearing the egress policy failed: slot removed, not reused');
             return false;

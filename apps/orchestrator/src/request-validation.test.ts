@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import type { SandboxConfig } from '#proto/orchestrator';
-import { FieldNotServed, RequestInvalid } from './orchestrator-errors.js';
+import { RequestInvalid } from './orchestrator-errors.js';
 import { checkSandboxConfig } from './request-validation.js';
 
 const bounds = { minVcpu: 1, maxVcpu: 8, minRamMb: 64, maxRamMb: 8192 };
@@ -39,10 +39,9 @@ describe('checkSandboxConfig: ingress and auto-resume (E2B fields 22 and 24)', (
       expect(() => checkSandboxConfig(base(extra), bounds)).toThrow(RequestInvalid);
       expect(() => checkSandboxConfig(base(extra), bounds)).toThrow(field);
     }
-    // Domain rules are not served yet (UNIMPLEMENTED at the edge): refused, never silently dropped.
+    // Domain rules are served (net-agent's egress proxy checks and applies them).
     const names = base({ network: { egress: { allowedCidrs: [], deniedCidrs: [], allowedDomains: ['*.x.com'] } } });
-    expect(() => checkSandboxConfig(names, bounds)).toThrow(FieldNotServed);
-    expect(() => checkSandboxConfig(names, bounds)).toThrow('sandbox.network.egress.allowed_domains');
+    expect(() => checkSandboxConfig(names, bounds)).not.toThrow();
     const cidrs = base({
       allowInternetAccess: false,
       network: { egress: { allowedCidrs: ['1.1.1.1:53'], deniedCidrs: ['10.0.0.0/8'], allowedDomains: [] } },

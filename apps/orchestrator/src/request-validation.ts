@@ -1,5 +1,5 @@
 import { isBuildId } from '#storage';
-import type { SandboxConfig, SandboxNetworkEgressConfig } from '#proto/orchestrator';
+import type { SandboxConfig } from '#proto/orchestrator';
 import { FieldNotServed, RequestInvalid } from './orchestrator-errors.js';
 
 /** Sandbox, template and alias ids end up in paths, socket names and Redis keys. */
@@ -79,9 +79,11 @@ export function checkSandboxConfig(config: SandboxConfig | undefined, bounds: Re
   return { ...config, buildId };
 }
 
-/** Ingress settings end up in HTTP headers: printable ASCII only. Egress rules are not served yet. */
+/**
+ * Ingress settings end up in HTTP headers: printable ASCII only. Egress rules (CIDRs, domains,
+ * allow_internet_access) are checked entry by entry by net-agent, which applies them.
+ */
 function checkNetworkConfig(config: SandboxConfig): void {
-  checkEgressServed('sandbox.', config.network?.egress, config.allowInternetAccess);
   const ingress = config.network?.ingress;
   const token = ingress?.trafficAccessToken;
   if (token !== undefined && token !== '' && !/^[\x21-\x7e]{1,512}$/.test(token)) {
@@ -90,24 +92,6 @@ function checkNetworkConfig(config: SandboxConfig): void {
   const host = ingress?.maskRequestHost;
   if (host !== undefined && host !== '' && !/^[A-Za-z0-9._~:[\]-]{1,255}$/.test(host)) {
     throw new RequestInvalid('sandbox.network.ingress.mask_request_host', 'not a host name (host or host:port)');
-  }
-}
-
-/**
- * CIDR rules and allow_internet_access are applied by net-agent (which checks each entry);
- * domain rules need the transparent proxy, not built yet, so they are refused (UNIMPLEMENTED,
- * naming the field): a sandbox must never run with a policy it asked for silently dropped.
- */
-export function checkEgressServed(
-  prefix: string,
-  egress: SandboxNetworkEgressConfig | undefined,
-  _allowInternetAccess: boolean | undefined,
-): void {
-  if (egress && egress.allowedDomains.length > 0) {
-    throw new FieldNotServed(
-      `${prefix}network.egress.allowed_domains`,
-      'domain rules are not applied by this node yet',
-    );
   }
 }
 

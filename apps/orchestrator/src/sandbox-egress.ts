@@ -1,7 +1,8 @@
 /**
  * A sandbox's egress policy as E2B's API carries it (`allow_internet_access`, `network.egress`),
- * turned into what net-agent applies in the sandbox's slot. Entries are checked by net-agent
- * (INVALID_ARGUMENT naming the entry); domain rules are refused before that, as not served.
+ * turned into what net-agent applies in the sandbox's slot: CIDR rules in the slot's packet
+ * filter, domain rules through its egress proxy. Entries are checked by net-agent
+ * (INVALID_ARGUMENT naming the entry).
  */
 import type { SandboxNetworkEgressConfig } from '#proto/orchestrator';
 import type { NetEgressPolicy } from '#proto/sbx/net';

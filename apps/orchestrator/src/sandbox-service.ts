@@ -14,7 +14,6 @@ import type { Empty } from '#proto/google/protobuf/empty';
 import { RequestInvalid } from './orchestrator-errors.js';
 import {
   checkBuildId,
-  checkEgressServed,
   checkSafeName,
   checkSandboxConfig,
   checkTimes,
@@ -48,7 +47,6 @@ export function sandboxService(options: {
     }),
     update: handle('Update', async (req): Promise<Empty> => {
       checkSafeName('sandbox_id', req.sandboxId);
-      checkEgressServed('', req.egress, req.allowInternetAccess);
       const egressChange = req.egress !== undefined || req.allowInternetAccess !== undefined;
       // An Update may change only the egress policy; otherwise it is the end time.
       if (req.endTime ? Number.isNaN(req.endTime.getTime()) : !egressChange)

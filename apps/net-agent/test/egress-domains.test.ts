@@ -1,0 +1,357 @@
+/**
+ * Domain rules end to end: the real net-agent in a throwaway node namespace, a guest namespace
+ * behind a slot, and an "internet" namespace serving HTTP (80) and TLS (443, one self-signed
+ * certificate for several names) on every address. The agent resolves names through a hosts file
+ * of this test (--egress-hosts-file), so the names live only here. Each check is a real client in
+ * the guest's network namespace (curl, openssl s_client, a Python socket).
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdtemp, readdir, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { createInterface } from 'node:readline';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { unary } from '#grpc';
+import type { NetEgressPolicy, NetSlot } from '#proto/sbx/net';
+import { eventually } from '#test-kit';
+import { AgentProcess } from './agent-process.js';
+import { METADATA_IP, NodeNamespace, PRIVATE_IP, UPLINK_NODE_IP } from './node-namespace.js';
+
+const isRoot = process.getuid?.() === 0;
+
+/** .1 comes with the node namespace; .2 and .3 are added here. */
+const HOST_A = '198.18.0.1';
+const HOST_B = '198.18.0.2';
+const HOST_C = '198.18.0.3';
+const PROXY_PORT = 15001;
+
+/** What the agent's resolver knows (and nothing else does). */
+const HOSTS = `
+${HOST_A} a.test b.test w.test x.w.test
+${HOST_B} c.test
+${PRIVATE_IP} rebind.test
+${METADATA_IP} meta.test
+`;
+
+/** HTTP on 80 and TLS on 443, on every address; the answer says which address and Host it got. */
+const WEB_SERVER = `
+import http.server, socketserver, ssl, sys, threading
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        body = ("%s %s\\n" % (self.connection.getsockname()[0], self.headers.get("Host", "-"))).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a): pass
+class S(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(sys.argv[1], sys.argv[2])
+class T(S):
+    def finish_request(self, request, address):
+        # The handshake in the connection's own thread: a silent client blocks nobody else.
+        try: request = ctx.wrap_socket(request, server_side=True)
+        except Exception: return
+        self.RequestHandlerClass(request, address, self)
+    def handle_error(self, request, address): pass
+web = S(("0.0.0.0", 80), H)
+tls = T(("0.0.0.0", 443), H)
+threading.Thread(target=web.serve_forever, daemon=True).start()
+print("ready", flush=True)
+tls.serve_forever()
+`;
+
+const ECHO_SERVER = `
+import socket, sys, threading
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(16)
+def serve(c):
+    with c:
+        while True:
+            d = c.recv(100)
+            if not d: return
+            c.sendall(d)
+while True:
+    c, _ = s.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()
+`;
+
+/** Opens one connection naming argv[3] in an HTTP head, then echoes once per stdin line. */
+const NAMED_CLIENT = `
+import socket, sys
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3)
+head = ("GET / HTTP/1.1\\r\\nHost: %s\\r\\n\\r\\n" % sys.argv[3]).encode()
+c.sendall(head); got = b""
+while len(got) < len(head): got += c.recv(200)
+print("open", flush=True)
+for _ in sys.stdin:
+    try:
+        c.sendall(b"y"); d = c.recv(10)
+        print("echo " + d.decode() if d else "closed", flush=True)
+    except Exception as e:
+        print("cut " + type(e).__name__, flush=True)
+`;
+
+let node: NodeNamespace;
+let dir: string;
+let stateDir: string;
+let agent: AgentProcess;
+const clients = new Set<ChildProcess>();
+
+const none: NetEgressPolicy = { denyInternet: false, allowedCidrs: [], deniedCidrs: [], allowedDomains: [] };
+
+function agentArgs(): string[] {
+  return [
+    '--pool-new-size',
+    '2',
+    '--egress-hosts-file',
+    join(dir, 'hosts'),
+    '--egress-state-dir',
+    stateDir,
+    '--egress-proxy-port',
+    String(PROXY_PORT),
+    // A client that sends nothing is refused after this (a server-first protocol to a refused address).
+    '--egress-head-timeout-ms',
+    '1000',
+  ];
+}
+
+async function guestFor(
+  sandboxId: string,
+  egress: Partial<NetEgressPolicy>,
+): Promise<{ slot: NetSlot; guest: string }> {
+  const slot = await unary(agent.client, agent.client.acquire, { sandboxId, egress: { ...none, ...egress } }, 10_000);
+  return { slot, guest: await node.attachGuest(slot) };
+}
+
+function setEgress(slot: NetSlot, egress: Partial<NetEgressPolicy>): Promise<unknown> {
+  return unary(
+    agent.client,
+    agent.client.setEgress,
+    { idx: slot.idx, sandboxId: slot.sandboxId, egress: { ...none, ...egress } },
+    10_000,
+  );
+}
+
+/**
+ * curl from the guest to `url`, with the guest's own idea of where `name` lives (its
+ * /etc/hosts, as --resolve): the body, or `refused (<exit code>)`.
+ */
+async function curl(guest: string, url: string, resolve?: { name: string; address: string }): Promise<string> {
+  const port = url.startsWith('https:') ? 443 : 80;
+  const args = ['-sS', '--max-time', '4', '--cacert', join(dir, 'cert.pem')];
+  if (resolve) args.push('--resolve', `${resolve.name}:${port}:${resolve.address}`);
+  const out = await node.exec(guest, 'curl', [...args, url]);
+  return out.code === 0 ? out.stdout.trim() : `refused (${out.code})`;
+}
+
+/** A TLS handshake from the guest to `address` naming `name`: the verified subject, or `refused`. */
+async function tlsHandshake(guest: string, address: string, name: string): Promise<string> {
+  const out = await node.exec(guest, 'timeout', [
+    '5',
+    'openssl',
+    's_client',
+    '-connect',
+    `${address}:443`,
+    '-servername',
+    name,
+    '-verify_hostname',
+    name,
+    '-CAfile',
+    join(dir, 'cert.pem'),
+    '-verify_return_error',
+    '-brief',
+  ]);
+  if (out.code !== 0) return 'refused';
+  return /Verification: OK/.test(out.stderr + out.stdout) ? 'verified' : `unverified: ${out.stderr}`;
+}
+
+function namedClient(guest: string, address: string, port: number, name: string) {
+  const client = spawn('nsenter', [
+    `--net=${node.nsPath(guest)}`,
+    'python3',
+    '-c',
+    NAMED_CLIENT,
+    address,
+    String(port),
+    name,
+  ]);
+  clients.add(client);
+  const lines = createInterface({ input: client.stdout })[Symbol.asyncIterator]();
+  const next = async () => ((await lines.next()).value as string | undefined) ?? 'exited';
+  return {
+    next,
+    echo: async () => {
+      client.stdin.write('again\n');
+      return next();
+    },
+    kill: () => client.kill('SIGKILL'),
+  };
+}
+
+beforeAll(async () => {
+  if (!isRoot) return;
+  dir = await mkdtemp(join(tmpdir(), 'net-agent-domains-'));
+  stateDir = join(dir, 'state');
+  await writeFile(join(dir, 'hosts'), HOSTS);
+  node = await NodeNamespace.create('d');
+  await node.mustExec(
+    node.internet,
+    'ip',
+    ['-batch', '-'],
+    `addr add ${HOST_B}/32 dev lo\naddr add ${HOST_C}/32 dev lo\n`,
+  );
+  // One self-signed certificate for several names on one address (its own CA for the clients).
+  await node.mustExec(node.internet, 'openssl', [
+    'req',
+    '-x509',
+    '-newkey',
+    'rsa:2048',
+    '-nodes',
+    '-days',
+    '2',
+    '-subj',
+    '/CN=a.test',
+    '-addext',
+    'subjectAltName=DNS:a.test,DNS:b.test,DNS:w.test,DNS:*.w.test,DNS:c.test,DNS:rebind.test,DNS:meta.test',
+    '-keyout',
+    join(dir, 'key.pem'),
+    '-out',
+    join(dir, 'cert.pem'),
+  ]);
+  const web = spawn(
+    'nsenter',
+    [`--net=${node.nsPath(node.internet)}`, 'python3', '-c', WEB_SERVER, join(dir, 'cert.pem'), join(dir, 'key.pem')],
+    { stdio: ['ignore', 'pipe', 'inherit'] },
+  );
+  clients.add(web);
+  await new Promise<void>((resolve, reject) => {
+    createInterface({ input: web.stdout }).once('line', () => resolve());
+    web.once('exit', (code) => reject(new Error(`web server exited ${code}`)));
+  });
+  await node.startServer(node.internet, '0.0.0.0', 9100, 'raw');
+  node.spawnIn(node.internet, 'python3', ['-c', ECHO_SERVER, '9200']);
+  await eventually(async () => {
+    if ((await node.probe(node.node, HOST_A, 9100)) === undefined) throw new Error('raw server not up');
+  });
+  agent = await AgentProcess.start(node, join(dir, 'net.sock'), agentArgs());
+}, 120_000);
+
+afterAll(async () => {
+  for (const c of clients) c.kill('SIGKILL');
+  if (agent) await agent.stop();
+  if (node) await node.cleanup();
+  if (dir) await rm(dir, { recursive: true, force: true });
+});
+
+describe.skipIf(!isRoot)('egress domain rules', () => {
+  it('an allowed name is reachable; another name on the same address is refused; *. covers names below', async () => {
+    const { guest } = await guestFor('sbx-names', { denyInternet: true, allowedDomains: ['a.test', '*.w.test'] });
+    const at = (name: string) => ({ name, address: HOST_A });
+    expect(await curl(guest, 'http://a.test/', at('a.test'))).toBe(`${HOST_A} a.test`);
+    expect(await curl(guest, 'https://a.test/', at('a.test'))).toBe(`${HOST_A} a.test`);
+    expect(await tlsHandshake(guest, HOST_A, 'a.test')).toBe('verified');
+    // Same address, same certificate: only the name differs.
+    expect(await curl(guest, 'http://b.test/', at('b.test'))).toMatch(/^refused/);
+    expect(await curl(guest, 'https://b.test/', at('b.test'))).toMatch(/^refused/);
+    expect(await tlsHandshake(guest, HOST_A, 'b.test')).toBe('refused');
+    // The wildcard: names below w.test, not w.test itself.
+    expect(await curl(guest, 'https://x.w.test/', at('x.w.test'))).toBe(`${HOST_A} x.w.test`);
+    expect(await tlsHandshake(guest, HOST_A, 'x.w.test')).toBe('verified');
+    expect(await curl(guest, 'https://w.test/', at('w.test'))).toMatch(/^refused/);
+    // No name (an address in the URL): judged by address only, and internet access is off.
+    expect(await curl(guest, `http://${HOST_A}/`)).toMatch(/^refused/);
+  });
+
+  it('`*` allows any name; a name does not widen what a denied address reaches without one', async () => {
+    const { guest } = await guestFor('sbx-any', { deniedCidrs: [`${HOST_A}`], allowedDomains: ['*'] });
+    expect(await curl(guest, 'https://b.test/', { name: 'b.test', address: HOST_A })).toBe(`${HOST_A} b.test`);
+    expect(await curl(guest, `http://${HOST_A}/`)).toMatch(/^refused/); // denied address, no name
+    expect(await curl(guest, `http://${HOST_B}/`)).toBe(`${HOST_B} ${HOST_B}`); // not denied
+  });
+
+  it("the guest's /etc/hosts gains nothing: an allowed name is dialed where the node resolves it", async () => {
+    const { guest } = await guestFor('sbx-hosts', { denyInternet: true, allowedDomains: ['a.test'] });
+    // The guest says a.test is at C (which the policy refuses): the answer still comes from A.
+    expect(await curl(guest, 'http://a.test/', { name: 'a.test', address: HOST_C })).toBe(`${HOST_A} a.test`);
+    expect(await curl(guest, 'https://a.test/', { name: 'a.test', address: HOST_C })).toBe(`${HOST_A} a.test`);
+    // Nor does pointing it at the metadata address.
+    expect(await curl(guest, 'http://a.test/', { name: 'a.test', address: METADATA_IP })).toBe(`${HOST_A} a.test`);
+    expect(await curl(guest, `http://${HOST_C}/`)).toMatch(/^refused/);
+  });
+
+  it('a name that resolves into an always-denied range is refused (DNS rebinding)', async () => {
+    const { guest } = await guestFor('sbx-rebind', {
+      denyInternet: true,
+      allowedDomains: ['rebind.test', 'meta.test', 'c.test'],
+    });
+    expect(await curl(guest, 'http://rebind.test/', { name: 'rebind.test', address: HOST_A })).toMatch(/^refused/);
+    expect(await curl(guest, 'https://meta.test/', { name: 'meta.test', address: HOST_A })).toMatch(/^refused/);
+    expect(await tlsHandshake(guest, HOST_A, 'rebind.test')).toBe('refused');
+    // The same policy's ordinary name still works: only the rebinding names are refused.
+    expect(await curl(guest, 'http://c.test/', { name: 'c.test', address: HOST_A })).toBe(`${HOST_B} c.test`);
+  });
+
+  it('a connection without a name is judged by its address and port only', async () => {
+    const { guest } = await guestFor('sbx-noname', {
+      denyInternet: true,
+      allowedDomains: ['a.test'],
+      allowedCidrs: [`${HOST_B}:9100`, `${HOST_B}:80`],
+    });
+    // A server-first protocol (nothing to read a name from) to an allowed address and port.
+    expect(await node.probe(guest, HOST_B, 9100)).toBe(`raw saw ${UPLINK_NODE_IP}`);
+    expect(await curl(guest, `http://${HOST_B}/`)).toBe(`${HOST_B} ${HOST_B}`);
+    expect(await node.probe(guest, HOST_A, 9100)).toBeUndefined();
+    expect(await curl(guest, `http://${HOST_C}/`)).toMatch(/^refused/);
+    // Refused by the proxy (which waited for a name that never came), not by the packet filter.
+    await eventually(() => {
+      const refusal = agent.logs.find((l) => l.includes('sbx-noname') && l.includes(`${HOST_A}:9100`));
+      expect(refusal).toContain('no TLS hello or HTTP request');
+    });
+  });
+
+  it('a live update applies at once and cuts an open proxied connection it now forbids', async () => {
+    const { slot, guest } = await guestFor('sbx-live', { denyInternet: true, allowedDomains: ['a.test'] });
+    const conn = namedClient(guest, HOST_C, 9200, 'a.test'); // proxied by name to A
+    expect(await conn.next()).toBe('open');
+    expect(await conn.echo()).toBe('echo y');
+    // A new policy that still allows the connection leaves it alone.
+    await setEgress(slot, { denyInternet: true, allowedDomains: ['a.test', 'b.test'] });
+    expect(await conn.echo()).toBe('echo y');
+    expect(await curl(guest, 'http://b.test/', { name: 'b.test', address: HOST_A })).toBe(`${HOST_A} b.test`);
+    // One that forbids it cuts it (reset), and refuses new ones.
+    await setEgress(slot, { denyInternet: true, allowedDomains: ['b.test'] });
+    expect(await conn.echo()).toMatch(/^(cut|closed)/);
+    expect(await curl(guest, 'http://a.test/', { name: 'a.test', address: HOST_A })).toMatch(/^refused/);
+    // Back to open: the redirect is gone, connections go straight out again.
+    await setEgress(slot, {});
+    expect(await curl(guest, 'http://a.test/', { name: 'a.test', address: HOST_C })).toBe(`${HOST_C} a.test`);
+    conn.kill();
+  });
+
+  it('release closes the listener and forgets the policy; a restarted agent serves the policies of kept slots', async () => {
+    const listening = async (ns: string) =>
+      (await node.mustExec(ns, 'ss', ['-Htln', `sport = :${PROXY_PORT}`])).trim() !== '';
+    const gone = await guestFor('sbx-gone', { denyInternet: true, allowedDomains: ['a.test'] });
+    expect(await listening(gone.slot.namespace)).toBe(true);
+    const kept = await guestFor('sbx-kept', { denyInternet: true, allowedDomains: ['a.test'] });
+    const conn = namedClient(kept.guest, HOST_A, 9200, 'a.test');
+    expect(await conn.next()).toBe('open');
+    await agent.release(gone.slot.idx, 'sbx-gone', true);
+    expect(await listening(gone.slot.namespace)).toBe(false);
+    expect(await node.mustExec(gone.slot.namespace, 'nft', ['list', 'tables'])).not.toContain('sbx_egress');
+    expect(await readdir(stateDir)).not.toContain(`${gone.slot.namespace}.json`);
+
+    // SIGTERM and start again (as Nomad does): proxied connections end with the process, the
+    // policy does not.
+    await agent.stop();
+    expect(await conn.echo()).toMatch(/^(cut|closed)/);
+    agent = await AgentProcess.start(node, join(dir, 'net.sock'), agentArgs());
+    expect(await listening(kept.slot.namespace)).toBe(true);
+    expect(await curl(kept.guest, 'https://a.test/', { name: 'a.test', address: HOST_C })).toBe(`${HOST_A} a.test`);
+    expect(await curl(kept.guest, 'http://b.test/', { name: 'b.test', address: HOST_A })).toMatch(/^refused/);
+    conn.kill();
+  });
+});
