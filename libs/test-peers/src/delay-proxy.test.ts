@@ -1,0 +1,39 @@
+import { createServer, type Server } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { DelayProxy } from './delay-proxy.js';
+
+let server: Server;
+let port: number;
+beforeAll(async () => {
+  server = createServer((req, res) => {
+    const chunks: Buffer[] = [];
+    req.on('data', (c: Buffer) => chunks.push(c));
+    req.on('end', () => res.end(`${req.method} ${req.url} ${Buffer.concat(chunks).length}`));
+  });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', () => r()));
+  port = (server.address() as AddressInfo).port;
+});
+afterAll(async () => {
+  await new Promise<void>((r) => server.close(() => r()));
+});
+
+describe('DelayProxy', () => {
+  it('passes requests and bodies through whole and in order, each held at least the delay', async () => {
+    const proxy = await DelayProxy.start({ host: '127.0.0.1', port }, 30);
+    const body = Buffer.alloc(3 * 1024 * 1024, 7);
+    const t0 = performance.now();
+    const answers = await Promise.all([
+      fetch(`${proxy.endpoint}/a`).then((r) => r.text()),
+      fetch(`${proxy.endpoint}/b`, { method: 'POST', body }).then((r) => r.text()),
+    ]);
+    expect(performance.now() - t0).toBeGreaterThanOrEqual(30);
+    expect(answers).toEqual(['GET /a 0', `POST /b ${body.length}`]);
+    await proxy.stop();
+    await expect(fetch(`${proxy.endpoint}/c`)).rejects.toThrow();
+  });
+
+  it('refuses a negative delay', async () => {
+    await expect(DelayProxy.start({ host: '127.0.0.1', port }, -1)).rejects.toThrow(RangeError);
+  });
+});
