@@ -7,6 +7,7 @@ import { fileURLToPath } from 'node:url';
 import type { Logger } from '#logging';
 import { FirecrackerApi } from './firecracker-api.js';
 import { VmmExited } from './orchestrator-errors.js';
+import { watchProcessExit } from './process-exit-watch.js';
 import { isSameProcess, processStartTicks, type ProcessIdentity } from './process-identity.js';
 import type { VmmCgroups } from './vmm-cgroups.js';
 import { VmmLogTail } from './vmm-log-tail.js';
@@ -236,17 +237,13 @@ export class ProcessVmmLauncher implements VmmLauncher {
     if (!(await isSameProcess(record))) return undefined;
     const cgroup = await this.cgroups?.of(record.pid);
     let gone = false;
+    // Not our child: its pidfd tells when it ends (no timer per adopted VMM).
     const exited = new Promise<string>((res) => {
-      const timer = setInterval(() => {
-        void isSameProcess(record).then((alive) => {
-          if (alive) return;
-          gone = true;
-          clearInterval(timer);
-          if (cgroup) void this.cgroups!.remove(cgroup);
-          res('exited (adopted process)');
-        });
-      }, 500);
-      timer.unref();
+      watchProcessExit(record, () => {
+        gone = true;
+        if (cgroup) void this.cgroups!.remove(cgroup);
+        res('exited (adopted process)');
+      });
     });
     return this.handle(
       logger.bindings()['sandboxId'] as string,
