@@ -34,7 +34,7 @@ import { Sandbox } from './sandbox.js';
 import { StartAdmission } from './start-admission.js';
 import type { SandboxStateStore } from './sandbox-state-store.js';
 import type { TemplateCatalogue } from './template-catalogue.js';
-import { describeFailures } from '#service-kit';
+import { describeFailures, type TeardownFailure } from '#service-kit';
 import type { VmmHandle, VmmLauncher } from './vmm-launcher.js';
 import type { VmmPool } from './vmm-pool.js';
 import { netEgressPolicy } from './sandbox-egress.js';
@@ -442,20 +442,29 @@ export class SandboxManager {
       await vmm.api.setState('Paused');
       paused = true;
       mark(step);
-      step = 'create snapshot';
-      await vmm.api.createSnapshot({
-        type: vmmDirtyLog ? 'Diff' : 'Full',
-        snapshotPath: join(staging, 'snapfile'),
-        memFilePath: snapshotMemfile,
-      });
-      mark(step);
-      step = 'export rootfs diff';
-      // While paused: the overlay must not change under the export.
-      const disk = await devices.export(id, newBuildId, join(staging, 'rootfs.ext4'), {
-        keepServing: true,
-        ...this.diskDedup(sbx),
-      });
-      mark(step);
+      // While paused, at once: the VM's snapshot and the disk export (the overlay must not
+      // change under it; the paused VM has flushed its writes and a snapshot writes no disk).
+      const stagingDir = staging;
+      const [, disk] = await inParallel(timings, (s) => (step = s), [
+        [
+          'create snapshot',
+          () =>
+            vmm.api.createSnapshot({
+              type: vmmDirtyLog ? 'Diff' : 'Full',
+              snapshotPath: join(stagingDir, 'snapfile'),
+              memFilePath: snapshotMemfile,
+            }),
+        ],
+        [
+          'export rootfs diff',
+          () =>
+            devices.export(id, newBuildId, join(stagingDir, 'rootfs.ext4'), {
+              keepServing: true,
+              ...this.diskDedup(sbx),
+            }),
+        ],
+      ] as const);
+      last = performance.now();
       const memoryDiffPath = join(staging, 'memfile');
       const prefetchPath = join(staging, PREFETCH_FILE);
       const exportMemory = () =>
@@ -699,24 +708,44 @@ export class SandboxManager {
         memFilePath: fullMemfile,
       });
       mark(step);
-      step = 'export memory diff';
-      const mem = await memory.exportDiff({
-        sandboxId: id,
-        newBuildId,
-        diffPath: join(staging, 'memfile'),
-        memfilePath: fullMemfile,
-        vmmDirtyLog,
-        dedup: this.dedupAgainst(sbx),
-        prefetchPath: join(staging, PREFETCH_FILE),
-      });
-      await rm(fullMemfile, { force: true });
-      mark(step);
-      step = 'stop vmm';
-      await sbx.teardown.release('vmm');
-      mark(step);
-      step = 'export rootfs diff';
-      const disk = await devices.export(id, newBuildId, join(staging, 'rootfs.ext4'), this.diskDedup(sbx));
-      mark(step);
+      // The written pages are fixed now (stop-sourcing, the VMM's Diff) and the uffd-server holds
+      // the memfd or reads the snapshot file: the memory diff is written while the VMM stops and
+      // the disk is exported (the disk export waits for the VMM to let go of the device).
+      const stagingDir = staging;
+      // What each export used is given back as soon as it is done with (a failure there is
+      // reported with the rest of the teardown, as before, and does not fail the pause).
+      const releaseFailures: TeardownFailure[] = [];
+      const releaseEarly = (name: string) =>
+        sbx.teardown.release(name).catch((error: unknown) => void releaseFailures.push({ name, error }));
+      const [mem, disk] = await inParallel(timings, (s) => (step = s), [
+        [
+          'export memory diff',
+          async () => {
+            const exported = await memory.exportDiff({
+              sandboxId: id,
+              newBuildId,
+              diffPath: join(stagingDir, 'memfile'),
+              memfilePath: fullMemfile,
+              vmmDirtyLog,
+              dedup: this.dedupAgainst(sbx),
+              prefetchPath: join(stagingDir, PREFETCH_FILE),
+            });
+            await rm(fullMemfile, { force: true });
+            await releaseEarly('uffd');
+            return exported;
+          },
+        ],
+        [
+          'stop vmm, export rootfs diff',
+          async () => {
+            await sbx.teardown.release('vmm');
+            const exported = await devices.export(id, newBuildId, join(stagingDir, 'rootfs.ext4'), this.diskDedup(sbx));
+            await Promise.all([releaseEarly('device'), releaseEarly('slot')]);
+            return exported;
+          },
+        ],
+      ] as const);
+      last = performance.now();
       const build = await this.commitSnapshot(
         sbx.build,
         newBuildId,
@@ -729,7 +758,7 @@ export class SandboxManager {
       );
       staging = undefined;
       step = 'release resources';
-      const failures = await sbx.teardown.unwind();
+      const failures = [...releaseFailures, ...(await sbx.teardown.unwind())];
       this.sandboxes.delete(id);
       if (failures.length) sbx.log.warn({ problems: describeFailures(failures) }, 'pause teardown had problems');
       mark(step);
@@ -875,6 +904,36 @@ function memoryOfBuild(build: SnapshotBuild, requestedMb: number): number {
 }
 
 /** Step timings in ms with two decimals, for the log line each create and pause ends with. */
+/**
+ * Runs independent steps at once; each one's time goes into `timings` under its name. Waits
+ * for all of them even when one fails (nothing may still run when the caller unwinds), then
+ * throws the first failure with `failed` told its step.
+ */
+async function inParallel<T extends readonly (readonly [string, () => Promise<unknown>])[]>(
+  timings: StepTimings,
+  failed: (step: string) => void,
+  steps: T,
+): Promise<{ -readonly [K in keyof T]: Awaited<ReturnType<T[K][1]>> }> {
+  const settled = await Promise.allSettled(
+    steps.map(async ([name, run]) => {
+      const t0 = performance.now();
+      try {
+        return await run();
+      } finally {
+        timings[name] = performance.now() - t0;
+      }
+    }),
+  );
+  const i = settled.findIndex((r) => r.status === 'rejected');
+  if (i >= 0) {
+    failed(steps[i]![0]);
+    throw (settled[i] as PromiseRejectedResult).reason;
+  }
+  return settled.map((r) => (r as PromiseFulfilledResult<unknown>).value) as {
+    -readonly [K in keyof T]: Awaited<ReturnType<T[K][1]>>;
+  };
+}
+
 function rounded(timings: StepTimings): StepTimings {
   return Object.fromEntries(Object.entries(timings).map(([k, v]) => [k, Math.round(v * 100) / 100]));
 }

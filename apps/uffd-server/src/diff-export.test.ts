@@ -3,7 +3,7 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { close, memfdCreate, pwrite } from '#native';
+import { close, copyToAddress, mapAnonymous, memfdCreate, munmap, pwrite } from '#native';
 import { NIL_UUID, validateMappings, mergeMappings, baseMappings } from '#storage';
 import { exportDiff } from './diff-export.js';
 
@@ -57,19 +57,28 @@ describe('exportDiff', () => {
     writeFileSync(path, memory);
     const build = randomUUID();
     const diffPath = join(dir, 'diff');
-    const reads: [number, number][] = [];
-    const r = await exportDiff({
-      pages: [0, 1, 2, 3, 5, 7], // 0, 1 and 3 rewritten with what the parent holds
-      pageSize: page,
-      memorySize: memory.length,
-      from: { kind: 'path', path },
-      diffPath,
-      buildId: build,
-      parent: async (offset, into) => {
-        reads.push([offset, into.length]);
-        into.set(parent.subarray(offset, offset + into.length));
-      },
-    });
+    // The parent as the uffd-server holds it: mapped at its own offsets, fetched on demand.
+    const address = mapAnonymous(parent.length);
+    copyToAddress(address, parent);
+    const ensured: [number, number][] = [];
+    let r: Awaited<ReturnType<typeof exportDiff>>;
+    try {
+      r = await exportDiff({
+        pages: [0, 1, 2, 3, 5, 7], // 0, 1 and 3 rewritten with what the parent holds
+        pageSize: page,
+        memorySize: memory.length,
+        from: { kind: 'path', path },
+        diffPath,
+        buildId: build,
+        parent: {
+          address,
+          allReady: false,
+          ensure: async (offset, length) => void ensured.push([offset, length]),
+        },
+      });
+    } finally {
+      munmap(address, parent.length);
+    }
     expect({ stored: r.storedPages, zero: r.zeroPages, deduped: r.dedupedPages }).toEqual({
       stored: 2,
       zero: 1,
@@ -83,11 +92,15 @@ describe('exportDiff', () => {
       { offset: 5 * page, length: page, buildId: NIL_UUID, buildStorageOffset: 0 },
       { offset: 7 * page, length: page, buildId: build, buildStorageOffset: page },
     ]);
-    // The merged header reads like the memory: parent where equal, the diff where not.
-    expect(reads.length).toBeGreaterThan(0);
+    // Only the written runs of the parent were fetched, each once.
+    expect(ensured).toEqual([
+      [0, 4 * page],
+      [5 * page, page],
+      [7 * page, page],
+    ]);
   });
 
-  it('reads from a memfd and handles runs longer than its read buffer', async () => {
+  it('reads from a memfd and handles runs longer than its copy window', async () => {
     const page = 4096;
     const pages = 5000; // ~20 MiB: more than one 16 MiB run
     const fd = memfdCreate('guest');
@@ -122,5 +135,35 @@ describe('exportDiff', () => {
         buildId: randomUUID(),
       }),
     ).rejects.toThrow(/past the memory size/);
+  });
+
+  it('refuses a memory file shorter than a written page', async () => {
+    const path = join(dir, 'm');
+    writeFileSync(path, Buffer.alloc(4096, 1));
+    await expect(
+      exportDiff({
+        pages: [0, 1],
+        pageSize: 4096,
+        memorySize: 8192,
+        from: { kind: 'path', path },
+        diffPath: join(dir, 'd'),
+        buildId: randomUUID(),
+      }),
+    ).rejects.toThrow(/memory ends at 4096, before page 1/);
+  });
+
+  it('refuses pages out of order', async () => {
+    const path = join(dir, 'm');
+    writeFileSync(path, Buffer.alloc(8192, 1));
+    await expect(
+      exportDiff({
+        pages: [1, 0],
+        pageSize: 4096,
+        memorySize: 8192,
+        from: { kind: 'path', path },
+        diffPath: join(dir, 'd'),
+        buildId: randomUUID(),
+      }),
+    ).rejects.toThrow(/ascend/);
   });
 });

@@ -1,12 +1,18 @@
-import { read as readCallback } from 'node:fs';
-import { open } from 'node:fs/promises';
-import { promisify } from 'node:util';
+import { closeSync, openSync } from 'node:fs';
+import { diffCopy, DiffPage, SourceEnded } from '#native';
 import { createMappings, NIL_UUID, type BuildMapping } from '#storage';
-
-const readFd = promisify(readCallback);
 
 /** Bytes of a paused guest's memory: the memfd Firecracker shared, or the memory file it wrote. */
 export type MemoryBytes = { kind: 'fd'; fd: number } | { kind: 'path'; path: string };
+
+/** The parent build's memory, mapped in this process at its own offsets (a SourceView). */
+export interface ParentMemory {
+  address: number;
+  /** Makes [offset, offset + length) valid at `address + offset` (fetches what is not here yet). */
+  ensure(offset: number, length: number): Promise<void>;
+  /** True when every byte is valid already (nothing to fetch). */
+  readonly allReady: boolean;
+}
 
 export interface DiffExportOptions {
   /** Ascending indices of the pages to export (page = memory-file offset / pageSize). */
@@ -21,7 +27,7 @@ export interface DiffExportOptions {
    * mapped, so the merged header keeps the parent's mapping for it. Only when the parent is the
    * build these bytes were served from.
    */
-  parent?: (offset: number, into: Uint8Array) => Promise<void>;
+  parent?: ParentMemory;
 }
 
 export interface DiffExport {
@@ -34,87 +40,80 @@ export interface DiffExport {
   dedupedPages: number;
 }
 
-const RUN_BYTES = 16 * 1024 * 1024;
-
-function isZero(bytes: Uint8Array): boolean {
-  const words = new BigUint64Array(bytes.buffer, bytes.byteOffset, bytes.byteLength / 8);
-  for (let i = 0; i < words.length; i++) if (words[i] !== 0n) return false;
-  return true;
+/** Consecutive pages joined into byte ranges (the last one cut at the memory's end). */
+export function pageRuns(
+  pages: readonly number[],
+  pageSize: number,
+  memorySize: number,
+): Array<{ offset: number; length: number }> {
+  const runs: Array<{ offset: number; length: number }> = [];
+  let previous = -1;
+  for (const page of pages) {
+    if (!Number.isSafeInteger(page) || page < 0) throw new RangeError(`page index invalid: ${page}`);
+    if (page <= previous) throw new RangeError(`pages must ascend without repeats: ${page} after ${previous}`);
+    const offset = page * pageSize;
+    if (offset >= memorySize) throw new RangeError(`page ${page} lies past the memory size ${memorySize}`);
+    const length = Math.min(pageSize, memorySize - offset);
+    const last = runs[runs.length - 1];
+    if (last && page === previous + 1) last.length += length;
+    else runs.push({ offset, length });
+    previous = page;
+  }
+  return runs;
 }
 
 /**
  * Writes the given pages to a diff file in ascending order and returns their mappings
  * (DESIGN.md §2-3): consecutive stored pages become one mapping to `buildId` at their place
- * in the diff; pages that are all zeros are not stored but mapped to the nil UUID.
+ * in the diff; pages that are all zeros are not stored but mapped to the nil UUID; pages equal
+ * to the parent's are neither. The bytes are read, compared and written by native code on a
+ * worker thread (`diffCopy`: large sequential writes, nothing per clean page), then fsynced.
  */
 export async function exportDiff(o: DiffExportOptions): Promise<DiffExport> {
-  const source = o.from.kind === 'path' ? await open(o.from.path, 'r') : undefined;
-  const out = await open(o.diffPath, 'w', 0o600);
+  const runs = pageRuns(o.pages, o.pageSize, o.memorySize);
+  // The parent's bytes are compared in place: what is not fetched yet is fetched first.
+  if (o.parent && !o.parent.allReady) await Promise.all(runs.map((r) => o.parent!.ensure(r.offset, r.length)));
+  const sourceFd = o.from.kind === 'path' ? openSync(o.from.path, 'r') : o.from.fd;
+  let copied: Awaited<ReturnType<typeof diffCopy>>;
+  try {
+    const outFd = openSync(o.diffPath, 'w', 0o600);
+    try {
+      copied = await diffCopy({
+        sourceFd,
+        outFd,
+        runs,
+        pageSize: o.pageSize,
+        parentAddress: o.parent?.address ?? 0,
+        sync: true,
+      });
+    } finally {
+      closeSync(outFd);
+    }
+  } catch (err) {
+    if (err instanceof SourceEnded)
+      throw new RangeError(`memory ends at ${err.endedAt}, before page ${Math.floor(err.endedAt / o.pageSize)}`, {
+        cause: err,
+      });
+    throw err;
+  } finally {
+    if (o.from.kind === 'path') closeSync(sourceFd);
+  }
   const stored: number[] = [];
   const zeros: number[] = [];
-  let deduped = 0;
-  let diffSize = 0;
-  try {
-    const buffer = Buffer.allocUnsafe(Math.max(RUN_BYTES, o.pageSize));
-    const parentBytes = o.parent ? Buffer.allocUnsafe(buffer.length) : undefined;
-    let i = 0;
-    while (i < o.pages.length) {
-      // A run of consecutive pages, read at once.
-      const first = o.pages[i]!;
-      let count = 1;
-      while (
-        i + count < o.pages.length &&
-        o.pages[i + count] === first + count &&
-        (count + 1) * o.pageSize <= buffer.length
-      )
-        count++;
-      const offset = first * o.pageSize;
-      const length = Math.min(count * o.pageSize, o.memorySize - offset);
-      if (length <= 0) throw new RangeError(`page ${first} lies past the memory size ${o.memorySize}`);
-      let done = 0;
-      while (done < length) {
-        const n = source
-          ? (await source.read(buffer, done, length - done, offset + done)).bytesRead
-          : (await readFd((o.from as { fd: number }).fd, buffer, done, length - done, offset + done)).bytesRead;
-        if (n === 0)
-          throw new RangeError(`memory ends at ${offset + done}, before page ${first + Math.floor(done / o.pageSize)}`);
-        done += n;
-      }
-      if (o.parent && parentBytes) await o.parent(offset, parentBytes.subarray(0, length));
-      // Stored pages of the run go out in one write.
-      let pendingStart = -1;
-      for (let k = 0; k <= count; k++) {
-        const page = buffer.subarray(k * o.pageSize, Math.min((k + 1) * o.pageSize, length));
-        const zero = k < count && isZero(page);
-        const same =
-          k < count &&
-          !zero &&
-          parentBytes !== undefined &&
-          page.equals(parentBytes.subarray(k * o.pageSize, Math.min((k + 1) * o.pageSize, length)));
-        if (same) deduped++;
-        if (k < count && !zero && !same) {
-          if (pendingStart < 0) pendingStart = k;
-          stored.push(first + k);
-          continue;
-        }
-        if (pendingStart >= 0) {
-          const bytes = buffer.subarray(pendingStart * o.pageSize, Math.min(k * o.pageSize, length));
-          await out.write(bytes, 0, bytes.length, diffSize);
-          diffSize += bytes.length;
-          pendingStart = -1;
-        }
-        if (zero) zeros.push(first + k);
-      }
-      i += count;
-    }
-    await out.sync();
-  } finally {
-    await out.close();
-    await source?.close();
+  const classes = copied.classes;
+  for (let i = 0; i < o.pages.length; i++) {
+    if (classes[i] === DiffPage.STORED) stored.push(o.pages[i]!);
+    else if (classes[i] === DiffPage.ZERO) zeros.push(o.pages[i]!);
   }
   const mappings = [
     ...createMappings(stored, o.pageSize, o.buildId, o.memorySize),
     ...createMappings(zeros, o.pageSize, NIL_UUID, o.memorySize).map((m) => ({ ...m, buildStorageOffset: 0 })),
   ].sort((a, b) => a.offset - b.offset);
-  return { mappings, diffSize, storedPages: stored.length, zeroPages: zeros.length, dedupedPages: deduped };
+  return {
+    mappings,
+    diffSize: copied.bytesWritten,
+    storedPages: copied.storedPages,
+    zeroPages: copied.zeroPages,
+    dedupedPages: copied.parentPages,
+  };
 }

@@ -535,7 +535,7 @@ export class SandboxMemory {
       from,
       diffPath,
       buildId,
-      ...(dedup ? { parent: (offset: number, into: Uint8Array) => this.o.source.read(offset, into) } : {}),
+      ...(dedup ? { parent: this.o.source } : {}),
     });
     // The set this sandbox recorded while it started goes with the new build (E2B: at checkpoint).
     const prefetchBlocks = prefetchPath ? ((await this.o.recordedPrefetch?.writeTo(prefetchPath)) ?? 0) : 0;
