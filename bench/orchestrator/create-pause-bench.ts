@@ -17,7 +17,7 @@
  *                      installed is exported (E2B's behaviour); prefetch off (it would land in the diff)
  *   wp-async           the double as E2B's Firecracker fork: uffd WP_ASYNC, PAGEMAP_SCAN
  */
-import { readdir, readFile } from 'node:fs/promises';
+import { mkdir, readdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { unary } from '#grpc';
@@ -87,6 +87,28 @@ async function stepsOf(node: NodeUnderTest, msg: string, id: string): Promise<Re
         .filter((l) => l.includes(msg))
         .slice(-3),
     );
+  return {};
+}
+
+/**
+ * The double's own step timings of the load that made `id` (its 'snapshot loaded' line, which
+ * the orchestrator follows into its log as a vmm-stdout line). Waited for like stepsOf.
+ */
+async function vmmLoadStepsOf(node: NodeUnderTest, id: string): Promise<Record<string, number>> {
+  const deadline = Date.now() + 5_000;
+  while (Date.now() < deadline) {
+    for (const line of node.logs('orchestrator')) {
+      if (!line.includes('snapshot loaded') || !line.includes(`"sandboxId":"${id}"`)) continue;
+      const outer = JSON.parse(line) as { msg?: string };
+      try {
+        const inner = JSON.parse(outer.msg ?? '') as { msg?: string; steps?: Record<string, number> };
+        if (inner.msg === 'snapshot loaded' && inner.steps) return inner.steps;
+      } catch {
+        // Not the VMM's JSON line.
+      }
+    }
+    await new Promise((r) => setTimeout(r, 20));
+  }
   return {};
 }
 
@@ -186,6 +208,7 @@ async function benchSize(
 
     const createMs: number[] = [];
     const createSteps: Record<string, number>[] = [];
+    const loadSteps: Record<string, number>[] = [];
     for (let i = 0; i < creates; i++) {
       const id = `c${i}`;
       await poolRefilled();
@@ -193,6 +216,7 @@ async function benchSize(
       await create(id, source);
       createMs.push(performance.now() - t0);
       createSteps.push(await stepsOf(node, 'sandbox created', id));
+      loadSteps.push(await vmmLoadStepsOf(node, id));
       await unary(client, client.delete, { sandboxId: id }, 60_000);
     }
     const overhead = createSteps.map((s) =>
@@ -213,6 +237,8 @@ async function benchSize(
         `  of these: p50 ${pct(pooledMs, 50).toFixed(1)} ms  p99 ${pct(pooledMs, 99).toFixed(1)} ms (the others started their own VMM)`,
       );
     console.log('  steps (orchestrator-side timings):\n' + shares(createSteps));
+    if (loadSteps.some((s) => Object.keys(s).length > 0))
+      console.log("  the VMM double's snapshot load (its own timings):\n" + shares(loadSteps));
 
     const pauseMs: number[] = [];
     const fillMs: number[] = [];
@@ -263,6 +289,13 @@ async function benchSize(
     );
     console.log('  steps:\n' + shares(pauseSteps));
   } finally {
+    // BENCH_LOG_DIR=<dir>: every service's log lines of this node, one file each (to study a run).
+    const logDir = process.env['BENCH_LOG_DIR'];
+    if (logDir) {
+      await mkdir(logDir, { recursive: true });
+      for (const name of ['orchestrator', 'uffd-server', 'block-server', 'net-agent', 'dns'])
+        await writeFile(join(logDir, `${tag}-${name}.log`), node.logs(name).join('\n') + '\n');
+    }
     await node.stop();
   }
 }

@@ -1,6 +1,6 @@
 import { closeSync, fstatSync, openSync, readFileSync } from 'node:fs';
 import { Socket } from 'node:net';
-import { Worker } from 'node:worker_threads';
+import type { Worker } from 'node:worker_threads';
 import {
   MAP_ANONYMOUS,
   MAP_HUGETLB,
@@ -32,7 +32,8 @@ import {
 import type { Logger } from '#logging';
 import { encodeHandshake, parseHandshake, type GuestRegion } from '#uffd';
 import { VmmFailure, osErrorText } from './api-error.js';
-import type { VcpuReply, VcpuRequest, VcpuWorkerData } from './vcpu-protocol.js';
+import { takeVcpuWorker } from './spare-vcpu.js';
+import type { VcpuReply, VcpuRequest } from './vcpu-protocol.js';
 
 /**
  * Write-protect on the uffd the VMM hands over. Upstream Firecracker (v1.16) negotiates only
@@ -117,7 +118,7 @@ export class GuestMemory {
     try {
       memory.map(backing);
       if (backing.kind === 'uffd') memory.handOver(backing);
-      memory.startVcpu();
+      await memory.startVcpu();
     } catch (err) {
       await memory.close();
       throw err;
@@ -243,9 +244,9 @@ export class GuestMemory {
     );
   }
 
-  private startVcpu(): void {
-    const data: VcpuWorkerData = { address: this.address, size: this.size, pageSize: this.pageSize };
-    const worker = new Worker(new URL('./vcpu-worker.js', import.meta.url), { workerData: data });
+  /** Takes the vCPU thread (started ahead when the VMM waited: spare-vcpu.ts) and gives it the mapping. */
+  private startVcpu(): Promise<void> {
+    const worker = takeVcpuWorker();
     worker.on('message', (reply: VcpuReply) => {
       const waiter = this.waiting.get(reply.id);
       if (!waiter) return;
@@ -258,8 +259,8 @@ export class GuestMemory {
       for (const w of this.waiting.values()) w.reject(err);
       this.waiting.clear();
     });
-    worker.unref();
     this.worker = worker;
+    return this.call<void>({ op: 'attach', address: this.address, size: this.size, pageSize: this.pageSize });
   }
 
   private call<T>(request: DistributiveOmit<VcpuRequest, 'id'>, transfer: ArrayBuffer[] = []): Promise<T> {

@@ -4,6 +4,7 @@ import { createLogger, type Logger } from '#logging';
 import { ApiServer } from './api-server.js';
 import { GuestMemory } from './guest-memory.js';
 import { PreparedNetwork } from './prepared-network.js';
+import { startSpareVcpu } from './spare-vcpu.js';
 import type { MicrovmSettings } from './microvm.js';
 import { VMM_VERSION, VmmController } from './vmm-controller.js';
 
@@ -125,6 +126,8 @@ export async function main(argv: string[]): Promise<number | void> {
             logger,
           }),
   };
+  // The vCPU thread starts now, while the VMM waits for a load or boot (spare-vcpu.ts).
+  startSpareVcpu();
   const controller = new VmmController(settings, config.id);
   let stopping: Promise<void> | undefined;
   const running: { api?: ApiServer } = {};

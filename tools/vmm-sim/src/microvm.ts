@@ -8,6 +8,7 @@ import { openGuestDisk, type GuestDisk } from './guest-disk.js';
 import { GuestMemory, type MemoryBacking, type PageSizeSpelling, type WriteProtectMode } from './guest-memory.js';
 import { GuestNetwork } from './guest-network.js';
 import type { PreparedNetwork } from './prepared-network.js';
+import { StepTimings } from './step-timings.js';
 import {
   SNAPFILE_FORMAT,
   SNAPFILE_VERSION,
@@ -70,6 +71,8 @@ export class Microvm implements GuestView {
   readonly drives = new Map<string, GuestDisk>();
   rootDriveId: string | undefined;
   envd: EnvdServer | undefined;
+  /** Of the snapshot load that made this VM (logged with 'snapshot loaded'). */
+  loadSteps: StepTimings | undefined;
 
   private constructor(
     private readonly settings: MicrovmSettings,
@@ -97,6 +100,7 @@ export class Microvm implements GuestView {
 
   /** Firecracker's restore_from_snapshot: the VM comes up paused. */
   static async load(params: LoadParams, settings: MicrovmSettings, stop?: AbortSignal): Promise<Microvm> {
+    const steps = new StepTimings();
     let bytes: Buffer;
     try {
       bytes = await readFile(params.snapshotPath);
@@ -134,6 +138,8 @@ export class Microvm implements GuestView {
     }
     const { createdAt: _c, mmds: _m, envVars, format: _f, version: _v, ...config } = snapfile;
     const vm = new Microvm(settings, { ...config, networkInterfaces }, envVars);
+    vm.loadSteps = steps;
+    steps.mark('read snapfile');
     const backing: MemoryBacking =
       params.backendType === 'Uffd'
         ? {
@@ -144,20 +150,25 @@ export class Microvm implements GuestView {
             pageSizeSpelling: settings.uffdPageSizeSpelling,
           }
         : { kind: 'file', path: params.backendPath };
-    await vm.build(backing, params.enableDiffSnapshots, 'Failed to restore from snapshot');
-    // Firecracker touches guest memory before the load answers (restoreWrite); a VMM told to
-    // stop while that write waits for a fault nobody serves gives everything back instead.
+    // Firecracker touches guest memory before the load answers (restoreWrite): done as soon as
+    // the memory is handed over, while the drives and the link are still being taken. A VMM told
+    // to stop while that write waits for a fault nobody serves gives everything back instead.
     const abandon = () => void vm.close().catch(() => undefined);
     if (stop?.aborted) abandon();
     stop?.addEventListener('abort', abandon);
     try {
-      await vm.memory.restoreWrite();
-    } catch (err) {
-      await vm.close().catch(() => undefined);
-      throw new VmmFailure(
-        'RESTORE_WRITE',
-        `Failed to restore from snapshot: Failed to load guest memory: ${(err as Error).message}`,
-      );
+      await vm.build(backing, params.enableDiffSnapshots, 'Failed to restore from snapshot', async (memory) => {
+        const startedAt = performance.now();
+        try {
+          await memory.restoreWrite();
+        } catch (err) {
+          throw new VmmFailure(
+            'RESTORE_WRITE',
+            `Failed to restore from snapshot: Failed to load guest memory: ${(err as Error).message}`,
+          );
+        }
+        steps.record('(side by side) restore write', startedAt);
+      });
     } finally {
       stop?.removeEventListener('abort', abandon);
     }
@@ -189,76 +200,45 @@ export class Microvm implements GuestView {
     return vm;
   }
 
-  private async build(backing: MemoryBacking, trackDirtyPages: boolean, context: string): Promise<void> {
+  /**
+   * Memory (with the uffd handshake), drives and network do not depend on each other: they are
+   * taken at once (a load waited on each of the uffd-server, the block-server and the link in
+   * turn). Each goes on the teardown stack the moment it is taken; after a failure every branch
+   * is waited for before everything is given back, so nothing is taken after the teardown.
+   */
+  private async build(
+    backing: MemoryBacking,
+    trackDirtyPages: boolean,
+    context: string,
+    /** Runs on the memory as soon as it is there, alongside the drives and the network. */
+    withMemory?: (memory: GuestMemory) => Promise<void>,
+  ): Promise<void> {
     const logger = this.settings.logger;
     try {
-      this.memory = await GuestMemory.open({
-        sizeBytes: memoryBytes(this.config),
-        pageSize: this.config.pageSize,
-        backing,
-        trackDirtyPages,
-        logger,
-      });
-      this.teardown.push({ what: 'memory', release: () => this.memory.close() });
-      for (const drive of this.config.drives) {
-        let disk: GuestDisk;
-        try {
-          disk = await openGuestDisk(drive.pathOnHost, {
-            readOnly: drive.isReadOnly,
-            nbdExportName: this.settings.nbdExportName,
-            logger,
-          });
-        } catch (err) {
-          throw new VmmFailure(
-            'DRIVE_OPEN',
-            `VirtioBlock: Error manipulating the backing file: ${(err as Error).message} ${drive.pathOnHost}`,
-            { driveId: drive.driveId, path: drive.pathOnHost },
-          );
-        }
-        this.drives.set(drive.driveId, disk);
-        if (drive.isRootDevice) this.rootDriveId = drive.driveId;
-        this.teardown.push({
-          what: `drive ${drive.driveId}`,
-          release: async () => {
-            // What the guest wrote is on the device before the VMM lets go of it.
-            if (!disk.readOnly)
-              await disk.flush().catch((err: unknown) => logger.warn({ err }, 'final drive flush failed'));
-            await disk.close();
-          },
-        });
-        logger.info(
-          { driveId: drive.driveId, path: drive.pathOnHost, kind: disk.kind, size: disk.size },
-          'drive opened',
-        );
-      }
-      this.rootDriveId ??= this.config.drives[0]?.driveId;
-      let network: GuestNetwork | undefined;
-      const nic = this.config.networkInterfaces[0];
-      if (!this.settings.guestListen && nic) {
-        const wanted = {
-          tapName: nic.hostDevName,
-          tapCidr: this.settings.tapCidr,
-          guestAddress: this.config.guestNetwork.address,
-          guestPrefixLength: this.config.guestNetwork.prefixLength,
+      const startedAt = performance.now();
+      // Started in the order they wait longest (the drives' NBD handshake first): the memory's
+      // own syscalls run before its first await.
+      const drives = Promise.all(this.config.drives.map((drive) => this.openDrive(drive, startedAt)));
+      const network = this.attachNetwork().then((attached) => this.startEnvd(attached, startedAt));
+      const memory = (async () => {
+        const opened = await GuestMemory.open({
+          sizeBytes: memoryBytes(this.config),
+          pageSize: this.config.pageSize,
+          backing,
+          trackDirtyPages,
           logger,
-        };
-        network = (await this.settings.preparedNetwork?.take(wanted)) ?? (await GuestNetwork.attach(wanted));
-        const attached = network;
-        this.teardown.push({ what: 'network', release: () => attached.close() });
-      }
-      if (network || this.settings.guestListen) {
-        const envd = await EnvdServer.start({
-          guest: this,
-          logger,
-          ...(network ? { netns: network.netns } : {}),
-          ...(this.settings.guestListen ? { listen: this.settings.guestListen } : {}),
         });
-        this.envd = envd;
-        this.teardown.push({ what: 'envd', release: () => envd.close() });
-        logger.info({ address: envd.address() }, 'guest agent (envd) listening');
-      } else {
-        logger.warn('the VM has no network interface and no --guest-listen: the guest agent is unreachable');
-      }
+        this.memory = opened;
+        this.hold('memory', () => opened.close());
+        this.loadSteps?.record('(side by side) memory and uffd handshake', startedAt);
+        await withMemory?.(opened);
+      })();
+      const taken = await Promise.allSettled([memory, drives, network]);
+      this.loadSteps?.mark(
+        withMemory ? 'memory (and restore write), drives, network and envd' : 'memory, drives, network and envd',
+      );
+      for (const t of taken) if (t.status === 'rejected') throw t.reason;
+      this.rootDriveId = this.config.drives.find((d) => d.isRootDevice)?.driveId ?? this.config.drives[0]?.driveId;
     } catch (err) {
       await this.close().catch(() => undefined);
       const message = (err as Error).message;
@@ -267,6 +247,81 @@ export class Microvm implements GuestView {
         message.startsWith(context) ? message : `${context}: ${message}`,
       );
     }
+  }
+
+  private async openDrive(drive: DriveConfig, startedAt: number): Promise<void> {
+    const logger = this.settings.logger;
+    let disk: GuestDisk;
+    try {
+      disk = await openGuestDisk(drive.pathOnHost, {
+        readOnly: drive.isReadOnly,
+        nbdExportName: this.settings.nbdExportName,
+        logger,
+      });
+    } catch (err) {
+      throw new VmmFailure(
+        'DRIVE_OPEN',
+        `VirtioBlock: Error manipulating the backing file: ${(err as Error).message} ${drive.pathOnHost}`,
+        { driveId: drive.driveId, path: drive.pathOnHost },
+      );
+    }
+    this.drives.set(drive.driveId, disk);
+    this.hold(`drive ${drive.driveId}`, async () => {
+      // What the guest wrote is on the device before the VMM lets go of it.
+      if (!disk.readOnly) await disk.flush().catch((err: unknown) => logger.warn({ err }, 'final drive flush failed'));
+      await disk.close();
+    });
+    this.loadSteps?.record(`(side by side) drive ${drive.driveId}`, startedAt);
+    logger.info({ driveId: drive.driveId, path: drive.pathOnHost, kind: disk.kind, size: disk.size }, 'drive opened');
+  }
+
+  /** The guest agent on the guest link (or on --guest-listen); none without either. */
+  private async startEnvd(network: GuestNetwork | undefined, startedAt: number): Promise<void> {
+    const logger = this.settings.logger;
+    if (!network && !this.settings.guestListen) {
+      logger.warn('the VM has no network interface and no --guest-listen: the guest agent is unreachable');
+      return;
+    }
+    const envd = await EnvdServer.start({
+      guest: this,
+      logger,
+      ...(network ? { netns: network.netns } : {}),
+      ...(this.settings.guestListen ? { listen: this.settings.guestListen } : {}),
+    });
+    this.envd = envd;
+    this.hold('envd', () => envd.close());
+    logger.info({ address: envd.address() }, 'guest agent (envd) listening');
+    this.loadSteps?.record('(side by side) network and envd', startedAt);
+  }
+
+  /** The guest link in the slot (taken over from the one prepared while waiting, when it matches). */
+  private async attachNetwork(): Promise<GuestNetwork | undefined> {
+    const nic = this.config.networkInterfaces[0];
+    if (this.settings.guestListen || !nic) return undefined;
+    const wanted = {
+      tapName: nic.hostDevName,
+      tapCidr: this.settings.tapCidr,
+      guestAddress: this.config.guestNetwork.address,
+      guestPrefixLength: this.config.guestNetwork.prefixLength,
+      logger: this.settings.logger,
+    };
+    const network = (await this.settings.preparedNetwork?.take(wanted)) ?? (await GuestNetwork.attach(wanted));
+    this.hold('network', () => network.close());
+    return network;
+  }
+
+  /**
+   * Puts a resource just taken on the teardown stack; when the VM was closed meanwhile (a stop
+   * while other parts were still being taken) it is given back at once.
+   */
+  private hold(what: string, release: () => Promise<void> | void): void {
+    if (!this.closed) {
+      this.teardown.push({ what, release });
+      return;
+    }
+    void (async () => release())().catch((err: unknown) =>
+      this.settings.logger.error({ err, step: what }, 'giving back a resource taken after close failed'),
+    );
   }
 
   /** Runs a guest request once the VM runs; pause waits for the requests already running. */

@@ -1,13 +1,8 @@
 /** Messages between the VMM's main thread and its vCPU worker (vcpu-worker.ts). */
 
-export interface VcpuWorkerData {
-  /** Start of the guest memory mapping in this process. */
-  address: number;
-  size: number;
-  pageSize: number;
-}
-
+/** The first request to a worker is `attach`: the guest memory mapping in this process (address = its start). */
 export type VcpuRequest = { id: number } & (
+  | { op: 'attach'; address: number; size: number; pageSize: number }
   | { op: 'write'; offset: number; data: Uint8Array }
   | { op: 'fill'; offset: number; length: number; pattern: Uint8Array }
   | { op: 'read'; offset: number; length: number }

@@ -1,9 +1,9 @@
 import { createHash } from 'node:crypto';
 import { closeSync, constants, fstatSync, ftruncateSync, openSync, writeSync } from 'node:fs';
-import { parentPort, workerData } from 'node:worker_threads';
+import { parentPort } from 'node:worker_threads';
 import { memoryView } from '#native';
 import { bootImagePage } from './boot-image.js';
-import type { VcpuReply, VcpuRequest, VcpuWorkerData } from './vcpu-protocol.js';
+import type { VcpuReply, VcpuRequest } from './vcpu-protocol.js';
 
 /**
  * The guest's vCPU: the one thread that touches guest memory. Every access is a plain load or
@@ -13,12 +13,13 @@ import type { VcpuReply, VcpuRequest, VcpuWorkerData } from './vcpu-protocol.js'
  * API socket answering while a fault is slow, or while a dead uffd-server leaves it frozen.
  */
 
-const data = workerData as VcpuWorkerData;
-const guest = memoryView(data.address, data.size);
 const port = parentPort;
 if (!port) throw new Error('vcpu-worker must run as a worker thread');
 
-const CHUNK = Math.max(1024 * 1024, data.pageSize);
+/** Set by the first message (`attach`): the thread may start before the VM's memory exists (spare-vcpu.ts). */
+const data = { size: 0, pageSize: 4096 };
+let guest: Uint8Array = new Uint8Array(0);
+let CHUNK = 1024 * 1024;
 
 port.on('message', (request: VcpuRequest) => {
   let reply: VcpuReply;
@@ -42,7 +43,15 @@ function range(offset: number, length: number): Uint8Array {
 }
 
 function handle(request: VcpuRequest, transfer: ArrayBuffer[]): unknown {
+  if (request.op !== 'attach' && data.size === 0) throw new Error('no guest memory attached to this vCPU');
   switch (request.op) {
+    case 'attach':
+      if (data.size !== 0) throw new Error('guest memory is already attached to this vCPU');
+      guest = memoryView(request.address, request.size);
+      data.size = request.size;
+      data.pageSize = request.pageSize;
+      CHUNK = Math.max(1024 * 1024, request.pageSize);
+      return undefined;
     case 'write':
       range(request.offset, request.data.length).set(request.data);
       return undefined;

@@ -193,7 +193,13 @@ export class VmmController {
         this.vm.mmdsValue = this.mmds ?? null;
         if (p.resumeVm) this.vm.resume();
         this.settings.logger.info(
-          { snapshot: p.snapshotPath, backend: p.backendType, backendPath: p.backendPath, state: this.vm.state },
+          {
+            snapshot: p.snapshotPath,
+            backend: p.backendType,
+            backendPath: p.backendPath,
+            state: this.vm.state,
+            steps: this.vm.loadSteps?.done(),
+          },
           'snapshot loaded',
         );
         return empty();
