@@ -110,6 +110,17 @@ export class SandboxRegistry {
             'recorded prefetch set does not match the memfile header; resuming without it',
           );
         } else prefetchSet = set;
+        // The bucket side of the set starts now, before the VMM connects: a remote build's chunk
+        // caches fetch its blocks in parallel, coalesced (libs/storage README, "Fetching"); the
+        // engine's pass and the faults then find them there or in flight. Local layers: nothing.
+        if (prefetchSet) {
+          const { blocks, blockSize: bs } = prefetchSet;
+          const size = header.metadata.size;
+          void file.prefetch(blocks.map((b) => ({ offset: b * bs, length: Math.min(bs, size - b * bs) }))).then(
+            (r) => r.chunks > 0 && log.info(r, 'recorded prefetch: fetched from the bucket'),
+            (err: unknown) => log.warn({ err: (err as Error).message }, 'recorded prefetch: bucket fetch stopped'),
+          );
+        }
         // Diff mappings must stay aligned to the header's blocks: the page size is a multiple of them.
         if (pageSize !== undefined && pageSize % blockSize !== 0)
           throw new SourceInvalid(
