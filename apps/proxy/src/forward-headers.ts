@@ -1,5 +1,5 @@
 import { TOKEN_HEADER } from './access-token.js';
-import type { RequestHead } from './http1-head.js';
+import { trimOws, type RequestHead } from './http1-head.js';
 import { SANDBOX_ID_HEADER, SANDBOX_PORT_HEADER } from './route-target.js';
 
 // RFC 9110 §7.6.1: these describe one connection and are not forwarded (plus what Connection
@@ -25,31 +25,40 @@ export interface ForwardOptions {
  * proxy headers dropped, Host masked, X-Forwarded-* added.
  */
 export function forwardRequestHead(head: RequestHead, o: ForwardOptions): string {
-  const { names, lower, values } = head;
-  const named = o.upgrade ? undefined : head.connection;
+  const { lines, keys } = head;
+  // Fields the Connection header names are hop-by-hop too; those are rare, so only then is
+  // every name looked at.
+  let named: string[] | undefined;
+  if (!o.upgrade) {
+    for (const t of head.connection) if (t !== 'close' && t !== 'keep-alive') (named ??= []).push(t);
+  }
   let host: string | undefined;
   let forwardedFor: string | undefined;
   let out = '';
-  for (let i = 0; i < names.length; i++) {
-    const l = lower[i]!;
-    const value = values[i]!;
-    if (l === 'host') {
-      host ??= value;
+  for (let i = 0; i < lines.length; i++) {
+    const line = lines[i]!;
+    const key = keys[i]!;
+    if (key === '') {
+      if (named && named.includes(line.slice(0, line.indexOf(':')).toLowerCase())) continue;
+      out += line + '\r\n';
       continue;
     }
-    if (l === 'x-forwarded-for') {
-      forwardedFor = forwardedFor === undefined ? value : `${forwardedFor}, ${value}`;
+    if (key === 'host') {
+      host ??= value(line);
       continue;
     }
-    if (PROXY_ONLY.has(l)) continue;
+    if (key === 'x-forwarded-for') {
+      const v = value(line);
+      forwardedFor = forwardedFor === undefined ? v : `${forwardedFor}, ${v}`;
+      continue;
+    }
+    if (PROXY_ONLY.has(key)) continue;
     if (o.upgrade) {
-      if (l !== 'proxy-connection' && l !== 'keep-alive' && l !== 'te' && l !== 'trailer') {
-        out += `${names[i]}: ${value}\r\n`;
-      }
+      if (key !== 'proxy-connection' && key !== 'keep-alive' && key !== 'te' && key !== 'trailer') out += line + '\r\n';
       continue;
     }
-    if (HOP_BY_HOP.has(l) || (named!.length && named!.includes(l))) continue;
-    out += `${names[i]}: ${value}\r\n`;
+    if (HOP_BY_HOP.has(key) || named?.includes(key)) continue;
+    out += line + '\r\n';
   }
   const chain =
     forwardedFor && o.clientAddress ? `${forwardedFor}, ${o.clientAddress}` : forwardedFor || o.clientAddress;
@@ -63,4 +72,8 @@ export function forwardRequestHead(head: RequestHead, o: ForwardOptions): string
     else if (head.minor === 0) text += 'Connection: keep-alive\r\n';
   }
   return text + '\r\n';
+}
+
+function value(line: string): string {
+  return trimOws(line, line.indexOf(':') + 1);
 }

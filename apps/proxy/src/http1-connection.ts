@@ -211,7 +211,7 @@ export class Http1Connection implements UpstreamUser {
     this.answered = false;
     this.retried = false;
     this.closeAfter = !persistent(head);
-    this.upgrade = head.connection.includes('upgrade') && head.lower.includes('upgrade');
+    this.upgrade = head.connection.includes('upgrade') && head.keys.includes('upgrade');
     let route: SandboxRoute | undefined;
     try {
       this.target = routeTarget(

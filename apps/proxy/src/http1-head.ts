@@ -24,23 +24,21 @@ const CRLF2 = Buffer.from('\r\n\r\n');
 
 // RFC 9110 §5.6.2 token characters; a method and a header name are tokens.
 const TOKEN = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
-// Field values: visible characters, SP, HTAB and obs-text; no other controls (RFC 9110 §5.5).
-// eslint-disable-next-line no-control-regex -- controls are exactly what this looks for
-const BAD_VALUE = /[\x00-\x08\x0a-\x1f\x7f]/;
 // A request target: visible ASCII only (origin-form, absolute-form, authority-form or `*`).
 const TARGET = /^[\x21-\x7e]+$/;
-const DIGITS = /^\d{1,15}$/;
 
 export interface MessageHead {
   /** Bytes from the start of the buffer through the blank line ending the head. */
   length: number;
   /** HTTP/1.x minor version: 1 or 0. */
   minor: number;
-  /** Field names as sent (case kept), names[i] goes with values[i]. */
-  names: string[];
-  /** Lower-cased names, for lookups. */
-  lower: string[];
-  values: string[];
+  /** The header lines as sent (`Name: value`, case and order kept). */
+  lines: string[];
+  /**
+   * For each line, its lower-cased name when it is one the proxy may act on (picked by length,
+   * so most lines are never sliced or lower-cased), else ''.
+   */
+  keys: string[];
   /** Content-Length, or -1 when absent. */
   contentLength: number;
   /** Transfer-Encoding: chunked (the only coding accepted). */
@@ -82,8 +80,7 @@ export function leadingBlankLines(buf: Buffer): number {
 
 /** Parses the request head `buf[0, end)` (end from headEnd). Throws HeadInvalid. */
 export function parseRequestHead(buf: Buffer, end: number): RequestHead {
-  const lines = headLines(buf, end);
-  const first = lines[0]!;
+  const { first, lines } = headText(buf, end);
   const sp1 = first.indexOf(' ');
   const sp2 = first.indexOf(' ', sp1 + 1);
   if (sp1 <= 0 || sp2 < 0 || first.indexOf(' ', sp2 + 1) >= 0) {
@@ -105,7 +102,7 @@ export function parseRequestHead(buf: Buffer, end: number): RequestHead {
   head.method = method;
   head.target = target;
   let hosts = 0;
-  for (const n of head.lower) if (n === 'host') hosts++;
+  for (const k of head.keys) if (k === 'host') hosts++;
   if (hosts > 1) throw new HeadInvalid('more than one Host header');
   if (head.chunked && minor === 0) throw new HeadInvalid('Transfer-Encoding in an HTTP/1.0 request');
   return head;
@@ -113,8 +110,7 @@ export function parseRequestHead(buf: Buffer, end: number): RequestHead {
 
 /** Parses a response head `buf[0, end)` from an upstream. Throws HeadInvalid. */
 export function parseResponseHead(buf: Buffer, end: number): ResponseHead {
-  const lines = headLines(buf, end);
-  const first = lines[0]!;
+  const { first, lines } = headText(buf, end);
   // `HTTP/1.1 200 OK`; the reason may be empty, and some servers leave out the space before it.
   const m = /^HTTP\/1\.([01]) (\d{3})(?: .*)?$/.exec(first);
   if (!m) throw new HeadInvalid(`malformed status line ${JSON.stringify(first.slice(0, 100))}`);
@@ -124,56 +120,78 @@ export function parseResponseHead(buf: Buffer, end: number): ResponseHead {
   return head;
 }
 
-/** The head's lines without their CRLFs; the last (empty) one dropped. */
-function headLines(buf: Buffer, end: number): string[] {
-  const text = buf.toString('latin1', 0, end - 4);
-  const lines = text.split('\r\n');
-  for (const line of lines) {
-    // A bare CR or LF inside a line is read differently by different parsers.
+// Every header line at once: a token, a colon, a value without controls (CR and LF included, so
+// no bare CR or LF and no line folding either), CRLF. Linear: names hold no colon, values no CR.
+// eslint-disable-next-line no-control-regex -- controls are exactly what this refuses
+const HEADER_BLOCK = /^(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00-\x08\x0a-\x1f\x7f]*\r\n)*$/;
+// eslint-disable-next-line no-control-regex -- as above, for one value
+const BAD_VALUE = /[\x00-\x08\x0a-\x1f\x7f]/;
+
+/**
+ * Lengths of the header names the proxy acts on: host (4), te (2), trailer/upgrade (7),
+ * connection/keep-alive (10), content-length/e2b-sandbox-id (14), x-forwarded-for (15),
+ * proxy-connection/e2b-sandbox-port (16), transfer-encoding (17), e2b-traffic-access-token (24).
+ */
+const KEY_LENGTHS = new Set([2, 4, 7, 10, 14, 15, 16, 17, 24]);
+
+/** The first line (request or status line) and the header lines of the head `buf[0, end)`. */
+function headText(buf: Buffer, end: number): { first: string; lines: string[] } {
+  const text = buf.toString('latin1', 0, end - 2);
+  const eol = text.indexOf('\r\n');
+  const first = text.slice(0, eol);
+  const block = text.slice(eol + 2);
+  if (first.indexOf('\n') >= 0 || first.indexOf('\r') >= 0) throw new HeadInvalid('bare CR or LF in head');
+  if (!HEADER_BLOCK.test(block)) explainInvalid(block);
+  const lines = block.split('\r\n');
+  lines.pop();
+  return { first, lines };
+}
+
+/** Says what is wrong with a header block HEADER_BLOCK refused (the slow path of a bad request). */
+function explainInvalid(block: string): never {
+  for (const line of block.split('\r\n')) {
     if (line.indexOf('\n') >= 0 || line.indexOf('\r') >= 0) throw new HeadInvalid('bare CR or LF in head');
+    const colon = line.indexOf(':');
+    if (line.charCodeAt(0) === 32 || line.charCodeAt(0) === 9) throw new HeadInvalid('obsolete line folding');
+    if (colon <= 0) throw new HeadInvalid('header line without a name');
+    const name = line.slice(0, colon);
+    if (!TOKEN.test(name)) throw new HeadInvalid(`malformed header name ${JSON.stringify(name.slice(0, 60))}`);
+    if (BAD_VALUE.test(line.slice(colon + 1))) throw new HeadInvalid(`control character in header ${name}`);
   }
-  return lines;
+  throw new HeadInvalid('malformed header block');
 }
 
 function fields(lines: string[], end: number, minor: number, response = false): MessageHead {
-  const n = lines.length - 1;
-  const names = new Array<string>(n);
-  const lower = new Array<string>(n);
-  const values = new Array<string>(n);
+  const n = lines.length;
+  const keys = new Array<string>(n);
   let contentLength = -1;
   let te: string | undefined;
   const connection: string[] = [];
   for (let i = 0; i < n; i++) {
-    const line = lines[i + 1]!;
+    const line = lines[i]!;
     const colon = line.indexOf(':');
-    if (colon <= 0) {
-      throw new HeadInvalid(
-        line.charCodeAt(0) === 32 || line.charCodeAt(0) === 9 ? 'obsolete line folding' : 'header line without a name',
-      );
+    if (!KEY_LENGTHS.has(colon)) {
+      keys[i] = '';
+      continue;
     }
-    const name = line.slice(0, colon);
-    if (!TOKEN.test(name)) throw new HeadInvalid(`malformed header name ${JSON.stringify(name.slice(0, 60))}`);
-    const value = trimOws(line, colon + 1);
-    if (BAD_VALUE.test(value)) throw new HeadInvalid(`control character in header ${name}`);
-    const l = name.toLowerCase();
-    names[i] = name;
-    lower[i] = l;
-    values[i] = value;
+    const l = line.slice(0, colon).toLowerCase();
+    keys[i] = l;
     if (l === 'content-length') {
-      if (!DIGITS.test(value)) throw new HeadInvalid('malformed Content-Length');
-      const v = Number(value);
+      const v = decimal(line, colon + 1);
+      if (v < 0) throw new HeadInvalid('malformed Content-Length');
       if (contentLength >= 0 && contentLength !== v) throw new HeadInvalid('conflicting Content-Length headers');
       contentLength = v;
     } else if (l === 'transfer-encoding') {
+      const value = trimOws(line, colon + 1);
       te = te === undefined ? value : `${te}, ${value}`;
     } else if (l === 'connection') {
-      for (const t of value.split(',')) {
+      for (const t of line.slice(colon + 1).split(',')) {
         const token = t.trim().toLowerCase();
         if (token) connection.push(token);
       }
     }
   }
-  const head: MessageHead = { length: end, minor, names, lower, values, contentLength, chunked: false, connection };
+  const head: MessageHead = { length: end, minor, lines, keys, contentLength, chunked: false, connection };
   if (te !== undefined) {
     if (contentLength >= 0) throw new HeadInvalid('both Content-Length and Transfer-Encoding');
     const codings = te
@@ -197,7 +215,25 @@ function fields(lines: string[], end: number, minor: number, response = false): 
   return head;
 }
 
-function trimOws(line: string, from: number): string {
+/** The decimal value of a header line from `from` (OWS around it allowed), or -1 if it is not 1–15 digits. */
+function decimal(line: string, from: number): number {
+  let i = from;
+  const n = line.length;
+  while (i < n && (line.charCodeAt(i) === 32 || line.charCodeAt(i) === 9)) i++;
+  let v = 0;
+  let digits = 0;
+  for (; i < n; i++) {
+    const c = line.charCodeAt(i);
+    if (c < 48 || c > 57) break;
+    v = v * 10 + (c - 48);
+    digits++;
+  }
+  while (i < n && (line.charCodeAt(i) === 32 || line.charCodeAt(i) === 9)) i++;
+  return digits === 0 || digits > 15 || i !== n ? -1 : v;
+}
+
+/** The value of a header line from `from` (after the colon), without optional whitespace around it. */
+export function trimOws(line: string, from: number): string {
   let a = from;
   let b = line.length;
   while (a < b && (line.charCodeAt(a) === 32 || line.charCodeAt(a) === 9)) a++;
@@ -205,10 +241,12 @@ function trimOws(line: string, from: number): string {
   return line.slice(a, b);
 }
 
-/** The first value of a header (lower-cased name), or undefined. */
+/** The first value of a header the proxy acts on (lower-cased name, see KEY_LENGTHS), or undefined. */
 export function headerValue(head: MessageHead, name: string): string | undefined {
-  const i = head.lower.indexOf(name);
-  return i < 0 ? undefined : head.values[i];
+  const i = head.keys.indexOf(name);
+  if (i < 0) return undefined;
+  const line = head.lines[i]!;
+  return trimOws(line, line.indexOf(':') + 1);
 }
 
 /** Whether the connection stays open after this message (RFC 9112 §9.3). */
