@@ -78,40 +78,10 @@ function median(values: number[]): number {
   return s.length % 2 ? s[mid]! : (s[mid - 1]! + s[mid]!) / 2;
 }
 
-async function main(): Promise<void> {
-  const { values } = parseArgs({
-    options: {
-      seconds: { type: 'string', default: '10' },
-      rounds: { type: 'string', default: '2' },
-      connections: { type: 'string', default: '32' },
-      threads: { type: 'string', default: '2' },
-      'body-bytes': { type: 'string', default: '1024' },
-      'nginx-workers': { type: 'string', default: '1' },
-      'proxy-workers': { type: 'string', default: '1' },
-    },
-  });
-  const seconds = Number(values.seconds);
-  const rounds = Number(values.rounds);
-  const path = `/download?bytes=${Number(values['body-bytes'])}`;
-  const work = await mkdtemp(join(tmpdir(), 'sbx-bench-proxy-'));
-  console.log('bench/proxy: starting a node (services, vmm-sim guest) and the proxy…');
-  const px = await ProxyNode.start('bp', ['--workers', String(values['proxy-workers'])]);
-  let nginx: ChildProcess | undefined;
-  try {
-    await unary(
-      px.node.client,
-      px.node.client.create,
-      { sandbox: benchSandbox, startTime: new Date(), endTime: new Date(Date.now() + 3_600_000) },
-      120_000,
-    );
-    const hostIp = (await px.node.footprint())['dns']!.find((r) => r.startsWith('bench='))!.split('=')[1]!;
-    await px.startGuestServers('bench');
-
-    // nginx as a plain reverse proxy: HTTP/1.1 and keep-alive to the upstream, no buffering
-    // changes, no cache, no access log (ours logs nothing per request either).
-    await writeFile(
-      join(work, 'nginx.conf'),
-      `worker_processes ${values['nginx-workers']};
+function nginxConfig(work: string, workers: number, hostIp: string): string {
+  // nginx as a plain reverse proxy: HTTP/1.1 and keep-alive to the upstream, no buffering
+  // changes, no cache, no access log (ours logs nothing per request either).
+  return `worker_processes ${workers};
 pid ${work}/nginx.pid;
 error_log ${work}/nginx-error.log warn;
 events { worker_connections 4096; }
@@ -133,105 +103,167 @@ http {
     }
   }
 }
-`,
+`;
+}
+
+async function stopNginx(nginx: ChildProcess | undefined): Promise<void> {
+  if (!nginx?.pid || nginx.exitCode !== null || nginx.signalCode !== null) return;
+  const exited = new Promise((r) => nginx.once('exit', r));
+  try {
+    process.kill(-nginx.pid, 'SIGQUIT');
+  } catch {
+    return;
+  }
+  await exited;
+}
+
+interface Summary {
+  rps: number;
+  p50: number;
+  p99: number;
+  cpu: number;
+}
+
+async function main(): Promise<void> {
+  const { values } = parseArgs({
+    options: {
+      seconds: { type: 'string', default: '10' },
+      rounds: { type: 'string', default: '2' },
+      connections: { type: 'string', default: '32' },
+      threads: { type: 'string', default: '2' },
+      'body-bytes': { type: 'string', default: '1024' },
+      workers: { type: 'string', default: '1,2' },
+    },
+  });
+  const seconds = Number(values.seconds);
+  const rounds = Number(values.rounds);
+  const workerCounts = values.workers.split(',').map(Number);
+  if (workerCounts.some((n) => !(n >= 1 && n <= 64))) throw new Error(`--workers: expected counts like 1,2`);
+  const path = `/download?bytes=${Number(values['body-bytes'])}`;
+  const work = await mkdtemp(join(tmpdir(), 'sbx-bench-proxy-'));
+  console.log('bench/proxy: starting a node (services, vmm-sim guest) and the proxy…');
+  const px = await ProxyNode.start('bp', ['--workers', String(workerCounts[0])]);
+  let nginx: ChildProcess | undefined;
+  const table: { workers: number; direct: Summary; ours: Summary; nginx: Summary }[] = [];
+  try {
+    await unary(
+      px.node.client,
+      px.node.client.create,
+      { sandbox: benchSandbox, startTime: new Date(), endTime: new Date(Date.now() + 3_600_000) },
+      120_000,
     );
-    nginx = spawn(
-      'nsenter',
-      [`--net=/run/netns/${px.node.nodeNs}`, 'nginx', '-c', join(work, 'nginx.conf'), '-p', work, '-g', 'daemon off;'],
-      { stdio: ['ignore', 'inherit', 'inherit'], detached: true },
-    );
+    const hostIp = (await px.node.footprint())['dns']!.find((r) => r.startsWith('bench='))!.split('=')[1]!;
+    await px.startGuestServers('bench');
     const host = `${HTTP_PORT}-bench.sbx.test`;
-    // The proxy runs detached (its own process group): ./sbx execs node, nsenter execs ./sbx.
-    const targets = [
-      { name: 'direct', url: `http://${hostIp}:${HTTP_PORT}${path}`, header: [] as string[], pgid: 0 },
-      {
-        name: 'ours',
-        url: `http://127.0.0.1:${PROXY_PORT}${path}`,
-        header: ['-H', `Host: ${host}`],
-        pgid: px.proxy!.child.pid!,
-      },
-      { name: 'nginx', url: `http://127.0.0.1:${NGINX_PORT}${path}`, header: [] as string[], pgid: nginx.pid! },
-    ];
-    // Every target answers before the clock starts.
-    for (const t of targets) {
-      for (let i = 0; ; i++) {
-        const out = await px.node
-          .inNode('curl', ['-s', '-o', '/dev/null', '-w', '%{http_code}', ...t.header, t.url])
-          .catch(() => '');
-        if (out === '200') break;
-        if (i > 100) throw new Error(`${t.name} does not answer 200 at ${t.url}`);
-        await new Promise((r) => setTimeout(r, 100));
+
+    for (const [i, workers] of workerCounts.entries()) {
+      // The same number of processes for both proxies: the ratio compares like with like.
+      if (i > 0) {
+        await px.stopProxy();
+        await px.startProxy(['--workers', String(workers)]);
       }
-    }
-    const results = new Map<string, WrkResult[]>(targets.map((t) => [t.name, []]));
-    for (let round = 1; round <= rounds; round++) {
-      for (const t of round % 2 ? targets : [...targets].reverse()) {
-        const cpuBefore = t.pgid ? await groupCpuSeconds(t.pgid) : 0;
-        const out = await px.node.inNode('wrk', [
-          '--latency',
-          '-t',
-          String(values.threads),
+      await stopNginx(nginx);
+      await writeFile(join(work, 'nginx.conf'), nginxConfig(work, workers, hostIp));
+      nginx = spawn(
+        'nsenter',
+        [
+          `--net=/run/netns/${px.node.nodeNs}`,
+          'nginx',
           '-c',
-          String(values.connections),
-          '-d',
-          `${seconds}s`,
-          ...t.header,
-          t.url,
-        ]);
-        const r = parseWrk(out);
-        if (t.pgid) {
-          const requests = r.requestsPerSecond * seconds;
-          r.cpuUsPerRequest = (((await groupCpuSeconds(t.pgid)) - cpuBefore) * 1e6) / requests;
+          join(work, 'nginx.conf'),
+          '-p',
+          work,
+          '-g',
+          'daemon off;',
+        ],
+        { stdio: ['ignore', 'inherit', 'inherit'], detached: true },
+      );
+      // The proxy runs detached (its own process group, workers included): ./sbx execs node,
+      // nsenter execs ./sbx.
+      const targets = [
+        { name: 'direct', url: `http://${hostIp}:${HTTP_PORT}${path}`, header: [] as string[], pgid: 0 },
+        {
+          name: 'ours',
+          url: `http://127.0.0.1:${PROXY_PORT}${path}`,
+          header: ['-H', `Host: ${host}`],
+          pgid: px.proxy!.child.pid!,
+        },
+        { name: 'nginx', url: `http://127.0.0.1:${NGINX_PORT}${path}`, header: [] as string[], pgid: nginx.pid! },
+      ];
+      // Every target answers before the clock starts.
+      for (const t of targets) {
+        for (let attempt = 0; ; attempt++) {
+          const out = await px.node
+            .inNode('curl', ['-s', '-o', '/dev/null', '-w', '%{http_code}', ...t.header, t.url])
+            .catch(() => '');
+          if (out === '200') break;
+          if (attempt > 100) throw new Error(`${t.name} does not answer 200 at ${t.url}`);
+          await new Promise((r) => setTimeout(r, 100));
         }
-        results.get(t.name)!.push(r);
-        const cpu = r.cpuUsPerRequest !== undefined ? `  cpu ${r.cpuUsPerRequest.toFixed(0)} µs/req` : '';
+      }
+      const results = new Map<string, WrkResult[]>(targets.map((t) => [t.name, []]));
+      for (let round = 1; round <= rounds; round++) {
+        for (const t of round % 2 ? targets : [...targets].reverse()) {
+          const cpuBefore = t.pgid ? await groupCpuSeconds(t.pgid) : 0;
+          const out = await px.node.inNode('wrk', [
+            '--latency',
+            '-t',
+            String(values.threads),
+            '-c',
+            String(values.connections),
+            '-d',
+            `${seconds}s`,
+            ...t.header,
+            t.url,
+          ]);
+          const r = parseWrk(out);
+          if (t.pgid) {
+            const requests = r.requestsPerSecond * seconds;
+            r.cpuUsPerRequest = (((await groupCpuSeconds(t.pgid)) - cpuBefore) * 1e6) / requests;
+          }
+          results.get(t.name)!.push(r);
+          const cpu = r.cpuUsPerRequest !== undefined ? `  cpu ${r.cpuUsPerRequest.toFixed(0)} µs/req` : '';
+          console.log(
+            `workers ${workers} round ${round} ${t.name.padEnd(6)} ${r.requestsPerSecond.toFixed(0).padStart(7)} req/s  p50 ${r.p50Ms.toFixed(2)} ms  p99 ${r.p99Ms.toFixed(2)} ms${cpu}${r.errors ? `  (${r.errors})` : ''}`,
+          );
+        }
+      }
+      const summary = (name: string): Summary => {
+        const rs = results.get(name)!;
+        return {
+          rps: median(rs.map((r) => r.requestsPerSecond)),
+          p50: median(rs.map((r) => r.p50Ms)),
+          p99: median(rs.map((r) => r.p99Ms)),
+          cpu: median(rs.map((r) => r.cpuUsPerRequest ?? 0)),
+        };
+      };
+      table.push({ workers, direct: summary('direct'), ours: summary('ours'), nginx: summary('nginx') });
+    }
+
+    console.log(
+      `\nwrk -t${values.threads} -c${values.connections} -d${seconds}s, ${values['body-bytes']} B bodies, ${rounds} rounds (medians); ` +
+        'workers = proxy --workers and nginx worker_processes alike',
+    );
+    console.log('workers target   req/s     p50 ms   p99 ms   proxy cpu µs/req');
+    for (const row of table) {
+      for (const name of ['direct', 'ours', 'nginx'] as const) {
+        const s = row[name];
         console.log(
-          `round ${round} ${t.name.padEnd(6)} ${r.requestsPerSecond.toFixed(0).padStart(7)} req/s  p50 ${r.p50Ms.toFixed(2)} ms  p99 ${r.p99Ms.toFixed(2)} ms${cpu}${r.errors ? `  (${r.errors})` : ''}`,
+          `${String(row.workers).padStart(7)} ${name.padEnd(8)} ${s.rps.toFixed(0).padStart(7)}   ${s.p50.toFixed(2).padStart(6)}   ${s.p99.toFixed(2).padStart(6)}   ${name === 'direct' ? '' : s.cpu.toFixed(1).padStart(6)}`,
         );
       }
     }
-    const summary = (name: string) => {
-      const rs = results.get(name)!;
-      return {
-        rps: median(rs.map((r) => r.requestsPerSecond)),
-        p50: median(rs.map((r) => r.p50Ms)),
-        p99: median(rs.map((r) => r.p99Ms)),
-        cpu: median(rs.map((r) => r.cpuUsPerRequest ?? 0)),
-      };
-    };
-    const [direct, ours, peer] = ['direct', 'ours', 'nginx'].map(summary) as [
-      ReturnType<typeof summary>,
-      ReturnType<typeof summary>,
-      ReturnType<typeof summary>,
-    ];
-    console.log(
-      `\nwrk -t${values.threads} -c${values.connections} -d${seconds}s, ${values['body-bytes']} B bodies, ${rounds} rounds (medians), nginx worker_processes ${values['nginx-workers']}, proxy --workers ${values['proxy-workers']}`,
-    );
-    console.log('target   req/s     p50 ms   p99 ms   proxy cpu µs/req');
-    for (const [name, s] of [
-      ['direct', direct],
-      ['ours', ours],
-      ['nginx', peer],
-    ] as const) {
+    for (const { workers, direct, ours, nginx: peer } of table) {
       console.log(
-        `${name.padEnd(8)} ${s.rps.toFixed(0).padStart(7)}   ${s.p50.toFixed(2).padStart(6)}   ${s.p99.toFixed(2).padStart(6)}`,
+        `\nworkers ${workers}: ours / nginx requests/s ${(ours.rps / peer.rps).toFixed(2)} (goal >= 1); ours / direct ${(ours.rps / direct.rps).toFixed(2)}; ` +
+          `proxy CPU per request ours / nginx ${(ours.cpu / peer.cpu).toFixed(2)}`,
+      );
+      console.log(
+        `workers ${workers}: added p99 over direct: ours ${(ours.p99 - direct.p99).toFixed(2)} ms, nginx ${(peer.p99 - direct.p99).toFixed(2)} ms (goal <= 1 ms)`,
       );
     }
-    console.log(`\nours / nginx requests/s: ${(ours.rps / peer.rps).toFixed(2)}  (goal >= 1)`);
-    console.log(`ours / direct requests/s: ${(ours.rps / direct.rps).toFixed(2)}`);
-    console.log(`proxy CPU per request, ours / nginx: ${(ours.cpu / peer.cpu).toFixed(2)}`);
-    console.log(
-      `added p99 over direct: ours ${(ours.p99 - direct.p99).toFixed(2)} ms, nginx ${(peer.p99 - direct.p99).toFixed(2)} ms  (goal <= 1 ms)`,
-    );
   } finally {
-    if (nginx?.pid && nginx.exitCode === null && nginx.signalCode === null) {
-      try {
-        process.kill(-nginx.pid, 'SIGQUIT');
-      } catch {
-        // gone
-      }
-      await new Promise((r) => nginx!.once('exit', r));
-    }
+    await stopNginx(nginx);
     await px.stop();
     await rm(work, { recursive: true, force: true });
   }

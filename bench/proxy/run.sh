@@ -6,11 +6,14 @@
 # each and the ratios (goal: ours >= nginx in requests/s, <= 1 ms added p99 over direct).
 # Needs root (network namespaces), wrk and nginx (scripts/system-packages.txt) and a build.
 #
+# Runs once per worker count (default 1 and 2): our proxy with --workers N against nginx with
+# worker_processes N, so the ratio compares like with like.
+#
 #   bash bench/proxy/run.sh [--seconds 10] [--rounds 2] [--connections 32] [--threads 2]
-#       [--body-bytes 1024] [--nginx-workers 1] [--proxy-workers 1]
+#       [--body-bytes 1024] [--workers 1,2]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-case ${1:-} in -h|--help) sed -n '2,10p' "$0"; exit 0 ;; esac
+case ${1:-} in -h|--help) sed -n '2,13p' "$0"; exit 0 ;; esac
 for tool in wrk nginx curl; do
   command -v $tool >/dev/null || [[ -x /usr/sbin/$tool ]] || { echo "bench/proxy: $tool missing (scripts/system-packages.txt)" >&2; exit 1; }
 done

@@ -80,6 +80,10 @@ function guestServer(name: string): Server {
     socket.write(
       `HTTP/1.1 101 Switching Protocols\r\nUpgrade: ${req.headers.upgrade}\r\nConnection: Upgrade\r\nX-Host: ${req.headers.host}\r\n\r\n`,
     );
+    if (req.url === '/ws-bye') {
+      socket.end();
+      return;
+    }
     if (head.length) socket.write(head);
     socket.pipe(socket);
   });
@@ -320,6 +324,15 @@ describe('HTTP/1.1 on raw sockets', () => {
     expect(c.received().subarray(headLength).equals(payload)).toBe(true);
     c.socket.end();
     await c.closed;
+
+    // A guest that ends the tunnel at once while the client still writes.
+    const b = await rawClient();
+    b.socket.write(`GET /ws-bye HTTP/1.1\r\nHost: ${ports[1]}-sbx.x\r\nConnection: Upgrade\r\nUpgrade: x\r\n\r\n`);
+    await eventually(() => b.received().toString().includes('\r\n\r\n'), { what: '101 then end' });
+    b.socket.write('still talking');
+    b.socket.end('bye');
+    await b.closed;
+    await eventually(() => listener.openConnections === 0 && http1.pool.size === 0, { what: 'both sides closed' });
 
     const h = await rawClient();
     h.socket.write(

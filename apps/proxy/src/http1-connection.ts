@@ -115,7 +115,8 @@ export class Http1Connection implements UpstreamUser {
         this.requestBytes(chunk);
         return;
       case Phase.Tunnel:
-        if (!this.up!.socket.write(chunk)) this.pauseClient();
+        // The guest's side may be gone already (it ended, we ended the client): nothing to carry.
+        if (this.up && !this.up.socket.write(chunk)) this.pauseClient();
         return;
       case Phase.Closed:
         return;
@@ -143,7 +144,7 @@ export class Http1Connection implements UpstreamUser {
 
   private clientEnd(): void {
     this.clientEnded = true;
-    if (this.phase === Phase.Tunnel) this.up!.socket.end();
+    if (this.phase === Phase.Tunnel) this.up?.socket.end();
     else if (this.phase === Phase.Head) this.finish();
     else if (this.phase === Phase.Body && !this.requestDone) {
       // The body was cut short: the request cannot complete.

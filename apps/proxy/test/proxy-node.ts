@@ -70,7 +70,8 @@ export class ProxyNode {
     return join(this.node.root, 'r', 'proxy.sock');
   }
 
-  async startProxy(): Promise<void> {
+  /** Starts the proxy; `args` replaces the `proxy serve` flags given at start (the bench's --workers). */
+  async startProxy(args: string[] = this.proxyArgs): Promise<void> {
     this.proxy = await ServiceProcess.start({
       args: [
         'proxy',
@@ -87,7 +88,7 @@ export class ProxyNode {
         'sbx.test',
         '--resume-timeout-ms',
         '60000',
-        ...this.proxyArgs,
+        ...args,
       ],
       wrapper: ['nsenter', `--net=/run/netns/${this.node.nodeNs}`],
       detached: true,
