@@ -63,13 +63,6 @@ export class BlockDevice {
   readonly overlay: CowOverlay;
   kernel: KernelAttachment | undefined;
   private state: 'serving' | 'exporting' | 'closed' = 'serving';
-  /**
-   * The build of this device's last checkpoint (keep-serving export), since which the overlay
-   * tracks changes anew. An export over it holds only those; over any other parent (the opened
-   * build, a checkpoint whose commit failed) every block changed since open, which is correct
-   * over all of them. In memory: after a restart the next export is a full one.
-   */
-  private checkpoint: string | undefined;
   private readonly options: BlockDeviceOptions;
 
   private readonly connectionSource = (): number => this.server.connectionCount;
@@ -121,9 +114,14 @@ export class BlockDevice {
     return this.options.base;
   }
 
-  /** The build of the last checkpoint export, if any since open. */
+  /**
+   * The build of this device's last checkpoint (keep-serving export), since which the overlay
+   * tracks changes anew (durably: kept across a restart). An export over it holds only those;
+   * over any other parent (the opened build, a checkpoint whose commit failed) every block
+   * changed since open, which is correct over all of them.
+   */
   get checkpointBuildId(): string | undefined {
-    return this.checkpoint;
+    return this.overlay.checkpoint || undefined;
   }
 
   get serving(): boolean {
@@ -150,7 +148,7 @@ export class BlockDevice {
       if (!(await this.server.waitForIdle(releaseTimeoutMs))) {
         throw new DeviceBusy(this.sandboxId, this.server.connectionCount, Date.now() - started);
       }
-      return await this.exportOver(base, buildId, diffPath);
+      return await this.exportOver(base, buildId, diffPath, false);
     } catch (err) {
       this.state = 'serving';
       await this.server
@@ -175,9 +173,7 @@ export class BlockDevice {
     this.state = 'exporting';
     try {
       await this.overlay.flush();
-      const result = await this.exportOver(base, buildId, diffPath);
-      this.checkpoint = buildId;
-      return result;
+      return await this.exportOver(base, buildId, diffPath, true);
     } finally {
       this.state = 'serving';
     }
@@ -185,21 +181,30 @@ export class BlockDevice {
 
   /**
    * The export itself: since the last checkpoint when the parent is that checkpoint, else every
-   * change since open. Tracking restarts either way; a failed export gives its set back.
+   * change since open. A checkpoint's export then restarts the tracking (durably) from the
+   * moment it began; a failed one leaves it as it was.
    */
-  private async exportOver(base: ExportBase, buildId: string, diffPath: string): Promise<ExportedDiff> {
-    const sinceCheckpoint = this.overlay.restartTracking();
-    const overCheckpoint = this.checkpoint !== undefined && base.parentBuildId === this.checkpoint;
+  private async exportOver(
+    base: ExportBase,
+    buildId: string,
+    diffPath: string,
+    checkpoint: boolean,
+  ): Promise<ExportedDiff> {
+    const last = this.overlay.checkpoint;
+    const only = last !== '' && base.parentBuildId === last ? this.overlay.tracked.clone() : undefined;
+    if (checkpoint) this.overlay.beginCheckpoint();
     try {
-      return await exportDiff({
+      const result = await exportDiff({
         source: this.overlay,
         buildId,
         diffPath,
-        ...(overCheckpoint ? { only: sinceCheckpoint } : {}),
+        ...(only ? { only } : {}),
         ...(base.parent ? { parent: base.parent } : {}),
       });
+      if (checkpoint) await this.overlay.commitCheckpoint(buildId);
+      return result;
     } catch (err) {
-      this.overlay.keepTracking(sinceCheckpoint);
+      if (checkpoint) this.overlay.abandonCheckpoint();
       throw err;
     }
   }

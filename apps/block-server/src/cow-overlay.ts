@@ -53,11 +53,10 @@ export class CowOverlay implements WritableBlocks {
   readonly written: DirtyBitmap;
   /** Blocks that read as zeros (trimmed or zero-written) without stored data. */
   readonly zeroed: DirtyBitmap;
-  /**
-   * Blocks written or zeroed since the last `restartTracking()` (a checkpoint), kept in memory
-   * only: after a restart it starts empty and the device's owner exports in full again.
-   */
-  private tracked: DirtyBitmap;
+  /** Blocks written or zeroed during a checkpoint's export: its tracked set if it commits. */
+  private pending: DirtyBitmap | undefined;
+  /** The next flush writes a snapshot (the checkpoint changed), not a journal record. */
+  private snapshotDue = false;
   private readonly base: ReadableBlocks;
   private readonly syncReads: boolean;
   /** The data file's fd: reads and writes use the callback API on it (FileHandle costs more per call). */
@@ -79,7 +78,16 @@ export class CowOverlay implements WritableBlocks {
     ({ base: this.base, dir: this.dir, syncReads: this.syncReads } = options);
     ({ size: this.size, blockSize: this.blockSize, written: this.written, zeroed: this.zeroed } = state);
     this.fd = file.fd;
-    this.tracked = new DirtyBitmap(this.written.blockCount);
+  }
+
+  /** The build of the last committed checkpoint ('' = none): durable, survives a restart. */
+  get checkpoint(): string {
+    return this.state.checkpoint;
+  }
+
+  /** Blocks written or zeroed since that checkpoint (durable as of the last flush). */
+  get tracked(): DirtyBitmap {
+    return this.state.tracked;
   }
 
   /** Creates the overlay, or reopens the one a previous run left in `dir`. */
@@ -98,7 +106,14 @@ export class CowOverlay implements WritableBlocks {
     const expected = { blockSize: full.blockSize, size: full.base.size, identity: full.identity };
     const state: OverlayState = saved
       ? decodeOverlayState(saved, statePath, expected)
-      : { ...expected, written: new DirtyBitmap(blocks), zeroed: new DirtyBitmap(blocks), generation: 0 };
+      : {
+          ...expected,
+          written: new DirtyBitmap(blocks),
+          zeroed: new DirtyBitmap(blocks),
+          generation: 0,
+          checkpoint: '',
+          tracked: new DirtyBitmap(blocks),
+        };
     // A new overlay gets its snapshot at once, so size and base identity are checked on every reopen.
     if (!saved) await writeDurably(statePath, encodeOverlayState(state));
 
@@ -204,7 +219,7 @@ export class CowOverlay implements WritableBlocks {
       if (offset < firstFull * bs) partial.push([offset, firstFull * bs]);
       if (endFull * bs < end) partial.push([endFull * bs, end]);
       for (let b = firstFull; b < endFull; b++) {
-        this.tracked.set(b);
+        this.track(b);
         this.zeroed.set(b);
         this.written.clear(b);
         this.changed.add(b);
@@ -214,18 +229,31 @@ export class CowOverlay implements WritableBlocks {
   }
 
   /**
-   * Hands over the blocks written or zeroed since the previous call (or since open) and starts
-   * an empty set: a checkpoint exports the first and the next export only what follows.
+   * A checkpoint's export starts: blocks changed from now on are collected apart, to become the
+   * tracked set if it commits. Until then the durable set stays what it was (a superset).
    */
-  restartTracking(): DirtyBitmap {
-    const taken = this.tracked;
-    this.tracked = new DirtyBitmap(taken.blockCount);
-    return taken;
+  beginCheckpoint(): void {
+    this.pending = new DirtyBitmap(this.written.blockCount);
   }
 
-  /** Gives back a set `restartTracking` handed over, whose export failed: those blocks count as changed again. */
-  keepTracking(taken: DirtyBitmap): void {
-    this.tracked.union(taken);
+  /**
+   * The checkpoint's export into `buildId` is written: from now on `tracked` holds only blocks
+   * changed since it, and both are durable (a new snapshot) before this returns. A crash before
+   * that reopens with the previous checkpoint and its larger set, which is still correct.
+   */
+  async commitCheckpoint(buildId: string): Promise<void> {
+    if (!this.pending) throw new Error(`overlay ${this.dir}: no checkpoint begun`);
+    if (!buildId) throw new RangeError('a checkpoint needs a build id');
+    this.state.tracked = this.pending;
+    this.state.checkpoint = buildId;
+    this.pending = undefined;
+    this.snapshotDue = true;
+    await this.flush();
+  }
+
+  /** The checkpoint's export failed: the tracked set (which kept growing meanwhile) stands. */
+  abandonCheckpoint(): void {
+    this.pending = undefined;
   }
 
   /**
@@ -273,10 +301,17 @@ export class CowOverlay implements WritableBlocks {
   private async syncOnce(): Promise<void> {
     const blocks = [...this.changed];
     this.changed = new Set();
-    const changes: BlockChange[] = blocks.map((b) => [b, this.kindOf(b) as BlockState]);
-    const snapshotBytes = (this.written.blockCount / 8) * 2;
+    const tracking = this.state.checkpoint !== '';
+    const changes: BlockChange[] = blocks.map((b) =>
+      tracking && this.state.tracked.has(b)
+        ? [b, this.kindOf(b) as BlockState, true]
+        : [b, this.kindOf(b) as BlockState],
+    );
+    const snapshotBytes = (this.written.blockCount / 8) * (tracking ? 3 : 2);
+    const snapshotDue = this.snapshotDue;
+    this.snapshotDue = false;
     const snapshot =
-      changes.length * 5 > snapshotBytes / 4 || this.journal.bytes > JOURNAL_MAX_BYTES
+      snapshotDue || changes.length * 5 > snapshotBytes / 4 || this.journal.bytes > JOURNAL_MAX_BYTES
         ? encodeOverlayState({ ...this.state, generation: this.state.generation + 1 })
         : undefined;
     try {
@@ -290,6 +325,7 @@ export class CowOverlay implements WritableBlocks {
     } catch (err) {
       // Not durable: the next flush must write these blocks' states again.
       for (const b of blocks) this.changed.add(b);
+      if (snapshotDue) this.snapshotDue = true;
       throw err;
     }
   }
@@ -317,10 +353,18 @@ export class CowOverlay implements WritableBlocks {
     return offset > blockStart || offset + length < blockEnd;
   }
 
+  /** A block changed: into the set since the last checkpoint (journaled once), and a running checkpoint's. */
+  private track(block: number): void {
+    this.pending?.set(block);
+    if (this.state.checkpoint === '' || this.state.tracked.has(block)) return;
+    this.state.tracked.set(block);
+    this.changed.add(block);
+  }
+
   private markWritten(first: number, last: number): void {
     for (let b = first; b <= last; b++) {
       // A rewrite of a block already written changes no map but does change its bytes.
-      this.tracked.set(b);
+      this.track(b);
       if (!this.written.has(b)) {
         this.written.set(b);
         this.changed.add(b);

@@ -111,6 +111,49 @@ describe('CowOverlay journal', () => {
     await again.close();
   });
 
+  it('the checkpoint and the blocks changed since it survive a reopen, through the snapshot and the journal', async () => {
+    const base = new MemoryBlocks(2048 * BS); // big enough for a flush of a few blocks to be a journal record
+    const o = await CowOverlay.open({ base, dir: join(dir, 'o') });
+    await o.writeAt(Buffer.alloc(2 * BS, 1), 0); // 0, 1 before the checkpoint
+    o.beginCheckpoint();
+    await o.writeAt(Buffer.alloc(BS, 2), 5 * BS); // during the checkpoint's export: after it
+    await o.commitCheckpoint('c1'); // durable: a new snapshot
+    await o.writeAt(Buffer.alloc(BS, 3), 1 * BS); // a rewrite of a written block: no map changes
+    await o.zeroAt(9 * BS, BS);
+    await o.flush(); // a journal record, with the tracked bit
+    expect((await stat(join(dir, 'o', 'overlay.journal'))).size).toBeGreaterThan(20);
+    // A crash now: reopen from what is on disk.
+    await copyFile(join(dir, 'o', 'overlay.state'), join(dir, 'copy-state'));
+    await copyFile(join(dir, 'o', 'overlay.journal'), join(dir, 'copy-journal'));
+    await o.writeAt(Buffer.alloc(BS, 4), 20 * BS); // after the copy
+    await o.flush();
+    await o.close();
+    const again = await CowOverlay.open({ base, dir: join(dir, 'o') });
+    expect([again.checkpoint, [...again.tracked]]).toEqual(['c1', [1, 5, 9, 20]]);
+    await again.close();
+    await copyFile(join(dir, 'copy-state'), join(dir, 'o', 'overlay.state'));
+    await copyFile(join(dir, 'copy-journal'), join(dir, 'o', 'overlay.journal'));
+    const crashed = await CowOverlay.open({ base, dir: join(dir, 'o') });
+    expect([crashed.checkpoint, [...crashed.tracked], [...crashed.written]]).toEqual(['c1', [1, 5, 9], [0, 1, 5]]);
+    // A checkpoint whose export failed leaves the set as it was, grown by what came meanwhile.
+    crashed.beginCheckpoint();
+    await crashed.writeAt(Buffer.alloc(BS, 5), 30 * BS);
+    crashed.abandonCheckpoint();
+    expect([crashed.checkpoint, [...crashed.tracked]]).toEqual(['c1', [1, 5, 9, 30]]);
+    await crashed.close();
+  });
+
+  it('a journal record with the tracked bit round-trips; other high bits are refused', () => {
+    const a: BlockChange[] = [
+      [1, 1, true],
+      [2, 0],
+    ];
+    const bytes = Buffer.concat([encodeJournalHeader(1), encodeJournalRecord(a)]);
+    expect(decodeJournal(bytes, 10).records).toEqual([a]);
+    const bad = Buffer.concat([encodeJournalHeader(1), encodeJournalRecord([[1, 9 as 1]])]);
+    expect(decodeJournal(bad, 10).records).toEqual([]);
+  });
+
   it('property: on a device big enough for journal and snapshot flushes, reopen reads like a flat copy', async () => {
     const size = 2048 * BS; // snapshot threshold ~25 changed blocks per flush
     let run = 0;

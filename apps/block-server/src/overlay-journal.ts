@@ -6,7 +6,13 @@ import { writeDurably } from './durable-file.js';
 
 /** A block's state in the overlay: 0 from the base, 1 written (bytes in the overlay file), 2 zeroed. */
 export type BlockState = 0 | 1 | 2;
-export type BlockChange = readonly [block: number, state: BlockState];
+/**
+ * One block's new state; `tracked` when it changed since the overlay's last checkpoint (stored
+ * as bit 2 of the state byte, which journals from before checkpoints never set).
+ */
+export type BlockChange = readonly [block: number, state: BlockState, tracked?: true];
+
+const TRACKED_BIT = 4;
 
 const MAGIC = Buffer.from('SBXJRNL1', 'ascii');
 const HEADER_BYTES = 20;
@@ -29,9 +35,9 @@ export function encodeJournalHeader(generation: number): Buffer {
 export function encodeJournalRecord(changes: readonly BlockChange[]): Buffer {
   const out = Buffer.alloc(4 + changes.length * 5 + 4);
   out.writeUInt32LE(changes.length, 0);
-  changes.forEach(([block, state], i) => {
+  changes.forEach(([block, state, tracked], i) => {
     out.writeUInt32LE(block, 4 + i * 5);
-    out.writeUInt8(state, 8 + i * 5);
+    out.writeUInt8(state | (tracked ? TRACKED_BIT : 0), 8 + i * 5);
   });
   out.writeUInt32LE(crc32(out.subarray(0, out.length - 4)), out.length - 4);
   return out;
@@ -64,9 +70,10 @@ export function decodeJournal(
     let sane = true;
     for (let i = 0; i < count; i++) {
       const block = bytes.readUInt32LE(at + 4 + i * 5);
-      const state = bytes.readUInt8(at + 8 + i * 5);
+      const raw = bytes.readUInt8(at + 8 + i * 5);
+      const state = (raw & ~TRACKED_BIT) as BlockState;
       if (block >= blockCount || state > 2) sane = false;
-      changes.push([block, state as BlockState]);
+      changes.push((raw & TRACKED_BIT) !== 0 ? [block, state, true] : [block, state]);
     }
     if (!sane) break;
     records.push(changes);
@@ -90,7 +97,7 @@ export class OverlayJournal {
    */
   static async open(
     path: string,
-    maps: { generation: number; written: DirtyBitmap; zeroed: DirtyBitmap },
+    maps: { generation: number; written: DirtyBitmap; zeroed: DirtyBitmap; tracked: DirtyBitmap },
   ): Promise<OverlayJournal> {
     const bytes = await readFile(path).catch((err: NodeJS.ErrnoException) => {
       if (err.code === 'ENOENT') return Buffer.alloc(0);
@@ -107,7 +114,9 @@ export class OverlayJournal {
       throw err;
     }
     for (const record of current ? parsed.records : []) {
-      for (const [block, state] of record) {
+      for (const [block, state, tracked] of record) {
+        // Within one generation a block only ever joins the tracked set: a checkpoint starts a new one.
+        if (tracked) maps.tracked.set(block);
         if (state === 1) maps.written.set(block);
         else maps.written.clear(block);
         if (state === 2) maps.zeroed.set(block);

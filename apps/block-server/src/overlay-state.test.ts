@@ -15,7 +15,14 @@ const EXPECTED = { blockSize: 4096, size: 3 * 4096, identity: 'b' };
 
 describe('overlay state codec', () => {
   it('golden: a 3-block device, block 0 written, block 2 zeroed', () => {
-    const state: OverlayState = { ...EXPECTED, generation: 5, written: bitmap(3, [0]), zeroed: bitmap(3, [2]) };
+    const state: OverlayState = {
+      ...EXPECTED,
+      generation: 5,
+      written: bitmap(3, [0]),
+      zeroed: bitmap(3, [2]),
+      checkpoint: '',
+      tracked: bitmap(3, []),
+    };
     const body = Buffer.from(
       [
         '534258434f573031', // "SBXCOW01"
@@ -37,16 +44,62 @@ describe('overlay state codec', () => {
     const golden = Buffer.concat([body, sum]);
     expect(encodeOverlayState(state).toString('hex')).toBe(golden.toString('hex'));
     const back = decodeOverlayState(golden, 'p', EXPECTED);
-    expect({ ...back, written: [...back.written], zeroed: [...back.zeroed] }).toEqual({
+    expect({ ...back, written: [...back.written], zeroed: [...back.zeroed], tracked: [...back.tracked] }).toEqual({
       ...EXPECTED,
       generation: 5,
       written: [0],
       zeroed: [2],
+      checkpoint: '',
+      tracked: [],
     });
   });
 
+  it('golden: after a checkpoint, version 3 adds the checkpoint build and the blocks changed since', () => {
+    const state: OverlayState = {
+      ...EXPECTED,
+      generation: 5,
+      written: bitmap(3, [0]),
+      zeroed: bitmap(3, [2]),
+      checkpoint: 'c1',
+      tracked: bitmap(3, [2]),
+    };
+    const body = Buffer.from(
+      [
+        '534258434f573031', // "SBXCOW01"
+        '03000000', // version 3
+        '00100000', // block size 4096
+        '0030000000000000', // size 12288
+        '0500000000000000', // generation 5
+        '01000000', // identity length 1
+        '62', // "b"
+        '1100000000000000', // written map: 17 bytes
+        '1100000000000000', // zeroed map: 17 bytes
+        '534258424d415031' + '0300000000000000' + '01', // DirtyBitmap: magic, 3 blocks, bit 0
+        '534258424d415031' + '0300000000000000' + '04', // bit 2
+        '02000000', // checkpoint length 2
+        '6331', // "c1"
+        '1100000000000000', // tracked map: 17 bytes
+        '534258424d415031' + '0300000000000000' + '04', // bit 2
+      ].join(''),
+      'hex',
+    );
+    const sum = Buffer.alloc(4);
+    sum.writeUInt32LE(crc32(body), 0);
+    const golden = Buffer.concat([body, sum]);
+    expect(encodeOverlayState(state).toString('hex')).toBe(golden.toString('hex'));
+    const back = decodeOverlayState(golden, 'p', EXPECTED);
+    expect([back.checkpoint, [...back.tracked], [...back.written], [...back.zeroed]]).toEqual(['c1', [2], [0], [2]]);
+  });
+
   it('refuses a state made for another block size, size or base, naming the problem', () => {
-    const bytes = encodeOverlayState({ ...EXPECTED, generation: 0, written: bitmap(3, []), zeroed: bitmap(3, []) });
+    const bytes = encodeOverlayState({
+      ...EXPECTED,
+      generation: 0,
+      written: bitmap(3, []),
+      zeroed: bitmap(3, []),
+      checkpoint: '',
+      tracked: bitmap(3, []),
+    });
     expect(() => decodeOverlayState(bytes, 'p', { ...EXPECTED, blockSize: 512 })).toThrow(/block size 4096/);
     expect(() => decodeOverlayState(bytes, 'p', { ...EXPECTED, size: 4096 })).toThrow(/size 12288, base is 4096/);
     expect(() => decodeOverlayState(bytes, 'p', { ...EXPECTED, identity: 'c' })).toThrow(/made over "b", not "c"/);
@@ -60,7 +113,8 @@ describe('overlay state codec', () => {
         fc.array(fc.nat(), { maxLength: 40 }),
         fc.string(),
         fc.nat(),
-        (blocks, picks, identity, generation) => {
+        fc.option(fc.string({ minLength: 1 }), { nil: '' }),
+        (blocks, picks, identity, generation, checkpoint) => {
           const written = bitmap(
             blocks,
             picks.filter((_, i) => i % 2 === 0).map((p) => p % blocks),
@@ -69,12 +123,30 @@ describe('overlay state codec', () => {
             blocks,
             picks.filter((_, i) => i % 2 === 1).map((p) => p % blocks),
           );
-          const state = { blockSize: 512, size: blocks * 512 - 100, identity, generation, written, zeroed };
+          const tracked =
+            checkpoint === ''
+              ? bitmap(blocks, [])
+              : bitmap(
+                  blocks,
+                  picks.map((p) => (p * 7) % blocks),
+                );
+          const state = {
+            blockSize: 512,
+            size: blocks * 512 - 100,
+            identity,
+            generation,
+            written,
+            zeroed,
+            checkpoint,
+            tracked,
+          };
           const back = decodeOverlayState(encodeOverlayState(state), 'p', state);
-          expect([back.generation, [...back.written], [...back.zeroed]]).toEqual([
+          expect([back.generation, [...back.written], [...back.zeroed], back.checkpoint, [...back.tracked]]).toEqual([
             generation,
             [...written],
             [...zeroed],
+            checkpoint,
+            [...tracked],
           ]);
         },
       ),
@@ -87,6 +159,8 @@ describe('overlay state codec', () => {
       generation: 1,
       written: bitmap(3, [1]),
       zeroed: bitmap(3, []),
+      checkpoint: 'c',
+      tracked: bitmap(3, [1]),
     });
     fc.assert(
       fc.property(
