@@ -83,6 +83,11 @@ export class EgressProxy {
     this.forgetIfIdle(slot);
   }
 
+  /** The policy the proxy holds for a slot (undefined when it holds none). */
+  policyOf(idx: number): EgressPolicy | undefined {
+    return this.slots.get(idx)?.policy;
+  }
+
   /** The slot's sandbox is gone: listener closed, every connection reset. */
   drop(idx: number): void {
     const slot = this.slots.get(idx);

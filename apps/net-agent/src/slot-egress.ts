@@ -46,9 +46,18 @@ export class SlotEgress {
   async install(spec: SlotSpec, sandboxId: string, policy: EgressPolicy): Promise<void> {
     if (usesProxy(policy)) {
       // Listener first, then the redirect: no connection is redirected to a closed port.
+      const previous = this.o.proxy.policyOf(spec.idx);
       this.o.proxy.set(spec, sandboxId, policy);
-      await this.writeState(spec, { sandboxId, egress: policy.source });
-      await this.applyTable(spec, policy);
+      try {
+        await this.writeState(spec, { sandboxId, egress: policy.source });
+        await this.applyTable(spec, policy);
+      } catch (err) {
+        // The table still holds the old policy: so does the proxy again (the caller gets the error).
+        this.o.proxy.set(spec, sandboxId, previous ?? OPEN_POLICY);
+        if (previous && usesProxy(previous)) await this.writeState(spec, { sandboxId, egress: previous.source });
+        else await this.removeState(spec);
+        throw err;
+      }
     } else {
       await this.applyTable(spec, policy);
       this.o.proxy.set(spec, sandboxId, policy);
@@ -74,21 +83,30 @@ export class SlotEgress {
     for (const file of files) {
       const path = join(this.o.stateDir, file);
       const slot = byNamespace.get(file);
+      let state: EgressState;
+      let policy: EgressPolicy;
       try {
-        const state = JSON.parse(await readFile(path, 'utf8')) as EgressState;
-        if (!slot || (slot.sandboxId && slot.sandboxId !== state.sandboxId)) {
-          await rm(path, { force: true });
-          continue;
-        }
-        this.o.proxy.set(slot.spec, state.sandboxId, parseEgressPolicy(state.egress));
+        state = JSON.parse(await readFile(path, 'utf8')) as EgressState;
+        policy = parseEgressPolicy(state.egress);
+      } catch (err) {
+        this.o.logger.error({ err, file: path }, 'egress state unreadable: removed');
+        await rm(path, { force: true });
+        continue;
+      }
+      if (!slot || (slot.sandboxId && slot.sandboxId !== state.sandboxId)) {
+        await rm(path, { force: true });
+        continue;
+      }
+      try {
+        this.o.proxy.set(slot.spec, state.sandboxId, policy);
         served++;
         this.o.logger.info(
           { sandboxId: state.sandboxId, slot: slot.spec.idx },
           'egress proxy resumed for adopted slot',
         );
       } catch (err) {
-        this.o.logger.error({ err, file: path }, 'egress state unreadable: removed');
-        await rm(path, { force: true });
+        // The redirect stays, so the guest's TCP is refused (fail closed) until a SetEgress or release.
+        this.o.logger.error({ err, sandboxId: state.sandboxId, slot: slot.spec.idx }, 'egress proxy not resumed');
       }
     }
     return served;

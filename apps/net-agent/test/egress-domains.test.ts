@@ -13,7 +13,7 @@ import { createInterface } from 'node:readline';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { unary } from '#grpc';
 import type { NetEgressPolicy, NetSlot } from '#proto/sbx/net';
-import { eventually } from '#test-kit';
+import { eventually, openFds } from '#test-kit';
 import { AgentProcess } from './agent-process.js';
 import { METADATA_IP, NodeNamespace, PRIVATE_IP, UPLINK_NODE_IP } from './node-namespace.js';
 
@@ -329,6 +329,35 @@ describe.skipIf(!isRoot)('egress domain rules', () => {
     await setEgress(slot, {});
     expect(await curl(guest, 'http://a.test/', { name: 'a.test', address: HOST_C })).toBe(`${HOST_C} a.test`);
     conn.kill();
+  });
+
+  it('proxied and refused connections, a cut and a release leave no descriptor behind in the agent', async () => {
+    const fds = () =>
+      openFds(agent.service.pid)
+        .map((t) => t.replace(/\[\d+\]$/, '[]'))
+        .sort();
+    // One slot through the whole cycle first, so lazily opened things (the resolver, the netns
+    // handle) are there before the baseline.
+    const warm = await guestFor('sbx-warm', { denyInternet: true, allowedDomains: ['a.test'] });
+    expect(await curl(warm.guest, 'http://a.test/', { name: 'a.test', address: HOST_A })).toBe(`${HOST_A} a.test`);
+    await agent.release(warm.slot.idx, 'sbx-warm', true);
+    const before = fds();
+    const { slot, guest } = await guestFor('sbx-leak', { denyInternet: true, allowedDomains: ['a.test'] });
+    for (let i = 0; i < 10; i++) {
+      expect(await curl(guest, 'https://a.test/', { name: 'a.test', address: HOST_C })).toBe(`${HOST_A} a.test`);
+      expect(await curl(guest, 'http://b.test/', { name: 'b.test', address: HOST_A })).toMatch(/^refused/);
+    }
+    const conn = namedClient(guest, HOST_A, 9200, 'a.test');
+    expect(await conn.next()).toBe('open');
+    await setEgress(slot, { denyInternet: true, allowedDomains: ['b.test'] });
+    expect(await conn.echo()).toMatch(/^(cut|closed)/);
+    const held = namedClient(guest, HOST_A, 9200, 'b.test');
+    expect(await held.next()).toBe('open');
+    await agent.release(slot.idx, 'sbx-leak', true); // resets the held connection
+    expect(await held.echo()).toMatch(/^(cut|closed)/);
+    await eventually(() => expect(fds()).toEqual(before));
+    conn.kill();
+    held.kill();
   });
 
   it('release closes the listener and forgets the policy; a restarted agent serves the policies of kept slots', async () => {
