@@ -28,7 +28,7 @@ describe('checkSandboxConfig: ingress and auto-resume (E2B fields 22 and 24)', (
     expect(() => checkSandboxConfig(base({ autoResume: { policy: 'off' } }), bounds)).not.toThrow();
   });
 
-  it('refuses what cannot go in a header, an unknown policy, and domain rules it does not serve, naming the field', () => {
+  it('refuses what cannot go in a header or an unknown policy, naming the field; accepts domain rules', () => {
     const cases: [Partial<SandboxConfig>, string][] = [
       [{ network: { ingress: { trafficAccessToken: 'has space' } } }, 'traffic_access_token'],
       [{ network: { ingress: { trafficAccessToken: 'x'.repeat(513) } } }, 'traffic_access_token'],
