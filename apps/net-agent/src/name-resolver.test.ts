@@ -1,3 +1,4 @@
+import { createSocket } from 'node:dgram';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -27,6 +28,37 @@ describe('name resolver', () => {
       expect((err as Error).message).toContain('nowhere.test');
     } finally {
       await rm(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('asks the configured DNS servers when the hosts file does not know the name', async () => {
+    // A one-record DNS server on loopback: x.test A 198.18.0.9, everything else NXDOMAIN.
+    const server = createSocket('udp4');
+    server.on('message', (q, peer) => {
+      let end = 12;
+      const labels: string[] = [];
+      while (q[end]! > 0) {
+        labels.push(q.subarray(end + 1, end + 1 + q[end]!).toString());
+        end += 1 + q[end]!;
+      }
+      const question = q.subarray(12, end + 5);
+      const known = labels.join('.') === 'x.test';
+      const header = Buffer.from([q[0]!, q[1]!, 0x81, known ? 0x80 : 0x83, 0, 1, 0, known ? 1 : 0, 0, 0, 0, 0]);
+      const answer = Buffer.from([0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 198, 18, 0, 9]);
+      server.send(Buffer.concat([header, question, ...(known ? [answer] : [])]), peer.port, peer.address);
+    });
+    await new Promise<void>((resolve) => server.bind(0, '127.0.0.1', resolve));
+    try {
+      const resolver = createNameResolver({
+        dnsServers: [`127.0.0.1:${server.address().port}`],
+        timeoutMs: 2000,
+      });
+      expect(await resolver.resolve4('x.test')).toEqual(['198.18.0.9']);
+      const err = await resolver.resolve4('y.test').catch((e: unknown) => e);
+      expect(err).toBeInstanceOf(NameNotResolved);
+      expect((err as Error).message).toContain('ENOTFOUND');
+    } finally {
+      server.close();
     }
   });
 });
