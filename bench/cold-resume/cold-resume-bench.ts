@@ -9,13 +9,14 @@
  * What is timed is the storage side of a resume, with the real BuildStore and chunk caches:
  * resolve the snapshot (snapfile, both headers), read the recorded prefetch set, then the
  * guest's start: one vCPU faulting the working set page after page, each fault waiting until
- * its uffd-server window (2 MiB, the uffd-server's --prefetch-bytes default) is in the cache,
+ * its uffd-server window (--prefetch-bytes, 2 MiB, cut to the chunk size as the uffd-server
+ * does over a layer still fetched from the bucket) is in the cache,
  * as the uffd-server's fault path does (SourceView.ensure, then UFFDIO_COPY from the mapping,
  * which costs well under a millisecond per window and is left out). The orchestrator's own
  * steps (VMM, envd /init) add what bench/orchestrator measures for a warm create.
  *
  *   bash bench/cold-resume/run.sh [--delays 5,50] [--size-mib 1024] [--touch-mib 100]
- *       [--run-kib 256-4096] [--fault-window-kib 2048] [--chunk-kib 4096,1024,256] [--bucket local|gcs]
+ *       [--run-kib 256-4096] [--fault-window-kib 2048] [--chunk-kib 1024,256] [--bucket local|gcs]
  */
 import { createHash } from 'node:crypto';
 import { mkdir, mkdtemp, open, rm, writeFile } from 'node:fs/promises';
@@ -149,13 +150,15 @@ async function resume(
       // Not awaited: faults go on meanwhile and come first.
       void opened.file.prefetch(set.blocks.map((b) => ({ offset: b * set.blockSize, length: set.blockSize })));
     }
+    // The uffd-server cuts its fault window to the chunk of a layer still being fetched.
+    const window = Math.min(faultWindow, variant.chunkSize);
     const ready = new Set<number>();
     for (const p of pages) {
-      const window = Math.floor((p * PAGE) / faultWindow);
-      if (ready.has(window)) continue;
-      const offset = window * faultWindow;
-      await file.ensure(offset, Math.min(faultWindow, opened.file.size - offset));
-      ready.add(window);
+      const w = Math.floor((p * PAGE) / window);
+      if (ready.has(w)) continue;
+      const offset = w * window;
+      await file.ensure(offset, Math.min(window, opened.file.size - offset));
+      ready.add(w);
     }
     const ms = performance.now() - t0;
     // The guest saw the build's bytes: every touched page, read back through the layers.
@@ -187,7 +190,7 @@ export async function main(argv: string[]): Promise<number> {
       'touch-mib': { type: 'string', default: '100' },
       'run-kib': { type: 'string', default: '256-4096' },
       'fault-window-kib': { type: 'string', default: '2048' },
-      'chunk-kib': { type: 'string', default: '4096,1024,256' },
+      'chunk-kib': { type: 'string', default: '1024,256' },
       bucket: { type: 'string', default: 'local' },
     },
   });

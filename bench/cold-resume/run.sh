@@ -5,7 +5,7 @@
 # prefetch set) in the same run: time to the working set in, requests, bytes fetched vs touched.
 #
 #   bash bench/cold-resume/run.sh [--delays 5,50] [--size-mib 1024] [--touch-mib 100] [--run-kib 256-4096]
-#       [--fault-window-kib 2048] [--chunk-kib 4096,1024,256] [--bucket local|gcs]
+#       [--fault-window-kib 2048] [--chunk-kib 1024,256] [--bucket local|gcs]
 #
 # --bucket gcs uses fake-gcs-server (scripts/test-peers.sh builds it) behind a delaying TCP proxy.
 set -euo pipefail

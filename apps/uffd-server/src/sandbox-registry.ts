@@ -131,7 +131,14 @@ export class SandboxRegistry {
       } else {
         source = SourceView.ofFile(req.memfilePath!);
       }
-      const prefetchBytes = req.prefetchBytes || this.settings.prefetchBytes;
+      // A fault's window is fetched whole before it is installed: over a layer still fetched from
+      // the bucket, a window larger than its chunk fetches bytes nobody touched (2 MiB windows
+      // over 256 KiB chunks: ~2x the bytes a cold resume touched, and a round trip per window;
+      // bench/cold-resume). Such a window is cut to the chunk (a power of two, so still aligned).
+      const asked = req.prefetchBytes || this.settings.prefetchBytes;
+      const unit = source.fetchUnit;
+      const prefetchBytes =
+        unit !== undefined && asked > unit && isPowerOfTwo(unit) ? Math.max(unit, pageSize ?? 4096) : asked;
       const recordBlock = blockSize ?? pageSize ?? 4096;
       const sandbox = new SandboxMemory({
         sandboxId: req.sandboxId,
@@ -384,4 +391,8 @@ export class SandboxRegistry {
       }),
     );
   }
+}
+
+function isPowerOfTwo(n: number): boolean {
+  return Number.isSafeInteger(n) && n > 0 && (n & (n - 1)) === 0;
 }

@@ -31,6 +31,11 @@ describe('SourceView', () => {
       { offset: 3 * 4096, length: 3 * 4096, file: cached, fileOffset: 4096 },
     ]);
     expect(view.allReady).toBe(false);
+    // the chunk cache still fetches 4 KiB at a time: the fault window is cut to that
+    expect(view.fetchUnit).toBe(4096);
+    const local = SourceView.open(2 * 4096, [{ offset: 0, length: 2 * 4096, file: complete, fileOffset: 0 }]);
+    expect(local.fetchUnit).toBeUndefined();
+    local.close();
     expect(view.readyRanges()).toEqual([
       { offset: 0, length: 2 * 4096 },
       { offset: 2 * 4096, length: 4096 },

@@ -14,7 +14,7 @@ import {
 import { SourceInvalid } from './uffd-server-errors.js';
 
 /** What the view maps: a layer's file, or zeros (no file). */
-type MappedFile = Pick<CachedFile, 'path' | 'complete' | 'ensure'>;
+type MappedFile = Pick<CachedFile, 'path' | 'complete' | 'ensure' | 'fetchUnit'>;
 
 /** One piece of the memory file: `length` bytes at `offset` come from `file` at `fileOffset`. */
 export interface SourceSegment {
@@ -112,6 +112,15 @@ export class SourceView {
       throw err;
     }
     return new SourceView(address, size, mappedLength, segments);
+  }
+
+  /** The smallest unit a layer still fetches from the bucket (undefined: nothing is fetched). */
+  get fetchUnit(): number | undefined {
+    let unit: number | undefined;
+    for (const s of this.segments)
+      if (s.file && !s.file.complete && s.file.fetchUnit !== undefined)
+        unit = Math.min(unit ?? Infinity, s.file.fetchUnit);
+    return unit;
   }
 
   /** True when every byte is valid now (no fetches needed). */

@@ -13,6 +13,11 @@ export interface CachedFile extends ReadableBlocks {
   readonly path: string;
   /** Every byte is in the file already: `ensure` only checks the range. */
   readonly complete: boolean;
+  /**
+   * Bytes fetched at a time while not complete (a chunk cache's chunk): a consumer that ensures
+   * whole windows (the uffd engine) fetches nothing nobody touched with windows no larger.
+   */
+  readonly fetchUnit?: number;
   ensure(offset: number, length: number, onRetry?: RetryObserver): Promise<void>;
   /** Bytes the file takes on disk (allocated blocks, not its apparent size). */
   diskUsage(): Promise<number>;

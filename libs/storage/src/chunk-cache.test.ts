@@ -44,7 +44,12 @@ describe('ChunkCache', () => {
   it('fetches each chunk once under many concurrent readers and returns the right bytes', async () => {
     const data = remote(10 * MiB + 123);
     const source = new CountingSource(data, 20);
-    const cache = await ChunkCache.open({ source, size: data.length, cachePath: path.join(dir, 'sf', 'memfile') });
+    const cache = await ChunkCache.open({
+      source,
+      size: data.length,
+      cachePath: path.join(dir, 'sf', 'memfile'),
+      chunkSize: 4 * MiB,
+    });
     const reads = Array.from({ length: 40 }, (_, i) => {
       const offset = (i * 997_331) % (data.length - 70_000);
       const out = Buffer.alloc(i % 2 === 0 ? 70_000 : 4096);
@@ -67,7 +72,12 @@ describe('ChunkCache', () => {
   it('keeps the cache file sparse: only fetched chunks take disk space', async () => {
     const data = remote(64 * MiB);
     const source = new CountingSource(data, 0);
-    const cache = await ChunkCache.open({ source, size: data.length, cachePath: path.join(dir, 'sparse') });
+    const cache = await ChunkCache.open({
+      source,
+      size: data.length,
+      cachePath: path.join(dir, 'sparse'),
+      chunkSize: 4 * MiB,
+    });
     await cache.readAt(Buffer.alloc(100), 40 * MiB + 5);
     const st = await stat(cache.path);
     expect(st.size).toBe(64 * MiB);
