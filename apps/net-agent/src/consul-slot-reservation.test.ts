@@ -1,4 +1,5 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { eventually } from '#test-kit';
 import { ConsulAgent } from '../../../libs/test-peers/src/consul-agent.js';
 import { LossyConsulProxy } from '../test/lossy-consul-proxy.js';
 import { ConsulSlotReservation, createConsulClient } from './consul-slot-reservation.js';
@@ -180,6 +181,24 @@ describe('ConsulSlotReservation through a Consul outage (the real agent stopped 
       expect(await keysUnder('node-lossy/')).toEqual([slot.key]);
       await r.release(slot);
       expect(await keysUnder('node-lossy/')).toEqual([]);
+    } finally {
+      await proxy.stop();
+    }
+  });
+});
+
+describe('ConsulSlotReservation on a slow store', () => {
+  it('gives back, when settled, a create that landed after its timed-out read-back', async () => {
+    const proxy = new LossyConsulProxy(consul.address);
+    const addr = await proxy.start();
+    try {
+      const r = reservation('node-late', 10, 1, addr);
+      proxy.delayWrites = 1;
+      proxy.writeDelayMs = 1500; // past the client's 1000 ms timeout and its read-back
+      await expect(r.reserve()).rejects.toBeInstanceOf(ReservationUnavailable);
+      await eventually(async () => expect(await keysUnder('node-late/')).toHaveLength(1), { timeoutMs: 10_000 });
+      expect(await r.settle()).toBe(1);
+      expect(await keysUnder('node-late/')).toEqual([]);
     } finally {
       await proxy.stop();
     }

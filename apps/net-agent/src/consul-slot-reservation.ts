@@ -39,6 +39,8 @@ export class ConsulSlotReservation implements SlotReservation {
   private readonly consul: Consul;
   private readonly store: string;
   private readonly base: string;
+  /** Creates that timed out and were not found on read-back: key → the value we wrote. */
+  private readonly uncertain = new Map<string, string>();
 
   constructor(private readonly options: ConsulSlotReservationOptions) {
     this.consul = createConsulClient(options.address, options.token, options.timeoutMs);
@@ -120,6 +122,23 @@ export class ConsulSlotReservation implements SlotReservation {
     this.consul.destroy();
   }
 
+  async settle(): Promise<number> {
+    let released = 0;
+    for (const [key, value] of [...this.uncertain]) {
+      const pair = (await this.consul.kv.get(key).catch(() => undefined)) as
+        { Value?: string | null; ModifyIndex: number } | undefined;
+      if (pair?.Value === value) {
+        const idx = Number(key.slice(this.base.length));
+        await this.release({ idx, key }).then(
+          () => released++,
+          () => undefined,
+        );
+      }
+      this.uncertain.delete(key);
+    }
+    return released;
+  }
+
   private async create(idx: number): Promise<boolean> {
     const key = this.keyOf(idx);
     // A claim id makes the value ours alone, so a create whose answer was lost can be told apart.
@@ -131,6 +150,9 @@ export class ConsulSlotReservation implements SlotReservation {
       // key nobody releases until the next start's reconcile. Read it back and keep it if it is ours.
       const pair = (await this.consul.kv.get(key).catch(() => undefined)) as { Value?: string | null } | undefined;
       if (pair?.Value === value) return true;
+      // Not there yet is not never: on a loaded store the write can land after this read.
+      // settle() looks again before the agent stops.
+      this.uncertain.set(key, value);
       throw new ReservationUnavailable(this.store, 'create-cas', err);
     }
   }

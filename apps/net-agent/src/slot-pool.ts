@@ -210,6 +210,8 @@ export class SlotPool {
     }
     const results = await Promise.allSettled(all.map((slot) => this.remove(slot)));
     await this.retryPendingReleases();
+    const settled = await this.options.reservation.settle?.().catch(() => 0);
+    if (settled) this.options.logger.info({ count: settled }, 'reservations whose create had timed out released');
     const failed = results.filter((r) => r.status === 'rejected').length;
     if (failed || this.pendingReleases.length) {
       throw new Error(

@@ -27,6 +27,11 @@ export interface SlotReservation {
   keyOf(idx: number): string;
   /** Every index currently held for this node. */
   held(): Promise<ReservedSlot[]>;
+  /**
+   * Gives back indexes whose reservation may have landed without its answer (a timed-out
+   * create read back too early); the number given back. Called before the agent stops.
+   */
+  settle?(): Promise<number>;
   close(): void;
 }
 

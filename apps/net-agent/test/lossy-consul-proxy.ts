@@ -8,6 +8,9 @@ import { createServer, request, type Server } from 'node:http';
 
 export class LossyConsulProxy {
   loseAnswersToWrites = 0;
+  /** The next this-many writes reach Consul only after `writeDelayMs` (a slow, loaded store). */
+  delayWrites = 0;
+  writeDelayMs = 0;
   /** Writes whose answer was dropped so far. */
   lost = 0;
   address = '';
@@ -18,6 +21,26 @@ export class LossyConsulProxy {
   async start(): Promise<string> {
     const target = new URL(this.consulAddress);
     const server = createServer((req, res) => {
+      if ((req.method === 'PUT' || req.method === 'DELETE') && this.delayWrites > 0) {
+        this.delayWrites--;
+        const body: Buffer[] = [];
+        req.on('data', (d: Buffer) => body.push(d));
+        req.once('end', () => {
+          setTimeout(() => {
+            const late = request(
+              { host: target.hostname, port: target.port, method: req.method, path: req.url, headers: req.headers },
+              (answer) => {
+                if (res.destroyed) return void answer.resume();
+                res.writeHead(answer.statusCode ?? 502, answer.headers);
+                answer.pipe(res);
+              },
+            );
+            late.once('error', () => req.socket.destroy());
+            late.end(Buffer.concat(body));
+          }, this.writeDelayMs);
+        });
+        return;
+      }
       const upstream = request(
         { host: target.hostname, port: target.port, method: req.method, path: req.url, headers: req.headers },
         (answer) => {
