@@ -163,6 +163,19 @@ function responses(text: string): { status: number; headers: string; body: strin
   }
 }
 
+/** The data of a whole chunked body. */
+function dechunk(wire: Buffer): Buffer {
+  const parts: Buffer[] = [];
+  let at = 0;
+  for (;;) {
+    const eol = wire.indexOf('\r\n', at);
+    const size = parseInt(wire.toString('latin1', at, eol), 16);
+    if (size === 0) return Buffer.concat(parts);
+    parts.push(wire.subarray(eol + 2, eol + 2 + size));
+    at = eol + 2 + size + 2;
+  }
+}
+
 const whoBody = (body: string) => JSON.parse(body) as { name: string; url: string; headers: Record<string, string> };
 
 describe('HTTP/1.1 on raw sockets', () => {
@@ -215,6 +228,22 @@ describe('HTTP/1.1 on raw sockets', () => {
     });
     expect(down.length).toBe(BIG);
     expect(down.equals(pattern(0, BIG))).toBe(true);
+
+    // A client that stops reading now and then: the proxy's writes queue, and what it reads next
+    // from the guest must not overwrite what is still waiting to go out.
+    const slow = await rawClient();
+    slow.socket.write(
+      `GET /big?bytes=${8 * 1024 * 1024} HTTP/1.1\r\nHost: ${ports[1]}-sbx.x\r\nConnection: close\r\n\r\n`,
+    );
+    const pauser = setInterval(() => {
+      slow.socket.pause();
+      setTimeout(() => slow.socket.resume(), 5);
+    }, 10);
+    await slow.closed;
+    clearInterval(pauser);
+    const raw = slow.received();
+    const bodyAt = raw.indexOf('\r\n\r\n') + 4;
+    expect(dechunk(raw.subarray(bodyAt)).equals(pattern(0, 8 * 1024 * 1024))).toBe(true);
 
     const upload = pattern(7, 9 * 1024 * 1024 + 3);
     const answer = await new Promise<string>((resolve, reject) => {

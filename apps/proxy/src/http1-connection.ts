@@ -42,6 +42,8 @@ const enum Response {
 // Client bytes read ahead of the exchange in progress (pipelined requests) before reading pauses.
 const MAX_READ_AHEAD = 64 * 1024;
 
+const EMPTY = Buffer.alloc(0);
+
 const REASONS: Record<number, string> = {
   405: 'Method Not Allowed',
   431: 'Request Header Fields Too Large',
@@ -154,7 +156,8 @@ export class Http1Connection implements UpstreamUser {
   }
 
   private clientDrain(): void {
-    if (this.up && this.up.user === this) this.up.socket.resume();
+    // Upstream reading resumes when the write holding its read buffer is done (onFlushed).
+    if (this.flushed && this.up && this.up.user === this) this.up.socket.resume();
   }
 
   private clientClose(): void {
@@ -292,23 +295,20 @@ export class Http1Connection implements UpstreamUser {
 
   // ---- upstream side ----
 
-  upstreamData(chunk: Buffer): void {
-    if (this.phase === Phase.Tunnel) {
-      if (!this.client.write(chunk)) this.up!.socket.pause();
-      return;
-    }
+  upstreamData(chunk: Buffer): boolean {
+    if (this.phase === Phase.Tunnel) return this.toClient(chunk);
     let buf = chunk;
     let from = 0;
     if (this.response === Response.Head) {
       buf = this.responseHead ? Buffer.concat([this.responseHead, chunk]) : chunk;
       this.responseHead = undefined;
       from = this.responseHeadFrom(buf);
-      if (from < 0) return;
+      if (from < 0) return this.flushed;
     }
     if (this.response !== Response.Body) {
       // Bytes after a complete response: the guest broke framing; this connection is not reused.
       this.reusable = false;
-      return;
+      return true;
     }
     let end: number;
     try {
@@ -316,13 +316,35 @@ export class Http1Connection implements UpstreamUser {
     } catch {
       // Broken chunked framing from the guest, after the head went out: only a cut is left.
       this.destroy();
-      return;
+      return false;
     }
-    const part = end === buf.length ? buf : buf.subarray(0, end);
-    if (part.length && !this.client.write(part)) this.up!.socket.pause();
+    const more = this.toClient(end === buf.length ? buf : buf.subarray(0, end));
     if (end < buf.length) this.reusable = false;
     if (this.responseBody.done) this.responseDone();
+    return more;
   }
+
+  /** Whether the last write to the client went out whole (the upstream's read buffer is free). */
+  private flushed = true;
+
+  /**
+   * Writes bytes from the upstream's read buffer to the client. When part of them stays queued
+   * the buffer is still in use: reading the upstream pauses (false) until that write is done.
+   */
+  private toClient(part: Buffer): boolean {
+    if (!part.length) return true;
+    this.client.write(part);
+    if (this.client.writableLength === 0) return true;
+    this.flushed = false;
+    this.client.write(EMPTY, this.onFlushed);
+    return false;
+  }
+
+  private readonly onFlushed = () => {
+    this.flushed = true;
+    const up = this.up;
+    if (up && up.user === this) up.socket.resume();
+  };
 
   /**
    * Reads response heads at the start of `buf` (interim 1xx ones are passed on); returns where
@@ -338,8 +360,9 @@ export class Http1Connection implements UpstreamUser {
       try {
         end = headEnd(rest);
         if (end < 0) {
-          if (from) this.client.write(buf.subarray(0, from));
-          this.responseHead = rest;
+          if (from) this.toClient(buf.subarray(0, from));
+          // Kept past this read: a copy, the read buffer is reused.
+          this.responseHead = Buffer.from(rest);
           return -1;
         }
         head = parseResponseHead(rest, end);
@@ -385,7 +408,7 @@ export class Http1Connection implements UpstreamUser {
     this.phase = Phase.Tunnel;
     this.answered = true;
     this.f.upgraded(this.client);
-    this.client.write(buf);
+    this.toClient(buf);
     this.client.setTimeout(0);
     const ahead = this.pending;
     this.pending = undefined;
@@ -465,7 +488,8 @@ export class Http1Connection implements UpstreamUser {
     const up = this.up;
     if (!up) return;
     this.up = undefined;
-    if (this.reusable) this.f.pool.release(up);
+    // A write still queued from its read buffer: the next request's answer must not overwrite it.
+    if (this.reusable && this.flushed) this.f.pool.release(up);
     else {
       up.user = undefined;
       up.socket.destroy();

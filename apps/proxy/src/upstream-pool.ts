@@ -2,7 +2,11 @@ import { connect, type Socket } from 'node:net';
 
 /** What an upstream connection reports to the client connection using it. */
 export interface UpstreamUser {
-  upstreamData(chunk: Buffer): void;
+  /**
+   * Bytes read, in the connection's own read buffer (valid until the next read): return false
+   * while something written from them is still queued, and resume the socket once it is flushed.
+   */
+  upstreamData(chunk: Buffer): boolean;
   upstreamEnd(): void;
   upstreamClose(err: NodeJS.ErrnoException | undefined): void;
   upstreamDrain(): void;
@@ -24,11 +28,6 @@ export class Upstream {
     readonly key: string,
     private readonly pool: UpstreamPool,
   ) {
-    socket.on('data', (chunk: Buffer) => {
-      if (this.user) this.user.upstreamData(chunk);
-      // Bytes from an idle connection answer nothing: it cannot be trusted for the next request.
-      else socket.destroy();
-    });
     socket.on('end', () => {
       if (this.user) this.user.upstreamEnd();
       else socket.destroy();
@@ -49,6 +48,8 @@ export interface UpstreamPoolOptions {
   /** Idle connections kept per sandbox port. */
   maxIdle: number;
 }
+
+const READ_BUFFER_BYTES = 64 * 1024;
 
 /**
  * Keep-alive connections to sandbox ports, per `hostIp:port`, reused last-in first-out (the
@@ -71,7 +72,25 @@ export class UpstreamPool {
       pooled.socket.resume();
       return pooled;
     }
-    const socket = connect({ host: hostIp, port, noDelay: true, allowHalfOpen: true });
+    // Reads land in one buffer per connection (no allocation per read, no stream machinery);
+    // the user pauses reading while a write from it is still queued.
+    const buffer = Buffer.allocUnsafe(READ_BUFFER_BYTES);
+    const socket = connect({
+      host: hostIp,
+      port,
+      noDelay: true,
+      allowHalfOpen: true,
+      onread: {
+        buffer,
+        callback: (n: number, buf: Buffer) => {
+          // Reads start after connect, when `up` is set.
+          if (up.user) return up.user.upstreamData(buf.subarray(0, n));
+          // Bytes from an idle connection answer nothing: it cannot be trusted for the next request.
+          socket.destroy();
+          return false;
+        },
+      },
+    });
     const up = new Upstream(socket, key, this);
     up.user = user;
     this.open.add(up);
