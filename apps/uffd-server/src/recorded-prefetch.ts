@@ -24,9 +24,9 @@ export interface RecordedPrefetchStats {
   setBlocks: number;
   /** Faults served while recording: the start's faults that went through the fault path. */
   startFaults: number;
-  /** 4 KiB units the pass installed. */
+  /** 4 KiB units the pass installed: the set's blocks, then the rest of their windows. */
   passPages4k: number;
-  /** Set entries already present when the pass came (a fault, or a fault's window, was first). */
+  /** Set blocks already present when the pass came (a fault, or a fault's window, was first). */
   passAlreadyPresent: number;
   passDone: number;
 }

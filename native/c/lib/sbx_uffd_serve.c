@@ -417,8 +417,30 @@ static void request_fetch(struct serve *s, struct region *r, uint64_t off) {
   notify(s);
 }
 
-#define PASS_RUN_MAX (256 * 1024ULL) /* bytes per UFFDIO_COPY of the pass: short, so faults interleave */
+/* Bytes per UFFDIO_COPY of the pass: as the fault path's window (faults take the mm lock shared, as
+ * the copy does; only the pages being copied are held). */
+#define PASS_RUN_MAX (2 * 1024 * 1024ULL)
+#define PASS_NICE 2
 #define PASS_FETCH_AHEAD 8           /* source windows asked for ahead of the pass */
+
+/* Copies the absent, ready pages of memory-file range [from, to) in runs of at most PASS_RUN_MAX. */
+static int pass_copy(struct serve *s, struct region *r, uint64_t from, uint64_t to, uint64_t *installed) {
+  uint64_t p = from;
+  while (p < to) {
+    if (s->present[p / UNIT] || (s->dirty[p / UNIT] & 2) || !is_ready(s, p, r->page_size)) {
+      p += r->page_size;
+      continue;
+    }
+    uint64_t q = p + r->page_size;
+    while (q < to && q - p < PASS_RUN_MAX && !s->present[q / UNIT] && !(s->dirty[q / UNIT] & 2) &&
+           is_ready(s, q, r->page_size))
+      q += r->page_size;
+    int rc = copy_run_counted(s, r, r->base + (p - r->offset), q - p, 2, installed);
+    if (rc < 0) return rc;
+    p = q;
+  }
+  return 0;
+}
 
 /*
  * The prefetch pass: copies the recorded blocks in order. A page already present is skipped (a
@@ -427,81 +449,86 @@ static void request_fetch(struct serve *s, struct region *r, uint64_t off) {
  */
 static void *prefetch_thread(void *arg) {
   struct serve *s = arg;
-  /* Below the serving threads: on a loaded node a fault's thread gets the CPU first. */
-  setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), 10);
+  /* Slightly below the serving threads: on a loaded node a fault's thread gets the CPU first,
+   * but the pass is not starved (at nice 10 it fell behind the guest it should run ahead of). */
+  setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), PASS_NICE);
   uint64_t asked_until = 0; /* entries [i, asked_until) had their fetch asked for */
-  for (uint64_t i = 0; i < s->pf_count; i++) {
-    if (!atomic_load(&s->running) || !atomic_load(&s->sourcing)) break;
-    uint64_t boff = (uint64_t)s->pf_blocks[i] * s->pf_block;
-    struct region *r = region_of_offset(s, boff);
-    if (!r) {
-      stat_add(s, ST_PASS_DONE, 1);
-      continue; /* not in guest memory (the set was recorded for the same size: a hole between regions) */
-    }
-    uint64_t off = r->offset + ((boff - r->offset) / r->page_size) * r->page_size;
-    if (s->present[off / UNIT] || (s->dirty[off / UNIT] & 2)) {
-      stat_add(s, ST_PASS_PRESENT, 1);
-      stat_add(s, ST_PASS_DONE, 1);
-      continue;
-    }
-    if (!is_ready(s, off, r->page_size)) {
-      if (asked_until <= i) {
-        uint64_t last_win = UINT64_MAX;
-        uint64_t asked = 0;
-        for (asked_until = i; asked_until < s->pf_count && asked < PASS_FETCH_AHEAD; asked_until++) {
-          uint64_t o = (uint64_t)s->pf_blocks[asked_until] * s->pf_block;
-          struct region *q = region_of_offset(s, o);
-          if (!q) continue;
-          uint64_t po = q->offset + ((o - q->offset) / q->page_size) * q->page_size;
-          uint64_t win = s->prefetch_bytes > q->page_size ? s->prefetch_bytes : q->page_size;
-          if (po / win == last_win || is_ready(s, po, q->page_size)) continue;
-          last_win = po / win;
-          request_fetch(s, q, po);
-          asked++;
-        }
+  /*
+   * Two sweeps, surest first: the recorded blocks themselves (the guest faulted each of them),
+   * then the rest of each block's window (--prefetch-bytes), which the first start's fault path
+   * installed around each fault and of which the guest read an unknown part (reads of installed
+   * pages are invisible to userfaultfd).
+   */
+  for (int sweep = 1; sweep <= 2; sweep++) {
+    for (uint64_t i = 0; i < s->pf_count; i++) {
+      if (!atomic_load(&s->running) || !atomic_load(&s->sourcing)) return NULL;
+      uint64_t boff = (uint64_t)s->pf_blocks[i] * s->pf_block;
+      struct region *r = region_of_offset(s, boff);
+      if (!r) {
+        /* not in guest memory (the set was recorded for the same size: a hole between regions) */
+        if (sweep == 2) stat_add(s, ST_PASS_DONE, 1);
+        continue;
       }
-      pthread_mutex_lock(&s->lock);
-      while (atomic_load(&s->running) && atomic_load(&s->sourcing) && !is_ready(s, off, r->page_size)) {
-        struct timespec until;
-        clock_gettime(CLOCK_REALTIME, &until);
-        until.tv_nsec += 100 * 1000000L;
-        if (until.tv_nsec >= 1000000000L) {
-          until.tv_sec++;
-          until.tv_nsec -= 1000000000L;
-        }
-        pthread_cond_timedwait(&s->pf_cond, &s->lock, &until);
+      uint64_t off = r->offset + ((boff - r->offset) / r->page_size) * r->page_size;
+      if (sweep == 1 && (s->present[off / UNIT] || (s->dirty[off / UNIT] & 2))) {
+        /* A fault, or its window, was first; the set keeps the block. */
+        if (atomic_load(&s->recording)) record_block(s, off);
+        stat_add(s, ST_PASS_PRESENT, 1);
+        continue;
       }
-      pthread_mutex_unlock(&s->lock);
-      i--; /* look at this entry again */
-      continue;
+      if (sweep == 1 && !is_ready(s, off, r->page_size)) {
+        if (asked_until <= i) {
+          uint64_t last_win = UINT64_MAX;
+          uint64_t asked = 0;
+          for (asked_until = i; asked_until < s->pf_count && asked < PASS_FETCH_AHEAD; asked_until++) {
+            uint64_t o = (uint64_t)s->pf_blocks[asked_until] * s->pf_block;
+            struct region *q = region_of_offset(s, o);
+            if (!q) continue;
+            uint64_t po = q->offset + ((o - q->offset) / q->page_size) * q->page_size;
+            uint64_t win = s->prefetch_bytes > q->page_size ? s->prefetch_bytes : q->page_size;
+            if (po / win == last_win || is_ready(s, po, q->page_size)) continue;
+            last_win = po / win;
+            request_fetch(s, q, po);
+            asked++;
+          }
+        }
+        pthread_mutex_lock(&s->lock);
+        while (atomic_load(&s->running) && atomic_load(&s->sourcing) && !is_ready(s, off, r->page_size)) {
+          struct timespec until;
+          clock_gettime(CLOCK_REALTIME, &until);
+          until.tv_nsec += 100 * 1000000L;
+          if (until.tv_nsec >= 1000000000L) {
+            until.tv_sec++;
+            until.tv_nsec -= 1000000000L;
+          }
+          pthread_cond_timedwait(&s->pf_cond, &s->lock, &until);
+        }
+        pthread_mutex_unlock(&s->lock);
+        i--; /* look at this entry again */
+        continue;
+      }
+      /* Sweep 1: the block's page. Sweep 2: the rest of its window (its fetch was asked for in sweep 1). */
+      uint64_t win = s->prefetch_bytes > r->page_size ? s->prefetch_bytes : r->page_size;
+      uint64_t wstart = sweep == 1 ? off : r->offset + ((off - r->offset) / win) * win;
+      uint64_t wend = sweep == 1 ? off + r->page_size : wstart + win;
+      if (wend > r->offset + r->size) wend = r->offset + r->size;
+      pthread_mutex_lock(&s->pf_run);
+      int rc = 0;
+      if (atomic_load(&s->sourcing)) {
+        uint64_t installed = 0;
+        rc = pass_copy(s, r, off, wend, &installed);
+        if (rc == 0) rc = pass_copy(s, r, wstart, off, &installed);
+        stat_add(s, ST_PASS_UNITS, installed / UNIT);
+        if (rc == 0 && sweep == 1 && atomic_load(&s->recording)) record_block(s, off);
+      }
+      pthread_mutex_unlock(&s->pf_run);
+      if (rc < 0) {
+        if (errno_means_peer_gone(-rc)) peer_gone(s);
+        else fail(s, ERR_COPY, r->base + (off - r->offset), -rc);
+        return NULL;
+      }
+      if (sweep == 2) stat_add(s, ST_PASS_DONE, 1);
     }
-    /* A run: this page and the following entries that continue it, absent and ready. */
-    uint64_t end = off + r->page_size;
-    uint64_t j = i + 1;
-    while (j < s->pf_count && end - off < PASS_RUN_MAX && end < r->offset + r->size) {
-      uint64_t o = (uint64_t)s->pf_blocks[j] * s->pf_block;
-      if (o < end || o >= end + r->page_size) break;
-      if (s->present[end / UNIT] || (s->dirty[end / UNIT] & 2) || !is_ready(s, end, r->page_size)) break;
-      end += r->page_size;
-      j++;
-    }
-    pthread_mutex_lock(&s->pf_run);
-    int rc = 0;
-    if (atomic_load(&s->sourcing)) {
-      uint64_t installed = 0;
-      rc = copy_run_counted(s, r, r->base + (off - r->offset), end - off, 2, &installed);
-      stat_add(s, ST_PASS_UNITS, installed / UNIT);
-      if (rc == 0 && atomic_load(&s->recording))
-        for (uint64_t o = off; o < end; o += r->page_size) record_block(s, o);
-    }
-    pthread_mutex_unlock(&s->pf_run);
-    if (rc < 0) {
-      if (errno_means_peer_gone(-rc)) peer_gone(s);
-      else fail(s, ERR_COPY, r->base + (off - r->offset), -rc);
-      break;
-    }
-    stat_add(s, ST_PASS_DONE, j - i);
-    i = j - 1;
   }
   return NULL;
 }

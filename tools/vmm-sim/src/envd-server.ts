@@ -18,6 +18,8 @@ export const ENVD_PORT = 49983;
 const MAX_BODY_BYTES = 96 * 1024 * 1024;
 const MAX_READ_BYTES = 64 * 1024 * 1024;
 const DISK_CHUNK = 1024 * 1024;
+/** Env var naming memory ranges `/init` reads before answering (`offset:length,...`, bytes): a guest's start. */
+export const START_READ_VAR = 'SBX_SIM_START_READ';
 
 export interface GuestView {
   memory: GuestMemory;
@@ -34,6 +36,8 @@ export interface GuestView {
 export class EnvdServer {
   private readonly sockets = new Set<import('node:net').Socket>();
   private cpuMark = { at: process.hrtime.bigint(), usage: process.cpuUsage() };
+  /** The start's reads (SBX_SIM_START_READ), once per process. */
+  private startRead: Promise<void> | undefined;
 
   private constructor(
     private readonly server: Server,
@@ -135,7 +139,7 @@ export class EnvdServer {
     }
   }
 
-  private init(body: Buffer, res: ServerResponse): void {
+  private async init(body: Buffer, res: ServerResponse): Promise<void> {
     const parsed = parseJsonObject(body);
     const envVars = parsed['envVars'];
     if (envVars !== undefined && envVars !== null) {
@@ -144,6 +148,19 @@ export class EnvdServer {
         if (typeof v !== 'string') throw new BadRequest(`envVars.${k} must be a string`);
         this.guest.envVars[k] = v;
       }
+    }
+    // A guest's start, for benchmarks: the memory its processes read before envd answers. Once
+    // per VMM process: an /init the orchestrator gave up on (500 ms per attempt) and sent again
+    // waits for the same reads instead of starting them over.
+    const startRead = this.guest.envVars[START_READ_VAR];
+    if (startRead) {
+      this.startRead ??= (async () => {
+        for (const r of parseStartRead(startRead)) await this.guest.memory.hash(r.offset, r.length);
+      })().catch((err: unknown) => {
+        this.startRead = undefined;
+        throw err;
+      });
+      await this.startRead;
     }
     res.writeHead(204).end();
   }
@@ -247,6 +264,15 @@ async function readBody(req: IncomingMessage): Promise<Buffer> {
     chunks.push(chunk);
   }
   return Buffer.concat(chunks);
+}
+
+function parseStartRead(value: string): Array<{ offset: number; length: number }> {
+  return value.split(',').map((part) => {
+    const [offset, length] = part.split(':').map(Number);
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset! < 0 || length! <= 0)
+      throw new BadRequest(`${START_READ_VAR}: "${part}" is not offset:length`);
+    return { offset: offset!, length: length! };
+  });
 }
 
 function parseJsonObject(body: Buffer): Record<string, unknown> {

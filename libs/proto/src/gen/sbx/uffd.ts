@@ -148,8 +148,8 @@ export interface UffdSandboxStats {
   recordedBlocks: number;
   recording: boolean;
   /**
-   * Blocks of the build's recorded set, 4 KiB units the prefetch pass installed, and set entries
-   * a fault (or a fault's window) had installed before the pass reached them.
+   * Blocks of the build's recorded set, 4 KiB units the prefetch pass installed (blocks and their
+   * windows), and set blocks a fault (or a fault's window) had installed before the pass came.
    */
   prefetchSetBlocks: number;
   recordedPrefetchPages: number;
