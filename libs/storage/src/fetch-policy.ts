@@ -12,7 +12,7 @@ const MiB = 1024 * 1024;
 
 export const DEFAULT_FETCH_POLICY: FetchPolicy = {
   concurrency: 16,
-  maxRequestBytes: 16 * MiB,
+  maxRequestBytes: 4 * MiB,
   readAheadBytes: 16 * MiB,
 };
 
