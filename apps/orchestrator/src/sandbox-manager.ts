@@ -14,6 +14,7 @@ import {
 import { sandboxLogger, type Logger } from '#logging';
 import type { SandboxConfig, SandboxNetworkEgressConfig } from '#proto/orchestrator';
 import type { BuildMapping as WireMapping } from '#proto/sbx/mapping';
+import { BackgroundSaves } from './background-saves.js';
 import { BoundedQueue } from './bounded-queue.js';
 import type { EnvdClient } from './envd-client.js';
 import { compactLayers, layerCount } from './layer-compaction.js';
@@ -181,6 +182,7 @@ export class SandboxManager {
     const timings: StepTimings = {};
     let step = 'resolve build';
     let sbx: Sandbox | undefined;
+    let saves: BackgroundSaves | undefined;
     const t0 = performance.now();
     let last = t0;
     const mark = (name: string) => {
@@ -208,23 +210,24 @@ export class SandboxManager {
         dir,
         log,
       });
+      const current = sbx;
+      saves = new BackgroundSaves(() => this.o.records.states.save(current.toState()));
       sbx.teardown.push('files', () => this.o.records.states.remove(id));
       this.sandboxes.set(id, sbx);
-      await this.o.records.states.save(sbx.toState());
-      await this.startSandbox(sbx, (s) => (step = s), mark);
-      step = 'set dns';
-      await this.o.node.services.names.set(id, sbx.hostIp);
-      sbx.dnsIp = sbx.hostIp;
-      const dnsIp = sbx.hostIp;
-      sbx.teardown.push('dns', () => this.o.node.services.names.remove(id, dnsIp));
-      mark(step);
+      saves.soon();
+      await this.startSandbox(sbx, saves, (s) => (step = s), mark);
+      step = 'save state';
       sbx.phase = 'running';
-      await this.o.records.states.save(sbx.toState());
+      saves.soon();
+      await saves.flush();
+      mark(step);
       timings['total'] = performance.now() - t0;
       this.lastCreateTimings = timings;
       admitted?.();
     } catch (error) {
       admitted?.();
+      // A save still writing must not recreate the directory the teardown removes.
+      await saves?.settled();
       const failures = sbx ? await sbx.teardown.unwind() : [];
       if (this.sandboxes.get(id) === sbx || this.sandboxes.get(id) === placeholder) this.sandboxes.delete(id);
       if (!sbx) {
@@ -249,11 +252,21 @@ export class SandboxManager {
     return sbx;
   }
 
-  /** Steps 2–6 of Create: slot, device, memory, VMM (snapshot load, resume, MMDS), envd init. */
-  private async startSandbox(sbx: Sandbox, at: (step: string) => void, mark: (step: string) => void): Promise<void> {
-    const { slots, devices, memory } = this.o.node.services;
+  /**
+   * Steps 2–7 of Create: slot, device, memory, VMM (snapshot load, resume, MMDS), envd init, DNS.
+   * What does not depend on anything else runs at once: the slot (or a pooled VMM with its slot),
+   * the device and the uffd socket, then the load; the DNS record is set while the VMM loads
+   * (the sandbox only answers to its name once the create returns, and a failure takes it
+   * back), resume and MMDS go together.
+   */
+  private async startSandbox(
+    sbx: Sandbox,
+    saves: BackgroundSaves,
+    at: (step: string) => void,
+    mark: (step: string) => void,
+  ): Promise<void> {
+    const { slots, devices, memory, names } = this.o.node.services;
     const id = sbx.id;
-    const save = () => this.o.records.states.save(sbx.toState());
     const sockets = this.socketPaths(id);
     const killVmm = (vmm: VmmHandle) => async () => {
       await vmm.kill();
@@ -262,32 +275,27 @@ export class SandboxManager {
 
     // A VMM started ahead in a slot of its own (vmm-pool.ts) brings the slot with it.
     const pooled = this.o.node.vmmPool?.take();
-    if (pooled) {
-      at('take pooled vmm');
-      sbx.slot = pooled.slot;
-      sbx.teardown.push('slot', () => slots.release(pooled.slot, true));
-      const egress = netEgressPolicy(sbx.config.allowInternetAccess, sbx.config.network?.egress);
-      if (egress) await slots.setEgress(pooled.slot, egress);
-      sbx.vmm = pooled.vmm;
-      sbx.teardown.push('vmm', killVmm(pooled.vmm));
-      await pooled.vmm.handOver({
-        stdoutPath: join(sbx.dir, 'vmm.stdout.log'),
-        stderrPath: join(sbx.dir, 'vmm.stderr.log'),
-        logger: sbx.log,
-      });
-      mark('take pooled vmm');
-    } else {
-      at('acquire network slot');
-      const slot = await slots.acquire(id, netEgressPolicy(sbx.config.allowInternetAccess, sbx.config.network?.egress));
+    const egress = netEgressPolicy(sbx.config.allowInternetAccess, sbx.config.network?.egress);
+    const slotTaken = (async (): Promise<void> => {
+      if (pooled) {
+        sbx.slot = pooled.slot;
+        sbx.teardown.push('slot', () => slots.release(pooled.slot, true));
+        sbx.vmm = pooled.vmm;
+        sbx.teardown.push('vmm', killVmm(pooled.vmm));
+        if (egress) await slots.setEgress(pooled.slot, egress);
+        await pooled.vmm.handOver({
+          stdoutPath: join(sbx.dir, 'vmm.stdout.log'),
+          stderrPath: join(sbx.dir, 'vmm.stderr.log'),
+          logger: sbx.log,
+        });
+        return;
+      }
+      const slot = await slots.acquire(id, egress);
       sbx.slot = slot;
       sbx.teardown.push('slot', () => slots.release(slot, true));
-      mark('acquire network slot');
-    }
-    const slot = sbx.slot;
-
-    // Device and memory do not depend on each other: both at once.
-    at('open rootfs device and prepare uffd');
+    })();
     sbx.teardown.push('device', () => devices.close(id));
+    const deviceOpened = devices.open(id, sbx.build.buildId);
     sbx.teardown.push('uffd', async () => {
       try {
         await memory.stop(id);
@@ -295,24 +303,27 @@ export class SandboxManager {
         await rm(sockets.uffd, { force: true });
       }
     });
-    const [device, uffd] = await Promise.allSettled([
-      devices.open(id, sbx.build.buildId),
-      mkdir(this.o.settings.socketDir, { recursive: true }).then(() =>
-        memory.prepare(id, sockets.uffd, sbx.build.buildId),
-      ),
-    ]);
-    if (device.status === 'rejected') {
-      at('open rootfs device');
-      throw device.reason;
+    const uffdPrepared = mkdir(this.o.settings.socketDir, { recursive: true }).then(() =>
+      memory.prepare(id, sockets.uffd, sbx.build.buildId),
+    );
+    const [slotResult, device, uffd] = await Promise.allSettled([slotTaken, deviceOpened, uffdPrepared]);
+    const takeSlot = pooled ? 'take pooled vmm' : 'acquire network slot';
+    for (const [result, name] of [
+      [slotResult, takeSlot],
+      [device, 'open rootfs device'],
+      [uffd, 'prepare uffd'],
+    ] as const) {
+      if (result.status === 'rejected') {
+        at(name);
+        throw result.reason;
+      }
     }
-    if (uffd.status === 'rejected') {
-      at('prepare uffd');
-      throw uffd.reason;
-    }
+    if (device.status !== 'fulfilled') throw new Error('unreachable');
     sbx.device = device.value;
     sbx.memorySocket = sockets.uffd;
-    await save();
-    mark('open rootfs device and prepare uffd');
+    saves.soon();
+    mark(`${pooled ? 'take pooled vmm' : 'acquire slot'}, open device, prepare uffd (at once)`);
+    const slot = sbx.slot!;
 
     const rootfsTarget = sbx.device.devicePath || sbx.device.socketPath;
     const rootfsLinkPath = this.rootfsLinkPath(sbx.build.rootfsHeader);
@@ -341,9 +352,20 @@ export class SandboxManager {
       );
       sbx.vmm = vmm;
       sbx.teardown.push('vmm', killVmm(vmm));
-      await save();
+      saves.soon();
       mark('start vmm');
     }
+
+    // DESIGN.md §3 step 7's record, set while the VMM loads (the orchestrator waits then anyway).
+    // Its teardown entry waits for the set, so a failure at any later step takes it back.
+    const dnsIp = slot.hostIp;
+    const dnsSet = names.set(id, dnsIp).then(
+      () => undefined,
+      (error: unknown) => ({ error }),
+    );
+    sbx.teardown.push('dns', async () => {
+      if ((await dnsSet) === undefined) await names.remove(id, dnsIp);
+    });
 
     at('load snapshot');
     await vmm.api.loadSnapshot({
@@ -354,18 +376,23 @@ export class SandboxManager {
     });
     await this.checkVcpus(sbx, vmm);
     mark('load snapshot');
+    // Independent calls: Firecracker takes them one after the other, the double at once.
     at('resume vm');
-    await vmm.api.setState('Resumed');
-    mark('resume vm');
-    at('set mmds');
-    await vmm.api.setMmds({
+    const resumed = vmm.api.setState('Resumed');
+    const mmdsSet = vmm.api.setMmds({
       instanceID: id,
       envID: sbx.config.templateId,
       address: slot.hostIp,
       traceID: '',
       teamID: sbx.config.teamId,
     });
-    mark('set mmds');
+    const [resume, mmds] = await Promise.allSettled([resumed, mmdsSet]);
+    if (resume.status === 'rejected') throw resume.reason;
+    if (mmds.status === 'rejected') {
+      at('set mmds');
+      throw mmds.reason;
+    }
+    mark('resume vm and set mmds');
     at('init envd');
     await this.o.node.envd.init(slot.hostIp, sbx.config.envVars ?? {}, this.o.settings.envdTimeoutMs);
     mark('init envd');
@@ -375,6 +402,11 @@ export class SandboxManager {
     memory.stopRecording(id).catch((err: unknown) => {
       sbx.log.warn({ err: (err as Error).message }, 'uffd-server did not stop recording the start');
     });
+    at('set dns');
+    const dns = await dnsSet;
+    if (dns) throw dns.error;
+    sbx.dnsIp = dnsIp;
+    mark('set dns');
   }
 
   /**
