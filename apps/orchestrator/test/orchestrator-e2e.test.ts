@@ -7,7 +7,15 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { unary } from '#grpc';
 import type { SandboxConfig } from '#proto/orchestrator';
 import { createLogger } from '#logging';
-import { BuildStore, decodeHeader, encodeHeader, LocalBackend, NIL_UUID } from '#storage';
+import {
+  BuildStore,
+  decodeHeader,
+  decodePrefetch,
+  encodeHeader,
+  LocalBackend,
+  NIL_UUID,
+  PREFETCH_FILE,
+} from '#storage';
 import { eventually } from '#test-kit';
 import type { EnvdClient } from '../src/envd-client.js';
 import { GrpcNodeServices } from '../src/grpc-node-services.js';
@@ -172,6 +180,7 @@ describe.skipIf(missing !== undefined)('orchestrator end to end (all five servic
     const mmds = JSON.parse((await node.guest(ip, 'GET', '/_test/mmds')).body.toString());
     expect(mmds).toMatchObject({ instanceID: id, envID: 'base' });
     const writes: Write[] = [];
+    let prefetchBlocks = 0;
     const generations = CAP + 2;
     for (let gen = 1; gen <= generations; gen++) {
       const batch: Write[] = [
@@ -192,6 +201,12 @@ describe.skipIf(missing !== undefined)('orchestrator end to end (all five servic
       const rootHeader = decodeHeader(await readFile(join(node.cacheDir, 'builds', buildId, 'rootfs.ext4.header')));
       expect(memHeader.metadata.generation).toBe(gen);
       expect(rootHeader.metadata.generation).toBe(gen);
+      // The blocks the sandbox's start faulted go with the build (recorded prefetch), and the
+      // set carries what the previous one held.
+      const prefetch = decodePrefetch(await readFile(join(node.cacheDir, 'builds', buildId, PREFETCH_FILE)));
+      expect(prefetch).toMatchObject({ blockSize: memHeader.metadata.blockSize, size: memHeader.metadata.size });
+      expect(prefetch.blocks.length).toBeGreaterThanOrEqual(Math.max(1, prefetchBlocks));
+      prefetchBlocks = prefetch.blocks.length;
       const layers = (h: typeof memHeader) =>
         new Set(h.mappings.filter((m) => m.buildId !== NIL_UUID).map((m) => m.buildId)).size;
       // Past the cap the chain is compacted: reads never span more than CAP layers.
