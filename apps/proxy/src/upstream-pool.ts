@@ -75,14 +75,14 @@ export class UpstreamPool {
     // Reads land in one buffer per connection (no allocation per read, no stream machinery);
     // the user pauses reading while a write from it is still queued.
     const buffer = Buffer.allocUnsafe(READ_BUFFER_BYTES);
-    const socket = connect({
+    const socket: Socket = connect({
       host: hostIp,
       port,
       noDelay: true,
       allowHalfOpen: true,
       onread: {
         buffer,
-        callback: (n: number, buf: Buffer) => {
+        callback: (n: number, buf: Buffer): boolean => {
           // Reads start after connect, when `up` is set.
           if (up.user) return up.user.upstreamData(buf.subarray(0, n));
           // Bytes from an idle connection answer nothing: it cannot be trusted for the next request.
@@ -91,7 +91,7 @@ export class UpstreamPool {
         },
       },
     });
-    const up = new Upstream(socket, key, this);
+    const up: Upstream = new Upstream(socket, key, this);
     up.user = user;
     this.open.add(up);
     const timer = setTimeout(() => {
