@@ -715,35 +715,49 @@ export class SandboxManager {
       step = 'pause vm';
       await vmm.api.setState('Paused');
       mark(step);
-      step = 'stop uffd sourcing';
-      sourcingStopped = true;
-      await memory.stopSourcing(id);
-      mark(step);
-      step = 'create snapshot';
-      staging = await this.o.builds.stageBuild(newBuildId);
-      const fullMemfile = join(sbx.dir, 'memfile.full');
       // The VM was loaded with dirty tracking, so a Diff snapshot holds the pages written since
       // load. With uffd write-protect (E2B's fork) the uffd-server knows them too and reads
       // them from it. Without (upstream Firecracker) the Diff is the only exact record: the
       // uffd-server takes its data extents as the written pages (vmm_dirty_log) instead of
       // every page it installed. Firecracker logs dirty memory in 4 KiB pages, so a 2 MiB
       // guest without a memfd keeps the Full snapshot and every present page.
-      const tracking = await memory.tracking(id).catch(() => 'unknown');
-      const writeProtect = tracking.startsWith('wp');
-      const vmmDirtyLog = !writeProtect && this.o.settings.pauseMemoryDiff === 'vmm-dirty-log' && !sbx.config.hugePages;
-      snapshotType = writeProtect || vmmDirtyLog ? 'Diff' : 'Full';
+      const trackingBefore = await memory.tracking(id).catch(() => 'unknown');
+      const fullMemfile = join(sbx.dir, 'memfile.full');
+      staging = await this.o.builds.stageBuild(newBuildId);
       // A Diff lands on an existing file (Firecracker's diff-onto-base): start from none.
       await rm(fullMemfile, { force: true });
-      await vmm.api.createSnapshot({
-        type: snapshotType,
-        snapshotPath: join(staging, 'snapfile'),
-        memFilePath: fullMemfile,
-      });
-      mark(step);
+      const stagingDir = staging;
+      const snapshot = (type: 'Full' | 'Diff') =>
+        vmm.api.createSnapshot({ type, snapshotPath: join(stagingDir, 'snapfile'), memFilePath: fullMemfile });
+      const vmmDirtyLogOf = (tracking: string) =>
+        !tracking.startsWith('wp') && this.o.settings.pauseMemoryDiff === 'vmm-dirty-log' && !sbx.config.hugePages;
+      let tracking = trackingBefore;
+      sourcingStopped = true;
+      if (trackingBefore === 'present' && vmmDirtyLogOf(trackingBefore)) {
+        // Upstream Firecracker: the Diff (KVM's dirty log) reads only written pages, which are
+        // present (no fault to serve), and the uffd-server's own record is not used for the
+        // diff: stop-sourcing and the snapshot at once.
+        snapshotType = 'Diff';
+        await inParallel(timings, (s) => (step = s), [
+          ['stop uffd sourcing', () => memory.stopSourcing(id)],
+          ['create snapshot', () => snapshot('Diff')],
+        ] as const);
+        last = performance.now();
+      } else {
+        step = 'stop uffd sourcing';
+        await memory.stopSourcing(id);
+        mark(step);
+        step = 'create snapshot';
+        // Asked after stop-sourcing: a failed write-protect scan there falls back to 'present'.
+        tracking = await memory.tracking(id).catch(() => 'unknown');
+        snapshotType = tracking.startsWith('wp') || vmmDirtyLogOf(tracking) ? 'Diff' : 'Full';
+        await snapshot(snapshotType);
+        mark(step);
+      }
+      const vmmDirtyLog = vmmDirtyLogOf(tracking);
       // The written pages are fixed now (stop-sourcing, the VMM's Diff) and the uffd-server holds
       // the memfd or reads the snapshot file: the memory diff is written while the VMM stops and
       // the disk is exported (the disk export waits for the VMM to let go of the device).
-      const stagingDir = staging;
       // What each export used is given back as soon as it is done with (a failure there is
       // reported with the rest of the teardown, as before, and does not fail the pause).
       const releaseFailures: TeardownFailure[] = [];

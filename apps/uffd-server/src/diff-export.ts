@@ -38,6 +38,8 @@ export interface DiffExport {
   zeroPages: number;
   /** Pages equal to the parent's: left to it. */
   dedupedPages: number;
+  /** CPU time of the copy (ms), apart from waiting on a loaded machine. */
+  copyCpuMs: number;
 }
 
 /** Consecutive pages joined into byte ranges (the last one cut at the memory's end). */
@@ -115,5 +117,6 @@ export async function exportDiff(o: DiffExportOptions): Promise<DiffExport> {
     storedPages: copied.storedPages,
     zeroPages: copied.zeroPages,
     dedupedPages: copied.parentPages,
+    copyCpuMs: copied.cpuMicros / 1000,
   };
 }

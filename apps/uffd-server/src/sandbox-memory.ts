@@ -546,6 +546,7 @@ export class SandboxMemory {
         zeroPages: result.zeroPages,
         dedupedPages: result.dedupedPages,
         diffSize: result.diffSize,
+        copyCpuMs: Math.round(result.copyCpuMs * 10) / 10,
         from: from.kind,
         tracking,
         ...(vmmDirtyLog && this.dirtyPages ? { serverTrackedPages: this.dirtyPages.length } : {}),
