@@ -165,6 +165,34 @@ describe('recorded prefetch', () => {
     await eventually(() => expect(threads()).toBe(baselineThreads));
   });
 
+  it('a checkpoint (keep serving) stores the set too, and the sandbox serves on', async () => {
+    const peer = await resume('ck', base);
+    await touch(peer, START_PAGES.slice(0, 5));
+    const dir = join(server.bucket, randomUUID());
+    mkdirSync(dir);
+    const exported = await unary(
+      server.client,
+      server.client.exportDiff,
+      {
+        sandboxId: 'ck',
+        newBuildId: randomUUID(),
+        diffPath: join(dir, 'memfile'),
+        memfilePath: '',
+        vmmDirtyLog: false,
+        keepServing: true,
+        dedup: false,
+        prefetchPath: join(dir, PREFETCH_FILE),
+      },
+      60_000,
+    );
+    expect(exported.prefetchBlocks).toBe(5);
+    expect(decodePrefetch(readFileSync(join(dir, PREFETCH_FILE))).blocks).toEqual(START_PAGES.slice(0, 5));
+    await touch(peer, [START_PAGES[5]!]);
+    expect(await server.stats('ck')).toMatchObject({ state: 'serving', recordedBlocks: 6 });
+    await server.stop('ck');
+    await peer.exit();
+  });
+
   it('a corrupt, truncated or mismatched set is warned about and the resume goes on without it', async () => {
     const good = encodePrefetch({ blockSize: PAGE, size: SIZE, blocks: START_PAGES });
     const cases: Array<[string, Buffer, RegExp]> = [
