@@ -87,6 +87,8 @@ export class Http1Connection implements UpstreamUser {
   private reusedUpstream = false;
   private hostIp = '';
   private started = 0;
+  /** No client write from an upstream's read buffer is still queued (that buffer is free). */
+  private flushed = true;
 
   constructor(
     private readonly client: Socket,
@@ -323,9 +325,6 @@ export class Http1Connection implements UpstreamUser {
     if (this.responseBody.done) this.responseDone();
     return more;
   }
-
-  /** Whether the last write to the client went out whole (the upstream's read buffer is free). */
-  private flushed = true;
 
   /**
    * Writes bytes from the upstream's read buffer to the client. When part of them stays queued
