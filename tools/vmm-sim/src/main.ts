@@ -5,6 +5,7 @@ import { ApiServer } from './api-server.js';
 import { GuestMemory } from './guest-memory.js';
 import { PreparedNetwork } from './prepared-network.js';
 import { startSpareVcpu } from './spare-vcpu.js';
+import { warmUpLoadPath } from './warm-up.js';
 import type { MicrovmSettings } from './microvm.js';
 import { VMM_VERSION, VmmController } from './vmm-controller.js';
 
@@ -154,6 +155,8 @@ export async function main(argv: string[]): Promise<number | void> {
     },
   });
   logger.info({ apiSock: config.apiSock }, 'API server started');
+  // While nothing asks for anything yet (a pooled VMM waits here): the load's code, run once cold.
+  void warmUpLoadPath(logger);
   return new Promise<number>((resolve) => {
     let signals = 0;
     const onSignal = (signal: NodeJS.Signals) => {
