@@ -9,14 +9,21 @@
 export class BackgroundSaves {
   private chain: Promise<void> = Promise.resolve();
   private failure: { error: unknown } | undefined;
+  /** A save is queued and not started: it will write the state as it is then, so no second one. */
+  private queued = false;
 
   /** `save` writes the state as it is when it runs (so a later save covers an earlier one). */
   constructor(private readonly save: () => Promise<void>) {}
 
   /** Queues a save; returns at once. */
   soon(): void {
+    if (this.queued) return;
+    this.queued = true;
     this.chain = this.chain
-      .then(() => (this.failure ? undefined : this.save()))
+      .then(() => {
+        this.queued = false;
+        return this.failure ? undefined : this.save();
+      })
       .catch((error: unknown) => {
         this.failure ??= { error };
       });

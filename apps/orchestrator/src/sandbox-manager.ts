@@ -229,6 +229,7 @@ export class SandboxManager {
       // A save still writing must not recreate the directory the teardown removes.
       await saves?.settled();
       const failures = sbx ? await sbx.teardown.unwind() : [];
+      this.o.node.vmmPool?.refill();
       if (this.sandboxes.get(id) === sbx || this.sandboxes.get(id) === placeholder) this.sandboxes.delete(id);
       if (!sbx) {
         // Failed before the sandbox had anything (unknown template or build): a plain error.
@@ -249,6 +250,8 @@ export class SandboxManager {
     sbx.startPolling(this.o.node.envd, this.o.settings.healthIntervalMs, this.o.settings.metricsIntervalMs);
     this.watchExit(sbx);
     log.info({ buildId: sbx.build.buildId, hostIp: sbx.hostIp, steps: rounded(timings) }, 'sandbox created');
+    // The pooled VMM it took is replaced now, not while the create needed the CPU (vmm-pool.ts).
+    this.o.node.vmmPool?.refill();
     return sbx;
   }
 

@@ -67,13 +67,16 @@ export class VmmPool {
     this.refill();
   }
 
-  /** A waiting VMM for a create, or undefined when none is ready (the create starts its own). */
+  /**
+   * A waiting VMM for a create, or undefined when none is ready (the create starts its own).
+   * The pool is not refilled here: starting a VMM (a process, a slot from net-agent) takes the
+   * CPU the create needs on a small node; the create calls `refill` once it has answered.
+   */
   take(): PooledVmm | undefined {
     let entry: PooledVmm | undefined;
     while ((entry = this.ready.shift()) && !entry.vmm.isAlive()) {
       // Died while waiting: its exit watcher gives the slot back.
     }
-    this.refill();
     return entry;
   }
 
@@ -86,7 +89,8 @@ export class VmmPool {
     await Promise.allSettled(all.map((e) => this.discard(e)));
   }
 
-  private refill(): void {
+  /** Starts VMMs in the background until the pool is full again; returns at once. */
+  refill(): void {
     if (!this.enabled || this.closed || this.filling || this.retryTimer) return;
     if (this.ready.length >= this.o.size) return;
     this.filling = (async () => {
