@@ -48,6 +48,8 @@ interface Parts {
   network: SlotNetwork;
   /** Puts back what a slot lost (adopted at start, or given back for reuse). */
   repair: (spec: SlotSpec) => Promise<string[]>;
+  /** Reconcile removes a pooled VMM's slot with no process once held this long. */
+  pooledGraceMs: number;
 }
 
 async function assemble(config: NetAgentConfig, logger: Logger): Promise<Parts> {
@@ -92,7 +94,7 @@ async function assemble(config: NetAgentConfig, logger: Logger): Promise<Parts> 
       },
       hostTable: config.hostTable,
     });
-  return { layout, reservation, network, repair };
+  return { layout, reservation, network, repair, pooledGraceMs: config.pooledSlotGraceMs };
 }
 
 /** Reconcile, retrying while the reservation store is down (it logs why each time). */
@@ -155,6 +157,9 @@ function serve(config: NetAgentConfig, logger: Logger, signal: AbortSignal): Pro
       backoffMaxMs: config.refillBackoffMaxMs,
       acquireTimeoutMs: config.acquireTimeoutMs,
       markOwner: markSlotOwner,
+      namespacesInUse: (specs) => network.inUse(specs),
+      pooledGraceMs: config.pooledSlotGraceMs,
+      pooledStopWaitMs: config.pooledSlotStopWaitMs,
       repair: parts.repair,
       logger,
       onCreated: (count, ms) => {

@@ -124,6 +124,14 @@ export const netAgentConfigSchema = z
     refillBackoffMinMs: count(1, 600_000).default(100),
     refillBackoffMaxMs: count(1, 600_000).default(10_000),
     acquireTimeoutMs: count(0, 600_000).default(5000).describe('how long Acquire waits for a slot when none is ready'),
+    pooledSlotGraceMs: count(0, 3_600_000)
+      .default(5000)
+      .describe(
+        'a pooled VMM slot (Acquire pooled) with no process in it is freed at stop/start only once held this long',
+      ),
+    pooledSlotStopWaitMs: count(0, 60_000)
+      .default(5000)
+      .describe('at stop, how long to watch pooled VMM slots for their VMMs to end (every service stopping at once)'),
   })
   .superRefine((cfg, ctx) => {
     const maxIdx = cfg.firstSlot + cfg.slotCount - 1;

@@ -52,7 +52,7 @@ export function createNetAgentService(options: {
     if (!SANDBOX_ID.test(sandboxId)) throw new RequestInvalid('sandbox_id', 'expected 1-128 characters [A-Za-z0-9_.-]');
   };
   return {
-    acquire: handle('acquire', ({ sandboxId, egress }) => {
+    acquire: handle('acquire', ({ sandboxId, egress, pooled }) => {
       const started = performance.now();
       checkSandboxId(sandboxId);
       const policy = egressOf(egress, 'egress.');
@@ -82,9 +82,11 @@ export function createNetAgentService(options: {
       };
       const open = isOpenPolicy(policy);
       // The common case (a slot is ready, no policy) answers synchronously, without a promise hop.
-      const ready = pool.tryAcquire(sandboxId);
+      const ready = pool.tryAcquire(sandboxId, pooled);
       if (ready) return open ? answer(ready, 'ok') : withPolicy(ready, 'ok');
-      return pool.acquire(sandboxId).then((slot) => (open ? answer(slot, 'waited') : withPolicy(slot, 'waited')));
+      return pool
+        .acquire(sandboxId, pooled)
+        .then((slot) => (open ? answer(slot, 'waited') : withPolicy(slot, 'waited')));
     }),
     setEgress: handle('setEgress', async ({ idx, sandboxId, egress }) => {
       checkSandboxId(sandboxId);

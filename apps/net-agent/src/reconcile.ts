@@ -3,7 +3,7 @@ import type { PoolSlot } from './slot-pool.js';
 import type { SlotLayout, SlotSpec } from './slot-layout.js';
 import type { SlotNetwork } from './slot-network.js';
 import type { ReservedSlot, SlotReservation } from './slot-reservation.js';
-import { readSlotOwners } from './slot-owner.js';
+import { poolSlotAbandoned, readSlotOwners } from './slot-owner.js';
 
 export interface ReconcileResult {
   /** Slots a sandbox holds (marked with its id, or a process runs in the namespace): kept, as in use. */
@@ -32,6 +32,8 @@ export async function reconcile(options: {
   logger: Logger;
   /** Puts back what an adopted slot lost; without it, slots are adopted as found. */
   repair?: (spec: SlotSpec) => Promise<string[]>;
+  /** A pooled VMM's slot without a process is kept only while handed out less than this ago. */
+  pooledGraceMs?: number;
 }): Promise<ReconcileResult> {
   const { network, reservation, layout, logger } = options;
   const started = performance.now();
@@ -42,7 +44,17 @@ export async function reconcile(options: {
   const adopted: PoolSlot[] = [];
   const repaired: Array<{ idx: number; fixed: string[] }> = [];
   const holding = new Set(scan.inUse);
-  for (const idx of owners.keys()) if (scan.namespaces.has(idx)) holding.add(idx);
+  const now = Date.now();
+  for (const [idx, owner] of owners) {
+    if (!scan.namespaces.has(idx)) continue;
+    // A pooled VMM's slot with no process left: its VMM is gone and nobody will give it back.
+    const use = { busy: scan.inUse.has(idx), now, graceMs: options.pooledGraceMs ?? 5000 };
+    if (poolSlotAbandoned(owner, use)) {
+      logger.info({ slot: idx, sandboxId: owner.sandboxId }, 'pooled VMM gone: its slot is removed, not adopted');
+      continue;
+    }
+    holding.add(idx);
+  }
   for (const idx of [...holding].sort((a, b) => a - b)) {
     let reserved: ReservedSlot | undefined = held.get(idx);
     if (!reserved && (await reservation.claim(idx))) reserved = { idx, key: reservation.keyOf(idx) };
@@ -55,12 +67,16 @@ export async function reconcile(options: {
       const fixed = (await options.repair?.(spec)) ?? [];
       if (fixed.length) {
         repaired.push({ idx, fixed });
-        logger.warn({ slot: idx, sandboxId: owners.get(idx), fixed }, 'adopted slot was incomplete: repaired');
+        logger.warn(
+          { slot: idx, sandboxId: owners.get(idx)?.sandboxId, fixed },
+          'adopted slot was incomplete: repaired',
+        );
       }
     } catch (err) {
-      logger.error({ err, slot: idx, sandboxId: owners.get(idx) }, 'adopted slot could not be repaired');
+      logger.error({ err, slot: idx, sandboxId: owners.get(idx)?.sandboxId }, 'adopted slot could not be repaired');
     }
-    adopted.push({ spec, reserved, sandboxId: owners.get(idx) ?? '' });
+    const owner = owners.get(idx);
+    adopted.push({ spec, reserved, sandboxId: owner?.sandboxId ?? '', pooledAt: owner?.pooledAt });
   }
   const keep = new Set(adopted.map((s) => s.spec.idx));
   // Slots in use but not adoptable (reserved elsewhere) are left alone too.

@@ -247,6 +247,11 @@ export class SlotNetwork {
     return { veths, ips };
   }
 
+  /** Which of `specs` have a process (other than us) in their namespace: /proc/<pid>/ns/net against the netns inode. */
+  inUse(specs: SlotSpec[]): Promise<Set<number>> {
+    return namespacesInUse(new Map(specs.map((s) => [s.idx, s.namespace])));
+  }
+
   /** Everything in the agent's namespace and in /run/netns that follows our slot naming. */
   async scan(withUse = true): Promise<HostScan> {
     const { layout } = this.options;

@@ -5,6 +5,7 @@ import { MemorySlotReservation } from './memory-slot-reservation.js';
 import { loadNetAgentConfig } from './net-agent-config.js';
 import { PoolStopped, SlotNotInUse, SlotNotOwned, SlotPool, SlotPoolExhausted } from './slot-pool.js';
 import { SlotLayout, type SlotSpec } from './slot-layout.js';
+import type { SlotOwner } from './slot-owner.js';
 import { ReservationUnavailable, type ReservedSlot, type SlotReservation } from './slot-reservation.js';
 
 const layout = new SlotLayout(loadNetAgentConfig({ argv: ['--slot-count', '64'], env: {} }));
@@ -116,7 +117,7 @@ describe('SlotPool', () => {
     const marks = new Map<number, string>();
     let broken = new Set<number>();
     const pool = makePool(net, undefined, {
-      markOwner: async (spec: SlotSpec, sandboxId: string) => void marks.set(spec.idx, sandboxId),
+      markOwner: async (spec: SlotSpec, owner: SlotOwner) => void marks.set(spec.idx, owner.sandboxId),
       repair: async (spec: SlotSpec) => {
         if (broken.has(spec.idx)) throw new Error('tap cannot be made');
         return [];
@@ -194,5 +195,61 @@ describe('SlotPool', () => {
     expect((await reservation.held()).map((r) => r.idx)).toEqual([used.spec.idx]);
     expect(pool.list().map((s) => s.sandboxId)).toEqual(['a']);
     await expect(pool.acquire('late')).rejects.toBeInstanceOf(PoolStopped);
+  });
+
+  it("shutdown frees a pooled VMM's slot once its VMM is gone, keeps one a VMM still runs in and a fresh one still empty", async () => {
+    const net = new FakeNetwork();
+    const reservation = new MemorySlotReservation(1, 64);
+    // Namespaces with a process: the VMM in `ended` exits once shutdown has looked twice.
+    const busy = new Set<number>();
+    let looks = 0;
+    let ended = -1;
+    const pool = makePool(net, reservation, {
+      newSize: 5,
+      pooledGraceMs: 60_000,
+      pooledStopWaitMs: 2000,
+      namespacesInUse: async () => {
+        if (++looks === 2) busy.delete(ended);
+        return new Set(busy);
+      },
+    });
+    pool.start();
+    const sandbox = await pool.acquire('sbx-a');
+    const taken = await pool.acquire('vmm-pool-taken', true);
+    const waiting = await pool.acquire('vmm-pool-waiting', true);
+    const fresh = await pool.acquire('vmm-pool-fresh', true);
+    ended = waiting.spec.idx;
+    for (const s of [taken, waiting]) busy.add(s.spec.idx);
+    await pool.shutdown();
+    // The waiting VMM ended during the stop: slot and reservation gone. A sandbox runs in the
+    // taken one; the fresh one (handed out less than the grace ago) may be about to get its VMM.
+    const kept = [sandbox, taken, fresh].map((s) => s.spec.idx).sort((a, b) => a - b);
+    expect([...net.live.keys()].sort((a, b) => a - b)).toEqual(kept);
+    expect((await reservation.held()).map((r) => r.idx).sort((a, b) => a - b)).toEqual(kept);
+    expect(pool.list().map((s) => s.sandboxId)).toEqual(
+      [sandbox, taken, fresh].sort((a, b) => a.spec.idx - b.spec.idx).map((s) => s.sandboxId),
+    );
+  });
+
+  it('shutdown frees a pooled slot past its grace that never had a process, and marks pooled slots apart', async () => {
+    const net = new FakeNetwork();
+    const reservation = new MemorySlotReservation(1, 64);
+    const marks = new Map<number, SlotOwner>();
+    const pool = makePool(net, reservation, {
+      newSize: 2,
+      pooledGraceMs: 0,
+      namespacesInUse: async () => new Set<number>(),
+      markOwner: async (spec: SlotSpec, owner: SlotOwner) => void marks.set(spec.idx, owner),
+    });
+    pool.start();
+    const plain = await pool.acquire('sbx-b');
+    const pooled = await pool.acquire('vmm-pool-x', true);
+    await until(() => marks.size === 2);
+    expect(marks.get(plain.spec.idx)).toEqual({ sandboxId: 'sbx-b', pooledAt: undefined });
+    expect(marks.get(pooled.spec.idx)?.pooledAt).toBeGreaterThan(0);
+    await pool.shutdown();
+    // A sandbox's slot without a process stays: its VMM may not have started yet.
+    expect([...net.live.keys()]).toEqual([plain.spec.idx]);
+    expect((await reservation.held()).map((r) => r.idx)).toEqual([plain.spec.idx]);
   });
 });

@@ -3,6 +3,7 @@ import type { SlotLayout, SlotSpec } from './slot-layout.js';
 import type { SlotNetwork } from './slot-network.js';
 import type { ReservedSlot, SlotReservation } from './slot-reservation.js';
 import { TypedError } from '#service-kit';
+import { poolSlotAbandoned, type SlotOwner } from './slot-owner.js';
 
 export class SlotPoolExhausted extends TypedError {
   readonly code = 'SLOT_POOL_EXHAUSTED';
@@ -44,6 +45,8 @@ export interface PoolSlot {
   reserved: ReservedSlot;
   /** Empty while ready, and for slots adopted at reconcile whose sandbox is unknown. */
   sandboxId: string;
+  /** When it was handed out for a pooled VMM (NetAcquireRequest.pooled), epoch ms. */
+  pooledAt?: number;
 }
 
 export interface SlotPoolOptions {
@@ -60,7 +63,13 @@ export interface SlotPoolOptions {
   /** Called after each created batch with its size and duration (for metrics). */
   onCreated?: (count: number, ms: number) => void;
   /** Records on the slot which sandbox holds it ('' when it is ready again), for a restarted agent. */
-  markOwner?: (spec: SlotSpec, sandboxId: string) => Promise<void>;
+  markOwner?: (spec: SlotSpec, owner: SlotOwner) => Promise<void>;
+  /** Which of `specs` have a process in their namespace; without it, shutdown keeps pooled slots. */
+  namespacesInUse?: (specs: SlotSpec[]) => Promise<Set<number>>;
+  /** A pooled slot without a process is freed at shutdown only once handed out this long ago. */
+  pooledGraceMs?: number;
+  /** How long shutdown watches pooled slots for their VMMs to end (all services stop together). */
+  pooledStopWaitMs?: number;
   /** Puts back what a slot given back for reuse lost (the tap, after a VMM SIGKILL); throws when it cannot. */
   repair?: (spec: SlotSpec) => Promise<string[]>;
 }
@@ -79,6 +88,7 @@ export interface PoolStats {
 
 interface Waiter {
   sandboxId: string;
+  pooled: boolean;
   resolve(slot: PoolSlot): void;
   reject(err: Error): void;
   timer: NodeJS.Timeout | undefined;
@@ -120,16 +130,16 @@ export class SlotPool {
     for (const slot of slots) this.inUse.set(slot.spec.idx, slot);
   }
 
-  acquire(sandboxId: string): Promise<PoolSlot> {
+  acquire(sandboxId: string, pooled = false): Promise<PoolSlot> {
     if (this.stopped) return Promise.reject(new PoolStopped());
     const slot = this.readyReused.pop() ?? this.readyNew.shift();
     if (slot) {
       this.kick();
-      return Promise.resolve(this.handOut(slot, sandboxId));
+      return Promise.resolve(this.handOut(slot, sandboxId, pooled));
     }
     this.kick();
     return new Promise((resolve, reject) => {
-      const waiter: Waiter = { sandboxId, resolve, reject, timer: undefined };
+      const waiter: Waiter = { sandboxId, pooled, resolve, reject, timer: undefined };
       const started = Date.now();
       waiter.timer = setTimeout(() => {
         this.dropWaiter(waiter);
@@ -140,11 +150,11 @@ export class SlotPool {
   }
 
   /** Synchronous variant for callers that must not wait: undefined when nothing is ready. */
-  tryAcquire(sandboxId: string): PoolSlot | undefined {
+  tryAcquire(sandboxId: string, pooled = false): PoolSlot | undefined {
     if (this.stopped) throw new PoolStopped();
     const slot = this.readyReused.pop() ?? this.readyNew.shift();
     this.kick();
-    return slot ? this.handOut(slot, sandboxId) : undefined;
+    return slot ? this.handOut(slot, sandboxId, pooled) : undefined;
   }
 
   /**
@@ -158,6 +168,7 @@ export class SlotPool {
       throw new SlotNotOwned(idx, sandboxId, slot.sandboxId);
     this.inUse.delete(idx);
     slot.sandboxId = '';
+    slot.pooledAt = undefined;
     if (reuse && !this.stopped && this.readyReused.length < this.options.reusedSize) {
       // Checked again after the wait: a shutdown meanwhile has already emptied the ready pool.
       if (!(await this.reusable(slot)) || this.stopped) {
@@ -190,7 +201,8 @@ export class SlotPool {
   /**
    * Stops refilling and removes the ready slots. Slots in use stay as they are (namespace,
    * links, rules, reservation, owner mark), so their sandboxes keep their network and the next
-   * run of the agent adopts them.
+   * run of the agent adopts them; except a pooled VMM's slot left without a process (see
+   * freeAbandonedPoolSlots).
    */
   async shutdown(): Promise<void> {
     this.stopped = true;
@@ -201,7 +213,7 @@ export class SlotPool {
     this.kick();
     this.interruptSleep?.();
     await this.loop;
-    const all = [...this.readyNew.splice(0), ...this.readyReused.splice(0)];
+    const all = [...this.readyNew.splice(0), ...this.readyReused.splice(0), ...(await this.freeAbandonedPoolSlots())];
     if (this.inUse.size) {
       this.options.logger.info(
         { slots: [...this.inUse.keys()].slice(0, 50), count: this.inUse.size },
@@ -220,13 +232,58 @@ export class SlotPool {
     }
   }
 
-  private handOut(slot: PoolSlot, sandboxId: string): PoolSlot {
+  /**
+   * When every service stops at once (Nomad stopping the node, Ctrl-C), the orchestrator kills
+   * its waiting VMMs but its Release cannot reach this agent any more: without this their slots
+   * (and reservations) would stay until the next orchestrator start, forever on a drained node.
+   * Watches the pooled slots in use for up to pooledStopWaitMs and takes out of use those
+   * abandoned (poolSlotAbandoned); one whose VMM lives on (a sandbox took it) is kept.
+   */
+  private async freeAbandonedPoolSlots(): Promise<PoolSlot[]> {
+    const { namespacesInUse, pooledGraceMs = 5000, pooledStopWaitMs = 5000, logger } = this.options;
+    if (!namespacesInUse) return [];
+    const deadline = Date.now() + pooledStopWaitMs;
+    const seenBusy = new Set<number>();
+    const freed: PoolSlot[] = [];
+    for (;;) {
+      const pooled = [...this.inUse.values()].filter((s) => s.pooledAt !== undefined);
+      if (!pooled.length) break;
+      const busy = await namespacesInUse(pooled.map((s) => s.spec)).catch((err: unknown) => {
+        logger.warn({ err }, 'reading which pooled slots have a process failed: they are kept');
+        return undefined;
+      });
+      if (!busy) break;
+      const now = Date.now();
+      let left = pooled.length;
+      for (const slot of pooled) {
+        const idx = slot.spec.idx;
+        if (busy.has(idx)) seenBusy.add(idx);
+        const owner = { sandboxId: slot.sandboxId, pooledAt: slot.pooledAt };
+        if (
+          poolSlotAbandoned(owner, { busy: busy.has(idx), seenBusy: seenBusy.has(idx), now, graceMs: pooledGraceMs })
+        ) {
+          this.inUse.delete(idx);
+          freed.push(slot);
+          left--;
+          logger.info({ slot: idx, sandboxId: slot.sandboxId }, 'pooled VMM gone: its slot is freed at stop');
+        }
+      }
+      // The last look is at or past the deadline: a slot handed out just before the stop has
+      // then had the whole wait to get past its grace.
+      if (!left || now >= deadline) break;
+      await new Promise((resolve) => setTimeout(resolve, Math.min(100, deadline - now)));
+    }
+    return freed;
+  }
+
+  private handOut(slot: PoolSlot, sandboxId: string, pooled: boolean): PoolSlot {
     slot.sandboxId = sandboxId;
+    slot.pooledAt = pooled ? Date.now() : undefined;
     this.inUse.set(slot.spec.idx, slot);
     // Off the acquire path: a mark a moment late costs only the window before a VMM runs in
     // the slot, which the in-use scan covers from then on.
     this.options
-      .markOwner?.(slot.spec, sandboxId)
+      .markOwner?.(slot.spec, { sandboxId, pooledAt: slot.pooledAt })
       .catch((err: unknown) =>
         this.options.logger.warn({ err, slot: slot.spec.idx, sandboxId }, 'marking the slot owner failed'),
       );
@@ -239,7 +296,7 @@ export class SlotPool {
       const fixed = (await this.options.repair?.(slot.spec)) ?? [];
       if (fixed.length)
         this.options.logger.warn({ slot: slot.spec.idx, fixed }, 'slot given back incomplete: repaired');
-      await this.options.markOwner?.(slot.spec, '');
+      await this.options.markOwner?.(slot.spec, { sandboxId: '' });
       return true;
     } catch (err) {
       this.options.logger.warn({ err, slot: slot.spec.idx }, 'slot given back cannot be repaired: removing it');
@@ -249,7 +306,7 @@ export class SlotPool {
 
   private deliver(waiter: Waiter, slot: PoolSlot): void {
     clearTimeout(waiter.timer);
-    waiter.resolve(this.handOut(slot, waiter.sandboxId));
+    waiter.resolve(this.handOut(slot, waiter.sandboxId, waiter.pooled));
   }
 
   private dropWaiter(waiter: Waiter): void {

@@ -46,8 +46,9 @@ export class AgentProcess {
     return this.service.logs;
   }
 
-  acquire(sandboxId: string): Promise<NetSlot> {
-    return unary(this.client, this.client.acquire, { sandboxId }, 10_000);
+  /** pooled: as the orchestrator's VMM pool acquires, for a VMM started ahead. */
+  acquire(sandboxId: string, pooled?: boolean): Promise<NetSlot> {
+    return unary(this.client, this.client.acquire, { sandboxId, pooled }, 10_000);
   }
 
   release(idx: number, sandboxId: string, reuse = false): Promise<unknown> {

@@ -77,7 +77,7 @@ export class GrpcNodeServices implements NodeServices {
     // Exports and prepares may move large files; give them more time than quick lookups.
     const long = timeoutMs * 4;
     this.slots = {
-      acquire: (sandboxId, egress) => unary(net, net.acquire, { sandboxId, egress }, timeoutMs),
+      acquire: (sandboxId, egress, pooled) => unary(net, net.acquire, { sandboxId, egress, pooled }, timeoutMs),
       setEgress: async (slot, egress) => {
         await unary(net, net.setEgress, { idx: slot.idx, sandboxId: slot.sandboxId, egress }, timeoutMs);
       },

@@ -26,8 +26,11 @@ export interface MemoryDiffExport {
 }
 
 export interface SlotProvider {
-  /** egress: the sandbox's policy, in force before the slot is handed out. */
-  acquire(sandboxId: string, egress?: NetEgressPolicy): Promise<NetSlot>;
+  /**
+   * egress: the sandbox's policy, in force before the slot is handed out. pooled: for a VMM
+   * started ahead (vmm-pool.ts); net-agent frees such a slot by itself once its VMM is gone.
+   */
+  acquire(sandboxId: string, egress?: NetEgressPolicy, pooled?: boolean): Promise<NetSlot>;
   /** Replaces a held slot's egress policy at once (undefined = open); cuts what it now forbids. */
   setEgress(slot: NetSlot, egress: NetEgressPolicy | undefined): Promise<void>;
   release(slot: NetSlot, reuse: boolean): Promise<void>;

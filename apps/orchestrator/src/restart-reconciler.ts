@@ -71,7 +71,8 @@ export async function reconcileOnStart(o: ReconcilerOptions): Promise<ReconcileR
   }
 
   // What the services hold for sandboxes no state file knows of. A slot is the sandbox's by
-  // index: one that came with a pooled VMM (vmm-pool.ts) keeps the pool's owner name.
+  // index: one that came with a pooled VMM (vmm-pool.ts) keeps the pool's owner name. (A pool
+  // slot whose VMM is gone may already have been freed by net-agent itself: acquired `pooled`.)
   const adoptedSlots = new Set([...adopted].map((id) => o.manager.sandboxes.get(id)?.slot?.idx));
   for (const slot of slots) {
     if (slot.sandboxId && !adopted.has(slot.sandboxId) && !adoptedSlots.has(slot.idx)) {

@@ -131,7 +131,9 @@ export class VmmPool {
       stderr: join(this.o.logDir, `${id}.stderr.log`),
     };
     try {
-      slot = await this.o.slots.acquire(id);
+      // Marked pooled: when every service stops at once, this pool's Release cannot reach a
+      // stopping net-agent, which frees the slot by itself once the VMM is gone.
+      slot = await this.o.slots.acquire(id, undefined, true);
       const vmm = await this.o.launcher.launchIdle!(
         {
           sandboxId: id,

@@ -51,7 +51,15 @@ export interface NetSetEgressResponse {
 export interface NetAcquireRequest {
   sandboxId: string;
   /** Applied before the slot is handed out; unset = everything outside the always-denied ranges. */
-  egress?: NetEgressPolicy | undefined;
+  egress?:
+    | NetEgressPolicy
+    | undefined;
+  /**
+   * For a VMM started ahead (the orchestrator's VMM pool): recorded on the slot, so that an
+   * agent stopping or starting frees it once no process is left in its namespace (the pool's
+   * own Release may not reach an agent that stops with it).
+   */
+  pooled?: boolean | undefined;
 }
 
 export interface NetSlot {
@@ -401,7 +409,7 @@ export const NetSetEgressResponse: MessageFns<NetSetEgressResponse> = {
 };
 
 function createBaseNetAcquireRequest(): NetAcquireRequest {
-  return { sandboxId: "", egress: undefined };
+  return { sandboxId: "", egress: undefined, pooled: undefined };
 }
 
 export const NetAcquireRequest: MessageFns<NetAcquireRequest> = {
@@ -411,6 +419,9 @@ export const NetAcquireRequest: MessageFns<NetAcquireRequest> = {
     }
     if (message.egress !== undefined) {
       NetEgressPolicy.encode(message.egress, writer.uint32(18).fork()).join();
+    }
+    if (message.pooled !== undefined) {
+      writer.uint32(24).bool(message.pooled);
     }
     return writer;
   },
@@ -444,6 +455,14 @@ export const NetAcquireRequest: MessageFns<NetAcquireRequest> = {
             message.egress = NetEgressPolicy.decode(reader, reader.uint32());
             continue;
           }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.pooled = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -464,6 +483,7 @@ export const NetAcquireRequest: MessageFns<NetAcquireRequest> = {
         ? globalThis.String(object.sandbox_id)
         : "",
       egress: isSet(object.egress) ? NetEgressPolicy.fromJSON(object.egress) : undefined,
+      pooled: isSet(object.pooled) ? globalThis.Boolean(object.pooled) : undefined,
     };
   },
 
@@ -474,6 +494,9 @@ export const NetAcquireRequest: MessageFns<NetAcquireRequest> = {
     }
     if (message.egress !== undefined) {
       obj.egress = NetEgressPolicy.toJSON(message.egress);
+    }
+    if (message.pooled !== undefined) {
+      obj.pooled = message.pooled;
     }
     return obj;
   },
@@ -487,6 +510,7 @@ export const NetAcquireRequest: MessageFns<NetAcquireRequest> = {
     message.egress = (object.egress !== undefined && object.egress !== null)
       ? NetEgressPolicy.fromPartial(object.egress)
       : undefined;
+    message.pooled = object.pooled ?? undefined;
     return message;
   },
 };
