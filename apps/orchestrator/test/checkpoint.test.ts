@@ -51,12 +51,39 @@ describe.skipIf(missing !== undefined)('Checkpoint', () => {
     return { bytes: own.reduce((n, m) => n + m.length, 0), holds };
   }
 
+  /** Disk bytes the build itself stores (its own rootfs layer), from its header in the node's build cache. */
+  async function ownDisk(buildId: string) {
+    const header = decodeHeader(await readFile(join(d.node.cacheDir, 'builds', buildId, 'rootfs.ext4.header')));
+    const own = header.mappings.filter((m) => m.buildId === buildId);
+    const holds = (from: number, length: number) =>
+      own.some((m) => m.offset <= from && from + length <= m.offset + m.length);
+    return { bytes: own.reduce((n, m) => n + m.length, 0), holds };
+  }
+
+  /**
+   * The rootfs export's counts from the orchestrator's pause/checkpoint log line. With dedup the
+   * stored bytes are the same whether or not a checkpoint restarted disk tracking (blocks written
+   * before it are found equal to it); what shows the restart is that they are not even compared.
+   */
+  function diskDiffLogged(sandboxId: string, buildId: string): { blocks: number; dedupedBlocks: number } | undefined {
+    for (const line of d.node.logs('orchestrator')) {
+      if (!line.includes(buildId) || !line.includes('"diskDiff"')) continue;
+      const entry = JSON.parse(line) as { sandboxId?: string; buildId?: string; diskDiff?: Record<string, number> };
+      if (entry.sandboxId === sandboxId && entry.buildId === buildId && entry.diskDiff) {
+        return { blocks: entry.diskDiff['blocks']!, dedupedBlocks: entry.diskDiff['dedupedBlocks']! };
+      }
+    }
+    return undefined;
+  }
+
   it('keeps the sandbox running as it was; the uploaded build resumes byte-exact elsewhere', async () => {
     const ip = await d.create('ck-1');
     const memory = randomBytes(256 * 1024);
     const disk = randomBytes(64 * 1024);
     await d.node.writeMemory(ip, 4 * MiB, memory);
     await d.node.writeDisk(ip, 2 * MiB, disk);
+    const diskEarly = randomBytes(16 * 1024); // written once, before the first checkpoint only
+    await d.node.writeDisk(ip, 6 * MiB, diskEarly);
     const vmms = (await d.node.footprint())['vmmProcesses'];
     const faults = await faultsOf('ck-1');
     expect(faults).toBeGreaterThan(0);
@@ -94,40 +121,66 @@ describe.skipIf(missing !== undefined)('Checkpoint', () => {
     expect(own.holds(8 * MiB, later.length)).toBe(true);
     expect(own.holds(4 * MiB, memory.length)).toBe(false);
     expect(own.bytes).toBeLessThan(memory.length + later.length);
+    // Disk tracking restarted too: exactly the 64 KiB rewritten since the first checkpoint.
+    const disk2 = await ownDisk(second);
+    expect(disk2.bytes).toBe(disk.length);
+    expect(disk2.holds(2 * MiB, disk.length)).toBe(true);
+    expect(diskDiffLogged('ck-1', second)).toEqual({ blocks: disk.length / 4096, dedupedBlocks: 0 });
     const copy2Ip = await d.create('ck-copy2', { buildId: second, snapshot: true });
     expect((await d.node.readMemory(copy2Ip, 4 * MiB, memory.length)).equals(memory)).toBe(true);
     expect((await d.node.readMemory(copy2Ip, 8 * MiB, later.length)).equals(later)).toBe(true);
 
-    // Pause after checkpoints: a diff over the last one, still exact.
+    // Pause after checkpoints: a diff over the last one, still exact; its disk diff holds
+    // exactly what was written since the second checkpoint.
+    const diskLater = randomBytes(8 * 1024);
+    await d.node.writeDisk(ip, 3 * MiB, diskLater);
     const paused = randomUUID();
     await d.pause('ck-1', paused);
+    const pausedDisk = await ownDisk(paused);
+    expect(pausedDisk.bytes).toBe(diskLater.length);
+    expect(pausedDisk.holds(3 * MiB, diskLater.length)).toBe(true);
+    expect(diskDiffLogged('ck-1', paused)).toEqual({ blocks: diskLater.length / 4096, dedupedBlocks: 0 });
     const resumedIp = await d.create('ck-1', { buildId: paused, snapshot: true });
     expect((await d.node.readMemory(resumedIp, 4 * MiB, memory.length)).equals(memory)).toBe(true);
     expect((await d.node.readMemory(resumedIp, 8 * MiB, later.length)).equals(later)).toBe(true);
     expect((await d.node.readDisk(resumedIp, 2 * MiB, disk.length)).equals(Buffer.alloc(disk.length, 7))).toBe(true);
+    expect((await d.node.readDisk(resumedIp, 3 * MiB, diskLater.length)).equals(diskLater)).toBe(true);
+    expect((await d.node.readDisk(resumedIp, 6 * MiB, diskEarly.length)).equals(diskEarly)).toBe(true);
 
     for (const id of ['ck-1', 'ck-copy', 'ck-copy2']) await d.remove(id);
     await d.expectFootprintBack();
   }, 300_000);
 
-  it('a pause that rewrites what its parent holds leaves those pages to the parent', async () => {
+  it('a pause that rewrites what its parent holds leaves those pages and disk blocks to the parent', async () => {
     const ip = await d.create('dd-1');
     const same = randomBytes(512 * 1024);
     await d.node.writeMemory(ip, 4 * MiB, same);
+    const sameDisk = randomBytes(256 * 1024);
+    await d.node.writeDisk(ip, 2 * MiB, sameDisk);
     const parent = randomUUID();
     await d.pause('dd-1', parent);
     const resumedIp = await d.create('dd-1', { buildId: parent, snapshot: true });
     await d.node.writeMemory(resumedIp, 4 * MiB, same); // identical bytes: written, not changed
     const changed = randomBytes(64 * 1024);
     await d.node.writeMemory(resumedIp, 8 * MiB, changed);
+    await d.node.writeDisk(resumedIp, 2 * MiB, sameDisk); // identical disk bytes too
+    const changedBlock = randomBytes(4096);
+    await d.node.writeDisk(resumedIp, 5 * MiB, changedBlock);
     const child = randomUUID();
     await d.pause('dd-1', child);
+    // Only the changed 4 KiB block is stored; the rewritten 256 KiB stay with the parent.
+    const childDisk = await ownDisk(child);
+    expect(childDisk.bytes).toBe(changedBlock.length);
+    expect(childDisk.holds(5 * MiB, changedBlock.length)).toBe(true);
+    expect(diskDiffLogged('dd-1', child)).toEqual({ blocks: 1, dedupedBlocks: sameDisk.length / 4096 });
     const own = await ownMemory(child);
     expect(own.holds(4 * MiB, same.length)).toBe(false);
     expect(own.holds(8 * MiB, changed.length)).toBe(true);
     const againIp = await d.create('dd-1', { buildId: child, snapshot: true });
     expect((await d.node.readMemory(againIp, 4 * MiB, same.length)).equals(same)).toBe(true);
     expect((await d.node.readMemory(againIp, 8 * MiB, changed.length)).equals(changed)).toBe(true);
+    expect((await d.node.readDisk(againIp, 2 * MiB, sameDisk.length)).equals(sameDisk)).toBe(true);
+    expect((await d.node.readDisk(againIp, 5 * MiB, changedBlock.length)).equals(changedBlock)).toBe(true);
     await d.remove('dd-1');
     await d.expectFootprintBack();
   }, 180_000);
