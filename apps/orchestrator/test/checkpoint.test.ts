@@ -91,9 +91,10 @@ describe.skipIf(missing !== undefined)('Checkpoint', () => {
     const first = randomUUID();
     await checkpoint('ck-1', first);
 
-    // Uploaded when the call answers: the snapfile (written last) is in the bucket.
+    // Uploaded when the call answers: the snapfile (written last) is in the bucket, with the
+    // faults recorded since the resume (memfile.prefetch, as E2B records it at checkpoint).
     expect((await readdir(join(d.node.bucket, first))).sort()).toEqual(
-      ['memfile', 'memfile.header', 'rootfs.ext4', 'rootfs.ext4.header', 'snapfile'].sort(),
+      ['memfile', 'memfile.header', 'memfile.prefetch', 'rootfs.ext4', 'rootfs.ext4.header', 'snapfile'].sort(),
     );
     // The same sandbox on the same VMM process, memory and disk unchanged, counters going on.
     expect(await d.listIds()).toContain('ck-1');
