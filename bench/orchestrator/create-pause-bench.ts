@@ -228,7 +228,7 @@ async function benchSize(
     }
     const overhead = createSteps.map((s) =>
       Object.entries(s)
-        .filter(([k]) => k !== 'total' && !VMM_STEPS.has(k))
+        .filter(([k]) => k !== 'total' && !VMM_STEPS.has(k) && !k.startsWith('(side by side)'))
         .reduce((a, [, v]) => a + v, 0),
     );
     console.log(
@@ -297,6 +297,17 @@ async function benchSize(
       `pause with ${(written / 1024 / 1024).toFixed(0)} MiB written (${pauses}x): p50 ${pct(pauseMs, 50).toFixed(1)} ms  max ${Math.max(...pauseMs).toFixed(1)} ms${sizeMb >= 1024 ? '  (goal ≤ 1000 ms)' : ''}`,
     );
     console.log('  steps:\n' + shares(pauseSteps));
+    // The uffd-server's side of 'export memory diff': the copy's own CPU time, apart from
+    // waiting on a loaded machine (the wall time above includes the fdatasync and the wait).
+    const exported = node
+      .logs('uffd-server')
+      .filter((l) => l.includes('"msg":"memory diff exported"') && /"sandboxId":"p\d+"/.test(l))
+      .map((l) => JSON.parse(l) as { copyCpuMs?: number });
+    const cpu = exported.map((e) => e.copyCpuMs).filter((v): v is number => typeof v === 'number');
+    if (cpu.length > 0)
+      console.log(
+        `  memory diff copy, CPU time of its thread: p50 ${pct(cpu, 50).toFixed(1)} ms (${cpu.length} pauses)`,
+      );
   } finally {
     // BENCH_LOG_DIR=<dir>: every service's log lines of this node, one file each (to study a run).
     const logDir = process.env['BENCH_LOG_DIR'];

@@ -6,16 +6,15 @@
  * runs on the calling thread from start to end, so TypeScript calls it through koffi's async
  * form: the event loop never sees a page, and nothing is done for a page that was not written.
  *
- * A regular file (the VMM's Diff snapshot, in the page cache) is mapped and written out from
- * the mapping: one copy. Anything else (a memfd) is read into a small reused buffer: a mapping
- * of a memfd would allocate a page for every hole it reads (a page the guest gave back) behind
- * the uffd's back, and the buffer stays in the cache between the read, the checks and the write.
+ * The source is read into a small reused buffer, not mapped: a mapping of a memfd would
+ * allocate a page for every hole it reads (a page the guest gave back) behind the uffd's back,
+ * and writing a regular file's mapping out cost several times the CPU of pread + write here
+ * (measured: 130-270 ms against 35 ms for 102 MiB); the buffer stays in the cache between the
+ * read, the checks and the write.
  */
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
@@ -25,8 +24,6 @@
 
 /* Bytes read and written per step: a few L2-sized steps keep the buffer cache-resident. */
 #define DIFF_WINDOW (1u << 20)
-/* Bytes mapped per step from a regular file (fewer mmap calls; nothing is copied in). */
-#define DIFF_MAP_WINDOW (8u << 20)
 /* Writeback is started every this many bytes, so the final fdatasync waits for less. */
 #define DIFF_WRITEBACK_STEP (16u << 20)
 #define DIFF_MAX_IOV 512
@@ -94,15 +91,11 @@ static int64_t write_fully(int fd, struct iovec *iov, int count) {
 int64_t sbx_diff_copy(int src_fd, int out_fd, const uint64_t *runs, uint64_t n_runs, uint64_t page_size,
                       uint64_t parent_addr, int sync_out, uint8_t *classes, uint64_t *counts) {
   if (page_size == 0 || (page_size & (page_size - 1))) return -EINVAL;
-  struct stat st;
-  if (fstat(src_fd, &st) < 0) return -(int64_t)errno;
-  int mapped = S_ISREG(st.st_mode);
-  size_t window = mapped ? DIFF_MAP_WINDOW : DIFF_WINDOW;
-  if (window < page_size) window = (size_t)page_size;
+  size_t window = DIFF_WINDOW < page_size ? (size_t)page_size : DIFF_WINDOW;
   struct timespec cpu0;
   clock_gettime(CLOCK_THREAD_CPUTIME_ID, &cpu0);
-  uint8_t *buf = mapped ? NULL : aligned_alloc(4096, window);
-  if (!mapped && !buf) return -ENOMEM;
+  uint8_t *buf = aligned_alloc(4096, window);
+  if (!buf) return -ENOMEM;
   struct iovec iov[DIFF_MAX_IOV];
   uint64_t stored = 0, zeros = 0, same = 0, written = 0, kicked = 0, page_index = 0;
   int64_t rc = 0;
@@ -115,26 +108,12 @@ int64_t sbx_diff_copy(int src_fd, int out_fd, const uint64_t *runs, uint64_t n_r
     }
     for (uint64_t at = 0; at < length && rc == 0; at += window) {
       size_t n = (size_t)(length - at < window ? length - at : window);
-      uint8_t *data = buf;
-      if (mapped) {
-        if (start + at + n > (uint64_t)st.st_size) {
-          counts[4] = (uint64_t)st.st_size > start + at ? (uint64_t)st.st_size : start + at;
-          rc = -ENODATA;
-          break;
-        }
-        data = mmap(NULL, n, PROT_READ, MAP_SHARED | MAP_POPULATE, src_fd, (off_t)(start + at));
-        if (data == MAP_FAILED) {
-          rc = -(int64_t)errno;
-          break;
-        }
-      } else {
-        rc = read_fully(src_fd, buf, n, start + at, &counts[4]);
-        if (rc) break;
-      }
+      rc = read_fully(src_fd, buf, n, start + at, &counts[4]);
+      if (rc) break;
       int iovs = 0;
       for (size_t p = 0; p < n; p += page_size, page_index++) {
         size_t len = n - p < page_size ? n - p : (size_t)page_size;
-        uint8_t *page = data + p;
+        uint8_t *page = buf + p;
         uint8_t cls = PAGE_STORED;
         if (all_zero(page, len))
           cls = PAGE_ZERO;
@@ -165,7 +144,6 @@ int64_t sbx_diff_copy(int src_fd, int out_fd, const uint64_t *runs, uint64_t n_r
         written += len;
       }
       if (rc == 0 && iovs > 0) rc = write_fully(out_fd, iov, iovs);
-      if (mapped) munmap(data, n);
       if (rc == 0 && sync_out && written - kicked >= DIFF_WRITEBACK_STEP) {
         /* Start writeback of what is written so far; errors show up in fdatasync. */
         sync_file_range(out_fd, (off_t)kicked, (off_t)(written - kicked), SYNC_FILE_RANGE_WRITE);
