@@ -215,7 +215,12 @@ export class SandboxManager {
       sbx.teardown.push('files', () => this.o.records.states.remove(id));
       this.sandboxes.set(id, sbx);
       saves.soon();
-      await this.startSandbox(sbx, saves, (s) => (step = s), mark);
+      // Steps run side by side are timed each on their own too (their times overlap the step's).
+      const side = <T>(name: string, work: Promise<T>): Promise<T> => {
+        const started = performance.now();
+        return work.finally(() => (timings[`(side by side) ${name}`] = performance.now() - started));
+      };
+      await this.startSandbox(sbx, saves, (s) => (step = s), mark, side);
       step = 'save state';
       sbx.phase = 'running';
       saves.soon();
@@ -267,6 +272,7 @@ export class SandboxManager {
     saves: BackgroundSaves,
     at: (step: string) => void,
     mark: (step: string) => void,
+    side: <T>(name: string, work: Promise<T>) => Promise<T>,
   ): Promise<void> {
     const { slots, devices, memory, names } = this.o.node.services;
     const id = sbx.id;
@@ -279,26 +285,29 @@ export class SandboxManager {
     // A VMM started ahead in a slot of its own (vmm-pool.ts) brings the slot with it.
     const pooled = this.o.node.vmmPool?.take();
     const egress = netEgressPolicy(sbx.config.allowInternetAccess, sbx.config.network?.egress);
-    const slotTaken = (async (): Promise<void> => {
-      if (pooled) {
-        sbx.slot = pooled.slot;
-        sbx.teardown.push('slot', () => slots.release(pooled.slot, true));
-        sbx.vmm = pooled.vmm;
-        sbx.teardown.push('vmm', killVmm(pooled.vmm));
-        if (egress) await slots.setEgress(pooled.slot, egress);
-        await pooled.vmm.handOver({
-          stdoutPath: join(sbx.dir, 'vmm.stdout.log'),
-          stderrPath: join(sbx.dir, 'vmm.stderr.log'),
-          logger: sbx.log,
-        });
-        return;
-      }
-      const slot = await slots.acquire(id, egress);
-      sbx.slot = slot;
-      sbx.teardown.push('slot', () => slots.release(slot, true));
-    })();
+    const slotTaken = side(
+      pooled ? 'take pooled vmm' : 'acquire network slot',
+      (async (): Promise<void> => {
+        if (pooled) {
+          sbx.slot = pooled.slot;
+          sbx.teardown.push('slot', () => slots.release(pooled.slot, true));
+          sbx.vmm = pooled.vmm;
+          sbx.teardown.push('vmm', killVmm(pooled.vmm));
+          if (egress) await slots.setEgress(pooled.slot, egress);
+          await pooled.vmm.handOver({
+            stdoutPath: join(sbx.dir, 'vmm.stdout.log'),
+            stderrPath: join(sbx.dir, 'vmm.stderr.log'),
+            logger: sbx.log,
+          });
+          return;
+        }
+        const slot = await slots.acquire(id, egress);
+        sbx.slot = slot;
+        sbx.teardown.push('slot', () => slots.release(slot, true));
+      })(),
+    );
     sbx.teardown.push('device', () => devices.close(id));
-    const deviceOpened = devices.open(id, sbx.build.buildId);
+    const deviceOpened = side('open rootfs device', devices.open(id, sbx.build.buildId));
     sbx.teardown.push('uffd', async () => {
       try {
         await memory.stop(id);
@@ -306,8 +315,11 @@ export class SandboxManager {
         await rm(sockets.uffd, { force: true });
       }
     });
-    const uffdPrepared = mkdir(this.o.settings.socketDir, { recursive: true }).then(() =>
-      memory.prepare(id, sockets.uffd, sbx.build.buildId),
+    const uffdPrepared = side(
+      'prepare uffd',
+      mkdir(this.o.settings.socketDir, { recursive: true }).then(() =>
+        memory.prepare(id, sockets.uffd, sbx.build.buildId),
+      ),
     );
     const [slotResult, device, uffd] = await Promise.allSettled([slotTaken, deviceOpened, uffdPrepared]);
     const takeSlot = pooled ? 'take pooled vmm' : 'acquire network slot';
