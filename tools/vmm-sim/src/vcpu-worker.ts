@@ -111,22 +111,28 @@ function dump(path: string, ranges: [number, number][], merge: boolean): number 
   let written = 0;
   try {
     if (!merge || fstatSync(fd).size !== data.size) ftruncateSync(fd, data.size);
+    // Through a small buffer, not straight from the mapping: writing 102 MiB of guest memory
+    // from the mapping took twice as long here (the kernel's copy out of a large mapping).
+    const buffer = Buffer.allocUnsafe(CHUNK);
     for (const [start, length] of ranges) {
-      if (merge) {
-        // Written pages only: straight from guest memory to the file, one write per run.
-        written += writeAll(fd, range(start, length), start);
-        continue;
-      }
       for (let at = start; at < start + length; at += CHUNK) {
         const n = Math.min(CHUNK, start + length - at);
-        // A view of guest memory, not a copy: reading it faults in what is not present yet.
-        const chunk = range(at, n);
+        const chunk = buffer.subarray(0, n);
+        chunk.set(range(at, n));
+        if (merge) {
+          writeSync(fd, chunk, 0, n, at);
+          written += n;
+          continue;
+        }
         // Runs of non-zero pages only: zero pages stay holes in the fresh file.
         for (let page = 0; page < n;) {
           while (page < n && isZero(chunk.subarray(page, page + data.pageSize))) page += data.pageSize;
           let end = page;
           while (end < n && !isZero(chunk.subarray(end, end + data.pageSize))) end += data.pageSize;
-          if (end > page) written += writeAll(fd, chunk.subarray(page, Math.min(end, n)), at + page);
+          if (end > page) {
+            writeSync(fd, chunk, page, Math.min(end, n) - page, at + page);
+            written += Math.min(end, n) - page;
+          }
           page = end;
         }
       }
@@ -135,11 +141,6 @@ function dump(path: string, ranges: [number, number][], merge: boolean): number 
     closeSync(fd);
   }
   return written;
-}
-
-function writeAll(fd: number, bytes: Uint8Array, position: number): number {
-  for (let done = 0; done < bytes.length;) done += writeSync(fd, bytes, done, bytes.length - done, position + done);
-  return bytes.length;
 }
 
 function isZero(bytes: Uint8Array): boolean {
