@@ -3,7 +3,7 @@ import { mkdir, open, readFile, rm, type FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
 import { DirtyBitmap, type ReadableBlocks, type WritableBlocks } from '#storage';
 import { OverlayStateInvalid } from './block-errors.js';
-import { writeDurably } from './durable-file.js';
+import { writeAtomically, writeDurably } from './durable-file.js';
 import { readFully, readFullySync } from './image-file.js';
 import type { BlockCapabilities } from './nbd-export.js';
 import { OverlayJournal, type BlockChange, type BlockState } from './overlay-journal.js';
@@ -114,8 +114,9 @@ export class CowOverlay implements WritableBlocks {
           checkpoint: '',
           tracked: new DirtyBitmap(blocks),
         };
-    // A new overlay gets its snapshot at once, so size and base identity are checked on every reopen.
-    if (!saved) await writeDurably(statePath, encodeOverlayState(state));
+    // A new overlay gets its snapshot at once, so size and base identity are checked on every
+    // reopen; nothing in it is a flush's promise yet, so a process-crash-safe write is enough.
+    if (!saved) await writeAtomically(statePath, encodeOverlayState(state));
 
     const file = await open(join(full.dir, DATA_FILE), constants.O_RDWR | constants.O_CREAT, 0o600);
     try {

@@ -1,7 +1,7 @@
 import { mkdir, readdir, readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { z } from 'zod';
-import { writeDurably } from './durable-file.js';
+import { writeAtomically } from './durable-file.js';
 
 /**
  * What a device is, persisted next to its overlay so a restarted block-server can reopen it:
@@ -35,7 +35,8 @@ export function deviceDir(dataDir: string, sandboxId: string): string {
 export async function writeDeviceRecord(dataDir: string, record: DeviceRecord): Promise<void> {
   const dir = deviceDir(dataDir, record.sandboxId);
   await mkdir(dir, { recursive: true, mode: 0o700 });
-  await writeDurably(join(dir, 'device.json'), Buffer.from(JSON.stringify(record, null, 2) + '\n'));
+  // Only a block-server restart reads it back (a machine crash ends the sandbox too): no fsync.
+  await writeAtomically(join(dir, 'device.json'), Buffer.from(JSON.stringify(record, null, 2) + '\n'));
 }
 
 /** Every device a previous run left, plus the directories that hold no usable record. */

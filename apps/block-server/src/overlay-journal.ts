@@ -2,7 +2,7 @@ import { constants } from 'node:fs';
 import { open, readFile, type FileHandle } from 'node:fs/promises';
 import { crc32 } from 'node:zlib';
 import type { DirtyBitmap } from '#storage';
-import { writeDurably } from './durable-file.js';
+import { writeAtomically, writeDurably } from './durable-file.js';
 
 /** A block's state in the overlay: 0 from the base, 1 written (bytes in the overlay file), 2 zeroed. */
 export type BlockState = 0 | 1 | 2;
@@ -105,7 +105,9 @@ export class OverlayJournal {
     });
     const parsed = decodeJournal(bytes, maps.written.blockCount);
     const current = parsed.generation === maps.generation;
-    if (!current) await writeDurably(path, encodeJournalHeader(maps.generation));
+    // A new overlay's empty journal holds nothing a flush promised yet (see writeAtomically).
+    if (!current && bytes.length === 0) await writeAtomically(path, encodeJournalHeader(maps.generation));
+    else if (!current) await writeDurably(path, encodeJournalHeader(maps.generation));
     const file = await open(path, constants.O_RDWR);
     try {
       if (current && bytes.length > parsed.validBytes) await file.truncate(parsed.validBytes);
