@@ -9,7 +9,7 @@
 # Without arguments (as `npm run bench` calls it) the checkpoint bench (checkpoint.sh) follows.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-case ${1:-} in -h|--help) sed -n '2,8p' "$0"; exit 0 ;; esac
+case ${1:-} in -h|--help) sed -n '2,9p' "$0"; exit 0 ;; esac
 [[ -f dist/bench/orchestrator/create-pause-bench.js && -f dist/apps/orchestrator/src/main.js ]] || bash scripts/build.sh
 node --enable-source-maps dist/bench/orchestrator/create-pause-bench.js "$@"
 if [[ $# -eq 0 ]]; then bash bench/orchestrator/checkpoint.sh; fi
