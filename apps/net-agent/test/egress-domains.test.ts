@@ -13,7 +13,7 @@ import { createInterface } from 'node:readline';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { unary } from '#grpc';
 import type { NetEgressPolicy, NetSlot } from '#proto/sbx/net';
-import { eventually, openFds } from '#test-kit';
+import { ECHO_SERVER_PY, NAMED_CLIENT_PY, WEB_SERVER_PY, eventually, openFds, selfSignedCertArgs } from '#test-kit';
 import { AgentProcess } from './agent-process.js';
 import { METADATA_IP, NodeNamespace, PRIVATE_IP, UPLINK_NODE_IP } from './node-namespace.js';
 
@@ -31,67 +31,6 @@ ${HOST_A} a.test b.test w.test x.w.test
 ${HOST_B} c.test
 ${PRIVATE_IP} rebind.test
 ${METADATA_IP} meta.test
-`;
-
-/** HTTP on 80 and TLS on 443, on every address; the answer says which address and Host it got. */
-const WEB_SERVER = `
-import http.server, socketserver, ssl, sys, threading
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def do_GET(self):
-        body = ("%s %s\\n" % (self.connection.getsockname()[0], self.headers.get("Host", "-"))).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *a): pass
-class S(socketserver.ThreadingMixIn, http.server.HTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-ctx.load_cert_chain(sys.argv[1], sys.argv[2])
-class T(S):
-    def finish_request(self, request, address):
-        # The handshake in the connection's own thread: a silent client blocks nobody else.
-        try: request = ctx.wrap_socket(request, server_side=True)
-        except Exception: return
-        self.RequestHandlerClass(request, address, self)
-    def handle_error(self, request, address): pass
-web = S(("0.0.0.0", 80), H)
-tls = T(("0.0.0.0", 443), H)
-threading.Thread(target=web.serve_forever, daemon=True).start()
-print("ready", flush=True)
-tls.serve_forever()
-`;
-
-const ECHO_SERVER = `
-import socket, sys, threading
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(16)
-def serve(c):
-    with c:
-        while True:
-            d = c.recv(100)
-            if not d: return
-            c.sendall(d)
-while True:
-    c, _ = s.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()
-`;
-
-/** Opens one connection naming argv[3] in an HTTP head, then echoes once per stdin line. */
-const NAMED_CLIENT = `
-import socket, sys
-c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3)
-head = ("GET / HTTP/1.1\\r\\nHost: %s\\r\\n\\r\\n" % sys.argv[3]).encode()
-c.sendall(head); got = b""
-while len(got) < len(head): got += c.recv(200)
-print("open", flush=True)
-for _ in sys.stdin:
-    try:
-        c.sendall(b"y"); d = c.recv(10)
-        print("echo " + d.decode() if d else "closed", flush=True)
-    except Exception as e:
-        print("cut " + type(e).__name__, flush=True)
 `;
 
 let node: NodeNamespace;
@@ -173,7 +112,7 @@ function namedClient(guest: string, address: string, port: number, name: string)
     `--net=${node.nsPath(guest)}`,
     'python3',
     '-c',
-    NAMED_CLIENT,
+    NAMED_CLIENT_PY,
     address,
     String(port),
     name,
@@ -204,26 +143,25 @@ beforeAll(async () => {
     `addr add ${HOST_B}/32 dev lo\naddr add ${HOST_C}/32 dev lo\n`,
   );
   // One self-signed certificate for several names on one address (its own CA for the clients).
-  await node.mustExec(node.internet, 'openssl', [
-    'req',
-    '-x509',
-    '-newkey',
-    'rsa:2048',
-    '-nodes',
-    '-days',
-    '2',
-    '-subj',
-    '/CN=a.test',
-    '-addext',
-    'subjectAltName=DNS:a.test,DNS:b.test,DNS:w.test,DNS:*.w.test,DNS:c.test,DNS:rebind.test,DNS:meta.test',
-    '-keyout',
-    join(dir, 'key.pem'),
-    '-out',
-    join(dir, 'cert.pem'),
-  ]);
+  await node.mustExec(
+    node.internet,
+    'openssl',
+    selfSignedCertArgs(
+      ['a.test', 'b.test', 'w.test', '*.w.test', 'c.test', 'rebind.test', 'meta.test'],
+      join(dir, 'cert.pem'),
+      join(dir, 'key.pem'),
+    ),
+  );
   const web = spawn(
     'nsenter',
-    [`--net=${node.nsPath(node.internet)}`, 'python3', '-c', WEB_SERVER, join(dir, 'cert.pem'), join(dir, 'key.pem')],
+    [
+      `--net=${node.nsPath(node.internet)}`,
+      'python3',
+      '-c',
+      WEB_SERVER_PY,
+      join(dir, 'cert.pem'),
+      join(dir, 'key.pem'),
+    ],
     { stdio: ['ignore', 'pipe', 'inherit'] },
   );
   clients.add(web);
@@ -232,7 +170,7 @@ beforeAll(async () => {
     web.once('exit', (code) => reject(new Error(`web server exited ${code}`)));
   });
   await node.startServer(node.internet, '0.0.0.0', 9100, 'raw');
-  node.spawnIn(node.internet, 'python3', ['-c', ECHO_SERVER, '9200']);
+  node.spawnIn(node.internet, 'python3', ['-c', ECHO_SERVER_PY, '9200']);
   await eventually(async () => {
     if ((await node.probe(node.node, HOST_A, 9100)) === undefined) throw new Error('raw server not up');
   });

@@ -12,7 +12,7 @@ import { status, type ServiceError } from '@grpc/grpc-js';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { unary } from '#grpc';
 import type { NetEgressPolicy, NetSlot } from '#proto/sbx/net';
-import { eventually } from '#test-kit';
+import { ECHO_SERVER_PY, eventually } from '#test-kit';
 import { AgentProcess } from './agent-process.js';
 import { NodeNamespace, PRIVATE_IP } from './node-namespace.js';
 
@@ -27,20 +27,6 @@ let node: NodeNamespace;
 let dir: string;
 let agent: AgentProcess;
 const clients = new Set<ChildProcessWithoutNullStreams>();
-
-const ECHO_SERVER = `
-import socket, sys, threading
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(16)
-def serve(c):
-    with c:
-        while True:
-            d = c.recv(100)
-            if not d: return
-            c.sendall(d)
-while True:
-    c, _ = s.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()
-`;
 
 /** Connects, echoes once, then echoes again each time it reads a line on stdin. */
 const LONG_CLIENT = `
@@ -107,7 +93,7 @@ beforeAll(async () => {
     `addr add ${HOST_B}/32 dev lo\naddr add ${HOST_C}/32 dev lo\n`,
   );
   await node.startServer(node.internet, '0.0.0.0', 9100, 'raw');
-  node.spawnIn(node.internet, 'python3', ['-c', ECHO_SERVER, '9200']);
+  node.spawnIn(node.internet, 'python3', ['-c', ECHO_SERVER_PY, '9200']);
   for (const port of [8080, 8081, 9000]) await startHttp(port);
   agent = await AgentProcess.start(node, join(dir, 'net.sock'), ['--pool-new-size', '2']);
 }, 120_000);

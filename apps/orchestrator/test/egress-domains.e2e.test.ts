@@ -5,7 +5,7 @@ import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { unary } from '#grpc';
-import { eventually } from '#test-kit';
+import { ECHO_SERVER_PY, NAMED_CLIENT_PY, WEB_SERVER_PY, eventually, selfSignedCertArgs } from '#test-kit';
 import { NodeDriver } from './node-driver.js';
 import { missingPieces, run } from './node-under-test.js';
 
@@ -26,74 +26,6 @@ const HOST_A = '198.18.0.1';
 const HOST_B = '198.18.0.2';
 const ECHO_PORT = 9200;
 const HOSTS = `${HOST_A} a.test b.test\n${HOST_B} c.test\n`;
-
-/** HTTP on 80, TLS on 443; the answer says which address and Host it got. */
-const WEB_SERVER = `
-import http.server, socketserver, ssl, sys, threading
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def do_GET(self):
-        body = ("%s %s\\n" % (self.connection.getsockname()[0], self.headers.get("Host", "-"))).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *a): pass
-class S(socketserver.ThreadingMixIn, http.server.HTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-ctx.load_cert_chain(sys.argv[1], sys.argv[2])
-class T(S):
-    def finish_request(self, request, address):
-        try: request = ctx.wrap_socket(request, server_side=True)
-        except Exception: return
-        self.RequestHandlerClass(request, address, self)
-    def handle_error(self, request, address): pass
-web = S(("0.0.0.0", 80), H)
-tls = T(("0.0.0.0", 443), H)
-threading.Thread(target=web.serve_forever, daemon=True).start()
-print("ready", flush=True)
-tls.serve_forever()
-`;
-
-const ECHO_SERVER = `
-import socket, sys, threading
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(16)
-print("ready", flush=True)
-def serve(c):
-    with c:
-        while True:
-            d = c.recv(100)
-            if not d: return
-            c.sendall(d)
-while True:
-    c, _ = s.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()
-`;
-
-/** Opens one connection naming argv[3] in an HTTP head, then echoes once per stdin line. */
-const NAMED_CLIENT = `
-import socket, sys
-head = ("GET / HTTP/1.1\\r\\nHost: %s\\r\\n\\r\\n" % sys.argv[3]).encode()
-got = b""
-try:
-    c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
-    c.sendall(head)
-    while len(got) < len(head):
-        d = c.recv(200)
-        if not d: break
-        got += d
-except Exception as e:
-    print("refused " + type(e).__name__, flush=True); sys.exit(0)
-print("open" if len(got) >= len(head) else "refused closed", flush=True)
-for _ in sys.stdin:
-    try:
-        c.sendall(b"y"); d = c.recv(10)
-        print("echo " + d.decode() if d else "closed", flush=True)
-    except Exception as e:
-        print("cut " + type(e).__name__, flush=True)
-`;
 
 const noEgress = { allowedCidrs: [], deniedCidrs: [], allowedDomains: [] };
 
@@ -139,26 +71,13 @@ describe.skipIf(missing !== undefined)('Domain egress through SandboxService', (
       ].join('\n'),
     );
     if (plumb.code !== 0) throw new Error(`internet namespace: ${plumb.stderr}`);
-    const cert = await run('openssl', [
-      'req',
-      '-x509',
-      '-newkey',
-      'rsa:2048',
-      '-nodes',
-      '-days',
-      '2',
-      '-subj',
-      '/CN=a.test',
-      '-addext',
-      'subjectAltName=DNS:a.test,DNS:b.test,DNS:c.test',
-      '-keyout',
-      join(dir, 'key.pem'),
-      '-out',
-      join(dir, 'cert.pem'),
-    ]);
+    const cert = await run(
+      'openssl',
+      selfSignedCertArgs(['a.test', 'b.test', 'c.test'], join(dir, 'cert.pem'), join(dir, 'key.pem')),
+    );
     if (cert.code !== 0) throw new Error(`openssl req: ${cert.stderr}`);
-    await serve(WEB_SERVER, [join(dir, 'cert.pem'), join(dir, 'key.pem')]);
-    await serve(ECHO_SERVER, [String(ECHO_PORT)]);
+    await serve(WEB_SERVER_PY, [join(dir, 'cert.pem'), join(dir, 'key.pem')]);
+    await serve(ECHO_SERVER_PY, [String(ECHO_PORT)]);
   }, 240_000);
 
   afterAll(async () => {
@@ -232,7 +151,7 @@ describe.skipIf(missing !== undefined)('Domain egress through SandboxService', (
 
   /** A long-lived connection from the guest naming `name`, echoing once per call. */
   function namedConnection(netns: string, address: string, port: number, name: string) {
-    const client = spawn('nsenter', [`--net=${netns}`, 'python3', '-c', NAMED_CLIENT, address, String(port), name]);
+    const client = spawn('nsenter', [`--net=${netns}`, 'python3', '-c', NAMED_CLIENT_PY, address, String(port), name]);
     processes.add(client);
     const lines = createInterface({ input: client.stdout })[Symbol.asyncIterator]();
     const next = async () => ((await lines.next()).value as string | undefined) ?? 'exited';

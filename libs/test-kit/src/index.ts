@@ -6,3 +6,4 @@ export { mappings, openFds, steadyFdCount, type Mapping } from './process-holdin
 export { acceptsConnections, fileExists, grpcServing, logLine, type Readiness } from './readiness.js';
 export { builtEntry, repoRoot, requireBuilt, sbx } from './repo-root.js';
 export { ServiceProcess, type ServiceStart } from './service-process.js';
+export { ECHO_SERVER_PY, NAMED_CLIENT_PY, WEB_SERVER_PY, selfSignedCertArgs } from './internet-peers.js';
