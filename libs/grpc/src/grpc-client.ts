@@ -6,6 +6,7 @@ import {
   type ClientOptions,
   type ChannelCredentials,
   type ServiceError,
+  status,
 } from '@grpc/grpc-js';
 import { HealthClient } from '#proto/grpc/health/v1/health';
 import { ServingStatus } from './health-service.js';
@@ -31,18 +32,44 @@ type UnaryMethod<Req, Res> = (
   callback: (error: ServiceError | null, response: Res) => void,
 ) => unknown;
 
+/**
+ * How long a call whose channel is between reconnect attempts waits for it to connect before
+ * failing: a little over the channel's longest backoff (dial's 1 s), so a peer that came back
+ * is reached and one that is down still fails fast.
+ */
+const RECONNECT_WAIT_MS = 1500;
+
 /** Calls one unary method as a promise, with a deadline. */
-export function unary<Req, Res>(
+export async function unary<Req, Res>(
   client: Client,
   method: UnaryMethod<Req, Res>,
   request: Req,
   timeoutMs = 30_000,
 ): Promise<Res> {
-  return new Promise((resolve, reject) => {
-    method.call(client, request, new Metadata(), { deadline: Date.now() + timeoutMs }, (err, res) =>
-      err ? reject(err) : resolve(res),
+  const deadline = Date.now() + timeoutMs;
+  const call = () =>
+    new Promise<Res>((resolve, reject) => {
+      method.call(client, request, new Metadata(), { deadline }, (err, res) => (err ? reject(err) : resolve(res)));
+    });
+  try {
+    return await call();
+  } catch (err) {
+    if (!neverSent(err)) throw err;
+    // The peer was unreachable at the channel's last attempt (a service restarting) and the
+    // channel fails calls until its next one. The request never left, so sending it again is
+    // safe whatever it does: wait (bounded) for the channel to connect, then send it once more.
+    const connected = await new Promise<boolean>((resolve) =>
+      client.waitForReady(Math.min(deadline, Date.now() + RECONNECT_WAIT_MS), (e) => resolve(!e)),
     );
-  });
+    if (!connected) throw err;
+    return call();
+  }
+}
+
+/** An UNAVAILABLE that grpc-js gives before a call reaches any connection. */
+function neverSent(err: unknown): boolean {
+  const e = err as Partial<ServiceError>;
+  return e.code === status.UNAVAILABLE && /^No connection established/.test(e.details ?? '');
 }
 
 /** Polls grpc.health.v1 Check until `service` is SERVING or the timeout passes. */

@@ -34,6 +34,26 @@ describe('gRPC over a Unix socket', () => {
     await expect(stat(path)).rejects.toThrow(/ENOENT/);
   });
 
+  it('a call made just after the server came back is served, not failed while the channel waits to reconnect', async () => {
+    const path = await tempSocket();
+    let server = await startGrpcServer({ address: `unix://${path}`, services: [], logger });
+    const client = dial(HealthClient, path);
+    try {
+      expect((await unary(client, client.check, { service: '' })).status).toBe(ServingStatus.SERVING);
+      await server.shutdown(1000);
+      // The peer is down (a service restarting): this call fails and the channel starts its
+      // reconnect backoff.
+      await expect(unary(client, client.check, { service: '' }, 2000)).rejects.toThrow(/UNAVAILABLE/);
+      server = await startGrpcServer({ address: `unix://${path}`, services: [], logger });
+      // Back before the channel's next attempt: the request never left, so it is sent once the
+      // channel connects (a pause right after a uffd-server restart failed here and lost its sandbox).
+      expect((await unary(client, client.check, { service: '' })).status).toBe(ServingStatus.SERVING);
+    } finally {
+      client.close();
+      await server.shutdown(1000);
+    }
+  });
+
   it('replaces a stale socket but refuses one a live server holds', async () => {
     const path = await tempSocket();
     const first = await startGrpcServer({ address: `unix://${path}`, services: [], logger, socketMode: 0o660 });
