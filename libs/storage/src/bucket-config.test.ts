@@ -36,6 +36,8 @@ describe('bucket settings', () => {
   it('refuses settings that cannot work', () => {
     expect(() => schema.parse({ bucket: '/b', fetchConcurrency: '0' })).toThrow();
     expect(() => schema.parse({ bucket: '/b', fetchChunkKib: '1' })).toThrow();
+    // Not a power of two: a fault window cut to it would not stay aligned.
+    expect(() => schema.parse({ bucket: '/b', fetchChunkKib: '12' })).toThrow(/power of two/);
     expect(() => schema.parse({ bucket: '/b', bucketRequestDelayMs: '-5' })).toThrow();
   });
 });

@@ -32,8 +32,10 @@ export const bucketFetchFields = {
     )
     .meta({ aliases: ['SBX_BUCKET_REQUEST_DELAY_MS'] }),
   fetchChunkKib: int(4, 64 * KiB)
+    // A power of two, so a fault window cut to it stays aligned (uffd-server, sandbox-registry.ts).
+    .refine((kib) => (kib & (kib - 1)) === 0, 'must be a power of two (4, 8, … 65536)')
     .default(CHUNK_SIZE / KiB)
-    .describe('unit of presence of a chunk cache, in KiB (adjacent chunks go out as one request)')
+    .describe('unit of presence of a chunk cache, in KiB, a power of two (adjacent chunks go out as one request)')
     .meta({ aliases: ['SBX_FETCH_CHUNK_KIB'] }),
   fetchConcurrency: int(1, 256)
     .default(DEFAULT_FETCH_POLICY.concurrency)
