@@ -5,6 +5,7 @@ import type { Logger } from '#logging';
 import type { GuestDisk } from './guest-disk.js';
 import type { GuestMemory } from './guest-memory.js';
 import type { GuestNetns } from './guest-netns.js';
+import { parseStartTouch, START_TOUCH_VAR, StartTouchInvalid } from './start-touch.js';
 
 /**
  * The guest's agent: envd's HTTP API as the orchestrator uses it (POST /init → 204,
@@ -20,6 +21,20 @@ const MAX_READ_BYTES = 64 * 1024 * 1024;
 const DISK_CHUNK = 1024 * 1024;
 /** Env var naming memory ranges `/init` reads before answering (`offset:length,...`, bytes): a guest's start. */
 export const START_READ_VAR = 'SBX_SIM_START_READ';
+
+/** What the start's touch (SBX_SIM_START_TOUCH) did, for `GET /_test/start`. */
+export interface StartTouchReport {
+  spec: string;
+  bytes: number;
+  pages: number;
+  runs: number;
+  /** h = h * 31 + byte over the first byte of each touched page, in touch order, mod 2^32. */
+  checksum: number;
+  ms: number;
+  /** Guest pages present (bytes) just before and just after: faults' windows may bring more than touched. */
+  residentBefore: number;
+  residentAfter: number;
+}
 
 export interface GuestView {
   memory: GuestMemory;
@@ -38,6 +53,9 @@ export class EnvdServer {
   private cpuMark = { at: process.hrtime.bigint(), usage: process.cpuUsage() };
   /** The start's reads (SBX_SIM_START_READ), once per process. */
   private startRead: Promise<void> | undefined;
+  /** The start's touch (SBX_SIM_START_TOUCH), once per process. */
+  private startTouch: Promise<StartTouchReport> | undefined;
+  private startTouchDone: StartTouchReport | undefined;
 
   private constructor(
     private readonly server: Server,
@@ -118,6 +136,8 @@ export class EnvdServer {
           return json(res, 200, this.guest.mmds() ?? {});
         case 'GET /_test/env':
           return json(res, 200, this.guest.envVars);
+        case 'GET /_test/start':
+          return json(res, 200, { touch: this.startTouchDone ?? null });
         case 'POST /_test/memory/write':
           return await this.memoryWrite(body, res);
         case 'GET /_test/memory/read':
@@ -162,7 +182,36 @@ export class EnvdServer {
       });
       await this.startRead;
     }
+    const startTouch = this.guest.envVars[START_TOUCH_VAR];
+    if (startTouch) {
+      this.startTouch ??= this.touchAtStart(startTouch).catch((err: unknown) => {
+        this.startTouch = undefined;
+        throw err instanceof StartTouchInvalid ? new BadRequest(err.message) : err;
+      });
+      this.startTouchDone = await this.startTouch;
+    }
     res.writeHead(204).end();
+  }
+
+  private async touchAtStart(spec: string): Promise<StartTouchReport> {
+    const memory = this.guest.memory;
+    const { runs, bytes } = parseStartTouch(spec, memory.size, memory.pageSize);
+    const residentBefore = memory.residentBytes();
+    const t0 = performance.now();
+    const { pages, checksum } = await memory.touchRuns(runs);
+    const ms = performance.now() - t0;
+    const report = {
+      spec,
+      bytes,
+      pages,
+      runs: runs.length,
+      checksum,
+      ms,
+      residentBefore,
+      residentAfter: memory.residentBytes(),
+    };
+    this.logger.info({ ...report, ms: Math.round(ms) }, 'start touched its working set');
+    return report;
   }
 
   private metrics(): Record<string, number> {

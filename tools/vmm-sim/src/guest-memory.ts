@@ -313,6 +313,16 @@ export class GuestMemory {
     return this.call<string>({ op: 'hash', offset, length });
   }
 
+  /**
+   * Loads one byte of every page of `runs` (`[offset, length]`, in order) on the vCPU thread:
+   * missing pages fault in as a guest's would. Returns the pages loaded and a checksum of the
+   * loaded bytes (h = h * 31 + byte, in order, mod 2^32).
+   */
+  async touchRuns(runs: [number, number][]): Promise<{ pages: number; checksum: number }> {
+    for (const [offset, length] of runs) this.checkRange(offset, length);
+    return this.call<{ pages: number; checksum: number }>({ op: 'touch-runs', runs });
+  }
+
   /** Writes the cold-boot image and counts every page as written, as a boot would. */
   async boot(seed: number): Promise<void> {
     await this.call({ op: 'boot', seed });

@@ -10,6 +10,7 @@ export type VcpuRequest = { id: number } & (
   | { op: 'boot'; seed: number }
   | { op: 'dump'; path: string; ranges: [number, number][]; merge: boolean }
   | { op: 'touch' }
+  | { op: 'touch-runs'; runs: [number, number][] }
   | { op: 'rewrite'; offset: number }
 );
 

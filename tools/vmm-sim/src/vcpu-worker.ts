@@ -98,6 +98,20 @@ function handle(request: VcpuRequest, transfer: ArrayBuffer[]): unknown {
       for (let at = 0; at < data.size; at += data.pageSize) sum ^= guest[at] ?? 0;
       return sum;
     }
+    case 'touch-runs': {
+      // One load per page of each run, in order (a guest's start faulting its working set in);
+      // the checksum of the bytes loaded, in that order, tells a test they were the memory's.
+      let checksum = 0;
+      let pages = 0;
+      for (const [offset, length] of request.runs) {
+        const run = range(offset, length);
+        for (let at = 0; at < run.length; at += data.pageSize) {
+          checksum = (Math.imul(checksum, 31) + (run[at] ?? 0)) >>> 0;
+          pages++;
+        }
+      }
+      return { pages, checksum };
+    }
   }
 }
 
