@@ -13,6 +13,7 @@ export class RouteTable {
   private readonly folded = new Map<string, string>();
   private syncedOnce = false;
   private readonly listeners: RouteChange[] = [];
+  private readonly resetListeners: (() => void)[] = [];
 
   /** True once a whole table has arrived from the orchestrator. */
   get synced(): boolean {
@@ -25,6 +26,11 @@ export class RouteTable {
 
   get(sandboxId: string): SandboxRoute | undefined {
     return this.routes.get(sandboxId) ?? this.routes.get(this.folded.get(sandboxId.toLowerCase()) ?? '');
+  }
+
+  /** Every sandbox id in the table, as the orchestrator spells it. */
+  ids(): string[] {
+    return [...this.routes.keys()];
   }
 
   countByState(): Record<string, number> {
@@ -41,6 +47,11 @@ export class RouteTable {
     this.listeners.push(listener);
   }
 
+  /** Called once a whole table from the orchestrator has been applied (every watch's first event). */
+  onReset(listener: () => void): void {
+    this.resetListeners.push(listener);
+  }
+
   apply(event: RouteEvent): void {
     if (event.reset) {
       const incoming = new Set(event.routes.map((r) => r.sandboxId));
@@ -49,13 +60,22 @@ export class RouteTable {
     }
     for (const route of event.routes) this.upsert(route);
     for (const id of event.removed) this.remove(id);
+    if (event.reset) for (const l of this.resetListeners) l();
   }
 
   upsert(route: SandboxRoute): void {
     const previous = this.routes.get(route.sandboxId);
     this.routes.set(route.sandboxId, route);
     this.folded.set(route.sandboxId.toLowerCase(), route.sandboxId);
-    if (!previous || previous.hostIp !== route.hostIp || previous.state !== route.state) this.emit(previous, route);
+    if (
+      !previous ||
+      previous.hostIp !== route.hostIp ||
+      previous.state !== route.state ||
+      // The ingress policy is copied to the native relay (relay-route-mirror.ts).
+      previous.trafficAccessToken !== route.trafficAccessToken ||
+      previous.maskRequestHost !== route.maskRequestHost
+    )
+      this.emit(previous, route);
   }
 
   private remove(sandboxId: string): void {

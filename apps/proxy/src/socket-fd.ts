@@ -1,0 +1,34 @@
+import { Socket } from 'node:net';
+import { fcntl } from '#native';
+
+// fcntl(2): a new descriptor for the same open socket, close-on-exec (no child inherits it).
+const F_DUPFD_CLOEXEC = 1030;
+
+/** The kernel descriptor under a connected net.Socket (libuv's TCP handle), or -1. */
+function socketFd(socket: Socket): number {
+  const handle = (socket as unknown as { _handle?: { fd?: number } | null })._handle;
+  return typeof handle?.fd === 'number' ? handle.fd : -1;
+}
+
+/**
+ * Takes a connected socket away from Node: returns a duplicate of its descriptor (the caller
+ * owns it) and destroys the JS socket. The connection itself stays open, since closing one of
+ * two descriptors of a socket sends nothing. Only for a socket that never started reading
+ * (`pauseOnConnect`): libuv has not registered it with its epoll and holds no bytes of it.
+ */
+export function detachSocketFd(socket: Socket): number {
+  const fd = socketFd(socket);
+  if (fd < 0) throw new Error('socket has no descriptor (closed, or not a TCP socket)');
+  const dup = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  socket.destroy();
+  return dup;
+}
+
+/**
+ * A connected TCP descriptor given back to Node as a socket (the socket owns it from now on,
+ * closes it when destroyed). Half-open like the client port's own sockets: a client may send
+ * its request, then FIN, then read the answer.
+ */
+export function socketFromFd(fd: number): Socket {
+  return new Socket({ fd, allowHalfOpen: true, readable: true, writable: true });
+}
