@@ -6,6 +6,7 @@ import { PrefetchInvalid, type BuildStore, type PrefetchSet } from '#storage';
 import { SandboxMemory, type DiffExportRequest, type ExportResult, type SandboxStats } from './sandbox-memory.js';
 import { RecordedPrefetch } from './recorded-prefetch.js';
 import { SourceView } from './source-view.js';
+import { SharedSources, type SharedSource } from './shared-sources.js';
 import type { ReceivedHandshake } from './handshake-listener.js';
 import { processStartTime, type SandboxRecord, type SandboxRecords } from './sandbox-record.js';
 import { RequestInvalid, SandboxExists, SandboxNotFound, SourceInvalid } from './uffd-server-errors.js';
@@ -45,6 +46,8 @@ export class SandboxRegistry {
   private readonly sandboxes = new Map<string, SandboxMemory>();
   /** Ids being prepared (resolving layers), so a duplicate is refused before it maps anything. */
   private readonly preparing = new Set<string>();
+  /** One mapping per memory file served, shared by its sandboxes. */
+  private readonly sources = new SharedSources();
 
   private readonly settings: RegistrySettings;
   private readonly builds: BuildStore;
@@ -85,6 +88,7 @@ export class SandboxRegistry {
     for (const s of this.sandboxes.values())
       if (s.socketPath === req.socketPath && s.state === 'listening')
         throw new RequestInvalid('socket_path', `sandbox ${s.sandboxId} listens there`);
+    const started = performance.now();
     this.preparing.add(req.sandboxId);
     let source: SourceView | undefined;
     try {
@@ -93,43 +97,25 @@ export class SandboxRegistry {
       let prefetchSet: PrefetchSet | undefined;
       const log = sandboxLogger(this.logger, req.sandboxId);
       if (req.buildId) {
-        const [{ header, file }, set] = await Promise.all([
-          this.builds.openBuildFile(req.buildId, 'memfile'),
-          this.settings.recordedPrefetch ? this.readPrefetch(req.buildId, log) : undefined,
-        ]);
-        blockSize = header.metadata.blockSize;
-        if (set && (set.blockSize !== blockSize || set.size !== header.metadata.size)) {
-          log.warn(
-            {
-              buildId: req.buildId,
-              setBlockSize: set.blockSize,
-              setSize: set.size,
-              blockSize,
-              size: header.metadata.size,
-            },
-            'recorded prefetch set does not match the memfile header; resuming without it',
-          );
-        } else prefetchSet = set;
+        const buildId = req.buildId;
+        const acquired = await this.sources.acquire(SharedSources.buildKey(buildId), () =>
+          this.openBuild(buildId, log),
+        );
+        source = acquired.source.view;
+        ({ blockSize, prefetchSet } = acquired.source);
         // The bucket side of the set starts now, before the VMM connects: a remote build's chunk
         // caches fetch its blocks in parallel, coalesced (libs/storage README, "Fetching"); the
         // engine's pass and the faults then find them there or in flight. Local layers: nothing.
-        if (prefetchSet) {
-          const { blocks, blockSize: bs } = prefetchSet;
-          const size = header.metadata.size;
-          void file.prefetch(blocks.map((b) => ({ offset: b * bs, length: Math.min(bs, size - b * bs) }))).then(
-            (r) => r.chunks > 0 && log.info(r, 'recorded prefetch: fetched from the bucket'),
-            (err: unknown) => log.warn({ err: (err as Error).message }, 'recorded prefetch: bucket fetch stopped'),
-          );
-        }
+        // Once per mapping: the sandboxes of the build share its chunk caches.
+        if (acquired.opened && prefetchSet) this.prefetchFromBucket(acquired.source, log);
         // Diff mappings must stay aligned to the header's blocks: the page size is a multiple of them.
-        if (pageSize !== undefined && pageSize % blockSize !== 0)
+        if (pageSize !== undefined && blockSize !== undefined && pageSize % blockSize !== 0)
           throw new SourceInvalid(
-            `build ${req.buildId}`,
+            `build ${buildId}`,
             `page size ${pageSize} is not a multiple of the header block size ${blockSize}`,
           );
-        source = await SourceView.ofLayers(file);
       } else {
-        source = SourceView.ofFile(req.memfilePath!);
+        source = (await this.acquireFile(req.memfilePath!)).view;
       }
       // A fault's window is fetched whole before it is installed: over a layer still fetched from
       // the bucket, a window larger than its chunk fetches bytes nobody touched (2 MiB windows
@@ -170,7 +156,13 @@ export class SandboxRegistry {
       });
       this.sandboxes.set(req.sandboxId, sandbox);
       log.info(
-        { socketPath: req.socketPath, memorySize: source.size, pageSize, buildId: req.buildId },
+        {
+          socketPath: req.socketPath,
+          memorySize: source.size,
+          pageSize,
+          buildId: req.buildId,
+          prepareMs: Math.round((performance.now() - started) * 100) / 100,
+        },
         'listening for the uffd handshake',
       );
       return { socketPath: req.socketPath, memorySize: source.size, pageSize: pageSize ?? 0 };
@@ -191,6 +183,47 @@ export class SandboxRegistry {
       log.warn({ buildId, problem }, 'recorded prefetch set unusable; resuming without it');
       return undefined;
     }
+  }
+
+  /** Lays a build's memory file out, with what its sandboxes need from the build (read once per mapping). */
+  private async openBuild(buildId: string, log: Logger): Promise<SharedSource> {
+    const [{ header, file }, set] = await Promise.all([
+      this.builds.openBuildFile(buildId, 'memfile'),
+      this.settings.recordedPrefetch ? this.readPrefetch(buildId, log) : undefined,
+    ]);
+    const blockSize = header.metadata.blockSize;
+    let prefetchSet: PrefetchSet | undefined;
+    if (set && (set.blockSize !== blockSize || set.size !== header.metadata.size)) {
+      log.warn(
+        { buildId, setBlockSize: set.blockSize, setSize: set.size, blockSize, size: header.metadata.size },
+        'recorded prefetch set does not match the memfile header; resuming without it',
+      );
+    } else prefetchSet = set;
+    const view = await SourceView.ofLayers(file);
+    return { view, blockSize, ...(prefetchSet ? { prefetchSet } : {}), file };
+  }
+
+  private prefetchFromBucket(source: SharedSource, log: Logger): void {
+    const { prefetchSet, file } = source;
+    if (!prefetchSet || !file) return;
+    const { blocks, blockSize: bs, size } = prefetchSet;
+    void file.prefetch(blocks.map((b) => ({ offset: b * bs, length: Math.min(bs, size - b * bs) }))).then(
+      (r) => r.chunks > 0 && log.info(r, 'recorded prefetch: fetched from the bucket'),
+      (err: unknown) => log.warn({ err: (err as Error).message }, 'recorded prefetch: bucket fetch stopped'),
+    );
+  }
+
+  /** A plain memory file's view, shared by the sandboxes of the same file on disk. */
+  private async acquireFile(path: string): Promise<SharedSource> {
+    const { source } = await this.sources.acquire(SharedSources.fileKey(path), async () => ({
+      view: SourceView.ofFile(path),
+    }));
+    return source;
+  }
+
+  /** Memory files mapped now (one per build or plain file served, however many sandboxes use it). */
+  get mappedSources(): number {
+    return this.sources.size;
   }
 
   private ended(s: SandboxMemory): void {
@@ -284,9 +317,10 @@ export class SandboxRegistry {
       fds.push(uffd);
       const memfd = r.memfdFd !== undefined ? pidfdGetfd(pidfd, r.memfdFd) : undefined;
       if (memfd !== undefined) fds.push(memfd);
-      source = r.buildId
-        ? await SourceView.ofLayers((await this.builds.openBuildFile(r.buildId, 'memfile')).file)
-        : SourceView.ofFile(r.memfilePath!);
+      const buildId = r.buildId;
+      source = buildId
+        ? (await this.sources.acquire(SharedSources.buildKey(buildId), () => this.openBuild(buildId, log))).source.view
+        : (await this.acquireFile(r.memfilePath!)).view;
       const hs: ReceivedHandshake = {
         regions: r.regions,
         pageSizeKey: 'page_size', // how the VMM spelled it no longer matters once taken

@@ -38,6 +38,9 @@ export class SourceView {
   private readonly mappedLength: number;
   private readonly segments: SourceSegment[];
   private closed = false;
+  /** Holders of the view (sandboxes of one build share it): unmapped when the last one closes it. */
+  private holders = 1;
+  private readonly unmapped: Array<() => void> = [];
 
   private constructor(address: number, size: number, mappedLength: number, segments: SourceSegment[]) {
     this.address = address;
@@ -153,7 +156,6 @@ export class SourceView {
     await Promise.all(work);
   }
 
-  /** Unmaps the view (the engine must be stopped first). Idempotent. */
   /** What the build holds at `offset` (fetched first when not here yet), into `into`. */
   async read(offset: number, into: Uint8Array): Promise<void> {
     if (offset < 0 || offset + into.length > this.size) {
@@ -163,9 +165,32 @@ export class SourceView {
     copyFromAddress(into, this.address + offset, into.length);
   }
 
+  /** True once unmapped (the last holder closed it). */
+  get isClosed(): boolean {
+    return this.closed;
+  }
+
+  /** One more holder of the view; each holder closes it once. Throws when it is unmapped already. */
+  retain(): this {
+    if (this.closed) throw new SourceInvalid('source view', 'closed');
+    this.holders++;
+    return this;
+  }
+
+  /** Called once the view is unmapped. */
+  onUnmapped(listener: () => void): void {
+    this.unmapped.push(listener);
+  }
+
+  /**
+   * Gives up one holder's share (its engine must be stopped first); the last one unmaps the
+   * view. Once unmapped, idempotent.
+   */
   close(): void {
     if (this.closed) return;
+    if (--this.holders > 0) return;
     this.closed = true;
     munmap(this.address, this.mappedLength);
+    for (const listener of this.unmapped) listener();
   }
 }
