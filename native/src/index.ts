@@ -16,3 +16,4 @@ export * from './udp-mmsg-socket.js';
 export * from './page-cache-read.js';
 export * from './file-extents.js';
 export * from './diff-copy.js';
+export * from './http-relay.js';

@@ -1,0 +1,481 @@
+import { createHash, randomBytes } from 'node:crypto';
+import { readdirSync } from 'node:fs';
+import http from 'node:http';
+import net from 'node:net';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { close, fcntl } from './fd.js';
+import { HttpRelay, type HttpRelayOptions, type RelayHandoff } from './http-relay.js';
+
+const F_DUPFD_CLOEXEC = 1030;
+const openFds = () => readdirSync('/proc/self/fd').length;
+const sha = (b: Buffer) => createHash('sha256').update(b).digest('hex');
+
+function until(cond: () => boolean, what: string, ms = 10_000): Promise<void> {
+  const start = Date.now();
+  return new Promise((resolve, reject) => {
+    const tick = () => {
+      if (cond()) resolve();
+      else if (Date.now() - start > ms) reject(new Error(`timed out waiting for ${what}`));
+      else setTimeout(tick, 5);
+    };
+    tick();
+  });
+}
+
+function listen(server: net.Server): Promise<number> {
+  return new Promise((resolve) =>
+    server.listen(0, '127.0.0.1', () => resolve((server.address() as net.AddressInfo).port)),
+  );
+}
+
+/** A raw HTTP/1.1 guest: records every request head and body as bytes, answers with `answer`. */
+class RawGuest {
+  readonly heads: string[] = [];
+  readonly bodies: Buffer[] = [];
+  readonly sockets = new Set<net.Socket>();
+  connections = 0;
+  port = 0;
+  readonly server: net.Server;
+  constructor(
+    private readonly answer: (head: string, nOnSocket: number, socket: net.Socket) => string | undefined = () =>
+      'HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok',
+  ) {
+    this.server = net.createServer((s) => {
+      this.connections++;
+      this.sockets.add(s);
+      s.on('close', () => this.sockets.delete(s));
+      s.on('error', () => {});
+      let buf = Buffer.alloc(0);
+      let n = 0;
+      s.on('data', (chunk) => {
+        buf = Buffer.concat([buf, chunk]);
+        for (;;) {
+          const end = buf.indexOf('\r\n\r\n');
+          if (end < 0) return;
+          const head = buf.toString('latin1', 0, end + 4);
+          const cl = /\r\ncontent-length: *(\d+)/i.exec(head);
+          const len = cl ? Number(cl[1]) : 0;
+          if (buf.length < end + 4 + len) return;
+          this.heads.push(head);
+          this.bodies.push(buf.subarray(end + 4, end + 4 + len));
+          buf = buf.subarray(end + 4 + len);
+          const reply = this.answer(head, ++n, s);
+          if (reply !== undefined) s.write(reply, 'latin1');
+        }
+      });
+    });
+  }
+  async start(): Promise<this> {
+    this.port = await listen(this.server);
+    return this;
+  }
+  stop(): Promise<void> {
+    for (const s of this.sockets) s.destroy();
+    return new Promise((r) => this.server.close(() => r()));
+  }
+}
+
+/** A client connection as the proxy would accept it, adopted by the relay. */
+class Front {
+  readonly handoffs: RelayHandoff[] = [];
+  readonly server: net.Server;
+  port = 0;
+  constructor(
+    readonly relay: HttpRelay,
+    watch: boolean,
+  ) {
+    if (watch) relay.onHandoff((h) => this.handoffs.push(h));
+    this.server = net.createServer({ pauseOnConnect: true }, (s) => {
+      const fd = (s as unknown as { _handle: { fd: number } })._handle.fd;
+      relay.adopt(fcntl(fd, F_DUPFD_CLOEXEC, 0), s.remoteAddress);
+      s.destroy();
+    });
+  }
+  async start(): Promise<this> {
+    this.port = await listen(this.server);
+    return this;
+  }
+  stop(): Promise<void> {
+    for (const h of this.handoffs.splice(0)) close(h.fd);
+    return new Promise((r) => this.server.close(() => r()));
+  }
+}
+
+/** A raw client: writes bytes, collects everything it reads. */
+class RawClient {
+  readonly socket: net.Socket;
+  data = Buffer.alloc(0);
+  ended = false;
+  closed = false;
+  constructor(port: number) {
+    this.socket = net.connect({ port, host: '127.0.0.1', allowHalfOpen: true });
+    this.socket.on('data', (c) => (this.data = Buffer.concat([this.data, c])));
+    this.socket.on('end', () => (this.ended = true));
+    this.socket.on('close', () => (this.closed = true));
+    this.socket.on('error', () => {});
+  }
+  send(text: string | Buffer): void {
+    this.socket.write(typeof text === 'string' ? Buffer.from(text, 'latin1') : text);
+  }
+  text(): string {
+    return this.data.toString('latin1');
+  }
+  /** Waits until `n` complete responses with Content-Length were read. */
+  async responses(n: number): Promise<string[]> {
+    let out: string[] = [];
+    await until(() => {
+      out = [];
+      let rest = this.text();
+      while (out.length < n) {
+        const end = rest.indexOf('\r\n\r\n');
+        if (end < 0) return false;
+        const len = Number(/content-length: *(\d+)/i.exec(rest.slice(0, end))?.[1] ?? 0);
+        if (rest.length < end + 4 + len) return false;
+        out.push(rest.slice(0, end + 4 + len));
+        rest = rest.slice(end + 4 + len);
+      }
+      return true;
+    }, `${n} responses`);
+    return out;
+  }
+}
+
+describe('HttpRelay', () => {
+  let relay: HttpRelay;
+  let front: Front;
+  const guests: RawGuest[] = [];
+  const clients: RawClient[] = [];
+  let fdsBefore = 0;
+
+  async function setup(o: Partial<HttpRelayOptions> = {}, watch = true): Promise<void> {
+    relay = new HttpRelay({
+      threads: 2,
+      clientIdleTimeoutMs: 30_000,
+      upstreamConnectTimeoutMs: 2_000,
+      upstreamIdleTimeoutMs: 30_000,
+      ...o,
+    });
+    front = await new Front(relay, watch).start();
+  }
+  async function guest(answer?: ConstructorParameters<typeof RawGuest>[0]): Promise<RawGuest> {
+    const g = await new RawGuest(answer).start();
+    guests.push(g);
+    return g;
+  }
+  function client(): RawClient {
+    const c = new RawClient(front.port);
+    clients.push(c);
+    return c;
+  }
+
+  beforeEach(() => {
+    fdsBefore = openFds();
+  });
+  afterEach(async () => {
+    for (const c of clients.splice(0)) c.socket.destroy();
+    await front?.stop();
+    relay?.destroy();
+    for (const g of guests.splice(0)) await g.stop();
+    // Every fd the relay had (clients, upstreams, epolls, eventfds) is closed again.
+    await until(() => openFds() <= fdsBefore, `fds back to ${fdsBefore} (now ${openFds()})`);
+  });
+
+  it('forwards keep-alive requests with the rewritten head (Host masked, token and hop-by-hop dropped, X-Forwarded-*) on one pooled upstream', async () => {
+    await setup();
+    const g = await guest();
+    relay.setRoute('Sbx-1', '127.0.0.1', 's3cret', 'inside.local');
+    const host = `${g.port}-sbx-1.example.com:5007`;
+    const c = client();
+    for (let i = 0; i < 3; i++) {
+      c.send(
+        `GET /a/${i}?q=1 HTTP/1.1\r\nHost: ${host}\r\nX-Custom:  v ${i} \r\ne2b-traffic-access-token: s3cret\r\n` +
+          `Connection: keep-alive\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\nX-Forwarded-For: 10.0.0.1\r\nx-forwarded-for: 10.0.0.2\r\n\r\n`,
+      );
+      const [r] = await c.responses(i + 1).then((all) => all.slice(i));
+      expect(r).toBe('HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok');
+    }
+    expect(g.heads).toEqual(
+      [0, 1, 2].map(
+        (i) =>
+          `GET /a/${i}?q=1 HTTP/1.1\r\nHost: inside.local\r\nX-Custom:  v ${i} \r\n` +
+          `X-Forwarded-For: 10.0.0.1, 10.0.0.2, 127.0.0.1\r\nX-Forwarded-Host: ${host}\r\nX-Forwarded-Proto: http\r\n\r\n`,
+      ),
+    );
+    expect(g.connections).toBe(1);
+    const s = relay.stats();
+    expect(s).toMatchObject({ adopted: 1, requests: 3, upstreamConnects: 1, poolReuses: 2, handoffs: 0 });
+    expect(s.responses[1]).toBe(3);
+    // Connection: close is passed on, answered, and the connection is closed after it.
+    c.send(`GET /last HTTP/1.1\r\nHost: ${host}\r\ne2b-traffic-access-token: s3cret\r\nConnection: close\r\n\r\n`);
+    await until(() => c.ended, 'client end after Connection: close');
+    expect(g.heads[3]).toContain('\r\nConnection: close\r\n\r\n');
+    await until(() => relay.stats().openClients === 0, 'client closed');
+  });
+
+  it('answers pipelined requests in order, a body in the middle, each routed on its own', async () => {
+    await setup();
+    const a = await guest((head) => `HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n${head.includes('/x') ? 'x' : 'A'}`);
+    const b = await guest(() => 'HTTP/1.1 201 Created\r\nContent-Length: 1\r\n\r\nB');
+    relay.setRoute('one', '127.0.0.1');
+    const c = client();
+    c.send(
+      `GET /1 HTTP/1.1\r\nHost: ${a.port}-one.e2b.dev\r\n\r\n` +
+        `POST /2 HTTP/1.1\r\nHost: ${b.port}-one.e2b.dev\r\nContent-Length: 5\r\n\r\nhello` +
+        `\r\nGET /x HTTP/1.1\r\nHost: ${a.port}-ONE.e2b.dev\r\n\r\n` +
+        `GET /4 HTTP/1.1\r\nHost: ${b.port}-one.e2b.dev\r\n\r\n`,
+    );
+    const rs = await c.responses(4);
+    expect(rs.map((r) => r.slice(-1))).toEqual(['A', 'B', 'x', 'B']);
+    expect(b.bodies[0]!.toString()).toBe('hello');
+    expect(a.connections + b.connections).toBe(2);
+  });
+
+  it('carries a multi-MiB chunked upload and a chunked download byte for byte, and a client that keeps pausing', async () => {
+    await setup();
+    const upload = randomBytes(6 * 1024 * 1024 + 7);
+    const download = randomBytes(9 * 1024 * 1024 + 3);
+    const up = http.createServer((req, res) => {
+      const parts: Buffer[] = [];
+      req.on('data', (p: Buffer) => parts.push(p));
+      req.on('end', () => {
+        if (req.url === '/up') res.end(sha(Buffer.concat(parts)));
+        else {
+          // Chunked: written in pieces without a length.
+          let at = 0;
+          const more = () => {
+            while (at < download.length) {
+              const piece = download.subarray(at, at + 100_000 + (at % 7919));
+              at += piece.length;
+              if (!res.write(piece)) return void res.once('drain', more);
+            }
+            res.end();
+          };
+          more();
+        }
+      });
+    });
+    const port = await listen(up);
+    relay.setRoute('big', '127.0.0.1');
+    const agent = new http.Agent({ keepAlive: true, maxSockets: 1 });
+    try {
+      const ask = (path: string, body?: Buffer, pausing = false) =>
+        new Promise<{ status: number; body: Buffer; te?: string }>((resolve, reject) => {
+          const req = http.request(
+            {
+              port: front.port,
+              host: '127.0.0.1',
+              path,
+              method: body ? 'POST' : 'GET',
+              agent,
+              headers: { host: `${port}-big.x` },
+            },
+            (res) => {
+              const parts: Buffer[] = [];
+              res.on('data', (p: Buffer) => {
+                parts.push(p);
+                if (pausing && parts.length % 5 === 0) {
+                  res.pause();
+                  setTimeout(() => res.resume(), 3);
+                }
+              });
+              res.on('end', () =>
+                resolve({ status: res.statusCode!, body: Buffer.concat(parts), te: res.headers['transfer-encoding'] }),
+              );
+            },
+          );
+          req.on('error', reject);
+          if (body) {
+            // Streamed in pieces: node sends it chunked.
+            for (let at = 0; at < body.length; at += 65_521) req.write(body.subarray(at, at + 65_521));
+          }
+          req.end();
+        });
+      const u = await ask('/up', upload);
+      expect(u.body.toString()).toBe(sha(upload));
+      const d = await ask('/down');
+      expect(d.te).toBe('chunked');
+      expect(sha(d.body)).toBe(sha(download));
+      const p = await ask('/down', undefined, true);
+      expect(sha(p.body)).toBe(sha(download));
+      const s = relay.stats();
+      expect(s.requests).toBe(3);
+      expect(s.upstreamConnects).toBe(1);
+      expect(s.handoffs).toBe(0);
+    } finally {
+      agent.destroy();
+      await new Promise((r) => up.close(r));
+    }
+  });
+
+  it('hands a connection off at the request boundary, with exactly the bytes not forwarded, for each reason', async () => {
+    await setup();
+    const g = await guest();
+    relay.setRoute('run', '127.0.0.1', 'tok');
+    const tmp = net.createServer();
+    const closed = await listen(tmp); // a port nobody listens on any more
+    await new Promise((r) => tmp.close(r));
+    const okHost = `${g.port}-run.example.com`;
+    const cases: [string, string][] = [
+      ['H2_PREFACE', 'PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x12\x04\x00'],
+      ['NO_ROUTE', `GET / HTTP/1.1\r\nHost: ${g.port}-nosuch.example.com\r\n\r\n`],
+      ['TOKEN', `GET / HTTP/1.1\r\nHost: ${okHost}\r\n\r\n`],
+      ['TOKEN', `POST / HTTP/1.1\r\nHost: ${okHost}\r\ne2b-traffic-access-token: tok2\r\nContent-Length: 3\r\n\r\nabc`],
+      [
+        'UPGRADE',
+        `GET /ws HTTP/1.1\r\nHost: ${okHost}\r\ne2b-traffic-access-token: tok\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n`,
+      ],
+      ['CONNECTION', `GET / HTTP/1.1\r\nHost: ${okHost}\r\ne2b-traffic-access-token: tok\r\nConnection: x-foo\r\n\r\n`],
+      ['VERSION', `GET / HTTP/1.0\r\nHost: ${okHost}\r\n\r\n`],
+      ['BAD_HEAD', `GET / HTTP/1.1\r\nHost: ${okHost}\r\n folded\r\n\r\n`],
+      ['BAD_HEAD', `GET / HTTP/1.1\r\nHost: ${okHost}\nX: y\r\n\r\n`],
+      ['HOST', `GET / HTTP/1.1\r\nHost: example.com\r\n\r\n`],
+      ['HOST', `GET / HTTP/1.1\r\nHost: ${okHost}\r\nHost: ${okHost}\r\n\r\n`],
+      ['FRAMING', `POST / HTTP/1.1\r\nHost: ${okHost}\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n`],
+      ['EXPECT', `POST / HTTP/1.1\r\nHost: ${okHost}\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n`],
+      ['ROUTE_HEADERS', `GET / HTTP/1.1\r\nHost: x\r\ne2b-sandbox-id: run\r\ne2b-sandbox-port: 80\r\n\r\n`],
+      ['TARGET', `GET http://${okHost}/ HTTP/1.1\r\nHost: ${okHost}\r\n\r\n`],
+      ['HEAD_TOO_LARGE', `GET / HTTP/1.1\r\nHost: ${okHost}\r\nX: ${'a'.repeat(17_000)}\r\n\r\n`],
+      ['CONNECT_FAILED', `GET / HTTP/1.1\r\nHost: ${closed}-run.example.com\r\ne2b-traffic-access-token: tok\r\n\r\n`],
+    ];
+    for (const [reason, bytes] of cases) {
+      const before = front.handoffs.length;
+      const c = client();
+      c.send(bytes);
+      await until(() => front.handoffs.length > before, `handoff ${reason}`);
+      const h = front.handoffs.splice(before, 1)[0]!;
+      expect([reason, h.reason]).toEqual([reason, reason]);
+      expect(h.bytes.toString('latin1')).toBe(bytes);
+      // The fd is the client's connection: answering on it reaches the client.
+      const s = new net.Socket({ fd: h.fd, readable: true, writable: true });
+      s.write('HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n');
+      await until(() => c.text().startsWith('HTTP/1.1 400'), 'answer through the handed-off fd');
+      s.destroy();
+    }
+    expect(g.heads).toEqual([]);
+    // After a forwarded request, the next (refused) one goes with exactly its own bytes.
+    const c = client();
+    const second = `GET /2 HTTP/1.1\r\nHost: ${okHost}\r\n\r\nGET /3 HTTP/1.1\r\n`;
+    c.send(`GET /1 HTTP/1.1\r\nHost: ${okHost}\r\ne2b-traffic-access-token: tok\r\n\r\n${second}`);
+    await c.responses(1);
+    await until(() => front.handoffs.length === 1, 'handoff after a forwarded request');
+    expect(front.handoffs[0]!.bytes.toString('latin1')).toBe(second);
+    const s = relay.stats();
+    expect(s.handoffs).toBe(cases.length + 1);
+    expect(s.handoffsByReason.TOKEN).toBe(3);
+    expect(s.openClients).toBe(0);
+  });
+
+  it('a deleted route takes effect for the next request, and its idle upstream connections are closed', async () => {
+    await setup();
+    const g = await guest();
+    relay.setRoute('gone', '127.0.0.1');
+    const c = client();
+    const req = `GET / HTTP/1.1\r\nHost: ${g.port}-gone.example.com\r\n\r\n`;
+    c.send(req);
+    await c.responses(1);
+    await until(() => relay.stats().idleUpstreams === 1, 'pooled upstream');
+    expect(relay.deleteRoute('gone')).toBe(true);
+    expect(relay.deleteRoute('gone')).toBe(false);
+    await until(() => relay.stats().openUpstreams === 0 && g.sockets.size === 0, 'idle upstream closed');
+    c.send(req);
+    await until(() => front.handoffs.length === 1, 'handoff');
+    expect(front.handoffs[0]).toMatchObject({ reason: 'NO_ROUTE' });
+    expect(front.handoffs[0]!.bytes.toString('latin1')).toBe(req);
+  });
+
+  it('sends a bodiless request again once when its pooled connection was reset before answering', async () => {
+    await setup();
+    // Each guest connection answers its first request and drops the second without a word.
+    const g = await guest((_head, n, s) => {
+      if (n === 1) return 'HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok';
+      s.destroy();
+      return undefined;
+    });
+    relay.setRoute('flaky', '127.0.0.1');
+    const c = client();
+    const req = `GET / HTTP/1.1\r\nHost: ${g.port}-flaky.example.com\r\n\r\n`;
+    c.send(req);
+    await c.responses(1);
+    c.send(req);
+    await c.responses(2);
+    expect(relay.stats()).toMatchObject({ retries: 1, requests: 2, upstreamErrors: 0 });
+    expect(g.connections).toBe(2);
+    // With a body it is not sent again: the client connection is cut.
+    c.send(`POST / HTTP/1.1\r\nHost: ${g.port}-flaky.example.com\r\nContent-Length: 1\r\n\r\nx`);
+    await until(() => c.ended || c.closed, 'client cut');
+    expect(relay.stats()).toMatchObject({ retries: 1, upstreamErrors: 1, openClients: 0 });
+  });
+
+  it('passes interim 1xx on, honours HEAD and close-delimited bodies, and closes the client after them', async () => {
+    await setup();
+    const g = await guest((head) => {
+      if (head.startsWith('HEAD')) return 'HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n';
+      if (head.startsWith('GET /hint'))
+        return 'HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nz';
+      return undefined;
+    });
+    relay.setRoute('misc', '127.0.0.1');
+    const c = client();
+    const host = `${g.port}-misc.example.com`;
+    c.send(`HEAD / HTTP/1.1\r\nHost: ${host}\r\n\r\nGET /hint HTTP/1.1\r\nHost: ${host}\r\n\r\n`);
+    await until(() => c.text().endsWith('\r\n\r\nz'), 'HEAD then 103 + 200');
+    expect(c.text()).toBe(
+      'HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nz',
+    );
+    // A response without length ends at the guest's close, then the client is closed too.
+    const g2 = await guest((_h, _n, s) => {
+      s.end('HTTP/1.1 200 OK\r\n\r\nuntil close');
+      return undefined;
+    });
+    c.send(`GET / HTTP/1.1\r\nHost: ${g2.port}-misc.example.com\r\n\r\n`);
+    await until(() => c.ended, 'client end');
+    expect(c.text().endsWith('HTTP/1.1 200 OK\r\n\r\nuntil close')).toBe(true);
+  });
+
+  it('releases everything when clients go away mid-body or mid-response, and closes idle clients', async () => {
+    await setup({ clientIdleTimeoutMs: 300 });
+    const big = Buffer.alloc(8 * 1024 * 1024, 'b');
+    const g = await guest((head) =>
+      head.startsWith('GET /big')
+        ? `HTTP/1.1 200 OK\r\nContent-Length: ${big.length}\r\n\r\n${big.toString('latin1')}`
+        : undefined,
+    );
+    relay.setRoute('cut', '127.0.0.1');
+    const host = `${g.port}-cut.example.com`;
+    const a = client();
+    a.send(`POST /up HTTP/1.1\r\nHost: ${host}\r\nContent-Length: 1000000\r\n\r\n${'x'.repeat(1000)}`);
+    const b = client();
+    b.send(`GET /big HTTP/1.1\r\nHost: ${host}\r\n\r\n`);
+    await until(() => b.data.length > 0 && g.connections === 2, 'both exchanges started');
+    a.socket.destroy();
+    b.socket.destroy();
+    await until(() => relay.stats().openClients === 0 && relay.stats().openUpstreams === 0, 'all closed');
+    await until(() => g.sockets.size === 0, 'guest sockets closed');
+    // A client that sends nothing is closed after the idle timeout.
+    const idle = client();
+    await until(() => idle.ended || idle.closed, 'idle client closed');
+    expect(relay.stats().idleCloses).toBe(1);
+  });
+
+  it('destroy closes every client, upstream and queued handoff fd it owns', async () => {
+    await setup({}, false);
+    const hold = await guest(() => undefined); // never answers: the exchange stays open
+    const g = await guest();
+    relay.setRoute('hold', '127.0.0.1');
+    const c = client();
+    c.send(`GET / HTTP/1.1\r\nHost: ${hold.port}-hold.example.com\r\n\r\n`);
+    const d = client();
+    d.send('PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n');
+    const e = client();
+    e.send(`GET / HTTP/1.1\r\nHost: ${g.port}-hold.example.com\r\n\r\n`);
+    await e.responses(1);
+    await until(
+      () => hold.heads.length === 1 && relay.stats().handoffs === 1 && relay.stats().idleUpstreams === 1,
+      'an exchange open, a handoff queued (not taken), an idle pooled upstream',
+    );
+    relay.destroy();
+    await until(() => [c, d, e].every((x) => x.ended || x.closed), 'every client connection closed');
+    await until(() => hold.sockets.size === 0 && g.sockets.size === 0, 'guest connections closed');
+    // afterEach: the process's fd count is back where it was before the relay was made.
+  });
+});
