@@ -3,22 +3,55 @@ import { sbx } from './native-library.js';
 import { check } from './syscall-error.js';
 import { watchReadable } from './uffd-serve-engine.js';
 
-const create = sbx.func('int64_t sbx_relay_create(const int64_t *params)');
-const notifyFd = sbx.func('int64_t sbx_relay_notify_fd(int64_t h)');
-const routeSet = sbx.func(
-  'int64_t sbx_relay_route_set(int64_t h, const char *sandboxId, uint32_t ip, const char *token, const char *mask)',
-);
-const routeDelete = sbx.func('int64_t sbx_relay_route_delete(int64_t h, const char *sandboxId)');
-const adopt = sbx.func('int64_t sbx_relay_adopt(int64_t h, int fd, uint32_t clientIp)');
-const nextHandoff = sbx.func('int64_t sbx_relay_next_handoff(int64_t h, int64_t *out, uint8_t *buf, uint64_t cap)');
-const stats = sbx.func('int64_t sbx_relay_stats(int64_t h, uint64_t *out, uint64_t n)');
-const destroy = sbx.func('int64_t sbx_relay_destroy(int64_t h)');
-const parseHead = sbx.func(
-  'int64_t sbx_relay_parse_head(const uint8_t *buf, uint64_t len, int64_t *out, uint8_t *text, uint64_t cap)',
-);
-const forwardHead = sbx.func(
-  'int64_t sbx_relay_forward_head(const uint8_t *buf, uint64_t len, const char *mask, uint32_t clientIp, uint8_t *dst, uint64_t cap)',
-);
+type Fn = ReturnType<typeof sbx.func>;
+
+// Declared on first use: an older libsbxnative.so without the relay must not break '#native'.
+let fns:
+  | {
+      create: Fn;
+      notifyFd: Fn;
+      routeSet: Fn;
+      routeDelete: Fn;
+      adopt: Fn;
+      nextHandoff: Fn;
+      stats: Fn;
+      destroy: Fn;
+      parseHead: Fn;
+      forwardHead: Fn;
+    }
+  | undefined;
+
+function relayFunctions(): NonNullable<typeof fns> {
+  fns ??= {
+    create: sbx.func('int64_t sbx_relay_create(const int64_t *params)'),
+    notifyFd: sbx.func('int64_t sbx_relay_notify_fd(int64_t h)'),
+    routeSet: sbx.func(
+      'int64_t sbx_relay_route_set(int64_t h, const char *sandboxId, uint32_t ip, const char *token, const char *mask)',
+    ),
+    routeDelete: sbx.func('int64_t sbx_relay_route_delete(int64_t h, const char *sandboxId)'),
+    adopt: sbx.func('int64_t sbx_relay_adopt(int64_t h, int fd, uint32_t clientIp)'),
+    nextHandoff: sbx.func('int64_t sbx_relay_next_handoff(int64_t h, int64_t *out, uint8_t *buf, uint64_t cap)'),
+    stats: sbx.func('int64_t sbx_relay_stats(int64_t h, uint64_t *out, uint64_t n)'),
+    destroy: sbx.func('int64_t sbx_relay_destroy(int64_t h)'),
+    parseHead: sbx.func(
+      'int64_t sbx_relay_parse_head(const uint8_t *buf, uint64_t len, int64_t *out, uint8_t *text, uint64_t cap)',
+    ),
+    forwardHead: sbx.func(
+      'int64_t sbx_relay_forward_head(const uint8_t *buf, uint64_t len, const char *mask, uint32_t clientIp, uint8_t *dst, uint64_t cap)',
+    ),
+  };
+  return fns;
+}
+
+/** Whether the loaded libsbxnative.so has the relay (one built before it has not: rebuild with make -C native). */
+export function httpRelayAvailable(): boolean {
+  try {
+    relayFunctions();
+    return true;
+  } catch {
+    return false;
+  }
+}
 
 /**
  * Why the relay gave a connection back (RelayHandoff.code). The bytes handed back start exactly
@@ -132,10 +165,10 @@ export class HttpRelay {
       BigInt(maxHead),
       BigInt(o.upstreamResponseTimeoutMs ?? 0),
     ]);
-    const h = create(params) as bigint | number;
+    const h = relayFunctions().create(params) as bigint | number;
     check('sbx_relay_create', typeof h === 'bigint' && h > 0n ? 0 : h);
     this.handle = h;
-    this.notifyFd = Number(notifyFd(h));
+    this.notifyFd = Number(relayFunctions().notifyFd(h));
     // A handoff carries at most maxHead + 64 KiB of read-ahead.
     this.buf = Buffer.allocUnsafe(maxHead + 64 * 1024);
   }
@@ -144,12 +177,12 @@ export class HttpRelay {
   setRoute(sandboxId: string, hostIpv4: string, token = '', maskHost = ''): void {
     const ip = ipv4HostOrder(hostIpv4);
     if (!ip) throw new Error(`setRoute(${sandboxId}): ${hostIpv4} is not an IPv4 address`);
-    check('sbx_relay_route_set', routeSet(this.live(), sandboxId, ip, token, maskHost), sandboxId);
+    check('sbx_relay_route_set', relayFunctions().routeSet(this.live(), sandboxId, ip, token, maskHost), sandboxId);
   }
 
   /** Requests for it are handed off from now on; its idle upstream connections are closed. False if unknown. */
   deleteRoute(sandboxId: string): boolean {
-    const rc = Number(routeDelete(this.live(), sandboxId));
+    const rc = Number(relayFunctions().routeDelete(this.live(), sandboxId));
     if (rc === -2) return false;
     check('sbx_relay_route_delete', rc, sandboxId);
     return true;
@@ -160,12 +193,12 @@ export class HttpRelay {
    * On an error the fd is not taken. `clientAddress`: for X-Forwarded-For (IPv4 only).
    */
   adopt(fd: number, clientAddress?: string): void {
-    check('sbx_relay_adopt', adopt(this.live(), fd, ipv4HostOrder(clientAddress)));
+    check('sbx_relay_adopt', relayFunctions().adopt(this.live(), fd, ipv4HostOrder(clientAddress)));
   }
 
   /** One queued handoff, or null (the notify fd is cleared when the queue is empty). */
   nextHandoff(): RelayHandoff | null {
-    const rc = Number(nextHandoff(this.live(), this.out, this.buf, this.buf.length));
+    const rc = Number(relayFunctions().nextHandoff(this.live(), this.out, this.buf, this.buf.length));
     check('sbx_relay_next_handoff', rc);
     if (rc === 0) return null;
     const code = Number(this.out[2]);
@@ -186,7 +219,7 @@ export class HttpRelay {
   }
 
   stats(): HttpRelayStats {
-    stats(this.live(), this.statsOut, STAT_COUNT);
+    relayFunctions().stats(this.live(), this.statsOut, STAT_COUNT);
     const s = Array.from(this.statsOut, Number);
     const byReason: Partial<Record<RelayHandoffReasonName, number>> = {};
     for (const [code, name] of Object.entries(RelayHandoffReason)) {
@@ -221,7 +254,7 @@ export class HttpRelay {
     this.destroyed = true;
     this.watch?.close();
     this.watch = undefined;
-    destroy(this.handle);
+    relayFunctions().destroy(this.handle);
   }
 
   private live(): bigint | number {
@@ -250,7 +283,7 @@ export type RelayHeadVerdict =
 export function relayParseHead(buf: Buffer): RelayHeadVerdict {
   const out = new BigInt64Array(8);
   const text = Buffer.alloc(64);
-  const rc = Number(parseHead(buf, buf.length, out, text, text.length));
+  const rc = Number(relayFunctions().parseHead(buf, buf.length, out, text, text.length));
   if (rc === 0) return { kind: 'more' };
   if (rc === 2) {
     const code = Number(out[0]);
@@ -274,6 +307,8 @@ export function relayParseHead(buf: Buffer): RelayHeadVerdict {
 /** The head the relay would forward for an accepted head (no leading blank lines), or undefined. */
 export function relayForwardHead(head: Buffer, maskHost: string, clientAddress?: string): string | undefined {
   const dst = Buffer.allocUnsafe(2 * head.length + 2048);
-  const n = Number(forwardHead(head, head.length, maskHost, ipv4HostOrder(clientAddress), dst, dst.length));
+  const n = Number(
+    relayFunctions().forwardHead(head, head.length, maskHost, ipv4HostOrder(clientAddress), dst, dst.length),
+  );
   return n > 0 ? dst.toString('latin1', 0, n) : undefined;
 }
