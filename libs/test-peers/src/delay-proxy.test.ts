@@ -1,3 +1,5 @@
+import { execFile, execFileSync } from 'node:child_process';
+import { promisify } from 'node:util';
 import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -29,8 +31,32 @@ describe('DelayProxy', () => {
     ]);
     expect(performance.now() - t0).toBeGreaterThanOrEqual(30);
     expect(answers).toEqual(['GET /a 0', `POST /b ${body.length}`]);
+    // Two requests seen (the 3 MiB body holds no request line), every answer byte counted.
+    expect(proxy.counters.requests).toBe(2);
+    expect(proxy.counters.bytesAnswered).toBeGreaterThan(answers.join('').length);
     await proxy.stop();
     await expect(fetch(`${proxy.endpoint}/c`)).rejects.toThrow();
+  });
+
+  it('listens inside a network namespace given, still reaching its target from here', async () => {
+    const ns = `dp${process.pid % 100000}`;
+    execFileSync('ip', ['netns', 'add', ns]);
+    try {
+      execFileSync('ip', ['-n', ns, 'link', 'set', 'lo', 'up']);
+      const proxy = await DelayProxy.start({ host: '127.0.0.1', port }, 0, { netns: `/run/netns/${ns}` });
+      try {
+        // Not execFileSync: the proxy relays on this process's event loop.
+        const { stdout } = await promisify(execFile)('ip', ['netns', 'exec', ns, 'curl', '-s', `${proxy.endpoint}/x`]);
+        expect(stdout).toBe('GET /x 0');
+        expect(proxy.counters.requests).toBe(1);
+        // Not on this namespace's loopback.
+        await expect(fetch(`${proxy.endpoint}/y`)).rejects.toThrow();
+      } finally {
+        await proxy.stop();
+      }
+    } finally {
+      execFileSync('ip', ['netns', 'del', ns]);
+    }
   });
 
   it('refuses a negative delay', async () => {

@@ -1,5 +1,9 @@
 import { createServer, connect, type Server, type Socket } from 'node:net';
 import type { AddressInfo } from 'node:net';
+import { NetnsSwitch } from '#native';
+
+/** The start of an HTTP/1.x request (GCS range reads and uploads), counted by the proxy. */
+const REQUEST_LINE = /(?:^|\r\n)(?:GET|HEAD|POST|PUT|PATCH|DELETE) \S+ HTTP\/1\.[01]\r\n/g;
 
 /**
  * A TCP proxy on 127.0.0.1 that holds every piece of data a client sends for `delayMs` before
@@ -8,6 +12,11 @@ import type { AddressInfo } from 'node:net';
  * requests on several connections still overlap and bandwidth is not cut.
  */
 export class DelayProxy {
+  /**
+   * HTTP requests seen from clients (request lines at the start of a piece or after a CRLF) and
+   * bytes answered to them (headers included): what a bucket behind this proxy was asked and sent.
+   */
+  readonly counters = { requests: 0, bytesAnswered: 0 };
   private readonly sockets = new Set<Socket>();
   private readonly timers = new Set<NodeJS.Timeout>();
 
@@ -16,13 +25,31 @@ export class DelayProxy {
     readonly endpoint: string,
   ) {}
 
-  static async start(target: { host: string; port: number }, delayMs: number): Promise<DelayProxy> {
+  /**
+   * With `netns` (a namespace file such as /run/netns/x) the listening socket is made inside that
+   * network namespace, for clients there (a node's services); it still connects to `target` from
+   * this process's namespace.
+   */
+  static async start(
+    target: { host: string; port: number },
+    delayMs: number,
+    options: { netns?: string } = {},
+  ): Promise<DelayProxy> {
     if (!Number.isFinite(delayMs) || delayMs < 0) throw new RangeError(`delay ${delayMs} ms invalid`);
     const holder: { proxy?: DelayProxy } = {};
     const server = createServer((client) => holder.proxy?.relay(client, target, delayMs));
     await new Promise<void>((resolve, reject) => {
       server.once('error', reject);
-      server.listen(0, '127.0.0.1', () => resolve());
+      server.once('listening', () => resolve());
+      if (options.netns) {
+        // listen() without a host binds synchronously, on the thread setns(2) switched.
+        const inNetns = new NetnsSwitch();
+        try {
+          inNetns.run(options.netns, () => server.listen(0));
+        } finally {
+          inNetns.close();
+        }
+      } else server.listen(0, '127.0.0.1');
     });
     holder.proxy = new DelayProxy(server, `http://127.0.0.1:${(server.address() as AddressInfo).port}`);
     return holder.proxy;
@@ -64,8 +91,12 @@ export class DelayProxy {
       );
       this.timers.add(timer);
     };
-    client.on('data', (data) => hold(() => upstream.write(data)));
+    client.on('data', (data: Buffer) => {
+      this.counters.requests += data.toString('latin1').match(REQUEST_LINE)?.length ?? 0;
+      hold(() => upstream.write(data));
+    });
     client.on('end', () => hold(() => upstream.end()));
+    upstream.on('data', (data: Buffer) => (this.counters.bytesAnswered += data.length));
     upstream.pipe(client);
   }
 }
