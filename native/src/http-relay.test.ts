@@ -457,6 +457,73 @@ describe('HttpRelay', () => {
     expect(relay.stats().idleCloses).toBe(1);
   });
 
+  it('answers a request whose client half-closed after sending it, then closes', async () => {
+    await setup();
+    const g = await guest();
+    relay.setRoute('half', '127.0.0.1');
+    const c = client();
+    c.socket.end(`GET / HTTP/1.1\r\nHost: ${g.port}-half.example.com\r\n\r\n`);
+    await until(() => c.ended, 'answer then end');
+    expect(c.text()).toBe('HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok');
+    await until(() => relay.stats().openClients === 0, 'client released');
+  });
+
+  it('cuts both sides on broken chunked framing from a client, and on a guest that does not answer in time', async () => {
+    await setup({ upstreamResponseTimeoutMs: 300 });
+    const silent = await guest(() => undefined);
+    relay.setRoute('bad', '127.0.0.1');
+    const a = client();
+    a.send(
+      `POST / HTTP/1.1\r\nHost: ${silent.port}-bad.example.com\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n`,
+    );
+    await until(() => a.ended || a.closed, 'client cut on bad framing');
+    expect(relay.stats().clientFramingErrors).toBe(1);
+    const b = client();
+    b.send(`GET / HTTP/1.1\r\nHost: ${silent.port}-bad.example.com\r\n\r\n`);
+    await until(() => b.ended || b.closed, 'client cut after the response timeout');
+    expect(b.data.length).toBe(0);
+    expect(relay.stats()).toMatchObject({ upstreamErrors: 1, openClients: 0, openUpstreams: 0 });
+    await until(() => silent.sockets.size === 0, 'guest connections closed');
+  });
+
+  it('drops the rest of a body the guest answered early, closes that upstream, and keeps the client', async () => {
+    await setup();
+    // Answers 413 as soon as it sees a POST head; 200 for anything else.
+    const sockets = new Set<net.Socket>();
+    const early = net.createServer((s) => {
+      sockets.add(s);
+      let seen = '';
+      s.on('error', () => {});
+      s.on('data', (d) => {
+        seen += d.toString('latin1');
+        if (seen.startsWith('POST') && seen.includes('\r\n\r\n')) {
+          s.write('HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\n\r\n');
+          seen = '!';
+        } else if (seen.startsWith('GET') && seen.includes('\r\n\r\n')) {
+          s.write('HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok');
+          seen = '';
+        }
+      });
+    });
+    const port = await listen(early);
+    try {
+      relay.setRoute('early', '127.0.0.1');
+      const c = client();
+      const host = `${port}-early.example.com`;
+      c.send(`POST / HTTP/1.1\r\nHost: ${host}\r\nContent-Length: 300000\r\n\r\n${'y'.repeat(1000)}`);
+      await c.responses(1);
+      c.send('y'.repeat(299_000));
+      c.send(`GET / HTTP/1.1\r\nHost: ${host}\r\n\r\n`);
+      const [first, second] = await c.responses(2);
+      expect(first).toContain('413');
+      expect(second).toBe('HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok');
+      expect(relay.stats()).toMatchObject({ upstreamConnects: 2, requests: 2, openClients: 1 });
+    } finally {
+      for (const s of sockets) s.destroy();
+      await new Promise((r) => early.close(r));
+    }
+  });
+
   it('destroy closes every client, upstream and queued handoff fd it owns', async () => {
     await setup({}, false);
     const hold = await guest(() => undefined); // never answers: the exchange stays open

@@ -201,7 +201,9 @@ struct upstream {
   uint16_t port;
   uint64_t gen;
   int state;
-  uint8_t can_read, can_write, eof, dead;
+  /* hup: the peer's FIN (or an error) was signalled; with edge triggering no further edge comes,
+   * so a short read no longer means "drained": reading goes on until it returns 0. */
+  uint8_t can_read, can_write, eof, dead, hup;
   struct client *owner;
 };
 
@@ -213,7 +215,7 @@ struct client {
   struct timer tm;      /* idle between requests, or linger */
   struct timer resp_tm; /* upstream response timeout */
   int rq, rs;
-  uint8_t can_read, can_write, eof, dead, linger, in_pump;
+  uint8_t can_read, can_write, eof, dead, linger, in_pump, hup; /* hup: as in struct upstream */
   uint8_t bodiless, head_method, close_after, reusable, retried, reused_up, resp_started, counted;
   void *bufs;
   uint8_t *cin, *hout, *uin;
@@ -1047,7 +1049,7 @@ static int client_read(struct client *c) {
   ssize_t n = read(c->fd, c->cin + c->cend, space);
   if (n > 0) {
     c->cend += (uint32_t)n;
-    if ((size_t)n < space) c->can_read = 0;
+    if ((size_t)n < space && !c->hup) c->can_read = 0;
     if (c->rq == RQ_HEAD) timer_set(&c->t->t_idle, &c->tm, c->t->now + c->t->r->idle_ms);
     return 1;
   }
@@ -1279,7 +1281,7 @@ static int upstream_read(struct client *c) {
   size_t space = UIN_CAP - c->uend;
   ssize_t n = read(u->fd, c->uin + c->uend, space);
   if (n > 0) {
-    if ((size_t)n < space) u->can_read = 0;
+    if ((size_t)n < space && !u->hup) u->can_read = 0;
     c->uend += (uint32_t)n;
     if (!c->resp_started) {
       c->resp_started = 1;
@@ -1456,6 +1458,7 @@ static void upstream_event(struct upstream *u, uint32_t ev) {
     return;
   }
   struct client *c = u->owner;
+  if (ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) u->hup = 1;
   if (ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) u->can_read = 1;
   if (ev & (EPOLLOUT | EPOLLHUP | EPOLLERR)) u->can_write = 1;
   if (u->state == UP_CONNECTING) {
@@ -1480,6 +1483,7 @@ static void upstream_event(struct upstream *u, uint32_t ev) {
 
 static void client_event(struct client *c, uint32_t ev) {
   if (c->dead) return;
+  if (ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) c->hup = 1;
   if (ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) c->can_read = 1;
   if (ev & (EPOLLOUT | EPOLLHUP | EPOLLERR)) c->can_write = 1;
   pump(c);
