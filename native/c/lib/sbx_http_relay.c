@@ -1435,23 +1435,30 @@ static void run_commands(struct thread *t) {
   uint64_t v;
   ssize_t rd = read(t->wake_fd, &v, sizeof(v));
   (void)rd;
-  for (;;) {
-    pthread_mutex_lock(&t->qlock);
-    if (!t->qn) {
-      pthread_mutex_unlock(&t->qlock);
-      return;
-    }
-    struct cmd cmd = t->q[0];
-    memmove(t->q, t->q + 1, (t->qn - 1) * sizeof(*t->q));
-    t->qn--;
-    pthread_mutex_unlock(&t->qlock);
-    if (cmd.kind == CMD_ADOPT) client_adopt(t, cmd.fd, cmd.ip);
-    else drop_ip(t, cmd.ip);
+  /* The whole queue at once (an accept burst is thousands of fds); the array is kept for reuse. */
+  pthread_mutex_lock(&t->qlock);
+  struct cmd *q = t->q;
+  size_t n = t->qn, cap = t->qcap;
+  t->q = NULL;
+  t->qn = t->qcap = 0;
+  pthread_mutex_unlock(&t->qlock);
+  for (size_t i = 0; i < n; i++) {
+    if (q[i].kind == CMD_ADOPT) client_adopt(t, q[i].fd, q[i].ip);
+    else drop_ip(t, q[i].ip);
   }
+  pthread_mutex_lock(&t->qlock);
+  if (!t->q && q) {
+    t->q = q;
+    t->qcap = cap;
+    q = NULL;
+  }
+  pthread_mutex_unlock(&t->qlock);
+  free(q);
 }
 
 static void upstream_event(struct upstream *u, uint32_t ev) {
   if (u->dead) return;
+  if (ev & EPOLLOUT) u->can_write = 1;
   if (u->state == UP_IDLE) {
     /* Bytes, a FIN or an error on an idle connection: it cannot serve the next request. */
     if (ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) upstream_close(u);
