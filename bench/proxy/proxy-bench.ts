@@ -1,7 +1,8 @@
 /**
- * bench/proxy/run.sh: wrk direct, through our proxy and through nginx, against one server in a
+ * bench/proxy/run.sh: wrk direct, through our proxy (native data path, and the Node path as a
+ * second proxy on its own port) and through nginx, against one server in a
  * sandbox's guest network, on a whole node (apps/proxy/test/proxy-node.ts) in a throwaway
- * namespace. Rounds alternate the three targets so drift on a shared machine hits each alike.
+ * namespace. Rounds alternate the targets so drift on a shared machine hits each alike.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
@@ -10,9 +11,12 @@ import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { unary } from '#grpc';
 import type { SandboxConfig } from '#proto/orchestrator';
+import type { ServiceProcess } from '#test-kit';
 import { HTTP_PORT, PROXY_PORT, ProxyNode } from '../../apps/proxy/test/proxy-node.js';
 
 const NGINX_PORT = 5100;
+// Our proxy on the Node data path, beside the native one on PROXY_PORT.
+const NODE_PATH_PORT = 5008;
 
 const benchSandbox: SandboxConfig = {
   templateId: 'base',
@@ -142,9 +146,12 @@ async function main(): Promise<void> {
   const path = `/download?bytes=${Number(values['body-bytes'])}`;
   const work = await mkdtemp(join(tmpdir(), 'sbx-bench-proxy-'));
   console.log('bench/proxy: starting a node (services, vmm-sim guest) and the proxy…');
-  const px = await ProxyNode.start('bp', ['--workers', String(workerCounts[0])]);
+  const proxyArgs = (path: 'native' | 'node', workers: number) => ['--data-path', path, '--workers', String(workers)];
+  const px = await ProxyNode.start('bp', proxyArgs('native', workerCounts[0]!));
   let nginx: ChildProcess | undefined;
-  const table: { workers: number; direct: Summary; ours: Summary; nginx: Summary }[] = [];
+  let nodePath: ServiceProcess | undefined;
+  const names = ['direct', 'native', 'node', 'nginx'] as const;
+  const table: ({ workers: number } & Record<(typeof names)[number], Summary>)[] = [];
   try {
     await unary(
       px.node.client,
@@ -158,10 +165,13 @@ async function main(): Promise<void> {
 
     for (const [i, workers] of workerCounts.entries()) {
       // The same number of processes for both proxies: the ratio compares like with like.
+      // --workers N: relay threads in one process (native), processes (node).
       if (i > 0) {
         await px.stopProxy();
-        await px.startProxy(['--workers', String(workers)]);
+        await px.startProxy(proxyArgs('native', workers));
       }
+      await nodePath?.stop();
+      nodePath = await px.startSecondProxy(NODE_PATH_PORT, proxyArgs('node', workers));
       await stopNginx(nginx);
       await writeFile(join(work, 'nginx.conf'), nginxConfig(work, workers, hostIp));
       nginx = spawn(
@@ -183,10 +193,16 @@ async function main(): Promise<void> {
       const targets = [
         { name: 'direct', url: `http://${hostIp}:${HTTP_PORT}${path}`, header: [] as string[], pgid: 0 },
         {
-          name: 'ours',
+          name: 'native',
           url: `http://127.0.0.1:${PROXY_PORT}${path}`,
           header: ['-H', `Host: ${host}`],
           pgid: px.proxy!.child.pid!,
+        },
+        {
+          name: 'node',
+          url: `http://127.0.0.1:${NODE_PATH_PORT}${path}`,
+          header: ['-H', `Host: ${host}`],
+          pgid: nodePath.child.pid!,
         },
         { name: 'nginx', url: `http://127.0.0.1:${NGINX_PORT}${path}`, header: [] as string[], pgid: nginx.pid! },
       ];
@@ -237,33 +253,42 @@ async function main(): Promise<void> {
           cpu: median(rs.map((r) => r.cpuUsPerRequest ?? 0)),
         };
       };
-      table.push({ workers, direct: summary('direct'), ours: summary('ours'), nginx: summary('nginx') });
+      table.push({
+        workers,
+        direct: summary('direct'),
+        native: summary('native'),
+        node: summary('node'),
+        nginx: summary('nginx'),
+      });
     }
 
     console.log(
       `\nwrk -t${values.threads} -c${values.connections} -d${seconds}s, ${values['body-bytes']} B bodies, ${rounds} rounds (medians); ` +
-        'workers = proxy --workers and nginx worker_processes alike',
+        'workers = proxy --workers (native: relay threads in one process; node: processes) and nginx worker_processes alike',
     );
     console.log('workers target   req/s     p50 ms   p99 ms   proxy cpu µs/req');
     for (const row of table) {
-      for (const name of ['direct', 'ours', 'nginx'] as const) {
+      for (const name of names) {
         const s = row[name];
         console.log(
           `${String(row.workers).padStart(7)} ${name.padEnd(8)} ${s.rps.toFixed(0).padStart(7)}   ${s.p50.toFixed(2).padStart(6)}   ${s.p99.toFixed(2).padStart(6)}   ${name === 'direct' ? '' : s.cpu.toFixed(1).padStart(6)}`,
         );
       }
     }
-    for (const { workers, direct, ours, nginx: peer } of table) {
-      console.log(
-        `\nworkers ${workers}: ours / nginx requests/s ${(ours.rps / peer.rps).toFixed(2)} (goal >= 1); ours / direct ${(ours.rps / direct.rps).toFixed(2)}; ` +
-          `proxy CPU per request ours / nginx ${(ours.cpu / peer.cpu).toFixed(2)}`,
-      );
-      console.log(
-        `workers ${workers}: added p99 over direct: ours ${(ours.p99 - direct.p99).toFixed(2)} ms, nginx ${(peer.p99 - direct.p99).toFixed(2)} ms (goal <= 1 ms)`,
-      );
+    for (const { workers, direct, nginx: peer, ...ours } of table) {
+      console.log('');
+      for (const name of ['native', 'node'] as const) {
+        const o = ours[name];
+        console.log(
+          `workers ${workers} ${name.padEnd(6)}: ours / nginx requests/s ${(o.rps / peer.rps).toFixed(2)} (goal >= 1); ours / direct ${(o.rps / direct.rps).toFixed(2)}; ` +
+            `proxy CPU per request ours / nginx ${(o.cpu / peer.cpu).toFixed(2)}; added p99 over direct ${(o.p99 - direct.p99).toFixed(2)} ms (goal <= 1 ms)`,
+        );
+      }
+      console.log(`workers ${workers} nginx : added p99 over direct ${(peer.p99 - direct.p99).toFixed(2)} ms`);
     }
   } finally {
     await stopNginx(nginx);
+    await nodePath?.stop();
     await px.stop();
     await rm(work, { recursive: true, force: true });
   }

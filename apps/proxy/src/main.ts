@@ -2,6 +2,7 @@ import cluster from 'node:cluster';
 import { ConfigInvalid, describeConfig, loadConfig } from '#config';
 import { onShutdownSignals } from '#grpc';
 import { createLogger } from '#logging';
+import { chooseDataPath } from './native-relay.js';
 import { proxyConfigSchema } from './proxy-config.js';
 import { startProxy } from './proxy-service.js';
 import { startProxyWorkers, WORKER_READY } from './worker-cluster.js';
@@ -26,7 +27,12 @@ options (each also read from the environment as SBX_PROXY_<NAME>):
   --resume-timeout-ms <ms>            wait for a sandbox to resume or start (default 60000)
   --max-idle-upstream-sockets <n>     idle keep-alive connections per sandbox port (default 128)
   --client-idle-timeout-ms <ms>       close idle client connections (default 620000)
-  --workers <n>                       processes sharing the client port (default 1)
+  --data-path <native|node>           who carries HTTP/1.1: the C relay of libsbxnative on its own
+                                      threads, handing everything else to Node, or Node alone
+                                      (default native when libsbxnative has the relay)
+  --workers <n>                       native: relay threads in this process; node: processes
+                                      sharing the client port (default 1)
+  --upstream-idle-timeout-ms <ms>     native: close pooled sandbox connections idle this long (default 4000)
   --metrics-port <port>               Prometheus metrics on 127.0.0.1, 0 = off (default 9465)
   --log-level <level>                 pino level (default info)
 
@@ -61,7 +67,7 @@ export async function main(argv: string[]): Promise<number> {
     const proxy = await startProxy(config, logger, true);
     onShutdownSignals(logger, () => proxy.stop());
     process.send?.(WORKER_READY);
-  } else if (config.workers > 1) {
+  } else if (config.workers > 1 && chooseDataPath(config.dataPath) === 'node') {
     logger.info({ config: describeConfig(config) }, 'proxy starting');
     const workers = await startProxyWorkers(config, logger);
     onShutdownSignals(logger, () => workers.stop());

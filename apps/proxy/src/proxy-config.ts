@@ -54,11 +54,26 @@ export const proxyConfigSchema = z.object({
   upstreamConnectTimeoutMs: int(100, 600_000).default(10_000),
   /** A request whose sandbox must be resumed (or is still starting) waits at most this long. */
   resumeTimeoutMs: int(100, 600_000).default(60_000),
+  /**
+   * The native relay closes a pooled sandbox connection idle this long: below Node's default
+   * 5 s server keep-alive, so it seldom reuses one the guest is closing.
+   */
+  upstreamIdleTimeoutMs: int(100, 3_600_000).default(4_000),
   /** Idle keep-alive connections kept per sandbox port. */
   maxIdleUpstreamSockets: int(0, 10_000).default(128),
   /** Client connections idle this long are closed (a WebSocket or h2 stream in use is not idle). */
   clientIdleTimeoutMs: int(1000, 3_600_000).default(620_000),
-  /** Processes sharing the client port (node:cluster); 1 = this process serves alone. */
+  /**
+   * Who carries HTTP/1.1 requests: `native`, the C relay (libsbxnative's sbx_http_relay) on its
+   * own threads for well-formed keep-alive requests to running sandboxes, everything else handed
+   * back to the Node path; `node`, the Node path alone. Unset: native when libsbxnative has the
+   * relay, node otherwise.
+   */
+  dataPath: z.enum(['native', 'node']).optional(),
+  /**
+   * With `--data-path node`: processes sharing the client port (node:cluster; 1 = this process
+   * serves alone). With `native`: the relay's threads, in this one process.
+   */
   workers: int(1, 256).default(1),
   /** Prometheus metrics on 127.0.0.1; 0 = off. */
   metricsPort: int(0, 65535).default(9465),

@@ -4,6 +4,7 @@ import { AggregatorRegistry } from 'prom-client';
 import { createRegistry, startMetricsServer } from '#metrics';
 import { H2Forwarder } from './h2-forwarder.js';
 import { Http1Forwarder } from './http1-forwarder.js';
+import { chooseDataPath, NativeRelay } from './native-relay.js';
 import { ProtocolListener } from './protocol-listener.js';
 import type { ProxyConfig } from './proxy-config.js';
 import { ProxyMetrics } from './proxy-metrics.js';
@@ -13,6 +14,7 @@ import { RouteWatch } from './route-watch.js';
 import { TcpForwarder } from './tcp-forwarder.js';
 
 export interface RunningProxy {
+  readonly dataPath: 'native' | 'node';
   readonly host: string;
   readonly port: number;
   /** Listening port of each `--tcp-forward`, in order. */
@@ -80,7 +82,27 @@ export async function startProxy(
     });
     watch.start();
 
-    const listener = await ProtocolListener.start({
+    const dataPath = chooseDataPath(config.dataPath);
+    let listener: ProtocolListener | undefined = undefined;
+    let relay: NativeRelay | undefined;
+    if (dataPath === 'native') {
+      const native = new NativeRelay({
+        threads: config.workers,
+        clientIdleTimeoutMs: config.clientIdleTimeoutMs,
+        upstreamConnectTimeoutMs: config.upstreamConnectTimeoutMs,
+        upstreamIdleTimeoutMs: config.upstreamIdleTimeoutMs,
+        table,
+        logger,
+        // Handoffs come only for connections the listener gave the relay: it is set by then.
+        onHandoff: (socket, seen) => listener!.serve(socket, seen),
+      });
+      relay = native;
+      // Closed after the listener (teardown runs backwards): no new connection reaches it then.
+      teardown.push(() => native.close());
+      metrics.addNativeRelay(native);
+    }
+
+    listener = await ProtocolListener.start({
       host: config.listen.host,
       port: config.listen.port,
       http1,
@@ -88,8 +110,10 @@ export async function startProxy(
       metrics,
       logger,
       idleTimeoutMs: config.clientIdleTimeoutMs,
+      relay,
     });
-    teardown.push(() => listener.close());
+    const started = listener;
+    teardown.push(() => started.close());
     const tcpPorts: number[] = [];
     for (const forward of config.tcpForward) {
       const tcp = await TcpForwarder.start({ ...common, forward, host: config.tcpHost });
@@ -117,14 +141,17 @@ export async function startProxy(
       {
         host: config.listen.host,
         port: listener.port,
+        dataPath,
+        ...(relay ? { relayThreads: config.workers } : {}),
         tcpPorts,
         orchestrator: config.orchestratorSocket,
         controlSocket,
       },
-      'proxy serving (http/1.1, websocket, h2c)',
+      `proxy serving (http/1.1, websocket, h2c; data path ${dataPath})`,
     );
     let stopping: Promise<void> | undefined;
     return {
+      dataPath,
       host: config.listen.host,
       port: listener.port,
       tcpPorts,

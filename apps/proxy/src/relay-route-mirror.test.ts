@@ -11,6 +11,8 @@ class RecordingRelay implements RelayRoutes {
   readonly calls: string[] = [];
   readonly routes = new Map<string, string>();
   setRoute(id: string, hostIp: string, token: string, maskHost: string): void {
+    // As the relay does: a masked Host it cannot write is refused (EINVAL).
+    if (/[^\x21-\x7e]/.test(maskHost)) throw new Error('EINVAL');
     this.calls.push(`set ${id} ${hostIp} ${token || '-'} ${maskHost || '-'}`);
     this.routes.set(id, hostIp);
   }
@@ -105,5 +107,17 @@ describe('RelayRouteMirror', () => {
     const relay = new RecordingRelay();
     new RelayRouteMirror(table, relay);
     expect(relay.calls).toEqual(['set a 10.11.0.2 - -']);
+  });
+
+  it('leaves a sandbox the relay refuses to the Node path, dropping its older route', () => {
+    const table = new RouteTable();
+    const relay = new RecordingRelay();
+    const mirror = new RelayRouteMirror(table, relay);
+    table.upsert(route('a', RUNNING));
+    table.upsert(route('a', RUNNING, '10.11.0.2', { maskRequestHost: 'bad host' }));
+    expect(relay.calls).toEqual(['set a 10.11.0.2 - -', 'delete a']);
+    expect(mirror.size).toBe(0);
+    table.upsert(route('a', RUNNING, '10.11.0.2', { maskRequestHost: 'good' }));
+    expect(relay.calls.at(-1)).toBe('set a 10.11.0.2 - good');
   });
 });

@@ -1,10 +1,14 @@
 import { isIPv4 } from 'node:net';
+import type { Logger } from '#logging';
 import { RouteState, type SandboxRoute } from '#proto/sbx/routing';
 import type { RouteTable } from './route-table.js';
 
 /** The route calls of the native relay (native-relay.ts): what it may forward on its own. */
 export interface RelayRoutes {
-  /** A running sandbox the relay may forward to (replaces what it had for that id). */
+  /**
+   * A running sandbox the relay may forward to (replaces what it had for that id). Throws when
+   * the relay cannot hold it (an id, token or masked Host outside what it accepts).
+   */
   setRoute(sandboxId: string, hostIp: string, token: string, maskHost: string): void;
   /** No more native requests for that sandbox (its pooled upstream connections closed too). */
   deleteRoute(sandboxId: string): void;
@@ -29,6 +33,7 @@ export class RelayRouteMirror {
   constructor(
     private readonly table: RouteTable,
     private readonly relay: RelayRoutes,
+    private readonly logger?: Logger,
   ) {
     table.onChange((previous, current) => this.changed(previous?.sandboxId ?? current!.sandboxId, current));
     table.onReset(() => this.resync());
@@ -45,9 +50,16 @@ export class RelayRouteMirror {
     if (current?.state === RouteState.ROUTE_STATE_RUNNING && isIPv4(current.hostIp)) {
       const k = key(current);
       if (this.mirrored.get(sandboxId) === k) return;
-      this.relay.setRoute(sandboxId, current.hostIp, current.trafficAccessToken ?? '', current.maskRequestHost ?? '');
-      this.mirrored.set(sandboxId, k);
-    } else if (this.mirrored.delete(sandboxId)) {
+      try {
+        this.relay.setRoute(sandboxId, current.hostIp, current.trafficAccessToken ?? '', current.maskRequestHost ?? '');
+        this.mirrored.set(sandboxId, k);
+        return;
+      } catch (err) {
+        // The Node path serves this sandbox alone; an older route in the relay must not stay.
+        this.logger?.info({ sandboxId, err: (err as Error).message }, 'route left to the Node data path');
+      }
+    }
+    if (this.mirrored.delete(sandboxId)) {
       this.relay.deleteRoute(sandboxId);
     }
   }

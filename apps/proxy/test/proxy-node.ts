@@ -98,6 +98,37 @@ export class ProxyNode {
     this.proxies.push(this.proxy);
   }
 
+  /**
+   * One more proxy beside the main one (the bench's other data path): its own client port, no
+   * metrics, its control socket under the node's run directory; stopped with the node.
+   */
+  async startSecondProxy(port: number, args: string[]): Promise<ServiceProcess> {
+    const controlSocket = join(this.node.root, 'r', `proxy-${port}.sock`);
+    const proxy = await ServiceProcess.start({
+      args: [
+        'proxy',
+        'serve',
+        '--listen',
+        `127.0.0.1:${port}`,
+        '--orchestrator-socket',
+        this.node.sockets.orchestrator,
+        '--control-socket',
+        controlSocket,
+        '--metrics-port',
+        '0',
+        '--domain',
+        'sbx.test',
+        ...args,
+      ],
+      wrapper: ['nsenter', `--net=/run/netns/${this.node.nodeNs}`],
+      detached: true,
+      ready: grpcServing(controlSocket),
+      readyTimeoutMs: 20_000,
+    });
+    this.proxies.push(proxy);
+    return proxy;
+  }
+
   /** Log lines of every proxy process this node ran, in order (restarts included). */
   get proxyLogs(): string[] {
     return this.proxies.flatMap((p) => p.logs);
@@ -181,7 +212,8 @@ export class ProxyNode {
 
   async stop(): Promise<void> {
     await this.stopGuestServers();
-    await this.proxy?.stop();
+    // Every proxy started (a stopped one's stop is a no-op).
+    for (const p of this.proxies) await p.stop();
     await this.node.stop();
   }
 }

@@ -1,12 +1,13 @@
 /**
  * `./sbx proxy serve --workers 2` as a process: routes from a gRPC DOUBLE of the orchestrator's
  * Routing service (one scripted running route; the real one is in proxy-e2e.test.ts), a sandbox
- * port stood in for by an HTTP server on loopback. Both workers serve the one client port, the
- * primary answers health and the summed metrics, and SIGTERM leaves no process or socket behind.
+ * port stood in for by an HTTP server on loopback. On the Node data path both worker processes
+ * serve the one client port and the primary answers health and the summed metrics; on the
+ * native path one process runs two relay threads. SIGTERM leaves no process or socket behind.
  */
 import { existsSync } from 'node:fs';
 import { mkdtemp, readFile, rm } from 'node:fs/promises';
-import { createServer, type Server } from 'node:http';
+import { Agent, createServer, request, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -24,7 +25,7 @@ const route: SandboxRoute = {
   autoResumePolicy: '',
 };
 
-describe('proxy --workers', () => {
+describe.each(['node', 'native'] as const)('proxy --workers 2 --data-path %s', (dataPath) => {
   let dir: string;
   let routing: GrpcServerHandle;
   let upstream: Server;
@@ -61,6 +62,8 @@ describe('proxy --workers', () => {
         'serve',
         '--workers',
         '2',
+        '--data-path',
+        dataPath,
         '--listen',
         `127.0.0.1:${port}`,
         '--orchestrator-socket',
@@ -83,15 +86,21 @@ describe('proxy --workers', () => {
     if (dir) await rm(dir, { recursive: true, force: true });
   });
 
-  it('serves the client port from two worker processes and sums their metrics', async () => {
+  it('serves the client port from two worker processes (node) or one process (native), with its metrics', async () => {
     const serving = () =>
       new Set(
         proxy.logs
           .filter((l) => l.includes('proxy serving (http/1.1'))
           .map((l) => (JSON.parse(l) as { pid: number }).pid),
       );
-    expect(serving().size).toBe(2);
-    expect(serving().has(proxy.child.pid!)).toBe(false);
+    if (dataPath === 'node') {
+      expect(serving().size).toBe(2);
+      expect(serving().has(proxy.child.pid!)).toBe(false);
+    } else {
+      expect([...serving()]).toEqual([proxy.child.pid]);
+      const line = proxy.logs.find((l) => l.includes('proxy serving (http/1.1'))!;
+      expect(JSON.parse(line)).toMatchObject({ dataPath: 'native', relayThreads: 2 });
+    }
     for (let i = 0; i < 20; i++) {
       // A new connection each time: the primary hands connections to the workers in turn.
       const res = await fetch(`http://127.0.0.1:${port}/`, {
@@ -104,12 +113,35 @@ describe('proxy --workers', () => {
       async () => {
         const text = await (await fetch(`http://127.0.0.1:${metricsPort}/metrics`)).text();
         return (
+          // The header pair is the Node path's alone: on the native path each is handed back.
           /sbx_proxy_requests_total\{protocol="http1",result="ok"[^}]*\} 20\b/.test(text) &&
           /sbx_proxy_routes\{state="running"[^}]*\} 1\b/.test(text)
         );
       },
       { what: 'the summed metrics of both workers', timeoutMs: 20_000 },
     );
+    if (dataPath === 'node') return;
+    // Routed by Host, the relay carries them itself.
+    const agent = new Agent({ keepAlive: true, maxSockets: 1 });
+    for (let i = 0; i < 20; i++) {
+      const body = await new Promise<string>((resolve, reject) => {
+        const req = request(
+          { host: '127.0.0.1', port, path: `/n${i}`, agent, headers: { host: `${upstreamPort}-sbx1.example` } },
+          (res) => {
+            let text = '';
+            res.on('data', (d: Buffer) => (text += d));
+            res.on('end', () => resolve(text));
+          },
+        );
+        req.on('error', reject);
+        req.end();
+      });
+      expect(body).toBe(`pid-less answer for ${upstreamPort}-sbx1.example`);
+    }
+    agent.destroy();
+    const text = await (await fetch(`http://127.0.0.1:${metricsPort}/metrics`)).text();
+    expect(Number(/^sbx_proxy_native_requests_total(?:\{[^}]*\})? (\d+)/m.exec(text)?.[1])).toBeGreaterThanOrEqual(20);
+    expect(/^sbx_proxy_native_routes(?:\{[^}]*\})? 1$/m.test(text)).toBe(true);
   });
 
   it('stops every worker on SIGTERM and removes its socket', async () => {
