@@ -524,6 +524,102 @@ describe('HttpRelay', () => {
     }
   });
 
+  it('carries a mixed load of many clients (bodies by length and chunked, both ways, closes) byte for byte', async () => {
+    await setup({ threads: 2 });
+    const up = http.createServer((req, res) => {
+      const parts: Buffer[] = [];
+      req.on('data', (p: Buffer) => parts.push(p));
+      req.on('end', () => {
+        const body = Buffer.concat(parts);
+        const [, kind, arg] = req.url!.split('/');
+        if (kind === 'echo') {
+          // Chunked (no length), in two writes.
+          res.write(body.subarray(0, body.length >> 1));
+          res.end(body.subarray(body.length >> 1));
+        } else if (kind === 'close') {
+          res.setHeader('Connection', 'close');
+          res.end(sha(body));
+        } else {
+          const n = Number(arg);
+          res.setHeader('Content-Length', n);
+          res.end(Buffer.alloc(n, n % 251));
+        }
+      });
+    });
+    const port = await listen(up);
+    relay.setRoute('mixed', '127.0.0.1');
+    const agent = new http.Agent({ keepAlive: true, maxSockets: 24 });
+    let seed = 7;
+    const rand = (n: number) => {
+      seed = (seed * 1103515245 + 12345) % 2147483648;
+      return seed % n;
+    };
+    try {
+      const one = (i: number) => {
+        const kind = ['echo', 'len', 'close', 'echo-len'][rand(4)]!;
+        const size = rand(4) === 0 ? rand(300_000) : rand(3000);
+        const body = kind === 'len' ? undefined : randomBytes(size);
+        const path = kind === 'len' ? `/len/${size}` : kind === 'echo-len' ? '/echo' : `/${kind}`;
+        return new Promise<void>((resolve, reject) => {
+          const req = http.request(
+            {
+              port: front.port,
+              host: '127.0.0.1',
+              path,
+              method: body ? 'POST' : 'GET',
+              agent,
+              headers: {
+                host: `${port}-mixed.example.com`,
+                ...(kind === 'echo-len' ? { 'content-length': body!.length } : {}),
+              },
+            },
+            (res) => {
+              const parts: Buffer[] = [];
+              res.on('data', (p: Buffer) => parts.push(p));
+              res.on('end', () => {
+                const got = Buffer.concat(parts);
+                try {
+                  if (kind === 'len') expect(got.equals(Buffer.alloc(size, size % 251))).toBe(true);
+                  else if (kind === 'close') expect(got.toString()).toBe(sha(body!));
+                  else expect(sha(got)).toBe(sha(body!));
+                  resolve();
+                } catch (err) {
+                  reject(new Error(`request ${i} ${kind} ${size}: ${String(err)}`));
+                }
+              });
+            },
+          );
+          req.on('error', reject);
+          if (body && kind === 'echo') {
+            // Written in pieces: sent chunked.
+            req.write(body.subarray(0, size >> 1));
+            req.end(body.subarray(size >> 1));
+          } else req.end(body);
+        });
+      };
+      await Promise.all(Array.from({ length: 600 }, (_, i) => one(i)));
+      const s = relay.stats();
+      expect(s.requests).toBe(600);
+      expect(s.handoffs + s.upstreamErrors + s.clientFramingErrors).toBe(0);
+      expect(s.poolReuses).toBeGreaterThan(100);
+    } finally {
+      agent.destroy();
+      up.closeAllConnections();
+      await new Promise((r) => up.close(r));
+    }
+  });
+
+  it('closes a pooled upstream connection after the idle timeout', async () => {
+    await setup({ upstreamIdleTimeoutMs: 200 });
+    const g = await guest();
+    relay.setRoute('pool', '127.0.0.1');
+    const c = client();
+    c.send(`GET / HTTP/1.1\r\nHost: ${g.port}-pool.example.com\r\n\r\n`);
+    await c.responses(1);
+    await until(() => relay.stats().openUpstreams === 0 && g.sockets.size === 0, 'idle upstream closed');
+    expect(relay.stats().openClients).toBe(1);
+  });
+
   it('destroy closes every client, upstream and queued handoff fd it owns', async () => {
     await setup({}, false);
     const hold = await guest(() => undefined); // never answers: the exchange stays open
