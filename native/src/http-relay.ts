@@ -18,6 +18,7 @@ let fns:
       destroy: Fn;
       parseHead: Fn;
       forwardHead: Fn;
+      parseResponse: Fn;
     }
   | undefined;
 
@@ -38,6 +39,9 @@ function relayFunctions(): NonNullable<typeof fns> {
     ),
     forwardHead: sbx.func(
       'int64_t sbx_relay_forward_head(const uint8_t *buf, uint64_t len, const char *mask, uint32_t clientIp, uint8_t *dst, uint64_t cap)',
+    ),
+    parseResponse: sbx.func(
+      'int64_t sbx_relay_parse_response(const uint8_t *buf, uint64_t len, int head_method, int64_t *out)',
     ),
   };
   return fns;
@@ -311,4 +315,31 @@ export function relayForwardHead(head: Buffer, maskHost: string, clientAddress?:
     relayFunctions().forwardHead(head, head.length, maskHost, ipv4HostOrder(clientAddress), dst, dst.length),
   );
   return n > 0 ? dst.toString('latin1', 0, n) : undefined;
+}
+
+/** What the relay makes of a response head (tests: the differential fuzz against http1-head.ts). */
+export type RelayResponseVerdict =
+  | { kind: 'more' | 'refused' }
+  | {
+      kind: 'accepted';
+      length: number;
+      status: number;
+      framing: 'none' | 'length' | 'chunked' | 'until-close';
+      contentLength: number;
+      persistent: boolean;
+    };
+
+export function relayParseResponse(buf: Buffer, headMethod = false): RelayResponseVerdict {
+  const out = new BigInt64Array(5);
+  const rc = Number(relayFunctions().parseResponse(buf, buf.length, headMethod ? 1 : 0, out));
+  if (rc === 0) return { kind: 'more' };
+  if (rc < 0) return { kind: 'refused' };
+  return {
+    kind: 'accepted',
+    length: Number(out[0]),
+    status: Number(out[1]),
+    framing: (['none', 'length', 'chunked', 'until-close'] as const)[Number(out[2])]!,
+    contentLength: Number(out[3]),
+    persistent: out[4] === 1n,
+  };
 }

@@ -1,8 +1,16 @@
 import { describe, expect, it } from 'vitest';
-import { httpRelayAvailable, relayForwardHead, relayParseHead } from '#native';
+import { httpRelayAvailable, relayForwardHead, relayParseHead, relayParseResponse } from '#native';
 import { TOKEN_HEADER } from './access-token.js';
 import { forwardRequestHead } from './forward-headers.js';
-import { headEnd, headerValue, leadingBlankLines, parseRequestHead, persistent } from './http1-head.js';
+import {
+  headEnd,
+  headerValue,
+  HeadInvalid,
+  leadingBlankLines,
+  parseRequestHead,
+  parseResponseHead,
+  persistent,
+} from './http1-head.js';
 import { routeTarget, SANDBOX_ID_HEADER, SANDBOX_PORT_HEADER } from './route-target.js';
 
 /** A deterministic generator, so that a failing case can be replayed from its seed. */
@@ -115,6 +123,45 @@ function generate(next: () => number): string {
   return text;
 }
 
+const STATUS_LINES = [
+  'HTTP/1.1 200 OK',
+  'HTTP/1.1 204 No Content',
+  'HTTP/1.1 304 Not Modified',
+  'HTTP/1.1 100 Continue',
+  'HTTP/1.1 101 Switching Protocols',
+  'HTTP/1.0 200 OK',
+  'HTTP/1.1 404',
+  'HTTP/1.1 200 \xe9t\xe9',
+  'HTTP/1.1 099 odd',
+  'HTTP/2 200',
+];
+const RESPONSE_LINES = [
+  'Content-Length: 5',
+  'content-length: 0',
+  'Content-Length: 5',
+  'Content-Length: 6',
+  'Transfer-Encoding: chunked',
+  'Transfer-Encoding: gzip',
+  'transfer-encoding: gzip, chunked',
+  'Transfer-Encoding: chunked, gzip',
+  'Transfer-Encoding: chunked, chunked',
+  'Transfer-Encoding: ,chunked',
+  'Connection: close',
+  'Connection: keep-alive',
+  'connection: Keep-Alive, x',
+  'Content-Type: text/plain',
+  'Set-Cookie: a=b',
+  'X-Empty:',
+];
+
+/** The framing http1-connection.ts chooses for a final response to `method`. */
+function tsFraming(method: string, status: number, head: ReturnType<typeof parseResponseHead>): string {
+  if (method === 'HEAD' || status === 204 || status === 304) return 'none';
+  if (head.chunked) return 'chunked';
+  if (head.untilClose || head.contentLength < 0) return 'until-close';
+  return head.contentLength > 0 ? 'length' : 'none';
+}
+
 /**
  * The native relay (native/c/lib/sbx_http_relay.c) must be stricter than this path: whatever its
  * parser accepts, http1-head.ts must accept the same way (same head end, framing, route target,
@@ -175,5 +222,45 @@ describe.skipIf(!httpRelayAvailable())('native relay head parser against http1-h
     // Both sides of the fuzz are exercised.
     expect(accepted).toBeGreaterThan(2_000);
     expect(handedOff).toBeGreaterThan(2_000);
+  });
+  it('reads response heads as http1-head.ts does wherever it accepts them (20,000 heads)', () => {
+    const next = rng(777);
+    let accepted = 0;
+    let refused = 0;
+    for (let run = 0; run < 20_000; run++) {
+      let text = pick(next, STATUS_LINES) + '\r\n';
+      const n = Math.floor(next() * 5);
+      for (let i = 0; i < n; i++) text += pick(next, RESPONSE_LINES) + '\r\n';
+      text += '\r\n';
+      const edits = next() < 0.4 ? 0 : 1 + Math.floor(next() * 3);
+      for (let e = 0; e < edits; e++) {
+        const at = Math.floor(next() * text.length);
+        const kind = next();
+        if (kind < 0.4) text = text.slice(0, at) + pick(next, ALPHABET) + text.slice(at);
+        else if (kind < 0.7) text = text.slice(0, at) + text.slice(at + 1 + Math.floor(next() * 8));
+        else text = text.slice(0, at) + String.fromCharCode(Math.floor(next() * 256)) + text.slice(at + 1);
+      }
+      const method = next() < 0.2 ? 'HEAD' : 'GET';
+      const buf = Buffer.from(text, 'latin1');
+      const c = relayParseResponse(buf, method === 'HEAD');
+      if (c.kind === 'refused') refused++;
+      if (c.kind !== 'accepted') continue;
+      accepted++;
+      const where = JSON.stringify(text);
+      let head;
+      try {
+        head = parseResponseHead(buf, headEnd(buf));
+      } catch (err) {
+        if (err instanceof HeadInvalid)
+          throw new Error(`relay accepted what http1-head.ts refuses: ${where}`, { cause: err });
+        throw err;
+      }
+      expect([where, c.length, c.status, c.persistent]).toEqual([where, headEnd(buf), head.status, persistent(head)]);
+      if (c.status >= 100 && c.status < 200) continue; // interim: passed on, no framing
+      expect([where, c.framing]).toEqual([where, tsFraming(method, head.status, head)]);
+      if (c.framing === 'length') expect(c.contentLength).toBe(head.contentLength);
+    }
+    expect(accepted).toBeGreaterThan(2_000);
+    expect(refused).toBeGreaterThan(2_000);
   });
 });

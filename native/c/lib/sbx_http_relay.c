@@ -1936,3 +1936,21 @@ int64_t sbx_relay_forward_head(const uint8_t *buf, uint64_t len, const char *mas
                      (client_ip >> 8) & 255, client_ip & 255);
   return (int64_t)build_forward(buf, &h, mask, mask ? strlen(mask) : 0, caddr, (size_t)calen, dst, cap);
 }
+
+/*
+ * The response-head parser alone (the differential test): 1 = accepted, out = [head length,
+ * status, framing 0 none/1 length/2 chunked/3 until close, content length, persistent];
+ * 0 = more bytes needed; -1 = refused (the client connection would be cut).
+ */
+int64_t sbx_relay_parse_response(const uint8_t *buf, uint64_t len, int head_method, int64_t *out) {
+  pthread_once(&tables_once, init_tables);
+  struct resp_head r;
+  int pr = parse_response(buf, len, 16384, head_method, &r);
+  if (pr <= 0) return pr;
+  out[0] = r.len;
+  out[1] = r.status;
+  out[2] = r.mode;
+  out[3] = r.clen;
+  out[4] = r.persistent;
+  return 1;
+}
