@@ -2,6 +2,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import { readdirSync } from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
+import koffi from 'koffi';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { close, fcntl } from './fd.js';
 import { HttpRelay, type HttpRelayOptions, type RelayHandoff } from './http-relay.js';
@@ -618,6 +619,40 @@ describe('HttpRelay', () => {
     await c.responses(1);
     await until(() => relay.stats().openUpstreams === 0 && g.sockets.size === 0, 'idle upstream closed');
     expect(relay.stats().openClients).toBe(1);
+  });
+
+  it('hands off with CONNECT_TIMEOUT when the guest port does not complete the connect in time', async () => {
+    await setup({ upstreamConnectTimeoutMs: 300 });
+    // A listener whose accept queue is full (backlog 0, one connection never accepted): the
+    // kernel drops further SYNs, so a connect to it stays in progress.
+    const libc = koffi.load('libc.so.6');
+    const socket = libc.func('int socket(int domain, int type, int protocol)');
+    const bind = libc.func('int bind(int fd, const uint8_t *addr, uint32_t len)');
+    const listenFd = libc.func('int listen(int fd, int backlog)');
+    const getsockname = libc.func('int getsockname(int fd, _Out_ uint8_t *addr, _Inout_ uint32_t *len)');
+    const fd = socket(2, 1, 0) as number;
+    const addr = Buffer.from([2, 0, 0, 0, 127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0]);
+    expect(bind(fd, addr, 16)).toBe(0);
+    expect(listenFd(fd, 0)).toBe(0);
+    const len = new Uint32Array([16]);
+    getsockname(fd, addr, len);
+    const port = addr.readUInt16BE(2);
+    const filler = net.connect({ port, host: '127.0.0.1' });
+    filler.on('error', () => {});
+    try {
+      await new Promise((r) => filler.once('connect', r));
+      relay.setRoute('slow', '127.0.0.1');
+      const c = client();
+      const req = `GET / HTTP/1.1\r\nHost: ${port}-slow.example.com\r\n\r\n`;
+      c.send(req);
+      await until(() => front.handoffs.length === 1, 'handoff after the connect timeout');
+      expect(front.handoffs[0]).toMatchObject({ reason: 'CONNECT_TIMEOUT' });
+      expect(front.handoffs[0]!.bytes.toString('latin1')).toBe(req);
+      expect(relay.stats()).toMatchObject({ upstreamConnectFailures: 1, openUpstreams: 0 });
+    } finally {
+      filler.destroy();
+      close(fd);
+    }
   });
 
   it('destroy closes every client, upstream and queued handoff fd it owns', async () => {
