@@ -25,7 +25,7 @@ options (each also read from the environment as SBX_PROXY_<NAME>):
   --tcp-host <ip>                     address the TCP forwards listen on (default 0.0.0.0)
   --upstream-connect-timeout-ms <ms>  connect bound to a sandbox port (default 10000)
   --resume-timeout-ms <ms>            wait for a sandbox to resume or start (default 60000)
-  --max-idle-upstream-sockets <n>     idle keep-alive connections per sandbox port (default 128)
+  --max-idle-upstream-sockets <n>     node path: idle keep-alive connections per sandbox port (default 128)
   --client-idle-timeout-ms <ms>       close idle client connections (default 620000)
   --data-path <native|node>           who carries HTTP/1.1: the C relay of libsbxnative on its own
                                       threads, handing everything else to Node, or Node alone

@@ -59,7 +59,7 @@ export const proxyConfigSchema = z.object({
    * 5 s server keep-alive, so it seldom reuses one the guest is closing.
    */
   upstreamIdleTimeoutMs: int(100, 3_600_000).default(4_000),
-  /** Idle keep-alive connections kept per sandbox port. */
+  /** Idle keep-alive connections kept per sandbox port by the Node path (the native relay pools by its idle timeout). */
   maxIdleUpstreamSockets: int(0, 10_000).default(128),
   /** Client connections idle this long are closed (a WebSocket or h2 stream in use is not idle). */
   clientIdleTimeoutMs: int(1000, 3_600_000).default(620_000),
