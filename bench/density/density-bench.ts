@@ -452,7 +452,9 @@ export async function main(argv: string[]): Promise<number> {
     for (const c of clients) c.close();
     if (node) {
       process.kill(-node.child.pid!, 'SIGINT');
-      const code = await Promise.race([node.exited, sleep(120_000).then(() => 'timeout' as const)]);
+      // An unref'd bound: a pending timer would keep this process alive 2 minutes after the node stopped.
+      const bound = new Promise<'timeout'>((r) => setTimeout(() => r('timeout'), 120_000).unref());
+      const code = await Promise.race([node.exited, bound]);
       if (code === 'timeout') {
         await node.kill();
         failed = true;

@@ -3,7 +3,7 @@
 # 128 MiB two-layer local build timed from the gRPC client, first sandbox of the build and with
 # 10 others of it held, next to an empty round trip. Goal: p50 ≤ 4 ms.
 #
-#   bash bench/density/prepare.sh [--rounds 60] [--memory-mb 128]
+#   bash bench/density/prepare.sh [--rounds 60] [--memory-mb 128] [--cpu-prof <dir>]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 case ${1:-} in -h|--help) sed -n '2,6p' "$0"; exit 0 ;; esac

@@ -2,11 +2,12 @@ import { isAbsolute } from 'node:path';
 import { sandboxLogger, type Logger } from '#logging';
 import { fdNumberIn, pidfdGetfd, pidfdOpen, close } from '#native';
 import { PAGE_2M, PAGE_4K } from '#uffd';
-import { PrefetchInvalid, type BuildStore, type PrefetchSet } from '#storage';
+import { LayeredFile, normalizeBuildId, PrefetchInvalid, type BuildStore, type PrefetchSet } from '#storage';
 import { SandboxMemory, type DiffExportRequest, type ExportResult, type SandboxStats } from './sandbox-memory.js';
 import { RecordedPrefetch } from './recorded-prefetch.js';
 import { SourceView } from './source-view.js';
 import { SharedSources, type SharedSource } from './shared-sources.js';
+import { BuildMemoryInfo, type BuildMemoryFacts } from './build-memory-info.js';
 import type { ReceivedHandshake } from './handshake-listener.js';
 import { processStartTime, type SandboxRecord, type SandboxRecords } from './sandbox-record.js';
 import { RequestInvalid, SandboxExists, SandboxNotFound, SourceInvalid } from './uffd-server-errors.js';
@@ -48,6 +49,8 @@ export class SandboxRegistry {
   private readonly preparing = new Set<string>();
   /** One mapping per memory file served, shared by its sandboxes. */
   private readonly sources = new SharedSources();
+  /** Headers and prefetch sets of the builds served lately (builds are immutable). */
+  private readonly buildInfo = new BuildMemoryInfo();
 
   private readonly settings: RegistrySettings;
   private readonly builds: BuildStore;
@@ -174,33 +177,48 @@ export class SandboxRegistry {
     }
   }
 
-  /** The build's recorded prefetch set; a corrupt one is warned about and left out, never fails the resume. */
-  private async readPrefetch(buildId: string, log: Logger): Promise<PrefetchSet | undefined> {
+  /**
+   * The build's recorded prefetch set; a corrupt one is warned about and left out, never fails
+   * the resume. `keep` is false when the read failed for now (not a corrupt set): ask again next time.
+   */
+  private async readPrefetch(buildId: string, log: Logger): Promise<{ set: PrefetchSet | undefined; keep: boolean }> {
     try {
-      return await this.builds.readPrefetch(buildId);
+      return { set: await this.builds.readPrefetch(buildId), keep: true };
     } catch (err) {
-      const problem = err instanceof PrefetchInvalid ? err.message : `cannot read it: ${(err as Error).message}`;
+      const invalid = err instanceof PrefetchInvalid;
+      const problem = invalid ? err.message : `cannot read it: ${(err as Error).message}`;
       log.warn({ buildId, problem }, 'recorded prefetch set unusable; resuming without it');
-      return undefined;
+      return { set: undefined, keep: invalid };
     }
   }
 
-  /** Lays a build's memory file out, with what its sandboxes need from the build (read once per mapping). */
+  /** The build's memfile header and usable prefetch set, read once while the build is served lately. */
+  private buildFacts(buildId: string, log: Logger): Promise<BuildMemoryFacts> {
+    return this.buildInfo.get(normalizeBuildId(buildId), async () => {
+      const [header, read] = await Promise.all([
+        this.builds.readHeader(buildId, 'memfile'),
+        this.settings.recordedPrefetch ? this.readPrefetch(buildId, log) : { set: undefined, keep: true },
+      ]);
+      const { set } = read;
+      const { blockSize, size } = header.metadata;
+      if (set && (set.blockSize !== blockSize || set.size !== size)) {
+        log.warn(
+          { buildId, setBlockSize: set.blockSize, setSize: set.size, blockSize, size },
+          'recorded prefetch set does not match the memfile header; resuming without it',
+        );
+        return { header, prefetchSet: undefined, keep: read.keep };
+      }
+      return { header, prefetchSet: set, keep: read.keep };
+    });
+  }
+
+  /** Lays a build's memory file out, with what its sandboxes need from the build. */
   private async openBuild(buildId: string, log: Logger): Promise<SharedSource> {
-    const [{ header, file }, set] = await Promise.all([
-      this.builds.openBuildFile(buildId, 'memfile'),
-      this.settings.recordedPrefetch ? this.readPrefetch(buildId, log) : undefined,
-    ]);
-    const blockSize = header.metadata.blockSize;
-    let prefetchSet: PrefetchSet | undefined;
-    if (set && (set.blockSize !== blockSize || set.size !== header.metadata.size)) {
-      log.warn(
-        { buildId, setBlockSize: set.blockSize, setSize: set.size, blockSize, size: header.metadata.size },
-        'recorded prefetch set does not match the memfile header; resuming without it',
-      );
-    } else prefetchSet = set;
+    const { header, prefetchSet } = await this.buildFacts(buildId, log);
+    // Its layers through the store on every opening (the store reopens a layer the cache evicted).
+    const file = new LayeredFile({ header, resolve: (id) => this.builds.dataFile(id, 'memfile') });
     const view = await SourceView.ofLayers(file);
-    return { view, blockSize, ...(prefetchSet ? { prefetchSet } : {}), file };
+    return { view, blockSize: header.metadata.blockSize, ...(prefetchSet ? { prefetchSet } : {}), file };
   }
 
   private prefetchFromBucket(source: SharedSource, log: Logger): void {
