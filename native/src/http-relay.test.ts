@@ -231,6 +231,39 @@ describe('HttpRelay', () => {
     expect(a.connections + b.connections).toBe(2);
   });
 
+  it('reads requests split at any byte (heads, bodies and pipelined ones in odd pieces)', async () => {
+    await setup();
+    const g = await guest((head) => `HTTP/1.1 200 OK\r\nContent-Length: ${head.length}\r\n\r\n${head}`);
+    relay.setRoute('split', '127.0.0.1');
+    const host = `${g.port}-split.example.com`;
+    const stream =
+      `\r\nPOST /a HTTP/1.1\r\nHost: ${host}\r\nContent-Length: 11\r\n\r\nhello world` +
+      `GET /b HTTP/1.1\r\nHost: ${host}\r\nX-Long: ${'z'.repeat(3000)}\r\n\r\n` +
+      `POST /c HTTP/1.1\r\nHost: ${host}\r\ncontent-length: 3\r\n\r\nabc`;
+    let seed = 3;
+    for (let run = 0; run < 12; run++) {
+      const c = client();
+      for (let at = 0; at < stream.length;) {
+        seed = (seed * 1103515245 + 12345) % 2147483648;
+        const piece = run === 0 ? 1 : 1 + (seed % 700);
+        c.send(stream.slice(at, at + piece));
+        at += piece;
+        await new Promise((r) => setImmediate(r));
+      }
+      const rs = await c.responses(3);
+      expect(rs.map((r) => /^(?:GET|POST) (\S+)/m.exec(r.slice(r.indexOf('\r\n\r\n') + 4))?.[1])).toEqual([
+        '/a',
+        '/b',
+        '/c',
+      ]);
+      c.socket.destroy();
+    }
+    expect(g.bodies.map((b) => b.toString())).toEqual(
+      Array.from({ length: 12 }, () => ['hello world', '', 'abc']).flat(),
+    );
+    expect(relay.stats()).toMatchObject({ requests: 36, handoffs: 0 });
+  });
+
   it('carries a multi-MiB chunked upload and a chunked download byte for byte, and a client that keeps pausing', async () => {
     await setup();
     const upload = randomBytes(6 * 1024 * 1024 + 7);
