@@ -792,9 +792,9 @@ static int token_ok(const struct route *x, const uint8_t *given, size_t glen) {
   return diff == 0;
 }
 
-static void epoll_add(struct thread *t, int fd, void *tag) {
+static int epoll_add(struct thread *t, int fd, void *tag) {
   struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.ptr = tag};
-  epoll_ctl(t->ep, EPOLL_CTL_ADD, fd, &ev);
+  return epoll_ctl(t->ep, EPOLL_CTL_ADD, fd, &ev) < 0 ? -errno : 0;
 }
 
 static void *buf_get(struct thread *t) {
@@ -917,9 +917,15 @@ static int upstream_open(struct client *c) {
   u->owner = c;
   u->state = rc == 0 ? UP_ACTIVE : UP_CONNECTING;
   u->can_write = rc == 0;
+  int ae = epoll_add(t, fd, u);
+  if (ae < 0) {
+    close(fd);
+    free(u);
+    st_add(t, ST_UP_CONNECT_FAILS, 1);
+    return ae;
+  }
   dl_push_back(&t->upstreams, &u->all);
   st_add(t, ST_UP_OPEN, 1);
-  epoll_add(t, fd, u);
   if (rc != 0) timer_set(&t->t_connect, &u->tm, t->now + t->r->connect_ms);
   c->up = u;
   c->reused_up = 0;
@@ -1411,11 +1417,15 @@ static void client_adopt(struct thread *t, int fd, uint32_t ip) {
     c->caddr_len = (uint32_t)snprintf(c->caddr, sizeof(c->caddr), "%u.%u.%u.%u", ip >> 24, (ip >> 16) & 255,
                                       (ip >> 8) & 255, ip & 255);
   }
+  if (epoll_add(t, fd, c) < 0) {
+    close(fd);
+    free(c);
+    return;
+  }
   dl_push_back(&t->clients, &c->all);
   st_add(t, ST_ADOPTED, 1);
   st_add(t, ST_OPEN, 1);
   timer_set(&t->t_idle, &c->tm, t->now + t->r->idle_ms);
-  epoll_add(t, fd, c);
 }
 
 /* ---------- thread loop ---------- */
