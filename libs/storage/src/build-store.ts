@@ -1,3 +1,4 @@
+import { statSync } from 'node:fs';
 import { mkdir, readdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { BuildCache, type BuildCacheOptions } from './build-cache.js';
@@ -96,6 +97,8 @@ interface LocalBuild {
 
 const DEFAULT_UPLOAD_RETRY: RetryPolicy = { attempts: 6, initialDelayMs: 500, maxDelayMs: 30_000, multiplier: 2 };
 const STAGING_SUFFIX = '.staging';
+/** Local builds' headers kept parsed (two per build): the builds a node is creating from now. */
+const LOCAL_HEADERS_KEPT = 64;
 
 /**
  * The only reader and writer of builds. A build is read from this node's local builds first
@@ -112,6 +115,8 @@ export class BuildStore {
   private readonly o: BuildStoreOptions;
   private readonly baseBlockSize: Record<BuildDataFile, number>;
   private readonly local = new Map<string, LocalBuild>();
+  /** Parsed headers of local builds by `{id}/{file}`, least recently used first (localHeader). */
+  private readonly localHeaders = new Map<string, { identity: string; header: Header }>();
   private readonly uploads = new Map<string, { state: UploadState; done: Promise<void> }>();
   private closed = false;
 
@@ -171,6 +176,15 @@ export class BuildStore {
    */
   async resolveSnapshot(buildId: string): Promise<SnapshotBuild> {
     const id = normalizeBuildId(buildId);
+    if ((await this.localBuild(id)) !== undefined) {
+      // A local build is committed whole (one rename): its three files are there together, read at once.
+      const [snapfilePath, memfileHeader, rootfsHeader] = await Promise.all([
+        this.fetchSnapfile(id),
+        this.readHeader(id, 'memfile'),
+        this.readHeader(id, 'rootfs.ext4'),
+      ]);
+      return { buildId: id, snapfilePath, memfileHeader, rootfsHeader };
+    }
     const snapfilePath = await this.fetchSnapfile(id);
     return {
       buildId: id,
@@ -187,11 +201,8 @@ export class BuildStore {
     const base = (size: number) => baseHeader(id, size, blockSize ?? this.baseBlockSize[file]);
     const local = await this.localBuild(id);
     if (local !== undefined) {
-      const bytes = await readFile(path.join(local.dir, headerFileName(file))).catch((err: unknown) => {
-        if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
-        throw err;
-      });
-      if (bytes !== undefined) return decodeHeader(bytes);
+      const header = await this.localHeader(id, local, file);
+      if (header !== undefined) return header;
       const s = await stat(path.join(local.dir, file)).catch(() => undefined);
       if (s === undefined) throw new BuildNotFound(id, buildObjectPath(id, file), local.dir);
       return base(s.size);
@@ -298,8 +309,14 @@ export class BuildStore {
     const local = await this.localBuild(id);
     if (local !== undefined) {
       const p = path.join(local.dir, 'snapfile');
-      if ((await stat(p).catch(() => undefined)) === undefined)
-        throw new BuildNotFound(id, buildObjectPath(id, 'snapfile'), local.dir);
+      // On the event loop, like a local header's stat (localHeader).
+      let found: boolean;
+      try {
+        found = statSync(p, { throwIfNoEntry: false }) !== undefined;
+      } catch {
+        found = false;
+      }
+      if (!found) throw new BuildNotFound(id, buildObjectPath(id, 'snapfile'), local.dir);
       return p;
     }
     const backend = this.bucket(id, 'snapfile');
@@ -381,6 +398,7 @@ export class BuildStore {
         if (f.status === 'fulfilled') await f.value.close();
     }
     this.local.clear();
+    this.localHeaders.clear();
     await this.cache.close();
   }
 
@@ -447,6 +465,36 @@ export class BuildStore {
     const build: LocalBuild = this.local.get(id) ?? { dir, files: new Map() };
     this.local.set(id, build);
     return build;
+  }
+
+  /**
+   * A local build's header, parsed once per version of its file: every create reads both
+   * headers of its build (orchestrator, block-server, uffd-server). The file's identity (inode,
+   * size, mtime) is the key, so a build removed and committed again under its id is read anew.
+   * The stat runs on the event loop: a few microseconds for a file in use, where a trip through
+   * the libuv pool waits for a turn of the loop (0.1–1 ms on a busy node, on every create's
+   * path). Undefined when the build has no header for `file` (a plain base build).
+   */
+  private async localHeader(id: string, local: LocalBuild, file: BuildDataFile): Promise<Header | undefined> {
+    const headerPath = path.join(local.dir, headerFileName(file));
+    const s = statSync(headerPath, { throwIfNoEntry: false });
+    if (s === undefined) return undefined;
+    const key = `${id}/${file}`;
+    const identity = `${s.dev}:${s.ino}:${s.size}:${s.mtimeMs}`;
+    const cached = this.localHeaders.get(key);
+    if (cached?.identity === identity) {
+      // Most recently used last: the bound below drops the oldest.
+      this.localHeaders.delete(key);
+      this.localHeaders.set(key, cached);
+      return cached.header;
+    }
+    const header = decodeHeader(await readFile(headerPath));
+    this.localHeaders.delete(key);
+    this.localHeaders.set(key, { identity, header });
+    if (this.localHeaders.size > LOCAL_HEADERS_KEPT) {
+      this.localHeaders.delete(this.localHeaders.keys().next().value!);
+    }
+    return header;
   }
 
   private localFile(id: string, local: LocalBuild, file: BuildDataFile): Promise<FileBlocks> {

@@ -199,6 +199,44 @@ for (const kind of ['local directory', 'GCS (fake-gcs-server)'] as const) {
   });
 }
 
+describe('BuildStore local builds', () => {
+  /** A build committed on this node under `id`; `size` tells its versions apart. */
+  async function commitLocal(store: BuildStore, id: string, size: number): Promise<Header> {
+    const dir = await store.stageBuild(id);
+    await writeFile(path.join(dir, 'memfile'), bytes(size, 1));
+    await writeFile(path.join(dir, 'rootfs.ext4'), bytes(size, 2));
+    await writeFile(path.join(dir, 'snapfile'), `snapfile of ${id} (${size})`);
+    const header: Header = {
+      metadata: { version: 3, blockSize: BLOCK, size, generation: 0, buildId: id, baseBuildId: id },
+      mappings: baseMappings(size, id),
+    };
+    await store.commitBuild(id, { memfile: header, 'rootfs.ext4': header });
+    return header;
+  }
+
+  it('a resolved build whose files are removed is BuildNotFound; committed again under its id, its new headers are read', async () => {
+    const store = makeStore(undefined);
+    const id = newBuildId();
+    const first = await commitLocal(store, id, SIZE);
+    const resolved = await store.resolveSnapshot(id);
+    expect(resolved.memfileHeader).toEqual(first);
+    expect(resolved.rootfsHeader).toEqual(first);
+    expect(await store.resolveSnapshot(id)).toEqual(resolved);
+    expect((await store.openBuildFile(id, 'rootfs.ext4')).header).toEqual(first);
+
+    await rm(store.localDir(id), { recursive: true });
+    await expect(store.resolveSnapshot(id)).rejects.toSatisfy((e) => e instanceof BuildNotFound && e.buildId === id);
+    await expect(store.readHeader(id, 'memfile')).rejects.toBeInstanceOf(BuildNotFound);
+
+    const second = await commitLocal(store, id, 2 * SIZE);
+    const again = await store.resolveSnapshot(id);
+    expect(again.memfileHeader).toEqual(second);
+    expect(again.rootfsHeader.metadata.size).toBe(2 * SIZE);
+    expect((await store.openBuildFile(id, 'memfile')).header).toEqual(second);
+    await store.close();
+  });
+});
+
 /** A bucket whose uploads fail transiently `failures` times, or wait for `gate` before the snapfile. */
 class TestBucket extends LocalBackend {
   failures = 0;
