@@ -131,7 +131,7 @@ export class DeviceManager {
       };
       // The record goes down before anything serves, so a crash from here on is recoverable.
       taken.push('record', () => removeDeviceDir(this.options.dataDir, sandboxId));
-      await writeDeviceRecord(this.options.dataDir, record);
+      writeDeviceRecord(this.options.dataDir, record);
       const device = await BlockDevice.open(this.deviceOptions(record, base));
       // The device owns the base and its directory from here: destroying it gives both back.
       taken.forget('record');
@@ -139,7 +139,7 @@ export class DeviceManager {
       taken.push('device', () => device.destroy());
       if (request.attachKernel && this.options.kernel?.available) {
         device.kernel = await this.options.kernel.attach(device);
-        await writeDeviceRecord(this.options.dataDir, { ...record, kernelIndex: device.kernel.index });
+        writeDeviceRecord(this.options.dataDir, { ...record, kernelIndex: device.kernel.index });
       }
       this.devices.set(sandboxId, device);
       this.options.metrics?.devices.set(this.devices.size);

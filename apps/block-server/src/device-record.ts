@@ -1,11 +1,12 @@
-import { mkdir, readdir, readFile, rm } from 'node:fs/promises';
+import { mkdirSync } from 'node:fs';
+import { readdir, readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { z } from 'zod';
 import { writeAtomically } from './durable-file.js';
 
 /**
  * What a device is, persisted next to its overlay so a restarted block-server can reopen it:
- * `<data-dir>/devices/<sandboxId>/device.json`. Written once at open (durably) and when a
+ * `<data-dir>/devices/<sandboxId>/device.json`. Written once at open and when a
  * kernel device is attached or detached.
  */
 export const deviceRecordSchema = z.object({
@@ -32,11 +33,12 @@ export function deviceDir(dataDir: string, sandboxId: string): string {
   return join(dataDir, 'devices', sandboxId);
 }
 
-export async function writeDeviceRecord(dataDir: string, record: DeviceRecord): Promise<void> {
+/** Synchronous, like every first file of a device (durable-file.ts, writeAtomically). */
+export function writeDeviceRecord(dataDir: string, record: DeviceRecord): void {
   const dir = deviceDir(dataDir, record.sandboxId);
-  await mkdir(dir, { recursive: true, mode: 0o700 });
+  mkdirSync(dir, { recursive: true, mode: 0o700 });
   // Only a block-server restart reads it back (a machine crash ends the sandbox too): no fsync.
-  await writeAtomically(join(dir, 'device.json'), Buffer.from(JSON.stringify(record, null, 2) + '\n'));
+  writeAtomically(join(dir, 'device.json'), Buffer.from(JSON.stringify(record, null, 2) + '\n'));
 }
 
 /** Every device a previous run left, plus the directories that hold no usable record. */

@@ -1,4 +1,5 @@
-import { chmod, lstat, mkdir, unlink } from 'node:fs/promises';
+import { chmodSync, lstatSync, mkdirSync } from 'node:fs';
+import { unlink } from 'node:fs/promises';
 import { connect, createServer, type Server, type Socket } from 'node:net';
 import { dirname } from 'node:path';
 import type { Logger } from '#logging';
@@ -92,7 +93,7 @@ export class NbdServer {
     });
     listener.on('error', (err) => logger.error({ err, socketPath }, 'nbd listener error'));
     this.listener = listener;
-    await chmod(socketPath, this.options.socketMode ?? 0o600);
+    chmodSync(socketPath, this.options.socketMode ?? 0o600);
   }
 
   /** Refuses new clients (the socket file goes away); existing ones keep being served. */
@@ -191,9 +192,13 @@ export class NbdServer {
   }
 }
 
+/**
+ * The directory made and the path looked at on the event loop: every device open listens, and
+ * these take microseconds where each trip through the libuv pool waits for a turn of the loop.
+ */
 async function prepareSocketPath(path: string): Promise<void> {
-  await mkdir(dirname(path), { recursive: true, mode: 0o750 });
-  const existing = await lstat(path).catch(() => undefined);
+  mkdirSync(dirname(path), { recursive: true, mode: 0o750 });
+  const existing = lstatSync(path, { throwIfNoEntry: false });
   if (!existing) return;
   if (!existing.isSocket()) throw new NbdSocketInUse(path, 'path exists and is not a socket');
   // A socket file left by a killed run is replaced; a live server's is not.

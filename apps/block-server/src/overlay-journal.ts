@@ -1,8 +1,8 @@
 import { constants } from 'node:fs';
-import { open, readFile, type FileHandle } from 'node:fs/promises';
+import { open, type FileHandle } from 'node:fs/promises';
 import { crc32 } from 'node:zlib';
 import type { DirtyBitmap } from '#storage';
-import { writeAtomically, writeDurably } from './durable-file.js';
+import { readIfPresent, writeAtomically, writeDurably } from './durable-file.js';
 
 /** A block's state in the overlay: 0 from the base, 1 written (bytes in the overlay file), 2 zeroed. */
 export type BlockState = 0 | 1 | 2;
@@ -99,14 +99,12 @@ export class OverlayJournal {
     path: string,
     maps: { generation: number; written: DirtyBitmap; zeroed: DirtyBitmap; tracked: DirtyBitmap },
   ): Promise<OverlayJournal> {
-    const bytes = await readFile(path).catch((err: NodeJS.ErrnoException) => {
-      if (err.code === 'ENOENT') return Buffer.alloc(0);
-      throw err;
-    });
+    // Read on the event loop like the state file (cow-overlay.ts): absent for a new overlay.
+    const bytes = readIfPresent(path) ?? Buffer.alloc(0);
     const parsed = decodeJournal(bytes, maps.written.blockCount);
     const current = parsed.generation === maps.generation;
     // A new overlay's empty journal holds nothing a flush promised yet (see writeAtomically).
-    if (!current && bytes.length === 0) await writeAtomically(path, encodeJournalHeader(maps.generation));
+    if (!current && bytes.length === 0) writeAtomically(path, encodeJournalHeader(maps.generation));
     else if (!current) await writeDurably(path, encodeJournalHeader(maps.generation));
     const file = await open(path, constants.O_RDWR);
     try {

@@ -317,6 +317,9 @@ describe('block-server service over its control socket', () => {
       });
       writer.once('exit', (code) => reject(new Error(`writer exited ${code}`)));
     });
+    // A device opened just before the kill, never written or flushed (a create's first
+    // milliseconds): its first files are written without fsync, which a process crash keeps.
+    const fresh = await unary(client, client.open, { sandboxId: 'sbx-fresh', buildId: baseId, attachKernel: false });
     await server.kill();
     const lastFlushed = flushed;
     client.close();
@@ -325,6 +328,12 @@ describe('block-server service over its control socket', () => {
     client = dial(BlockServerClient, control);
     const listed = (await unary(client, client.list, {})).devices;
     expect(listed.map((d) => d.sandboxId)).toContain('sbx-restart');
+    expect(listed.find((d) => d.sandboxId === 'sbx-fresh')).toMatchObject({ socketPath: fresh.socketPath, size: SIZE });
+    await acceptsConnections(fresh.socketPath)(server, 60_000);
+    const freshImage = join(dir, 'fresh-restart.img');
+    await run('nbdcopy', [`nbd+unix:///?socket=${fresh.socketPath}`, freshImage]);
+    expect((await readFile(freshImage)).equals(baseBytes)).toBe(true);
+    await unary(client, client.closeDevice, { sandboxId: 'sbx-fresh' });
     await acceptsConnections(device.socketPath)(server, 60_000);
     const { stdout } = await run(PY, [CLIENT, 'verify-stream', uri, String(lastFlushed)]);
     expect(stdout.trim()).toBe(`verified ${lastFlushed}`);
