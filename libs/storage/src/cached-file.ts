@@ -26,4 +26,6 @@ export interface CachedFile extends ReadableBlocks {
    * for; absent on files that are complete. Failures are counted, not thrown.
    */
   prefetch?(ranges: ReadonlyArray<{ offset: number; length: number }>): Promise<{ chunks: number; failed: number }>;
+  /** True when every byte of the range is here now (no fetch needed); absent on files that are complete. */
+  isPresent?(offset: number, length: number): boolean;
 }

@@ -116,6 +116,13 @@ export class ChunkCache implements CachedFile {
   private readonly queues = [new ChunkQueue(), new ChunkQueue(), new ChunkQueue()];
   /** Range requests in flight, for close to wait on. */
   private readonly running = new Set<Promise<void>>();
+  /**
+   * Chunks a prefetch set named (a build's recorded start). A reader walking through them follows
+   * the recording, which already says where it stops: they drive no read-ahead, whose doubling
+   * windows would run past the end of every recorded run (bench/cold-resume-node: ~2x the bytes
+   * touched with the set). Readers past the set read ahead as usual.
+   */
+  private readonly planned: DirtyBitmap;
   /** Read-ahead marks: a reader reaching the chunk sends the next window (`from`, `size` chunks). */
   private readonly marks = new Map<number, { from: number; size: number }>();
   private readonly counters: ChunkCacheStats = { requests: 0, bytesFetched: 0, chunksAhead: 0 };
@@ -126,6 +133,7 @@ export class ChunkCache implements CachedFile {
     this.chunkSize = chunkSize;
     this.chunkCount = Math.ceil(options.size / chunkSize);
     this.present = new DirtyBitmap(this.chunkCount);
+    this.planned = new DirtyBitmap(this.chunkCount);
     this.fh = fh;
     this.source = options.source;
     this.retry = options.retry ?? DEFAULT_RETRY_POLICY;
@@ -198,12 +206,22 @@ export class ChunkCache implements CachedFile {
       checkRange(offset, length, this.size);
       if (length === 0) continue;
       const last = Math.floor((offset + length - 1) / this.chunkSize);
-      for (let c = Math.floor(offset / this.chunkSize); c <= last; c++)
+      for (let c = Math.floor(offset / this.chunkSize); c <= last; c++) {
+        this.planned.set(c);
         if (!this.present.has(c)) waits.push(this.want(c, Want.Prefetch, undefined));
+      }
     }
     this.pump();
     const settled = await Promise.allSettled(waits);
     return { chunks: waits.length, failed: settled.filter((s) => s.status === 'rejected').length };
+  }
+
+  isPresent(offset: number, length: number): boolean {
+    checkRange(offset, length, this.size);
+    if (this.fh === undefined) return false;
+    const last = Math.floor((offset + length - 1) / this.chunkSize);
+    for (let c = Math.floor(offset / this.chunkSize); c <= last; c++) if (!this.present.has(c)) return false;
+    return true;
   }
 
   async readAt(target: Uint8Array, offset: number): Promise<void> {
@@ -274,14 +292,18 @@ export class ChunkCache implements CachedFile {
     const max = Math.floor(this.policy.readAheadBytes / this.chunkSize);
     if (max === 0) return;
     let sent = false;
+    let planned = false;
     for (let c = first; c <= last; c++) {
+      if (this.planned.has(c)) planned = true;
       const mark = this.marks.get(c);
       if (mark === undefined) continue;
       this.marks.delete(c);
+      // A window that reached the prefetch set's chunks ends there: the set goes on from here.
+      if (this.planned.has(c)) continue;
       this.window(mark.from, mark.size, max);
       sent = true;
     }
-    if (sent || first === 0 || this.present.has(first)) return;
+    if (sent || planned || first === 0 || this.present.has(first)) return;
     if (this.present.has(first - 1) || this.pending.has(first - 1)) this.window(last + 1, 2, max);
   }
 

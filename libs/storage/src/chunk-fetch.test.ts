@@ -178,6 +178,35 @@ describe('ChunkCache fetching in parallel', () => {
     await sparse.close();
   });
 
+  it('reads nothing ahead of a reader following the prefetch set, and ahead again once it walks past the set', async () => {
+    const source = new RecordingSource(backendSource(new DelayedBackend(bucket, 5), 'b/memfile'));
+    const cache = await openCache(source, { concurrency: 4, maxRequestBytes: 256 * KiB, readAheadBytes: 2 * MiB });
+    // The recorded start: two runs, chunks 10-17 and 40-43 (touched page after page).
+    const runs = [
+      [10, 18],
+      [40, 44],
+    ] as const;
+    const prefetch = cache.prefetch(
+      runs.map(([lo, hi]) => ({ offset: lo * 256 * KiB, length: (hi - lo) * 256 * KiB })),
+    );
+    for (const [lo, hi] of runs)
+      for (let at = lo * 256 * KiB; at < hi * 256 * KiB; at += 4 * KiB) await cache.ensure(at, 4 * KiB);
+    expect(await prefetch).toEqual({ chunks: 12, failed: 0 });
+    expect(cache.isPresent(10 * 256 * KiB, 8 * 256 * KiB)).toBe(true);
+    expect(cache.isPresent(17 * 256 * KiB + 5, 256 * KiB)).toBe(false); // runs into chunk 18
+    const fetched = [...source.coverage(256 * KiB).keys()].sort((a, b) => a - b);
+    expect(fetched).toEqual([10, 11, 12, 13, 14, 15, 16, 17, 40, 41, 42, 43]);
+    expect(cache.stats.bytesFetched).toBe(12 * 256 * KiB);
+    // A run the recording did not have: sequential again, read ahead as before.
+    for (let at = 60 * 256 * KiB; at < 64 * 256 * KiB; at += 4 * KiB) await cache.ensure(at, 4 * KiB);
+    expect(cache.stats.chunksAhead).toBeGreaterThan(12);
+    // Reading on from the set's last chunk is sequential too: the chunks after it come ahead.
+    const ahead = cache.stats.chunksAhead;
+    for (let at = 44 * 256 * KiB; at < 46 * 256 * KiB; at += 4 * KiB) await cache.ensure(at, 4 * KiB);
+    expect(cache.stats.chunksAhead).toBeGreaterThan(ahead);
+    await cache.close();
+  });
+
   it('retries a failing request per the retry policy, and a permanent failure fails only the reads that need it', async () => {
     const source = new RecordingSource(backendSource(new DelayedBackend(bucket, 2), 'b/memfile'));
     const cache = await openCache(source, { concurrency: 4, maxRequestBytes: 256 * KiB, readAheadBytes: MiB });
