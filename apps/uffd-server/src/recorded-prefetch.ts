@@ -61,6 +61,11 @@ export class RecordedPrefetch {
     this.o = options;
   }
 
+  /** The build's recorded set being copied in (undefined: none). */
+  get set(): RecordedPrefetchOptions['set'] {
+    return this.o.set;
+  }
+
   /** The engine's record block size, or undefined when nothing is recorded. */
   get recordBlockSize(): number | undefined {
     return this.o.recordMs > 0 ? this.o.blockSize : undefined;

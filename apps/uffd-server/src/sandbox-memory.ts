@@ -212,6 +212,7 @@ export class SandboxMemory {
       });
       this.engine = engine;
       if (!this.o.source.allReady) for (const r of this.o.source.readyRanges()) engine.markReady(r.offset, r.length);
+      if (!this.o.source.allReady) this.markSetReadyAsFetched(engine, Math.max(prefetch, pageSize));
       this.engineWatch = watchReadable(engine.notifyFd, () => this.drainEvents());
       engine.start(this.o.threads);
       this.o.recordedPrefetch?.attach(engine);
@@ -289,6 +290,36 @@ export class SandboxMemory {
       } else if (e.type === 'peer-gone') {
         this.peerGone();
         return;
+      }
+    }
+  }
+
+  /**
+   * Over a layer still fetched from the bucket, each window of the recorded set is marked ready
+   * as soon as its chunks are here (they are fetched since Prepare): at once if they came before
+   * the VMM connected, else when they arrive. So the pass and the guest's faults copy them
+   * straight away instead of each first sending a fetch event through this thread and waiting for
+   * it (bench/cold-resume-node: 423 of a start's 444 faults did, ~2.6 ms each on a loaded machine).
+   */
+  private markSetReadyAsFetched(engine: ServeEngine, window: number): void {
+    const set = this.o.recordedPrefetch?.set;
+    if (!set) return;
+    const seen = new Set<number>();
+    for (const b of set.blocks) {
+      const start = b * set.blockSize;
+      const end = Math.min(this.o.source.size, start + set.blockSize);
+      for (let w = Math.floor(start / window); w * window < end; w++) {
+        if (seen.has(w)) continue;
+        seen.add(w);
+        const offset = w * window;
+        const length = Math.min(window, this.o.source.size - offset);
+        if (this.o.source.isReady(offset, length)) {
+          engine.markReady(offset, length);
+          continue;
+        }
+        void this.o.source.whenPrefetched(offset, length).then((fetched) => {
+          if (fetched && this.engine === engine && this.stateValue !== 'stopped') engine.markReady(offset, length);
+        });
       }
     }
   }

@@ -14,7 +14,7 @@ import {
 import { SourceInvalid } from './uffd-server-errors.js';
 
 /** What the view maps: a layer's file, or zeros (no file). */
-type MappedFile = Pick<CachedFile, 'path' | 'complete' | 'ensure' | 'fetchUnit'>;
+type MappedFile = Pick<CachedFile, 'path' | 'complete' | 'ensure' | 'fetchUnit' | 'prefetch' | 'isPresent'>;
 
 /** One piece of the memory file: `length` bytes at `offset` come from `file` at `fileOffset`. */
 export interface SourceSegment {
@@ -154,6 +154,43 @@ export class SourceView {
         work.push(s.file.ensure(s.fileOffset + (from - s.offset), to - from, onRetry));
     }
     await Promise.all(work);
+  }
+
+  /** True when [offset, offset+length) is valid now (zeros, complete files, chunks already fetched). */
+  isReady(offset: number, length: number): boolean {
+    if (this.closed) return false;
+    const end = Math.min(this.size, offset + length);
+    for (const s of this.segments) {
+      const from = Math.max(offset, s.offset);
+      const to = Math.min(end, s.offset + s.length);
+      if (from >= to || !s.file || s.file.complete) continue;
+      if (!s.file.isPresent?.(s.fileOffset + (from - s.offset), to - from)) return false;
+    }
+    return true;
+  }
+
+  /**
+   * Resolves true once [offset, offset+length) is valid, fetched at the prefetch set's priority
+   * (behind what faults wait for) where a layer can; false when a fetch failed (left to the
+   * faults, which fetch again). Never throws.
+   */
+  async whenPrefetched(offset: number, length: number): Promise<boolean> {
+    if (this.closed) return false;
+    const end = Math.min(this.size, offset + length);
+    const work: Promise<boolean>[] = [];
+    for (const s of this.segments) {
+      const from = Math.max(offset, s.offset);
+      const to = Math.min(end, s.offset + s.length);
+      if (from >= to || !s.file || s.file.complete) continue;
+      const range = { offset: s.fileOffset + (from - s.offset), length: to - from };
+      work.push(
+        s.file.prefetch
+          ? s.file.prefetch([range]).then((r) => r.failed === 0)
+          : s.file.ensure(range.offset, range.length).then(() => true),
+      );
+    }
+    const done = await Promise.allSettled(work);
+    return done.every((d) => d.status === 'fulfilled' && d.value);
   }
 
   /** What the build holds at `offset` (fetched first when not here yet), into `into`. */
