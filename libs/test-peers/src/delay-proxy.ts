@@ -28,12 +28,13 @@ export class DelayProxy {
   /**
    * With `netns` (a namespace file such as /run/netns/x) the listening socket is made inside that
    * network namespace, for clients there (a node's services); it still connects to `target` from
-   * this process's namespace.
+   * this process's namespace. `port` (default: any free one) lets proxies in several namespaces
+   * share one endpoint (fake-gcs-server's external URL, which its upload sessions point to).
    */
   static async start(
     target: { host: string; port: number },
     delayMs: number,
-    options: { netns?: string } = {},
+    options: { netns?: string; port?: number } = {},
   ): Promise<DelayProxy> {
     if (!Number.isFinite(delayMs) || delayMs < 0) throw new RangeError(`delay ${delayMs} ms invalid`);
     const holder: { proxy?: DelayProxy } = {};
@@ -45,11 +46,11 @@ export class DelayProxy {
         // listen() without a host binds synchronously, on the thread setns(2) switched.
         const inNetns = new NetnsSwitch();
         try {
-          inNetns.run(options.netns, () => server.listen(0));
+          inNetns.run(options.netns, () => server.listen(options.port ?? 0));
         } finally {
           inNetns.close();
         }
-      } else server.listen(0, '127.0.0.1');
+      } else server.listen(options.port ?? 0, '127.0.0.1');
     });
     holder.proxy = new DelayProxy(server, `http://127.0.0.1:${(server.address() as AddressInfo).port}`);
     return holder.proxy;
