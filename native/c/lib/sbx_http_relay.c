@@ -1909,6 +1909,7 @@ int64_t sbx_relay_destroy(int64_t h) {
  */
 int64_t sbx_relay_parse_head(const uint8_t *buf, uint64_t len, int64_t *out, uint8_t *text, uint64_t cap) {
   pthread_once(&tables_once, init_tables);
+  if (!buf || !len) return 0; /* koffi passes an empty buffer as NULL */
   size_t s = 0;
   while (s + 1 < len && buf[s] == '\r' && buf[s + 1] == '\n') s += 2;
   struct req_head h;
@@ -1938,7 +1939,7 @@ int64_t sbx_relay_forward_head(const uint8_t *buf, uint64_t len, const char *mas
                                uint64_t cap) {
   pthread_once(&tables_once, init_tables);
   struct req_head h;
-  if (parse_request(buf, len, 16384, &h) != 1) return 0;
+  if (!buf || !len || parse_request(buf, len, 16384, &h) != 1) return 0;
   char caddr[16];
   int calen = 0;
   if (client_ip)
@@ -1954,6 +1955,7 @@ int64_t sbx_relay_forward_head(const uint8_t *buf, uint64_t len, const char *mas
  */
 int64_t sbx_relay_parse_response(const uint8_t *buf, uint64_t len, int head_method, int64_t *out) {
   pthread_once(&tables_once, init_tables);
+  if (!buf || !len) return 0;
   struct resp_head r;
   int pr = parse_response(buf, len, 16384, head_method, &r);
   if (pr <= 0) return pr;
