@@ -107,7 +107,13 @@ export class NativeRelay implements ConnectionRelay, RelayRoutes {
       socket.destroy();
       return;
     }
-    this.o.onHandoff(socket, bytes);
+    try {
+      this.o.onHandoff(socket, bytes);
+    } catch (err) {
+      // Thrown into the notify fd's poll callback it would end the process: this client alone goes.
+      this.o.logger.error({ err }, 'relay handoff could not be served; connection closed');
+      socket.destroy();
+    }
   }
 
   setRoute(sandboxId: string, hostIp: string, token: string, maskHost: string): void {
