@@ -164,6 +164,13 @@ async function adopt(o: ReconcilerOptions, state: SandboxStateFile, log: Logger)
     await vmm.kill();
     await rm(vmm.apiSocket, { force: true });
   });
+  // Its state was written while /init was under way (sandbox-manager.ts, create) and the
+  // restart cut the create short: sent again (idempotent) so the guest has its env vars.
+  if (!state.envdInitialized) {
+    await o.envd.init(slot.hostIp, state.config.envVars ?? {}, o.envdTimeoutMs);
+    log.info('envd /init sent again: the create was cut short while it was under way');
+  }
+  sbx.envdInitialized = true;
   // The record may have been lost with a DNS restart; setting it again is harmless.
   await names.set(id, slot.hostIp);
   sbx.dnsIp = slot.hostIp;

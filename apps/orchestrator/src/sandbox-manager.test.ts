@@ -2,6 +2,7 @@ import { mkdtemp, readFile, readdir, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { eventually } from '#test-kit';
 import { NIL_UUID, type Header } from '#storage';
 import {
   BASE,
@@ -18,6 +19,7 @@ import {
 import { layerCount } from './layer-compaction.js';
 import { SandboxExists, SandboxStepFailed } from './orchestrator-errors.js';
 import type { SandboxManager } from './sandbox-manager.js';
+import type { SandboxStateFile } from './sandbox-state-store.js';
 
 /*
  * The manager's flows over recording doubles of the services, the VMM and envd
@@ -75,6 +77,32 @@ describe('create', () => {
     await expect(manager.create(createReq('dup'))).rejects.toBeInstanceOf(SandboxExists);
     await first;
     await expect(manager.create(createReq('dup'))).rejects.toBeInstanceOf(SandboxExists);
+  });
+
+  it('writes the running state while envd /init is under way; a failure of /init then removes it', async () => {
+    let release!: () => void;
+    h.envd.hold = new Promise<void>((r) => (release = r));
+    h.envd.fails = true;
+    const creating = manager.create(createReq('held')).catch((e: unknown) => e);
+    const statePath = join(root, 'data', 'sandboxes', 'held', 'state.json');
+    const state = await eventually(
+      async () => {
+        const s = JSON.parse(await readFile(statePath, 'utf8')) as SandboxStateFile;
+        return s.phase === 'running' && s;
+      },
+      { what: 'the state file saying running while /init waits' },
+    );
+    // Everything a restart needs to adopt it, and that envd has not answered yet.
+    expect(state.vmm).toBeDefined();
+    expect(state.slot?.hostIp).toBe('10.11.0.1');
+    expect(state.envdInitialized).toBeUndefined();
+    // Not yet running for anyone else: it is not listed and cannot be deleted.
+    expect(manager.list()).toEqual([]);
+    await expect(manager.delete('held')).rejects.toThrow(/creating/);
+    release();
+    const err = await creating;
+    expect((err as SandboxStepFailed).step).toBe('init envd');
+    await expectNothingHeld();
   });
 
   const failurePoints: [Step, string][] = [

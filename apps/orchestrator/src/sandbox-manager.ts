@@ -105,6 +105,7 @@ export class SandboxManager {
   readonly admission: StartAdmission;
   private endTimer: NodeJS.Timeout | undefined;
   private stopping = false;
+  private socketDir: Promise<void> | undefined;
   lastCreateTimings: StepTimings = {};
   lastPauseTimings: StepTimings = {};
   /** Of the last checkpoint, with guestPaused: from the VM pausing to its resuming (ms). */
@@ -200,7 +201,7 @@ export class SandboxManager {
       step = 'admission';
       admitted = await this.admission.enter(config.snapshot ? 'resume' : 'create');
       mark(step);
-      const dir = await this.o.records.states.create(id);
+      const dir = this.o.records.states.create(id);
       sbx = new Sandbox({
         id,
         config: { ...config, buildId, ramMb },
@@ -211,7 +212,11 @@ export class SandboxManager {
         log,
       });
       const current = sbx;
-      saves = new BackgroundSaves(() => this.o.records.states.save(current.toState()));
+      // Set once the snapshot is loaded: from then on the file says `running` (startSandbox).
+      let runningOnDisk = false;
+      saves = new BackgroundSaves(() =>
+        this.o.records.states.save(runningOnDisk ? { ...current.toState(), phase: 'running' } : current.toState()),
+      );
       sbx.teardown.push('files', () => this.o.records.states.remove(id));
       this.sandboxes.set(id, sbx);
       saves.soon();
@@ -220,15 +225,32 @@ export class SandboxManager {
         const started = performance.now();
         return work.finally(() => (timings[`(side by side) ${name}`] = performance.now() - started));
       };
-      await this.startSandbox(sbx, saves, (s) => (step = s), mark, side);
+      const savedRunning = saves;
+      await this.startSandbox(sbx, saves, {
+        at: (s) => (step = s),
+        mark,
+        side,
+        saveRunning: () => {
+          runningOnDisk = true;
+          savedRunning.soon();
+        },
+      });
       step = 'save state';
       sbx.phase = 'running';
-      saves.soon();
+      // The `running` save was started with the VM's last steps: waited for here, rarely still writing.
       await saves.flush();
       mark(step);
       timings['total'] = performance.now() - t0;
       this.lastCreateTimings = timings;
       admitted?.();
+      // That save may have gone out before envd answered: this one says it did, behind the create.
+      saves.soon();
+      saves.flush().catch((err: unknown) => {
+        log.warn(
+          { err: (err as Error).message },
+          'state file not updated after envd init; a restart sends /init again',
+        );
+      });
     } catch (error) {
       admitted?.();
       // A save still writing must not recreate the directory the teardown removes.
@@ -255,6 +277,16 @@ export class SandboxManager {
     sbx.startPolling(this.o.node.envd, this.o.settings.healthIntervalMs, this.o.settings.metricsIntervalMs);
     this.watchExit(sbx);
     log.info({ buildId: sbx.build.buildId, hostIp: sbx.hostIp, steps: rounded(timings) }, 'sandbox created');
+    // Recorded prefetch: the start is over once envd answers; the faults recorded so far are the
+    // set the next pause or checkpoint stores. Sent once the answer is on its way (the call
+    // itself costs the create's CPU; the uffd-server also ends recording at a bounded time and
+    // at pause).
+    const started = sbx;
+    setImmediate(() => {
+      this.o.node.services.memory.stopRecording(id).catch((err: unknown) => {
+        started.log.warn({ err: (err as Error).message }, 'uffd-server did not stop recording the start');
+      });
+    });
     // The pooled VMM it took is replaced now, not while the create needed the CPU (vmm-pool.ts).
     this.o.node.vmmPool?.refill();
     return sbx;
@@ -270,10 +302,15 @@ export class SandboxManager {
   private async startSandbox(
     sbx: Sandbox,
     saves: BackgroundSaves,
-    at: (step: string) => void,
-    mark: (step: string) => void,
-    side: <T>(name: string, work: Promise<T>) => Promise<T>,
+    steps: {
+      at: (step: string) => void;
+      mark: (step: string) => void;
+      side: <T>(name: string, work: Promise<T>) => Promise<T>;
+      /** Writes the state file as `running` (behind the caller's back). */
+      saveRunning: () => void;
+    },
   ): Promise<void> {
+    const { at, mark, side } = steps;
     const { slots, devices, memory, names } = this.o.node.services;
     const id = sbx.id;
     const sockets = this.socketPaths(id);
@@ -317,9 +354,7 @@ export class SandboxManager {
     });
     const uffdPrepared = side(
       'prepare uffd',
-      mkdir(this.o.settings.socketDir, { recursive: true }).then(() =>
-        memory.prepare(id, sockets.uffd, sbx.build.buildId),
-      ),
+      this.socketDirMade().then(() => memory.prepare(id, sockets.uffd, sbx.build.buildId)),
     );
     const [slotResult, device, uffd] = await Promise.allSettled([slotTaken, deviceOpened, uffdPrepared]);
     const takeSlot = pooled ? 'take pooled vmm' : 'acquire network slot';
@@ -391,6 +426,11 @@ export class SandboxManager {
     });
     await this.checkVcpus(sbx, vmm);
     mark('load snapshot');
+    // Everything the sandbox holds is in its state now: it is written as `running` while the VM
+    // resumes and envd answers (the file says whether envd did: a restart that finds it running
+    // adopts it and sends /init again if not). A later failure waits for this save before the
+    // teardown removes the directory; the create answers only once it is written.
+    steps.saveRunning();
     // Independent calls: Firecracker takes them one after the other, the double at once.
     at('resume vm');
     const resumed = vmm.api.setState('Resumed');
@@ -410,18 +450,25 @@ export class SandboxManager {
     mark('resume vm and set mmds');
     at('init envd');
     await this.o.node.envd.init(slot.hostIp, sbx.config.envVars ?? {}, this.o.settings.envdTimeoutMs);
+    sbx.envdInitialized = true;
     mark('init envd');
-    // Recorded prefetch: the start is over once envd answers; the faults recorded so far are the
-    // set the next pause or checkpoint stores. Off the create's path (the uffd-server also ends
-    // recording at a bounded time and at pause).
-    memory.stopRecording(id).catch((err: unknown) => {
-      sbx.log.warn({ err: (err as Error).message }, 'uffd-server did not stop recording the start');
-    });
     at('set dns');
     const dns = await dnsSet;
     if (dns) throw dns.error;
     sbx.dnsIp = dnsIp;
     mark('set dns');
+  }
+
+  /** The directory of the uffd sockets, made once (prepare listens there on every create). */
+  private socketDirMade(): Promise<void> {
+    this.socketDir ??= mkdir(this.o.settings.socketDir, { recursive: true }).then(
+      () => undefined,
+      (err: unknown) => {
+        this.socketDir = undefined;
+        throw err;
+      },
+    );
+    return this.socketDir;
   }
 
   /**

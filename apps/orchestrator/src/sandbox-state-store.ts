@@ -1,4 +1,5 @@
-import { mkdir, readdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
+import { mkdirSync } from 'node:fs';
+import { readdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { NetSlot } from '#proto/sbx/net';
 import type { SandboxConfig } from '#proto/orchestrator';
@@ -21,30 +22,54 @@ export interface SandboxStateFile {
   memorySocket?: string;
   vmm?: { pid: number; startTicks: number; apiSocket: string; stdoutPath: string; stderrPath: string };
   dnsIp?: string;
+  /**
+   * envd answered /init. A create writes its `running` state while /init is under way, so a
+   * restart that finds this missing sends /init again (it is idempotent) before adopting.
+   */
+  envdInitialized?: boolean;
 }
 
 export class SandboxStateStore {
+  /**
+   * Per sandbox, its last save or removal: they run one at a time (saves share a temporary
+   * file, and a removal must not race a save into the directory it removes).
+   */
+  private readonly turns = new Map<string, Promise<void>>();
+
   constructor(readonly root: string) {}
 
   dir(sandboxId: string): string {
     return join(this.root, sandboxId);
   }
 
-  async create(sandboxId: string): Promise<string> {
+  /** On the event loop: one mkdir at the head of every create, where a trip through the libuv pool costs more. */
+  create(sandboxId: string): string {
     const dir = this.dir(sandboxId);
-    await mkdir(dir, { recursive: true });
+    mkdirSync(dir, { recursive: true });
     return dir;
   }
 
-  async save(state: SandboxStateFile): Promise<void> {
+  save(state: SandboxStateFile): Promise<void> {
     const dir = this.dir(state.sandboxId);
-    const tmp = join(dir, 'state.json.tmp');
-    await writeFile(tmp, JSON.stringify(state));
-    await rename(tmp, join(dir, 'state.json'));
+    return this.inTurn(state.sandboxId, async () => {
+      const tmp = join(dir, 'state.json.tmp');
+      await writeFile(tmp, JSON.stringify(state));
+      await rename(tmp, join(dir, 'state.json'));
+    });
   }
 
-  async remove(sandboxId: string): Promise<void> {
-    await rm(this.dir(sandboxId), { recursive: true, force: true });
+  remove(sandboxId: string): Promise<void> {
+    return this.inTurn(sandboxId, () => rm(this.dir(sandboxId), { recursive: true, force: true }));
+  }
+
+  private inTurn(sandboxId: string, work: () => Promise<void>): Promise<void> {
+    const done = (this.turns.get(sandboxId) ?? Promise.resolve()).then(work);
+    const turn = done.catch(() => undefined);
+    this.turns.set(sandboxId, turn);
+    void turn.then(() => {
+      if (this.turns.get(sandboxId) === turn) this.turns.delete(sandboxId);
+    });
+    return done;
   }
 
   /** Every sandbox directory: its state, or undefined when it has none (died before the first save). */

@@ -18,6 +18,8 @@ export class Sandbox {
   memorySocket: string | undefined;
   vmm: VmmHandle | undefined;
   dnsIp: string | undefined;
+  /** envd answered /init (SandboxStateFile.envdInitialized). */
+  envdInitialized = false;
   healthy = true;
   lastMetrics: EnvdMetrics | undefined;
   /** Takes it out of the node's polling rounds. */
@@ -80,6 +82,7 @@ export class Sandbox {
           }
         : {}),
       ...(this.dnsIp ? { dnsIp: this.dnsIp } : {}),
+      ...(this.envdInitialized ? { envdInitialized: true } : {}),
     };
   }
 

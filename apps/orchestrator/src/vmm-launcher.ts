@@ -1,6 +1,6 @@
 import { spawn } from 'node:child_process';
-import { existsSync } from 'node:fs';
-import { mkdir, open, readdir, rename, symlink } from 'node:fs/promises';
+import { existsSync, mkdirSync, readdirSync, renameSync, symlinkSync } from 'node:fs';
+import { open } from 'node:fs/promises';
 import { setPriority } from 'node:os';
 import { dirname, isAbsolute, join, relative, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -277,14 +277,12 @@ export class ProcessVmmLauncher implements VmmLauncher {
       rootfsDir?: string | undefined;
     },
   ): IdleVmmHandle {
-    let out = new VmmLogTail(logs.stdoutPath, logger, 'stdout');
-    let err = new VmmLogTail(logs.stderrPath, logger, 'stderr');
+    const out = new VmmLogTail(logs.stdoutPath, logger, 'stdout');
+    const err = new VmmLogTail(logs.stderrPath, logger, 'stderr');
     out.start(logs.adopted);
     err.start(logs.adopted);
     let owner = { sandboxId, logger };
-    let ended = false;
     void exited.then(async (how) => {
-      ended = true;
       await Promise.all([out.stop(), err.stop()]);
       owner.logger.info({ pid: identity.pid, how, sandboxId: owner.sandboxId }, 'vmm process ended');
     });
@@ -303,30 +301,31 @@ export class ProcessVmmLauncher implements VmmLauncher {
           );
         }
         if (!alive()) throw new VmmExited(owner.sandboxId, 'exited before its rootfs was linked');
+        // On the event loop: a directory and a link in the VMM's tmpfs, on every create's path,
+        // where each trip through the libuv pool costs a turn of the loop.
         const path = `/proc/${identity.pid}/root${linkPath}`;
-        await mkdir(dirname(path), { recursive: true });
-        await symlink(target, path);
+        mkdirSync(dirname(path), { recursive: true });
+        symlinkSync(target, path);
       },
       handOver: async (to) => {
-        // Back to normal priority, every thread (nice is per thread on Linux).
-        for (const tid of await readdir(`/proc/${identity.pid}/task`).catch(() => [] as string[])) {
+        // Back to normal priority, every thread (nice is per thread on Linux). /proc is read on
+        // the event loop: no disk behind it.
+        for (const tid of threadsOf(identity.pid)) {
           try {
             setPriority(Number(tid), 0);
           } catch {
             // A thread that just ended.
           }
         }
-        await Promise.all([out.stop(), err.stop()]);
-        await rename(logs.stdoutPath, to.stdoutPath);
-        await rename(logs.stderrPath, to.stderrPath);
+        // The log files move into the sandbox's directory; their tails follow them (same files,
+        // same watches). Renames on the event loop: two metadata changes on the create's path.
+        renameSync(logs.stdoutPath, to.stdoutPath);
+        renameSync(logs.stderrPath, to.stderrPath);
         logs.stdoutPath = to.stdoutPath;
         logs.stderrPath = to.stderrPath;
         owner = { sandboxId: to.logger.bindings()['sandboxId'] as string, logger: to.logger };
-        out = new VmmLogTail(to.stdoutPath, to.logger, 'stdout');
-        err = new VmmLogTail(to.stderrPath, to.logger, 'stderr');
-        if (ended) return;
-        out.start(true);
-        err.start(true);
+        out.moveTo(to.stdoutPath, to.logger);
+        err.moveTo(to.stderrPath, to.logger);
       },
       kill: async () => {
         if (!alive()) return;
@@ -349,5 +348,14 @@ export class ProcessVmmLauncher implements VmmLauncher {
         if (logs.cgroup) await this.cgroups?.remove(logs.cgroup);
       },
     };
+  }
+}
+
+/** The thread ids of a process (none once it is gone). */
+function threadsOf(pid: number): string[] {
+  try {
+    return readdirSync(`/proc/${pid}/task`);
+  } catch {
+    return [];
   }
 }

@@ -24,11 +24,21 @@ export class VmmLogTail {
   private again = false;
 
   constructor(
-    private readonly path: string,
-    private readonly logger: Logger,
+    private path: string,
+    private logger: Logger,
     private readonly stream: 'stdout' | 'stderr',
     private readonly intervalMs = 5000,
   ) {}
+
+  /**
+   * The file was renamed to `path` (a pooled VMM handed to a sandbox): the same file, so the
+   * watch holds and reading goes on where it was; lines read from now on go to `logger`, the
+   * file's earlier lines having moved with it.
+   */
+  moveTo(path: string, logger: Logger): void {
+    this.path = path;
+    this.logger = logger;
+  }
 
   start(fromEnd = false): void {
     if (this.started) return;

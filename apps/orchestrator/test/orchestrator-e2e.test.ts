@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto';
-import { cp, mkdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { cp, mkdir, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { status, type ServiceError } from '@grpc/grpc-js';
 import type { Redis } from 'ioredis';
@@ -382,6 +382,45 @@ describe.skipIf(missing !== undefined)('orchestrator end to end (all five servic
     for (const id of ['live-a', 'live-b']) await unary(node.client, node.client.delete, { sandboxId: id }, 60_000);
     expect(await listIds()).toEqual([]);
   });
+
+  it('kill -9 while envd /init is under way (the state file already says running): the restart adopts it and sends /init again', async () => {
+    // /init answers only after the guest's start reads its memory several times over.
+    const slowStart = Array.from({ length: 12 }, () => `0:${16 * 1024 * 1024}`).join(',');
+    let answered = false;
+    const creating = unary(
+      node.client,
+      node.client.create,
+      {
+        sandbox: sandboxConfig('slow-init', { envVars: { GREETING: 'again', SBX_SIM_START_READ: slowStart } }),
+        startTime: new Date(),
+        endTime: new Date(Date.now() + 3_600_000),
+      },
+      60_000,
+    ).then(
+      () => (answered = true),
+      () => undefined,
+    );
+    const statePath = join(node.dataDir, 'sandboxes', 'slow-init', 'state.json');
+    await eventually(async () => (await readFile(statePath, 'utf8').catch(() => '')).includes('"phase":"running"'), {
+      timeoutMs: 20_000,
+      intervalMs: 2,
+      what: 'the state file saying running while /init is under way',
+    });
+    await node.killOrchestrator();
+    await creating;
+    expect(answered, 'the create had not answered when the orchestrator was killed').toBe(false);
+    await node.startOrchestrator();
+    expect(await listIds()).toContain('slow-init');
+    const ip = await hostIpOf('slow-init');
+    const env = await node.guest(ip, 'GET', '/_test/env');
+    expect(JSON.parse(env.body.toString())).toMatchObject({ GREETING: 'again' });
+    expect(node.logs('orchestrator').some((l) => l.includes('envd /init sent again'))).toBe(true);
+    await unary(node.client, node.client.delete, { sandboxId: 'slow-init' }, 60_000);
+    const fp = await node.footprint();
+    expect(fp.devices).not.toContain('slow-init');
+    expect(fp.uffd).not.toContain('slow-init');
+    expect(fp.sandboxDirs).not.toContain('slow-init');
+  });
 });
 
 /*
@@ -483,6 +522,8 @@ describe.skipIf(missing !== undefined)('create failure points, the rest real', (
     const after = await node.footprint();
     for (const key of ['slotsInUse', 'devices', 'uffd', 'dns', 'vmmProcesses'])
       expect(after[key], key).toEqual(before[key]);
+    // Its state file too, written as `running` while the VM's last steps ran.
+    expect(await readdir(join(node.root, 'fp', 'sandboxes')).catch(() => [])).toEqual([]);
     expect(after['namespaces']!.length).toBeLessThanOrEqual(before['namespaces']!.length + 4);
     await manager.shutdown('kill');
   }

@@ -1,6 +1,6 @@
 import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { createLogger } from '#logging';
+import { createLogger, type Logger } from '#logging';
 import { baseMappings, BuildStore, encodeHeader, LocalBackend, type Header } from '#storage';
 import type { SandboxConfig } from '#proto/orchestrator';
 import { BlockDevice, BlockExportResponse } from '#proto/sbx/block';
@@ -114,7 +114,10 @@ export class RecordingNode implements NodeServices {
     close: async (sandboxId: string) => {
       this.devicesOpen.delete(sandboxId);
     },
-    list: async () => [],
+    list: async (): Promise<BlockDevice[]> =>
+      [...this.devicesOpen].map((sandboxId) =>
+        BlockDevice.fromPartial({ sandboxId, socketPath: `/tmp/${sandboxId}.nbd`, size: 8 * PAGE, blockSize: PAGE }),
+      ),
   };
 
   memory = {
@@ -149,7 +152,7 @@ export class RecordingNode implements NodeServices {
     stop: async (sandboxId: string) => {
       this.servings.delete(sandboxId);
     },
-    list: async () => [],
+    list: async () => [...this.servings].map((sandboxId) => ({ sandboxId, state: 'serving', error: '' })),
   };
 
   names = {
@@ -172,8 +175,17 @@ export class RecordingVmm implements VmmLauncher {
 
   async launch(spec: { sandboxId: string; apiSocket: string }): Promise<VmmHandle> {
     if (this.node.failAt === 'launch') throw new VmmExited(spec.sandboxId, 'exited while starting: code 1');
-    const id = spec.sandboxId;
-    this.running.add(id);
+    this.running.add(spec.sandboxId);
+    return this.handle(spec.sandboxId, spec.apiSocket);
+  }
+
+  /** A VMM a previous run started is found again while it still runs (by the sandbox id of the logger). */
+  async adopt(record: { apiSocket: string }, logger: Logger): Promise<VmmHandle | undefined> {
+    const id = logger.bindings()['sandboxId'] as string;
+    return this.running.has(id) ? this.handle(id, record.apiSocket) : undefined;
+  }
+
+  private handle(id: string, apiSocket: string): VmmHandle {
     let resolveExit!: (how: string) => void;
     const exited = new Promise<string>((r) => (resolveExit = r));
     const fail = (step: Step, path: string) => {
@@ -194,7 +206,7 @@ export class RecordingVmm implements VmmLauncher {
     return {
       pid: 1,
       startTicks: 1,
-      apiSocket: spec.apiSocket,
+      apiSocket,
       api,
       exited,
       isAlive: () => this.running.has(id),
@@ -203,10 +215,6 @@ export class RecordingVmm implements VmmLauncher {
         resolveExit('killed');
       },
     };
-  }
-
-  async adopt(): Promise<VmmHandle | undefined> {
-    return undefined;
   }
 }
 
@@ -276,8 +284,13 @@ export interface Harness {
   events: RecordingEvents;
   manager: SandboxManager;
   builds: BuildStore;
-  /** fails: /init times out; hold: /init answers only once it settles (a sandbox kept starting). */
-  envd: { fails: boolean; hold?: Promise<void> };
+  /** fails: /init times out; hold: /init answers only once it settles (a sandbox kept starting); inits: host IPs sent /init. */
+  envd: { fails: boolean; hold?: Promise<void>; inits: string[] };
+  /** What a restarted orchestrator is built from: the same options (node, files), a new manager. */
+  newManager(): SandboxManager;
+  states: SandboxStateStore;
+  /** The envd double the managers use (recording into `envd`). */
+  envdClient: EnvdClient;
   close(): Promise<void>;
 }
 
@@ -288,9 +301,10 @@ export async function makeHarness(root: string, generationCap = 3): Promise<Harn
   const node = new RecordingNode();
   const vmm = new RecordingVmm(node);
   const events = new RecordingEvents();
-  const envdState: Harness['envd'] = { fails: false };
+  const envdState: Harness['envd'] = { fails: false, inits: [] };
   const envd: EnvdClient = {
     init: async (ip, _env, timeoutMs) => {
+      envdState.inits.push(ip);
       if (envdState.hold) await envdState.hold;
       if (envdState.fails) throw new EnvdInitTimeout(`${ip}:49983`, timeoutMs, 'connection refused');
     },
@@ -305,26 +319,29 @@ export async function makeHarness(root: string, generationCap = 3): Promise<Harn
   });
   const templates = new TemplateCatalogue(join(root, 'data', 'templates.json'));
   await templates.set({ templateId: 'base', buildId: BASE, createdAt: new Date().toISOString() });
-  const manager = new SandboxManager({
-    settings: {
-      nodeId: 'node-1',
-      maxSandboxes: 100,
-      envdTimeoutMs: 200,
-      healthIntervalMs: 0,
-      metricsIntervalMs: 0,
-      endTimeCheckMs: 50,
-      pauseParallelism: 2,
-      generationCap,
-      pauseMemoryDiff: 'vmm-dirty-log',
-      vmRootfsDir: join(root, 'fc'),
-      socketDir: join(root, 's'),
-    },
-    node: { services: node, vmm, envd },
-    builds,
-    templates,
-    records: { states: new SandboxStateStore(join(root, 'data', 'sandboxes')), events },
-    logger,
-  });
+  const states = new SandboxStateStore(join(root, 'data', 'sandboxes'));
+  const newManager = () =>
+    new SandboxManager({
+      settings: {
+        nodeId: 'node-1',
+        maxSandboxes: 100,
+        envdTimeoutMs: 200,
+        healthIntervalMs: 0,
+        metricsIntervalMs: 0,
+        endTimeCheckMs: 50,
+        pauseParallelism: 2,
+        generationCap,
+        pauseMemoryDiff: 'vmm-dirty-log',
+        vmRootfsDir: join(root, 'fc'),
+        socketDir: join(root, 's'),
+      },
+      node: { services: node, vmm, envd },
+      builds,
+      templates,
+      records: { states, events },
+      logger,
+    });
+  const manager = newManager();
   return {
     root,
     node,
@@ -333,6 +350,9 @@ export async function makeHarness(root: string, generationCap = 3): Promise<Harn
     manager,
     builds,
     envd: envdState,
+    newManager,
+    states,
+    envdClient: envd,
     close: async () => {
       await manager.shutdown('kill');
       await builds.close();

@@ -1,4 +1,5 @@
 import { randomBytes } from 'node:crypto';
+import { existsSync } from 'node:fs';
 import { readdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -81,9 +82,14 @@ async function pooledSlots(): Promise<string[]> {
 }
 
 async function poolFull(): Promise<void> {
-  await eventually(async () => (await pooledVmms()).length === POOL && (await pooledSlots()).length === POOL, {
+  // Waiting means listening: a VMM process just started has not made its API socket yet.
+  const waiting = async () => {
+    const vmms = await pooledVmms();
+    return vmms.length === POOL && vmms.every((socket) => existsSync(socket));
+  };
+  await eventually(async () => (await waiting()) && (await pooledSlots()).length === POOL, {
     timeoutMs: 60_000,
-    what: `${POOL} VMMs waiting in the pool, each in a slot`,
+    what: `${POOL} VMMs waiting in the pool on their API sockets, each in a slot`,
   }).catch((err: unknown) => {
     console.warn(
       node
