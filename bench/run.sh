@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 areas=("$@")
-[[ ${#areas[@]} -eq 0 ]] && areas=(dns nbd uffd net storage orchestrator density cold-resume prefetch proxy)
+[[ ${#areas[@]} -eq 0 ]] && areas=(dns nbd uffd net storage orchestrator density cold-resume cold-resume-node prefetch proxy)
 for area in "${areas[@]}"; do
   [[ -x bench/$area/run.sh || -f bench/$area/run.sh ]] || { echo "bench: no bench/$area/run.sh" >&2; exit 2; }
   echo "== bench/$area"
