@@ -17,3 +17,4 @@ export * from './page-cache-read.js';
 export * from './file-extents.js';
 export * from './diff-copy.js';
 export * from './http-relay.js';
+export * from './tunnel-engine.js';
