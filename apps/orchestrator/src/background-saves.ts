@@ -4,7 +4,8 @@
  * restart reconciler finds those orphans by asking the services anyway; so each save starts
  * after the one before (they share a temporary file), the create goes on meanwhile, and `flush`
  * waits for all of them and throws the first failure. The save that matters (the sandbox is
- * running) is awaited through `flush` before the create answers.
+ * running, queued as the VM's last steps start) is awaited through `flush` before the create
+ * answers.
  */
 export class BackgroundSaves {
   private chain: Promise<void> = Promise.resolve();

@@ -219,7 +219,9 @@ export class SandboxManager {
       );
       sbx.teardown.push('files', () => this.o.records.states.remove(id));
       this.sandboxes.set(id, sbx);
-      saves.soon();
+      // No save yet: it would say no more than the directory does (a restart cleans up a sandbox
+      // without a state file, and finds what the services hold by asking them), and its write
+      // would compete with the steps below. The first one follows the slot, device and uffd.
       // Steps run side by side are timed each on their own too (their times overlap the step's).
       const side = <T>(name: string, work: Promise<T>): Promise<T> => {
         const started = performance.now();
