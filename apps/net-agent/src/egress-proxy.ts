@@ -7,10 +7,24 @@
  * to that name as the node resolves it (addresses in always-denied ranges skipped: DNS rebinding),
  * never to the address the guest chose. Replacing a slot's policy re-judges its open connections
  * and resets those the new policy refuses.
+ *
+ * Once a connection is judged and its upstream connected, the rest is a plain byte tunnel: both
+ * sockets go to the native tunnel engine (splice on its own threads, off this event loop), with
+ * the bytes already read from the guest sent first. Without the engine (an old native library,
+ * or `tunnelThreads` 0) Node pipes them.
  */
 import { connect, createServer, type Server, type Socket } from 'node:net';
 import type { Logger } from '#logging';
-import { listenTcp4, originalDestination, type NetnsSwitch } from '#native';
+import {
+  close as closeFd,
+  fcntl,
+  listenTcp4,
+  originalDestination,
+  TunnelEngine,
+  tunnelEngineAvailable,
+  type NetnsSwitch,
+  type TunnelEnded,
+} from '#native';
 import { parseConnectionHead, type HeadResult } from './connection-head.js';
 import { usesProxy, type EgressPolicy } from './egress-policy.js';
 import { inRanges, judge, type Destination, type Verdict } from './egress-verdict.js';
@@ -28,7 +42,18 @@ interface ProxiedConnection {
   name?: string;
   /** Where it was dialed when allowed by name (judged again on a policy change). */
   dialed?: Destination;
+  /** Its tunnel in the native engine, once the sockets were handed over. */
+  tunnel?: number;
   done: boolean;
+}
+
+// fcntl(2): a new descriptor for the same open socket, close-on-exec.
+const F_DUPFD_CLOEXEC = 1030;
+
+/** The kernel descriptor under a connected net.Socket (libuv's TCP handle), or -1. */
+function socketFd(socket: Socket): number {
+  const handle = (socket as unknown as { _handle?: { fd?: number } | null })._handle;
+  return typeof handle?.fd === 'number' ? handle.fd : -1;
 }
 
 interface SlotProxy {
@@ -51,12 +76,25 @@ export interface EgressProxyOptions {
   headTimeoutMs: number;
   dialTimeoutMs: number;
   onConnection?: (result: 'allowed' | 'refused') => void;
+  /** Threads of the native tunnel engine that carries allowed connections; 0: Node pipes them. */
+  tunnelThreads?: number;
 }
 
 export class EgressProxy {
   private readonly slots = new Map<number, SlotProxy>();
+  private readonly engine: TunnelEngine | undefined;
+  /** Connections in the engine by tunnel id, until the engine reports their end. */
+  private readonly tunnels = new Map<number, { slot: SlotProxy; c: ProxiedConnection }>();
 
-  constructor(private readonly o: EgressProxyOptions) {}
+  constructor(private readonly o: EgressProxyOptions) {
+    const threads = o.tunnelThreads ?? 0;
+    if (threads > 0 && !tunnelEngineAvailable()) {
+      o.logger.warn('native tunnel engine not in libsbxnative.so (rebuild native/): egress bytes piped by Node');
+    } else if (threads > 0) {
+      this.engine = new TunnelEngine({ threads });
+      this.engine.onEnded((e) => this.tunnelEnded(e));
+    }
+  }
 
   /**
    * Makes `policy` the slot's policy at once: the listener is opened (before the caller adds
@@ -100,6 +138,14 @@ export class EgressProxy {
 
   close(): void {
     for (const idx of [...this.slots.keys()]) this.drop(idx);
+    // Cut connections were reset already; destroy() closes every fd the engine still holds.
+    this.engine?.destroy();
+    this.tunnels.clear();
+  }
+
+  /** Whether allowed connections are carried by the native tunnel engine. */
+  get native(): boolean {
+    return this.engine !== undefined;
   }
 
   /** Slots with a listener, and connections open through the proxy (for tests and stats). */
@@ -144,6 +190,12 @@ export class EgressProxy {
     if (c.done) return;
     c.done = true;
     slot.connections.delete(c);
+    if (c.tunnel !== undefined) {
+      // Both sockets are the engine's: it resets them (its ended event then forgets the id).
+      this.engine?.close(c.tunnel);
+      this.forgetIfIdle(slot);
+      return;
+    }
     // A reset tells the guest at once; destroy() alone would look like an orderly close.
     if (reset && !c.client.destroyed) c.client.resetAndDestroy();
     else c.client.destroy();
@@ -183,7 +235,9 @@ export class EgressProxy {
       done: false,
     };
     slot.connections.add(c);
-    client.once('close', () => this.finish(slot, c, false));
+    client.once('close', () => {
+      if (c.tunnel === undefined) this.finish(slot, c, false);
+    });
 
     let verdict = judge(slot.policy, this.o.alwaysDenied, c.destination);
     let head: Buffer = Buffer.alloc(0);
@@ -252,7 +306,7 @@ export class EgressProxy {
       if (upstream.connecting) upstream.destroy(new Error(`dial timed out after ${this.o.dialTimeoutMs} ms`));
     });
     upstream.once('error', (err) => {
-      if (c.done) return;
+      if (c.done || c.tunnel !== undefined) return;
       this.o.logger.debug({ err, sandboxId: slot.sandboxId, target: c.target, name: c.name }, 'egress upstream failed');
       this.finish(slot, c, true);
     });
@@ -267,9 +321,66 @@ export class EgressProxy {
         'egress connection proxied',
       );
       c.client.setNoDelay(true);
+      if (this.engine && this.toEngine(slot, c, upstream, head)) return;
       if (head.length) upstream.write(head);
       c.client.pipe(upstream);
       upstream.pipe(c.client);
     });
+  }
+
+  /**
+   * Hands both sockets to the tunnel engine (true), or leaves them to Node when it cannot take
+   * them (false). Called before either socket was read from since the head: bytes Node still
+   * buffers for the guest's socket are sent after the head.
+   */
+  private toEngine(slot: SlotProxy, c: ProxiedConnection, upstream: Socket, head: Buffer): boolean {
+    const buffered: Buffer[] = [head];
+    for (let chunk: Buffer | null; (chunk = c.client.read() as Buffer | null) !== null;) buffered.push(chunk);
+    const first = Buffer.concat(buffered);
+    const fds: number[] = [];
+    try {
+      for (const s of [c.client, upstream]) {
+        const fd = socketFd(s);
+        if (fd < 0) throw new Error('socket has no descriptor');
+        fds.push(fcntl(fd, F_DUPFD_CLOEXEC, 0));
+      }
+      c.tunnel = this.engine!.adopt(fds[0]!, fds[1]!, first);
+    } catch (err) {
+      for (const fd of fds) closeFd(fd);
+      this.o.logger.warn(
+        { err, sandboxId: slot.sandboxId, target: c.target },
+        'egress tunnel engine did not take a connection; piped by Node',
+      );
+      if (first.length > head.length) c.client.unshift(first.subarray(head.length));
+      return false;
+    }
+    this.tunnels.set(c.tunnel, { slot, c });
+    // The engine holds duplicates: closing Node's descriptors sends nothing to either peer.
+    c.client.destroy();
+    upstream.destroy();
+    return true;
+  }
+
+  private tunnelEnded(e: TunnelEnded): void {
+    const entry = this.tunnels.get(e.id);
+    if (!entry) return;
+    this.tunnels.delete(e.id);
+    const { slot, c } = entry;
+    this.o.logger.debug(
+      {
+        sandboxId: slot.sandboxId,
+        target: c.target,
+        name: c.name,
+        bytesUp: e.bytesAtoB,
+        bytesDown: e.bytesBtoA,
+        end: e.reason,
+        errno: e.errno || undefined,
+      },
+      'egress connection ended',
+    );
+    if (c.done) return;
+    c.done = true;
+    slot.connections.delete(c);
+    this.forgetIfIdle(slot);
   }
 }

@@ -186,6 +186,7 @@ function serve(config: NetAgentConfig, logger: Logger, signal: AbortSignal): Pro
       headTimeoutMs: config.egressHeadTimeoutMs,
       dialTimeoutMs: config.egressDialTimeoutMs,
       onConnection: (result) => metrics.egressConnections.inc({ result }),
+      tunnelThreads: config.egressTunnelThreads,
     });
     // Proxied connections end with the process; adopted slots keep their policy (state files).
     stack.push('egress proxy', async () => proxy.close());

@@ -115,6 +115,9 @@ export const netAgentConfigSchema = z
       .default(5000)
       .describe('how long a connection refused by address may take to send its TLS hello or HTTP request'),
     egressDialTimeoutMs: count(100, 120_000).default(10_000),
+    egressTunnelThreads: count(0, 16)
+      .default(1)
+      .describe('native threads that carry allowed egress connections (splice, off the event loop); 0 = piped by Node'),
 
     poolNewSize: count(0, 10_000).default(32),
     poolReusedSize: count(0, 10_000).default(100),

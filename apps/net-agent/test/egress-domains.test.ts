@@ -41,8 +41,13 @@ const clients = new Set<ChildProcess>();
 
 const none: NetEgressPolicy = { denyInternet: false, allowedCidrs: [], deniedCidrs: [], allowedDomains: [] };
 
-function agentArgs(): string[] {
+function agentArgs(tunnelThreads = 1): string[] {
   return [
+    // The end of each tunneled connection (bytes each way) is logged at debug.
+    '--log-level',
+    'debug',
+    '--egress-tunnel-threads',
+    String(tunnelThreads),
     '--pool-new-size',
     '2',
     '--egress-hosts-file',
@@ -320,5 +325,43 @@ describe.skipIf(!isRoot)('egress domain rules', () => {
     expect(await curl(kept.guest, 'https://a.test/', { name: 'a.test', address: HOST_C })).toBe(`${HOST_A} a.test`);
     expect(await curl(kept.guest, 'http://b.test/', { name: 'b.test', address: HOST_A })).toMatch(/^refused/);
     conn.kill();
+  });
+
+  it('allowed connections are carried by the native tunnel engine, which logs the bytes of each', async () => {
+    const { guest } = await guestFor('sbx-tunnel', { denyInternet: true, allowedDomains: ['a.test'] });
+    const from = agent.logs.length;
+    expect(await curl(guest, 'https://a.test/', { name: 'a.test', address: HOST_C })).toBe(`${HOST_A} a.test`);
+    const ended = await eventually(() => {
+      const line = agent.logs
+        .slice(from)
+        .find((l) => l.includes('egress connection ended') && l.includes('sbx-tunnel'));
+      if (!line) throw new Error('no end log yet');
+      return JSON.parse(line) as { bytesUp: number; bytesDown: number; end: string; name: string };
+    });
+    expect(ended).toMatchObject({ end: 'done', name: 'a.test' });
+    // A TLS hello and request up, a certificate and the answer down.
+    expect(ended.bytesUp).toBeGreaterThan(300);
+    expect(ended.bytesDown).toBeGreaterThan(500);
+  });
+
+  it('without the engine (--egress-tunnel-threads 0) Node pipes the same connections, and a live update still cuts', async () => {
+    await agent.stop();
+    agent = await AgentProcess.start(node, join(dir, 'net.sock'), agentArgs(0));
+    try {
+      const { slot, guest } = await guestFor('sbx-piped', { denyInternet: true, allowedDomains: ['a.test'] });
+      const from = agent.logs.length;
+      expect(await curl(guest, 'https://a.test/', { name: 'a.test', address: HOST_C })).toBe(`${HOST_A} a.test`);
+      expect(await curl(guest, 'http://b.test/', { name: 'b.test', address: HOST_A })).toMatch(/^refused/);
+      const conn = namedClient(guest, HOST_C, 9200, 'a.test');
+      expect(await conn.next()).toBe('open');
+      expect(await conn.echo()).toBe('echo y');
+      await setEgress(slot, { denyInternet: true, allowedDomains: ['b.test'] });
+      expect(await conn.echo()).toMatch(/^(cut|closed)/);
+      conn.kill();
+      expect(agent.logs.slice(from).some((l) => l.includes('egress connection ended'))).toBe(false);
+    } finally {
+      await agent.stop();
+      agent = await AgentProcess.start(node, join(dir, 'net.sock'), agentArgs());
+    }
   });
 });
