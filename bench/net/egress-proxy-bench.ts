@@ -5,12 +5,14 @@
  * allows the server's address while domain rules are on (proxied, dialed to the address without
  * reading the first bytes), one allowed only by name (proxied, HTTP Host read, name resolved).
  * Measured from the guest with a Python client: connect + first answer latency (p50/p99 over
- * --connects connections) and one download of --mib MiB.
+ * --connects connections) and one download of --mib MiB, with the agent's CPU time over the case.
+ * Run once per way the agent moves proxied bytes (--variants): `pipe` (Node pipes them on the
+ * event loop), `splice` (native tunnel threads, splice(2)), `copy` (tunnel threads, read/write).
  *
- *   bash scripts/build.sh && node dist/bench/net/egress-proxy-bench.js [--connects 300] [--mib 512]
+ *   bash scripts/build.sh && node dist/bench/net/egress-proxy-bench.js [--connects 300] [--mib 512] [--variants pipe,splice,copy]
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdtemp, readdir, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, readFile, readdir, rm, writeFile } from 'node:fs/promises';
 import { loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
@@ -149,12 +151,43 @@ async function attachGuest(slot: NetSlot, name: string): Promise<string> {
   return guest;
 }
 
+/** CPU time (user + system, ms) a process has used so far. */
+async function cpuMs(pid: number): Promise<number> {
+  const stat = await readFile(`/proc/${pid}/stat`, 'utf8');
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  // utime and stime are fields 14 and 15 of stat(5): 11 and 12 after the ") " cut.
+  return ((Number(fields[11]) + Number(fields[12])) * 1000) / 100;
+}
+
+const VARIANT_ARGS: Record<string, string[]> = {
+  pipe: ['--egress-tunnel-threads', '0'],
+  splice: ['--egress-tunnel-threads', '1', '--egress-tunnel-mode', 'splice'],
+  copy: ['--egress-tunnel-threads', '1', '--egress-tunnel-mode', 'copy'],
+};
+
 async function main(): Promise<void> {
   const { values } = parseArgs({
-    options: { connects: { type: 'string', default: '300' }, mib: { type: 'string', default: '512' } },
+    options: {
+      connects: { type: 'string', default: '300' },
+      mib: { type: 'string', default: '512' },
+      variants: { type: 'string', default: 'pipe,splice,copy' },
+    },
   });
   const connects = Number(values.connects);
   const mib = Number(values.mib);
+  const variants = values.variants.split(',');
+  for (const v of variants) if (!VARIANT_ARGS[v]) throw new Error(`--variants: unknown ${v} (pipe, splice, copy)`);
+  const rows: string[] = [];
+  for (const variant of variants) rows.push(...(await measure(variant, connects, mib)));
+  const load = loadavg()
+    .map((l) => l.toFixed(2))
+    .join(' ');
+  console.log(`egress proxy bench (${connects} connections, ${mib} MiB download per case; load average ${load})`);
+  for (const row of rows) console.log(row);
+}
+
+/** One agent moving proxied bytes the variant's way: a row per case. */
+async function measure(variant: string, connects: number, mib: number): Promise<string[]> {
   await tearDown();
   await setUp();
   const dir = await mkdtemp(join(tmpdir(), 'egress-bench-'));
@@ -185,6 +218,7 @@ async function main(): Promise<void> {
         join(dir, 'hosts'),
         '--egress-state-dir',
         join(dir, 'state'),
+        ...VARIANT_ARGS[variant]!,
       ],
       wrapper: ['nsenter', `--net=/run/netns/${NODE}`],
       ready: grpcServing(socket),
@@ -208,21 +242,19 @@ async function main(): Promise<void> {
       await eventually(async () => {
         await inNs(guest, 'python3', ['-c', CLIENT_PY, SERVER, '1']);
       });
+      const cpuBefore = await cpuMs(agent.pid);
       const r = JSON.parse((await inNs(guest, 'python3', ['-c', CLIENT_PY, SERVER, String(connects)])).trim()) as {
         p50: number;
         p99: number;
         mibps: number;
       };
+      const cpu = (await cpuMs(agent.pid)) - cpuBefore;
       rows.push(
-        `  ${label.padEnd(40)} connect+answer p50 ${r.p50.toFixed(2)} ms  p99 ${r.p99.toFixed(2)} ms   download ${r.mibps.toFixed(0)} MiB/s`,
+        `  ${variant.padEnd(7)} ${label.padEnd(40)} connect+answer p50 ${r.p50.toFixed(2)} ms  p99 ${r.p99.toFixed(2)} ms   download ${r.mibps.toFixed(0)} MiB/s   agent CPU ${cpu.toFixed(0)} ms`,
       );
     }
     client.close();
-    const load = loadavg()
-      .map((l) => l.toFixed(2))
-      .join(' ');
-    console.log(`egress proxy bench (${connects} connections, ${mib} MiB download per case; load average ${load})`);
-    for (const row of rows) console.log(row);
+    return rows;
   } finally {
     await agent?.stop();
     server?.kill('SIGKILL');

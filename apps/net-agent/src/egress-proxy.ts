@@ -78,6 +78,7 @@ export interface EgressProxyOptions {
   onConnection?: (result: 'allowed' | 'refused') => void;
   /** Threads of the native tunnel engine that carries allowed connections; 0: Node pipes them. */
   tunnelThreads?: number;
+  tunnelMode?: 'splice' | 'copy';
 }
 
 export class EgressProxy {
@@ -91,7 +92,7 @@ export class EgressProxy {
     if (threads > 0 && !tunnelEngineAvailable()) {
       o.logger.warn('native tunnel engine not in libsbxnative.so (rebuild native/): egress bytes piped by Node');
     } else if (threads > 0) {
-      this.engine = new TunnelEngine({ threads });
+      this.engine = new TunnelEngine({ threads, mode: o.tunnelMode ?? 'splice' });
       this.engine.onEnded((e) => this.tunnelEnded(e));
     }
   }

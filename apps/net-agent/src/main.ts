@@ -187,6 +187,7 @@ function serve(config: NetAgentConfig, logger: Logger, signal: AbortSignal): Pro
       dialTimeoutMs: config.egressDialTimeoutMs,
       onConnection: (result) => metrics.egressConnections.inc({ result }),
       tunnelThreads: config.egressTunnelThreads,
+      tunnelMode: config.egressTunnelMode,
     });
     // Proxied connections end with the process; adopted slots keep their policy (state files).
     stack.push('egress proxy', async () => proxy.close());

@@ -118,6 +118,10 @@ export const netAgentConfigSchema = z
     egressTunnelThreads: count(0, 16)
       .default(1)
       .describe('native threads that carry allowed egress connections (splice, off the event loop); 0 = piped by Node'),
+    egressTunnelMode: z
+      .enum(['splice', 'copy'])
+      .default('splice')
+      .describe('how the tunnel threads move bytes: splice(2) through a pipe, or read/write through a buffer'),
 
     poolNewSize: count(0, 10_000).default(32),
     poolReusedSize: count(0, 10_000).default(100),
