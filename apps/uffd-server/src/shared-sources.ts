@@ -26,8 +26,8 @@ export interface AcquiredSource {
  * count once per mapping in our RSS (2.2 MiB per sandbox at 100 sandboxes of one 128 MiB build,
  * bench/density): one mapping counts it once. Builds are immutable, so a build is known by its
  * id; a plain memory file (serve a path as it is) by its identity on disk (device, inode, size,
- * modification time), so a file replaced at the same path is mapped anew. The mapping and what
- * was read with it (header, prefetch set) go with the last sandbox using it.
+ * modification time), so a file replaced at the same path is mapped anew. The mapping goes with
+ * the last sandbox using it (a build's header and prefetch set are kept apart: build-memory-info.ts).
  */
 export class SharedSources {
   private readonly entries = new Map<string, Promise<SharedSource>>();
