@@ -105,7 +105,7 @@ export class SandboxManager {
   readonly admission: StartAdmission;
   private endTimer: NodeJS.Timeout | undefined;
   private stopping = false;
-  private socketDir: Promise<void> | undefined;
+  private socketDirMade = false;
   lastCreateTimings: StepTimings = {};
   lastPauseTimings: StepTimings = {};
   /** Of the last checkpoint, with guestPaused: from the VM pausing to its resuming (ms). */
@@ -321,6 +321,23 @@ export class SandboxManager {
       await rm(vmm.apiSocket, { force: true });
     };
 
+    // The two calls to other services go out first: the hand-over below is this process's own
+    // work, done while they are under way.
+    sbx.teardown.push('device', () => devices.close(id));
+    const deviceOpened = side('open rootfs device', devices.open(id, sbx.build.buildId));
+    sbx.teardown.push('uffd', async () => {
+      try {
+        await memory.stop(id);
+      } finally {
+        await rm(sockets.uffd, { force: true });
+      }
+    });
+    const uffdPrepared = side(
+      'prepare uffd',
+      this.socketDirMade
+        ? memory.prepare(id, sockets.uffd, sbx.build.buildId)
+        : this.makeSocketDir().then(() => memory.prepare(id, sockets.uffd, sbx.build.buildId)),
+    );
     // A VMM started ahead in a slot of its own (vmm-pool.ts) brings the slot with it.
     const pooled = this.o.node.vmmPool?.take();
     const egress = netEgressPolicy(sbx.config.allowInternetAccess, sbx.config.network?.egress);
@@ -344,19 +361,6 @@ export class SandboxManager {
         sbx.slot = slot;
         sbx.teardown.push('slot', () => slots.release(slot, true));
       })(),
-    );
-    sbx.teardown.push('device', () => devices.close(id));
-    const deviceOpened = side('open rootfs device', devices.open(id, sbx.build.buildId));
-    sbx.teardown.push('uffd', async () => {
-      try {
-        await memory.stop(id);
-      } finally {
-        await rm(sockets.uffd, { force: true });
-      }
-    });
-    const uffdPrepared = side(
-      'prepare uffd',
-      this.socketDirMade().then(() => memory.prepare(id, sockets.uffd, sbx.build.buildId)),
     );
     const [slotResult, device, uffd] = await Promise.allSettled([slotTaken, deviceOpened, uffdPrepared]);
     const takeSlot = pooled ? 'take pooled vmm' : 'acquire network slot';
@@ -462,15 +466,9 @@ export class SandboxManager {
   }
 
   /** The directory of the uffd sockets, made once (prepare listens there on every create). */
-  private socketDirMade(): Promise<void> {
-    this.socketDir ??= mkdir(this.o.settings.socketDir, { recursive: true }).then(
-      () => undefined,
-      (err: unknown) => {
-        this.socketDir = undefined;
-        throw err;
-      },
-    );
-    return this.socketDir;
+  private async makeSocketDir(): Promise<void> {
+    await mkdir(this.o.settings.socketDir, { recursive: true });
+    this.socketDirMade = true;
   }
 
   /**
