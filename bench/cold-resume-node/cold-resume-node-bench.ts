@@ -195,7 +195,9 @@ class Bench {
     private readonly touchSpec: string,
   ) {}
 
-  private start(delayMs: number, sampleMemoryMb: number): Promise<NodeUnderTest> {
+  /** A node on the bucket; `template` false: no sample template of its own (a resume node needs none). */
+  private start(delayMs: number, sampleMemoryMb: number, template = true): Promise<NodeUnderTest> {
+    const storage = this.bucket.storage(delayMs);
     return NodeUnderTest.start({
       tag: `crn${this.nodes++}`,
       sampleMemoryMb,
@@ -203,7 +205,12 @@ class Bench {
       envdTimeoutMs: 300_000,
       vmRootfsDir: this.rootfsDir,
       vmmPoolSize: 1,
-      storage: this.bucket.storage(delayMs),
+      // Without a template of its own, nothing of the resume node's start is still uploading
+      // (or competing for the bucket) while it resumes.
+      storage: async (node) => {
+        const s = await storage(node);
+        return template ? s : { ...s, env: { ...s.env, SBX_ORCHESTRATOR_SAMPLE_TEMPLATE: 'false' } };
+      },
     });
   }
 
@@ -243,10 +250,10 @@ class Bench {
 
   /** Resumes `buildId` on a node with an empty cache; with `then`, pauses it into a new build. */
   async resume(delayMs: number, buildId: string, pauseAfter: boolean): Promise<{ r: Resume; next?: string }> {
-    const node = await this.start(delayMs, 16);
+    const node = await this.start(delayMs, 16, false);
     const uffd = dial(UffdServerClient, node.sockets.uffd);
     try {
-      // Let the node settle: its own small template uploaded, the VMM pool filled.
+      // Let the node settle: the VMM pool filled.
       await new Promise((r) => setTimeout(r, 3000));
       const requestsBefore = this.bucket.requests();
       const ms = await this.create(node, buildId, { SBX_SIM_START_TOUCH: this.touchSpec });

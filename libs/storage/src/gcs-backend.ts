@@ -51,9 +51,13 @@ export class GcsBackend implements StorageBackend {
     this.options = options;
     this.readTimeoutMs = options.readTimeoutMs ?? 60_000;
     this.uploadChunkSize = options.uploadChunkSize;
+    // Loaded now, in the background, not at the first request: importing @google-cloud/storage
+    // takes ~300 ms here, which a node's first cold resume paid twice (the orchestrator resolving
+    // the build, the uffd-server preparing it; bench/cold-resume-node). A failure shows at first use.
+    this.bucket().catch(() => undefined);
   }
 
-  /** The client library is loaded on first use: services on a local bucket never pay for it. */
+  /** The client library is loaded by GcsBackends only: services on a local bucket never pay for it. */
   private bucket(): Promise<Bucket> {
     this.bucketHandle ??= import('@google-cloud/storage').then(({ Storage, IdempotencyStrategy }) => {
       const options = this.options;
