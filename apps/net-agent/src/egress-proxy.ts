@@ -83,7 +83,7 @@ export interface EgressProxyOptions {
 
 export class EgressProxy {
   private readonly slots = new Map<number, SlotProxy>();
-  private readonly engine: TunnelEngine | undefined;
+  private engine: TunnelEngine | undefined;
   /** Connections in the engine by tunnel id, until the engine reports their end. */
   private readonly tunnels = new Map<number, { slot: SlotProxy; c: ProxiedConnection }>();
 
@@ -141,12 +141,8 @@ export class EgressProxy {
     for (const idx of [...this.slots.keys()]) this.drop(idx);
     // Cut connections were reset already; destroy() closes every fd the engine still holds.
     this.engine?.destroy();
+    this.engine = undefined;
     this.tunnels.clear();
-  }
-
-  /** Whether allowed connections are carried by the native tunnel engine. */
-  get native(): boolean {
-    return this.engine !== undefined;
   }
 
   /** Slots with a listener, and connections open through the proxy (for tests and stats). */
