@@ -212,6 +212,21 @@ describe('TunnelEngine', () => {
     expect(events[0]!.reason).toBe('reset');
   });
 
+  it('a peer that resets after its FIN is noticed at once (the other peer is reset, not left half-open)', async () => {
+    engine = new TunnelEngine({ threads: 1 });
+    const events = collectEvents(engine);
+    const { a, b } = await tunnel(engine);
+    a.socket.end();
+    await until(() => b.ended, 'FIN passed on');
+    a.socket.resetAndDestroy();
+    await until(() => events.length === 1, 'event');
+    expect(events[0]!.reason).toBe('reset');
+    // b has read its FIN and reads no more: it learns of the reset when it next writes.
+    b.socket.write('anyone there?');
+    await until(() => b.closed, 'b closed');
+    expect(b.error?.code).toMatch(/^(ECONNRESET|EPIPE)$/);
+  });
+
   it('destroy() closes every socket and pipe it owns (open tunnels reset), no fd left', async () => {
     const before = openFds();
     engine = new TunnelEngine({ threads: 3 });

@@ -351,6 +351,20 @@ static void *thread_main(void *arg) {
       struct tunnel *t = s->t;
       if (t->ended) continue;
       uint32_t ev = evs[i].events;
+      if (ev & EPOLLERR) {
+        /* A reset or other error on a side neither direction is using now (its FIN already
+           read, nothing to send to it) would otherwise wait for the other side to act. */
+        int err = 0;
+        socklen_t len = sizeof(err);
+        if (getsockopt(t->fd[s->idx], SOL_SOCKET, SO_ERROR, &err, &len) == 0 && err) {
+          tunnel_end(th, t, END_RESET, err);
+          if (!t->queued_again) {
+            t->again_next = dead;
+            dead = t;
+          }
+          continue;
+        }
+      }
       if (ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) t->can_read[s->idx] = 1;
       if (ev & (EPOLLOUT | EPOLLHUP | EPOLLERR)) t->can_write[s->idx] = 1;
       run(th, t);
