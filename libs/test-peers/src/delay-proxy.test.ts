@@ -1,7 +1,7 @@
 import { execFile, execFileSync } from 'node:child_process';
 import { promisify } from 'node:util';
 import { createServer, type Server } from 'node:http';
-import type { AddressInfo } from 'node:net';
+import { connect, type AddressInfo } from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DelayProxy } from './delay-proxy.js';
 
@@ -36,6 +36,27 @@ describe('DelayProxy', () => {
     expect(proxy.counters.bytesAnswered).toBeGreaterThan(answers.join('').length);
     await proxy.stop();
     await expect(fetch(`${proxy.endpoint}/c`)).rejects.toThrow();
+  });
+
+  it('passes on a body and a FIN the client sent before the delay ran out, then the whole answer', async () => {
+    const proxy = await DelayProxy.start({ host: '127.0.0.1', port }, 50);
+    try {
+      const body = Buffer.alloc(16 * 1024 * 1024, 3);
+      const answer = await new Promise<string>((resolve, reject) => {
+        const socket = connect(Number(new URL(proxy.endpoint).port), '127.0.0.1');
+        const chunks: Buffer[] = [];
+        socket.on('data', (c: Buffer) => chunks.push(c));
+        socket.on('error', reject);
+        socket.on('close', () => resolve(Buffer.concat(chunks).toString('latin1')));
+        // The request, its body and the client's FIN all leave before the 50 ms delay is over.
+        socket.write(`PUT /up HTTP/1.1\r\nHost: x\r\nContent-Length: ${body.length}\r\nConnection: close\r\n\r\n`);
+        socket.end(body);
+      });
+      expect(answer).toMatch(/^HTTP\/1\.1 200/);
+      expect(answer.endsWith(`PUT /up ${body.length}`)).toBe(true);
+    } finally {
+      await proxy.stop();
+    }
   });
 
   it('listens inside a network namespace given, still reaching its target from here', async () => {

@@ -38,7 +38,8 @@ export class DelayProxy {
   ): Promise<DelayProxy> {
     if (!Number.isFinite(delayMs) || delayMs < 0) throw new RangeError(`delay ${delayMs} ms invalid`);
     const holder: { proxy?: DelayProxy } = {};
-    const server = createServer((client) => holder.proxy?.relay(client, target, delayMs));
+    // Half-open: a client's FIN is held and passed on after its data, not answered at once.
+    const server = createServer({ allowHalfOpen: true }, (client) => holder.proxy?.relay(client, target, delayMs));
     await new Promise<void>((resolve, reject) => {
       server.once('error', reject);
       server.once('listening', () => resolve());
@@ -65,7 +66,7 @@ export class DelayProxy {
   }
 
   private relay(client: Socket, target: { host: string; port: number }, delayMs: number): void {
-    const upstream = connect(target.port, target.host);
+    const upstream = connect({ port: target.port, host: target.host, allowHalfOpen: true });
     this.sockets.add(client);
     this.sockets.add(upstream);
     const end = () => {
@@ -76,8 +77,9 @@ export class DelayProxy {
     };
     client.on('error', end);
     upstream.on('error', end);
-    client.on('close', end);
-    upstream.on('close', end);
+    // A clean close of the bucket's side ends the client's through the pipe (its answer flushed
+    // first); destroying the client here could drop the answer's last bytes.
+    upstream.on('close', () => this.sockets.delete(upstream));
     // Held pieces leave in order: each at its own arrival time + delay.
     let lastDue = 0;
     const hold = (what: () => void) => {
@@ -92,11 +94,18 @@ export class DelayProxy {
       );
       this.timers.add(timer);
     };
+    // Reading pauses while the bucket side has a backlog, so a large upload is not held whole
+    // in memory; what was read still leaves in order after its delay.
+    upstream.on('drain', () => client.resume());
     client.on('data', (data: Buffer) => {
       this.counters.requests += data.toString('latin1').match(REQUEST_LINE)?.length ?? 0;
-      hold(() => upstream.write(data));
+      hold(() => {
+        if (!upstream.write(data)) client.pause();
+      });
     });
+    // The client's close is passed on after the data it sent before it (held like that data).
     client.on('end', () => hold(() => upstream.end()));
+    client.on('close', () => hold(end));
     upstream.on('data', (data: Buffer) => (this.counters.bytesAnswered += data.length));
     upstream.pipe(client);
   }
