@@ -4,6 +4,8 @@ import { check } from './syscall-error.js';
 
 const create = sbx.func('int64_t sbx_serve_create(const int64_t *params, const uint64_t *regions)');
 const start = sbx.func('int64_t sbx_serve_start(int64_t h, int nthreads)');
+const startPooled = sbx.func('int64_t sbx_serve_start_pooled(int64_t h, int size)');
+const poolStart = sbx.func('int64_t sbx_serve_pool_start(int size)');
 const notifyFd = sbx.func('int64_t sbx_serve_notify_fd(int64_t h)');
 const nextEvent = sbx.func('int64_t sbx_serve_next_event(int64_t h, int64_t *out)');
 const markReady = sbx.func('int64_t sbx_serve_mark_ready(int64_t h, uint64_t off, uint64_t len)');
@@ -147,6 +149,15 @@ export class ServeEngine {
     check('sbx_serve_start', start(this.handle, threads));
   }
 
+  /**
+   * Serves on the process's shared pool instead (instead of `start`): one of `size` workers
+   * (started on first use, the first size counts) owns this engine and serves its faults; the
+   * thread count no longer grows with the sandboxes. `stop` lets go of it.
+   */
+  startPooled(size: number): void {
+    check('sbx_serve_start_pooled', startPooled(this.handle, size));
+  }
+
   nextEvent(): ServeEvent | null {
     const t = Number(nextEvent(this.handle, this.eventOut));
     const [, a = 0n, b = 0n, c = 0n] = this.eventOut;
@@ -239,6 +250,16 @@ export class ServeEngine {
     this.destroyed = true;
     destroy(this.handle);
   }
+}
+
+/**
+ * Starts the process's shared serving pool of `size` threads now (once per process; later calls
+ * keep the first pool). Returns the pool's size.
+ */
+export function startServePool(size: number): number {
+  const n = Number(poolStart(size));
+  check('sbx_serve_pool_start', n < 0 ? n : 0);
+  return n;
 }
 
 /** Watches an fd for readability on the event loop (libuv poll via koffi), without a thread. */

@@ -35,6 +35,8 @@ export interface SandboxMemoryOptions {
   readaheadWindows: number;
   prefetchWithoutTracking: boolean;
   threads: number;
+  /** > 0: served by one worker of the process's shared pool of this many threads instead of `threads` own ones. */
+  poolThreads?: number;
   handshakeTimeoutMs: number | undefined;
   logger: Logger;
   /** Told when serving ends on its own (peer gone, failure): metrics, serve-file's exit. */
@@ -214,7 +216,8 @@ export class SandboxMemory {
       if (!this.o.source.allReady) for (const r of this.o.source.readyRanges()) engine.markReady(r.offset, r.length);
       if (!this.o.source.allReady) this.markSetReadyAsFetched(engine, Math.max(prefetch, pageSize));
       this.engineWatch = watchReadable(engine.notifyFd, () => this.drainEvents());
-      engine.start(this.o.threads);
+      if (this.o.poolThreads) engine.startPooled(this.o.poolThreads);
+      else engine.start(this.o.threads);
       this.o.recordedPrefetch?.attach(engine);
       this.stateValue = 'serving';
       this.log.info(

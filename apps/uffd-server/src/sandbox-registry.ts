@@ -1,6 +1,6 @@
 import { isAbsolute } from 'node:path';
 import { sandboxLogger, type Logger } from '#logging';
-import { fdNumberIn, pidfdGetfd, pidfdOpen, close } from '#native';
+import { fdNumberIn, pidfdGetfd, pidfdOpen, close, startServePool } from '#native';
 import { PAGE_2M, PAGE_4K } from '#uffd';
 import { LayeredFile, normalizeBuildId, PrefetchInvalid, type BuildStore, type PrefetchSet } from '#storage';
 import { SandboxMemory, type DiffExportRequest, type ExportResult, type SandboxStats } from './sandbox-memory.js';
@@ -30,6 +30,8 @@ export interface RegistrySettings {
   readaheadWindows: number;
   prefetchWithoutTracking: boolean;
   threadsPerSandbox: number;
+  /** > 0: every sandbox is served by a shared pool of this many threads (threadsPerSandbox is then unused). */
+  servePoolThreads?: number;
   handshakeTimeoutMs: number;
   maxSandboxes: number;
   /** Copy a build's recorded prefetch set in at resume, and record the start's faults. */
@@ -74,6 +76,8 @@ export class SandboxRegistry {
     ({ settings: this.settings, builds: this.builds, logger: this.logger } = options);
     this.onEnded = options.onEnded;
     this.onStopped = options.onStopped;
+    // The pool's threads wait from the start, not from the first sandbox (and live as long as the process).
+    if (this.settings.servePoolThreads) startServePool(this.settings.servePoolThreads);
   }
 
   async prepare(req: PrepareRequest): Promise<{ socketPath: string; memorySize: number; pageSize: number }> {
@@ -139,6 +143,7 @@ export class SandboxRegistry {
         readaheadWindows: this.settings.readaheadWindows,
         prefetchWithoutTracking: this.settings.prefetchWithoutTracking,
         threads: this.settings.threadsPerSandbox,
+        poolThreads: this.settings.servePoolThreads ?? 0,
         handshakeTimeoutMs: this.settings.handshakeTimeoutMs,
         logger: log,
         recordedPrefetch: new RecordedPrefetch({
@@ -358,6 +363,7 @@ export class SandboxRegistry {
         readaheadWindows: this.settings.readaheadWindows,
         prefetchWithoutTracking: this.settings.prefetchWithoutTracking,
         threads: this.settings.threadsPerSandbox,
+        poolThreads: this.settings.servePoolThreads ?? 0,
         handshakeTimeoutMs: undefined,
         logger: log,
         onEnded: (s) => this.ended(s),

@@ -13,7 +13,7 @@ const prefetchBytes = int(0)
 const readaheadWindows = int(0, 64)
   .default(0)
   .describe('prefetch windows copied ahead of sequential faults (0: on 2 loaded cores it cost more than it saved)');
-const threads = int(1, 16).default(2).describe('native serving threads per sandbox');
+const threads = int(1, 16).default(2).describe('native serving threads per sandbox (without the shared pool)');
 const logLevel = z.string().default('info');
 
 /** The one configuration schema of uffd-server (flags `--foo-bar`, env `SBX_UFFD_SERVER_FOO_BAR`). */
@@ -41,6 +41,11 @@ export const uffdServerConfigSchema = z.object({
   // every present page (orchestrator --pause-memory-diff present).
   prefetchWithoutTracking: flag('true').describe('prefetch also when the uffd has no write-protect'),
   threadsPerSandbox: threads,
+  servePoolThreads: int(0, 16)
+    .default(2)
+    .describe(
+      "serve every sandbox's faults on a shared pool of this many threads, each sandbox owned by one (0: --threads-per-sandbox threads of its own each; 100 sandboxes held 200 threads)",
+    ),
   handshakeTimeoutMs: int(1).default(60_000),
   fetchAttempts: int(1, 20).default(5).describe('attempts (first included) of a source fetch while the fault waits'),
   fetchRetryDelayMs: int(1).default(100),

@@ -14,7 +14,11 @@ import { UffdServerProcess } from './uffd-server-process.js';
  */
 const SIZE = 8 * 1024 * 1024;
 
-describe('one mapping per memory file, shared by its sandboxes', () => {
+describe.each([
+  { threads: 'threads of its own', args: [] as string[] },
+  { threads: 'the shared pool', args: ['--serve-pool-threads', '2'] },
+])('one mapping per memory file, shared by its sandboxes; faults served on $threads', ({ args }) => {
+  const pooled = args.length > 0;
   const server = new UffdServerProcess();
   const peers: UffdPeerProcess[] = [];
   const builds: Record<'a' | 'b', { id: string; memfile: string }> = {} as never;
@@ -38,7 +42,7 @@ describe('one mapping per memory file, shared by its sandboxes', () => {
   };
 
   beforeAll(async () => {
-    await server.start();
+    await server.start(args);
     for (const name of ['a', 'b'] as const) {
       const id = randomUUID();
       mkdirSync(join(server.bucket, id));
@@ -66,6 +70,8 @@ describe('one mapping per memory file, shared by its sandboxes', () => {
     const b = await start('b1', 'b');
     expect(mapped(builds.a.memfile)).toBe(1);
     expect(mapped(builds.b.memfile)).toBe(1);
+    // On the pool, serving 4 sandboxes adds no thread (the warm-up started the pool's 2).
+    if (pooled) expect(threads()).toBe(baselineThreads);
     // Every guest reads its whole memory through the one shared mapping, byte for byte.
     const answers = await Promise.all([
       ...a.map((p, i) => p.command(`checkrand ${builds.a.memfile} ${i + 1} 200 4000`)),

@@ -29,6 +29,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
@@ -133,6 +134,17 @@ struct serve {
   int pf_started;
   pthread_mutex_t pf_run; /* held while the pass copies: stop_sourcing waits for the copy in flight */
   pthread_cond_t pf_cond; /* signalled by mark_ready, stop_sourcing and stop (under lock) */
+  /* Served by a shared pool worker instead of threads of its own (see "Shared pool" below). */
+  int pooled;
+  struct pool_worker *owner;
+  struct serve_tag {
+    struct serve *s;
+    int kind;
+  } tags[4];
+  int pool_ended;            /* the owner took its fds out of its epoll set (owner thread only) */
+  int attached;              /* under owner->m: the owner may still touch it; cleared only between batches */
+  int detach_asked;          /* under owner->m */
+  struct serve *detach_next; /* under owner->m: the owner's queue of detach requests */
 };
 
 static uint64_t now_ns(void) {
@@ -661,9 +673,42 @@ static int retry_pending(struct serve *s) {
   }
 }
 
+/* Reads one batch of messages from the uffd and handles them. Returns 0, or -1 when serving ended. */
+static int serve_uffd_batch(struct serve *s) {
+  struct uffd_msg msgs[UFFD_MSG_BATCH];
+  ssize_t got = read(s->uffd, msgs, sizeof(msgs));
+  if (got < 0) {
+    if (errno == EAGAIN || errno == EINTR) return 0;
+    fail(s, ERR_READ, 0, errno);
+    return -1;
+  }
+  uint64_t since = now_ns();
+  size_t count = (size_t)got / sizeof(struct uffd_msg);
+  for (size_t i = 0; i < count; i++) {
+    if (msgs[i].event == UFFD_EVENT_REMOVE || msgs[i].event == UFFD_EVENT_UNMAP) {
+      drop_range(s, msgs[i].arg.remove.start, msgs[i].arg.remove.end);
+      continue;
+    }
+    if (msgs[i].event != UFFD_EVENT_PAGEFAULT) {
+      /* Firecracker negotiates no non-fault events; anything else means a peer we do not understand. */
+      fail(s, ERR_EVENT, msgs[i].event, 0);
+      return -1;
+    }
+    if (handle_fault(s, msgs[i].arg.pagefault.address, msgs[i].arg.pagefault.flags, since, 0) < 0) return -1;
+  }
+  return 0;
+}
+
+/* The peer fd is readable: for a pidfd the peer exited; for the handshake socket, a hang-up. 1 = gone. */
+static int peer_fd_says_gone(struct serve *s, short revents) {
+  if (s->peer_kind == PEER_PIDFD) return 1;
+  char scratch[256];
+  ssize_t got = recv(s->peer_fd, scratch, sizeof(scratch), MSG_DONTWAIT);
+  return got == 0 || (got < 0 && errno != EAGAIN && errno != EINTR) || (revents & (POLLHUP | POLLERR));
+}
+
 static void *serve_thread(void *arg) {
   struct serve *s = arg;
-  struct uffd_msg msgs[UFFD_MSG_BATCH];
   struct pollfd pfd[4];
   int n = 0;
   pfd[n++] = (struct pollfd){.fd = s->uffd, .events = POLLIN};
@@ -682,17 +727,9 @@ static void *serve_thread(void *arg) {
       break;
     }
     if (pfd[1].revents) break;
-    if (peer_idx >= 0 && pfd[peer_idx].revents) {
-      if (s->peer_kind == PEER_PIDFD) {
-        peer_gone(s);
-        break;
-      }
-      char scratch[256];
-      ssize_t got = recv(s->peer_fd, scratch, sizeof(scratch), MSG_DONTWAIT);
-      if (got == 0 || (got < 0 && errno != EAGAIN && errno != EINTR) || (pfd[peer_idx].revents & (POLLHUP | POLLERR))) {
-        peer_gone(s);
-        break;
-      }
+    if (peer_idx >= 0 && pfd[peer_idx].revents && peer_fd_says_gone(s, pfd[peer_idx].revents)) {
+      peer_gone(s);
+      break;
     }
     if (pfd[2].revents & POLLIN) {
       uint64_t v;
@@ -705,35 +742,198 @@ static void *serve_thread(void *arg) {
       break;
     }
     if (!(pfd[0].revents & POLLIN)) continue;
-    ssize_t got = read(s->uffd, msgs, sizeof(msgs));
-    if (got < 0) {
-      if (errno == EAGAIN || errno == EINTR) continue;
-      fail(s, ERR_READ, 0, errno);
-      break;
-    }
-    uint64_t since = now_ns();
-    size_t count = (size_t)got / sizeof(struct uffd_msg);
-    int stop = 0;
-    for (size_t i = 0; i < count && !stop; i++) {
-      if (msgs[i].event == UFFD_EVENT_REMOVE || msgs[i].event == UFFD_EVENT_UNMAP) {
-        drop_range(s, msgs[i].arg.remove.start, msgs[i].arg.remove.end);
-        continue;
-      }
-      if (msgs[i].event != UFFD_EVENT_PAGEFAULT) {
-        /* Firecracker negotiates no non-fault events; anything else means a peer we do not understand. */
-        fail(s, ERR_EVENT, msgs[i].event, 0);
-        stop = 1;
-        break;
-      }
-      if (handle_fault(s, msgs[i].arg.pagefault.address, msgs[i].arg.pagefault.flags, since, 0) < 0) stop = 1;
-    }
-    if (stop) break;
+    if (serve_uffd_batch(s) < 0) break;
   }
   /* Wake every sibling so they see running == 0. */
   uint64_t one = 1;
   ssize_t r = write(s->stop_fd, &one, sizeof(one));
   (void)r;
   return NULL;
+}
+
+/*
+ * Shared pool: instead of threads of its own, a sandbox can be served by one worker of a pool
+ * shared by every sandbox of the process (sbx_serve_start_pooled). Each worker owns the sandboxes
+ * assigned to it (the one with the fewest) and waits on one epoll set for their uffd, stop, wake
+ * and peer fds; only the owner ever handles a sandbox's events, so a sandbox's faults are served
+ * by one thread, as with --threads-per-sandbox 1. A stop asks the owner to let go and waits: the
+ * owner takes the sandbox out of its set and answers only between two batches of events, so no
+ * event of a batch can reach a sandbox freed meanwhile.
+ */
+#define POOL_MAX 16
+#define POOL_BATCH 64
+enum { TAG_UFFD, TAG_STOP, TAG_WAKE, TAG_PEER };
+
+struct pool_worker {
+  pthread_t thread;
+  int epfd, ctl_fd;
+  pthread_mutex_t m;
+  pthread_cond_t c; /* a detach was answered */
+  struct serve *detach_head;
+  int members;
+};
+static struct pool_worker pool[POOL_MAX];
+static int pool_size;
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
+
+/* Owner thread: the sandbox's fds leave the epoll set (its serving ended or it is let go). */
+static void pool_forget_fds(struct pool_worker *w, struct serve *s) {
+  if (s->pool_ended) return;
+  s->pool_ended = 1;
+  epoll_ctl(w->epfd, EPOLL_CTL_DEL, s->uffd, NULL);
+  epoll_ctl(w->epfd, EPOLL_CTL_DEL, s->stop_fd, NULL);
+  epoll_ctl(w->epfd, EPOLL_CTL_DEL, s->wake_fd, NULL);
+  if (s->peer_kind != PEER_NONE && s->peer_fd >= 0) epoll_ctl(w->epfd, EPOLL_CTL_DEL, s->peer_fd, NULL);
+}
+
+/* Owner thread: one event of one of its sandboxes. Returns -1 when serving that sandbox ended. */
+static int pool_serve_event(struct serve *s, int kind, uint32_t events) {
+  if (!atomic_load(&s->running) || kind == TAG_STOP) return -1;
+  if (kind == TAG_PEER) {
+    if (!peer_fd_says_gone(s, (short)events)) return 0;
+    peer_gone(s);
+    return -1;
+  }
+  if (kind == TAG_WAKE) {
+    uint64_t v;
+    ssize_t r = read(s->wake_fd, &v, sizeof(v));
+    (void)r;
+    return retry_pending(s);
+  }
+  if (events & (EPOLLERR | EPOLLHUP)) {
+    peer_gone(s);
+    return -1;
+  }
+  return serve_uffd_batch(s);
+}
+
+static void *pool_main(void *arg) {
+  struct pool_worker *w = arg;
+  struct epoll_event evs[POOL_BATCH];
+  for (;;) {
+    /* Between batches: answer the stops waiting (nothing of the last batch is still in hand). */
+    pthread_mutex_lock(&w->m);
+    while (w->detach_head) {
+      struct serve *s = w->detach_head;
+      w->detach_head = s->detach_next;
+      pool_forget_fds(w, s);
+      s->attached = 0;
+      w->members--;
+    }
+    pthread_cond_broadcast(&w->c);
+    pthread_mutex_unlock(&w->m);
+    int n = epoll_wait(w->epfd, evs, POOL_BATCH, -1);
+    for (int i = 0; i < n; i++) {
+      struct serve_tag *t = evs[i].data.ptr;
+      if (!t) {
+        uint64_t v;
+        ssize_t r = read(w->ctl_fd, &v, sizeof(v));
+        (void)r;
+        continue;
+      }
+      struct serve *s = t->s;
+      if (s->pool_ended) continue;
+      if (pool_serve_event(s, t->kind, evs[i].events) < 0) {
+        /* Like a sandbox's own thread exiting: its fds go quiet here; JS hears why through events. */
+        atomic_store(&s->running, 0);
+        pool_forget_fds(w, s);
+      }
+    }
+  }
+  return NULL;
+}
+
+/* Starts the pool's workers once (the first call's size counts). Caller holds pool_lock. */
+static int pool_start_locked(int size) {
+  if (pool_size > 0) return 0;
+  for (int i = 0; i < size; i++) {
+    struct pool_worker *w = &pool[i];
+    w->epfd = epoll_create1(EPOLL_CLOEXEC);
+    w->ctl_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (w->epfd < 0 || w->ctl_fd < 0) return -errno;
+    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = NULL};
+    if (epoll_ctl(w->epfd, EPOLL_CTL_ADD, w->ctl_fd, &ev) < 0) return -errno;
+    pthread_mutex_init(&w->m, NULL);
+    pthread_cond_init(&w->c, NULL);
+    int r = pthread_create(&w->thread, NULL, pool_main, w);
+    if (r != 0) return -r;
+    pthread_detach(w->thread);
+    pool_size = i + 1;
+  }
+  return 0;
+}
+
+/* Starts the shared pool's `size` workers now (a service does so at start), once per process. */
+int64_t sbx_serve_pool_start(int size) {
+  if (size < 1 || size > POOL_MAX) return -EINVAL;
+  pthread_mutex_lock(&pool_lock);
+  int r = pool_start_locked(size);
+  int started = pool_size;
+  pthread_mutex_unlock(&pool_lock);
+  return started > 0 ? started : r;
+}
+
+/*
+ * Serves the sandbox on the shared pool (`size` workers, started on first use) instead of
+ * threads of its own. Instead of sbx_serve_start; stopped by sbx_serve_stop as well.
+ */
+int64_t sbx_serve_start_pooled(int64_t h, int size) {
+  struct serve *s = (struct serve *)(uintptr_t)h;
+  if (size < 1 || size > POOL_MAX) return -EINVAL;
+  if (s->pooled || s->nthreads) return -EALREADY;
+  pthread_mutex_lock(&pool_lock);
+  int r = pool_start_locked(size);
+  if (r < 0 && pool_size == 0) {
+    pthread_mutex_unlock(&pool_lock);
+    return r;
+  }
+  struct pool_worker *w = &pool[0];
+  for (int i = 1; i < pool_size; i++)
+    if (pool[i].members < w->members) w = &pool[i];
+  pthread_mutex_lock(&w->m);
+  w->members++;
+  pthread_mutex_unlock(&w->m);
+  pthread_mutex_unlock(&pool_lock);
+
+  s->pooled = 1;
+  s->owner = w;
+  atomic_store(&s->running, 1);
+  int fds[4] = {s->uffd, s->stop_fd, s->wake_fd, s->peer_fd};
+  int kinds = s->peer_kind != PEER_NONE && s->peer_fd >= 0 ? 4 : 3;
+  pthread_mutex_lock(&w->m);
+  s->attached = 1;
+  for (int k = 0; k < kinds; k++) {
+    s->tags[k] = (struct serve_tag){s, k};
+    struct epoll_event ev = {.events = EPOLLIN | (k == TAG_PEER ? EPOLLRDHUP : 0), .data.ptr = &s->tags[k]};
+    if (epoll_ctl(w->epfd, EPOLL_CTL_ADD, fds[k], &ev) < 0) {
+      int e = errno;
+      for (int j = 0; j < k; j++) epoll_ctl(w->epfd, EPOLL_CTL_DEL, fds[j], NULL);
+      s->attached = 0;
+      s->pooled = 0;
+      w->members--;
+      atomic_store(&s->running, 0);
+      pthread_mutex_unlock(&w->m);
+      return -e;
+    }
+  }
+  pthread_mutex_unlock(&w->m);
+  return 0;
+}
+
+/* Stop of a pooled sandbox: asks its owner to let go and waits until it did (between batches). */
+static void pool_detach(struct serve *s) {
+  struct pool_worker *w = s->owner;
+  pthread_mutex_lock(&w->m);
+  if (s->attached && !s->detach_asked) {
+    s->detach_asked = 1;
+    s->detach_next = w->detach_head;
+    w->detach_head = s;
+    uint64_t one = 1;
+    ssize_t r = write(w->ctl_fd, &one, sizeof(one));
+    (void)r;
+  }
+  while (s->attached) pthread_cond_wait(&w->c, &w->m);
+  pthread_mutex_unlock(&w->m);
 }
 
 static void free_serve(struct serve *s) {
@@ -959,6 +1159,7 @@ int64_t sbx_serve_stop(int64_t h) {
   pthread_mutex_unlock(&s->lock);
   for (int i = 0; i < s->nthreads; i++) pthread_join(s->threads[i], NULL);
   s->nthreads = 0;
+  if (s->pooled) pool_detach(s);
   if (s->pf_started) pthread_join(s->pf_thread, NULL);
   s->pf_started = 0;
   return 0;
