@@ -139,3 +139,54 @@ describe.each([
     expect(server.resources().maps).toEqual([]);
   });
 });
+
+describe('one pool worker for every sandbox: sandboxes stopped while others fault', () => {
+  const server = new UffdServerProcess();
+  const peers: UffdPeerProcess[] = [];
+
+  beforeAll(async () => {
+    await server.start(['--serve-pool-threads', '1']);
+  });
+
+  afterAll(async () => {
+    for (const p of peers) p.kill();
+    expect(await server.shutdown()).toBe(0);
+  });
+
+  it('serves the others byte for byte while killed peers are stopped one by one', async () => {
+    const id = randomUUID();
+    mkdirSync(join(server.bucket, id));
+    const memfile = join(server.bucket, id, 'memfile');
+    writeFileSync(memfile, randomBytes(SIZE));
+    const all = Array.from({ length: 6 }, (_, i) => `p${i}`);
+    const running = await Promise.all(
+      all.map(async (sandboxId) => {
+        const socketPath = join(server.dir, `${sandboxId}.sock`);
+        await server.prepare({ sandboxId, socketPath, buildId: id });
+        const peer = new UffdPeerProcess(['--socket', socketPath, '--size', String(SIZE), '--tracking', 'wp-async']);
+        peers.push(peer);
+        await peer.ready();
+        await server.waitFor(sandboxId, (s) => s.state === 'serving');
+        return { sandboxId, peer };
+      }),
+    );
+    const [stay, go] = [running.slice(0, 3), running.slice(3)];
+    // The staying guests fault all the while; the others are killed mid-fault and stopped.
+    const reads = stay.map((r, i) => r.peer.command(`checkrand ${memfile} ${i + 7} 400 4000`));
+    for (const r of go) {
+      void r.peer.command(`checkrand ${memfile} 3 400 4000`).catch(() => undefined);
+      r.peer.kill();
+      await server.waitFor(r.sandboxId, (s) => s.state === 'peer-gone');
+      await server.stop(r.sandboxId);
+    }
+    expect(await Promise.all(reads)).toEqual(['ok', 'ok', 'ok']);
+    const whole = await Promise.all(stay.map((r) => r.peer.command(`check ${memfile} 0 ${SIZE}`)));
+    expect(whole).toEqual(['ok', 'ok', 'ok']);
+    for (const r of stay) {
+      await r.peer.exit();
+      await server.stop(r.sandboxId);
+    }
+    expect((await server.list()).sandboxes).toEqual([]);
+    expect(server.resources().maps).toEqual([]);
+  });
+});
