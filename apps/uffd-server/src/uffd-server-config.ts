@@ -44,7 +44,7 @@ export const uffdServerConfigSchema = z.object({
   servePoolThreads: int(0, 16)
     .default(0)
     .describe(
-      "serve every sandbox's faults on a shared pool of this many threads, each sandbox owned by one (0: --threads-per-sandbox threads of its own each; 100 sandboxes held 200 threads). Not with balloons yet: a copy that meets a pending UFFD_EVENT_REMOVE retries until the event is read, which a single owner cannot do",
+      "serve every sandbox's faults on a shared pool of this many threads, each sandbox owned by one (0: --threads-per-sandbox threads of its own each; 100 sandboxes held 200 threads)",
     ),
   handshakeTimeoutMs: int(1).default(60_000),
   fetchAttempts: int(1, 20).default(5).describe('attempts (first included) of a source fetch while the fault waits'),

@@ -25,6 +25,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -249,7 +250,10 @@ static int copy_run_counted(struct serve *s, struct region *r, uint64_t addr, ui
         len -= r->page_size;
         continue;
       }
-      if (e == EAGAIN || e == EINTR) continue; /* the peer's mm is changing (mremap, fork); retry */
+      if (e == EINTR) continue;
+      /* EAGAIN: the peer's mm is changing (a UFFD_EVENT_REMOVE waits to be read, mremap, fork).
+       * Not retried here: the event may be read only by this very thread. The caller parks a
+       * fault and retries it after the next read of the uffd; prefetch gives up. */
       return -e;
     }
     mark(s->present, off, (uint64_t)n, how);
@@ -285,8 +289,8 @@ static int serve_zero(struct serve *s, struct region *r, uint64_t page) {
       }
     }
     if (rc == 0 || errno == EEXIST) break;
-    if (errno == EAGAIN || errno == EINTR) continue;
-    return -errno;
+    if (errno == EINTR) continue;
+    return -errno; /* EAGAIN too: parked by handle_fault, like a copy */
   }
   if (!s->present[off / UNIT]) mark(s->present, off, r->page_size, 3);
   stat_add(s, ST_ZERO_UNITS, r->page_size / UNIT);
@@ -308,7 +312,8 @@ static int serve_page(struct serve *s, struct region *r, uint64_t page) {
   uint64_t end = page + r->page_size;
   while (end < wend) {
     uint64_t off = r->offset + (end - r->base);
-    if (s->present[off / UNIT] || !is_ready(s, off, r->page_size)) break;
+    /* A page the peer dropped reads as zeros (its own fault serves them), never the source. */
+    if (s->present[off / UNIT] || (s->dirty[off / UNIT] & 2) || !is_ready(s, off, r->page_size)) break;
     end += r->page_size;
   }
   /*
@@ -327,17 +332,18 @@ static int serve_page(struct serve *s, struct region *r, uint64_t page) {
   uint64_t p = wstart;
   while (p < page) {
     uint64_t off = r->offset + (p - r->base);
-    if (s->present[off / UNIT] || !is_ready(s, off, r->page_size)) {
+    if (s->present[off / UNIT] || (s->dirty[off / UNIT] & 2) || !is_ready(s, off, r->page_size)) {
       p += r->page_size;
       continue;
     }
     uint64_t q = p + r->page_size;
     while (q < page) {
       uint64_t qoff = r->offset + (q - r->base);
-      if (s->present[qoff / UNIT] || !is_ready(s, qoff, r->page_size)) break;
+      if (s->present[qoff / UNIT] || (s->dirty[qoff / UNIT] & 2) || !is_ready(s, qoff, r->page_size)) break;
       q += r->page_size;
     }
     rc = copy_run(s, r, p, q - p, 2);
+    if (rc == -EAGAIN) return 0; /* the faulted page is in; the rest of the window is only prefetch */
     if (rc < 0) return rc;
     p = q;
   }
@@ -376,17 +382,18 @@ static int read_ahead(struct serve *s, struct region *r, uint64_t page) {
     uint64_t end = a + win < r->base + r->size ? a + win : r->base + r->size;
     while (a < end) {
       uint64_t off = r->offset + (a - r->base);
-      if (s->present[off / UNIT] || !is_ready(s, off, r->page_size)) {
+      if (s->present[off / UNIT] || (s->dirty[off / UNIT] & 2) || !is_ready(s, off, r->page_size)) {
         a += r->page_size;
         continue;
       }
       uint64_t q = a + r->page_size;
       while (q < end) {
         uint64_t qoff = r->offset + (q - r->base);
-        if (s->present[qoff / UNIT] || !is_ready(s, qoff, r->page_size)) break;
+        if (s->present[qoff / UNIT] || (s->dirty[qoff / UNIT] & 2) || !is_ready(s, qoff, r->page_size)) break;
         q += r->page_size;
       }
       int rc = copy_run(s, r, a, q - a, 2);
+      if (rc == -EAGAIN) return 0;
       if (rc < 0) return rc;
       a = q;
     }
@@ -448,6 +455,12 @@ static int pass_copy(struct serve *s, struct region *r, uint64_t from, uint64_t 
            is_ready(s, q, r->page_size))
       q += r->page_size;
     int rc = copy_run_counted(s, r, r->base + (p - r->offset), q - p, 2, installed);
+    if (rc == -EAGAIN) {
+      /* The serving threads read the pending event; this pass tries the run again after them. */
+      if (!atomic_load(&s->running) || !atomic_load(&s->sourcing)) return 0;
+      sched_yield();
+      continue;
+    }
     if (rc < 0) return rc;
     p = q;
   }
@@ -548,6 +561,31 @@ static void *prefetch_thread(void *arg) {
   return NULL;
 }
 
+/*
+ * A fault whose copy met EAGAIN (the peer's mm changing: an event waits to be read): parked,
+ * and retried by retry_pending once this thread was woken, after it read the uffd again.
+ */
+static int park_fault(struct serve *s, uint64_t addr, uint64_t flags, uint64_t since) {
+  pthread_mutex_lock(&s->lock);
+  if (s->npend == s->cappend) {
+    size_t cap = s->cappend ? s->cappend * 2 : 64;
+    struct pending *n = realloc(s->pend, cap * sizeof(*n));
+    if (!n) {
+      pthread_mutex_unlock(&s->lock);
+      fail(s, ERR_COPY, addr, ENOMEM);
+      return -1;
+    }
+    s->pend = n;
+    s->cappend = cap;
+  }
+  s->pend[s->npend++] = (struct pending){addr, flags, since};
+  pthread_mutex_unlock(&s->lock);
+  uint64_t one = 1;
+  ssize_t w = write(s->wake_fd, &one, sizeof(one));
+  (void)w;
+  return 0;
+}
+
 /* Returns 0 when handled (or parked until fetched), <0 to stop serving. */
 static int handle_fault(struct serve *s, uint64_t addr, uint64_t flags, uint64_t since, int from_pending) {
   struct region *r = find_region(s, addr);
@@ -566,11 +604,12 @@ static int handle_fault(struct serve *s, uint64_t addr, uint64_t flags, uint64_t
   if (flags & UFFD_PAGEFAULT_FLAG_WP) {
     /* Synchronous write tracking: record the page, lift its protection, wake the writer. */
     for (uint64_t u = off / UNIT; u < (off + r->page_size) / UNIT; u++) s->dirty[u] |= 1;
-    stat_add(s, ST_WP_FAULTS, 1);
+    if (!from_pending) stat_add(s, ST_WP_FAULTS, 1);
     for (;;) {
       struct uffdio_writeprotect wp = {.range = {.start = page, .len = r->page_size}, .mode = 0};
       if (ioctl(s->uffd, UFFDIO_WRITEPROTECT, &wp) == 0) break;
-      if (errno == EAGAIN || errno == EINTR) continue;
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN) return park_fault(s, addr, flags, since);
       if (errno_means_peer_gone(errno)) {
         peer_gone(s);
         return -1;
@@ -622,6 +661,7 @@ static int handle_fault(struct serve *s, uint64_t addr, uint64_t flags, uint64_t
     }
     if (from_pending) stat_add(s, ST_FETCH_WAITS, 1);
   }
+  if (rc == -EAGAIN) return park_fault(s, addr, flags, since);
   if (rc < 0) {
     if (errno_means_peer_gone(-rc)) {
       peer_gone(s);
@@ -651,7 +691,12 @@ static void drop_range(struct serve *s, uint64_t start, uint64_t end) {
 }
 
 static int retry_pending(struct serve *s) {
-  for (;;) {
+  /* At most the faults parked now: one parked again (EAGAIN) waits for the next wake-up, after
+   * this thread read the uffd again, instead of being retried here forever. */
+  pthread_mutex_lock(&s->lock);
+  size_t budget = s->npend;
+  pthread_mutex_unlock(&s->lock);
+  while (budget-- > 0) {
     struct pending p;
     int found = 0;
     pthread_mutex_lock(&s->lock);
@@ -671,6 +716,7 @@ static int retry_pending(struct serve *s) {
     if (!found) return 0;
     if (handle_fault(s, p.addr, p.flags, p.since_ns, 1) < 0) return -1;
   }
+  return 0;
 }
 
 /* Reads one batch of messages from the uffd and handles them. Returns 0, or -1 when serving ended. */
