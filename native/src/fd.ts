@@ -68,6 +68,14 @@ export function fcntl(fd: number, cmd: number, arg = 0): number {
   return check('fcntl', sbxFcntl(fd, cmd, arg));
 }
 
+/** fcntl(2) F_DUPFD_CLOEXEC: a new descriptor for the same open file, close-on-exec (no child inherits it). */
+const F_DUPFD_CLOEXEC = 1030;
+
+/** A second descriptor for the open file under `fd` (the caller owns it), close-on-exec. */
+export function dupCloexec(fd: number): number {
+  return fcntl(fd, F_DUPFD_CLOEXEC, 0);
+}
+
 export function setNonBlocking(fd: number, on = true): void {
   const flags = fcntl(fd, F_GETFL);
   fcntl(fd, F_SETFL, on ? flags | O_NONBLOCK : flags & ~O_NONBLOCK);

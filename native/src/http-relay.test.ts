@@ -1,27 +1,13 @@
 import { createHash, randomBytes } from 'node:crypto';
-import { readdirSync } from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
 import koffi from 'koffi';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { close, fcntl } from './fd.js';
+import { eventually, openFds } from '#test-kit';
+import { close, dupCloexec } from './fd.js';
 import { HttpRelay, type HttpRelayOptions, type RelayHandoff } from './http-relay.js';
 
-const F_DUPFD_CLOEXEC = 1030;
-const openFds = () => readdirSync('/proc/self/fd').length;
 const sha = (b: Buffer) => createHash('sha256').update(b).digest('hex');
-
-function until(cond: () => boolean, what: string, ms = 10_000): Promise<void> {
-  const start = Date.now();
-  return new Promise((resolve, reject) => {
-    const tick = () => {
-      if (cond()) resolve();
-      else if (Date.now() - start > ms) reject(new Error(`timed out waiting for ${what}`));
-      else setTimeout(tick, 5);
-    };
-    tick();
-  });
-}
 
 function listen(server: net.Server): Promise<number> {
   return new Promise((resolve) =>
@@ -88,7 +74,7 @@ class Front {
     if (watch) relay.onHandoff((h) => this.handoffs.push(h));
     this.server = net.createServer({ pauseOnConnect: true }, (s) => {
       const fd = (s as unknown as { _handle: { fd: number } })._handle.fd;
-      relay.adopt(fcntl(fd, F_DUPFD_CLOEXEC, 0), s.remoteAddress);
+      relay.adopt(dupCloexec(fd), s.remoteAddress);
       s.destroy();
     });
   }
@@ -124,19 +110,22 @@ class RawClient {
   /** Waits until `n` complete responses with Content-Length were read. */
   async responses(n: number): Promise<string[]> {
     let out: string[] = [];
-    await until(() => {
-      out = [];
-      let rest = this.text();
-      while (out.length < n) {
-        const end = rest.indexOf('\r\n\r\n');
-        if (end < 0) return false;
-        const len = Number(/content-length: *(\d+)/i.exec(rest.slice(0, end))?.[1] ?? 0);
-        if (rest.length < end + 4 + len) return false;
-        out.push(rest.slice(0, end + 4 + len));
-        rest = rest.slice(end + 4 + len);
-      }
-      return true;
-    }, `${n} responses`);
+    await eventually(
+      () => {
+        out = [];
+        let rest = this.text();
+        while (out.length < n) {
+          const end = rest.indexOf('\r\n\r\n');
+          if (end < 0) return false;
+          const len = Number(/content-length: *(\d+)/i.exec(rest.slice(0, end))?.[1] ?? 0);
+          if (rest.length < end + 4 + len) return false;
+          out.push(rest.slice(0, end + 4 + len));
+          rest = rest.slice(end + 4 + len);
+        }
+        return true;
+      },
+      { what: `${n} responses` },
+    );
     return out;
   }
 }
@@ -170,7 +159,7 @@ describe('HttpRelay', () => {
   }
 
   beforeEach(() => {
-    fdsBefore = openFds();
+    fdsBefore = openFds(process.pid).length;
   });
   afterEach(async () => {
     for (const c of clients.splice(0)) c.socket.destroy();
@@ -178,7 +167,7 @@ describe('HttpRelay', () => {
     relay?.destroy();
     for (const g of guests.splice(0)) await g.stop();
     // Every fd the relay had (clients, upstreams, epolls, eventfds) is closed again.
-    await until(() => openFds() <= fdsBefore, `fds back to ${fdsBefore} (now ${openFds()})`);
+    await eventually(() => expect(openFds(process.pid).length).toBeLessThanOrEqual(fdsBefore));
   });
 
   it('forwards keep-alive requests with the rewritten head (Host masked, token and hop-by-hop dropped, X-Forwarded-*) on one pooled upstream', async () => {
@@ -208,9 +197,9 @@ describe('HttpRelay', () => {
     expect(s.responses[1]).toBe(3);
     // Connection: close is passed on, answered, and the connection is closed after it.
     c.send(`GET /last HTTP/1.1\r\nHost: ${host}\r\ne2b-traffic-access-token: s3cret\r\nConnection: close\r\n\r\n`);
-    await until(() => c.ended, 'client end after Connection: close');
+    await eventually(() => c.ended, { what: 'client end after Connection: close' });
     expect(g.heads[3]).toContain('\r\nConnection: close\r\n\r\n');
-    await until(() => relay.stats().openClients === 0, 'client closed');
+    await eventually(() => relay.stats().openClients === 0, { what: 'client closed' });
   });
 
   it('answers pipelined requests in order, a body in the middle, each routed on its own', async () => {
@@ -375,14 +364,14 @@ describe('HttpRelay', () => {
       const before = front.handoffs.length;
       const c = client();
       c.send(bytes);
-      await until(() => front.handoffs.length > before, `handoff ${reason}`);
+      await eventually(() => front.handoffs.length > before, { what: `handoff ${reason}` });
       const h = front.handoffs.splice(before, 1)[0]!;
       expect([reason, h.reason]).toEqual([reason, reason]);
       expect(h.bytes.toString('latin1')).toBe(bytes);
       // The fd is the client's connection: answering on it reaches the client.
       const s = new net.Socket({ fd: h.fd, readable: true, writable: true });
       s.write('HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n');
-      await until(() => c.text().startsWith('HTTP/1.1 400'), 'answer through the handed-off fd');
+      await eventually(() => c.text().startsWith('HTTP/1.1 400'), { what: 'answer through the handed-off fd' });
       s.destroy();
     }
     expect(g.heads).toEqual([]);
@@ -391,7 +380,7 @@ describe('HttpRelay', () => {
     const second = `GET /2 HTTP/1.1\r\nHost: ${okHost}\r\n\r\nGET /3 HTTP/1.1\r\n`;
     c.send(`GET /1 HTTP/1.1\r\nHost: ${okHost}\r\ne2b-traffic-access-token: tok\r\n\r\n${second}`);
     await c.responses(1);
-    await until(() => front.handoffs.length === 1, 'handoff after a forwarded request');
+    await eventually(() => front.handoffs.length === 1, { what: 'handoff after a forwarded request' });
     expect(front.handoffs[0]!.bytes.toString('latin1')).toBe(second);
     const s = relay.stats();
     expect(s.handoffs).toBe(cases.length + 1);
@@ -407,12 +396,12 @@ describe('HttpRelay', () => {
     const req = `GET / HTTP/1.1\r\nHost: ${g.port}-gone.example.com\r\n\r\n`;
     c.send(req);
     await c.responses(1);
-    await until(() => relay.stats().idleUpstreams === 1, 'pooled upstream');
+    await eventually(() => relay.stats().idleUpstreams === 1, { what: 'pooled upstream' });
     expect(relay.deleteRoute('gone')).toBe(true);
     expect(relay.deleteRoute('gone')).toBe(false);
-    await until(() => relay.stats().openUpstreams === 0 && g.sockets.size === 0, 'idle upstream closed');
+    await eventually(() => relay.stats().openUpstreams === 0 && g.sockets.size === 0, { what: 'idle upstream closed' });
     c.send(req);
-    await until(() => front.handoffs.length === 1, 'handoff');
+    await eventually(() => front.handoffs.length === 1, { what: 'handoff' });
     expect(front.handoffs[0]).toMatchObject({ reason: 'NO_ROUTE' });
     expect(front.handoffs[0]!.bytes.toString('latin1')).toBe(req);
   });
@@ -436,7 +425,7 @@ describe('HttpRelay', () => {
     expect(g.connections).toBe(2);
     // With a body it is not sent again: the client connection is cut.
     c.send(`POST / HTTP/1.1\r\nHost: ${g.port}-flaky.example.com\r\nContent-Length: 1\r\n\r\nx`);
-    await until(() => c.ended || c.closed, 'client cut');
+    await eventually(() => c.ended || c.closed, { what: 'client cut' });
     expect(relay.stats()).toMatchObject({ retries: 1, upstreamErrors: 1, openClients: 0 });
   });
 
@@ -452,7 +441,7 @@ describe('HttpRelay', () => {
     const c = client();
     const host = `${g.port}-misc.example.com`;
     c.send(`HEAD / HTTP/1.1\r\nHost: ${host}\r\n\r\nGET /hint HTTP/1.1\r\nHost: ${host}\r\n\r\n`);
-    await until(() => c.text().endsWith('\r\n\r\nz'), 'HEAD then 103 + 200');
+    await eventually(() => c.text().endsWith('\r\n\r\nz'), { what: 'HEAD then 103 + 200' });
     expect(c.text()).toBe(
       'HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nz',
     );
@@ -462,7 +451,7 @@ describe('HttpRelay', () => {
       return undefined;
     });
     c.send(`GET / HTTP/1.1\r\nHost: ${g2.port}-misc.example.com\r\n\r\n`);
-    await until(() => c.ended, 'client end');
+    await eventually(() => c.ended, { what: 'client end' });
     expect(c.text().endsWith('HTTP/1.1 200 OK\r\n\r\nuntil close')).toBe(true);
   });
 
@@ -480,14 +469,16 @@ describe('HttpRelay', () => {
     a.send(`POST /up HTTP/1.1\r\nHost: ${host}\r\nContent-Length: 1000000\r\n\r\n${'x'.repeat(1000)}`);
     const b = client();
     b.send(`GET /big HTTP/1.1\r\nHost: ${host}\r\n\r\n`);
-    await until(() => b.data.length > 0 && g.connections === 2, 'both exchanges started');
+    await eventually(() => b.data.length > 0 && g.connections === 2, { what: 'both exchanges started' });
     a.socket.destroy();
     b.socket.destroy();
-    await until(() => relay.stats().openClients === 0 && relay.stats().openUpstreams === 0, 'all closed');
-    await until(() => g.sockets.size === 0, 'guest sockets closed');
+    await eventually(() => relay.stats().openClients === 0 && relay.stats().openUpstreams === 0, {
+      what: 'all closed',
+    });
+    await eventually(() => g.sockets.size === 0, { what: 'guest sockets closed' });
     // A client that sends nothing is closed after the idle timeout.
     const idle = client();
-    await until(() => idle.ended || idle.closed, 'idle client closed');
+    await eventually(() => idle.ended || idle.closed, { what: 'idle client closed' });
     expect(relay.stats().idleCloses).toBe(1);
   });
 
@@ -497,9 +488,9 @@ describe('HttpRelay', () => {
     relay.setRoute('half', '127.0.0.1');
     const c = client();
     c.socket.end(`GET / HTTP/1.1\r\nHost: ${g.port}-half.example.com\r\n\r\n`);
-    await until(() => c.ended, 'answer then end');
+    await eventually(() => c.ended, { what: 'answer then end' });
     expect(c.text()).toBe('HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok');
-    await until(() => relay.stats().openClients === 0, 'client released');
+    await eventually(() => relay.stats().openClients === 0, { what: 'client released' });
   });
 
   it('cuts both sides on broken chunked framing from a client, and on a guest that does not answer in time', async () => {
@@ -510,14 +501,14 @@ describe('HttpRelay', () => {
     a.send(
       `POST / HTTP/1.1\r\nHost: ${silent.port}-bad.example.com\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n`,
     );
-    await until(() => a.ended || a.closed, 'client cut on bad framing');
+    await eventually(() => a.ended || a.closed, { what: 'client cut on bad framing' });
     expect(relay.stats().clientFramingErrors).toBe(1);
     const b = client();
     b.send(`GET / HTTP/1.1\r\nHost: ${silent.port}-bad.example.com\r\n\r\n`);
-    await until(() => b.ended || b.closed, 'client cut after the response timeout');
+    await eventually(() => b.ended || b.closed, { what: 'client cut after the response timeout' });
     expect(b.data.length).toBe(0);
     expect(relay.stats()).toMatchObject({ upstreamErrors: 1, openClients: 0, openUpstreams: 0 });
-    await until(() => silent.sockets.size === 0, 'guest connections closed');
+    await eventually(() => silent.sockets.size === 0, { what: 'guest connections closed' });
   });
 
   it('drops the rest of a body the guest answered early, closes that upstream, and keeps the client', async () => {
@@ -650,7 +641,7 @@ describe('HttpRelay', () => {
     const c = client();
     c.send(`GET / HTTP/1.1\r\nHost: ${g.port}-pool.example.com\r\n\r\n`);
     await c.responses(1);
-    await until(() => relay.stats().openUpstreams === 0 && g.sockets.size === 0, 'idle upstream closed');
+    await eventually(() => relay.stats().openUpstreams === 0 && g.sockets.size === 0, { what: 'idle upstream closed' });
     expect(relay.stats().openClients).toBe(1);
   });
 
@@ -678,7 +669,7 @@ describe('HttpRelay', () => {
       const c = client();
       const req = `GET / HTTP/1.1\r\nHost: ${port}-slow.example.com\r\n\r\n`;
       c.send(req);
-      await until(() => front.handoffs.length === 1, 'handoff after the connect timeout');
+      await eventually(() => front.handoffs.length === 1, { what: 'handoff after the connect timeout' });
       expect(front.handoffs[0]).toMatchObject({ reason: 'CONNECT_TIMEOUT' });
       expect(front.handoffs[0]!.bytes.toString('latin1')).toBe(req);
       expect(relay.stats()).toMatchObject({ upstreamConnectFailures: 1, openUpstreams: 0 });
@@ -700,13 +691,13 @@ describe('HttpRelay', () => {
     const e = client();
     e.send(`GET / HTTP/1.1\r\nHost: ${g.port}-hold.example.com\r\n\r\n`);
     await e.responses(1);
-    await until(
+    await eventually(
       () => hold.heads.length === 1 && relay.stats().handoffs === 1 && relay.stats().idleUpstreams === 1,
-      'an exchange open, a handoff queued (not taken), an idle pooled upstream',
+      { what: 'an exchange open, a handoff queued (not taken), an idle pooled upstream' },
     );
     relay.destroy();
-    await until(() => [c, d, e].every((x) => x.ended || x.closed), 'every client connection closed');
-    await until(() => hold.sockets.size === 0 && g.sockets.size === 0, 'guest connections closed');
+    await eventually(() => [c, d, e].every((x) => x.ended || x.closed), { what: 'every client connection closed' });
+    await eventually(() => hold.sockets.size === 0 && g.sockets.size === 0, { what: 'guest connections closed' });
     // afterEach: the process's fd count is back where it was before the relay was made.
   });
 });

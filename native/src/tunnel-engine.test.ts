@@ -1,26 +1,12 @@
 import { createHash, randomBytes } from 'node:crypto';
-import { readdirSync } from 'node:fs';
 import net from 'node:net';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { close, fcntl } from './fd.js';
+import { eventually, openFds } from '#test-kit';
+import { close, dupCloexec } from './fd.js';
 import { memfdCreate } from './memory.js';
 import { TunnelEngine, type TunnelEnded } from './tunnel-engine.js';
 
-const F_DUPFD_CLOEXEC = 1030;
-const openFds = () => readdirSync('/proc/self/fd').length;
 const sha = (b: Buffer) => createHash('sha256').update(b).digest('hex');
-
-function until(cond: () => boolean, what: string, ms = 20_000): Promise<void> {
-  const start = Date.now();
-  return new Promise((resolve, reject) => {
-    const tick = () => {
-      if (cond()) resolve();
-      else if (Date.now() - start > ms) reject(new Error(`timed out waiting for ${what}`));
-      else setTimeout(tick, 5);
-    };
-    tick();
-  });
-}
 
 /** What a peer received, and how its connection ended. */
 class Peer {
@@ -49,7 +35,7 @@ let engine: TunnelEngine | undefined;
 let fdsBefore = 0;
 
 beforeEach(async () => {
-  fdsBefore = openFds();
+  fdsBefore = openFds(process.pid).length;
   accepted = [];
   peers = [];
   server = net.createServer({ pauseOnConnect: true, allowHalfOpen: true }, (s) => accepted.push(s));
@@ -62,7 +48,7 @@ afterEach(async () => {
   for (const p of peers) p.socket.destroy();
   for (const s of accepted) s.destroy();
   await new Promise<void>((r) => server.close(() => r()));
-  await until(() => openFds() <= fdsBefore, `fds back to ${fdsBefore} (now ${openFds()})`);
+  await eventually(() => expect(openFds(process.pid).length).toBeLessThanOrEqual(fdsBefore));
 });
 
 /** A peer connected to the test server; its accepted end detached from Node as an fd for the engine. */
@@ -76,9 +62,9 @@ async function endpoint(): Promise<{ peer: Peer; fd: number }> {
   peers.push(peer);
   // Tunnels are set up concurrently: find this peer's accepted end by its port.
   const mine = () => accepted.find((s) => s.remotePort === socket.localPort && socket.readyState === 'open');
-  await until(() => mine() !== undefined, 'accept');
+  await eventually(() => mine() !== undefined, { what: 'accept' });
   const s = mine()!;
-  const fd = fcntl((s as unknown as { _handle: { fd: number } })._handle.fd, F_DUPFD_CLOEXEC, 0);
+  const fd = dupCloexec((s as unknown as { _handle: { fd: number } })._handle.fd);
   s.destroy();
   return { peer, fd };
 }
@@ -106,10 +92,10 @@ describe('TunnelEngine', () => {
       const down = randomBytes(9 * 1024 * 1024 + 5);
       a.socket.end(up);
       b.socket.end(down);
-      await until(() => a.ended && b.ended, 'both ends');
+      await eventually(() => a.ended && b.ended, { what: 'both ends' });
       expect(sha(b.received)).toBe(sha(Buffer.concat([head, up])));
       expect(sha(a.received)).toBe(sha(down));
-      await until(() => events.length === 1, 'ended event');
+      await eventually(() => events.length === 1, { what: 'ended event' });
       expect(events[0]).toEqual({
         id,
         bytesAtoB: head.length + up.length,
@@ -117,7 +103,7 @@ describe('TunnelEngine', () => {
         reason: 'done',
         errno: 0,
       });
-      await until(() => a.closed && b.closed, 'both closed');
+      await eventually(() => a.closed && b.closed, { what: 'both closed' });
       expect(a.error).toBeUndefined();
       expect(b.error).toBeUndefined();
       expect(engine.stats()).toMatchObject({ adopted: 1, open: 0, done: 1, bytesAtoB: head.length + up.length });
@@ -133,7 +119,9 @@ describe('TunnelEngine', () => {
       t.a.socket.end(data[i]![0]);
       t.b.socket.end(data[i]![1]);
     });
-    await until(() => events.length === ts.length && ts.every((t) => t.a.ended && t.b.ended), 'all ended');
+    await eventually(() => events.length === ts.length && ts.every((t) => t.a.ended && t.b.ended), {
+      what: 'all ended',
+    });
     ts.forEach((t, i) => {
       expect(t.b.received.equals(data[i]![0])).toBe(true);
       expect(t.a.received.equals(data[i]![1])).toBe(true);
@@ -148,16 +136,16 @@ describe('TunnelEngine', () => {
       const t = await tunnel(engine);
       const [closer, other] = first === 'a' ? [t.a, t.b] : [t.b, t.a];
       closer.socket.end(Buffer.from('last words'));
-      await until(() => other.ended, 'FIN passed on');
+      await eventually(() => other.ended, { what: 'FIN passed on' });
       expect(other.received.toString()).toBe('last words');
       // The half-open connection still carries the other way.
       const late = randomBytes(3 * 1024 * 1024);
       other.socket.write(late);
-      await until(() => closer.receivedLength === late.length, 'late bytes');
+      await eventually(() => closer.receivedLength === late.length, { what: 'late bytes' });
       expect(closer.received.equals(late)).toBe(true);
       expect(events).toEqual([]);
       other.socket.end();
-      await until(() => events.length === 1 && closer.ended, 'done');
+      await eventually(() => events.length === 1 && closer.ended, { what: 'done' });
       expect(events[0]!.reason).toBe('done');
     });
   }
@@ -170,16 +158,19 @@ describe('TunnelEngine', () => {
     a.socket.write(data);
     // Wait until nothing moves any more: the engine stops reading once B takes nothing.
     let last = -1;
-    await until(() => {
-      const now = a.socket.writableLength;
-      const still = now === last;
-      last = now;
-      return still;
-    }, 'writer stalled');
+    await eventually(
+      () => {
+        const now = a.socket.writableLength;
+        const still = now === last;
+        last = now;
+        return still;
+      },
+      { what: 'writer stalled' },
+    );
     expect(a.socket.writableLength).toBeGreaterThan(0);
     expect(b.receivedLength).toBe(0);
     b.socket.resume();
-    await until(() => b.receivedLength === data.length, 'all bytes after resume');
+    await eventually(() => b.receivedLength === data.length, { what: 'all bytes after resume' });
     expect(b.received.equals(data)).toBe(true);
   });
 
@@ -188,12 +179,12 @@ describe('TunnelEngine', () => {
     const events = collectEvents(engine);
     const { a, b, id } = await tunnel(engine);
     a.socket.write('hello');
-    await until(() => b.receivedLength === 5, 'first bytes');
+    await eventually(() => b.receivedLength === 5, { what: 'first bytes' });
     engine.close(id);
-    await until(() => a.closed && b.closed, 'both peers closed');
+    await eventually(() => a.closed && b.closed, { what: 'both peers closed' });
     expect(a.error?.code).toBe('ECONNRESET');
     expect(b.error?.code).toBe('ECONNRESET');
-    await until(() => events.length === 1, 'event');
+    await eventually(() => events.length === 1, { what: 'event' });
     expect(events[0]).toMatchObject({ id, reason: 'closed', bytesAtoB: 5, bytesBtoA: 0 });
     engine.close(id); // ended already: ignored
     expect(engine.stats()).toMatchObject({ open: 0, closed: 1 });
@@ -204,11 +195,11 @@ describe('TunnelEngine', () => {
     const events = collectEvents(engine);
     const { a, b } = await tunnel(engine);
     a.socket.write('x');
-    await until(() => b.receivedLength === 1, 'byte');
+    await eventually(() => b.receivedLength === 1, { what: 'byte' });
     a.socket.resetAndDestroy();
-    await until(() => b.closed, 'b closed');
+    await eventually(() => b.closed, { what: 'b closed' });
     expect(b.error?.code).toBe('ECONNRESET');
-    await until(() => events.length === 1, 'event');
+    await eventually(() => events.length === 1, { what: 'event' });
     expect(events[0]!.reason).toBe('reset');
   });
 
@@ -217,30 +208,30 @@ describe('TunnelEngine', () => {
     const events = collectEvents(engine);
     const { a, b } = await tunnel(engine);
     a.socket.end();
-    await until(() => b.ended, 'FIN passed on');
+    await eventually(() => b.ended, { what: 'FIN passed on' });
     a.socket.resetAndDestroy();
-    await until(() => events.length === 1, 'event');
+    await eventually(() => events.length === 1, { what: 'event' });
     expect(events[0]!.reason).toBe('reset');
     // b has read its FIN and reads no more: it learns of the reset when it next writes.
     b.socket.write('anyone there?');
-    await until(() => b.closed, 'b closed');
+    await eventually(() => b.closed, { what: 'b closed' });
     expect(b.error?.code).toMatch(/^(ECONNRESET|EPIPE)$/);
   });
 
   it('destroy() closes every socket and pipe it owns (open tunnels reset), no fd left', async () => {
-    const before = openFds();
+    const before = openFds(process.pid).length;
     engine = new TunnelEngine({ threads: 3 });
     const ts = await Promise.all(Array.from({ length: 5 }, () => tunnel(engine!)));
     ts[0]!.a.socket.write(randomBytes(100_000));
-    await until(() => ts[0]!.b.receivedLength === 100_000, 'bytes');
+    await eventually(() => ts[0]!.b.receivedLength === 100_000, { what: 'bytes' });
     expect(engine.stats().open).toBe(5);
     engine.destroy();
     engine = undefined;
-    await until(() => ts.every((t) => t.a.closed && t.b.closed), 'peers closed');
+    await eventually(() => ts.every((t) => t.a.closed && t.b.closed), { what: 'peers closed' });
     for (const t of ts) expect(t.a.error?.code).toBe('ECONNRESET');
     for (const p of peers) p.socket.destroy();
     for (const s of accepted) s.destroy();
-    await until(() => openFds() <= before, `fds back to ${before} (now ${openFds()})`);
+    await eventually(() => expect(openFds(process.pid).length).toBeLessThanOrEqual(before));
   });
 
   it('refuses bad input with a clear error and takes no fd', async () => {

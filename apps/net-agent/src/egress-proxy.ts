@@ -17,7 +17,7 @@ import { connect, createServer, type Server, type Socket } from 'node:net';
 import type { Logger } from '#logging';
 import {
   close as closeFd,
-  fcntl,
+  dupCloexec,
   listenTcp4,
   originalDestination,
   TunnelEngine,
@@ -46,9 +46,6 @@ interface ProxiedConnection {
   tunnel?: number;
   done: boolean;
 }
-
-// fcntl(2): a new descriptor for the same open socket, close-on-exec.
-const F_DUPFD_CLOEXEC = 1030;
 
 /** The kernel descriptor under a connected net.Socket (libuv's TCP handle), or -1. */
 function socketFd(socket: Socket): number {
@@ -339,7 +336,7 @@ export class EgressProxy {
       for (const s of [c.client, upstream]) {
         const fd = socketFd(s);
         if (fd < 0) throw new Error('socket has no descriptor');
-        fds.push(fcntl(fd, F_DUPFD_CLOEXEC, 0));
+        fds.push(dupCloexec(fd));
       }
       c.tunnel = this.engine!.adopt(fds[0]!, fds[1]!, first);
     } catch (err) {

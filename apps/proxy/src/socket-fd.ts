@@ -1,8 +1,5 @@
 import { Socket } from 'node:net';
-import { fcntl } from '#native';
-
-// fcntl(2): a new descriptor for the same open socket, close-on-exec (no child inherits it).
-const F_DUPFD_CLOEXEC = 1030;
+import { dupCloexec } from '#native';
 
 /** The kernel descriptor under a connected net.Socket (libuv's TCP handle), or -1. */
 function socketFd(socket: Socket): number {
@@ -19,7 +16,7 @@ function socketFd(socket: Socket): number {
 export function detachSocketFd(socket: Socket): number {
   const fd = socketFd(socket);
   if (fd < 0) throw new Error('socket has no descriptor (closed, or not a TCP socket)');
-  const dup = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  const dup = dupCloexec(fd);
   socket.destroy();
   return dup;
 }
