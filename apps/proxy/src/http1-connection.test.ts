@@ -2,16 +2,12 @@ import { createHash } from 'node:crypto';
 import { createServer as createHttpServer, request, type Server } from 'node:http';
 import { connect, type AddressInfo, type Socket } from 'node:net';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { dial } from '#grpc';
 import { createLogger } from '#logging';
-import { RouteState, RoutingClient } from '#proto/sbx/routing';
+import { RouteState } from '#proto/sbx/routing';
 import { eventually } from '#test-kit';
-import { H2Forwarder } from './h2-forwarder.js';
-import { Http1Forwarder } from './http1-forwarder.js';
 import { ProtocolListener } from './protocol-listener.js';
-import { ProxyMetrics } from './proxy-metrics.js';
-import { RouteResolver } from './route-resolver.js';
 import { RouteTable } from './route-table.js';
+import { forwarders, type Forwarders } from '../test/forwarders.js';
 
 /*
  * The raw-socket HTTP/1.1 path (http1-connection.ts) against HTTP servers on loopback standing
@@ -32,9 +28,7 @@ const sha = (b: Buffer) => createHash('sha256').update(b).digest('hex');
 let servers: Server[];
 let ports: number[];
 let listener: ProtocolListener;
-let http1: Http1Forwarder;
-let h2: H2Forwarder;
-let routing: RoutingClient;
+let forwarding: Forwarders;
 /** Upstream connections the servers saw opened. */
 let accepted: number;
 
@@ -109,17 +103,13 @@ beforeEach(async () => {
     trafficAccessToken: 's3cret',
     maskRequestHost: 'localhost:3000',
   });
-  routing = dial(RoutingClient, '/nonexistent/orchestrator.sock');
-  const resolver = new RouteResolver({ table, routing, resumeTimeoutMs: 1000, logger });
-  const metrics = new ProxyMetrics(undefined, table, () => true);
-  const common = { resolver, metrics, logger, connectTimeoutMs: 2000 };
-  http1 = new Http1Forwarder({ ...common, maxIdleUpstreamSockets: 8, idleTimeoutMs: 30_000 });
-  h2 = new H2Forwarder(common);
+  forwarding = forwarders(table, logger, 30_000);
+  const { metrics } = forwarding;
   listener = await ProtocolListener.start({
     host: '127.0.0.1',
     port: 0,
-    http1,
-    h2,
+    http1: forwarding.http1,
+    h2: forwarding.h2,
     metrics,
     logger,
     idleTimeoutMs: 30_000,
@@ -128,9 +118,7 @@ beforeEach(async () => {
 
 afterEach(async () => {
   await listener.close();
-  http1.close();
-  h2.close();
-  routing.close();
+  forwarding.close();
   for (const s of servers) {
     s.closeAllConnections();
     await new Promise((r) => s.close(r));
@@ -273,7 +261,7 @@ describe('HTTP/1.1 on raw sockets', () => {
     const c = await rawClient();
     c.socket.write(`POST /upload HTTP/1.1\r\nHost: ${ports[0]}-sbx.x\r\nContent-Length: 1000000\r\n\r\n`);
     c.socket.write(Buffer.alloc(300_000, 1));
-    await eventually(() => http1.pool.size === 1, { what: 'the upstream connection' });
+    await eventually(() => forwarding.http1.pool.size === 1, { what: 'the upstream connection' });
     c.socket.destroy();
     const d = await rawClient();
     d.socket.write(`GET /slow HTTP/1.1\r\nHost: ${ports[1]}-sbx.x\r\n\r\n`);
@@ -284,7 +272,7 @@ describe('HTTP/1.1 on raw sockets', () => {
         (a, b) => a + b,
       );
     await eventually(
-      async () => listener.openConnections === 0 && http1.pool.size === 0 && (await upstreamOpen()) === 0,
+      async () => listener.openConnections === 0 && forwarding.http1.pool.size === 0 && (await upstreamOpen()) === 0,
       {
         what: 'every client and upstream socket closed',
       },
@@ -361,7 +349,9 @@ describe('HTTP/1.1 on raw sockets', () => {
     b.socket.write('still talking');
     b.socket.end('bye');
     await b.closed;
-    await eventually(() => listener.openConnections === 0 && http1.pool.size === 0, { what: 'both sides closed' });
+    await eventually(() => listener.openConnections === 0 && forwarding.http1.pool.size === 0, {
+      what: 'both sides closed',
+    });
 
     const h = await rawClient();
     h.socket.write(
@@ -382,7 +372,7 @@ describe('HTTP/1.1 on raw sockets', () => {
     await eventually(() => responses(c.received().toString('latin1')).length === 1, { what: 'first answer' });
     // The guest drops its idle keep-alive connections (as on its keep-alive timeout).
     servers[0]!.closeIdleConnections();
-    await eventually(() => http1.pool.size === 0, { what: 'the pooled connection to go' });
+    await eventually(() => forwarding.http1.pool.size === 0, { what: 'the pooled connection to go' });
     c.socket.write(`GET /who HTTP/1.1\r\nHost: ${ports[0]}-sbx.x\r\n\r\n`);
     await eventually(() => responses(c.received().toString('latin1')).length === 2, { what: 'second answer' });
     expect(responses(c.received().toString('latin1'))[1]!.status).toBe(200);

@@ -1,19 +1,15 @@
-import { readdirSync } from 'node:fs';
 import { createServer as createHttpServer, type IncomingHttpHeaders, type Server } from 'node:http';
-import { connect as h2connect, createServer as createH2Server, type Http2Server } from 'node:http2';
+import type { Http2Server } from 'node:http2';
 import { connect, type AddressInfo, type Socket } from 'node:net';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { dial } from '#grpc';
 import { createLogger } from '#logging';
-import { RouteState, RoutingClient, type SandboxRoute } from '#proto/sbx/routing';
-import { eventually } from '#test-kit';
-import { H2Forwarder } from './h2-forwarder.js';
-import { Http1Forwarder } from './http1-forwarder.js';
+import { RouteState, type SandboxRoute } from '#proto/sbx/routing';
+import { eventually, openFds } from '#test-kit';
 import { NativeRelay } from './native-relay.js';
 import { ProtocolListener } from './protocol-listener.js';
-import { ProxyMetrics } from './proxy-metrics.js';
-import { RouteResolver } from './route-resolver.js';
 import { RouteTable } from './route-table.js';
+import { forwarders, type Forwarders } from '../test/forwarders.js';
+import { h2Get, h2Guest } from '../test/h2-peers.js';
 
 /*
  * The native data path wired as proxy-service.ts wires it (the C relay of libsbxnative, the
@@ -23,21 +19,18 @@ import { RouteTable } from './route-table.js';
  */
 
 const logger = createLogger({ service: 'test', level: 'silent' });
-const openFds = () => readdirSync('/proc/self/fd').length;
 
 let guest: Server;
 let guestPort: number;
 /** Request heads the guest saw, in order. */
 let seen: { url: string; headers: IncomingHttpHeaders }[];
 let table: RouteTable;
-let routing: RoutingClient;
-let http1: Http1Forwarder;
-let h2: H2Forwarder;
+let forwarding: Forwarders;
 let relay: NativeRelay;
 let listener: ProtocolListener;
 /** Descriptors open before the relay and the client port existed. */
 let fdsBefore: number;
-let h2Guest: Http2Server;
+let h2Upstream: Http2Server;
 let h2Port: number;
 
 const running = (id: string, extra: Partial<SandboxRoute> = {}): SandboxRoute => ({
@@ -64,21 +57,13 @@ beforeEach(async () => {
   table = new RouteTable();
   table.upsert(running('sbx'));
   table.upsert(running('locked', { trafficAccessToken: 'tok-1', maskRequestHost: 'app.internal:3000' }));
-  routing = dial(RoutingClient, '/nonexistent/orchestrator.sock');
-  const resolver = new RouteResolver({ table, routing, resumeTimeoutMs: 1000, logger });
-  const metrics = new ProxyMetrics(undefined, table, () => true);
-  const common = { resolver, metrics, logger, connectTimeoutMs: 2000 };
-  http1 = new Http1Forwarder({ ...common, maxIdleUpstreamSockets: 8 });
-  h2 = new H2Forwarder(common);
-  h2Guest = createH2Server();
-  h2Guest.on('stream', (stream, headers) => {
-    stream.respond({ ':status': 200 });
-    stream.end(`h2 ${headers[':authority']} ${headers[':path']}`);
-  });
+  forwarding = forwarders(table, logger);
+  const { metrics } = forwarding;
+  h2Upstream = h2Guest();
   h2Port = await new Promise<number>((r) =>
-    h2Guest.listen(0, '127.0.0.1', () => r((h2Guest.address() as AddressInfo).port)),
+    h2Upstream.listen(0, '127.0.0.1', () => r((h2Upstream.address() as AddressInfo).port)),
   );
-  fdsBefore = openFds();
+  fdsBefore = openFds(process.pid).length;
   relay = new NativeRelay({
     threads: 2,
     clientIdleTimeoutMs: 10_000,
@@ -91,8 +76,8 @@ beforeEach(async () => {
   listener = await ProtocolListener.start({
     host: '127.0.0.1',
     port: 0,
-    http1,
-    h2,
+    http1: forwarding.http1,
+    h2: forwarding.h2,
     metrics,
     logger,
     idleTimeoutMs: 10_000,
@@ -103,12 +88,10 @@ beforeEach(async () => {
 afterEach(async () => {
   await listener.close();
   relay.close();
-  http1.close();
-  h2.close();
-  routing.close();
+  forwarding.close();
   guest.closeAllConnections();
   await new Promise((r) => guest.close(r));
-  await new Promise((r) => h2Guest.close(r));
+  await new Promise((r) => h2Upstream.close(r));
 });
 
 /** A raw keep-alive client: writes requests, reads answers one by one (Content-Length framed). */
@@ -217,15 +200,7 @@ describe('native data path (C relay + Node handoffs)', () => {
   });
 
   it('gives h2c and upgrades to the Node path', async () => {
-    const session = h2connect(`http://127.0.0.1:${listener.port}`);
-    const body = await new Promise<string>((resolve, reject) => {
-      const req = session.request({ ':path': '/h2', ':authority': `${h2Port}-sbx.example` });
-      let text = '';
-      req.on('data', (d: Buffer) => (text += d));
-      req.on('end', () => resolve(text));
-      req.on('error', reject);
-    });
-    session.close();
+    const body = await h2Get(listener.port, `${h2Port}-sbx.example`, '/h2');
     expect(body).toBe(`h2 ${h2Port}-sbx.example /h2`);
 
     const socket = connect(listener.port, '127.0.0.1');
@@ -246,9 +221,9 @@ describe('native data path (C relay + Node handoffs)', () => {
       expect((await c.ask(get(`${guestPort}-sbx.example`, `/k${i}`))).status).toBe(200);
     await listener.close();
     relay.close();
-    http1.close();
+    forwarding.http1.close();
     for (const c of clients) await eventually(() => c.closed, { what: 'the relay closed its client connections' });
     guest.closeAllConnections();
-    await eventually(() => openFds() <= fdsBefore, { what: `descriptors back to ${fdsBefore} (now ${openFds()})` });
+    await eventually(() => expect(openFds(process.pid).length).toBeLessThanOrEqual(fdsBefore));
   });
 });

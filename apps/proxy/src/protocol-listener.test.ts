@@ -1,17 +1,14 @@
 import { createServer as createHttpServer, request, type Server } from 'node:http';
-import { connect as h2connect, createServer as createH2Server, type Http2Server } from 'node:http2';
+import type { Http2Server } from 'node:http2';
 import { connect, type AddressInfo } from 'node:net';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { dial } from '#grpc';
 import { eventually } from '#test-kit';
 import { createLogger } from '#logging';
-import { RouteState, RoutingClient } from '#proto/sbx/routing';
-import { H2Forwarder } from './h2-forwarder.js';
-import { Http1Forwarder } from './http1-forwarder.js';
+import { RouteState } from '#proto/sbx/routing';
 import { ProtocolListener } from './protocol-listener.js';
-import { ProxyMetrics } from './proxy-metrics.js';
-import { RouteResolver } from './route-resolver.js';
 import { RouteTable } from './route-table.js';
+import { forwarders, type Forwarders } from '../test/forwarders.js';
+import { h2Get, h2Guest } from '../test/h2-peers.js';
 
 /*
  * One client port for HTTP/1.1 and h2 with prior knowledge, against upstream servers on
@@ -23,9 +20,7 @@ const logger = createLogger({ service: 'test', level: 'silent' });
 let upstream1: Server;
 let upstream2: Http2Server;
 let listener: ProtocolListener;
-let routing: RoutingClient;
-let http1: Http1Forwarder;
-let h2: H2Forwarder;
+let forwarding: Forwarders;
 
 const listen = (server: Server | Http2Server) =>
   new Promise<number>((resolve) =>
@@ -37,26 +32,18 @@ let port2 = 0;
 
 beforeEach(async () => {
   upstream1 = createHttpServer((req, res) => res.end(`h1 ${req.headers.host} ${req.url}`));
-  upstream2 = createH2Server();
-  upstream2.on('stream', (stream, headers) => {
-    stream.respond({ ':status': 200 });
-    stream.end(`h2 ${headers[':authority']} ${headers[':path']}`);
-  });
+  upstream2 = h2Guest();
   port1 = await listen(upstream1);
   port2 = await listen(upstream2);
   const table = new RouteTable();
   table.upsert({ sandboxId: 'sbx', state: RouteState.ROUTE_STATE_RUNNING, hostIp: '127.0.0.1', autoResumePolicy: '' });
-  routing = dial(RoutingClient, '/nonexistent/orchestrator.sock');
-  const resolver = new RouteResolver({ table, routing, resumeTimeoutMs: 1000, logger });
-  const metrics = new ProxyMetrics(undefined, table, () => true);
-  const common = { resolver, metrics, logger, connectTimeoutMs: 2000 };
-  http1 = new Http1Forwarder({ ...common, maxIdleUpstreamSockets: 8 });
-  h2 = new H2Forwarder(common);
+  forwarding = forwarders(table, logger);
+  const { metrics } = forwarding;
   listener = await ProtocolListener.start({
     host: '127.0.0.1',
     port: 0,
-    http1,
-    h2,
+    http1: forwarding.http1,
+    h2: forwarding.h2,
     metrics,
     logger,
     idleTimeoutMs: 300,
@@ -65,9 +52,7 @@ beforeEach(async () => {
 
 afterEach(async () => {
   await listener.close();
-  http1.close();
-  h2.close();
-  routing.close();
+  forwarding.close();
   await new Promise((r) => upstream1.close(r));
   await new Promise((r) => upstream2.close(r));
 });
@@ -87,15 +72,7 @@ function get1(host: string): Promise<string> {
 describe('ProtocolListener', () => {
   it('serves HTTP/1.1 and h2 with prior knowledge on one port', async () => {
     expect(await get1(`${port1}-sbx.example`)).toBe(`200 h1 ${port1}-sbx.example /p`);
-    const session = h2connect(`http://127.0.0.1:${listener.port}`);
-    const body = await new Promise<string>((resolve, reject) => {
-      const req = session.request({ ':path': '/q', ':authority': `${port2}-sbx.example` });
-      let text = '';
-      req.on('data', (d: Buffer) => (text += d));
-      req.on('end', () => resolve(text));
-      req.on('error', reject);
-    });
-    session.close();
+    const body = await h2Get(listener.port, `${port2}-sbx.example`, '/q');
     expect(body).toBe(`h2 ${port2}-sbx.example /q`);
   });
 

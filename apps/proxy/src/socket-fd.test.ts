@@ -1,19 +1,16 @@
-import { readdirSync } from 'node:fs';
 import { createServer as createHttpServer, request, type Server } from 'node:http';
-import { connect as h2connect, createServer as createH2Server, type Http2Server } from 'node:http2';
+import type { Http2Server } from 'node:http2';
 import { Socket, type AddressInfo } from 'node:net';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { dial } from '#grpc';
 import { createLogger } from '#logging';
 import { read, watchReadable } from '#native';
-import { RouteState, RoutingClient } from '#proto/sbx/routing';
-import { eventually } from '#test-kit';
-import { H2Forwarder } from './h2-forwarder.js';
-import { Http1Forwarder } from './http1-forwarder.js';
+import { RouteState } from '#proto/sbx/routing';
+import { eventually, openFds } from '#test-kit';
 import { ProtocolListener, type ConnectionRelay } from './protocol-listener.js';
 import { ProxyMetrics } from './proxy-metrics.js';
-import { RouteResolver } from './route-resolver.js';
 import { RouteTable } from './route-table.js';
+import { forwarders, type Forwarders } from '../test/forwarders.js';
+import { h2Get, h2Guest } from '../test/h2-peers.js';
 import { detachSocketFd, socketFromFd } from './socket-fd.js';
 
 /*
@@ -25,7 +22,6 @@ import { detachSocketFd, socketFromFd } from './socket-fd.js';
  */
 
 const logger = createLogger({ service: 'test', level: 'silent' });
-const openFds = () => readdirSync('/proc/self/fd').length;
 
 class ReadingRelayDouble implements ConnectionRelay {
   listener: ProtocolListener | undefined;
@@ -55,9 +51,7 @@ class ReadingRelayDouble implements ConnectionRelay {
 
 let upstream1: Server;
 let upstream2: Http2Server;
-let routing: RoutingClient;
-let http1: Http1Forwarder;
-let h2: H2Forwarder;
+let forwarding: Forwarders;
 let port1 = 0;
 let port2 = 0;
 const listeners: ProtocolListener[] = [];
@@ -69,28 +63,17 @@ const listen = (server: Server | Http2Server) =>
 
 beforeEach(async () => {
   upstream1 = createHttpServer((req, res) => res.end(`h1 ${req.headers.host} ${req.url}`));
-  upstream2 = createH2Server();
-  upstream2.on('stream', (stream, headers) => {
-    stream.respond({ ':status': 200 });
-    stream.end(`h2 ${headers[':authority']} ${headers[':path']}`);
-  });
+  upstream2 = h2Guest();
   port1 = await listen(upstream1);
   port2 = await listen(upstream2);
   const table = new RouteTable();
   table.upsert({ sandboxId: 'sbx', state: RouteState.ROUTE_STATE_RUNNING, hostIp: '127.0.0.1', autoResumePolicy: '' });
-  routing = dial(RoutingClient, '/nonexistent/orchestrator.sock');
-  const resolver = new RouteResolver({ table, routing, resumeTimeoutMs: 1000, logger });
-  const metrics = new ProxyMetrics(undefined, table, () => true);
-  const common = { resolver, metrics, logger, connectTimeoutMs: 2000 };
-  http1 = new Http1Forwarder({ ...common, maxIdleUpstreamSockets: 8 });
-  h2 = new H2Forwarder(common);
+  forwarding = forwarders(table, logger);
 });
 
 afterEach(async () => {
   for (const l of listeners.splice(0)) await l.close();
-  http1.close();
-  h2.close();
-  routing.close();
+  forwarding.close();
   await new Promise((r) => upstream1.close(r));
   await new Promise((r) => upstream2.close(r));
 });
@@ -100,8 +83,8 @@ async function start(relay: ReadingRelayDouble): Promise<ProtocolListener> {
   const l = await ProtocolListener.start({
     host: '127.0.0.1',
     port: 0,
-    http1,
-    h2,
+    http1: forwarding.http1,
+    h2: forwarding.h2,
     metrics,
     logger,
     idleTimeoutMs: 2000,
@@ -141,15 +124,7 @@ describe('a connection taken from Node and given back (socket-fd.ts)', () => {
     for (const take of [10, 24]) {
       const relay = new ReadingRelayDouble(take);
       const l = await start(relay);
-      const session = h2connect(`http://127.0.0.1:${l.port}`);
-      const body = await new Promise<string>((resolve, reject) => {
-        const req = session.request({ ':path': '/q', ':authority': `${port2}-sbx.example` });
-        let text = '';
-        req.on('data', (d: Buffer) => (text += d));
-        req.on('end', () => resolve(text));
-        req.on('error', reject);
-      });
-      session.close();
+      const body = await h2Get(l.port, `${port2}-sbx.example`, '/q');
       expect(body).toBe(`h2 ${port2}-sbx.example /q`);
     }
   });
@@ -159,11 +134,11 @@ describe('a connection taken from Node and given back (socket-fd.ts)', () => {
     const l = await start(relay);
     await get(l.port, '/warm');
     await eventually(() => l.openConnections === 0, { what: 'the warm-up connection closed' });
-    const before = openFds();
+    const before = openFds(process.pid).length;
     for (let i = 0; i < 20; i++) await get(l.port, `/n${i}`);
     await eventually(() => l.openConnections === 0, { what: 'every handed-back socket closed' });
-    http1.pool.close();
-    await eventually(() => openFds() <= before, { what: `descriptors back to ${before} (now ${openFds()})` });
+    forwarding.http1.pool.close();
+    await eventually(() => expect(openFds(process.pid).length).toBeLessThanOrEqual(before));
     expect(relay.detached).toBe(21);
   });
 
