@@ -1506,32 +1506,32 @@ static void client_event(struct client *c, uint32_t ev) {
   pump(c);
 }
 
+/* The first timer of a deadline-ordered list if it is due, else NULL. */
+static struct timer *due(struct dlink *l, uint64_t now) {
+  if (dl_empty(l)) return NULL;
+  struct timer *tm = container_of(l->next, struct timer, link);
+  return tm->deadline <= now ? tm : NULL;
+}
+
 static void expire(struct thread *t) {
   uint64_t now = t->now;
-  struct dlink *l;
-  l = &t->t_idle;
-  while (!dl_empty(l) && container_of(l->next, struct timer, link)->deadline <= now) {
-    struct client *c = container_of(l->next, struct client, tm.link);
+  struct timer *tm;
+  while ((tm = due(&t->t_idle, now))) {
+    struct client *c = container_of(tm, struct client, tm);
     timer_clear(&c->tm);
     st_add(t, ST_IDLE_CLOSES, 1);
     client_close(c);
   }
-  l = &t->t_linger;
-  while (!dl_empty(l) && container_of(l->next, struct timer, link)->deadline <= now)
-    client_close(container_of(l->next, struct client, tm.link));
-  l = &t->t_resp;
-  while (!dl_empty(l) && container_of(l->next, struct timer, link)->deadline <= now) {
-    struct client *c = container_of(l->next, struct client, resp_tm.link);
+  while ((tm = due(&t->t_linger, now))) client_close(container_of(tm, struct client, tm));
+  while ((tm = due(&t->t_resp, now))) {
+    struct client *c = container_of(tm, struct client, resp_tm);
     timer_clear(&c->resp_tm);
     st_add(t, ST_UP_ERRORS, 1);
     client_close(c);
   }
-  l = &t->t_pool;
-  while (!dl_empty(l) && container_of(l->next, struct timer, link)->deadline <= now)
-    upstream_close(container_of(l->next, struct upstream, tm.link));
-  l = &t->t_connect;
-  while (!dl_empty(l) && container_of(l->next, struct timer, link)->deadline <= now) {
-    struct upstream *u = container_of(l->next, struct upstream, tm.link);
+  while ((tm = due(&t->t_pool, now))) upstream_close(container_of(tm, struct upstream, tm));
+  while ((tm = due(&t->t_connect, now))) {
+    struct upstream *u = container_of(tm, struct upstream, tm);
     struct client *c = u->owner;
     st_add(t, ST_UP_CONNECT_FAILS, 1);
     upstream_close(u);
