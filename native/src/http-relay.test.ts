@@ -277,6 +277,9 @@ describe('HttpRelay', () => {
         }
       });
     });
+    // Node closes an idle keep-alive connection after 5 s; under a loaded machine the gap between
+    // two of these requests has reached that, and the count below is about the relay's pool.
+    up.keepAliveTimeout = 120_000;
     const port = await listen(up);
     relay.setRoute('big', '127.0.0.1');
     const agent = new http.Agent({ keepAlive: true, maxSockets: 1 });
