@@ -89,18 +89,20 @@ export class Sandbox {
   /**
    * envd health (GET /health → 204) and metrics (GET /metrics) polling, like the seed's
    * checks.go, in the node's shared rounds (polling-round.ts) rather than timers of its own.
+   * A metrics answer shows envd alive as well as a health answer does, so a health request is
+   * sent only when no metrics answer came within the health interval: at 100 sandboxes that is
+   * 5 requests a second fewer (each a new connection to a guest), with the same verdicts.
    */
   startPolling(envd: EnvdClient, healthMs: number, metricsMs: number): void {
     this.stopPolling();
     const hostIp = this.hostIp;
+    let answeredAt = -Infinity;
     if (healthMs > 0) {
       this.pollers.push(
-        pollingRound(healthMs).add(() =>
-          envd.health(hostIp).then((ok) => {
-            if (ok !== this.healthy) this.log[ok ? 'info' : 'warn']({ healthy: ok }, 'sandbox health changed');
-            this.healthy = ok;
-          }),
-        ),
+        pollingRound(healthMs).add(() => {
+          if (performance.now() - answeredAt < healthMs) return Promise.resolve();
+          return envd.health(hostIp).then((ok) => this.setHealthy(ok));
+        }),
       );
     }
     if (metricsMs > 0) {
@@ -108,12 +110,19 @@ export class Sandbox {
         pollingRound(metricsMs).add(() =>
           envd.metrics(hostIp).then((m) => {
             if (!m) return;
+            answeredAt = performance.now();
+            this.setHealthy(true);
             this.lastMetrics = m;
             this.log.debug({ metrics: m }, 'sandbox metrics');
           }),
         ),
       );
     }
+  }
+
+  private setHealthy(ok: boolean): void {
+    if (ok !== this.healthy) this.log[ok ? 'info' : 'warn']({ healthy: ok }, 'sandbox health changed');
+    this.healthy = ok;
   }
 
   stopPolling(): void {
