@@ -1,4 +1,4 @@
-import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
@@ -35,6 +35,22 @@ async function readState(id: string): Promise<SandboxStateFile> {
   return JSON.parse(await readFile(statePath(id), 'utf8')) as SandboxStateFile;
 }
 
+/**
+ * The state file once a save saying envd answered has landed (the create answers before its
+ * last save is written).
+ */
+async function savedAfterInit(id: string): Promise<SandboxStateFile> {
+  let state: SandboxStateFile | undefined;
+  await eventually(
+    async () => {
+      state = await readState(id);
+      return state.envdInitialized === true;
+    },
+    { what: `${id}'s state file saying envd answered` },
+  );
+  return state!;
+}
+
 /** The orchestrator is killed (its sandboxes forgotten, nothing given back) and started again. */
 async function killAndRestart() {
   h.manager.sandboxes.clear();
@@ -58,10 +74,11 @@ describe('restart reconciler', () => {
     await h.manager.create(createReq('answered'));
     await h.manager.create(createReq('cut'));
     // What the disk holds when the kill comes while /init is under way: `running`, /init not answered.
-    const cut = await readState('cut');
+    const cut = await savedAfterInit('cut');
     expect(cut.phase).toBe('running');
     delete cut.envdInitialized;
-    await writeFile(statePath('cut'), JSON.stringify(cut));
+    // Through the manager's store: it runs after any save of that sandbox still under way.
+    await h.states.save(cut);
     // Said by a save behind the create's answer.
     await eventually(async () => (await readState('answered')).envdInitialized === true, {
       what: 'the state file saying envd answered',
@@ -82,9 +99,10 @@ describe('restart reconciler', () => {
 
   it('one whose envd does not take /init again is cleaned up, not adopted', async () => {
     await h.manager.create(createReq('cut'));
-    const cut = await readState('cut');
+    const cut = await savedAfterInit('cut');
     delete cut.envdInitialized;
-    await writeFile(statePath('cut'), JSON.stringify(cut));
+    // Through the manager's store: it runs after any save of that sandbox still under way.
+    await h.states.save(cut);
     h.envd.fails = true;
 
     const report = await killAndRestart();
