@@ -9,7 +9,7 @@ describe('PollingRound', () => {
     vi.useRealTimers();
   });
 
-  it('polls every member once per interval on one timer, and holds none once empty', async () => {
+  it('polls every member once per interval on one timer, spread over half of it, and holds none once empty', async () => {
     const round = new PollingRound(1000, 4);
     const calls = new Map<number, number>();
     const leave = Array.from({ length: 100 }, (_, i) =>
@@ -19,6 +19,11 @@ describe('PollingRound', () => {
     );
     expect(vi.getTimerCount()).toBe(1);
     await vi.advanceTimersByTimeAsync(1000);
+    // Not in one burst: a quarter of the interval in, about half have been polled.
+    await vi.advanceTimersByTimeAsync(250);
+    expect(calls.size).toBeGreaterThan(40);
+    expect(calls.size).toBeLessThan(60);
+    await vi.advanceTimersByTimeAsync(250);
     expect([...calls.values()]).toEqual(Array.from({ length: 100 }, () => 1));
     for (const l of leave.slice(0, 50)) l();
     await vi.advanceTimersByTimeAsync(1000);
@@ -43,7 +48,7 @@ describe('PollingRound', () => {
         inFlight--;
       });
     }
-    await vi.advanceTimersByTimeAsync(1000);
+    await vi.advanceTimersByTimeAsync(1500);
     expect(inFlight).toBe(3);
     // The next interval comes while the first round still waits: no second round.
     await vi.advanceTimersByTimeAsync(1000);
@@ -63,7 +68,7 @@ describe('PollingRound', () => {
       throw new Error('envd unreachable');
     });
     round.add(async () => void seen.push('b'));
-    await vi.advanceTimersByTimeAsync(1000);
+    await vi.advanceTimersByTimeAsync(1500);
     expect(seen).toEqual(['b']);
   });
 });

@@ -41,8 +41,16 @@ export class PollingRound {
     this.running = true;
     try {
       const queue = [...this.members];
+      // The polls are spread over the first half of the interval, not sent in one burst: at
+      // 100 sandboxes a burst took the orchestrator's CPU for ~100 ms every round, and a create
+      // that met it was 4x slower (bench/density, create p99 at 100 running).
+      const gap = queue.length > 1 ? this.intervalMs / 2 / queue.length : 0;
+      const start = Date.now();
+      let next = 0;
       const worker = async () => {
         for (let poll = queue.shift(); poll; poll = queue.shift()) {
+          const wait = start + next++ * gap - Date.now();
+          if (wait >= 1) await new Promise((resolve) => setTimeout(resolve, wait).unref());
           // Still a member (a sandbox stopped mid-round is not polled again).
           if (this.members.has(poll)) await poll().catch(() => undefined);
         }
