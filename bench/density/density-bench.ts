@@ -8,7 +8,7 @@
  * The VMM double's own cost per sandbox is printed apart (test tooling, not one of ours).
  * Everything is removed afterwards and checked (status: slots, devices, processes).
  *
- *   bash bench/density/run.sh [--sandboxes 100] [--batch 10] [--memory-mb 128] [--creates 20]
+ *   bash bench/density/run.sh [--sandboxes 100] [--batch 10] [--memory-mb 128] [--creates 60]
  *       [--idle-seconds 30] [--detail]   (--detail: fd kinds that grew, per service)
  *
  * Goals at 100: ≤ 2 MiB resident and ≤ 8 fds per sandbox per service, idle CPU of all services
@@ -198,7 +198,7 @@ export async function main(argv: string[]): Promise<number> {
       sandboxes: { type: 'string', default: '100' },
       batch: { type: 'string', default: '10' },
       'memory-mb': { type: 'string', default: '128' },
-      creates: { type: 'string', default: '20' },
+      creates: { type: 'string', default: '60' },
       'idle-seconds': { type: 'string', default: '30' },
       detail: { type: 'boolean', default: false },
     },
