@@ -1,6 +1,7 @@
 export { nativeLibraryPath } from './native-library.js';
 export { SyscallError, errno } from './syscall-error.js';
 export * from './fd.js';
+export * from './socket-fd.js';
 export * from './process-fds.js';
 export * from './memory.js';
 export * from './unix-socket.js';

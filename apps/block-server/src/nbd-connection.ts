@@ -1,5 +1,6 @@
 import type { Socket } from 'node:net';
 import type { Logger } from '#logging';
+import { socketFd } from '#native';
 import {
   Command,
   CommandFlag,
@@ -78,8 +79,8 @@ export class NbdConnection {
     this.observer = options.observer;
     this.maxPayload = options.maxPayload ?? DEFAULT_MAX_PAYLOAD;
     this.done = new Promise((resolve) => (this.resolveDone = resolve));
-    const fd = (this.socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
-    if (options.tuneSocket && typeof fd === 'number' && fd >= 0) options.tuneSocket(fd);
+    const fd = socketFd(this.socket);
+    if (options.tuneSocket && fd >= 0) options.tuneSocket(fd);
     this.socket.on('data', (chunk: Buffer) => this.onData(chunk));
     this.socket.on('drain', () => this.updateFlow());
     this.socket.on('error', (err) => this.logger.debug({ err }, 'nbd client socket error'));

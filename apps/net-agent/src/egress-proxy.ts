@@ -18,6 +18,7 @@ import type { Logger } from '#logging';
 import {
   close as closeFd,
   dupCloexec,
+  socketFd,
   listenTcp4,
   originalDestination,
   TunnelEngine,
@@ -45,12 +46,6 @@ interface ProxiedConnection {
   /** Its tunnel in the native engine, once the sockets were handed over. */
   tunnel?: number;
   done: boolean;
-}
-
-/** The kernel descriptor under a connected net.Socket (libuv's TCP handle), or -1. */
-function socketFd(socket: Socket): number {
-  const handle = (socket as unknown as { _handle?: { fd?: number } | null })._handle;
-  return typeof handle?.fd === 'number' ? handle.fd : -1;
 }
 
 interface SlotProxy {
@@ -213,7 +208,7 @@ export class EgressProxy {
 
   private async handle(slot: SlotProxy, client: Socket): Promise<void> {
     client.on('error', () => undefined); // resets from the guest are normal; the close handler cleans up
-    const fd = (client as unknown as { _handle?: { fd?: number } })._handle?.fd ?? -1;
+    const fd = socketFd(client);
     let original: { address: string; port: number };
     try {
       original = originalDestination(fd);

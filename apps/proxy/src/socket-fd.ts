@@ -1,11 +1,5 @@
 import { Socket } from 'node:net';
-import { dupCloexec } from '#native';
-
-/** The kernel descriptor under a connected net.Socket (libuv's TCP handle), or -1. */
-function socketFd(socket: Socket): number {
-  const handle = (socket as unknown as { _handle?: { fd?: number } | null })._handle;
-  return typeof handle?.fd === 'number' ? handle.fd : -1;
-}
+import { dupCloexec, socketFd } from '#native';
 
 /**
  * Takes a connected socket away from Node: returns a duplicate of its descriptor (the caller
